@@ -6,23 +6,23 @@ The entry point is `tidegate.core.broker.Broker`; this module holds only the val
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from tidegate.core.model import Message, QueueRef
 
 
-class ConsumeMode(str, Enum):
+class ConsumeMode(StrEnum):
     CLUSTERING = "clustering"  # each message to one member; queues (offset mode) or messages (ack mode) shared
     BROADCASTING = "broadcasting"  # every member gets every message
 
 
-class AckMode(str, Enum):
+class AckMode(StrEnum):
     OFFSET = "offset"  # classic push consumer: queues assigned exclusively, progress is a committed offset
     MESSAGE = "message"  # pop style: per-message ack, invisibility timeout, redelivery, dead-letter
 
 
-class PullStatus(str, Enum):
+class PullStatus(StrEnum):
     FOUND = "found"
     NO_NEW = "no_new"
     OFFSET_MOVED = "offset_moved"  # asked below the first stored offset: retention removed those messages

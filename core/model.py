@@ -29,6 +29,7 @@ class MessageFlag(IntFlag):
     NONE = 0
     PERSISTENT = 1  # must be on disk before it is acknowledged (under sync flush)
     TRANSIENT = 2  # may be kept in memory only (MQTT QoS 0, AMQP delivery_mode 1)
+    EXACTLY_ONCE = 4  # published with MQTT QoS 2: MQTT subscribers may receive it at QoS 2
 
 
 def validate_topic(name: str) -> str:

@@ -1,0 +1,185 @@
+"""Consumer groups: members, queue assignment, offsets, per-message acks with invisibility and redelivery.
+
+Two ways of tracking progress, chosen per group (see core/api.py AckMode):
+- OFFSET: each queue is owned by one member (RocketMQ AllocateMessageQueueAveragely); the member reads the queue in
+  order from the committed offset and commits offsets. A rebalance hands a queue to another member, which resumes at
+  the committed offset: committed messages are never delivered again, uncommitted ones may be (at least once).
+- MESSAGE (RocketMQ 5 "pop"): every member may take any message; each delivery is in flight until acked, and comes
+  back after the invisibility timeout, a nack, or when its consumer leaves. The committed offset is the lowest
+  offset not yet acked. After `max_attempts` deliveries a message goes to the group's dead-letter topic.
+Broadcasting gives every member its own progress (its own offsets, its own in-flight set).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
+from tidegate.core.errors import InvalidReceipt, TidegateError
+from tidegate.core.filters import TagFilter
+from tidegate.core.model import QueueRef
+
+if TYPE_CHECKING:
+    from tidegate.core.broker import Broker
+
+
+@dataclass(slots=True)
+class Inflight:
+    attempt: int
+    deadline: float  # clock seconds; 0 = no timeout (released only by nack or consumer leaving)
+    owner: Subscription | None
+
+
+@dataclass(slots=True)
+class PopQueue:
+    """Per-message progress of one (progress key, queue) in MESSAGE mode."""
+
+    committed: int  # every offset below is acked
+    next_fetch: int  # next offset never handed out
+    inflight: dict[int, Inflight] = field(default_factory=dict)
+    acked: set[int] = field(default_factory=set)  # acked offsets above `committed`
+    ready: deque[int] = field(default_factory=deque)  # offsets to redeliver, oldest first
+    attempts: dict[int, int] = field(default_factory=dict)  # deliveries so far for offsets in `ready`
+
+    def advance(self) -> bool:
+        moved = False
+        while self.committed in self.acked:
+            self.acked.discard(self.committed)
+            self.committed += 1
+            moved = True
+        return moved
+
+
+class Subscription:
+    """A consumer attached to a group; returned by Broker.subscribe."""
+
+    def __init__(self, broker: Broker, state: GroupState, topic: str, sink: DeliverySink, client_id: str,
+                 member_id: str, tag_filter: TagFilter, invisible_ms: int, max_attempts: int) -> None:
+        self.broker = broker
+        self.state = state
+        self.group = state.name
+        self.topic = topic
+        self.sink = sink
+        self.client_id = client_id
+        self.member_id = member_id
+        self.filter = tag_filter
+        self.invisible_ms = invisible_ms
+        self.max_attempts = max_attempts
+        self.credit = 0
+        self.assigned: list[QueueRef] = []
+        self.positions: dict[QueueRef, int] = {}  # OFFSET mode: next offset to deliver per owned queue
+        self.last_delivered: dict[QueueRef, int] = {}  # OFFSET mode: offset of the last message delivered
+        self.closed = False
+        self._rr = 0
+
+    @property
+    def progress_key(self) -> str:
+        """Whose offsets this member advances: the group's, or its own when broadcasting."""
+        if self.state.mode is ConsumeMode.BROADCASTING:
+            return f"{self.state.name}@{self.client_id}"
+        return self.state.name
+
+    def grant(self, credit: int) -> None:
+        if credit < 0:
+            raise TidegateError("credit must be positive")
+        self.credit += credit
+        if credit and not self.closed:
+            self.broker._wake(self)
+
+    def ack(self, receipt: str) -> None:
+        self.broker._ack(self, receipt)
+
+    def nack(self, receipt: str, requeue: bool = True, delay_ms: int = 0) -> None:
+        self.broker._nack(self, receipt, requeue, delay_ms)
+
+    def commit(self, queue: QueueRef, offset: int) -> None:
+        self.broker.commit_offset(self.progress_key, queue, offset)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.broker._detach(self)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.group}/{self.topic} {self.member_id} credit={self.credit}>"
+
+
+class GroupState:
+    def __init__(self, name: str, mode: ConsumeMode, ack: AckMode) -> None:
+        self.name = name
+        self.mode = mode
+        self.ack = ack
+        self.topics: set[str] = set()
+        self.members: dict[str, list[Subscription]] = {}  # topic -> subscriptions
+        self.pop: dict[tuple[str, QueueRef], PopQueue] = {}  # (progress key, queue) -> state
+
+    def subscriptions(self) -> list[Subscription]:
+        return [s for subs in self.members.values() for s in subs]
+
+
+def allocate_averagely(queues: list[QueueRef], members: list[str]) -> dict[str, list[QueueRef]]:
+    """RocketMQ's AllocateMessageQueueAveragely: contiguous blocks, the first members get one more."""
+    out: dict[str, list[QueueRef]] = {m: [] for m in members}
+    if not members:
+        return out
+    n, m = len(queues), len(members)
+    for i, member in enumerate(members):
+        size = n // m + (1 if i < n % m else 0)
+        start = i * (n // m) + min(i, n % m)
+        out[member] = queues[start:start + size]
+    return out
+
+
+def parse_receipt(receipt: str) -> tuple[QueueRef, int, int]:
+    """Receipts are `topic|queue_id|offset|attempt`: enough to find the in-flight entry and reject stale acks."""
+    try:
+        topic, qid, offset, attempt = receipt.rsplit("|", 3)
+        return QueueRef(topic, int(qid)), int(offset), int(attempt)
+    except (ValueError, AttributeError):
+        raise InvalidReceipt(f"malformed receipt {receipt!r}") from None
+
+
+def make_receipt(queue: QueueRef, offset: int, attempt: int) -> str:
+    return f"{queue.topic}|{queue.queue_id}|{offset}|{attempt}"
+
+
+class InvisibilityTimers:
+    """One heap of deadlines for all in-flight messages, driven by a single clock call."""
+
+    def __init__(self, clock, on_expired) -> None:
+        self.clock = clock
+        self.on_expired = on_expired
+        self.heap: list[tuple[float, int, object]] = []
+        self.seq = 0
+        self.call = None
+
+    def add(self, deadline: float, item: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (deadline, self.seq, item))
+        if self.call is None or not self.call.active() or self.call.getTime() > deadline:
+            if self.call is not None and self.call.active():
+                self.call.cancel()
+            self.call = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self.call = None
+        now = self.clock.seconds()
+        due = []
+        while self.heap and self.heap[0][0] <= now:
+            due.append(heapq.heappop(self.heap)[2])
+        if due:
+            self.on_expired(due)
+        if self.heap and self.call is None:
+            self.call = self.clock.callLater(max(0.0, self.heap[0][0] - self.clock.seconds()), self._fire)
+
+    def stop(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+
+def make_delivered(message, queue: QueueRef, offset: int, receipt: str, attempt: int) -> Delivered:
+    return Delivered(message=message, queue=queue, queue_offset=offset, receipt=receipt, attempt=attempt)

@@ -1,0 +1,142 @@
+"""Durability: when an appended message counts as on disk, and group commit of fsyncs.
+
+`sync` mode (the default): an acknowledgement waits for an fsync that covers the message. fsync runs in a thread
+(`run_in_thread`) so the reactor keeps serving; while one fsync runs, new appends pile up and the next fsync covers
+all of them at once (group commit), so throughput grows with concurrency instead of being one fsync per message.
+
+`async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tidegate.core.metrics import CoreMetrics
+
+log = logging.getLogger("tidegate.flush")
+
+
+class Durability:
+    def __init__(
+        self,
+        store: Any,
+        clock: Any,
+        run_in_thread: Callable[[Callable[[], int]], Any] | None = None,
+        mode: str = "sync",
+        interval_ms: int = 100,
+        metrics: CoreMetrics | None = None,
+    ) -> None:
+        if mode not in ("sync", "async"):
+            raise ValueError(f"flush mode must be 'sync' or 'async', not {mode!r}")
+        self.store = store
+        self.clock = clock
+        self.mode = mode
+        self.interval_ms = interval_ms
+        self.metrics = metrics or CoreMetrics()
+        self._run_in_thread = run_in_thread
+        self._waiters: list[tuple[int, int, Callable[[], None]]] = []  # heap of (commit_end, seq, callback)
+        self._seq = 0
+        self._flushing = False
+        self._scheduled = None
+        self._periodic = None
+        self._listeners: list[Callable[[int], None]] = []
+        self._closed = False
+        self.failed: BaseException | None = None
+        if mode == "async":
+            self._periodic = self.clock.callLater(interval_ms / 1000.0, self._periodic_flush)
+
+    @property
+    def visible_offset(self) -> int:
+        """Commit-log offset below which consumers may see messages."""
+        return self.store.end_offset if self.mode == "async" else self.store.durable_offset
+
+    def on_durable(self, listener: Callable[[int], None]) -> None:
+        """Register `listener(durable_offset)`, called each time the durable offset advances (sync mode)."""
+        self._listeners.append(listener)
+
+    def when_durable(self, commit_end: int, callback: Callable[[], None]) -> None:
+        if self.mode == "async" or self.store.durable_offset >= commit_end:
+            callback()
+            return
+        self._seq += 1
+        heapq.heappush(self._waiters, (commit_end, self._seq, callback))
+        self.request_flush()
+
+    def request_flush(self) -> None:
+        """Ask for an fsync soon: at the end of this reactor turn, so every append of the turn shares it."""
+        if self.mode == "async" or self._flushing or self._scheduled is not None or self._closed:
+            return
+        self._scheduled = self.clock.callLater(0, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._scheduled = None
+        if self._flushing or self.store.durable_offset >= self.store.end_offset:
+            return
+        self._flushing = True
+        started = time.perf_counter()
+        if self._run_in_thread is None:
+            try:
+                durable = self.store.sync()
+            except BaseException as exc:  # noqa: BLE001 - reported to every waiter below
+                self._flush_failed(exc)
+                return
+            self._flush_done(durable, started)
+            return
+        d = self._run_in_thread(self.store.sync)
+        d.addCallbacks(self._flush_done, self._flush_failed_failure, callbackArgs=(started,))
+
+    def _flush_done(self, durable: int, started: float) -> None:
+        self.metrics.fsync_latency.observe(time.perf_counter() - started)
+        self._flushing = False
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= durable:
+            _, _, callback = heapq.heappop(waiters)
+            callback()
+        for listener in self._listeners:
+            listener(durable)
+        if self.store.durable_offset < self.store.end_offset and not self._closed:
+            self.request_flush()
+
+    def _flush_failed_failure(self, failure: Any) -> None:
+        self._flush_failed(failure.value)
+
+    def _flush_failed(self, exc: BaseException) -> None:
+        # An fsync failure means we can no longer promise durability: keep the waiters unacknowledged
+        # (clients time out and retry) and retry the fsync shortly rather than acknowledging data in doubt.
+        self._flushing = False
+        self.failed = exc
+        log.error("fsync failed: %s; acknowledgements are held until a flush succeeds", exc)
+        if not self._closed:
+            self._scheduled = self.clock.callLater(0.5, self._start_flush)
+
+    def _periodic_flush(self) -> None:
+        self._periodic = None
+        if self._closed:
+            return
+        if self.store.durable_offset < self.store.end_offset:
+            started = time.perf_counter()
+            if self._run_in_thread is None:
+                self._flush_done(self.store.sync(), started)
+            else:
+                d = self._run_in_thread(self.store.sync)
+                d.addCallbacks(lambda durable: self.metrics.fsync_latency.observe(time.perf_counter() - started),
+                               lambda f: log.error("periodic fsync failed: %s", f.value))
+        self._periodic = self.clock.callLater(self.interval_ms / 1000.0, self._periodic_flush)
+
+    def close(self) -> None:
+        """Stop timers and fsync synchronously (shutdown path), releasing every waiter."""
+        self._closed = True
+        for call in (self._scheduled, self._periodic):
+            if call is not None and call.active():
+                call.cancel()
+        self._scheduled = self._periodic = None
+        durable = self.store.sync()
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= durable:
+            heapq.heappop(waiters)[2]()
+        for listener in self._listeners:
+            listener(durable)
