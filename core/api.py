@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from tidegate.core.model import Message, QueueRef
 
@@ -28,8 +28,7 @@ class PullStatus(StrEnum):
     OFFSET_MOVED = "offset_moved"  # asked below the first stored offset: retention removed those messages
 
 
-@dataclass(slots=True, frozen=True)
-class SendResult:
+class SendResult(NamedTuple):
     msg_id: str
     topic: str
     queue_id: int

@@ -96,7 +96,7 @@ class Subscription:
         self.broker._nack(self, receipt, requeue, delay_ms)
 
     def commit(self, queue: QueueRef, offset: int) -> None:
-        self.broker.commit_offset(self.progress_key, queue, offset)
+        self.broker._commit_progress(self.progress_key, queue, offset)
 
     def close(self) -> None:
         if not self.closed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import IntFlag
+from typing import NamedTuple
 
 from tidegate.core.errors import InvalidName, MessageTooLarge
 
@@ -81,16 +82,26 @@ class Message:
         """The topic joined with its subject, as MQTT spells it: `T/a/b`."""
         return f"{self.topic}/{self.subject}" if self.subject else self.topic
 
-    def validate(self, max_body: int = DEFAULT_MAX_BODY) -> Message:
-        validate_topic(self.topic)
+    def validate(self, max_body: int = DEFAULT_MAX_BODY, check_topic: bool = True) -> Message:
+        """Raise a TidegateError for anything a store or another protocol could not carry.
+
+        `check_topic=False` skips the topic-name check for callers that already know the topic exists.
+        """
+        if check_topic:
+            validate_topic(self.topic)
+        if not isinstance(self.body, bytes):
+            raise InvalidName("a message body must be bytes")
         if self.subject:
             validate_subject(self.subject)
         if len(self.body) > max_body:
             raise MessageTooLarge(f"message body is {len(self.body)} bytes; the maximum is {max_body}")
-        if len(self.tag.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES:
-            raise InvalidName(f"tag longer than {MAX_TAG_BYTES} bytes")
-        if "||" in self.tag:
-            raise InvalidName("a tag may not contain '||'")
+        if self.tag:
+            if len(self.tag.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES:
+                raise InvalidName(f"tag longer than {MAX_TAG_BYTES} bytes")
+            if "||" in self.tag:
+                raise InvalidName("a tag may not contain '||'")
+        if not self.properties:
+            return self
         size = 0
         for k, v in self.properties.items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -101,8 +112,7 @@ class Message:
         return self
 
 
-@dataclass(slots=True, frozen=True)
-class QueueRef:
+class QueueRef(NamedTuple):
     """One queue of a topic: the unit of ordering, of index files and of consumer assignment."""
 
     topic: str
@@ -112,8 +122,9 @@ class QueueRef:
         return f"{self.topic}:{self.queue_id}"
 
 
-@dataclass(slots=True, frozen=True)
-class IndexEntry:
+# The value types below are NamedTuples, not dataclasses: they are built once per message on the hot path and
+# tuple construction is several times cheaper than a frozen dataclass __init__.
+class IndexEntry(NamedTuple):
     """One per-queue index entry: where in the commit log a message of this queue lives."""
 
     queue_offset: int
@@ -122,8 +133,7 @@ class IndexEntry:
     tag_hash: int
 
 
-@dataclass(slots=True, frozen=True)
-class AppendResult:
+class AppendResult(NamedTuple):
     """Where one appended message landed: its id, commit-log offset and its offset in every destination queue."""
 
     msg_id: str

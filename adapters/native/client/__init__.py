@@ -1,0 +1,50 @@
+"""Tidegate Python SDK (`tidegate.client`) for the native protocol.
+
+Blocking API (plain scripts and threads, no reactor): `Producer`, `Admin`, `PushConsumer`, `PullConsumer`,
+`SimpleConsumer`. Twisted API: `connect(reactor, host, port) -> Deferred[TwistedClient]`.
+Errors are `tidegate.core.errors.TidegateError` subclasses carrying the broker's wire code.
+"""
+
+from tidegate.client.blocking import (
+    Admin,
+    Producer,
+    PullConsumer,
+    PushConsumer,
+    SimpleConsumer,
+    build_message,
+)
+from tidegate.client.common import (
+    ConnectionClosed,
+    GroupDescription,
+    RequestTimeout,
+    SendResult,
+    TopicDescription,
+)
+from tidegate.client.connection import Connection
+from tidegate.client.twisted_client import TwistedClient, connect
+from tidegate.core.api import Delivered, PullResult, PullStatus
+from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.model import Message
+
+__all__ = [
+    "Admin",
+    "Connection",
+    "ConnectionClosed",
+    "Delivered",
+    "ErrorCode",
+    "GroupDescription",
+    "Message",
+    "Producer",
+    "PullConsumer",
+    "PullResult",
+    "PullStatus",
+    "PushConsumer",
+    "RequestTimeout",
+    "SendResult",
+    "SimpleConsumer",
+    "TidegateError",
+    "TopicDescription",
+    "TwistedClient",
+    "build_message",
+    "connect",
+]

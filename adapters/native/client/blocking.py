@@ -1,0 +1,398 @@
+"""Blocking SDK: producers, admin and consumers for plain scripts and threads (no Twisted reactor needed)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from tidegate.adapters.native import frames as f
+from tidegate.client.common import (
+    DEFAULT_ADDRESS,
+    GroupDescription,
+    SendResult,
+    TopicDescription,
+    ack_of,
+    delivered,
+    mode_of,
+    pull_result,
+    reset_target,
+    send_result,
+)
+from tidegate.client.connection import Connection
+from tidegate.core.api import Delivered, PullResult
+from tidegate.core.errors import TidegateError
+from tidegate.core.model import Message, MessageFlag, QueueRef
+
+logger = logging.getLogger("tidegate.client")
+
+SendCallback = Callable[[SendResult | BaseException], None]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def build_message(topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
+                  properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
+                  deliver_at: int = 0, expires_at: int = 0) -> Message:
+    return Message(topic=topic, body=bytes(body), subject=subject, tag=tag, keys=tuple(keys),
+                   properties=dict(properties or {}), born_ts=_now_ms(), deliver_at=deliver_at,
+                   expires_at=expires_at, group=group, flags=MessageFlag.PERSISTENT)
+
+
+class _Client:
+    """Owns one connection; `start()`/`close()` or use as a context manager."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
+                 timeout: float = 10.0) -> None:
+        self.address = address
+        self.client_id = client_id or f"{type(self).__name__.lower()}-{uuid.uuid4().hex[:12]}"
+        self.timeout = timeout
+        self._conn: Connection | None = None
+
+    def start(self) -> Any:
+        if self._conn is None:
+            self._conn = Connection(self.address, client_id=self.client_id, timeout=self.timeout).open()
+        return self
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise TidegateError(f"{type(self).__name__} is not started; call start() first")
+        return self._conn
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Producer(_Client):
+    """Sends messages. `send` returns once the broker has the message on disk (under sync flush)."""
+
+    def send(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
+             properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
+             deliver_at: int = 0, expires_at: int = 0, queue_id: int | None = None) -> SendResult:
+        message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
+                                group=group, deliver_at=deliver_at, expires_at=expires_at)
+        return self.send_message(message, queue_id=queue_id)
+
+    def send_message(self, message: Message, *, queue_id: int | None = None) -> SendResult:
+        frame = self.conn.request(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
+        return send_result(frame)
+
+    def send_async(self, topic: str, body: bytes, callback: SendCallback, *, tag: str = "",
+                   keys: Iterable[str] = (), properties: Mapping[str, str] | None = None, subject: str = "",
+                   group: str = "", deliver_at: int = 0, expires_at: int = 0,
+                   queue_id: int | None = None) -> Future[Any]:
+        """Send without waiting; `callback(SendResult or exception)` runs on the SDK's I/O thread, so keep it
+        short. Returns the underlying future too."""
+        message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
+                                group=group, deliver_at=deliver_at, expires_at=expires_at)
+        future = self.conn.submit(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
+
+        def done(fut: Future[f.Frame]) -> None:
+            exc = fut.exception()
+            try:
+                callback(exc if exc is not None else send_result(fut.result()))
+            except Exception:
+                logger.exception("send_async callback failed")
+
+        future.add_done_callback(done)
+        return future
+
+    def send_oneway(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
+                    properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
+                    deliver_at: int = 0, expires_at: int = 0, queue_id: int | None = None) -> None:
+        """Fire and forget: no result, no durability promise; a rejection only shows in the log."""
+        message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
+                                group=group, deliver_at=deliver_at, expires_at=expires_at)
+        self.conn.send_oneway(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
+
+    def send_batch(self, messages: Iterable[Message], *, queue_id: int | None = None) -> list[SendResult]:
+        """Send several messages in one frame; all are validated before any is stored."""
+        batch = list(messages)
+        for m in batch:
+            if not m.born_ts:
+                m.born_ts = _now_ms()
+        frame = self.conn.request(f.SendBatch, queue_id=-1 if queue_id is None else queue_id, messages=batch)
+        return [send_result(r) for r in frame.results]
+
+
+class Admin(_Client):
+    """Topic, group and message administration."""
+
+    def create_topic(self, name: str, queues: int = 0, *, perm: str = "rw", retention_ms: int = 0) -> f.TopicInfo:
+        return self.conn.request(f.TopicCreate, name=name, queues=queues, perm=perm, retention_ms=retention_ms).topic
+
+    def update_topic(self, name: str, *, queues: int | None = None, perm: str | None = None,
+                     retention_ms: int | None = None) -> f.TopicInfo:
+        return self.conn.request(f.TopicUpdate, name=name, queues=queues or 0, perm=perm or "",
+                                 retention_ms=-1 if retention_ms is None else retention_ms).topic
+
+    def delete_topic(self, name: str) -> None:
+        self.conn.request(f.TopicDelete, name=name)
+
+    def list_topics(self, include_internal: bool = False) -> list[f.TopicInfo]:
+        return list(self.conn.request(f.TopicList, include_internal=include_internal).topics)
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        frame = self.conn.request(f.TopicDescribe, name=name)
+        return TopicDescription(topic=frame.topic, queues=frame.queues)
+
+    def list_groups(self) -> list[f.GroupSummary]:
+        return list(self.conn.request(f.GroupList).groups)
+
+    def describe_group(self, group: str) -> GroupDescription:
+        frame = self.conn.request(f.GroupDescribe, group=group)
+        return GroupDescription(group=frame.group, progress=frame.progress)
+
+    def delete_group(self, group: str) -> None:
+        self.conn.request(f.GroupDelete, group=group)
+
+    def reset_offsets(self, group: str, topic: str, to: str | int) -> dict[QueueRef, int]:
+        """`to` is "earliest", "latest" or a timestamp in ms; returns the new committed offset per queue."""
+        target, ts = reset_target(to)
+        frame = self.conn.request(f.ResetOffsets, group=group, topic=topic, to=target, timestamp_ms=ts)
+        return {QueueRef(o.topic, o.queue_id): o.offset for o in frame.offsets}
+
+    def query_by_id(self, msg_id: str) -> Message:
+        return self.conn.request(f.QueryById, msg_id=msg_id).messages[0]
+
+    def query_by_key(self, topic: str, key: str, limit: int = 64) -> list[Message]:
+        return list(self.conn.request(f.QueryByKey, topic=topic, key=key, limit=limit).messages)
+
+    def query_by_time(self, topic: str, start_ms: int, end_ms: int, limit: int = 100) -> list[Message]:
+        return list(self.conn.request(f.QueryByTime, topic=topic, start_ms=start_ms, end_ms=end_ms,
+                                      limit=limit).messages)
+
+
+class PullConsumer(_Client):
+    """Reads queues at offsets the caller chooses; progress is committed explicitly."""
+
+    def __init__(self, group: str, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
+                 timeout: float = 10.0) -> None:
+        super().__init__(address, client_id, timeout=timeout)
+        self.group = group
+
+    def pull(self, topic: str, queue_id: int, offset: int, max: int = 32, filter: str = "*") -> PullResult:
+        frame = self.conn.request(f.Pull, topic=topic, queue_id=queue_id, offset=offset, max_count=max,
+                                  filter_expr=filter)
+        return pull_result(frame)
+
+    def commit(self, topic: str, queue_id: int, offset: int) -> None:
+        """Everything below `offset` in the queue is consumed by this group."""
+        self.commit_many({QueueRef(topic, queue_id): offset})
+
+    def commit_many(self, offsets: Mapping[QueueRef, int]) -> None:
+        self.conn.request(f.Commit, group=self.group, offsets=[
+            f.QueueOffset(topic=q.topic, queue_id=q.queue_id, offset=o) for q, o in offsets.items()])
+
+
+_STOP = object()
+
+
+class PushConsumer(_Client):
+    """Messages are pushed by the broker and handed to `handler(Delivered)` on one consumer thread.
+
+    Offset mode: offsets are committed (batched) after the handler returns; a handler exception is logged and
+    the message counts as consumed (there is no per-message redelivery in offset mode). Message mode: each
+    message is acked after the handler returns, or nacked for redelivery if it raises. Credit is re-granted as
+    messages are processed, so at most `credit` messages are ever buffered in this process.
+    """
+
+    COMMIT_EVERY = 64  # messages between commits while the queue stays busy
+    COMMIT_INTERVAL_S = 1.0
+
+    def __init__(self, group: str, topic: str, handler: Callable[[Delivered], Any], *,
+                 address: str = DEFAULT_ADDRESS, mode: str = "clustering", ack: str = "offset",
+                 filter: str = "*", start: str = "latest", credit: int = 64, client_id: str | None = None,
+                 invisible_ms: int = 0, timeout: float = 10.0) -> None:
+        super().__init__(address, client_id, timeout=timeout)
+        if credit < 1:
+            raise ValueError("credit must be at least 1")
+        self.group, self.topic, self.handler = group, topic, handler
+        self.mode, self.ack_mode = mode_of(mode), ack_of(ack)
+        self.filter, self.start_position, self.credit, self.invisible_ms = filter, start, credit, invisible_ms
+        self.subscription_id = 0
+        self.assigned: list[QueueRef] = []
+        self.processed = 0
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._offsets: dict[QueueRef, int] = {}  # next offset to commit, per queue
+        self._receipts: list[str] = []
+        self._uncredited = 0
+        self._since_commit = 0
+        self._last_commit = time.monotonic()
+
+    def start(self) -> PushConsumer:
+        super().start()
+        frame = self.conn.request(f.Subscribe, on_push=self._on_push, group=self.group, topic=self.topic,
+                                  client_id=self.client_id, mode=self.mode, ack=self.ack_mode,
+                                  filter_expr=self.filter, start=self.start_position,
+                                  invisible_ms=self.invisible_ms, credit=self.credit)
+        self.subscription_id = frame.subscription_id
+        self._worker = threading.Thread(target=self._work, name=f"tidegate-consumer-{self.group}", daemon=True)
+        self._worker.start()
+        return self
+
+    def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._inbox.put(_STOP)
+            worker.join(self.timeout)
+        if self._conn is not None and not self._conn.closed and self.subscription_id:
+            try:
+                self._flush(final=True)
+                self.conn.request(f.Unsubscribe, subscription_id=self.subscription_id)
+            except TidegateError as exc:
+                logger.warning("closing consumer %s: %s", self.client_id, exc)
+        super().close()
+
+    def _on_push(self, frame: f.Frame) -> None:
+        # Runs on the reader thread: hand off only.
+        if isinstance(frame, f.Deliver):
+            for record in frame.messages:
+                self._inbox.put(record)
+        elif isinstance(frame, f.Assignment):
+            self.assigned = [QueueRef(q.topic, q.queue_id) for q in frame.queues]
+
+    def _work(self) -> None:
+        inbox = self._inbox
+        while True:
+            try:
+                item = inbox.get(timeout=self.COMMIT_INTERVAL_S)
+            except queue.Empty:
+                self._flush_quietly()
+                continue
+            if item is _STOP:
+                return
+            self._process(item)
+            if inbox.empty() or self._since_commit >= self.COMMIT_EVERY or \
+                    time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
+                self._flush_quietly()
+
+    def _process(self, record: f.DeliveryRecord) -> None:
+        view = delivered(record)
+        try:
+            self.handler(view)
+            failed = False
+        except Exception:
+            logger.exception("consumer handler failed for %s:%d@%d", record.topic, record.queue_id,
+                             record.queue_offset)
+            failed = True
+        self.processed += 1
+        self._uncredited += 1
+        self._since_commit += 1
+        if self.ack_mode is f.Ack.MESSAGE:
+            if failed:
+                self.conn.send_oneway(f.NackMessages, subscription_id=self.subscription_id,
+                                      receipts=[record.receipt], requeue=True)
+            else:
+                self._receipts.append(record.receipt)
+        else:
+            self._offsets[view.queue] = record.queue_offset + 1
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except TidegateError as exc:
+            logger.warning("consumer %s could not commit: %s", self.client_id, exc)
+
+    def _flush(self, final: bool = False) -> None:
+        conn = self.conn
+        if self._receipts:
+            receipts, self._receipts = self._receipts, []
+            if final:
+                conn.request(f.AckMessages, subscription_id=self.subscription_id, receipts=receipts)
+            else:
+                conn.send_oneway(f.AckMessages, subscription_id=self.subscription_id, receipts=receipts)
+        if self._offsets:
+            offsets, self._offsets = self._offsets, {}
+            items = [f.QueueOffset(topic=q.topic, queue_id=q.queue_id, offset=o) for q, o in offsets.items()]
+            if final:
+                conn.request(f.Commit, subscription_id=self.subscription_id, offsets=items)
+            else:
+                conn.send_oneway(f.Commit, subscription_id=self.subscription_id, offsets=items)
+        self._since_commit = 0
+        self._last_commit = time.monotonic()
+        # Re-grant in chunks (not per message) so credit frames stay few; the broker never exceeds `credit`.
+        if not final and self._uncredited and (self._uncredited * 2 >= self.credit or self._inbox.empty()):
+            grant, self._uncredited = self._uncredited, 0
+            conn.send_oneway(f.Credit, subscription_id=self.subscription_id, credit=grant)
+
+
+class SimpleConsumer(_Client):
+    """Pop-style consumption: `receive` returns messages, each hidden from others for `invisible_ms` until it
+    is acked (or becomes visible again for redelivery)."""
+
+    def __init__(self, group: str, topic: str, *, address: str = DEFAULT_ADDRESS, filter: str = "*",
+                 invisible_ms: int = 30_000, client_id: str | None = None, start: str = "",
+                 timeout: float = 10.0) -> None:
+        super().__init__(address, client_id, timeout=timeout)
+        self.group, self.topic, self.filter, self.invisible_ms = group, topic, filter, invisible_ms
+        self.start_position = start
+        self.subscription_id = 0
+        self._buffer: list[Delivered] = []
+        self._cond = threading.Condition()
+        self._outstanding = 0  # credit granted but not yet used by the broker
+
+    def start(self) -> SimpleConsumer:
+        super().start()
+        frame = self.conn.request(f.Subscribe, on_push=self._on_push, group=self.group, topic=self.topic,
+                                  client_id=self.client_id, mode=f.Mode.CLUSTERING, ack=f.Ack.MESSAGE,
+                                  filter_expr=self.filter, start=self.start_position,
+                                  invisible_ms=self.invisible_ms, credit=0)
+        self.subscription_id = frame.subscription_id
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed and self.subscription_id:
+            try:
+                self.conn.request(f.Unsubscribe, subscription_id=self.subscription_id)
+            except TidegateError as exc:
+                logger.warning("closing simple consumer %s: %s", self.client_id, exc)
+        super().close()
+
+    def _on_push(self, frame: f.Frame) -> None:
+        if isinstance(frame, f.Deliver):
+            with self._cond:
+                self._buffer.extend(delivered(r) for r in frame.messages)
+                self._outstanding = max(0, self._outstanding - len(frame.messages))
+                self._cond.notify_all()
+
+    def receive(self, max: int = 16, timeout: float = 5.0) -> list[Delivered]:
+        """Up to `max` messages; waits up to `timeout` seconds for the first one, returns [] if none came."""
+        with self._cond:
+            wanted = max - len(self._buffer) - self._outstanding
+            if wanted > 0:
+                self._outstanding += wanted
+                self.conn.send_oneway(f.Credit, subscription_id=self.subscription_id, credit=wanted)
+            deadline = time.monotonic() + timeout
+            while not self._buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.conn.closed:
+                    break
+                self._cond.wait(remaining)
+            taken, self._buffer = self._buffer[:max], self._buffer[max:]
+            return taken
+
+    def ack(self, message: Delivered) -> None:
+        self.conn.request(f.AckMessages, subscription_id=self.subscription_id, receipts=[message.receipt])
+
+    def nack(self, message: Delivered, *, delay_ms: int = 0, requeue: bool = True) -> None:
+        """Give the message back: visible again after `delay_ms`, or dead-lettered with requeue=False."""
+        self.conn.request(f.NackMessages, subscription_id=self.subscription_id, receipts=[message.receipt],
+                          requeue=requeue, delay_ms=delay_ms)

@@ -1,0 +1,526 @@
+"""The commit log: fixed-size segments of records, appended by one thread, fsynced by another.
+
+Segments are files named by their 20-digit base offset (StoreLayout). Offsets are logical: a segment covers
+[base, next base) and its file holds the records plus a short filler header at the end, so a rolled segment's
+file is shorter than `segment_bytes`; the next segment starts at the base of the previous plus `segment_bytes`.
+
+Threading: `append*`, `read`, recovery and segment deletion run on the owning (reactor) thread; `sync()` may
+run on a flusher thread at the same time. `_lock` guards the bookkeeping the two share (active fd, dirty
+segments, durable offset); an fd the flusher may be fsyncing is never closed by the appender — it is parked in
+`_retired` and closed by the flusher once its fsync returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge, StoreError, StoreFull
+from tidegate.core.storage.layout import StoreLayout, fsync_dir
+from tidegate.core.storage.record import (
+    FILLER_MAGIC,
+    FILLER_SIZE,
+    MESSAGE_MAGIC,
+    MIN_RECORD_SIZE,
+    PREFIX,
+    STR_LEN,
+    check_record,
+    decode_filler,
+    encode_filler,
+    record_store_ts,
+)
+
+_FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_len_unpack = STR_LEN.unpack
+
+
+@dataclass(slots=True)
+class ScanResult:
+    scanned_bytes: int = 0
+    truncated_bytes: int = 0
+    dropped_records: int = 0
+    deleted_segments: tuple[int, ...] = ()
+    end_offset: int = 0
+
+
+def _count_records_best_effort(data: bytes | mmap.mmap, pos: int) -> int:
+    """How many records (whole or partial) lie from `pos` on, following lengths while they look sane."""
+    count = 0
+    size = len(data)
+    while pos < size:
+        count += 1
+        if size - pos < PREFIX.size:
+            break
+        length, magic, _crc = PREFIX.unpack_from(data, pos)
+        if magic == FILLER_MAGIC:
+            count -= 1  # a filler is padding, not a message
+            break
+        if magic != MESSAGE_MAGIC or length < MIN_RECORD_SIZE or pos + length > size:
+            break
+        pos += length
+    return count
+
+
+class CommitLog:
+    def __init__(self, layout: StoreLayout, segment_bytes: int, read_fd_cache: int = 64) -> None:
+        if segment_bytes < 4 * (MIN_RECORD_SIZE + FILLER_SIZE):
+            raise ValueError(f"segment_bytes {segment_bytes} is too small")
+        self.layout = layout
+        self.segment_bytes = segment_bytes
+        self._write: Callable[[int, bytes], int] = os.write  # tests swap this to simulate a full disk
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._read_fd_cache = read_fd_cache
+        self._dirty_sealed: set[int] = set()
+        self._busy_fd = -1
+        self._retired: list[int] = []
+        self._generation = 0
+        self._dir_dirty = False
+        self._last_ts: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}  # file sizes of sealed segments
+
+        self._bases = layout.segment_bases()
+        if not self._bases:
+            self._create_segment_file(0)
+            fsync_dir(layout.commitlog_dir)
+            self._bases = [0]
+        for base in self._bases[:-1]:
+            self._sizes[base] = os.stat(layout.segment_path(base)).st_size
+        self._active_base = self._bases[-1]
+        self._active_fd = os.open(layout.segment_path(self._active_base), os.O_RDWR | os.O_APPEND)
+        self._pos = os.fstat(self._active_fd).st_size
+        self._active_last_ts = 0
+        self._end = self._active_base + self._pos
+        self._durable = self._end
+
+    # --- properties
+    @property
+    def end_offset(self) -> int:
+        return self._end
+
+    @property
+    def durable_offset(self) -> int:
+        return self._durable
+
+    @property
+    def min_offset(self) -> int:
+        return self._bases[0]
+
+    @property
+    def active_base(self) -> int:
+        return self._active_base
+
+    def segment_bases(self) -> list[int]:
+        return list(self._bases)
+
+    def segment_of(self, offset: int) -> int:
+        return self._bases[max(0, bisect_right(self._bases, offset) - 1)]
+
+    def disk_bytes(self) -> int:
+        return sum(self._sizes.values()) + self._pos
+
+    # --- writing
+    def _create_segment_file(self, base: int) -> int:
+        try:
+            return os.open(self.layout.segment_path(base), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            if exc.errno in _FULL_DISK_ERRNOS:
+                raise StoreFull(f"cannot create segment {base}: disk full") from None
+            raise StoreError(f"cannot create segment {base}: {exc}") from None
+
+    def _write_fully(self, data: bytes) -> None:
+        """Write all of `data` at the end of the active segment, or nothing (a partial write is cut back)."""
+        fd = self._active_fd
+        try:
+            written = self._write(fd, data)
+            while written < len(data):
+                written += self._write(fd, data[written:])
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, self._pos)
+            except OSError:
+                pass
+            if exc.errno in _FULL_DISK_ERRNOS:
+                raise StoreFull("the commit log's disk is full") from None
+            raise StoreError(f"commit log write failed: {exc}") from None
+
+    def _release_fd(self, fd: int) -> None:
+        """Close `fd` unless the flusher is fsyncing it; then the flusher closes it. Call with _lock held."""
+        if fd == self._busy_fd:
+            self._retired.append(fd)
+        else:
+            os.close(fd)
+
+    def _roll(self, incoming_ts: int) -> None:
+        """Pad the active segment with a filler and make a new empty segment active.
+
+        The filler records the segment's newest store_ts for retention. When it is unknown (no append since
+        open), the incoming record's store_ts stands in: never older than the truth, so retention is late at
+        worst, never early.
+        """
+        old_base, pos = self._active_base, self._pos
+        new_base = old_base + max(self.segment_bytes, pos + FILLER_SIZE)
+        last_ts = self._active_last_ts or incoming_ts
+        self._write_fully(encode_filler(new_base - old_base - pos, last_ts))
+        try:
+            new_fd = self._create_segment_file(new_base)
+        except StoreError:
+            os.ftruncate(self._active_fd, pos)
+            raise
+        with self._lock:
+            self._release_fd(self._active_fd)
+            self._sizes[old_base] = pos + FILLER_SIZE
+            self._last_ts[old_base] = last_ts
+            self._dirty_sealed.add(old_base)
+            self._bases.append(new_base)
+            self._active_base, self._active_fd, self._pos = new_base, new_fd, 0
+            self._active_last_ts = 0
+            self._dir_dirty = True
+
+    def _check_size(self, length: int) -> None:
+        if length + FILLER_SIZE > self.segment_bytes:
+            raise MessageTooLarge(
+                f"record of {length} bytes does not fit a commit-log segment of {self.segment_bytes} bytes"
+            )
+
+    def append(self, record: bytes, store_ts: int) -> int:
+        """Write one record; return its commit offset. Raises MessageTooLarge or StoreFull (nothing written)."""
+        length = len(record)
+        if self._pos + length + FILLER_SIZE > self.segment_bytes:
+            self._check_size(length)
+            self._roll(store_ts)
+        offset = self._active_base + self._pos
+        self._write_fully(record)
+        self._pos += length
+        self._active_last_ts = store_ts
+        self._end = offset + length
+        return offset
+
+    def append_batch(self, records: Sequence[bytes], store_ts: int) -> list[int]:
+        """Write several records with one write per segment touched; all or nothing."""
+        for record in records:
+            self._check_size(len(record))
+        start_base, start_pos, start_ts = self._active_base, self._pos, self._active_last_ts
+        offsets: list[int] = []
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        limit = self.segment_bytes - FILLER_SIZE
+        try:
+            for record in records:
+                length = len(record)
+                if self._pos + chunk_bytes + length > limit:
+                    if chunk:
+                        self._write_fully(b"".join(chunk))
+                        self._pos += chunk_bytes
+                        self._active_last_ts = store_ts
+                        chunk, chunk_bytes = [], 0
+                    self._roll(store_ts)
+                offsets.append(self._active_base + self._pos + chunk_bytes)
+                chunk.append(record)
+                chunk_bytes += length
+            if chunk:
+                self._write_fully(b"".join(chunk) if len(chunk) > 1 else chunk[0])
+                self._pos += chunk_bytes
+        except (StoreError, StoreFull):
+            if self._active_base != start_base or self._pos != start_pos:
+                self._rollback(start_base, start_pos, start_ts)
+            raise
+        if offsets:
+            self._active_last_ts = store_ts
+            self._end = self._active_base + self._pos
+        return offsets
+
+    def _rollback(self, base: int, pos: int, last_ts: int) -> None:
+        """Undo a partly written batch: drop segments created by it and cut `base` back to `pos`."""
+        with self._lock:
+            self._generation += 1
+            for newer in [b for b in self._bases if b > base]:
+                if newer == self._active_base:
+                    self._release_fd(self._active_fd)
+                self._forget_segment(newer)
+                try:
+                    os.unlink(self.layout.segment_path(newer))
+                except FileNotFoundError:
+                    pass
+            if self._active_base != base:
+                self._active_fd = os.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
+                self._active_base = base
+                self._sizes.pop(base, None)
+                self._dirty_sealed.add(base)  # it may hold unsynced records from before the batch
+            os.ftruncate(self._active_fd, pos)
+            self._pos = pos
+            self._active_last_ts = last_ts
+            self._dir_dirty = True
+
+    def _forget_segment(self, base: int) -> None:
+        """Drop in-memory state of a segment about to be deleted. Call with _lock held."""
+        self._bases.remove(base)
+        self._dirty_sealed.discard(base)
+        self._sizes.pop(base, None)
+        self._last_ts.pop(base, None)
+        fd = self._read_fds.pop(base, None)
+        if fd is not None:
+            os.close(fd)
+
+    # --- durability
+    def sync(self) -> int:
+        """fsync every segment holding unsynced records; return the durable offset. Thread-safe."""
+        with self._sync_lock:
+            with self._lock:
+                target, generation = self._end, self._generation
+                if target <= self._durable and not self._dirty_sealed and not self._dir_dirty:
+                    return self._durable
+                sealed = sorted(self._dirty_sealed)
+                fd = self._busy_fd = self._active_fd
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+            try:
+                for base in sealed:
+                    try:
+                        sealed_fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue  # retention deleted it meanwhile
+                    try:
+                        os.fsync(sealed_fd)
+                    finally:
+                        os.close(sealed_fd)
+                os.fsync(fd)
+                if dir_dirty:
+                    fsync_dir(self.layout.commitlog_dir)
+            except OSError as exc:
+                with self._lock:
+                    self._dir_dirty = self._dir_dirty or dir_dirty
+                    self._finish_sync()
+                raise StoreError(f"fsync of the commit log failed: {exc}") from None
+            with self._lock:
+                self._finish_sync()
+                self._dirty_sealed.difference_update(sealed)
+                if generation == self._generation and target > self._durable:
+                    self._durable = target
+                return self._durable
+
+    def _finish_sync(self) -> None:
+        self._busy_fd = -1
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
+
+    # --- reading
+    def _fd_for(self, base: int) -> int:
+        if base == self._active_base:
+            return self._active_fd
+        fd = self._read_fds.get(base)
+        if fd is not None:
+            self._read_fds.move_to_end(base)
+            return fd
+        try:
+            fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+        except FileNotFoundError:
+            raise MessageNotFound(f"commit-log segment {base} no longer exists") from None
+        self._read_fds[base] = fd
+        if len(self._read_fds) > self._read_fd_cache:
+            os.close(self._read_fds.popitem(last=False)[1])
+        return fd
+
+    def read(self, offset: int, size: int | None = None) -> bytes:
+        """The record bytes at `offset` (not verified). Raises MessageNotFound outside the stored range."""
+        if offset < self._bases[0] or offset >= self._end or offset < 0:
+            raise MessageNotFound(f"no record at commit offset {offset}: stored range is "
+                                  f"[{self._bases[0]}, {self._end})")
+        base = self._bases[bisect_right(self._bases, offset) - 1]
+        fd = self._fd_for(base)
+        pos = offset - base
+        if size is None:
+            head = os.pread(fd, 4, pos)
+            if len(head) < 4:
+                raise MessageNotFound(f"no record at commit offset {offset}")
+            (size,) = _len_unpack(head)
+        if size < MIN_RECORD_SIZE or size > self.segment_bytes:
+            raise MessageNotFound(f"no record at commit offset {offset}")
+        data = os.pread(fd, size, pos)
+        if len(data) != size:
+            raise MessageNotFound(f"record at commit offset {offset} is cut short")
+        return data
+
+    def read_store_ts(self, offset: int) -> int:
+        """store_ts of the record at `offset`, reading only its header."""
+        data = self.read(offset, MIN_RECORD_SIZE)
+        return record_store_ts(data)
+
+    # --- retention
+    def sealed_segments(self) -> list[tuple[int, int]]:
+        """(base, file bytes) of every segment but the active one, oldest first."""
+        return [(base, self._sizes.get(base, 0)) for base in self._bases[:-1]]
+
+    def segment_last_store_ts(self, base: int) -> int:
+        """Newest store_ts in a sealed segment: from its filler, or by scanning if it has none."""
+        cached = self._last_ts.get(base)
+        if cached is not None:
+            return cached
+        fd = self._fd_for(base)
+        size = os.fstat(fd).st_size
+        last_ts = 0
+        try:
+            if size >= FILLER_SIZE:
+                last_ts = decode_filler(os.pread(fd, FILLER_SIZE, size - FILLER_SIZE))[1]
+        except CorruptRecord:
+            data = os.pread(fd, size, 0)
+            pos = 0
+            while pos < size:
+                try:
+                    magic, length = check_record(data, pos)
+                except CorruptRecord:
+                    break
+                if magic != MESSAGE_MAGIC:
+                    break
+                last_ts = record_store_ts(data[pos:pos + MIN_RECORD_SIZE])
+                pos += length
+        self._last_ts[base] = last_ts
+        return last_ts
+
+    def delete_segment(self, base: int) -> None:
+        if base == self._active_base:
+            raise StoreError("the active commit-log segment is never deleted")
+        with self._lock:
+            self._forget_segment(base)
+            self._dir_dirty = True
+        try:
+            os.unlink(self.layout.segment_path(base))
+        except FileNotFoundError:
+            pass
+
+    # --- recovery
+    def recover(self, start_offset: int, on_record: Callable[[int, bytes], None]) -> ScanResult:
+        """Verify every record from the segment holding `start_offset` on; truncate at the first bad one.
+
+        `on_record(commit_offset, record_bytes)` is called for each good record at or after `start_offset`.
+        Segments after the truncation point are deleted. The scanned segments are fsynced afterwards, so the
+        durable offset is the recovered end.
+        """
+        result = ScanResult()
+        start_offset = max(start_offset, self._bases[0])
+        first = max(0, bisect_right(self._bases, start_offset) - 1)
+        cut: tuple[int, int] | None = None  # (segment base, file position) of the first bad byte
+        ended_with_filler = False
+        for i in range(first, len(self._bases)):
+            base = self._bases[i]
+            is_last = i == len(self._bases) - 1
+            path = self.layout.segment_path(base)
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data: bytes | mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            try:
+                pos = 0
+                ended_with_filler = False
+                while pos < size:
+                    try:
+                        magic, length = check_record(data, pos)
+                    except CorruptRecord:
+                        cut = (base, pos)
+                        result.truncated_bytes += size - pos
+                        result.dropped_records += _count_records_best_effort(data, pos)
+                        break
+                    if magic == FILLER_MAGIC:
+                        if pos + FILLER_SIZE != size:
+                            cut = (base, pos + FILLER_SIZE)  # bytes after a filler are garbage
+                            result.truncated_bytes += size - pos - FILLER_SIZE
+                            result.dropped_records += _count_records_best_effort(data, pos + FILLER_SIZE)
+                        else:
+                            ended_with_filler = True
+                            self._sizes[base] = size
+                            self._last_ts[base] = decode_filler(data[pos:pos + FILLER_SIZE])[1]
+                        break
+                    if is_last:
+                        self._active_last_ts = record_store_ts(data[pos:pos + MIN_RECORD_SIZE])
+                    if base + pos >= start_offset:
+                        on_record(base + pos, data[pos:pos + length])
+                        result.scanned_bytes += length
+                    pos += length
+                if cut is None and not ended_with_filler and not is_last:
+                    cut = (base, size)  # a sealed segment must end with a filler; later ones cannot be trusted
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+            if cut is not None:
+                break
+        if cut is not None:
+            result.deleted_segments = self._truncate(*cut, result)
+        elif ended_with_filler:
+            # crashed between writing the filler and creating the next segment
+            new_base = self._next_base(self._bases[-1])
+            new_fd = self._create_segment_file(new_base)
+            with self._lock:
+                self._release_fd(self._active_fd)
+                self._active_fd, self._active_base, self._pos = new_fd, new_base, 0
+                self._bases.append(new_base)
+                self._active_last_ts = 0
+                self._dir_dirty = True
+        self._end = self._active_base + self._pos
+        for base in self._bases[first:]:
+            fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.layout.commitlog_dir)
+        self._dir_dirty = False
+        self._durable = self._end
+        result.end_offset = self._end
+        return result
+
+    def _next_base(self, base: int) -> int:
+        fd = self._fd_for(base)
+        size = os.fstat(fd).st_size
+        length, _ts = decode_filler(os.pread(fd, FILLER_SIZE, size - FILLER_SIZE))
+        return base + size - FILLER_SIZE + length
+
+    def _truncate(self, base: int, pos: int, result: ScanResult) -> tuple[int, ...]:
+        """Cut segment `base` at `pos`, delete every later segment, and make `base` active."""
+        deleted = []
+        with self._lock:
+            self._generation += 1
+            for newer in [b for b in self._bases if b > base]:
+                if newer == self._active_base:
+                    self._release_fd(self._active_fd)
+                path = self.layout.segment_path(newer)
+                try:
+                    size = os.stat(path).st_size
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    result.truncated_bytes += size
+                    result.dropped_records += _count_records_best_effort(data, 0)
+                except FileNotFoundError:
+                    pass
+                self._forget_segment(newer)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                deleted.append(newer)
+            if self._active_base != base:
+                self._active_fd = os.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
+                self._active_base = base
+                self._sizes.pop(base, None)
+                self._last_ts.pop(base, None)
+                cached = self._read_fds.pop(base, None)
+                if cached is not None:
+                    os.close(cached)
+            os.ftruncate(self._active_fd, pos)
+            self._pos = pos
+            self._dir_dirty = True
+        return tuple(deleted)
+
+    def close(self) -> None:
+        self.sync()
+        with self._lock:
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()
+            os.close(self._active_fd)
+            self._active_fd = -1

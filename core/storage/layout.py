@@ -1,0 +1,136 @@
+"""Every path the store uses under its data directory, in one place.
+
+```
+<data_dir>/commitlog/<20-digit base offset>.log        commit-log segments
+<data_dir>/index/<topic>/<queue_id>/<20-digit base entry>.idx   per-queue index files
+<data_dir>/keys/<20-digit segment base offset>.keys    key index, one file per commit-log segment
+<data_dir>/checkpoint                                  commit offset up to which indexes are persisted
+<data_dir>/clean_shutdown                              present only between close() and the next open
+<data_dir>/tombstones                                  queues deleted while their records are still in the log
+<data_dir>/meta.db                                     SQLite metadata (MetadataStore)
+```
+
+Topic names may be `.` or `..` (both match the topic-name rule), so topic directories are escaped reversibly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote
+
+from tidegate.core.errors import InvalidName
+from tidegate.core.model import QueueRef
+
+DIGITS = 20
+SEGMENT_SUFFIX = ".log"
+INDEX_SUFFIX = ".idx"
+KEYS_SUFFIX = ".keys"
+
+
+def _escape_topic(topic: str) -> str:
+    if not topic or "/" in topic or "\x00" in topic or "\\" in topic:
+        raise InvalidName(f"topic {topic!r} cannot name an index directory")
+    escaped = topic.replace("%", "%25")
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    return escaped
+
+
+def _unescape_topic(name: str) -> str:
+    return unquote(name)
+
+
+def _numbered(directory: Path, suffix: str) -> list[int]:
+    """Sorted numbers of the files `<20 digits><suffix>` in `directory`; other files are ignored."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(suffix) and len(name) == DIGITS + len(suffix) and name[:DIGITS].isdigit():
+            out.append(int(name[:DIGITS]))
+    out.sort()
+    return out
+
+
+class StoreLayout:
+    """Maps store objects to paths; creates the directories it owns."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(data_dir)
+        self.commitlog_dir = self.root / "commitlog"
+        self.index_dir = self.root / "index"
+        self.keys_dir = self.root / "keys"
+        self.checkpoint_path = self.root / "checkpoint"
+        self.clean_shutdown_path = self.root / "clean_shutdown"
+        self.tombstones_path = self.root / "tombstones"
+        self.meta_db_path = self.root / "meta.db"
+
+    def create_dirs(self) -> None:
+        for directory in (self.root, self.commitlog_dir, self.index_dir, self.keys_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # --- commit log
+    def segment_path(self, base_offset: int) -> Path:
+        return self.commitlog_dir / f"{base_offset:0{DIGITS}d}{SEGMENT_SUFFIX}"
+
+    def segment_bases(self) -> list[int]:
+        return _numbered(self.commitlog_dir, SEGMENT_SUFFIX)
+
+    # --- queue indexes
+    def queue_dir(self, queue: QueueRef) -> Path:
+        return self.index_dir / _escape_topic(queue.topic) / str(queue.queue_id)
+
+    def index_path(self, queue: QueueRef, base_entry: int) -> Path:
+        return self.queue_dir(queue) / f"{base_entry:0{DIGITS}d}{INDEX_SUFFIX}"
+
+    def index_bases(self, queue: QueueRef) -> list[int]:
+        return _numbered(self.queue_dir(queue), INDEX_SUFFIX)
+
+    def indexed_queues(self) -> list[QueueRef]:
+        """Every queue that has an index directory on disk."""
+        out = []
+        try:
+            topic_dirs = os.listdir(self.index_dir)
+        except FileNotFoundError:
+            return []
+        for topic_dir in topic_dirs:
+            topic = _unescape_topic(topic_dir)
+            try:
+                queue_dirs = os.listdir(self.index_dir / topic_dir)
+            except NotADirectoryError:
+                continue
+            for queue_dir in queue_dirs:
+                if queue_dir.isdigit():
+                    out.append(QueueRef(topic, int(queue_dir)))
+        return out
+
+    # --- key index
+    def key_index_path(self, segment_base: int) -> Path:
+        return self.keys_dir / f"{segment_base:0{DIGITS}d}{KEYS_SUFFIX}"
+
+    def key_index_bases(self) -> list[int]:
+        return _numbered(self.keys_dir, KEYS_SUFFIX)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a created/renamed/deleted directory entry durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a crash leaves either the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

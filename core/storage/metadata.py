@@ -1,0 +1,238 @@
+"""SqliteMetadataStore: topics, groups, committed offsets and namespaced key/values in SQLite (WAL mode).
+
+One connection, used from the thread that opened it (the reactor). The schema is versioned: `MIGRATIONS[i]`
+brings a database from version i to i + 1, and `schema_version` records where a database stands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import sqlite_utils
+
+from tidegate.core.errors import ErrorCode, StoreError, TidegateError
+
+TOPIC_DEFAULTS: dict[str, Any] = {"queues": 4, "perm": "rw", "retention_ms": 0, "internal": False, "created_ts": 0}
+GROUP_DEFAULTS: dict[str, Any] = {"mode": "clustering", "ack": "offset", "created_ts": 0, "extra": None}
+
+
+class InvalidMetadata(TidegateError):
+    """A metadata row or value that cannot be stored (missing or mistyped field, value not JSON)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+def _require(row: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = row[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidMetadata(f"{what} field {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _normalize(row: dict[str, Any], defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise InvalidMetadata(f"a {what} row must be a dict, not {type(row).__name__}")
+    unknown = set(row) - set(defaults) - {"name"}
+    if unknown:
+        raise InvalidMetadata(f"unknown {what} fields: {sorted(unknown)}")
+    name = row.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidMetadata(f"a {what} row needs a non-empty string 'name'")
+    out = {"name": name}
+    for key, default in defaults.items():
+        out[key] = row.get(key, default)
+    return out
+
+
+def normalize_topic_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = _normalize(row, TOPIC_DEFAULTS, "topic")
+    _require(out, "queues", int, "topic")
+    _require(out, "perm", str, "topic")
+    _require(out, "retention_ms", int, "topic")
+    _require(out, "internal", (bool, int), "topic")
+    _require(out, "created_ts", int, "topic")
+    out["internal"] = bool(out["internal"])
+    return out
+
+
+def normalize_group_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = _normalize(row, GROUP_DEFAULTS, "group")
+    for key in ("mode", "ack"):
+        value = out[key]
+        out[key] = value.value if hasattr(value, "value") else value  # accept the core enums
+        _require(out, key, str, "group")
+    _require(out, "created_ts", int, "group")
+    extra = out["extra"]
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise InvalidMetadata("group field 'extra' must be a dict")
+    to_json(extra)
+    out["extra"] = extra
+    return out
+
+
+def normalize_offset_row(row: tuple[str, str, int, int]) -> tuple[str, str, int, int]:
+    try:
+        group, topic, queue_id, offset = row
+    except (TypeError, ValueError):
+        raise InvalidMetadata(f"an offset row is (group, topic, queue_id, offset), not {row!r}") from None
+    if not isinstance(group, str) or not isinstance(topic, str):
+        raise InvalidMetadata(f"offset row {row!r}: group and topic must be strings")
+    for value in (queue_id, offset):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidMetadata(f"offset row {row!r}: queue_id and offset must be non-negative integers")
+    return group, topic, queue_id, offset
+
+
+def to_json(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMetadata(f"value is not JSON-serialisable: {exc}") from None
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    # if_not_exists: a migration interrupted before its version row was written simply runs again
+    db["topics"].create(
+        {"name": str, "queues": int, "perm": str, "retention_ms": int, "internal": int, "created_ts": int},
+        pk="name", not_null={"queues", "perm", "retention_ms", "internal", "created_ts"}, if_not_exists=True,
+    )
+    db["groups"].create({"name": str, "mode": str, "ack": str, "created_ts": int, "extra": str}, pk="name",
+                        not_null={"mode", "ack", "created_ts", "extra"}, if_not_exists=True)
+    db["offsets"].create({"group": str, "topic": str, "queue_id": int, "offset": int},
+                         pk=("group", "topic", "queue_id"), not_null={"offset"}, if_not_exists=True)
+    db["kv"].create({"namespace": str, "key": str, "value": str}, pk=("namespace", "key"), not_null={"value"},
+                    if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SqliteMetadataStore:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            self._conn = sqlite3.connect(os.fspath(path), isolation_level=None)
+            self.db = sqlite_utils.Database(self._conn)
+            self.db.enable_wal()
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash never corrupts, commits stay cheap
+            self.schema_version = self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open metadata database {os.fspath(path)!r}: {exc}") from None
+
+    def _migrate(self) -> int:
+        conn = self._conn
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"metadata schema version {version} is newer than this Tidegate ({SCHEMA_VERSION})")
+        for step in range(version, SCHEMA_VERSION):
+            MIGRATIONS[step](self.db)
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (step + 1,))
+        return SCHEMA_VERSION
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, tuple(params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"metadata query failed: {exc}") from None
+
+    # --- topics
+    def get_topics(self) -> list[dict[str, Any]]:
+        rows = self._run("SELECT name, queues, perm, retention_ms, internal, created_ts FROM topics ORDER BY name")
+        return [
+            {"name": n, "queues": q, "perm": p, "retention_ms": r, "internal": bool(i), "created_ts": c}
+            for n, q, p, r, i, c in rows
+        ]
+
+    def put_topic(self, row: dict[str, Any]) -> None:
+        r = normalize_topic_row(row)
+        self._run(
+            "INSERT INTO topics (name, queues, perm, retention_ms, internal, created_ts) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET queues=excluded.queues, perm=excluded.perm, "
+            "retention_ms=excluded.retention_ms, internal=excluded.internal, created_ts=excluded.created_ts",
+            (r["name"], r["queues"], r["perm"], r["retention_ms"], int(r["internal"]), r["created_ts"]),
+        )
+
+    def delete_topic(self, name: str) -> None:
+        self._run("DELETE FROM topics WHERE name = ?", (name,))
+
+    # --- groups
+    def get_groups(self) -> list[dict[str, Any]]:
+        rows = self._run("SELECT name, mode, ack, created_ts, extra FROM groups ORDER BY name")
+        return [
+            {"name": n, "mode": m, "ack": a, "created_ts": c, "extra": json.loads(e) if e else {}}
+            for n, m, a, c, e in rows
+        ]
+
+    def put_group(self, row: dict[str, Any]) -> None:
+        r = normalize_group_row(row)
+        self._run(
+            "INSERT INTO groups (name, mode, ack, created_ts, extra) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET mode=excluded.mode, ack=excluded.ack, "
+            "created_ts=excluded.created_ts, extra=excluded.extra",
+            (r["name"], r["mode"], r["ack"], r["created_ts"], to_json(r["extra"])),
+        )
+
+    def delete_group(self, name: str) -> None:
+        self._run("DELETE FROM groups WHERE name = ?", (name,))
+
+    # --- offsets
+    def get_offsets(self, group: str) -> dict[tuple[str, int], int]:
+        rows = self._run('SELECT topic, queue_id, "offset" FROM offsets WHERE "group" = ?', (group,))
+        return {(t, q): o for t, q, o in rows}
+
+    def put_offsets(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
+        checked = [normalize_offset_row(row) for row in rows]
+        if not checked:
+            return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(
+                'INSERT INTO offsets ("group", topic, queue_id, "offset") VALUES (?, ?, ?, ?) '
+                'ON CONFLICT("group", topic, queue_id) DO UPDATE SET "offset"=excluded."offset"',
+                checked,
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"storing offsets failed: {exc}") from None
+
+    def delete_offsets(self, group: str, topic: str | None = None) -> None:
+        if topic is None:
+            self._run('DELETE FROM offsets WHERE "group" = ?', (group,))
+        else:
+            self._run('DELETE FROM offsets WHERE "group" = ? AND topic = ?', (group, topic))
+
+    # --- namespaced key/values
+    def kv_get(self, namespace: str, key: str) -> Any | None:
+        row = self._run("SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def kv_put(self, namespace: str, key: str, value: Any) -> None:
+        self._run(
+            "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value",
+            (namespace, key, to_json(value)),
+        )
+
+    def kv_delete(self, namespace: str, key: str) -> None:
+        self._run("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+
+    def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
+        rows = self._run("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))
+        return [(k, json.loads(v)) for k, v in rows]
+
+    def close(self) -> None:
+        self._conn.close()

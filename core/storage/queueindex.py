@@ -1,0 +1,262 @@
+"""Per-queue index: fixed-width entries (commit offset u64, size u32, tag hash u64) in files of N entries.
+
+Entry `k` of a queue lives in file `index/<topic>/<queue_id>/<base>.idx` with `base = k - k % N`, at byte
+`(k - base) * 20`. New entries are buffered in memory (`pending`) and written in batches by `flush()`; they are
+derived from the commit log, so losing the buffer in a crash only costs a re-dispatch on recovery.
+
+An entry with size 0 is a hole (recovery can start a queue in the middle of a file when retention already
+removed its older records) and is never reported as stored.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+
+from tidegate.core.errors import OffsetOutOfRange, StoreError
+from tidegate.core.model import IndexEntry, QueueRef
+from tidegate.core.storage.layout import StoreLayout
+
+ENTRY = struct.Struct("<QIQ")
+ENTRY_SIZE = ENTRY.size
+entry_pack = ENTRY.pack
+
+
+class IndexFiles:
+    """A bounded cache of open index-file descriptors shared by every queue (10,000 queues, not 10,000 fds)."""
+
+    def __init__(self, layout: StoreLayout, entries_per_file: int, max_open: int = 256) -> None:
+        if entries_per_file < 1:
+            raise ValueError("entries_per_file must be positive")
+        self.layout = layout
+        self.entries_per_file = entries_per_file
+        self.file_bytes = entries_per_file * ENTRY_SIZE
+        self._max_open = max_open
+        self._fds: OrderedDict[tuple[QueueRef, int], int] = OrderedDict()
+        self.unsynced: set[tuple[QueueRef, int]] = set()  # files written since the last fsync_all
+
+    def fd(self, queue: QueueRef, base: int) -> int:
+        key = (queue, base)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        path = self.layout.index_path(queue, base)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fds[key] = fd
+        if len(self._fds) > self._max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def forget(self, queue: QueueRef, base: int) -> None:
+        fd = self._fds.pop((queue, base), None)
+        if fd is not None:
+            os.close(fd)
+
+    def delete_file(self, queue: QueueRef, base: int) -> None:
+        self.forget(queue, base)
+        self.unsynced.discard((queue, base))
+        try:
+            os.unlink(self.layout.index_path(queue, base))
+        except FileNotFoundError:
+            pass
+
+    def open_count(self) -> int:
+        return len(self._fds)
+
+    def fsync_all(self) -> None:
+        """fsync every index file written since the last call (close() and recovery, not the hot path)."""
+        for key in sorted(self.unsynced, key=lambda k: (k[0].topic, k[0].queue_id, k[1])):
+            fd = self._fds.get(key)
+            if fd is not None:
+                os.fsync(fd)
+                continue
+            try:
+                fd = os.open(self.layout.index_path(*key), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced.clear()
+
+    def close_all(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class QueueIndex:
+    """One queue's index: entries [min_offset, max_offset); [persisted, max_offset) still in `pending`."""
+
+    __slots__ = ("queue", "files", "bases", "min_offset", "max_offset", "persisted", "pending")
+
+    def __init__(self, queue: QueueRef, files: IndexFiles) -> None:
+        self.queue = queue
+        self.files = files
+        self.bases: list[int] = files.layout.index_bases(queue)
+        self.pending = bytearray()
+        if self.bases:
+            last = self.bases[-1]
+            path = files.layout.index_path(queue, last)
+            size = os.stat(path).st_size
+            whole = min(size // ENTRY_SIZE, files.entries_per_file)
+            if whole * ENTRY_SIZE != size:  # a torn entry write: drop the partial entry
+                os.truncate(path, whole * ENTRY_SIZE)
+            self.min_offset = self.bases[0]
+            self.max_offset = last + whole
+        else:
+            self.min_offset = self.max_offset = 0
+        self.persisted = self.max_offset
+
+    # --- writing
+    def add(self, commit_offset: int, size: int, tag_hash: int) -> int:
+        """Buffer one entry; return its queue offset."""
+        self.pending += entry_pack(commit_offset, size, tag_hash)
+        offset = self.max_offset
+        self.max_offset = offset + 1
+        return offset
+
+    def start_at(self, queue_offset: int) -> None:
+        """Begin an empty queue at `queue_offset` (its older entries were lost with retained-away records)."""
+        if self.max_offset != self.min_offset:
+            raise StoreError(f"queue {self.queue} is not empty; it cannot restart at {queue_offset}")
+        self.min_offset = self.max_offset = self.persisted = queue_offset
+
+    def flush(self) -> int:
+        """Write the buffered entries to their files; return how many were written."""
+        pending = self.pending
+        if not pending:
+            return 0
+        per_file = self.files.entries_per_file
+        offset = self.persisted
+        view = memoryview(pending)
+        pos = 0
+        while pos < len(pending):
+            base = offset - offset % per_file
+            count = min(per_file - (offset - base), (len(pending) - pos) // ENTRY_SIZE)
+            if not self.bases or self.bases[-1] < base:
+                self.bases.append(base)
+            fd = self.files.fd(self.queue, base)
+            self.files.unsynced.add((self.queue, base))
+            os.pwrite(fd, view[pos:pos + count * ENTRY_SIZE], (offset - base) * ENTRY_SIZE)
+            pos += count * ENTRY_SIZE
+            offset += count
+        view.release()
+        written = len(pending) // ENTRY_SIZE
+        self.pending = bytearray()
+        self.persisted = offset
+        return written
+
+    # --- reading
+    def _raw(self, offset: int, end: int) -> bytes:
+        """Entry bytes for [offset, end), from files and the pending buffer."""
+        parts = []
+        per_file = self.files.entries_per_file
+        file_end = min(end, self.persisted)
+        while offset < file_end:
+            base = offset - offset % per_file
+            count = min(base + per_file, file_end) - offset
+            data = os.pread(self.files.fd(self.queue, base), count * ENTRY_SIZE, (offset - base) * ENTRY_SIZE)
+            if len(data) != count * ENTRY_SIZE:  # a file shorter than the queue says: report holes, not garbage
+                data = data + bytes(count * ENTRY_SIZE - len(data))
+            parts.append(data)
+            offset += count
+        if end > offset:
+            start = (offset - self.persisted) * ENTRY_SIZE
+            parts.append(bytes(self.pending[start:(end - self.persisted) * ENTRY_SIZE]))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def entry_at(self, offset: int) -> tuple[int, int, int]:
+        """(commit_offset, size, tag_hash) of entry `offset`, which must be below max_offset."""
+        return ENTRY.unpack(self._raw(offset, offset + 1))
+
+    def read(self, offset: int, max_entries: int) -> list[IndexEntry]:
+        if offset < self.min_offset or offset > self.max_offset:
+            raise OffsetOutOfRange(
+                f"offset {offset} of queue {self.queue} is outside [{self.min_offset}, {self.max_offset}]"
+            )
+        end = min(self.max_offset, offset + max(0, max_entries))
+        if end <= offset:
+            return []
+        return [
+            IndexEntry(offset + i, commit, size, tag)
+            for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(self._raw(offset, end)))
+        ]
+
+    def _first_where(self, lo: int, hi: int, predicate: Callable[[tuple[int, int, int]], bool]) -> int:
+        """First offset in [lo, hi) whose entry satisfies a monotone predicate (hi if none)."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if predicate(self.entry_at(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # --- trimming
+    def advance_min(self, log_min_offset: int) -> int:
+        """Raise min_offset to the first entry whose record is still stored; delete files wholly below it."""
+        if self.min_offset < self.max_offset:
+            def stored(entry: tuple[int, int, int]) -> bool:
+                return entry[1] > 0 and entry[0] >= log_min_offset
+
+            if not stored(self.entry_at(self.min_offset)):
+                self.min_offset = self._first_where(self.min_offset, self.max_offset, stored)
+        per_file = self.files.entries_per_file
+        # keep the file holding the newest entry, or a restart could not tell max_offset
+        last_needed = max(self.min_offset, self.max_offset - 1) if self.max_offset else 0
+        while self.bases and self.bases[0] + per_file <= self.min_offset and self.bases[0] + per_file <= last_needed:
+            self.files.delete_file(self.queue, self.bases.pop(0))
+        return self.min_offset
+
+    def trim_beyond(self, log_end: int) -> int:
+        """Drop entries pointing at or past `log_end` (records lost from a torn tail); return how many."""
+        if self.min_offset == self.max_offset:
+            return 0
+        commit, size, _tag = self.entry_at(self.max_offset - 1)
+        if commit + size <= log_end:
+            return 0
+        keep = self._first_where(self.min_offset, self.max_offset, lambda e: e[0] + e[1] > log_end and e[1] > 0)
+        dropped = self.max_offset - keep
+        self.trim_to(keep)
+        return dropped
+
+    def trim_to(self, new_max: int) -> None:
+        """Forget entries from `new_max` on."""
+        if new_max >= self.max_offset:
+            return
+        if new_max >= self.persisted:
+            del self.pending[(new_max - self.persisted) * ENTRY_SIZE:]
+        else:
+            self.pending = bytearray()
+            per_file = self.files.entries_per_file
+            while self.bases and self.bases[-1] >= new_max and self.bases[-1] > 0:
+                self.files.delete_file(self.queue, self.bases.pop())
+            if self.bases:
+                base = self.bases[-1]
+                keep_bytes = min(new_max - base, per_file) * ENTRY_SIZE
+                os.ftruncate(self.files.fd(self.queue, base), max(0, keep_bytes))
+            self.persisted = new_max
+        self.max_offset = new_max
+        self.min_offset = min(self.min_offset, new_max)
+
+    def delete(self) -> None:
+        """Remove every file of this queue and its directories."""
+        for base in self.bases:
+            self.files.delete_file(self.queue, base)
+        self.bases = []
+        self.pending = bytearray()
+        queue_dir = self.files.layout.queue_dir(self.queue)
+        for directory in (queue_dir, queue_dir.parent):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # not empty (other queues of the topic) or already gone

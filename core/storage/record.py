@@ -1,0 +1,258 @@
+"""Commit-log record codec (sans-IO).
+
+A message record (all integers little-endian):
+
+```
+length u32       total record length, these 4 bytes included
+magic  u32       MESSAGE_MAGIC
+crc    u32       CRC32C of every byte after this field
+header           flags u32, born_ts i64, store_ts i64, deliver_at i64, expires_at i64,
+                 topic_len u16, subject_len u16, tag_len u16, group_len u16, keys_len u32, props_len u32,
+                 destination_count u16, body_len u32
+topic, subject, tag, group   UTF-8
+keys             repeated (u32 length, UTF-8)
+properties       repeated (u32 length, UTF-8 key, u32 length, UTF-8 value)
+destinations     repeated (topic_len u16, queue_id u32, queue_offset u64, UTF-8 topic)
+body
+```
+
+The destinations live in the record so that queue indexes can be rebuilt from the log after a crash (RocketMQ's
+LMQ keeps them in the properties for the same reason).
+
+A filler record (FILLER_MAGIC) pads the end of a segment so that a record never spans two segments. Its length
+field covers the rest of the segment's logical space, but only FILLER_SIZE bytes are written: `length, magic, crc,
+last_store_ts`, the crc covering `last_store_ts` — the newest store time in the segment, which retention by age
+reads without scanning the segment.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+from tidegate.core.errors import CorruptRecord, MessageTooLarge
+from tidegate.core.model import Message
+
+MESSAGE_MAGIC = 0x314D4754  # b"TGM1"
+FILLER_MAGIC = 0x46464754  # b"TGFF"
+
+PREFIX = struct.Struct("<III")  # length, magic, crc
+HEADER = struct.Struct("<IqqqqHHHHIIHI")
+DESTINATION = struct.Struct("<HIQ")
+STR_LEN = struct.Struct("<I")
+FILLER = struct.Struct("<IIIq")
+STORE_TS = struct.Struct("<q")
+
+PREFIX_SIZE = PREFIX.size
+FILLER_SIZE = FILLER.size
+MIN_RECORD_SIZE = PREFIX_SIZE + HEADER.size
+_STORE_TS_AT = PREFIX_SIZE + 4 + 8  # after flags and born_ts
+_ENCODING = "utf-8"
+_MSG_ID = re.compile(r"[0-9A-Fa-f]{24}")
+_ERRORS = "surrogatepass"
+
+_prefix_pack = PREFIX.pack
+_header_pack = HEADER.pack
+_dest_pack = DESTINATION.pack
+_len_pack = STR_LEN.pack
+
+
+class TornRecord(CorruptRecord):
+    """A record whose bytes end before its length says (a write cut short by a crash)."""
+
+
+Destination = tuple[str, int, int]  # topic, queue_id, queue_offset
+
+
+@dataclass(slots=True)
+class DecodedRecord:
+    message: Message
+    destinations: list[Destination]
+    size: int
+
+
+def _strings(values: Sequence[str]) -> bytes:
+    parts = []
+    for value in values:
+        data = value.encode(_ENCODING, _ERRORS)
+        parts.append(_len_pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+_encoded_names: dict[str, bytes] = {}
+
+
+def _encode_name(name: str) -> bytes:
+    """Topic names repeat on every record: encode each once (bounded cache)."""
+    data = _encoded_names.get(name)
+    if data is None:
+        if len(_encoded_names) >= 8192:
+            _encoded_names.clear()
+        data = _encoded_names[name] = name.encode(_ENCODING, _ERRORS)
+    return data
+
+
+def encode_record(message: Message, store_ts: int, destinations: Sequence[Destination]) -> bytes:
+    """The bytes of one message record. Raises MessageTooLarge when a field exceeds its length field."""
+    topic = _encoded_names.get(message.topic) or _encode_name(message.topic)
+    subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
+    tag = message.tag.encode(_ENCODING, _ERRORS) if message.tag else b""
+    group = message.group.encode(_ENCODING, _ERRORS) if message.group else b""
+    keys = _strings(message.keys) if message.keys else b""
+    if message.properties:
+        flat = []
+        for k, v in message.properties.items():
+            flat.append(k)
+            flat.append(v)
+        props = _strings(flat)
+    else:
+        props = b""
+    body = message.body
+    try:
+        header = _header_pack(
+            message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
+            len(topic), len(subject), len(tag), len(group), len(keys), len(props), len(destinations), len(body),
+        )
+        if len(destinations) == 1:
+            dest_topic, queue_id, queue_offset = destinations[0]
+            encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
+            tail = b"".join((header, topic, subject, tag, group, keys, props,
+                             _dest_pack(len(encoded), queue_id, queue_offset), encoded, body))
+        else:
+            parts = [header, topic, subject, tag, group, keys, props]
+            for dest_topic, queue_id, queue_offset in destinations:
+                encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
+                parts.append(_dest_pack(len(encoded), queue_id, queue_offset))
+                parts.append(encoded)
+            parts.append(body)
+            tail = b"".join(parts)
+    except struct.error as exc:
+        raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
+    return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail)) + tail
+
+
+def encode_filler(length: int, last_store_ts: int) -> bytes:
+    ts = STORE_TS.pack(last_store_ts)
+    return _prefix_pack(length, FILLER_MAGIC, crc32c(ts)) + ts
+
+
+def decode_filler(buf: bytes | memoryview) -> tuple[int, int]:
+    """(length, last_store_ts) of a filler at the start of `buf`; raises CorruptRecord if it is not one."""
+    if len(buf) < FILLER_SIZE:
+        raise TornRecord(f"filler cut short: {len(buf)} of {FILLER_SIZE} bytes")
+    length, magic, crc, last_ts = FILLER.unpack_from(buf, 0)
+    if magic != FILLER_MAGIC:
+        raise CorruptRecord(f"bad filler magic {magic:#x}")
+    if crc != crc32c(bytes(buf[PREFIX_SIZE:FILLER_SIZE])):
+        raise CorruptRecord("filler CRC mismatch")
+    if length < FILLER_SIZE:
+        raise CorruptRecord(f"filler length {length} is below its minimum {FILLER_SIZE}")
+    return length, last_ts
+
+
+def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
+    """Validate the record or filler starting at `pos`: returns (magic, length).
+
+    Raises TornRecord when `buf` ends before the record does, CorruptRecord on a bad magic, length or CRC.
+    A filler's length is its logical length (to the segment end), not the bytes present in `buf`.
+    """
+    available = len(buf) - pos
+    if available < PREFIX_SIZE:
+        raise TornRecord(f"record prefix cut short: {available} bytes")
+    length, magic, crc = PREFIX.unpack_from(buf, pos)
+    if magic == MESSAGE_MAGIC:
+        if length < MIN_RECORD_SIZE:
+            raise CorruptRecord(f"record length {length} is below the minimum {MIN_RECORD_SIZE}")
+        if length > available:
+            raise TornRecord(f"record of {length} bytes cut short at {available} bytes")
+        if crc32c(memoryview(buf)[pos + PREFIX_SIZE:pos + length]) != crc:
+            raise CorruptRecord("record CRC mismatch")
+        return magic, length
+    if magic == FILLER_MAGIC:
+        decode_filler(memoryview(buf)[pos:pos + FILLER_SIZE])
+        return magic, length
+    raise CorruptRecord(f"bad record magic {magic:#x}")
+
+
+def _read_strings(buf: bytes, start: int, end: int) -> list[str]:
+    out = []
+    pos = start
+    unpack = STR_LEN.unpack_from
+    while pos < end:
+        (n,) = unpack(buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise CorruptRecord("string runs past its field")
+        out.append(buf[pos:pos + n].decode(_ENCODING, _ERRORS))
+        pos += n
+    return out
+
+
+def decode_record(buf: bytes, verify: bool = True) -> DecodedRecord:
+    """Decode one whole message record (exactly its bytes). Raises CorruptRecord on any inconsistency."""
+    if verify:
+        magic, length = check_record(buf)
+        if magic != MESSAGE_MAGIC:
+            raise CorruptRecord("expected a message record, found a filler")
+        if length != len(buf):
+            raise CorruptRecord(f"record length {length} does not match the {len(buf)} bytes read")
+    try:
+        (flags, born_ts, store_ts, deliver_at, expires_at, topic_len, subject_len, tag_len, group_len,
+         keys_len, props_len, dest_count, body_len) = HEADER.unpack_from(buf, PREFIX_SIZE)
+        pos = MIN_RECORD_SIZE
+        topic = buf[pos:pos + topic_len].decode(_ENCODING, _ERRORS)
+        pos += topic_len
+        subject = buf[pos:pos + subject_len].decode(_ENCODING, _ERRORS)
+        pos += subject_len
+        tag = buf[pos:pos + tag_len].decode(_ENCODING, _ERRORS)
+        pos += tag_len
+        group = buf[pos:pos + group_len].decode(_ENCODING, _ERRORS)
+        pos += group_len
+        keys = tuple(_read_strings(buf, pos, pos + keys_len)) if keys_len else ()
+        pos += keys_len
+        properties: dict[str, str] = {}
+        if props_len:
+            flat = _read_strings(buf, pos, pos + props_len)
+            if len(flat) % 2:
+                raise CorruptRecord("properties hold an odd number of strings")
+            properties = dict(zip(flat[0::2], flat[1::2], strict=True))
+        pos += props_len
+        destinations: list[Destination] = []
+        dest_unpack = DESTINATION.unpack_from
+        for _ in range(dest_count):
+            n, queue_id, queue_offset = dest_unpack(buf, pos)
+            pos += DESTINATION.size
+            destinations.append((buf[pos:pos + n].decode(_ENCODING, _ERRORS), queue_id, queue_offset))
+            pos += n
+        body = bytes(buf[pos:pos + body_len])
+        if pos + body_len != len(buf):
+            raise CorruptRecord("record fields do not add up to its length")
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise CorruptRecord(f"undecodable record: {exc}") from None
+    message = Message(
+        topic=topic, body=body, subject=subject, tag=tag, keys=keys, properties=properties, born_ts=born_ts,
+        deliver_at=deliver_at, expires_at=expires_at, group=group, flags=flags, store_ts=store_ts,
+    )
+    return DecodedRecord(message, destinations, len(buf))
+
+
+def record_store_ts(buf: bytes | memoryview) -> int:
+    """store_ts from the first bytes of a record (at least MIN_RECORD_SIZE of them), without decoding the rest."""
+    return STORE_TS.unpack_from(buf, _STORE_TS_AT)[0]
+
+
+def make_msg_id(commit_offset: int, store_ts: int) -> str:
+    """24 uppercase hex chars: commit offset (16) + store time in seconds, low 32 bits (8)."""
+    return ((commit_offset << 32) | ((store_ts // 1000) & 0xFFFFFFFF)).to_bytes(12, "big").hex().upper()
+
+
+def parse_msg_id(msg_id: str) -> tuple[int, int] | None:
+    """(commit_offset, store seconds low 32 bits), or None if `msg_id` is not one of ours."""
+    if not isinstance(msg_id, str) or not _MSG_ID.fullmatch(msg_id):
+        return None
+    return int(msg_id[:16], 16), int(msg_id[16:], 16)
