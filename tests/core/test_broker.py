@@ -297,3 +297,12 @@ def test_offsets_survive_a_broker_restart_on_the_same_metadata(clock):
     b2 = make_broker(clock, store=store, metadata=meta)
     assert b2.committed_offsets("g") == {QueueRef("t", 0): 1}
     assert b2.get_topic("t").queues == 1
+
+
+def test_a_pull_only_group_is_known_after_its_first_commit(broker, clock):
+    broker.create_topic("t", queues=1)
+    send(broker, clock, "t", b"1", b"2")
+    broker.commit_offset("puller", QueueRef("t", 0), 1)
+    info = broker.group_info("puller")
+    assert info.topics == ["t"] and info.lag == 1
+    assert "puller" in [g.name for g in broker.list_groups()]

@@ -1,0 +1,477 @@
+"""The process configuration: typed sections with an embedded default, merged from four sources.
+
+Precedence, lowest first: built-in defaults < TOML file < environment < command line.
+
+* file: any subset of the schema, e.g. ``[storage]\\nflush = "async"`` or ``[listeners.native]\\nport = 0``.
+* environment: ``TIDEGATE_<SECTION>__<KEY>``; nested sections take one ``__`` per level
+  (``TIDEGATE_STORAGE__FLUSH=async``, ``TIDEGATE_LISTENERS__NATIVE__PORT=0``). ``TIDEGATE_CONFIG`` names the file
+  when ``--config`` is not given. Other ``TIDEGATE_*`` names without ``__`` are left for other tools.
+* command line: ``--set storage.flush=async`` (repeatable) and shortcuts built on it (see gateway/cli.py).
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key and the source that set it.
+Port 0 means "pick an ephemeral port"; the bound addresses are written to ``<data_dir>/listeners.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "TIDEGATE_"
+ENV_CONFIG_FILE = "TIDEGATE_CONFIG"
+FLUSH_MODES = ("sync", "async")
+GROUP_START_POSITIONS = ("earliest", "latest")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message is one line naming the key and its source."""
+
+
+@dataclass(slots=True, frozen=True)
+class BrokerSection:
+    data_dir: str = "./tidegate-data"
+    auto_create_topics: bool = True
+    default_queues: int = 4
+    max_message_bytes: int = 4 * 1024 * 1024
+    new_group_start: str = "latest"
+    invisible_ms: int = 30_000
+    max_attempts: int = 16
+
+
+@dataclass(slots=True, frozen=True)
+class StorageSection:
+    flush: str = "sync"
+    flush_interval_ms: int = 100
+    segment_bytes: int = 128 * 1024 * 1024
+    index_entries_per_file: int = 300_000
+    retention_hours: int = 72  # 0 = no age limit
+    retention_bytes: int = 0  # 0 = no size limit
+    retention_check_s: int = 60
+
+
+@dataclass(slots=True, frozen=True)
+class NativeListener:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 10911
+
+
+@dataclass(slots=True, frozen=True)
+class AdminListener:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(slots=True, frozen=True)
+class MqttListener:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    ws_enabled: bool = True
+    ws_port: int = 8083
+    ws_path: str = "/mqtt"
+    tls_enabled: bool = False
+    tls_port: int = 8883
+    wss_enabled: bool = False
+    wss_port: int = 8084
+
+
+@dataclass(slots=True, frozen=True)
+class AmqpListener:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 5672
+    tls_enabled: bool = False
+    tls_port: int = 5671
+
+
+@dataclass(slots=True, frozen=True)
+class ListenersSection:
+    native: NativeListener = field(default_factory=NativeListener)
+    admin: AdminListener = field(default_factory=AdminListener)
+    mqtt: MqttListener = field(default_factory=MqttListener)
+    amqp: AmqpListener = field(default_factory=AmqpListener)
+
+
+@dataclass(slots=True, frozen=True)
+class TlsSection:
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # when set, client certificates signed by this CA are requested (mTLS)
+
+
+@dataclass(slots=True, frozen=True)
+class LogSection:
+    level: str = "info"
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    listeners: ListenersSection = field(default_factory=ListenersSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True, frozen=True)
+class Source:
+    """Where a value came from: `kind` is default, file, env or cli; `detail` names the file, variable or option."""
+
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.detail}" if self.detail else self.kind
+
+
+DEFAULT_SOURCE = Source("default")
+
+
+@dataclass(slots=True, frozen=True)
+class CliOverride:
+    """One `key=value` given on the command line; `option` is how the user spelled it, for error messages."""
+
+    key: str
+    value: str
+    option: str
+
+
+@dataclass(slots=True, frozen=True)
+class LoadedConfig:
+    config: Config
+    sources: dict[str, Source]  # dotted key -> where its effective value came from
+    config_file: Path | None
+
+
+def _walk_schema(cls: type, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """Yield (dotted key, type) for every leaf and every section (sections yield their dataclass type)."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        key = prefix + f.name
+        kind = hints[f.name]
+        yield key, kind
+        if is_dataclass(kind):
+            yield from _walk_schema(kind, key + ".")
+
+
+_SCHEMA: dict[str, type] = dict(_walk_schema(Config))
+LEAF_KEYS: dict[str, type] = {k: t for k, t in _SCHEMA.items() if not is_dataclass(t)}
+SECTION_KEYS: frozenset[str] = frozenset(k for k, t in _SCHEMA.items() if is_dataclass(t))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _coerce(key: str, raw: Any, kind: type, source: Source) -> Any:
+    """Check (TOML) or parse (env/cli text) one value against the schema type of `key`."""
+    from_text = source.kind in ("env", "cli")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str):
+            word = raw.strip().lower()
+            if word in _TRUE_WORDS:
+                return True
+            if word in _FALSE_WORDS:
+                return False
+        raise ConfigError(f"{key} must be true or false, got {_describe(raw)} (from {source})")
+    if kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {_describe(raw)} (from {source})")
+    if kind is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{key} must be a string, got {_describe(raw)} (from {source})")
+    raise TypeError(f"config key {key} has unsupported type {kind!r}")
+
+
+def _unknown_key(key: str, source: Source) -> ConfigError:
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    if section in SECTION_KEYS:
+        known = sorted(k.rsplit(".", 1)[1] for k in _SCHEMA if k.startswith(section + ".") and k.count(".") ==
+                       section.count(".") + 1)
+        return ConfigError(f"unknown key {key} (from {source}); [{section}] has: {', '.join(known)}")
+    top = sorted(k for k in _SCHEMA if "." not in k)
+    return ConfigError(f"unknown key {key} (from {source}); sections are: {', '.join(top)}")
+
+
+class _Merger:
+    """Accumulates values by dotted key, remembering the source of each."""
+
+    def __init__(self) -> None:
+        defaults = Config()
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, Source] = {}
+        for key in LEAF_KEYS:
+            value: Any = defaults
+            for part in key.split("."):
+                value = getattr(value, part)
+            self.values[key] = value
+            self.sources[key] = DEFAULT_SOURCE
+
+    def set(self, key: str, raw: Any, source: Source) -> None:
+        kind = LEAF_KEYS.get(key)
+        if kind is None:
+            if key in SECTION_KEYS:
+                raise ConfigError(f"{key} is a section, not a value (from {source}); set one of its keys")
+            raise _unknown_key(key, source)
+        self.values[key] = _coerce(key, raw, kind, source)
+        self.sources[key] = source
+
+    def merge_table(self, table: Mapping[str, Any], source: Source, prefix: str = "") -> None:
+        for name, raw in table.items():
+            key = prefix + name
+            if key in SECTION_KEYS:
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"{key} must be a table, got {_describe(raw)} (from {source})")
+                self.merge_table(raw, source, key + ".")
+            elif isinstance(raw, dict):
+                known = ", ".join(sorted(SECTION_KEYS))
+                raise ConfigError(f"unknown section [{key}] (from {source}); sections are: {known}")
+            else:
+                self.set(key, raw, source)
+
+    def build(self, cls: type = Config, prefix: str = "") -> Any:
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for f in fields(cls):
+            kind = hints[f.name]
+            key = prefix + f.name
+            kwargs[f.name] = self.build(kind, key + ".") if is_dataclass(kind) else self.values[key]
+        return cls(**kwargs)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str, Source]]:
+    """(dotted key, text, source) for every `TIDEGATE_<SECTION>__<KEY>` variable, sorted by variable name."""
+    out = []
+    top_sections = sorted(k for k in SECTION_KEYS if "." not in k)
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        rest = name[len(ENV_PREFIX):]
+        source = Source("env", name)
+        if "__" not in rest:
+            # Not ours unless it looks like a config key missing the double underscore: catch that typo.
+            for section in top_sections:
+                if rest.lower().startswith(section + "_"):
+                    raise ConfigError(f"unknown setting {name} (from env); nested keys are separated by a double "
+                                      f"underscore, e.g. TIDEGATE_STORAGE__FLUSH")
+            continue
+        key = ".".join(part.lower() for part in rest.split("__"))
+        out.append((key, environ[name], source))
+    return out
+
+
+def _check_choice(values: dict[str, Any], sources: dict[str, Source], key: str, choices: Sequence[str]) -> None:
+    value = values[key]
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {json.dumps(value)} (from {sources[key]})")
+
+
+def _check_min(values: dict[str, Any], sources: dict[str, Source], key: str, minimum: int) -> None:
+    if values[key] < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, got {values[key]} (from {sources[key]})")
+
+
+def _validate(merger: _Merger) -> None:
+    values, sources = merger.values, merger.sources
+    # Case of words like "ASYNC" or "INFO" is not meaningful to users; normalise before checking.
+    for key in ("storage.flush", "broker.new_group_start", "log.level"):
+        values[key] = values[key].strip().lower()
+    _check_choice(values, sources, "storage.flush", FLUSH_MODES)
+    _check_choice(values, sources, "broker.new_group_start", GROUP_START_POSITIONS)
+    _check_choice(values, sources, "log.level", LOG_LEVELS)
+    if not values["broker.data_dir"].strip():
+        raise ConfigError(f"broker.data_dir must not be empty (from {sources['broker.data_dir']})")
+    for key, minimum in (
+        ("broker.default_queues", 1),
+        ("broker.max_message_bytes", 1),
+        ("broker.invisible_ms", 1),
+        ("broker.max_attempts", 1),
+        ("storage.flush_interval_ms", 1),
+        ("storage.segment_bytes", 4096),
+        ("storage.index_entries_per_file", 1),
+        ("storage.retention_hours", 0),
+        ("storage.retention_bytes", 0),
+        ("storage.retention_check_s", 1),
+    ):
+        _check_min(values, sources, key, minimum)
+    if values["broker.max_message_bytes"] >= values["storage.segment_bytes"]:
+        # A record never spans segments, so the largest message must fit in one with room for its header.
+        raise ConfigError(
+            f"broker.max_message_bytes ({values['broker.max_message_bytes']}, from "
+            f"{sources['broker.max_message_bytes']}) must be smaller than storage.segment_bytes "
+            f"({values['storage.segment_bytes']}, from {sources['storage.segment_bytes']})")
+    port_keys = [k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith("port")]
+    for key in port_keys:
+        if not 0 <= values[key] <= 65535:
+            raise ConfigError(f"{key} must be a port number 0-65535, got {values[key]} (from {sources[key]})")
+    for key in (k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith(".host")):
+        if not values[key].strip():
+            raise ConfigError(f"{key} must not be empty (from {sources[key]})")
+    _validate_tls(values, sources)
+    _validate_distinct_ports(values, sources)
+
+
+def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    cert, key = values["tls.cert_file"], values["tls.key_file"]
+    if bool(cert) != bool(key):
+        given, missing = ("tls.cert_file", "tls.key_file") if cert else ("tls.key_file", "tls.cert_file")
+        raise ConfigError(f"{given} is set (from {sources[given]}) but {missing} is empty; set both or neither")
+    for flag in ("listeners.mqtt.tls_enabled", "listeners.mqtt.wss_enabled", "listeners.amqp.tls_enabled"):
+        section = flag.rsplit(".", 1)[0]
+        if values[section + ".enabled"] and values[flag] and not cert:
+            raise ConfigError(f"{flag} is true (from {sources[flag]}) but tls.cert_file and tls.key_file are empty")
+
+
+def enabled_ports(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(port key, host key) of every port a config with these values would bind."""
+    out = []
+    for name in ("native", "admin", "mqtt", "amqp"):
+        section = f"listeners.{name}"
+        if not values[f"{section}.enabled"]:
+            continue
+        out.append((f"{section}.port", f"{section}.host"))
+        for variant in ("ws", "tls", "wss"):
+            if values.get(f"{section}.{variant}_enabled"):
+                out.append((f"{section}.{variant}_port", f"{section}.host"))
+    return out
+
+
+def _validate_distinct_ports(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for port_key, host_key in enabled_ports(values):
+        port = values[port_key]
+        if port == 0:
+            continue
+        where = (values[host_key], port)
+        if where in seen:
+            raise ConfigError(f"{port_key} {port} (from {sources[port_key]}) is also used by {seen[where]}")
+        seen[where] = port_key
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[CliOverride] = (),
+) -> LoadedConfig:
+    """Merge defaults < `config_file` < `environ` < `overrides` and validate the result.
+
+    `environ` defaults to no environment (callers pass `os.environ` explicitly) so that library use and tests
+    never pick up a stray variable. `TIDEGATE_CONFIG` in `environ` names the file when `config_file` is None.
+    """
+    environ = environ or {}
+    merger = _Merger()
+    path: Path | None = None
+    if config_file is None and environ.get(ENV_CONFIG_FILE):
+        config_file = environ[ENV_CONFIG_FILE]
+    if config_file is not None:
+        path = Path(config_file)
+        merger.merge_table(read_config_file(path), Source("file", str(path)))
+    for key, text, source in env_overrides(environ):
+        merger.set(key, text, source)
+    for override in overrides:
+        merger.set(override.key, override.value, Source("cli", override.option))
+    _validate(merger)
+    return LoadedConfig(config=merger.build(), sources=dict(merger.sources), config_file=path)
+
+
+def parse_set_option(text: str) -> CliOverride:
+    """Parse the argument of `--set key=value`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, e.g. --set storage.flush=async; got {json.dumps(text)}")
+    return CliOverride(key.strip(), value, f"--set {text}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # JSON string escapes (\" \\ \n \uXXXX) are all valid in TOML basic strings.
+    return json.dumps(value)
+
+
+def render_toml(loaded: LoadedConfig, with_sources: bool = True) -> str:
+    """The effective config as TOML that `tomllib` reads back, each value commented with its source."""
+    lines: list[str] = []
+
+    def emit(section_cls: Any, section_value: Any, prefix: str) -> None:
+        leaves = [f for f in fields(section_cls) if not is_dataclass(getattr(section_value, f.name))]
+        subsections = [f for f in fields(section_cls) if is_dataclass(getattr(section_value, f.name))]
+        if leaves:
+            if lines:
+                lines.append("")
+            lines.append(f"[{prefix}]")
+            width = max(len(f.name) for f in leaves)
+            for f in leaves:
+                key = f"{prefix}.{f.name}"
+                text = f"{f.name.ljust(width)} = {_toml_value(getattr(section_value, f.name))}"
+                if with_sources:
+                    text = f"{text}  # {loaded.sources[key]}"
+                lines.append(text)
+        for f in subsections:
+            value = getattr(section_value, f.name)
+            emit(type(value), value, f"{prefix}.{f.name}")
+
+    for f in fields(Config):
+        value = getattr(loaded.config, f.name)
+        emit(type(value), value, f.name)
+    return "\n".join(lines) + "\n"
+
+
+def render_json(loaded: LoadedConfig, with_sources: bool = False) -> str:
+    if with_sources:
+        payload: dict[str, Any] = {
+            "config": loaded.config.to_dict(),
+            "sources": {key: str(source) for key, source in sorted(loaded.sources.items())},
+        }
+    else:
+        payload = loaded.config.to_dict()
+    return json.dumps(payload, indent=2, sort_keys=False) + "\n"

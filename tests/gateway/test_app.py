@@ -1,0 +1,243 @@
+"""TidegateProcess wiring with recorded stand-ins for the stores, broker and protocol factories.
+
+These check what gateway/app.py itself decides: start-up order, readiness, listeners.json, optional adapters,
+retention, and what shutdown closes. The real stores and broker are exercised by test_process.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from tidegate.gateway.config import Config, ListenersSection, MqttListener, load_config, parse_set_option
+
+try:
+    from tidegate.gateway import app
+except ModuleNotFoundError:  # a core module app.py wires is not written yet; requires_core skips these tests
+    app = None
+
+pytestmark = pytest.mark.requires_core
+
+
+class RecordingStore:
+    def __init__(self) -> None:
+        self.retention_calls: list[tuple[int, int, int]] = []
+        self.closed = False
+        self.recovery = None
+        self.end_offset = 0
+        self.durable_offset = 0
+
+    def enforce_retention(self, now_ms: int, max_age_ms: int, max_bytes: int) -> int:
+        self.retention_calls.append((now_ms, max_age_ms, max_bytes))
+        return 0
+
+    def sync(self) -> int:
+        return self.durable_offset
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingMetadata:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingBroker:
+    instances: list[RecordingBroker] = []
+
+    def __init__(self, store: Any, metadata: Any, clock: Any, durability: Any, config: Any) -> None:
+        self.args = (store, metadata, clock, durability, config)
+        self.closed = False
+        RecordingBroker.instances.append(self)
+
+    def list_groups(self) -> list:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingFactory:
+    def __init__(self, broker: Any, clock: Any, **kwargs: Any) -> None:
+        self.broker, self.clock, self.kwargs = broker, clock, kwargs
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    store, metadata = RecordingStore(), RecordingMetadata()
+    RecordingBroker.instances = []
+    monkeypatch.setattr(app, "open_message_store", lambda config, data_dir: store)
+    monkeypatch.setattr(app, "open_metadata_store", lambda data_dir: metadata)
+    monkeypatch.setattr(app, "Broker", RecordingBroker)
+    monkeypatch.setattr(app, "NativeServerFactory", RecordingFactory)
+    monkeypatch.setattr(app, "OPTIONAL_ADAPTERS", {"mqtt": ("tidegate_test_absent.mqtt", "MqttServerFactory"),
+                                                   "amqp": ("tidegate_test_absent.amqp", "AmqpServerFactory")})
+    return {"store": store, "metadata": metadata}
+
+
+def make_config(tmp_path: Path, *settings: str) -> Config:
+    overrides = [parse_set_option(f"broker.data_dir={tmp_path / 'data'}")] + [parse_set_option(s) for s in settings]
+    return load_config(overrides=overrides).config
+
+
+def started_process(config: Config) -> tuple[Any, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    process = app.TidegateProcess(config, reactor)
+    process.startService()
+    assert process.started is not None and process.started.called
+    process.started.addErrback(lambda failure: pytest.fail(f"start-up failed: {failure.getTraceback()}"))
+    return process, reactor
+
+
+def test_start_binds_admin_then_native_and_writes_listeners_file(tmp_path: Path, stand_ins) -> None:
+    config = make_config(tmp_path, "listeners.native.port=0", "listeners.admin.port=0")
+    process, reactor = started_process(config)
+    try:
+        assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [(0, "127.0.0.1"),
+                                                                                    (0, "127.0.0.1")]
+        assert reactor.tcpServers[1][1].__class__ is RecordingFactory
+        listeners = app.read_listeners_file(tmp_path / "data")
+        assert listeners == process.addresses
+        assert set(listeners) == {"admin", "native"}
+        assert process.readiness.ready
+    finally:
+        process.stopService()
+
+
+def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_path: Path, stand_ins) -> None:
+    config = make_config(tmp_path, "broker.max_message_bytes=1000")
+    process, reactor = started_process(config)
+    try:
+        factory = reactor.tcpServers[1][1]
+        assert factory.broker is RecordingBroker.instances[0]
+        assert factory.clock is reactor
+        assert factory.kwargs == {"max_frame": 2000, "metrics": process.metrics}
+        store, metadata, clock, durability, broker_config = RecordingBroker.instances[0].args
+        assert (store, metadata, clock) == (stand_ins["store"], stand_ins["metadata"], reactor)
+        assert durability.mode == "sync" and durability.metrics is process.metrics
+        assert broker_config.max_body == 1000
+        assert broker_config.retention_ms == 72 * 3_600_000
+    finally:
+        process.stopService()
+
+
+def test_async_flush_mode_and_interval_reach_durability(tmp_path: Path, stand_ins) -> None:
+    process, _ = started_process(make_config(tmp_path, "storage.flush=async", "storage.flush_interval_ms=7"))
+    try:
+        durability = RecordingBroker.instances[0].args[3]
+        assert (durability.mode, durability.interval_ms) == ("async", 7)
+    finally:
+        process.stopService()
+
+
+def test_absent_protocol_adapters_are_skipped_with_one_log_line(tmp_path: Path, stand_ins, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tidegate.app")
+    process, _ = started_process(make_config(tmp_path))
+    try:
+        skipped = [r.getMessage() for r in caplog.records if "listener skipped" in r.getMessage()]
+        assert skipped == ["mqtt listener skipped: tidegate_test_absent.mqtt is not part of this build yet",
+                           "amqp listener skipped: tidegate_test_absent.amqp is not part of this build yet"]
+        assert "mqtt" not in process.addresses and "amqp" not in process.addresses
+    finally:
+        process.stopService()
+
+
+def test_an_installed_protocol_adapter_is_listened_with(tmp_path: Path, stand_ins, monkeypatch) -> None:
+    module_dir = tmp_path / "modules"
+    module_dir.mkdir()
+    (module_dir / "tidegate_test_mqtt_server.py").write_text(
+        "class MqttServerFactory:\n"
+        "    def __init__(self, broker, clock, *, metrics):\n"
+        "        self.broker, self.clock, self.metrics = broker, clock, metrics\n")
+    monkeypatch.syspath_prepend(str(module_dir))
+    monkeypatch.setattr(app, "OPTIONAL_ADAPTERS", {"mqtt": ("tidegate_test_mqtt_server", "MqttServerFactory"),
+                                                   "amqp": ("tidegate_test_absent.amqp", "AmqpServerFactory")})
+    config = make_config(tmp_path, "listeners.mqtt.port=0")
+    process, reactor = started_process(config)
+    try:
+        mqtt_factory = reactor.tcpServers[2][1]
+        assert type(mqtt_factory).__name__ == "MqttServerFactory"
+        assert mqtt_factory.metrics is process.metrics
+        assert "mqtt" in app.read_listeners_file(tmp_path / "data")
+    finally:
+        process.stopService()
+
+
+def test_disabled_listeners_are_not_bound(tmp_path: Path, stand_ins) -> None:
+    config = make_config(tmp_path, "listeners.admin.enabled=false", "listeners.native.enabled=false")
+    config = replace(config, listeners=replace(config.listeners, mqtt=MqttListener(enabled=False)))
+    assert isinstance(config.listeners, ListenersSection)
+    process, reactor = started_process(config)
+    try:
+        assert reactor.tcpServers == []
+        assert app.read_listeners_file(tmp_path / "data") == {}
+    finally:
+        process.stopService()
+
+
+def test_retention_runs_at_start_and_every_check_interval(tmp_path: Path, stand_ins) -> None:
+    config = make_config(tmp_path, "storage.retention_hours=2", "storage.retention_bytes=5000",
+                         "storage.retention_check_s=30")
+    process, reactor = started_process(config)
+    try:
+        calls = stand_ins["store"].retention_calls
+        assert len(calls) == 1
+        reactor.advance(30)
+        assert len(calls) == 2
+        assert calls[1] == (int(reactor.seconds() * 1000), 2 * 3_600_000, 5000)
+    finally:
+        process.stopService()
+    reactor.advance(30)
+    assert len(calls) == 2, "retention must stop with the process"
+
+
+def test_stop_closes_broker_unbinds_and_removes_listeners_file(tmp_path: Path, stand_ins) -> None:
+    process, reactor = started_process(make_config(tmp_path))
+    stopped = process.stopService()
+    assert stopped.called
+    assert RecordingBroker.instances[0].closed
+    assert not process.readiness.ready
+    assert not (tmp_path / "data" / app.LISTENERS_FILE).exists()
+    assert not process._pool.started
+
+
+def test_failed_start_is_reported_and_stop_closes_the_opened_stores(tmp_path: Path, stand_ins,
+                                                                     monkeypatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("broker refused to start")
+
+    monkeypatch.setattr(app, "Broker", refuse)
+    process = app.TidegateProcess(make_config(tmp_path), MemoryReactorClock())
+    process.startService()
+    failures: list[str] = []
+    process.started.addErrback(lambda failure: failures.append(failure.getErrorMessage()))
+    assert failures == ["broker refused to start"]
+    assert process.stopService().called
+    assert stand_ins["store"].closed and stand_ins["metadata"].closed
+    assert not (tmp_path / "data" / app.LISTENERS_FILE).exists()
+
+
+def test_stale_listeners_file_from_a_crashed_run_is_removed_before_binding(tmp_path: Path, stand_ins,
+                                                                            monkeypatch) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / app.LISTENERS_FILE).write_text(json.dumps({"native": "127.0.0.1:1"}))
+    monkeypatch.setattr(app, "Broker", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    process = app.TidegateProcess(make_config(tmp_path), MemoryReactorClock())
+    process.startService()
+    process.started.addErrback(lambda failure: None)
+    assert not (data_dir / app.LISTENERS_FILE).exists()
+    process.stopService()
