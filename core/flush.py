@@ -45,6 +45,7 @@ class Durability:
         self._periodic = None
         self._listeners: list[Callable[[int], None]] = []
         self._closed = False
+        self._idle_waiters: list[Any] = []
         self.failed: BaseException | None = None
         if mode == "async":
             self._periodic = self.clock.callLater(interval_ms / 1000.0, self._periodic_flush)
@@ -89,9 +90,25 @@ class Durability:
         d = self._run_in_thread(self.store.sync)
         d.addCallbacks(self._flush_done, self._flush_failed_failure, callbackArgs=(started,))
 
+    def idle(self) -> Any:
+        """A Deferred that fires once no fsync is running in a thread (shutdown waits for it before close())."""
+        from twisted.internet.defer import Deferred, succeed
+
+        if not self._flushing:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def _now_idle(self) -> None:
+        self._flushing = False
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
     def _flush_done(self, durable: int, started: float) -> None:
         self.metrics.fsync_latency.observe(time.perf_counter() - started)
-        self._flushing = False
+        self._now_idle()
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:
             _, _, callback = heapq.heappop(waiters)
@@ -107,7 +124,7 @@ class Durability:
     def _flush_failed(self, exc: BaseException) -> None:
         # An fsync failure means we can no longer promise durability: keep the waiters unacknowledged
         # (clients time out and retry) and retry the fsync shortly rather than acknowledging data in doubt.
-        self._flushing = False
+        self._now_idle()
         self.failed = exc
         log.error("fsync failed: %s; acknowledgements are held until a flush succeeds", exc)
         if not self._closed:
@@ -121,11 +138,15 @@ class Durability:
             started = time.perf_counter()
             if self._run_in_thread is None:
                 self._flush_done(self.store.sync(), started)
-            else:
+            elif not self._flushing:
+                self._flushing = True
                 d = self._run_in_thread(self.store.sync)
-                d.addCallbacks(lambda durable: self.metrics.fsync_latency.observe(time.perf_counter() - started),
-                               lambda f: log.error("periodic fsync failed: %s", f.value))
+                d.addCallbacks(self._flush_done, self._periodic_failed, callbackArgs=(started,))
         self._periodic = self.clock.callLater(self.interval_ms / 1000.0, self._periodic_flush)
+
+    def _periodic_failed(self, failure: Any) -> None:
+        self._now_idle()
+        log.error("periodic fsync failed: %s", failure.value)
 
     def close(self) -> None:
         """Stop timers and fsync synchronously (shutdown path), releasing every waiter."""

@@ -36,6 +36,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from tidegate.adapters.native.server import NativeServerFactory
 from tidegate.core.broker import Broker, BrokerConfig
@@ -47,6 +49,7 @@ from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, build_admin_site
 from tidegate.gateway.config import Config
 from tidegate.gateway.metrics import TidegateCollector, build_registry
+from tidegate.gateway.tls import server_tls_options
 
 log = logging.getLogger("tidegate.app")
 
@@ -55,6 +58,8 @@ LISTENERS_FILE = "listeners.json"
 NATIVE_FRAME_TO_BODY_RATIO = 2
 # Durability never runs two fsyncs at once (group commit batches behind the running one): one thread is enough.
 FLUSH_POOL_THREADS = 1
+
+INDEX_FLUSH_S = 1.0
 
 OPTIONAL_ADAPTERS = {
     "mqtt": ("tidegate.adapters.mqtt.server", "MqttServerFactory"),
@@ -89,6 +94,29 @@ def broker_config(config: Config) -> BrokerConfig:
         max_attempts=config.broker.max_attempts,
         retention_ms=retention_hours * 3_600_000,  # 0 = no age limit, as in the store
         retention_bytes=config.storage.retention_bytes,
+    )
+
+
+def mqtt_settings(section: Any) -> Any:
+    """MqttSettings from the `[listeners.mqtt]` section (the adapter validates the values)."""
+    from tidegate.adapters.mqtt.settings import MqttSettings
+
+    return MqttSettings(
+        receive_maximum=section.receive_maximum,
+        max_packet_size=section.max_packet_size,
+        topic_alias_maximum=section.topic_alias_maximum,
+        server_keep_alive=section.server_keep_alive or None,
+        max_keep_alive=section.max_keep_alive,
+        maximum_qos=section.maximum_qos,
+        retain_available=section.retain_available,
+        wildcard_subscription_available=section.wildcard_subscription_available,
+        shared_subscription_available=section.shared_subscription_available,
+        session_expiry_max=section.session_expiry_max,
+        persistent_session_expiry=section.persistent_session_expiry,
+        max_inflight=section.max_inflight,
+        max_queued_messages=section.max_queued_messages,
+        allow_empty_client_id=section.allow_empty_client_id,
+        sys_interval=float(section.sys_interval_s),
     )
 
 
@@ -133,6 +161,9 @@ class TidegateProcess(Service):
         self._admin_port: IListeningPort | None = None
         self._protocol_ports: dict[str, IListeningPort] = {}
         self._retention: LoopingCall | None = None
+        self._index_flush: LoopingCall | None = None
+        self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
+        self._tls: Any = None
         self._pool = ThreadPool(minthreads=1, maxthreads=FLUSH_POOL_THREADS, name="tidegate-flush")
         self.collector = TidegateCollector(
             self.metrics,
@@ -192,9 +223,10 @@ class TidegateProcess(Service):
                 metrics=self.metrics,
             )
             self._listen("native", factory, listeners.native.host, listeners.native.port)
-        for name, section in (("mqtt", listeners.mqtt), ("amqp", listeners.amqp)):
-            if section.enabled:
-                self._start_optional_adapter(name, section.host, section.port)
+        if listeners.mqtt.enabled:
+            self._start_mqtt(listeners.mqtt)
+        if listeners.amqp.enabled:
+            self._start_optional_adapter("amqp", listeners.amqp.host, listeners.amqp.port)
 
         _write_atomically(listeners_file, json.dumps(self.addresses, indent=2, sort_keys=True) + "\n")
         for name, address in sorted(self.addresses.items()):
@@ -205,6 +237,12 @@ class TidegateProcess(Service):
         self._retention.clock = self.reactor
         self._retention.start(self.config.storage.retention_check_s, now=True).addErrback(
             lambda failure: log.error("retention task stopped: %s", failure.getErrorMessage()))
+        # Queue-index entries are buffered in memory (rebuildable from the log); write them out regularly so a
+        # crash has little to re-dispatch and the checkpoint keeps moving.
+        self._index_flush = LoopingCall(self.store.flush_indexes)
+        self._index_flush.clock = self.reactor
+        self._index_flush.start(INDEX_FLUSH_S, now=False).addErrback(
+            lambda failure: log.error("index flush task stopped: %s", failure.getErrorMessage()))
         log.info("tidegate is ready (data_dir=%s, flush=%s)", self.data_dir, self.config.storage.flush)
 
     async def _stop(self) -> None:
@@ -217,6 +255,12 @@ class TidegateProcess(Service):
             self._retention.stop()
         await DeferredList([maybeDeferred(port.stopListening) for port in self._protocol_ports.values()])
         self._protocol_ports.clear()
+        if self._index_flush is not None and self._index_flush.running:
+            self._index_flush.stop()
+        for stoppable in self._stoppables:
+            stoppable.stop()
+        if self.durability is not None:
+            await self.durability.idle()  # the store must not close under an fsync running in the pool
         try:
             if self.broker is not None:
                 self.broker.close()
@@ -236,6 +280,12 @@ class TidegateProcess(Service):
         log.info("tidegate stopped")
 
     # --- pieces
+    def _tls_options(self) -> Any:
+        if self._tls is None:
+            tls = self.config.tls
+            self._tls = server_tls_options(tls.cert_file, tls.key_file, tls.ca_file or None)
+        return self._tls
+
     def run_in_thread(self, fn: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, fn)
 
@@ -248,10 +298,35 @@ class TidegateProcess(Service):
         if deleted:
             log.info("retention deleted %d commit-log segment(s)", deleted)
 
-    def _listen(self, name: str, factory: Any, host: str, port: int) -> None:
-        listening = self.reactor.listenTCP(port, factory, interface=host)
+    def _listen(self, name: str, factory: Any, host: str, port: int, tls: bool = False) -> None:
+        factory.noisy = False  # one "listening" line per listener is ours; no per-connection factory chatter
+        if tls:
+            listening = self.reactor.listenSSL(port, factory, self._tls_options(), interface=host)
+        else:
+            listening = self.reactor.listenTCP(port, factory, interface=host)
         self._protocol_ports[name] = listening
         self.addresses[name] = format_address(listening)
+
+    def _start_mqtt(self, section: Any) -> None:
+        from tidegate.adapters.mqtt.server import MqttServerFactory
+        from tidegate.adapters.mqtt.websocket import websocket_resource
+
+        factory = MqttServerFactory(self.broker, self.reactor, mqtt_settings(section))
+        self._stoppables.append(factory)
+        self._listen("mqtt", factory, section.host, section.port)
+        site = None
+        if section.ws_enabled or section.wss_enabled:
+            root = Resource()
+            root.putChild(section.ws_path.strip("/").encode(),
+                          websocket_resource(factory, f"ws://{section.host}{section.ws_path}", self.reactor))
+            site = Site(root)
+            site.noisy = False
+        if section.ws_enabled:
+            self._listen("mqtt_ws", site, section.host, section.ws_port)
+        if section.tls_enabled:
+            self._listen("mqtt_tls", factory, section.host, section.tls_port, tls=True)
+        if section.wss_enabled:
+            self._listen("mqtt_wss", site, section.host, section.wss_port, tls=True)
 
     def _start_optional_adapter(self, name: str, host: str, port: int) -> None:
         module_name, factory_name = OPTIONAL_ADAPTERS[name]

@@ -82,6 +82,22 @@ class MqttListener:
     tls_port: int = 8883
     wss_enabled: bool = False
     wss_port: int = 8084
+    # MQTT limits, advertised in CONNACK (v5) and enforced for every version; see docs/mqtt.md
+    receive_maximum: int = 32
+    max_packet_size: int = 1024 * 1024
+    topic_alias_maximum: int = 16
+    server_keep_alive: int = 0  # 0 = accept the client's keep alive (capped by max_keep_alive)
+    max_keep_alive: int = 3600
+    maximum_qos: int = 2
+    retain_available: bool = True
+    wildcard_subscription_available: bool = True
+    shared_subscription_available: bool = True
+    session_expiry_max: int = 7 * 24 * 3600
+    persistent_session_expiry: int = 7 * 24 * 3600
+    max_inflight: int = 1024
+    max_queued_messages: int = 10_000
+    allow_empty_client_id: bool = True
+    sys_interval_s: int = 10
 
 
 @dataclass(slots=True, frozen=True)

@@ -37,6 +37,9 @@ class RecordingStore:
         self.retention_calls.append((now_ms, max_age_ms, max_bytes))
         return 0
 
+    def flush_indexes(self) -> None:
+        pass
+
     def sync(self) -> int:
         return self.durable_offset
 
@@ -71,8 +74,9 @@ class RecordingBroker:
 
 
 class RecordingFactory:
-    def __init__(self, broker: Any, clock: Any, **kwargs: Any) -> None:
+    def __init__(self, broker: Any, clock: Any, *args: Any, **kwargs: Any) -> None:
         self.broker, self.clock, self.kwargs = broker, clock, kwargs
+        self.settings = args[0] if args else kwargs.get("settings")
 
 
 @pytest.fixture
@@ -89,7 +93,9 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def make_config(tmp_path: Path, *settings: str) -> Config:
-    overrides = [parse_set_option(f"broker.data_dir={tmp_path / 'data'}")] + [parse_set_option(s) for s in settings]
+    # The MQTT adapter is built in; these tests are about the process skeleton with stand-in core pieces.
+    base = [f"broker.data_dir={tmp_path / 'data'}", "listeners.mqtt.enabled=false"]
+    overrides = [parse_set_option(s) for s in (*base, *settings)]
     return load_config(overrides=overrides).config
 
 
@@ -148,32 +154,34 @@ def test_absent_protocol_adapters_are_skipped_with_one_log_line(tmp_path: Path, 
     process, _ = started_process(make_config(tmp_path))
     try:
         skipped = [r.getMessage() for r in caplog.records if "listener skipped" in r.getMessage()]
-        assert skipped == ["mqtt listener skipped: tidegate_test_absent.mqtt is not part of this build yet",
-                           "amqp listener skipped: tidegate_test_absent.amqp is not part of this build yet"]
-        assert "mqtt" not in process.addresses and "amqp" not in process.addresses
+        assert skipped == ["amqp listener skipped: tidegate_test_absent.amqp is not part of this build yet"]
+        assert "amqp" not in process.addresses
     finally:
         process.stopService()
 
 
-def test_an_installed_protocol_adapter_is_listened_with(tmp_path: Path, stand_ins, monkeypatch) -> None:
-    module_dir = tmp_path / "modules"
-    module_dir.mkdir()
-    (module_dir / "tidegate_test_mqtt_server.py").write_text(
-        "class MqttServerFactory:\n"
-        "    def __init__(self, broker, clock, *, metrics):\n"
-        "        self.broker, self.clock, self.metrics = broker, clock, metrics\n")
-    monkeypatch.syspath_prepend(str(module_dir))
-    monkeypatch.setattr(app, "OPTIONAL_ADAPTERS", {"mqtt": ("tidegate_test_mqtt_server", "MqttServerFactory"),
-                                                   "amqp": ("tidegate_test_absent.amqp", "AmqpServerFactory")})
-    config = make_config(tmp_path, "listeners.mqtt.port=0")
+def test_mqtt_tcp_and_websocket_listeners_share_one_factory(tmp_path: Path, stand_ins, monkeypatch) -> None:
+    import tidegate.adapters.mqtt.server as mqtt_server
+
+    class StandInMqttFactory(RecordingFactory):
+        stopped = False
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    monkeypatch.setattr(mqtt_server, "MqttServerFactory", StandInMqttFactory)
+    config = make_config(tmp_path, "listeners.mqtt.enabled=true", "listeners.mqtt.port=0",
+                         "listeners.mqtt.ws_port=0", "listeners.mqtt.receive_maximum=7")
     process, reactor = started_process(config)
     try:
-        mqtt_factory = reactor.tcpServers[2][1]
-        assert type(mqtt_factory).__name__ == "MqttServerFactory"
-        assert mqtt_factory.metrics is process.metrics
-        assert "mqtt" in app.read_listeners_file(tmp_path / "data")
+        bound = {type(factory).__name__ for _, factory, _, _ in reactor.tcpServers}
+        assert {"StandInMqttFactory", "Site"} <= bound
+        mqtt_factory = next(f for _, f, _, _ in reactor.tcpServers if isinstance(f, StandInMqttFactory))
+        assert mqtt_factory.settings.receive_maximum == 7
+        assert {"mqtt", "mqtt_ws"} <= set(app.read_listeners_file(tmp_path / "data"))
     finally:
         process.stopService()
+    assert mqtt_factory.stopped
 
 
 def test_disabled_listeners_are_not_bound(tmp_path: Path, stand_ins) -> None:

@@ -1,0 +1,262 @@
+"""How MQTT names and messages map onto the core model (DESIGN.md section 3).
+
+Topic names: the MQTT topic name `T/a/b` is the core message (topic=T', subject="a/b"), where T' is the first level
+encoded into the core topic alphabet `[A-Za-z0-9_.-]`: every other UTF-8 byte becomes `%HH` (upper-case hex), so
+`%` is `%25`, `$SYS` is `%24SYS`, and an empty first level (names starting with `/`) is `%00` (MQTT forbids U+0000,
+so that spelling is free). The encoding is canonical: decoding accepts exactly the strings `encode_level` produces,
+so two different MQTT names never share a core name, and core topics that are not canonical encodings
+(`%MQTT%...`, `%DLQ%...`, `%RETRY%...`, `%41`) are unreachable from MQTT in both directions.
+
+Known gap: the core cannot tell "no subject" from "empty subject", so a name that is exactly one level followed by
+a single `/` (`T/`) has no core spelling and is rejected as Topic Name invalid (0x90).
+
+Filters: the first level is encoded the same way unless it is `+` or `#`; the core router applies the MQTT `/`, `+`,
+`#` rules. The `$` rule (a filter starting with a wildcard does not match a name starting with `$`) is applied by
+the adapter when it re-matches a delivery against the session's filters, because the core does not know it.
+
+Messages: see `message_from_publish` / `publish_fields_from_message` for the property table.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+from dataclasses import dataclass
+
+from tidegate.core.model import Message, MessageFlag
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_HEX_UPPER = "0123456789ABCDEF"
+EMPTY_LEVEL = "%00"
+MAX_CORE_TOPIC = 127
+MAX_CORE_SUBJECT_BYTES = 4096
+SESSION_TOPIC_PREFIX = "%MQTT%"
+SHARE_TOPIC_PREFIX = "%MQTTSHARE%"
+
+# Properties the adapter owns: stripped from user properties on delivery to MQTT (other protocols see them).
+PROP_CONTENT_TYPE = "content-type"
+PROP_CORRELATION_ID = "correlation-id"
+PROP_REPLY_TO = "reply-to"
+PROP_PAYLOAD_FORMAT = "mqtt-payload-format"
+PROP_CORRELATION_ENCODING = "mqtt-correlation-encoding"  # "base64" when correlation data was not UTF-8
+PROP_PUBLISHER = "mqtt-publisher"  # publishing client id, set only when that client has a No Local subscription
+PROP_RETAIN = "mqtt-retain"  # "1" when published with the RETAIN flag (for Retain As Published)
+ADAPTER_PROPERTIES = frozenset({PROP_CONTENT_TYPE, PROP_CORRELATION_ID, PROP_REPLY_TO, PROP_PAYLOAD_FORMAT,
+                                PROP_CORRELATION_ENCODING, PROP_PUBLISHER, PROP_RETAIN})
+
+
+class UnmappableName(ValueError):
+    """An MQTT name with no core spelling (reported to the client as Topic Name invalid, 0x90)."""
+
+
+def encode_level(level: str) -> str:
+    """The core-topic spelling of one MQTT level (the first level of a name or filter)."""
+    if not level:
+        return EMPTY_LEVEL
+    raw = level.encode("utf-8")
+    if all(b in _SAFE for b in raw):
+        return level
+    out: list[str] = []
+    for b in raw:
+        if b in _SAFE:
+            out.append(chr(b))
+        else:
+            out.append("%" + _HEX_UPPER[b >> 4] + _HEX_UPPER[b & 0xF])
+    return "".join(out)
+
+
+def decode_level(encoded: str) -> str | None:
+    """The MQTT level a core topic name spells, or None if the name is not a canonical encoding (internal topics,
+    hand-made names such as `%41`, or levels MQTT cannot hold)."""
+    if "%" not in encoded:
+        return encoded
+    if encoded == EMPTY_LEVEL:
+        return ""
+    raw = bytearray()
+    i, n = 0, len(encoded)
+    while i < n:
+        ch = encoded[i]
+        if ch == "%":
+            pair = encoded[i + 1:i + 3]
+            if len(pair) != 2 or any(c not in _HEX_UPPER for c in pair):
+                return None
+            raw.append(int(pair, 16))
+            i += 3
+        else:
+            raw.append(ord(ch))
+            i += 1
+    try:
+        level = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "/" in level or "+" in level or "#" in level or "\x00" in level or encode_level(level) != encoded:
+        return None
+    return level
+
+
+def core_address(topic_name: str) -> tuple[str, str]:
+    """(core topic, subject) for an MQTT topic name; raises UnmappableName."""
+    first, sep, subject = topic_name.partition("/")
+    topic = encode_level(first)
+    if len(topic) > MAX_CORE_TOPIC:
+        raise UnmappableName(f"first level of {topic_name!r} is longer than {MAX_CORE_TOPIC} characters once encoded")
+    if sep and not subject:
+        raise UnmappableName(f"topic name {topic_name!r} ends in its second, empty level: it has no core spelling")
+    if len(subject.encode("utf-8")) > MAX_CORE_SUBJECT_BYTES:
+        raise UnmappableName(f"topic name {topic_name!r} is longer than {MAX_CORE_SUBJECT_BYTES} bytes below its "
+                             "first level")
+    return topic, subject
+
+
+def mqtt_topic_name(core_topic: str, subject: str) -> str | None:
+    """The MQTT topic name of a core message, or None if MQTT cannot see it (internal or non-canonical topic)."""
+    first = decode_level(core_topic)
+    if first is None:
+        return None
+    return f"{first}/{subject}" if subject else first
+
+
+def core_pattern(topic_filter: str) -> str:
+    """The core routing pattern of a (non-shared) MQTT topic filter."""
+    first, sep, rest = topic_filter.partition("/")
+    head = first if first in ("+", "#") else encode_level(first)
+    return f"{head}{sep}{rest}"
+
+
+def is_sys_name(topic: str) -> bool:
+    return topic == "$SYS" or topic.startswith("$SYS/")
+
+
+def _bounded_name(prefix: str, encoded: str, original: str) -> str:
+    """`prefix + encoded` when it fits the core's 127 characters, else a prefix of it plus a hash.
+
+    `%%` never occurs in a canonical encoding, so the hashed form cannot equal any short name.
+    """
+    name = prefix + encoded
+    if len(name) <= MAX_CORE_TOPIC:
+        return name
+    digest = hashlib.sha256(original.encode("utf-8")).hexdigest()[:32]
+    return name[: MAX_CORE_TOPIC - len(digest) - 2] + "%%" + digest
+
+
+def session_topic(client_id: str) -> str:
+    """The internal core topic (and consumer group) holding one MQTT session's queue."""
+    return _bounded_name(SESSION_TOPIC_PREFIX, encode_level(client_id) if client_id else EMPTY_LEVEL, client_id)
+
+
+def share_topic(share_name: str, topic_filter: str) -> str:
+    """The internal core topic one `$share/{share_name}/{topic_filter}` subscription is bound to."""
+    digest = hashlib.sha256(f"{share_name}\x00{topic_filter}".encode()).hexdigest()[:40]
+    return SHARE_TOPIC_PREFIX + digest
+
+
+def share_group(share_name: str) -> str:
+    """The core consumer group of a share name (clustering: each message to one member)."""
+    return _bounded_name("", encode_level(share_name), share_name)
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+def message_qos(flags: int) -> int:
+    """The QoS a message carries towards MQTT subscribers (capped later by each subscription's QoS)."""
+    if flags & MessageFlag.TRANSIENT:
+        return 0
+    if flags & MessageFlag.EXACTLY_ONCE:
+        return 2
+    return 1
+
+
+def flags_for_qos(qos: int) -> int:
+    if qos == 0:
+        return MessageFlag.TRANSIENT
+    if qos == 2:
+        return MessageFlag.PERSISTENT | MessageFlag.EXACTLY_ONCE
+    return MessageFlag.PERSISTENT
+
+
+@dataclass(slots=True)
+class PublishFields:
+    """What an MQTT PUBLISH carries besides topic, QoS and flags (MQTT 5 properties; empty for 3.1.1)."""
+
+    payload_format_indicator: int | None = None
+    message_expiry_interval: int | None = None
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+def build_message(topic_name: str, payload: bytes, qos: int, retain: bool, fields: PublishFields, now_ms: int,
+                  publisher: str | None = None) -> Message:
+    """The core message for an MQTT publish; raises UnmappableName.
+
+    User properties become properties; a repeated name keeps its last value (core properties are a map).
+    Correlation data that is not UTF-8 is stored base64-encoded with `mqtt-correlation-encoding=base64`.
+    """
+    topic, subject = core_address(topic_name)
+    props: dict[str, str] = {}
+    for key, value in fields.user_properties:
+        props[key] = value
+    if fields.content_type is not None:
+        props[PROP_CONTENT_TYPE] = fields.content_type
+    if fields.response_topic is not None:
+        props[PROP_REPLY_TO] = fields.response_topic
+    if fields.correlation_data is not None:
+        try:
+            props[PROP_CORRELATION_ID] = fields.correlation_data.decode("utf-8")
+            props.pop(PROP_CORRELATION_ENCODING, None)
+        except UnicodeDecodeError:
+            props[PROP_CORRELATION_ID] = base64.b64encode(fields.correlation_data).decode("ascii")
+            props[PROP_CORRELATION_ENCODING] = "base64"
+    if fields.payload_format_indicator is not None:
+        props[PROP_PAYLOAD_FORMAT] = str(fields.payload_format_indicator)
+    if retain:
+        props[PROP_RETAIN] = "1"
+    if publisher is not None:
+        props[PROP_PUBLISHER] = publisher
+    expires_at = 0
+    if fields.message_expiry_interval is not None:
+        expires_at = now_ms + fields.message_expiry_interval * 1000
+    return Message(topic=topic, subject=subject, body=payload, properties=props, expires_at=expires_at,
+                   flags=flags_for_qos(qos))
+
+
+def publish_fields(message: Message, now_ms: int) -> PublishFields | None:
+    """The MQTT 5 fields of a core message, or None if it has expired.
+
+    The Message Expiry Interval is the remaining lifetime, rounded up so a message still alive is never sent
+    with interval 0 (which would mean "does not expire").
+    """
+    fields = PublishFields()
+    if message.expires_at:
+        remaining_ms = message.expires_at - now_ms
+        if remaining_ms <= 0:
+            return None
+        fields.message_expiry_interval = min(0xFFFFFFFF, math.ceil(remaining_ms / 1000))
+    props = message.properties
+    if not props:
+        return fields
+    user: list[tuple[str, str]] = []
+    for key, value in props.items():
+        if key in ADAPTER_PROPERTIES:
+            continue
+        user.append((key, value))
+    fields.user_properties = tuple(user)
+    fields.content_type = props.get(PROP_CONTENT_TYPE)
+    fields.response_topic = props.get(PROP_REPLY_TO)
+    correlation = props.get(PROP_CORRELATION_ID)
+    if correlation is not None:
+        if props.get(PROP_CORRELATION_ENCODING) == "base64":
+            try:
+                fields.correlation_data = base64.b64decode(correlation, validate=True)
+            except (binascii.Error, ValueError):
+                fields.correlation_data = correlation.encode("utf-8")
+        else:
+            fields.correlation_data = correlation.encode("utf-8")
+    indicator = props.get(PROP_PAYLOAD_FORMAT)
+    if indicator in ("0", "1"):
+        fields.payload_format_indicator = int(indicator)
+    return fields

@@ -1,0 +1,346 @@
+"""MQTT sessions on core primitives.
+
+A session is an internal core topic `%MQTT%<client id>` with one queue, consumed by the core group of the same
+name in per-message ack mode. Every subscription filter is a core binding of that queue, so a publish from any
+protocol adds one index entry to each matching session. What the core does not know (subscription options,
+protocol level, expiry, QoS 2 packet ids) is kept as one JSON row per session in the metadata namespace
+`mqtt.sessions`; bindings and the queue are core-durable, so subscriptions and queued messages survive a restart.
+
+A shared subscription `$share/G/f` is an internal topic `%MQTTSHARE%<hash(G, f)>` bound to `f` and consumed in
+core group `G` (clustering) by every member session; membership is kept in namespace `mqtt.shares` so the topic
+is removed when its last member leaves.
+
+Expiry: a session whose connection is gone is removed after its expiry interval (a clock timer); on startup,
+sessions whose expiry passed while the broker was down are removed, as are session topics without a row
+(left behind by a crash).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tidegate.core.errors import TidegateError
+from tidegate.core.model import QueueRef
+
+from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
+from .mapping import share_topic as make_share_topic
+from .settings import MqttSettings
+
+if TYPE_CHECKING:
+    from .codec import Will
+
+log = logging.getLogger("tidegate.mqtt")
+
+SESSIONS_NS = "mqtt.sessions"
+SHARES_NS = "mqtt.shares"
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class SubscriptionEntry:
+    """One subscription of a session with its MQTT options; `share` is (share name, inner filter)."""
+
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    identifier: int | None = None
+    share: tuple[str, str] | None = None
+
+    @property
+    def match_filter(self) -> str:
+        return self.share[1] if self.share else self.topic_filter
+
+    @property
+    def share_topic(self) -> str | None:
+        return make_share_topic(*self.share) if self.share else None
+
+    def to_row(self) -> list[Any]:
+        return [self.topic_filter, self.qos, self.no_local, self.retain_as_published, self.retain_handling,
+                self.identifier, list(self.share) if self.share else None]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> SubscriptionEntry:
+        topic_filter, qos, no_local, rap, rh, identifier, share = row
+        return cls(topic_filter, int(qos), bool(no_local), bool(rap), int(rh), identifier,
+                   (share[0], share[1]) if share else None)
+
+
+@dataclass(slots=True)
+class PendingWill:
+    will: Will
+    protocol_level: int
+    call: Any = None  # DelayedCall of a delayed will
+
+
+@dataclass(slots=True)
+class Session:
+    client_id: str
+    topic: str  # the internal core topic, also the core group name
+    protocol_level: int
+    expiry_interval: int  # seconds after disconnect; 0 = ends with the connection
+    subscriptions: dict[str, SubscriptionEntry] = field(default_factory=dict)
+    inbound_qos2: set[int] = field(default_factory=set)  # PUBLISH ids received, PUBREL not yet
+    released: dict[int, str] = field(default_factory=dict)  # PUBREL sent, PUBCOMP not yet: id -> queue topic
+    # (queue topic, queue offset) -> packet id of QoS 1/2 messages sent and not acknowledged; in memory only,
+    # so a resumed connection redelivers with the original packet id (MQTT-4.4.0-1).
+    sent: dict[tuple[str, int], int] = field(default_factory=dict)
+    sent_ids: set[int] = field(default_factory=set)  # the values of `sent`, to keep those ids reserved
+    connection: Any = None
+    disconnected_at: int = 0  # ms; 0 while connected
+    expiry_call: Any = None
+    pending_will: PendingWill | None = None
+
+    @property
+    def queue(self) -> QueueRef:
+        return QueueRef(self.topic, 0)
+
+    @property
+    def has_no_local(self) -> bool:
+        return any(s.no_local for s in self.subscriptions.values())
+
+    def to_row(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
+                "expiry": self.expiry_interval, "subs": [s.to_row() for s in self.subscriptions.values()],
+                "inbound_qos2": sorted(self.inbound_qos2),
+                "released": [[pid, topic] for pid, topic in sorted(self.released.items())],
+                "disconnected_at": self.disconnected_at}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Session:
+        session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
+        for sub in row.get("subs", []):
+            entry = SubscriptionEntry.from_row(sub)
+            session.subscriptions[entry.topic_filter] = entry
+        session.inbound_qos2 = {int(pid) for pid in row.get("inbound_qos2", [])}
+        session.released = {int(pid): topic for pid, topic in row.get("released", [])}
+        session.disconnected_at = int(row.get("disconnected_at") or 0)
+        return session
+
+
+class SessionManager:
+    """Owns every session of one broker: creation, persistence, core bindings, shares and expiry."""
+
+    def __init__(self, broker: Any, clock: Any, settings: MqttSettings,
+                 publish_will: Callable[[Session, PendingWill], None]) -> None:
+        self.broker = broker
+        self.meta = broker.meta
+        self.clock = clock
+        self.settings = settings
+        self._publish_will = publish_will
+        self.sessions: dict[str, Session] = {}
+        self._shares: dict[str, dict[str, Any]] = {topic: row for topic, row in self.meta.kv_items(SHARES_NS)}
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # ----------------------------------------------------------------------------------------- startup
+    def load(self) -> None:
+        """Read persisted sessions; expire those whose time ran out while the broker was down."""
+        now = self.now_ms()
+        for client_id, row in self.meta.kv_items(SESSIONS_NS):
+            try:
+                session = Session.from_row(row)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("dropping unreadable MQTT session row %r: %s", client_id, exc)
+                self.meta.kv_delete(SESSIONS_NS, client_id)
+                continue
+            self.sessions[session.client_id] = session
+            if not session.disconnected_at:
+                # the broker stopped while the client was connected: its expiry starts now
+                session.disconnected_at = now
+                self.save(session)
+            remaining_ms = session.disconnected_at + self._expiry_seconds(session) * 1000 - now
+            if session.expiry_interval == 0 or remaining_ms <= 0:
+                self.destroy(session)
+            else:
+                self._schedule_expiry(session, remaining_ms / 1000.0)
+        known = {s.topic for s in self.sessions.values()}
+        for cfg in self.broker.list_topics(include_internal=True):
+            if cfg.name.startswith(SESSION_TOPIC_PREFIX) and not cfg.name.startswith(SHARE_TOPIC_PREFIX) \
+                    and cfg.name not in known:
+                log.info("removing MQTT session topic %s without a session", cfg.name)
+                self._drop_core_state(cfg.name, cfg.name)
+        for topic, row in list(self._shares.items()):
+            members = [m for m in row.get("members", []) if m in self.sessions]
+            if members != row.get("members"):
+                row["members"] = members
+                self._save_share(topic, row)
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def get(self, client_id: str) -> Session | None:
+        return self.sessions.get(client_id)
+
+    def create(self, client_id: str, protocol_level: int, expiry_interval: int) -> Session:
+        topic = session_topic(client_id)
+        self.broker.ensure_topic(topic, queues=1, internal=True)
+        session = Session(client_id, topic, protocol_level, expiry_interval)
+        self.sessions[client_id] = session
+        self.save(session)
+        return session
+
+    def save(self, session: Session) -> None:
+        self.meta.kv_put(SESSIONS_NS, session.client_id, session.to_row())
+
+    def attach(self, session: Session, connection: Any) -> None:
+        """A connection takes the session: stop the expiry timer and any delayed will."""
+        session.connection = connection
+        session.disconnected_at = 0
+        self._cancel(session, "expiry_call")
+        if session.pending_will is not None:
+            if session.pending_will.call is not None and session.pending_will.call.active():
+                session.pending_will.call.cancel()
+            session.pending_will = None
+
+    def detach(self, session: Session, will: PendingWill | None, will_delay: int) -> None:
+        """The connection is gone: start the expiry timer (or end the session) and handle the will."""
+        session.connection = None
+        session.disconnected_at = self.now_ms()
+        expiry = self._expiry_seconds(session)
+        if will is not None:
+            delay = min(will_delay, expiry)
+            if delay <= 0:
+                self._publish_will(session, will)
+            else:
+                session.pending_will = will
+                will.call = self.clock.callLater(delay, self._fire_will, session)
+        if expiry == 0:
+            self.destroy(session)
+            return
+        self.save(session)
+        self._schedule_expiry(session, expiry)
+
+    def _fire_will(self, session: Session) -> None:
+        will, session.pending_will = session.pending_will, None
+        if will is not None:
+            self._publish_will(session, will)
+
+    def destroy(self, session: Session) -> None:
+        """Remove a session with everything it holds in the core; sends a will still waiting for its delay."""
+        self._cancel(session, "expiry_call")
+        if session.pending_will is not None:
+            if session.pending_will.call is not None and session.pending_will.call.active():
+                session.pending_will.call.cancel()
+            self._fire_will(session)
+        for entry in list(session.subscriptions.values()):
+            if entry.share:
+                self.leave_share(session, entry)
+        session.subscriptions.clear()
+        self._drop_core_state(session.topic, session.topic)
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        self.meta.kv_delete(SESSIONS_NS, session.client_id)
+
+    def _drop_core_state(self, topic: str, group: str) -> None:
+        try:
+            self.broker.delete_topic(topic)  # also removes every binding to its queue
+        except TidegateError:
+            pass
+        try:
+            self.broker.delete_group(group)
+        except TidegateError:
+            pass
+
+    def _expiry_seconds(self, session: Session) -> int:
+        expiry = session.expiry_interval
+        if expiry == NEVER_EXPIRES or expiry > self.settings.session_expiry_max:
+            expiry = self.settings.session_expiry_max
+        return expiry
+
+    def _schedule_expiry(self, session: Session, seconds: float) -> None:
+        self._cancel(session, "expiry_call")
+        session.expiry_call = self.clock.callLater(seconds, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry_call = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("MQTT session %r expired", session.client_id)
+            self.destroy(session)
+
+    @staticmethod
+    def _cancel(session: Session, attribute: str) -> None:
+        call = getattr(session, attribute)
+        if call is not None and call.active():
+            call.cancel()
+        setattr(session, attribute, None)
+
+    def stop(self) -> None:
+        """Cancel timers (broker shutdown); persisted sessions are picked up again by `load` on the next start."""
+        for session in self.sessions.values():
+            self._cancel(session, "expiry_call")
+            if session.pending_will is not None and session.pending_will.call is not None \
+                    and session.pending_will.call.active():
+                session.pending_will.call.cancel()
+
+    # ----------------------------------------------------------------------------------------- subscriptions
+    def add_subscription(self, session: Session, entry: SubscriptionEntry) -> bool:
+        """Record and bind a subscription; returns whether one with the same filter existed already."""
+        existed = entry.topic_filter in session.subscriptions
+        session.subscriptions[entry.topic_filter] = entry
+        if entry.share:
+            self.join_share(session, entry)
+        elif not is_sys_name(entry.topic_filter):
+            # $SYS topics are generated by the adapter and never go through the core router
+            self.broker.bind(core_pattern(entry.topic_filter), session.queue)
+        self.save(session)
+        return existed
+
+    def remove_subscription(self, session: Session, topic_filter: str) -> SubscriptionEntry | None:
+        entry = session.subscriptions.pop(topic_filter, None)
+        if entry is None:
+            return None
+        if entry.share:
+            self.leave_share(session, entry)
+        elif not is_sys_name(topic_filter):
+            self.broker.unbind(core_pattern(topic_filter), session.queue)
+        self.save(session)
+        return entry
+
+    def join_share(self, session: Session, entry: SubscriptionEntry) -> None:
+        assert entry.share is not None
+        share_name, inner = entry.share
+        topic = make_share_topic(share_name, inner)
+        self.broker.ensure_topic(topic, queues=1, internal=True)
+        row = self._shares.get(topic) or {"group": share_group(share_name), "share": share_name, "filter": inner,
+                                          "members": []}
+        if session.client_id not in row["members"]:
+            row["members"].append(session.client_id)
+        if not is_sys_name(inner):
+            self.broker.bind(core_pattern(inner), QueueRef(topic, 0))
+        self._save_share(topic, row)
+
+    def leave_share(self, session: Session, entry: SubscriptionEntry) -> None:
+        assert entry.share is not None
+        topic = make_share_topic(*entry.share)
+        row = self._shares.get(topic)
+        if row is None:
+            return
+        if session.client_id in row["members"]:
+            row["members"].remove(session.client_id)
+        if row["members"]:
+            self._save_share(topic, row)
+            return
+        del self._shares[topic]
+        self.meta.kv_delete(SHARES_NS, topic)
+        try:
+            self.broker.delete_topic(topic)
+        except TidegateError:
+            pass
+        group = row["group"]
+        if not any(other["group"] == group for other in self._shares.values()):
+            try:
+                self.broker.delete_group(group)
+            except TidegateError:
+                pass  # still has online members elsewhere, or never consumed
+
+    def share_group_of(self, entry: SubscriptionEntry) -> str:
+        assert entry.share is not None
+        return share_group(entry.share[0])
+
+    def _save_share(self, topic: str, row: dict[str, Any]) -> None:
+        self._shares[topic] = row
+        self.meta.kv_put(SHARES_NS, topic, row)

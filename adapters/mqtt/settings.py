@@ -1,0 +1,56 @@
+"""Settings of the MQTT adapter, with the defaults the gateway uses when the config file says nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ONE_MIB = 1024 * 1024
+
+
+@dataclass(slots=True)
+class MqttSettings:
+    # Receive Maximum the server announces (v5) and the credit a 3.1.1 client gets: QoS 1/2 messages in flight
+    # towards one client, and QoS 1/2 publishes the server accepts from it before acknowledging.
+    receive_maximum: int = 32
+    # Largest packet accepted from a client, fixed header included (announced as Maximum Packet Size in v5).
+    # 1 MiB keeps one connection's worst-case buffer small; raise it for large payloads (the core limit is 4 MiB).
+    max_packet_size: int = ONE_MIB
+    # Topic aliases a v5 client may use towards the server (Topic Alias Maximum in CONNACK); 0 disables them.
+    topic_alias_maximum: int = 16
+    # Keep alive imposed on v5 clients through Server Keep Alive; None accepts the client's value (capped below).
+    server_keep_alive: int | None = None
+    # Upper bound on a v5 client's keep alive; a larger (or zero) request is replaced by this via Server Keep Alive.
+    # 3.1.1 has no way to tell the client, so its own keep alive is enforced as given.
+    max_keep_alive: int = 3600
+    maximum_qos: int = 2  # highest QoS granted to subscriptions and accepted in PUBLISH (v5 Maximum QoS)
+    retain_available: bool = True
+    wildcard_subscription_available: bool = True
+    shared_subscription_available: bool = True
+    subscription_identifiers_available: bool = True
+    # Cap on a v5 Session Expiry Interval (seconds); 0xFFFFFFFF in CONNECT means "never" and is capped to this too.
+    session_expiry_max: int = 7 * 24 * 3600
+    # Expiry of a 3.1.1 session with CleanSession=0 (the protocol itself says "forever").
+    persistent_session_expiry: int = 7 * 24 * 3600
+    # Cap on a v5 client's own Receive Maximum (it may announce up to 65535): QoS 1/2 messages in flight towards
+    # one client, and so the core credit of each of its subscriptions; everything beyond waits on disk.
+    max_inflight: int = 1024
+    # Clean (non-persistent) sessions: once this many messages wait in the session queue, QoS 0 messages are
+    # dropped instead of delivered (QoS 1/2 stay queued on disk). 0 = never drop.
+    max_queued_messages: int = 10_000
+    allow_empty_client_id: bool = True  # assign an id to an empty client id with clean start (3.1.1 and v5)
+    connect_timeout: float = 10.0  # seconds a new connection has to send CONNECT
+    sys_interval: float = 10.0  # seconds between $SYS/broker/... updates; 0 disables them
+    # Deliveries of one message to a session before the core dead-letters it (MQTT itself never gives up).
+    max_delivery_attempts: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1..65535")
+        if self.max_packet_size < 64:
+            raise ValueError("max_packet_size must be at least 64 bytes")
+        if not 0 <= self.topic_alias_maximum <= 65535:
+            raise ValueError("topic_alias_maximum must be 0..65535")
+        if self.maximum_qos not in (0, 1, 2):
+            raise ValueError("maximum_qos must be 0, 1 or 2")
+        if self.max_inflight < self.receive_maximum:
+            raise ValueError("max_inflight must be at least receive_maximum")
