@@ -43,6 +43,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tidegate.adapters.transport import disable_nagle
 from tidegate.core.api import Delivered
 from tidegate.core.errors import ErrorCode, TidegateError
 from tidegate.core.model import Message
@@ -185,6 +186,7 @@ class MqttProtocol(Protocol):
         metrics.connections[_PROTOCOL_LABEL] += 1
         metrics.connections_total[_PROTOCOL_LABEL] += 1
         self._counted = True
+        disable_nagle(self.transport)
         self.factory.connections.add(self)
         self._last_seen = self.clock.seconds()
         if self.settings.connect_timeout > 0:

@@ -27,6 +27,7 @@ from tidegate.adapters.native.codec import (
     Role,
     encode_frame,
 )
+from tidegate.adapters.transport import disable_nagle
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
 from tidegate.core.errors import ErrorCode, TidegateError
 from tidegate.core.metrics import CoreMetrics
@@ -128,6 +129,7 @@ class NativeProtocol(Protocol):
         factory = self.factory
         self.codec = NativeCodec(Role.SERVER, max_frame=factory.max_frame)
         self._connected = True
+        disable_nagle(self.transport)
         self._last_seen = factory.clock.seconds()
         if factory.heartbeat_s > 0:
             self._idle_timer = factory.clock.callLater(factory.heartbeat_s, self._check_idle)
