@@ -589,9 +589,27 @@ class Broker:
             pq = state.pop[(key, q)] = PopQueue(committed=committed, next_fetch=committed)
         return pq
 
+    def _fair_share(self, sub: Subscription) -> int:
+        """In MESSAGE mode members compete for the same messages: when several have credit, each wake-up takes
+        only its share of what is waiting, so a burst is spread over the members instead of filling the first
+        one woken (the others are woken in the same turn and take the rest)."""
+        if sub.state.mode is ConsumeMode.BROADCASTING:
+            return sub.credit
+        rivals = sum(1 for other in sub.state.members.get(sub.topic, ()) if other.credit > 0)
+        if rivals <= 1:
+            return sub.credit
+        waiting = 0
+        for q in sub.assigned:
+            pq = sub.state.pop.get((sub.progress_key, q))
+            if pq is None:
+                return sub.credit  # not started yet: no estimate, take what credit allows
+            waiting += len(pq.ready) + max(0, self._visible_max(q) - pq.next_fetch)
+        return min(sub.credit, max(1, -(-waiting // rivals)))
+
     def _pump_pop(self, sub: Subscription) -> None:
         out: list[Delivered] = []
-        budget, scanned = sub.credit, 0
+        budget, scanned = self._fair_share(sub), 0
+        limited = budget < sub.credit
         state, key = sub.state, sub.progress_key
         queues = sub.assigned
         n = len(queues)
@@ -661,8 +679,8 @@ class Broker:
                     budget -= 1
         sub._rr = (sub._rr + 1) % max(1, n)
         self._deliver(sub, out)
-        if more:
-            self._wake(sub)
+        if more or (limited and out and sub.credit > 0):
+            self._wake(sub)  # took only a share: come back for what the other members leave
 
     def _take(self, sub: Subscription, pq: PopQueue, q: QueueRef, offset: int, attempt: int, deadline: float,
               key: str) -> None:

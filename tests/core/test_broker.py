@@ -306,3 +306,18 @@ def test_a_pull_only_group_is_known_after_its_first_commit(broker, clock):
     info = broker.group_info("puller")
     assert info.topics == ["t"] and info.lag == 1
     assert "puller" in [g.name for g in broker.list_groups()]
+
+
+def test_message_mode_spreads_a_burst_over_members_with_credit(broker, clock):
+    broker.create_topic("t", queues=1)
+    sinks = [RecordingSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        broker.subscribe("g", "t", sink, client_id=f"c{i}", ack="message", start="earliest").grant(100)
+    clock.advance(0)
+    send(broker, clock, "t", *[b"%d" % i for i in range(30)])
+    for _ in range(5):
+        clock.advance(0)
+    counts = [len(s.delivered) for s in sinks]
+    assert sum(counts) == 30
+    assert min(counts) >= 5, counts  # not all to the first member woken
+    assert len({b for s in sinks for b in s.bodies}) == 30  # each message to exactly one member
