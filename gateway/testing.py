@@ -38,19 +38,22 @@ class BrokerProcess:
     """One broker process; `start()` again after `kill()`/`stop()` restarts it on the same data directory."""
 
     def __init__(self, data_dir: Path | str, *extra_args: str, listeners: Sequence[str] = ("native", "admin"),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 profile_path: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.extra_args = list(extra_args)
         self.wanted = set(listeners)
         self.env = env
+        self.profile_path = profile_path  # run under cProfile, written there when the broker stops
         self.process: subprocess.Popen | None = None
         self.addresses: dict[str, str] = {}
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.log"
         self._log = None
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "tidegate.gateway", "serve", "--data-dir", str(self.data_dir),
+        profiler = ["-m", "cProfile", "-o", self.profile_path] if self.profile_path else []
+        args = [sys.executable, *profiler, "-m", "tidegate.gateway", "serve", "--data-dir", str(self.data_dir),
                 "--set", "listeners.native.port=0", "--set", "listeners.admin.port=0"]
         mqtt = "mqtt" in self.wanted or "mqtt_ws" in self.wanted
         args += ["--set", f"listeners.mqtt.enabled={str(mqtt).lower()}"]
@@ -63,7 +66,8 @@ class BrokerProcess:
             args += ["--set", "listeners.amqp.port=0"]
         return args + self.extra_args
 
-    def start(self) -> BrokerProcess:
+    def spawn(self) -> BrokerProcess:
+        """Start the process without waiting for it to listen (see wait_for_listeners)."""
         listeners_file = self.data_dir / "listeners.json"
         if listeners_file.exists():
             listeners_file.unlink()  # left behind by a killed process: never read stale ports
@@ -72,8 +76,16 @@ class BrokerProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_for_listeners(self) -> dict[str, str]:
+        listeners_file = self.data_dir / "listeners.json"
         wait_until(listeners_file.exists, START_TIMEOUT_S, "listeners.json", self.process, self.log_path)
         self.addresses = json.loads(listeners_file.read_text())
+        return self.addresses
+
+    def start(self) -> BrokerProcess:
+        self.spawn().wait_for_listeners()
         return self
 
     def address(self, name: str) -> str:

@@ -2,77 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tidegate.core.storage.layout import StoreLayout
+from tidegate.gateway.testing import START_TIMEOUT_S, BrokerProcess
 
 pytestmark = pytest.mark.requires_core
-
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen | None = None,
-               log_path: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            log = log_path.read_text() if log_path else ""
-            raise AssertionError(f"process exited with {process.returncode} while waiting for {what}:\n{log}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # polling interval of a bounded wait, not a synchronisation by itself
-
-
-class ServeProcess:
-    """`python -m tidegate.gateway serve` on ephemeral 127.0.0.1 ports with its data in `data_dir`."""
-
-    def __init__(self, data_dir: Path, log_path: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
-        command = [sys.executable, "-m", "tidegate.gateway", "serve",
-                   "--set", "listeners.native.port=0", "--set", "listeners.admin.port=0",
-                   # The MQTT and AMQP adapters have their own end-to-end tests; keep this one on what it checks.
-                   "--set", "listeners.mqtt.enabled=false", "--set", "listeners.amqp.enabled=false",
-                   "--data-dir", str(data_dir), *extra]
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env)
-
-    def wait_for_listeners(self) -> dict[str, str]:
-        listeners_file = self.data_dir / "listeners.json"
-        wait_until(listeners_file.exists, START_TIMEOUT_S, "listeners.json", self.process, self.log_path)
-        return json.loads(listeners_file.read_text())
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 def http_get(address: str, path: str) -> tuple[int, bytes]:
     try:
@@ -84,10 +25,10 @@ def http_get(address: str, path: str) -> tuple[int, bytes]:
 
 @pytest.fixture
 def serve(tmp_path: Path):
-    started: list[ServeProcess] = []
+    started: list[BrokerProcess] = []
 
-    def start(*extra: str) -> ServeProcess:
-        process = ServeProcess(tmp_path / "data", tmp_path / f"serve-{len(started)}.log", *extra)
+    def start(*extra: str) -> BrokerProcess:
+        process = BrokerProcess(tmp_path / "data", *extra, log_path=tmp_path / f"serve-{len(started)}.log").spawn()
         started.append(process)
         return process
 
