@@ -17,8 +17,9 @@ code the peer must be told. No sockets, no reactor, no broker.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
+from typing import Any
 
 from tidegate.adapters.native.frames import (
     BOTH,
@@ -32,9 +33,20 @@ from tidegate.adapters.native.frames import (
     Hello,
     HelloOk,
     Reader,
+    Send,
+    SendBatch,
+    SendBatchOk,
+    SendOk,
+    SendReceipt,
     Truncated,
+    message_bytes,
+    read_message,
+    read_string,
+    wire_name,
+    wire_string,
 )
 from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.model import Message
 
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
@@ -107,8 +119,165 @@ def encode_frame(frame: Frame) -> bytes:
     return bytes(out)
 
 
+_header_pack = HEADER.pack
+_header_unpack = HEADER.unpack_from
+_I32_UNPACK = struct.Struct(">i").unpack_from
+_SEND_PREFIX = struct.Struct(">IBBIi")  # header + queue_id
+_send_prefix_pack = _SEND_PREFIX.pack
+_SEND_OK_TAIL = struct.Struct(">Iq")  # queue_id, queue_offset
+_send_ok_tail_pack = _SEND_OK_TAIL.pack
+_send_ok_tail_unpack = _SEND_OK_TAIL.unpack_from
+_new = object.__new__
+_set = object.__setattr__
+SEND_TYPE = Send.TYPE
+SEND_OK_TYPE = SendOk.TYPE
+SEND_BATCH_TYPE = SendBatch.TYPE
+SEND_BATCH_OK_TYPE = SendBatchOk.TYPE
+_I32_U32_UNPACK = struct.Struct(">iI").unpack_from
+_u32_pack = struct.Struct(">I").pack
+_u32_unpack = struct.Struct(">I").unpack_from
+
+
+def encode_send(request_id: int, flags: int, queue_id: int, message: Message) -> bytes:
+    """The bytes of SEND without building the frame object (the producer hot path); same checks as
+    `encode_frame(Send(...))` on the values that matter."""
+    data = message_bytes(message)
+    try:
+        return b"".join((_send_prefix_pack(len(data) + 10, SEND_TYPE, flags, request_id, queue_id), data))
+    except struct.error as exc:
+        raise FrameValueError(f"Send: value out of range for its wire type: {exc}") from None
+
+
+def encode_send_ok(request_id: int, msg_id: str, topic: str, queue_id: int, queue_offset: int) -> bytes:
+    """The bytes of SEND_OK without building the frame object (the broker's acknowledgement hot path)."""
+    try:
+        body = b"".join((wire_string(msg_id), wire_name(topic), _send_ok_tail_pack(queue_id, queue_offset)))
+        return _header_pack(len(body) + 6, SEND_OK_TYPE, 0, request_id) + body
+    except struct.error as exc:
+        raise FrameValueError(f"SendOk: value out of range for its wire type: {exc}") from None
+
+
+def encode_send_batch_ok(request_id: int, results: Sequence[Any]) -> bytes:
+    """The bytes of SEND_BATCH_OK for objects with msg_id/topic/queue_id/queue_offset (core SendResults)."""
+    tail = _send_ok_tail_pack
+    try:
+        parts = [_u32_pack(len(results))]
+        for r in results:
+            parts.append(wire_string(r.msg_id))
+            parts.append(wire_name(r.topic))
+            parts.append(tail(r.queue_id, r.queue_offset))
+        body = b"".join(parts)
+        return _header_pack(len(body) + 6, SEND_BATCH_OK_TYPE, 0, request_id) + body
+    except struct.error as exc:
+        raise FrameValueError(f"SendBatchOk: value out of range for its wire type: {exc}") from None
+
+
+def encode_send_batch(request_id: int, flags: int, queue_id: int, messages: Sequence[Message]) -> bytes:
+    """The bytes of SEND_BATCH without building the frame object."""
+    parts = [_u32_pack(len(messages))]
+    parts += [message_bytes(m) for m in messages]
+    body = b"".join(parts)
+    try:
+        return _send_prefix_pack(len(body) + 10, SEND_BATCH_TYPE, flags, request_id, queue_id) + body
+    except struct.error as exc:
+        raise FrameValueError(f"SendBatch: value out of range for its wire type: {exc}") from None
+
+
+def _decode_send_batch(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    if pos + 8 > end:
+        raise Truncated(f"field needs {4 if pos + 4 > end else 8} bytes, {end - pos} left")
+    queue_id, n = _I32_U32_UNPACK(view, pos)
+    pos += 8
+    messages = []
+    append = messages.append
+    for _ in range(n):
+        message, pos = read_message(view, pos, end)
+        append(message)
+    if pos != end:
+        raise Truncated(f"{end - pos} trailing bytes after the last field")
+    frame = _new(SendBatch)
+    _set(frame, "request_id", request_id)
+    _set(frame, "flags", flags)
+    _set(frame, "queue_id", queue_id)
+    _set(frame, "messages", tuple(messages))
+    return frame
+
+
+def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    if pos + 4 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos} left")
+    (n,) = _u32_unpack(view, pos)
+    pos += 4
+    receipts = []
+    for _ in range(n):
+        msg_id, pos = read_string(view, pos, end)
+        topic, pos = read_string(view, pos, end)
+        if pos + 12 > end:
+            raise Truncated(f"field needs 12 bytes, {end - pos} left")
+        queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
+        pos += 12
+        receipt = _new(SendReceipt)
+        _set(receipt, "msg_id", msg_id)
+        _set(receipt, "topic", topic)
+        _set(receipt, "queue_id", queue_id)
+        _set(receipt, "queue_offset", queue_offset)
+        receipts.append(receipt)
+    if pos != end:
+        raise Truncated(f"{end - pos} trailing bytes after the last field")
+    frame = _new(SendBatchOk)
+    _set(frame, "request_id", request_id)
+    _set(frame, "flags", flags)
+    _set(frame, "results", tuple(receipts))
+    return frame
+
+
+def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    if pos + 4 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos} left")
+    (queue_id,) = _I32_UNPACK(view, pos)
+    message, pos = read_message(view, pos + 4, end)
+    if pos != end:
+        raise Truncated(f"{end - pos} trailing bytes after the last field")
+    frame = _new(Send)
+    _set(frame, "request_id", request_id)
+    _set(frame, "flags", flags)
+    _set(frame, "queue_id", queue_id)
+    _set(frame, "message", message)
+    return frame
+
+
+def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    msg_id, pos = read_string(view, pos, end)
+    topic, pos = read_string(view, pos, end)
+    if pos + 12 > end:
+        raise Truncated(f"field needs 12 bytes, {end - pos} left")
+    queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
+    if pos + 12 != end:
+        raise Truncated(f"{end - pos - 12} trailing bytes after the last field")
+    frame = _new(SendOk)
+    _set(frame, "request_id", request_id)
+    _set(frame, "flags", flags)
+    _set(frame, "msg_id", msg_id)
+    _set(frame, "topic", topic)
+    _set(frame, "queue_id", queue_id)
+    _set(frame, "queue_offset", queue_offset)
+    return frame
+
+
+# Hand-written decoders of the hot frames; every other frame decodes through its SPEC.
+FAST_DECODERS: dict[type[Frame], Callable[[memoryview, int, int, int, int], Frame]] = {
+    Send: _decode_send,
+    SendOk: _decode_send_ok,
+    SendBatch: _decode_send_batch,
+    SendBatchOk: _decode_send_batch_ok,
+}
+
+
 def decode_body(cls: type[Frame], view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
     """Decode the body at view[pos:end] as `cls`; every byte must be consumed."""
+    fast = FAST_DECODERS.get(cls)
+    if fast is not None:
+        return fast(view, pos, end, flags, request_id)
     r = Reader(view, pos, end)
     # Built without __init__: each value was range/type-checked as it was read, so validating again is waste.
     frame = object.__new__(cls)
@@ -248,4 +417,8 @@ __all__ = [
     "UnsupportedVersion",
     "decode_body",
     "encode_frame",
+    "encode_send",
+    "encode_send_batch",
+    "encode_send_batch_ok",
+    "encode_send_ok",
 ]

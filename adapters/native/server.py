@@ -26,6 +26,8 @@ from tidegate.adapters.native.codec import (
     ProtocolError,
     Role,
     encode_frame,
+    encode_send_batch_ok,
+    encode_send_ok,
 )
 from tidegate.adapters.transport import disable_nagle
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
@@ -34,7 +36,8 @@ from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import QueueRef, TopicConfig
 
 SERVER_VERSION = "tidegate-native/0.1.0"
-IDLE_INTERVALS = 3  # a connection silent for this many heartbeat intervals is dead
+IDLE_INTERVALS = 3
+ONEWAY = int(f.FrameFlag.ONEWAY)  # a connection silent for this many heartbeat intervals is dead
 
 MODE_TO_CORE = {f.Mode.CLUSTERING: ConsumeMode.CLUSTERING, f.Mode.BROADCASTING: ConsumeMode.BROADCASTING}
 MODE_TO_WIRE = {v: k for k, v in MODE_TO_CORE.items()}
@@ -233,21 +236,62 @@ class NativeProtocol(Protocol):
             return
 
     def _dispatch_all(self, frames: list[f.Frame]) -> None:
-        handlers = HANDLERS
-        for frame in frames:
+        send = f.Send
+        count = len(frames)
+        i = 0
+        while i < count:
             if self._closing:
                 return
-            handler = handlers.get(type(frame))
-            try:
-                if handler is None:
-                    raise TidegateError(f"{type(frame).__name__} is not a request", ErrorCode.BAD_REQUEST)
-                handler(self, frame)
-            except TidegateError as exc:
-                self._error(frame.request_id, exc.code, exc.message)
-            except Exception as exc:
-                log.error("native: {frame} from {client} failed: {exc!r}", frame=type(frame).__name__,
-                          client=self.client_id, exc=exc)
-                self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {type(frame).__name__}")
+            frame = frames[i]
+            i += 1
+            if type(frame) is send and i < count and type(frames[i]) is send:
+                # A run of pipelined SENDs to one topic and queue choice is stored with one publish call
+                # (one append_batch, one durability wait, one write of the acknowledgements).
+                topic, queue_id = frame.message.topic, frame.queue_id
+                j = i
+                while j < count:
+                    other = frames[j]
+                    if type(other) is not send or other.queue_id != queue_id or other.message.topic != topic:
+                        break
+                    j += 1
+                if j - i >= 1:
+                    self._send_run(frames[i - 1 : j])
+                    i = j
+                    continue
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: f.Frame) -> None:
+        handler = HANDLERS.get(type(frame))
+        try:
+            if handler is None:
+                raise TidegateError(f"{type(frame).__name__} is not a request", ErrorCode.BAD_REQUEST)
+            handler(self, frame)
+        except TidegateError as exc:
+            self._error(frame.request_id, exc.code, exc.message)
+        except Exception as exc:
+            log.error("native: {frame} from {client} failed: {exc!r}", frame=type(frame).__name__,
+                      client=self.client_id, exc=exc)
+            self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {type(frame).__name__}")
+
+    def _send_run(self, run: list[f.Send]) -> None:
+        """Publish consecutive SENDs (same topic, same queue choice) as one batch. If the batch is refused,
+        nothing of it was stored: publish them one by one so each bad message gets its own ERROR."""
+        broker = self.factory.broker
+        queue_id = run[0].queue_id
+        try:
+            results = broker.publish([frame.message for frame in run], queue_id=None if queue_id < 0 else queue_id)
+        except Exception:
+            for frame in run:
+                if self._closing:
+                    return
+                self._dispatch(frame)
+            return
+        ok = encode_send_ok
+        acks = [ok(frame.request_id, r.msg_id, r.topic, r.queue_id, r.queue_offset)
+                for frame, r in zip(run, results, strict=True) if not frame.flags & ONEWAY]
+        if acks:
+            data = b"".join(acks)
+            broker.when_durable(results[-1].commit_end, lambda: self.emit_bytes([data]))
 
     def _reply(self, request: f.Frame, response: f.Frame) -> None:
         if not request.oneway:
@@ -303,25 +347,24 @@ class NativeProtocol(Protocol):
     # --- produce
     def on_send(self, frame: f.Send) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
-        result = self.factory.broker.publish([frame.message], queue_id=queue_id)[0]
-        if frame.oneway:
+        broker = self.factory.broker
+        result = broker.publish([frame.message], queue_id=queue_id)[0]
+        if frame.flags & ONEWAY:
             return
-        response = f.SendOk(request_id=frame.request_id, msg_id=result.msg_id, topic=result.topic,
-                            queue_id=result.queue_id, queue_offset=result.queue_offset)
-        self.factory.broker.when_durable(result.commit_end, lambda: self.emit(response))
+        data = encode_send_ok(frame.request_id, result.msg_id, result.topic, result.queue_id, result.queue_offset)
+        broker.when_durable(result.commit_end, lambda: self.emit_bytes([data]))
 
     def on_send_batch(self, frame: f.SendBatch) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
-        results = self.factory.broker.publish(list(frame.messages), queue_id=queue_id)
-        if frame.oneway or not results:
-            if not frame.oneway:
-                self.emit(f.SendBatchOk(request_id=frame.request_id, results=()))
+        broker = self.factory.broker
+        results = broker.publish(list(frame.messages), queue_id=queue_id)
+        if frame.flags & ONEWAY:
             return
-        response = f.SendBatchOk(request_id=frame.request_id, results=[
-            f.SendReceipt(msg_id=r.msg_id, topic=r.topic, queue_id=r.queue_id, queue_offset=r.queue_offset)
-            for r in results])
-        commit_end = max(r.commit_end for r in results)
-        self.factory.broker.when_durable(commit_end, lambda: self.emit(response))
+        data = encode_send_batch_ok(frame.request_id, results)
+        if not results:
+            self.emit_bytes([data])
+            return
+        broker.when_durable(max(r.commit_end for r in results), lambda: self.emit_bytes([data]))
 
     # --- consume
     def on_subscribe(self, frame: f.Subscribe) -> None:

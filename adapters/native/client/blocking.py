@@ -15,6 +15,7 @@ from tidegate.adapters.native import frames as f
 from tidegate.client.common import (
     DEFAULT_ADDRESS,
     GroupDescription,
+    RequestTimeout,
     SendResult,
     TopicDescription,
     ack_of,
@@ -32,6 +33,11 @@ from tidegate.core.model import Message, MessageFlag, QueueRef
 logger = logging.getLogger("tidegate.client")
 
 SendCallback = Callable[[SendResult | BaseException], None]
+_new_result = SendResult  # positional: msg_id, topic, queue_id, queue_offset
+
+
+_time = time.time
+_PERSISTENT = MessageFlag.PERSISTENT
 
 
 def _now_ms() -> int:
@@ -41,9 +47,11 @@ def _now_ms() -> int:
 def build_message(topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
                   properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
                   deliver_at: int = 0, expires_at: int = 0) -> Message:
-    return Message(topic=topic, body=bytes(body), subject=subject, tag=tag, keys=tuple(keys),
-                   properties=dict(properties or {}), born_ts=_now_ms(), deliver_at=deliver_at,
-                   expires_at=expires_at, group=group, flags=MessageFlag.PERSISTENT)
+    # positional (core.model.Message field order): topic, body, subject, tag, keys, properties, born_ts,
+    # deliver_at, expires_at, group, flags
+    return Message(topic, body if type(body) is bytes else bytes(body), subject, tag, tuple(keys) if keys else (),
+                   dict(properties) if properties else {}, int(_time() * 1000), deliver_at, expires_at, group,
+                   _PERSISTENT)
 
 
 class _Client:
@@ -90,28 +98,33 @@ class Producer(_Client):
         return self.send_message(message, queue_id=queue_id)
 
     def send_message(self, message: Message, *, queue_id: int | None = None) -> SendResult:
-        frame = self.conn.request(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
-        return send_result(frame)
+        conn = self.conn
+        future: Future[f.Frame] = Future()
+        conn.send_message(message, -1 if queue_id is None else queue_id, future, pipelined=False)
+        try:
+            return send_result(future.result(conn.timeout))
+        except TimeoutError:
+            raise RequestTimeout(f"Send got no answer within {conn.timeout}s") from None
 
     def send_async(self, topic: str, body: bytes, callback: SendCallback, *, tag: str = "",
                    keys: Iterable[str] = (), properties: Mapping[str, str] | None = None, subject: str = "",
                    group: str = "", deliver_at: int = 0, expires_at: int = 0,
-                   queue_id: int | None = None) -> Future[Any]:
+                   queue_id: int | None = None) -> None:
         """Send without waiting; `callback(SendResult or exception)` runs on the SDK's I/O thread, so keep it
-        short. Returns the underlying future too."""
+        short. Pipelined: sends queued meanwhile leave together in one write."""
         message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
                                 group=group, deliver_at=deliver_at, expires_at=expires_at)
-        future = self.conn.submit(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
 
-        def done(fut: Future[f.Frame]) -> None:
-            exc = fut.exception()
+        def done(answer: Any) -> None:
             try:
-                callback(exc if exc is not None else send_result(fut.result()))
+                if isinstance(answer, BaseException):
+                    callback(answer)
+                else:
+                    callback(_new_result(answer.msg_id, answer.topic, answer.queue_id, answer.queue_offset))
             except Exception:
                 logger.exception("send_async callback failed")
 
-        future.add_done_callback(done)
-        return future
+        self.conn.send_message(message, -1 if queue_id is None else queue_id, done)
 
     def send_oneway(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
                     properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
@@ -119,16 +132,24 @@ class Producer(_Client):
         """Fire and forget: no result, no durability promise; a rejection only shows in the log."""
         message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
                                 group=group, deliver_at=deliver_at, expires_at=expires_at)
-        self.conn.send_oneway(f.Send, queue_id=-1 if queue_id is None else queue_id, message=message)
+        self.conn.send_message(message, -1 if queue_id is None else queue_id, None, oneway=True)
 
     def send_batch(self, messages: Iterable[Message], *, queue_id: int | None = None) -> list[SendResult]:
         """Send several messages in one frame; all are validated before any is stored."""
         batch = list(messages)
+        now = 0
         for m in batch:
+            if not isinstance(m, Message):
+                raise f.FrameValueError(f"{type(m).__name__} is not a Message")
             if not m.born_ts:
-                m.born_ts = _now_ms()
-        frame = self.conn.request(f.SendBatch, queue_id=-1 if queue_id is None else queue_id, messages=batch)
-        return [send_result(r) for r in frame.results]
+                m.born_ts = now = now or _now_ms()
+        conn = self.conn
+        future = conn.submit_batch(batch, -1 if queue_id is None else queue_id)
+        try:
+            frame = future.result(conn.timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"SendBatch got no answer within {conn.timeout}s") from None
+        return [_new_result(r.msg_id, r.topic, r.queue_id, r.queue_offset) for r in frame.results]
 
 
 class Admin(_Client):

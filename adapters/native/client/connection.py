@@ -1,8 +1,11 @@
-"""A blocking connection for plain scripts and threads: socket + sans-IO codec + one reader thread.
+"""A blocking connection for plain scripts and threads: socket + sans-IO codec + a reader and a writer thread.
 
-Requests are pipelined: each gets a request id and a `concurrent.futures.Future` the reader thread resolves.
-Writes take one lock. Server pushes (DELIVER, ASSIGNMENT) go to the handler registered for their subscription
-and run on the reader thread, so handlers must only hand work off (the consumers put it on a queue).
+Requests are pipelined: each gets a request id and a `concurrent.futures.Future` (or, for `send_async`, a plain
+callback) the reader thread resolves. Writes are coalesced: a caller writes directly when nothing else is being
+written; otherwise its bytes join an outgoing buffer that one writer thread sends with a single `sendall`, so a
+pipelining producer costs a list append per message rather than a system call. Server pushes (DELIVER,
+ASSIGNMENT) go to the handler registered for their subscription and run on the reader thread, so handlers must
+only hand work off (the consumers put it on a queue).
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from concurrent.futures import Future
 from typing import Any
 
 from tidegate.adapters.native import frames as f
-from tidegate.adapters.native.codec import NativeCodec, ProtocolError, Role
+from tidegate.adapters.native.codec import (
+    LENGTH_SIZE,
+    FrameTooLarge,
+    NativeCodec,
+    ProtocolError,
+    Role,
+    encode_send,
+    encode_send_batch,
+)
 from tidegate.client.common import (
     CLIENT_MAX_FRAME,
     ConnectionClosed,
@@ -26,11 +37,16 @@ from tidegate.client.common import (
     parse_address,
 )
 from tidegate.core.errors import TidegateError
+from tidegate.core.model import Message
 
 logger = logging.getLogger("tidegate.client")
 
 PushHandler = Callable[[f.Frame], None]
+# A pending request is answered through a Future or, on the hot path, a plain callable that receives the
+# response frame or the exception (called on the reader thread; must not raise).
+Responder = Callable[[Any], None]
 RECV_SIZE = 256 * 1024
+MAX_QUEUED_BYTES = 4 * 1024 * 1024  # pipelined sends wait while this much is queued and not yet written
 
 
 class Connection:
@@ -46,13 +62,21 @@ class Connection:
         self.heartbeat_s = 0.0
         self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._sock: socket.socket | None = None
-        self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._pending: dict[int, Future[f.Frame]] = {}
+        self._pending: dict[int, Future[f.Frame] | Responder] = {}
         self._pending_subscribe: dict[int, PushHandler] = {}
         self._push_handlers: dict[int, PushHandler] = {}
         self._reader: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        self._out: list[bytes] = []  # bytes waiting for the writer thread, in order
+        # One lock guards the pending table, the outgoing buffer and the closed flag, so a pipelined send takes
+        # it once and the reader once per received chunk (fewer lock hand-offs between threads under the GIL).
+        self._out_cond = threading.Condition(self._state_lock)  # the writer thread waits here for bytes
+        self._space_cond = threading.Condition(self._state_lock)  # senders wait here while the buffer is full
+        self._out_bytes = 0
+        self._writing = False  # some thread is inside sendall (at most one at a time)
+        self._writer_idle = False  # the writer thread waits on _out_cond
         self._closed = False
         self._close_reason: TidegateError | None = None
         self._last_sent = 0.0
@@ -97,6 +121,8 @@ class Connection:
         self._reader = threading.Thread(target=self._read_loop, args=(rest,), name="tidegate-reader",
                                         daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write_loop, name="tidegate-writer", daemon=True)
+        self._writer.start()
         return self
 
     def close(self, timeout: float = 2.0) -> None:
@@ -108,21 +134,26 @@ class Connection:
         except TidegateError:
             pass
         self._shutdown(ConnectionClosed("connection closed by the client"))
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout)
+        for thread in (self._reader, self._writer):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def _shutdown(self, reason: TidegateError) -> None:
-        with self._state_lock:
+        with self._out_cond:
             if self._closed:
                 return
             self._closed = True
             self._close_reason = reason
             pending, self._pending = self._pending, {}
             self._pending_subscribe.clear()
+            self._out.clear()
+            self._out_bytes = 0
+            self._out_cond.notify_all()
+            self._space_cond.notify_all()
         sock = self._sock
         if sock is not None:
             try:
@@ -130,12 +161,15 @@ class Connection:
             except OSError:
                 pass
             sock.close()
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(reason)
+        for entry in pending.values():
+            if isinstance(entry, Future):
+                if not entry.done():
+                    entry.set_exception(reason)
+            else:
+                entry(reason)
 
     # ------------------------------------------------------------------------------------------- requests
-    def _register(self, future: Future[f.Frame] | None, on_push: PushHandler | None) -> int:
+    def _register(self, future: Future[f.Frame] | Responder | None, on_push: PushHandler | None) -> int:
         with self._state_lock:
             if self._closed:
                 raise self._close_reason or ConnectionClosed("connection is closed")
@@ -147,17 +181,113 @@ class Connection:
             return request_id
 
     def _write(self, data: bytes) -> None:
+        """Send `data` after everything queued before it: directly if nothing is being written, else through
+        the writer thread. Raises ConnectionClosed if the connection is (or becomes, on a direct write) gone."""
         sock = self._sock
         if sock is None:
             raise ConnectionClosed("connection is not open")
+        cond = self._out_cond
+        with cond:
+            if self._closed:
+                raise self._close_reason or ConnectionClosed("connection is closed")
+            if self._writing or self._out:
+                self._out.append(data)
+                self._out_bytes += len(data)
+                if self._writer_idle:
+                    cond.notify()
+                return
+            self._writing = True
         try:
-            with self._write_lock:
-                sock.sendall(data)
-                self._last_sent = time.monotonic()
+            sock.sendall(data)
+            self._last_sent = time.monotonic()
         except OSError as exc:
             error = ConnectionClosed(f"write to {self.address} failed: {exc}")
             self._shutdown(error)
             raise error from None
+        finally:
+            with cond:
+                self._writing = False
+                if self._out and self._writer_idle:
+                    cond.notify()
+
+    def _write_loop(self) -> None:
+        cond = self._out_cond
+        sock = self._sock
+        while True:
+            with cond:
+                while (self._writing or not self._out) and not self._closed:
+                    self._writer_idle = True
+                    cond.wait()
+                    self._writer_idle = False
+                if self._closed:
+                    return
+                chunks, self._out = self._out, []
+                if self._out_bytes >= MAX_QUEUED_BYTES:
+                    self._space_cond.notify_all()
+                self._out_bytes = 0
+                self._writing = True
+            try:
+                sock.sendall(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                self._last_sent = time.monotonic()
+            except OSError as exc:
+                with cond:
+                    self._writing = False
+                self._shutdown(ConnectionClosed(f"write to {self.address} failed: {exc}"))
+                return
+            with cond:
+                self._writing = False
+
+    def _check_size(self, data: bytes, request_id: int, what: str) -> None:
+        limit = self.codec.send_max_frame
+        if limit is not None and len(data) - LENGTH_SIZE > limit:
+            raise FrameTooLarge(f"{what} is {len(data) - LENGTH_SIZE} bytes; the peer accepts at most {limit}",
+                                request_id=request_id, fatal=False)
+
+    def send_message(self, message: Message, queue_id: int, responder: Future[f.Frame] | Responder | None, *,
+                     oneway: bool = False, pipelined: bool = True) -> None:
+        """SEND without a frame object: `responder` (a Future, or a callable taking the SendOk frame or the
+        exception, run on the reader thread) gets the answer; None for one-way sends. `pipelined` sends through
+        the writer thread (coalesced with other queued sends); else the caller writes when the socket is free."""
+        if not pipelined:
+            request_id = self._register(responder, None)
+            try:
+                data = encode_send(request_id, 1 if oneway else 0, queue_id, message)
+                self._check_size(data, request_id, "Send")
+            except Exception:
+                with self._state_lock:
+                    self._pending.pop(request_id, None)
+                raise
+            self._write(data)
+            return
+        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        data = encode_send(request_id, 1 if oneway else 0, queue_id, message)
+        self._check_size(data, request_id, "Send")
+        cond = self._out_cond
+        with cond:  # register and queue under one lock acquisition
+            while self._out_bytes >= MAX_QUEUED_BYTES and not self._closed:
+                self._space_cond.wait()  # backpressure: the socket is not keeping up
+            if self._closed:
+                raise self._close_reason or ConnectionClosed("connection is closed")
+            if responder is not None:
+                self._pending[request_id] = responder
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if self._writer_idle:
+                cond.notify()
+
+    def submit_batch(self, messages: list[Message], queue_id: int) -> Future[f.Frame]:
+        """SEND_BATCH without building the frame object; the future resolves to SEND_BATCH_OK."""
+        future: Future[f.Frame] = Future()
+        request_id = self._register(future, None)
+        try:
+            data = encode_send_batch(request_id, 0, queue_id, messages)
+            self._check_size(data, request_id, "SendBatch")
+        except Exception:
+            with self._state_lock:
+                self._pending.pop(request_id, None)
+            raise
+        self._write(data)
+        return future
 
     def submit(self, cls: type[f.Frame], *, on_push: PushHandler | None = None, **fields: Any) -> Future[f.Frame]:
         """Send a request; the future resolves to the response frame or fails with the server's error."""
@@ -221,8 +351,29 @@ class Connection:
         self._shutdown(reason)
 
     def _handle(self, frames: list[f.Frame]) -> None:
-        for frame in frames:
+        if not frames:
+            return
+        send_ok = f.SendOk
+        # Take every answered request off the table under one lock acquisition, then act in frame order.
+        with self._state_lock:
+            pending = self._pending
+            subscribing = self._pending_subscribe
+            entries = [pending.pop(frame.request_id, None) if type(frame) is send_ok
+                       or (type(frame) is not f.Deliver and type(frame) is not f.Assignment
+                           and type(frame) is not f.Pong) else None for frame in frames]
+            on_pushes = [subscribing.pop(frame.request_id, None) for frame in frames] if subscribing else None
+        fatal: TidegateError | None = None
+        for i, frame in enumerate(frames):
             cls = type(frame)
+            entry = entries[i]
+            if cls is send_ok:
+                if entry is None:
+                    continue
+                if type(entry) is Future:
+                    entry.set_result(frame)
+                else:
+                    entry(frame)
+                continue
             if cls is f.Deliver or cls is f.Assignment:
                 handler = self._push_handlers.get(frame.subscription_id)
                 if handler is not None:
@@ -233,21 +384,25 @@ class Connection:
                 continue
             if cls is f.Pong:
                 continue
-            with self._state_lock:
-                future = self._pending.pop(frame.request_id, None)
-                on_push = self._pending_subscribe.pop(frame.request_id, None)
+            on_push = on_pushes[i] if on_pushes is not None else None
             if cls is f.SubscribeOk and on_push is not None:
                 # Registered here, on the reader thread, so the first DELIVER (next frame) finds its handler.
                 self._push_handlers[frame.subscription_id] = on_push
-            if future is None:
+            if entry is None:
                 if cls is f.Error:
                     error = error_from_frame(frame)
                     if frame.request_id == 0:
-                        raise error  # a connection-level error: the server is about to close
+                        fatal = error  # a connection-level error: the server is about to close
+                        continue
                     self.last_oneway_error = error
                     logger.warning("broker rejected one-way request %d: %s", frame.request_id, error)
                 continue
-            if cls is f.Error:
-                future.set_exception(error_from_frame(frame))
+            if isinstance(entry, Future):
+                if cls is f.Error:
+                    entry.set_exception(error_from_frame(frame))
+                else:
+                    entry.set_result(frame)
             else:
-                future.set_result(frame)
+                entry(error_from_frame(frame) if cls is f.Error else frame)
+        if fatal is not None:
+            raise fatal

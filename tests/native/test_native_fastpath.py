@@ -1,0 +1,156 @@
+"""The hand-written hot paths (SEND/SEND_OK/SEND_BATCH/SEND_BATCH_OK codecs, pipelined SENDs stored as one
+batch) produce exactly what the generic, declaration-driven codec and the one-by-one server path produce."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.testing import MemoryReactorClock
+
+from tidegate.adapters.native import frames as f
+from tidegate.adapters.native.codec import (
+    MalformedFrame,
+    NativeCodec,
+    Role,
+    State,
+    encode_frame,
+    encode_send,
+    encode_send_batch,
+    encode_send_batch_ok,
+    encode_send_ok,
+)
+from tidegate.adapters.native.server import NativeServerFactory
+from tidegate.core.api import SendResult
+from tidegate.core.errors import ErrorCode
+from tidegate.core.metrics import CoreMetrics
+from tidegate.core.model import Message
+
+from .test_native_server import Peer
+
+pytest.importorskip("tidegate.core.storage.memory", reason="the in-memory store is not available yet")
+from tidegate.core.testing import make_broker  # noqa: E402
+
+text = st.text(max_size=20)
+messages = st.builds(
+    Message,
+    topic=st.from_regex(r"[A-Za-z0-9_.%-]{1,20}", fullmatch=True),
+    body=st.binary(max_size=64),
+    subject=st.sampled_from(["", "a/b"]),
+    tag=st.sampled_from(["", "t"]),
+    keys=st.lists(text, max_size=3).map(tuple),
+    properties=st.dictionaries(text, text, max_size=3),
+    born_ts=st.integers(0, 2**62),
+    deliver_at=st.integers(0, 2**40),
+    expires_at=st.integers(0, 2**40),
+    group=st.sampled_from(["", "g"]),
+    flags=st.sampled_from([1, 2]),
+    msg_id=st.sampled_from(["", "0123456789ABCDEF01234567"]),
+    store_ts=st.integers(0, 2**40),
+)
+
+
+def open_codec(role: Role) -> NativeCodec:
+    codec = NativeCodec(role)
+    codec.state = State.OPEN
+    return codec
+
+
+@given(messages, st.integers(-1, 2**31 - 1), st.integers(1, 2**32 - 1), st.sampled_from([0, 1]))
+def test_fast_send_encoding_matches_the_generic_encoder_and_decodes_back(m: Message, queue_id: int, rid: int,
+                                                                          flags: int) -> None:
+    """encode_send gives the bytes of encode_frame(Send(...)); the fast decoder rebuilds the same frame."""
+    frame = f.Send(request_id=rid, flags=flags, queue_id=queue_id, message=m)
+    data = encode_send(rid, flags, queue_id, m)
+    assert data == encode_frame(frame)
+    assert open_codec(Role.SERVER).receive_data(data) == [frame]
+
+
+@given(st.lists(messages, max_size=4))
+def test_fast_batch_encoding_matches_the_generic_encoder_and_decodes_back(batch: list[Message]) -> None:
+    """encode_send_batch gives the bytes of encode_frame(SendBatch(...)) and decodes back to the same frame."""
+    frame = f.SendBatch(request_id=9, queue_id=-1, messages=batch)
+    data = encode_send_batch(9, 0, -1, batch)
+    assert data == encode_frame(frame)
+    assert open_codec(Role.SERVER).receive_data(data) == [frame]
+
+
+def test_fast_acknowledgements_match_the_generic_encoder() -> None:
+    """SEND_OK and SEND_BATCH_OK built from core results equal the frame-object encoding and decode back."""
+    results = [SendResult("0123456789ABCDEF01234567", "T", 3, 2**40, 0, 10), SendResult("AB", "topic.x", 0, 0, 10, 20)]
+    ok = f.SendOk(request_id=4, msg_id="AB", topic="T", queue_id=1, queue_offset=7)
+    assert encode_send_ok(4, "AB", "T", 1, 7) == encode_frame(ok)
+    batch_ok = f.SendBatchOk(request_id=5, results=[
+        f.SendReceipt(msg_id=r.msg_id, topic=r.topic, queue_id=r.queue_id, queue_offset=r.queue_offset)
+        for r in results])
+    assert encode_send_batch_ok(5, results) == encode_frame(batch_ok)
+    client = open_codec(Role.CLIENT)
+    assert client.receive_data(encode_send_ok(4, "AB", "T", 1, 7) + encode_send_batch_ok(5, results)) == \
+        [ok, batch_ok]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 40, 50, 60])
+def test_truncated_send_is_malformed_with_its_request_id(cut: int) -> None:
+    """A SEND whose body is cut anywhere (length adjusted) is MALFORMED_FRAME for that request only."""
+    data = encode_send(8, 0, -1, Message(topic="T", body=b"hello", keys=("k",), properties={"a": "b"}))
+    body = data[10:-cut]
+    codec = open_codec(Role.SERVER)
+    with pytest.raises(MalformedFrame) as info:
+        codec.receive_data(struct.pack(">IBBI", 6 + len(body), 0x20, 0, 8) + body)
+    assert info.value.request_id == 8 and not info.value.fatal
+
+
+def test_send_with_bad_utf8_topic_is_malformed() -> None:
+    """The fast message decoder still rejects a topic that is not UTF-8."""
+    data = bytearray(encode_send(8, 0, -1, Message(topic="TT", body=b"x")))
+    data[10 + 4 + 36 + 2] = 0xFF
+    with pytest.raises(MalformedFrame, match="UTF-8"):
+        open_codec(Role.SERVER).receive_data(bytes(data))
+
+
+@pytest.fixture
+def factory() -> NativeServerFactory:
+    clock = MemoryReactorClock()
+    return NativeServerFactory(make_broker(clock), clock, max_frame=64 * 1024, heartbeat_s=10.0,
+                               metrics=CoreMetrics())
+
+
+def test_pipelined_sends_are_stored_as_one_batch_and_acknowledged_in_order(factory: NativeServerFactory) -> None:
+    """Several SENDs in one read are one publish call; each still gets its own SEND_OK, in request order."""
+    broker = factory.broker
+    broker.create_topic("T", queues=2)
+    calls = []
+    publish = broker.publish
+
+    def counting(batch, queue_id=None):
+        calls.append(len(batch))
+        return publish(batch, queue_id=queue_id)
+
+    broker.publish = counting
+    peer = Peer(factory)
+    peer.send(*[f.Send(request_id=10 + i, message=Message(topic="T", body=b"m%d" % i)) for i in range(5)])
+    factory.clock.advance(0)
+    acks = peer.read()
+    assert calls == [5]
+    assert [a.request_id for a in acks] == [10, 11, 12, 13, 14]
+    assert all(isinstance(a, f.SendOk) for a in acks)
+    assert len({a.msg_id for a in acks}) == 5
+    assert [a.queue_id for a in acks] == [0, 1, 0, 1, 0]
+
+
+def test_a_bad_message_in_a_pipelined_run_gets_its_own_error(factory: NativeServerFactory) -> None:
+    """If the batch is refused, the run is retried one by one: good messages stored, the bad one answered ERROR."""
+    factory.broker.create_topic("T", queues=1)
+    peer = Peer(factory)
+    peer.send(f.Send(request_id=20, message=Message(topic="T", body=b"a")),
+              f.Send(request_id=21, message=Message(topic="T", body=b"b", subject="a/+")),  # wildcard: invalid
+              f.Send(request_id=22, message=Message(topic="T", body=b"c")),
+              f.Send(request_id=23, flags=f.FrameFlag.ONEWAY, message=Message(topic="T", body=b"d")))
+    factory.clock.advance(0)
+    answers = {a.request_id: a for a in peer.read()}
+    assert isinstance(answers[20], f.SendOk) and isinstance(answers[22], f.SendOk)
+    assert isinstance(answers[21], f.Error) and answers[21].code == ErrorCode.INVALID_NAME
+    assert 23 not in answers  # one-way: no answer on success
+    assert answers[22].queue_offset == answers[20].queue_offset + 1
