@@ -15,6 +15,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from time import perf_counter
 from typing import Any
 
 from tidegate.core.api import (
@@ -263,7 +264,9 @@ class Broker:
         if not items:
             return []
         store = self.store
+        started = perf_counter()
         results = store.append_batch(items) if len(items) > 1 else [store.append(*items[0])]
+        self.metrics.append_latency.observe(perf_counter() - started)
         updates: list[tuple[QueueRef, int]] = []
         out: list[SendResult] = []
         cache, visible = self._msg_cache, self._visible

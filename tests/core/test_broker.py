@@ -321,3 +321,10 @@ def test_message_mode_spreads_a_burst_over_members_with_credit(broker, clock):
     assert sum(counts) == 30
     assert min(counts) >= 5, counts  # not all to the first member woken
     assert len({b for s in sinks for b in s.bodies}) == 30  # each message to exactly one member
+
+
+def test_publish_records_append_latency_and_counts(broker, clock):
+    send(broker, clock, "t", b"abc", b"de")
+    metrics = broker.metrics
+    assert metrics.append_latency.count == 1  # one store call for the batch
+    assert (metrics.messages_in["t"], metrics.bytes_in["t"]) == (2, 5)
