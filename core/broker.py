@@ -49,7 +49,7 @@ from tidegate.core.errors import (
     TopicExists,
     TopicNotFound,
 )
-from tidegate.core.filters import MATCH_ALL, TagFilter, parse_tag_filter
+from tidegate.core.filters import TagFilter, parse_tag_filter
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import (
     DLQ_PREFIX,
@@ -538,10 +538,7 @@ class Broker:
                 try:
                     entries = self.store.read_index(q, pos, min(READ_BATCH, end - pos))
                 except OffsetOutOfRange:
-                    new = self.store.queue_bounds(q).min_offset
-                    log.warning("group %s fell behind retention on %s: skipping offsets %d..%d", sub.group, q, pos, new)
-                    self._notify_moved(sub, q, pos, new)
-                    pos = new
+                    pos = self._fell_behind(sub, q, pos)
                     continue
                 if not entries:
                     break
@@ -550,11 +547,8 @@ class Broker:
                         break
                     pos = e.queue_offset + 1
                     scanned += 1
-                    if not tag_filter.may_match_hash(e.tag_hash):
-                        continue
-                    msg = self._read(e)
-                    if (tag_filter.tags is not None and msg.tag not in tag_filter.tags) or (
-                            msg.expires_at and msg.expires_at <= now):
+                    msg = self._wanted(e, tag_filter, now)
+                    if msg is None:
                         continue
                     out.append(Delivered(msg, q, e.queue_offset))
                     sub.last_delivered[q] = e.queue_offset
@@ -577,11 +571,25 @@ class Broker:
         last = sub.last_delivered.get(q)
         return last is not None and self._group_offsets(sub.progress_key).get(q, 0) <= last
 
-    @staticmethod
-    def _notify_moved(sub: Subscription, q: QueueRef, old: int, new: int) -> None:
+    def _fell_behind(self, sub: Subscription, q: QueueRef, pos: int) -> int:
+        """Retention removed offsets this member had not read: say so (log + sink), return where to go on."""
+        new = self.store.queue_bounds(q).min_offset
+        log.warning("group %s fell behind retention on %s: skipping offsets %d..%d", sub.group, q, pos, new)
         notify = getattr(sub.sink, "offset_moved", None)
         if notify is not None:
-            notify(q, old, new)
+            notify(q, pos, new)
+        return new
+
+    def _wanted(self, entry: IndexEntry, tag_filter: TagFilter, now_ms: int) -> Message | None:
+        """The message of `entry` if the filter takes it and it has not expired (the tag hash decides most
+        cases without reading the log)."""
+        if not tag_filter.may_match_hash(entry.tag_hash):
+            return None
+        msg = self._read(entry)
+        if (tag_filter.tags is not None and msg.tag not in tag_filter.tags) or (
+                msg.expires_at and msg.expires_at <= now_ms):
+            return None
+        return msg
 
     def _pop_queue(self, key: str, state: GroupState, q: QueueRef) -> PopQueue:
         pq = state.pop.get((key, q))
@@ -651,10 +659,7 @@ class Broker:
                 try:
                     entries = self.store.read_index(q, pq.next_fetch, min(READ_BATCH, end - pq.next_fetch))
                 except OffsetOutOfRange:
-                    new = self.store.queue_bounds(q).min_offset
-                    log.warning("group %s fell behind retention on %s: skipping offsets %d..%d",
-                                sub.group, q, pq.next_fetch, new)
-                    self._notify_moved(sub, q, pq.next_fetch, new)
+                    new = self._fell_behind(sub, q, pq.next_fetch)
                     pq.next_fetch = max(pq.next_fetch, new)
                     if pq.committed < new:
                         pq.committed = new
@@ -669,13 +674,9 @@ class Broker:
                     offset = e.queue_offset
                     pq.next_fetch = offset + 1
                     scanned += 1
-                    if not tag_filter.may_match_hash(e.tag_hash):
-                        self._ack_offset(key, pq, q, offset)
-                        continue
-                    msg = self._read(e)
-                    if (tag_filter.tags is not None and msg.tag not in tag_filter.tags) or (
-                            msg.expires_at and msg.expires_at <= now):
-                        self._ack_offset(key, pq, q, offset)
+                    msg = self._wanted(e, tag_filter, now)
+                    if msg is None:
+                        self._ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
                         continue
                     self._take(sub, pq, q, offset, 1, deadline, key)
                     out.append(Delivered(msg, q, offset, make_receipt(q, offset, 1), 1))
@@ -793,12 +794,8 @@ class Broker:
                     break
                 pos = e.queue_offset + 1
                 scanned += 1
-                if not tag_filter.may_match_hash(e.tag_hash):
-                    continue
-                msg = self._read(e)
-                if tag_filter is not MATCH_ALL and not tag_filter.matches(msg.tag):
-                    continue
-                if msg.expires_at and msg.expires_at <= now:
+                msg = self._wanted(e, tag_filter, now)
+                if msg is None:
                     continue
                 out.append(Delivered(msg, queue, e.queue_offset))
         for d in out:
