@@ -205,6 +205,23 @@ def check_delivery(acked: dict[int, bytes], seen_by_consumer: list[dict[int, byt
     return result
 
 
+def check_fan_out(acked: dict[int, bytes], seen_by_consumer: list[dict[int, bytes]],
+                  local_duplicates: int) -> DeliveryCheck:
+    """Like `check_delivery`, for consumers that each must see every message (MQTT non-shared subscribers):
+    counts are deliveries, so a message one of three subscribers missed is one lost delivery."""
+    result = DeliveryCheck(duplicated=local_duplicates)
+    producers = set(acked) | {p for seen in seen_by_consumer for p in seen}
+    for producer in producers:
+        acked_set = int.from_bytes(acked.get(producer, b""), "little")
+        result.acked += acked_set.bit_count() * len(seen_by_consumer)
+        for seen in seen_by_consumer:
+            bits = int.from_bytes(seen.get(producer, b""), "little")
+            result.unique += bits.bit_count()
+            result.lost += (acked_set & ~bits).bit_count()
+            result.received_unacked += (bits & ~acked_set).bit_count()
+    return result
+
+
 def encode_payload(producer: int, seq: int, padding: bytes) -> bytes:
     return PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, producer, seq, time.time_ns()) + padding
 
@@ -361,6 +378,11 @@ class Driver:
     def run_consumer(self, ctx: WorkerContext) -> dict[str, Any]:
         raise NotImplementedError
 
+    def copies(self, options: BenchOptions) -> int:
+        """How many consumers receive each message: 1 when they share the load (a consumer group, an MQTT shared
+        subscription), the number of consumers when each gets everything (MQTT fan-out)."""
+        return 1
+
 
 # ================================================================================================ native
 class NativeDriver(Driver):
@@ -459,6 +481,12 @@ class NativeDriver(Driver):
 CONSUMER_CREDIT = 2048
 
 DRIVERS: dict[str, type[Driver]] = {"native": NativeDriver}
+
+
+def _register_drivers() -> None:
+    """Drivers living in their own modules import the engine from here and add themselves to DRIVERS when they
+    finish loading (whichever module is imported first)."""
+    from . import bench_mqtt  # noqa: F401
 
 
 # ============================================================================================ orchestration
@@ -618,7 +646,8 @@ class BenchRun:
         idle_since = time.monotonic()
         next_report = time.monotonic() + REPORT_EVERY_S
         drain_timeout = self.options.drain_timeout
-        while self.options.consumers and received < acked and time.monotonic() - idle_since < drain_timeout:
+        expected = acked * DRIVERS[self.options.protocol]().copies(self.options)
+        while self.options.consumers and received < expected and time.monotonic() - idle_since < drain_timeout:
             self._collect(TICK_S)
             now_received = self.consumer_total(FIELD_RECEIVED)
             if now_received != received:
@@ -649,8 +678,10 @@ class BenchRun:
             latency.merge(LatencyHistogram.from_state(r["latency"]))
         for r in producers:
             ack_latency.merge(LatencyHistogram.from_state(r["ack_latency"]))
-        check = check_delivery({i: r["acked_seqs"] for i, r in enumerate(producers)},
-                               [r["seen"] for r in consumers], sum(r["duplicates"] for r in consumers))
+        copies = DRIVERS[options.protocol]().copies(options)
+        check = (check_delivery if copies == 1 else check_fan_out)(
+            {i: r["acked_seqs"] for i, r in enumerate(producers)}, [r["seen"] for r in consumers],
+            sum(r["duplicates"] for r in consumers))
         start_ns = int(started * 1e9)
         produce_end = max((r["last_ack_ns"] for r in producers), default=0)
         first_receive = min((r["first_ns"] for r in consumers if r["first_ns"]), default=0)
@@ -680,6 +711,10 @@ class BenchRun:
             "consume_seconds": round(consume_s, 3),
             "produce_msgs_per_s": round(acked / produce_s) if produce_s else 0,
             "consume_msgs_per_s": round(check.unique / consume_s) if consume_s else 0,
+            # Deliveries per second over all consumers: equals consume_msgs_per_s unless every consumer gets every
+            # message (copies > 1, MQTT fan-out), where it is copies times that.
+            "copies": copies,
+            "deliveries_per_s": round(received / consume_s) if consume_s else 0,
             "produce_mib_per_s": round(acked * options.size / produce_s / 2**20, 2) if produce_s else 0.0,
             "latency_ms": latency.summary_ms(),
             "ack_latency_ms": ack_latency.summary_ms(),
@@ -789,6 +824,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     native.add_argument("--batch", type=_at_least(1), default=1, metavar="K",
                         help="send batches of K messages (one SEND_BATCH frame each); default 1")
     native.set_defaults(handler=run_bench_command, protocol="native")
+    from .bench_mqtt import register_commands
+
+    register_commands(protocols)
 
 
 def common_bench_options() -> argparse.ArgumentParser:
@@ -901,3 +939,6 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     lines += [f"  error: {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
+
+
+_register_drivers()

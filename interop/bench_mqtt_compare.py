@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Tidegate's MQTT side against Mosquitto and amqtt: the same `tidegate bench mqtt` scenarios, back to back.
+
+A script, not a test (pytest does not collect it: its name does not start with test_). Run from the repository:
+
+    .venv/bin/python interop/bench_mqtt_compare.py [--duration 6] [--conns 10000] [--out DIR]
+
+For every scenario, every broker runs in turn, each freshly started on an ephemeral 127.0.0.1 port and stopped by
+its PID afterwards (so the brokers of one scenario ran within a minute or two of each other on the same, possibly
+shared, machine):
+
+- Tidegate, `tidegate serve` with the default `--flush sync` (PUBACK after fsync, group commit) and with `async`;
+- Mosquitto (`/usr/sbin/mosquitto -c <tmp>/mosquitto.conf`), settings written below in MOSQUITTO_CONF;
+- amqtt (`.venv/bin/amqtt -c <tmp>/amqtt.yaml`), settings in AMQTT_YAML.
+
+Besides the bench report it reads the broker's CPU time (utime + stime from /proc/<pid>/stat) before and after each
+run: broker CPU µs per delivered message is a broker-only figure even where the Python load generator, not the
+broker, limits the rate (which is the case against Mosquitto).
+
+Prints a Markdown table with the ratios Tidegate/Mosquitto and Tidegate/amqtt and writes `results.json` and
+`results.md` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+AMQTT = str(Path(sys.executable).with_name("amqtt"))
+RUN_TIMEOUT_S = 180
+START_TIMEOUT_S = 30
+
+# Mosquitto: in memory (persistence off: it would only snapshot every autosave_interval anyway, never per message),
+# the same outbound window as Tidegate's 3.1.1 credit (receive_maximum 32), and no queue limit, because Tidegate never
+# drops QoS 1/2 either (mosquitto's default of 1000 queued messages per client would drop messages in fan-in).
+MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 32
+max_queued_messages 0
+log_dest stderr
+log_type error
+log_type warning
+"""
+
+# amqtt: anonymous access only; the packet/event logger and $SYS plugins of its default config are left out (they
+# would cost it time per packet for nothing we measure).
+AMQTT_YAML = """\
+---
+listeners:
+  default:
+    type: tcp
+    bind: 127.0.0.1:{port}
+plugins:
+  amqtt.plugins.authentication.AnonymousAuthPlugin:
+    allow_anonymous: true
+"""
+
+# (key, description, bench arguments, headline metric, higher is better)
+SCENARIOS: list[tuple[str, str, list[str], str, bool]] = [
+    ("qos0_1to1", "1→1 QoS 0, max rate", ["--qos", "0", "--drain-timeout", "3"], "receive_msgs_per_s", True),
+    ("qos1_1to1", "1→1 QoS 1, max rate", ["--qos", "1"], "receive_msgs_per_s", True),
+    ("qos1_fan_in", "10→1 fan-in QoS 1, max rate", ["--qos", "1", "--publishers", "10"], "receive_msgs_per_s", True),
+    ("qos1_fan_out", "1→10 fan-out QoS 1, max rate", ["--qos", "1", "--subscribers", "10"],
+     "receive_msgs_per_s", True),
+    ("qos1_latency", "QoS 1 at 1,000 msg/s", ["--qos", "1", "--rate", "1000"], "latency", False),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port} after {START_TIMEOUT_S}s") from None
+            time.sleep(0.1)  # polling another process's listen socket
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (children not included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ExternalBroker:
+    """Mosquitto or amqtt in a temp dir, on a free port, stopped by PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> tuple[str, int]:
+        port = free_port()
+        if self.name == "mosquitto":
+            config = self.dir / "mosquitto.conf"
+            config.write_text(MOSQUITTO_CONF.format(port=port))
+            command = [MOSQUITTO, "-c", str(config)]
+        else:
+            config = self.dir / "amqtt.yaml"
+            config.write_text(AMQTT_YAML.format(port=port))
+            command = [AMQTT, "-c", str(config)]
+        log = self.dir / "broker.log"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=self.dir)
+        wait_for_port(port, self.process, log)
+        return f"127.0.0.1:{port}", self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TidegateBroker:
+    def __init__(self, flush: str) -> None:
+        self.name = f"tidegate-{flush}"
+        self.flush = flush
+        self.spawned: Any = None
+
+    def start(self) -> tuple[str, int]:
+        from tidegate.gateway.bench import SpawnedBroker
+
+        self.spawned = SpawnedBroker(self.flush, listeners=("mqtt",),
+                                     extra_settings=("listeners.mqtt.ws_enabled=false",)).__enter__()
+        return self.spawned.addresses["mqtt"], self.spawned.process.pid
+
+    def stop(self) -> None:
+        if self.spawned is not None:
+            self.spawned.__exit__()
+
+
+BROKERS = {"tidegate-sync": lambda: TidegateBroker("sync"), "tidegate-async": lambda: TidegateBroker("async"),
+           "mosquitto": lambda: ExternalBroker("mosquitto"), "amqtt": lambda: ExternalBroker("amqtt")}
+
+
+def run_tidegate(args: list[str], timeout: float) -> dict[str, Any]:
+    command = [PYTHON, "-m", "tidegate.gateway", "bench", *args, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"errors": [f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or done.stdout[-300:]}"]}
+
+
+def one_run(broker_name: str, bench_args: list[str], settle: float = 0.5, timeout: float = RUN_TIMEOUT_S
+            ) -> dict[str, Any]:
+    broker = BROKERS[broker_name]()
+    try:
+        address, pid = broker.start()
+        time.sleep(settle)
+        cpu_before = cpu_seconds(pid)
+        loadavg = os.getloadavg()[0]
+        extra = ["--broker-pid", str(pid)] if bench_args[0] == "mqtt-conns" else []
+        report = run_tidegate([*bench_args, "--server", address, *extra], timeout)
+        report["broker_cpu_s"] = round(cpu_seconds(pid) - cpu_before, 3)
+        report["loadavg_1m_before"] = round(loadavg, 2)
+        delivered = report.get("received") or 0
+        report["broker_cpu_us_per_delivery"] = round(report["broker_cpu_s"] * 1e6 / delivered, 1) if delivered \
+            else None
+        return report
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        return {"errors": [f"{type(exc).__name__}: {exc}"]}
+    finally:
+        broker.stop()
+
+
+def headline(report: dict[str, Any], metric: str) -> Any:
+    if report.get("errors") and not report.get("received"):
+        return None
+    if metric == "latency":
+        return report.get("latency_ms", {}).get("p99")
+    return report.get(metric)
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and digits:
+        return f"{value:,.{digits}f}"
+    return f"{round(value):,}" if isinstance(value, (int, float)) else str(value)
+
+
+def ratio(a: Any, b: Any, higher_is_better: bool = True) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not a or not b:
+        return "—"
+    return f"{a / b:.2f}x" if higher_is_better else f"{b / a:.2f}x"
+
+
+def per_message(report: dict[str, Any], count: str) -> float | None:
+    n, cpu = report.get(count), report.get("broker_cpu_s")
+    return round(cpu * 1e6 / n, 1) if n and cpu is not None else None
+
+
+def markdown(results: dict[str, Any], brokers: list[str]) -> str:
+    names = {"tidegate-sync": "Tidegate sync", "tidegate-async": "Tidegate async", "mosquitto": "Mosquitto",
+             "amqtt": "amqtt"}
+    # Ratios are oriented so that above 1 means Tidegate (sync) does better.
+    head = "| scenario | metric | " + " | ".join(names[b] for b in brokers) + \
+        " | TG sync / Mosquitto | TG sync / amqtt |"
+    lines = [head, "|" + "---|" * (len(brokers) + 4)]
+
+    def row(label: str, metric: str, values: dict[str, Any], higher: bool, digits: int = 0) -> None:
+        cells = [fmt(values.get(b), digits) for b in brokers]
+        lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " | "
+                     + ratio(values.get("tidegate-sync"), values.get("mosquitto"), higher) + " | "
+                     + ratio(values.get("tidegate-sync"), values.get("amqtt"), higher) + " |")
+
+    for key, label, _args, metric, _higher in SCENARIOS:
+        runs = results["scenarios"].get(key)
+        if not runs:
+            continue
+        if metric == "latency":
+            row(label, "e2e p50 ms (lower is better)",
+                {b: runs[b].get("latency_ms", {}).get("p50") for b in brokers}, False, 2)
+            row(label, "e2e p99 ms (lower is better)",
+                {b: runs[b].get("latency_ms", {}).get("p99") for b in brokers}, False, 2)
+        else:
+            row(label, "publish msg/s", {b: runs[b].get("publish_msgs_per_s") for b in brokers}, True)
+            row(label, "receive msg/s (all subscribers)", {b: headline(runs[b], metric) for b in brokers}, True)
+        row(label, "broker CPU µs / published msg (lower is better)",
+            {b: per_message(runs[b], "acked") for b in brokers}, False, 1)
+        row(label, "broker CPU µs / delivery (lower is better)",
+            {b: per_message(runs[b], "received") for b in brokers}, False, 1)
+        row(label, "lost / duplicated", {b: f"{runs[b].get('lost')} / {runs[b].get('duplicated')}"
+                                         for b in brokers}, True)
+    conns = results["scenarios"].get("idle_connections")
+    if conns:
+        row("idle connections", "connections opened",
+            {b: f"{conns[b].get('connected')}/{conns[b].get('count')}" for b in brokers}, True)
+        row("idle connections", "total connect s (lower is better)",
+            {b: conns[b].get("connect_seconds_total") for b in brokers}, False, 1)
+        row("idle connections", "connect p99 ms (lower is better)",
+            {b: conns[b].get("connect_ms", {}).get("p99") for b in brokers}, False, 2)
+        row("idle connections", "broker RSS bytes / connection (lower is better)",
+            {b: conns[b].get("broker_bytes_per_connection") for b in brokers}, False)
+    errors = [f"- {scenario} / {broker}: {'; '.join(r['errors'])}"
+              for scenario, runs in results["scenarios"].items() for broker, r in runs.items() if r.get("errors")]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds of publishing per scenario (6)")
+    parser.add_argument("--conns", type=int, default=10_000, help="idle connections (10000; 0 skips)")
+    parser.add_argument("--amqtt-conns", type=int, default=0,
+                        help="idle connections for amqtt if it cannot hold --conns (default: same as --conns)")
+    parser.add_argument("--brokers", default=",".join(BROKERS), help=f"comma-separated subset of {list(BROKERS)}")
+    parser.add_argument("--scenarios", default="", help="comma-separated subset of scenario keys (default all)")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tidegate-bench-mqtt-compare"),
+                        help="directory for results.json and results.md")
+    parser.add_argument("--from-json", metavar="FILE", default="",
+                        help="do not run anything: print the table of an earlier results.json")
+    args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        print(markdown(results, [b for b in BROKERS if all(b in runs for runs in results["scenarios"].values())]))
+        return 0
+    brokers = [b for b in args.brokers.split(",") if b]
+    wanted = set(filter(None, args.scenarios.split(",")))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every broker and client we start
+
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "nofile": hard},
+        "duration_s": args.duration, "mosquitto_conf": MOSQUITTO_CONF, "amqtt_yaml": AMQTT_YAML,
+        "mosquitto_version": subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.split("\n")[0],
+        "scenarios": {},
+    }
+    for key, label, bench_args, _metric, _higher in SCENARIOS:
+        if wanted and key not in wanted:
+            continue
+        runs = results["scenarios"][key] = {}
+        for broker in brokers:
+            command = ["mqtt", "--duration", str(args.duration), *bench_args]
+            runs[broker] = report = one_run(broker, command)
+            report["command"] = "tidegate bench " + " ".join(command) + " --server <broker> --json"
+            print(f"{label:32} {broker:15} publish {report.get('publish_msgs_per_s')} msg/s  receive "
+                  f"{report.get('receive_msgs_per_s')} msg/s  p50/p99 {report.get('latency_ms', {}).get('p50')}/"
+                  f"{report.get('latency_ms', {}).get('p99')} ms  broker cpu {report.get('broker_cpu_us_per_delivery')}"
+                  f" µs/msg  lost {report.get('lost')} dup {report.get('duplicated')}  load "
+                  f"{report.get('loadavg_1m_before')}  {'; '.join(report.get('errors', []))}", flush=True)
+    if args.conns and (not wanted or "idle_connections" in wanted):
+        runs = results["scenarios"]["idle_connections"] = {}
+        for broker in brokers:
+            count = args.amqtt_conns if broker == "amqtt" and args.amqtt_conns else args.conns
+            command = ["mqtt-conns", "--count", str(count)]
+            runs[broker] = report = one_run(broker, command, settle=1.0, timeout=900)
+            report["command"] = "tidegate bench " + " ".join(command) + " --server <broker> --broker-pid <pid> --json"
+            print(f"{'idle connections':32} {broker:15} {report.get('connected')}/{count} in "
+                  f"{report.get('connect_seconds_total')} s, p99 {report.get('connect_ms', {}).get('p99')} ms, "
+                  f"{report.get('broker_bytes_per_connection')} B/conn  {'; '.join(report.get('errors', []))}",
+                  flush=True)
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    table = markdown(results, brokers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    (out / "results.md").write_text(table)
+    print()
+    print(table)
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
