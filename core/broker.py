@@ -69,6 +69,7 @@ MAX_QUEUES = 1024
 READ_BATCH = 64
 MAX_SCAN_PER_PUMP = 4096  # index entries one pump may skip over (filters) before yielding the reactor
 MESSAGE_CACHE = 8192
+WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the network
 OFFSET_FLUSH_S = 1.0
 
 __all__ = ["Broker", "BrokerConfig", "Subscription"]
@@ -487,17 +488,26 @@ class Broker:
             self._wake_call = self.clock.callLater(0, self._run_wakes)
 
     def _run_wakes(self) -> None:
+        # A consumer that hands credit straight back while it is being delivered to (MQTT QoS 0, auto-acking
+        # sinks) is pumped again in the same turn, a bounded number of times: otherwise it would get one credit's
+        # worth per reactor turn while a publisher fills the queue much faster.
         self._wake_call = None
-        pending, self._wake_pending = self._wake_pending, {}
-        for sub in pending:
-            if not sub.closed and sub.credit > 0:
-                try:
-                    if sub.state.ack is AckMode.OFFSET:
-                        self._pump_offset(sub)
-                    else:
-                        self._pump_pop(sub)
-                except TidegateError as exc:
-                    log.warning("delivery to %s stopped: %s", sub, exc)
+        for _ in range(WAKE_ROUNDS_PER_TURN):
+            pending, self._wake_pending = self._wake_pending, {}
+            if not pending:
+                break
+            for sub in pending:
+                if not sub.closed and sub.credit > 0:
+                    try:
+                        if sub.state.ack is AckMode.OFFSET:
+                            self._pump_offset(sub)
+                        else:
+                            self._pump_pop(sub)
+                    except TidegateError as exc:
+                        log.warning("delivery to %s stopped: %s", sub, exc)
+        if not self._wake_pending and self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()  # everything was handled in this turn
+            self._wake_call = None
 
     def _read(self, entry: IndexEntry) -> Message:
         msg = self._msg_cache.get(entry.commit_offset)
