@@ -473,7 +473,7 @@ class Broker:
                     released = True
         if released:
             for pq in state.pop.values():
-                pq.ready = deque(sorted(pq.ready))
+                pq.ready.sort()
         sub.assigned = []
         if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
             self._assign(state, sub.topic)
@@ -645,7 +645,7 @@ class Broker:
             pq = self._pop_queue(key, state, q)
             # redeliveries first, oldest offset first
             while pq.ready and budget > 0:
-                offset = pq.ready.popleft()
+                offset = pq.ready.pop(0)
                 attempt = pq.attempts.pop(offset, 1) + 1
                 if offset < pq.committed or offset in pq.acked or offset in pq.inflight:
                     continue
@@ -746,7 +746,7 @@ class Broker:
             pq.inflight[offset] = Inflight(item.attempt, self.clock.seconds() + delay_ms / 1000.0, None)
             self._timers.add(pq.inflight[offset].deadline, (sub.state.name, sub.progress_key, q, offset, item.attempt))
             return
-        pq.ready.appendleft(offset)
+        pq.ready.insert(0, offset)
         self._wake_group(sub.state, sub.topic)
 
     def _on_invisibility_expired(self, items: list[Any]) -> None:

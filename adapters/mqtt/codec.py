@@ -126,6 +126,7 @@ MAX_PACKET_SIZE = MAX_VARIABLE_BYTE_INTEGER + 5
 Buffer = bytes | memoryview
 _Decoder = Callable[[int, int, Buffer, int, int], Packet]  # (level, flags, buffer, start, end)
 _StateDecoder = Callable[[int, Buffer, int, int], Packet]  # (flags, buffer, start, end), level already bound
+_SHARED_DISPATCH: dict[tuple[bool, int | None, bool], list[_StateDecoder]] = {}
 
 _REASON_BY_VALUE: dict[int, ReasonCode] = {int(code): code for code in ReasonCode}
 
@@ -694,7 +695,17 @@ class MqttCodec:
         return len(self._buffer)
 
     def _rebuild_dispatch(self) -> None:
-        self._dispatch = [self._dispatch_entry(packet_type) for packet_type in range(16)]
+        if self.server_side and not self._connect_received:
+            # the CONNECT entry is bound to this codec (it records the level): built per connection, briefly
+            self._dispatch = [self._dispatch_entry(packet_type) for packet_type in range(16)]
+            return
+        # Every other table depends only on (side, level, CONNECT seen): share one per state, since thousands of
+        # idle connections would otherwise each hold sixteen closures (about 6 KiB).
+        key = (self.server_side, self._protocol_level, self._connect_received)
+        table = _SHARED_DISPATCH.get(key)
+        if table is None:
+            table = _SHARED_DISPATCH[key] = [self._dispatch_entry(packet_type) for packet_type in range(16)]
+        self._dispatch = table
 
     def _dispatch_entry(self, packet_type: int) -> _StateDecoder:
         level = self._protocol_level

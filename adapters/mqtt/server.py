@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +173,7 @@ class MqttProtocol(Protocol):
         self._awaiting_durable: set[int] = set()  # QoS 2 ids whose PUBREC waits for the disk
         self._core_subs: dict[str, Any] = {}
         self._inflight: dict[int, _Inflight] = {}
-        self._pending: deque[_Outgoing] = deque()
+        self._pending: list[_Outgoing] = []  # a list: an idle connection should not carry a deque's block
         self._next_packet_id = 1
         self._paused = False
         self._held_credit: dict[str, int] = {}
@@ -651,10 +650,13 @@ class MqttProtocol(Protocol):
 
     def _drain_pending(self) -> None:
         pending = self._pending
-        while pending and self.state == "connected":
-            if pending[0].qos and self._in_flight_count() >= self._client_receive_max:
-                return
-            self._transmit(pending.popleft())
+        sent = 0
+        while sent < len(pending) and self.state == "connected":
+            if pending[sent].qos and self._in_flight_count() >= self._client_receive_max:
+                break
+            sent += 1
+            self._transmit(pending[sent - 1])
+        del pending[:sent]
 
     def _transmit(self, outgoing: _Outgoing) -> None:
         session = self.session
