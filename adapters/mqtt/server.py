@@ -416,8 +416,10 @@ class MqttProtocol(Protocol):
 
         for packet_id in sorted(session.released):
             self._send(Pubrel(packet_id))
-        self._open_core_subscription(session.topic, session.topic, session.topic,
-                                     max(0, self._client_receive_max - len(session.released)))
+        if session_present or session.subscriptions:
+            # a fresh session has nothing queued until its first SUBSCRIBE binds a filter: attach to the core
+            # then, so idle connections (sensors that only publish) hold no consumer state
+            self._open_session_queue()
         for entry in session.subscriptions.values():
             if entry.share:
                 self._open_share(entry)
@@ -426,6 +428,12 @@ class MqttProtocol(Protocol):
         if self._sys_filters:
             self.factory.sys.listeners.add(self)
         log.debug("mqtt %s connected (level %d, session present %s)", self._who(), level, session_present)
+
+    def _open_session_queue(self) -> None:
+        session = self.session
+        assert session is not None
+        self._open_core_subscription(session.topic, session.topic, session.topic,
+                                     max(0, self._client_receive_max - len(session.released)))
 
     def _open_core_subscription(self, key: str, group: str, topic: str, credit: int) -> None:
         if key in self._core_subs:
@@ -873,6 +881,8 @@ class MqttProtocol(Protocol):
             existed = self.factory.sessions.add_subscription(session, entry)
             if share:
                 self._open_share(entry)
+            else:
+                self._open_session_queue()
         except TidegateError as exc:
             log.info("mqtt %s: subscription to %r refused: %s", self._who(), wanted.topic_filter, exc)
             self.factory.sessions.remove_subscription(session, wanted.topic_filter)

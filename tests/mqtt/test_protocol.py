@@ -584,3 +584,19 @@ def test_request_response_properties_are_carried(env):
     assert p.properties.response_topic == "resp/requester" and p.properties.correlation_data == b"\x01\x02"
 
 
+
+
+def test_a_client_without_subscriptions_holds_no_core_consumer_until_it_subscribes(env):
+    """Publish-only devices stay cheap: the session queue is attached on the first SUBSCRIBE, and from then on
+    messages flow as usual."""
+    device = env.client()
+    device.connect("sensor-1")
+    assert env.broker.list_groups() == []  # no consumer group, no subscription in the core
+    device.send(Subscribe(1, (Subscription("cmd/sensor-1", qos=1),)))
+    assert device.received()[0].reason_codes == (ReasonCode.GRANTED_QOS_1,)
+    publisher = env.client()
+    publisher.connect("controller")
+    publisher.send(Publish("cmd/sensor-1", b"reboot", qos=1, packet_id=1))
+    env.pump()
+    [delivered] = [p for p in device.received() if isinstance(p, Publish)]
+    assert (delivered.topic, delivered.payload, delivered.qos) == ("cmd/sensor-1", b"reboot", 1)
