@@ -21,9 +21,7 @@ import os
 import platform
 import queue
 import shutil
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tidegate.gateway.testing import BrokerProcess
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,7 +52,6 @@ READY_TIMEOUT_S = 60.0  # workers start (spawned interpreters import Twisted) an
 SEND_DRAIN_TIMEOUT_S = 30.0  # after the run, how long a producer waits for answers to requests in flight
 RESULT_TIMEOUT_S = 60.0
 RESULT_GRACE_S = 5.0
-BROKER_START_TIMEOUT_S = 60.0
 BROKER_STOP_TIMEOUT_S = 60.0
 # A limiter that fell behind (GC pause, slow broker) may catch up this much, not more, so it never bursts for long.
 MAX_CATCH_UP_S = 0.1
@@ -731,81 +730,33 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None]) -> dict[st
 
 
 # ============================================================================================ spawned broker
-class SpawnedBroker:
-    """A temporary `tidegate serve` on ephemeral ports in a temporary data dir, stopped (SIGTERM) on exit.
+class SpawnedBroker(BrokerProcess):
+    """A temporary `tidegate serve` for one bench run, in a temporary data dir removed afterwards.
 
-    Bound addresses come from `<data_dir>/listeners.json`, which the broker writes once it listens.
     With `profile_path`, the broker runs under cProfile and writes its profile there when it stops.
     """
 
     def __init__(self, flush: str, *, listeners: tuple[str, ...] = ("native",), profile_path: str = "",
                  extra_settings: tuple[str, ...] = ()) -> None:
-        self.flush = flush
-        self.listeners = listeners
-        self.profile_path = profile_path
-        self.extra_settings = extra_settings
-        self.data_dir = Path(tempfile.mkdtemp(prefix="tidegate-bench-"))
-        self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.addresses: dict[str, str] = {}
-
-    def command(self) -> list[str]:
-        command = [sys.executable]
-        if self.profile_path:
-            command += ["-m", "cProfile", "-o", self.profile_path]
-        command += ["-m", "tidegate.gateway", "serve", "--data-dir", str(self.data_dir), "--flush", self.flush,
-                    "--log-level", "warning", "--set", "listeners.admin.port=0"]
-        for name in ("native", "mqtt", "amqp"):
-            if name in self.listeners:
-                command += ["--set", f"listeners.{name}.port=0"]
-            else:
-                command += ["--set", f"listeners.{name}.enabled=false"]
-        if "mqtt" in self.listeners:
-            command += ["--set", "listeners.mqtt.ws_port=0"]
-        for setting in self.extra_settings:
-            command += ["--set", setting]
-        return command
+        args = ["--flush", flush, "--log-level", "warning"]
+        for setting in extra_settings:
+            args += ["--set", setting]
+        root = Path(tempfile.mkdtemp(prefix="tidegate-bench-"))
+        super().__init__(root / "data", *args, listeners=(*listeners, "admin"), profile_path=profile_path)
 
     def __enter__(self) -> SpawnedBroker:
-        from tidegate.gateway.app import LISTENERS_FILE, read_listeners_file
-
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        listeners_file = self.data_dir / LISTENERS_FILE
-        while not listeners_file.exists():
-            if self.process.poll() is not None:
-                self._cleanup()
-                raise BenchError(f"the spawned broker exited with code {self.process.returncode}: "
-                                 f"{self._log_tail()}")
-            if time.monotonic() >= deadline:
-                self.__exit__()
-                raise BenchError(f"the spawned broker wrote no {LISTENERS_FILE} within {BROKER_START_TIMEOUT_S}s")
-            time.sleep(0.05)  # polling a file another process writes; there is nothing to wait on
-        self.addresses = read_listeners_file(self.data_dir)
+        try:
+            self.start()
+        except AssertionError as exc:  # the broker died or never listened: say why, in one line
+            self.__exit__()
+            raise BenchError(f"the spawned broker did not start: {str(exc).splitlines()[0]}") from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(BROKER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._cleanup()
-
-    def _log_tail(self) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-5:]) or "(empty log)"
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.log_path.unlink(missing_ok=True)
+            super().__exit__(*exc_info)
+        finally:
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
 
 # ================================================================================================== CLI
