@@ -7,6 +7,11 @@ Mapping onto the core (see mapping.py for names, sessions.py for sessions and sh
 - A publish becomes one core message (QoS 0 TRANSIENT, QoS 1 PERSISTENT, QoS 2 PERSISTENT|EXACTLY_ONCE); PUBACK and
   PUBREC are sent only once the core says the message is durable (`broker.when_durable`). QoS 2 packet ids are
   remembered until PUBREL, so a duplicate PUBLISH is acknowledged, not published again.
+- Consecutive PUBLISH packets of one `dataReceived` are checked one by one as they come (aliases, Receive Maximum,
+  refusals) but stored together: one `broker.publish` per run of the same core topic and one `when_durable` whose
+  callback sends all their PUBACK/PUBREC in order. Any other packet, any refusal or error, and the end of the read
+  store the pending batch first, so everything a client sees happens in the order it would one publish at a time.
+  A batch the core refuses is published again one message at a time, so each bad message gets its own refusal.
 - Delivery: the session queue (and each shared-subscription queue) is consumed through a core Subscription in
   per-message ack mode. Each delivery is re-matched against the session's filters for QoS (min of message and
   subscription), subscription identifiers, No Local, Retain As Published and the `$` rule. QoS 0 deliveries are
@@ -178,6 +183,9 @@ class MqttProtocol(Protocol):
         self._paused = False
         self._held_credit: dict[str, int] = {}
         self._sys_filters: list[SubscriptionEntry] = []
+        # PUBLISHes of the current read checked but not stored yet: (packet, topic name, message); None when empty
+        self._batch: list[tuple[Publish, str, Message]] | None = None
+        self._batch_ids: set[int] | None = None  # their QoS 1/2 packet ids
 
     # ------------------------------------------------------------------------------------------ transport
     def connectionMade(self) -> None:
@@ -203,18 +211,31 @@ class MqttProtocol(Protocol):
             try:
                 packets = self.codec.receive_data(data)
             except MqttProtocolError as error:
-                for packet in error.packets_before_error:
-                    self._handle(packet)
-                    if self.state == "closed":
-                        return
+                if self._handle_all(error.packets_before_error):
+                    return
                 self._fail(error)
                 return
-            for packet in packets:
-                self._handle(packet)
-                if self.state == "closed":
-                    return
+            self._handle_all(packets)
         finally:
             self._flush()
+
+    def _handle_all(self, packets: list[Any]) -> bool:
+        """Handle the packets of one read in order, storing staged PUBLISHes before any other packet and at the end;
+        True if the connection was closed."""
+        publish = Publish
+        for packet in packets:
+            if self._batch is not None and type(packet) is not publish:
+                self._publish_batch()
+                if self.state == "closed":
+                    return True
+            self._handle(packet)
+            if self.state == "closed":
+                self._batch = self._batch_ids = None  # packets after a close are not acted on
+                return True
+        if self._batch is not None:
+            self._publish_batch()
+            return self.state == "closed"
+        return False
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
@@ -307,12 +328,17 @@ class MqttProtocol(Protocol):
             if handler is None:
                 raise MqttProtocolError(f"unexpected {type(packet).__name__}", ReasonCode.PROTOCOL_ERROR)
             handler(self, packet)
-        except MqttProtocolError as error:
+        except Exception as error:
+            self._handle_error(error)
+
+    def _handle_error(self, error: Exception) -> None:
+        """A handler failed (called inside its `except` block): close the connection as its kind of error asks."""
+        if isinstance(error, MqttProtocolError):
             self._fail(error)
-        except TidegateError as error:
+        elif isinstance(error, TidegateError):
             log.info("mqtt %s: closing: core refused: %s", self._who(), error)
             self._fail_code(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, error.message)
-        except Exception:
+        else:
             log.exception("mqtt %s: internal error; closing the connection", self._who())
             self._fail_code(ReasonCode.UNSPECIFIED_ERROR, "internal error")
 
@@ -505,6 +531,19 @@ class MqttProtocol(Protocol):
 
     # ------------------------------------------------------------------------------------------ inbound PUBLISH
     def _on_publish(self, packet: Publish) -> None:
+        try:
+            self._stage_publish(packet)
+        except Exception:
+            if self._batch is not None:
+                self._publish_batch()  # what came before the fault is stored before the connection closes
+            raise
+
+    def _stage_publish(self, packet: Publish) -> None:
+        """Check one PUBLISH and add it to the batch of this read (stored by `_publish_batch`).
+
+        Every path that answers or refuses the packet at once stores the pending batch first, so the order of
+        everything the client sees is that of publishing one packet at a time.
+        """
         session = self.session
         assert session is not None
         qos, packet_id = packet.qos, packet.packet_id
@@ -525,18 +564,36 @@ class MqttProtocol(Protocol):
                 if known is None:
                     raise MqttProtocolError(f"topic alias {alias} is not set", ReasonCode.PROTOCOL_ERROR)
                 topic = known
+        batch = self._batch
+        if batch is not None and qos and packet_id in self._batch_ids:  # type: ignore[operator]
+            # the same packet id is already staged (a QoS 2 resend, or an id reused): store the batch first so this
+            # packet meets the state it would meet one publish at a time (e.g. known QoS 2 id: not stored again)
+            if self._publish_batch_now():
+                return
+            batch = None
         if qos == 2 and packet_id in session.inbound_qos2:
             # a resent PUBLISH: already stored; acknowledge again unless the first PUBREC still waits for the disk
             if packet_id not in self._awaiting_durable:
+                if batch is not None and self._publish_batch_now():
+                    return
                 self._send(Pubrec(packet_id))
             return
         if qos:
-            self._inbound_open.add(packet_id)  # type: ignore[arg-type]
-            if len(self._inbound_open) > self.settings.receive_maximum and self.level == MQTT_5:
+            inbound_open = self._inbound_open
+            if batch is not None and self.level == MQTT_5 and packet_id not in inbound_open \
+                    and len(inbound_open) >= self.settings.receive_maximum:
+                # storing the batch may free ids first (refusals; acknowledgements when the flush is async)
+                if self._publish_batch_now():
+                    return
+                batch = None
+            inbound_open.add(packet_id)  # type: ignore[arg-type]
+            if len(inbound_open) > self.settings.receive_maximum and self.level == MQTT_5:
                 raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
                                         ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         self.factory.stats.messages_received += 1
         if is_sys_name(topic):
+            if batch is not None and self._publish_batch_now():
+                return
             self._reject_publish(packet, ReasonCode.NOT_AUTHORIZED, "$SYS topics are written by the broker only")
             return
         fields = PublishFields(props.payload_format_indicator, props.message_expiry_interval, props.content_type,
@@ -544,35 +601,130 @@ class MqttProtocol(Protocol):
         try:
             message = build_message(topic, packet.payload, qos, packet.retain, fields, self.broker.now_ms(),
                                     publisher=self.client_id if session.has_no_local else None)
-            result = self.broker.publish([message])[0]
         except UnmappableName as exc:
+            if batch is not None and self._publish_batch_now():
+                return
             self._reject_publish(packet, ReasonCode.TOPIC_NAME_INVALID, str(exc))
             return
-        except TidegateError as exc:
-            self._reject_publish(packet, _REASON_FOR_CORE_ERROR.get(exc.code, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR),
-                                 exc.message)
+        if batch is None:
+            self._batch = batch = []
+            self._batch_ids = set()
+        batch.append((packet, topic, message))
+        if qos:
+            self._batch_ids.add(packet_id)  # type: ignore[union-attr, arg-type]
+
+    def _publish_batch_now(self) -> bool:
+        """Store the pending batch in the middle of checking a packet; True if that closed the connection."""
+        self._publish_batch()
+        return self.state != "connected"
+
+    def _publish_batch(self) -> None:
+        """Store the staged PUBLISHes; errors close the connection as they would in the packet's own handler."""
+        batch = self._batch
+        self._batch = self._batch_ids = None
+        if not batch:
             return
+        try:
+            self._store_batch(batch)
+        except Exception as error:
+            self._handle_error(error)
+
+    def _store_batch(self, batch: list[tuple[Publish, str, Message]]) -> None:
+        """One `broker.publish` per run of one core topic (so per-topic metrics stay right), then one
+        `when_durable` for all the acknowledgements. A run the core refuses (then nothing of it was stored) is
+        published again one message at a time, so each bad message is refused exactly as on its own."""
+        broker = self.broker
+        acks: list[tuple[int, int]] = []  # (packet id, QoS) to acknowledge once durable, in publish order
+        commit_end = 0
+        qos2 = False
+
+        def settle() -> None:
+            # register what is acknowledged so far: before a refusal goes out (order) and at the end
+            nonlocal acks, qos2
+            session = self.session
+            if qos2 and session is not None and session.expiry_interval:
+                self.factory.sessions.save(session)
+            qos2 = False
+            if acks:
+                pending, acks = acks, []
+                broker.when_durable(commit_end, lambda: self._acknowledge_publishes(pending))
+
+        count = len(batch)
+        start = 0
+        try:
+            while start < count:
+                if self.state != "connected":
+                    return
+                core_topic = batch[start][2].topic
+                end = start + 1
+                while end < count and batch[end][2].topic == core_topic:
+                    end += 1
+                run = batch if end - start == count else batch[start:end]
+                start = end
+                try:
+                    results = broker.publish([item[2] for item in run])
+                except TidegateError as exc:
+                    if len(run) > 1:
+                        results = None
+                    else:
+                        settle()
+                        self._refuse_stored(run[0][0], exc)
+                        continue
+                if results is None:
+                    # refused: nothing of the run was stored; one by one, each failure refused on its own
+                    for item in run:
+                        if self.state != "connected":
+                            return
+                        packet = item[0]
+                        try:
+                            result = broker.publish([item[2]])[0]
+                        except TidegateError as exc:
+                            settle()
+                            self._refuse_stored(packet, exc)
+                            continue
+                        if self._stored(item):
+                            acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
+                            qos2 = qos2 or packet.qos == 2
+                            commit_end = max(commit_end, result.commit_end)
+                    continue
+                for item, result in zip(run, results, strict=True):
+                    packet = item[0]
+                    if self._stored(item):
+                        acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
+                        qos2 = qos2 or packet.qos == 2
+                        commit_end = max(commit_end, result.commit_end)
+        finally:
+            settle()
+
+    def _refuse_stored(self, packet: Publish, exc: TidegateError) -> None:
+        self._reject_publish(packet, _REASON_FOR_CORE_ERROR.get(exc.code, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR),
+                             exc.message)
+
+    def _stored(self, item: tuple[Publish, str, Message]) -> bool:
+        """Bookkeeping of one stored publish; True if it is to be acknowledged once durable."""
+        packet, topic, message = item
         if packet.retain:
             self.factory.retained.set(topic, message)
+        qos = packet.qos
         if qos == 0:
-            return
+            return False
         if qos == 2:
-            session.inbound_qos2.add(packet_id)  # type: ignore[arg-type]
+            packet_id = packet.packet_id
+            self.session.inbound_qos2.add(packet_id)  # type: ignore[union-attr, arg-type]
             self._awaiting_durable.add(packet_id)  # type: ignore[arg-type]
-            if session.expiry_interval:
-                self.factory.sessions.save(session)
-        self.broker.when_durable(result.commit_end, lambda: self._acknowledge_publish(packet_id, qos))
+        return True
 
-    def _acknowledge_publish(self, packet_id: int, qos: int) -> None:
+    def _acknowledge_publishes(self, acks: list[tuple[int, int]]) -> None:
         if self.state != "connected":
             return  # the client resends after reconnecting; a QoS 2 resend is recognised by its packet id
         try:
-            if qos == 1:
-                self._inbound_open.discard(packet_id)
-                self._send(Puback(packet_id))
-            else:
-                self._awaiting_durable.discard(packet_id)
-                self._send(Pubrec(packet_id))
+            for packet_id, qos in acks:
+                if qos == 1:
+                    self._inbound_open.discard(packet_id)
+                    self._send(Puback(packet_id))
+                else:
+                    self._awaiting_durable.discard(packet_id)
+                    self._send(Pubrec(packet_id))
         finally:
             self._flush()
 

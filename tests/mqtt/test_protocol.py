@@ -182,6 +182,77 @@ def test_exactly_once_duplicate_publish_is_not_stored_twice(env):
     assert [p.payload for p in publishes(sub.received())] == [b"again"]
 
 
+def _stored_bodies(env, topic):
+    from tidegate.core.model import QueueRef
+
+    bodies = []
+    for queue_id in range(env.broker.get_topic(topic).queues):
+        bodies += [d.message.body for d in env.broker.pull(QueueRef(topic, queue_id), 0, max_count=100).messages]
+    return sorted(bodies)
+
+
+def test_publishes_of_one_read_are_stored_in_one_call_once_each_and_acked_in_order(env):
+    """Consecutive PUBLISHes of one read are stored with one core publish; a QoS 2 resend in the same read is not
+    stored again; a message the core refuses (too big) is refused alone while the others are stored; the
+    acknowledgements come in publish order, only once durable."""
+    calls = []
+    publish = env.broker.publish
+
+    def counting_publish(messages, queue_id=None):
+        calls.append(len(messages))
+        return publish(messages, queue_id)
+
+    env.broker.publish = counting_publish
+    env.broker.config.max_body = 64
+    pub = env.client(5)
+    pub.connect("pub")
+    pub.send(Publish("b/1", b"one", 1, packet_id=1), Publish("b/2", b"two", 2, packet_id=2),
+             Publish("b/3", b"three", 1, packet_id=3))
+    assert calls == [3]
+    assert pub.received() == []
+    env.pump()
+    assert pub.received() == [Puback(1), Pubrec(2), Puback(3)]
+    assert _stored_bodies(env, "b") == sorted([b"one", b"two", b"three"])
+
+    calls.clear()
+    pub.send(Pubrel(2),
+             Publish("b/4", b"four", 1, packet_id=4), Publish("b/5", b"five", 2, packet_id=5),
+             Publish("b/5", b"five", 2, dup=True, packet_id=5),  # resent in the same read: stored once
+             Publish("b/6", b"x" * 100, 1, packet_id=6),  # over max_body: refused on its own
+             Publish("b/0", b"zero", 0), Publish("b/7", b"seven", 2, packet_id=7),
+             Publish("b/8", b"eight", 1, packet_id=8))
+    # [4, 5] stored before the resend of 5 is looked at; [6, 0, 7, 8] refused as a batch, then one by one
+    assert calls == [2, 4, 1, 1, 1, 1]
+    [pubcomp, refused] = pub.received()
+    assert pubcomp == Pubcomp(2)
+    assert isinstance(refused, Puback) and refused.packet_id == 6 and refused.reason_code == ReasonCode.QUOTA_EXCEEDED
+    env.pump()
+    assert pub.received() == [Puback(4), Pubrec(5), Pubrec(7), Puback(8)]
+    assert _stored_bodies(env, "b") == sorted([b"one", b"two", b"three", b"four", b"five", b"zero", b"seven",
+                                               b"eight"])
+    pub.send(Publish("b/5", b"five", 2, dup=True, packet_id=5), Pubrel(5), Pubrel(7))
+    assert pub.received() == [Pubrec(5), Pubcomp(5), Pubcomp(7)]
+    env.pump()
+    assert len(_stored_bodies(env, "b")) == 8
+
+
+def test_publish_then_subscribe_in_one_read_sees_the_retained_message(env):
+    """Packets after a PUBLISH in the same read see it stored: the retained message reaches the new subscription,
+    and a publish before DISCONNECT is stored."""
+    client = env.client(4)
+    client.connect("c")
+    client.send(Publish("r/1", b"kept", 1, retain=True, packet_id=1),
+                Subscribe(2, (Subscription("r/#", 1),)),
+                Publish("r/2", b"last", 0), Disconnect())
+    got = client.received()
+    assert got[0] == Suback(2, (ReasonCode.GRANTED_QOS_1,))
+    assert [(p.topic, p.payload, p.retain) for p in publishes(got)] == [("r/1", b"kept", True)]
+    assert client.closed
+    assert env.factory.retained.get("r/1").body == b"kept"
+    env.pump()
+    assert _stored_bodies(env, "r") == [b"kept", b"last"]
+
+
 def test_unsubscribe_stops_delivery(env):
     sub = env.client(5)
     sub.connect("sub")
