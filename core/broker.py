@@ -288,9 +288,15 @@ class Broker:
             body_bytes += len(m.body)
             out.append(SendResult(r.msg_id, m.topic, dests[0].queue_id, offsets[0], r.commit_offset,
                                   r.commit_offset + r.size))
+        messages_in, bytes_in = self.metrics.messages_in, self.metrics.bytes_in
         topic = items[0][0].topic
-        self.metrics.messages_in[topic] += len(items)  # a batch is one topic in practice; close enough for metrics
-        self.metrics.bytes_in[topic] += body_bytes
+        if all(m.topic == topic for m, _ in items):
+            messages_in[topic] += len(items)
+            bytes_in[topic] += body_bytes
+        else:
+            for m, _ in items:
+                messages_in[m.topic] += 1
+                bytes_in[m.topic] += len(m.body)
         if len(cache) > MESSAGE_CACHE:
             cache.clear()  # cheaper than evicting one by one; the cache only saves decoding recent records
         if self.durability.visible_offset >= out[-1].commit_end:

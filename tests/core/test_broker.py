@@ -328,3 +328,9 @@ def test_publish_records_append_latency_and_counts(broker, clock):
     metrics = broker.metrics
     assert metrics.append_latency.count == 1  # one store call for the batch
     assert (metrics.messages_in["t"], metrics.bytes_in["t"]) == (2, 5)
+
+
+def test_a_mixed_batch_counts_each_topic_in_metrics(broker, clock):
+    broker.publish([Message("a", b"1"), Message("b", b"22"), Message("a", b"333")])
+    assert dict(broker.metrics.messages_in) == {"a": 2, "b": 1}
+    assert dict(broker.metrics.bytes_in) == {"a": 4, "b": 2}
