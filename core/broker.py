@@ -550,26 +550,20 @@ class Broker:
             q = queues[(sub._rr + i) % n]
             pos = sub.positions.get(q, 0)
             end = self._visible_max(q)
-            while pos < end and budget > 0 and scanned < MAX_SCAN_PER_PUMP:
+            while True:
                 try:
-                    entries = self.store.read_index(q, pos, min(READ_BATCH, end - pos))
+                    got, pos, looked = self._collect(q, pos, end, budget, tag_filter, now, MAX_SCAN_PER_PUMP - scanned)
                 except OffsetOutOfRange:
                     pos = self._fell_behind(sub, q, pos)
                     continue
-                if not entries:
-                    break
-                for e in entries:
-                    if e.queue_offset >= end or budget <= 0:
-                        break
-                    pos = e.queue_offset + 1
-                    scanned += 1
-                    msg = self._wanted(e, tag_filter, now)
-                    if msg is None:
-                        continue
-                    out.append(Delivered(msg, q, e.queue_offset))
-                    sub.last_delivered[q] = e.queue_offset
-                    budget -= 1
+                break
+            if got:
+                out.extend(got)
+                budget -= len(got)
+                sub.last_delivered[q] = got[-1].queue_offset
+            scanned += looked
             sub.positions[q] = pos
+        more = more or (budget > 0 and scanned >= MAX_SCAN_PER_PUMP)
         sub._rr = (sub._rr + 1) % max(1, n)
         if not out and not more:
             # everything scanned was filtered out: let the committed offset follow so lag does not grow forever
@@ -580,6 +574,27 @@ class Broker:
         self._deliver(sub, out)
         if more:
             self._wake(sub)
+
+    def _collect(self, q: QueueRef, pos: int, end: int, want: int, tag_filter: TagFilter, now_ms: int,
+                 scan_limit: int) -> tuple[list[Delivered], int, int]:
+        """Read `q` from `pos` up to `end` until `want` messages pass the filter or `scan_limit` index entries were
+        looked at. Returns (deliveries, next position, entries looked at); raises OffsetOutOfRange when `pos` is
+        below what retention kept."""
+        out: list[Delivered] = []
+        looked = 0
+        while pos < end and len(out) < want and looked < scan_limit:
+            entries = self.store.read_index(q, pos, min(READ_BATCH, end - pos))
+            if not entries:
+                break
+            for e in entries:
+                if e.queue_offset >= end or len(out) >= want:
+                    break
+                pos = e.queue_offset + 1
+                looked += 1
+                msg = self._wanted(e, tag_filter, now_ms)
+                if msg is not None:
+                    out.append(Delivered(msg, q, e.queue_offset))
+        return out, pos, looked
 
     def _has_undelivered_commit(self, sub: Subscription, q: QueueRef) -> bool:
         # An offset-mode consumer owns the gap between its commit and its position only while it has deliveries
@@ -799,21 +814,7 @@ class Broker:
             return PullResult(PullStatus.OFFSET_MOVED, [], low, low, end)
         if offset > end:
             raise OffsetOutOfRange(f"offset {offset} is past the end of {queue} (max {end})")
-        out: list[Delivered] = []
-        pos, scanned, now = offset, 0, self.now_ms()
-        while pos < end and len(out) < max_count and scanned < MAX_SCAN_PER_PUMP:
-            entries = self.store.read_index(queue, pos, min(READ_BATCH, end - pos))
-            if not entries:
-                break
-            for e in entries:
-                if e.queue_offset >= end or len(out) >= max_count:
-                    break
-                pos = e.queue_offset + 1
-                scanned += 1
-                msg = self._wanted(e, tag_filter, now)
-                if msg is None:
-                    continue
-                out.append(Delivered(msg, queue, e.queue_offset))
+        out, pos, _ = self._collect(queue, offset, end, max_count, tag_filter, self.now_ms(), MAX_SCAN_PER_PUMP)
         for d in out:
             self.metrics.messages_out[queue.topic] += 1
             self.metrics.bytes_out[queue.topic] += len(d.message.body)

@@ -37,7 +37,7 @@ from tidegate.core.storage.commitlog import CommitLog
 from tidegate.core.storage.keyindex import KeyIndex, key_hash
 from tidegate.core.storage.layout import StoreLayout, fsync_dir, write_atomically
 from tidegate.core.storage.queueindex import IndexFiles, QueueIndex
-from tidegate.core.storage.record import decode_record, encode_record, make_msg_id, parse_msg_id
+from tidegate.core.storage.record import decode_record, encode_record, find_by_id, make_msg_id
 
 logger = logging.getLogger("tidegate.storage")
 
@@ -409,14 +409,7 @@ class FileMessageStore:
         return message
 
     def lookup_id(self, msg_id: str) -> Message:
-        parsed = parse_msg_id(msg_id)
-        if parsed is None:
-            raise MessageNotFound(f"{msg_id!r} is not a message id (24 hex characters)")
-        offset, seconds = parsed
-        message = self.read_message(offset)
-        if (message.store_ts // 1000) & 0xFFFFFFFF != seconds:
-            raise MessageNotFound(f"no message with id {msg_id}")
-        return message
+        return find_by_id(self.read_message, msg_id)
 
     def lookup_key(self, topic: str, key: str, limit: int = 64) -> list[Message]:
         log_min = self._log.min_offset

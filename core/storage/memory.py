@@ -37,8 +37,8 @@ from tidegate.core.storage.record import (
     FILLER_SIZE,
     decode_record,
     encode_record,
+    find_by_id,
     make_msg_id,
-    parse_msg_id,
 )
 
 _MAX_QUEUE_ID = 0xFFFFFFFF
@@ -197,14 +197,7 @@ class MemoryMessageStore:
         return message
 
     def lookup_id(self, msg_id: str) -> Message:
-        parsed = parse_msg_id(msg_id)
-        if parsed is None:
-            raise MessageNotFound(f"{msg_id!r} is not a message id (24 hex characters)")
-        offset, seconds = parsed
-        message = self.read_message(offset)
-        if (message.store_ts // 1000) & 0xFFFFFFFF != seconds:
-            raise MessageNotFound(f"no message with id {msg_id}")
-        return message
+        return find_by_id(self.read_message, msg_id)
 
     def lookup_key(self, topic: str, key: str, limit: int = 64) -> list[Message]:
         offsets = [o for o in self._keys.get((topic, key), ()) if o in self._records]

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crc32c import crc32c
 
-from tidegate.core.errors import CorruptRecord, MessageTooLarge
+from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge
 from tidegate.core.model import Message
 
 MESSAGE_MAGIC = 0x314D4754  # b"TGM1"
@@ -256,3 +256,16 @@ def parse_msg_id(msg_id: str) -> tuple[int, int] | None:
     if not isinstance(msg_id, str) or not _MSG_ID.fullmatch(msg_id):
         return None
     return int(msg_id[:16], 16), int(msg_id[16:], 16)
+
+
+def find_by_id(read_message: Callable[[int], Message], msg_id: str) -> Message:
+    """The message a message id names: read at the commit offset it encodes, checked against its timestamp (an id
+    from before retention reused that offset must not find the newer message)."""
+    parsed = parse_msg_id(msg_id)
+    if parsed is None:
+        raise MessageNotFound(f"{msg_id!r} is not a message id (24 hex characters)")
+    offset, seconds = parsed
+    message = read_message(offset)
+    if (message.store_ts // 1000) & 0xFFFFFFFF != seconds:
+        raise MessageNotFound(f"no message with id {msg_id}")
+    return message
