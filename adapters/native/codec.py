@@ -27,6 +27,7 @@ from tidegate.adapters.native.frames import (
     FRAME_TYPES,
     SERVER,
     SUPPORTED_VERSIONS,
+    Deliver,
     Error,
     Frame,
     FrameValueError,
@@ -133,6 +134,10 @@ SEND_TYPE = Send.TYPE
 SEND_OK_TYPE = SendOk.TYPE
 SEND_BATCH_TYPE = SendBatch.TYPE
 SEND_BATCH_OK_TYPE = SendBatchOk.TYPE
+DELIVER_TYPE = Deliver.TYPE
+_DELIVERY_POSITION = struct.Struct(">Iq")  # queue_id, queue_offset (after the queue's topic)
+_delivery_position_pack = _DELIVERY_POSITION.pack
+_u16_pack = struct.Struct(">H").pack
 _I32_U32_UNPACK = struct.Struct(">iI").unpack_from
 _u32_pack = struct.Struct(">I").pack
 _u32_unpack = struct.Struct(">I").unpack_from
@@ -170,6 +175,25 @@ def encode_send_batch_ok(request_id: int, results: Sequence[Any]) -> bytes:
         return _header_pack(len(body) + 6, SEND_BATCH_OK_TYPE, 0, request_id) + body
     except struct.error as exc:
         raise FrameValueError(f"SendBatchOk: value out of range for its wire type: {exc}") from None
+
+
+def encode_deliver(subscription_id: int, deliveries: Sequence[Any]) -> bytes:
+    """The bytes of a DELIVER push for core `Delivered` values, without building DeliveryRecord objects (the
+    broker's delivery hot path). Same bytes as `encode_frame(Deliver(...))`."""
+    try:
+        parts = [_u32_pack(subscription_id), _u32_pack(len(deliveries))]
+        append = parts.append
+        for d in deliveries:
+            queue = d.queue
+            append(wire_name(queue.topic))
+            append(_delivery_position_pack(queue.queue_id, d.queue_offset))
+            append(wire_string(d.receipt) if d.receipt else b"\x00\x00")
+            append(_u16_pack(d.attempt))
+            append(message_bytes(d.message))
+        body = b"".join(parts)
+        return _header_pack(len(body) + 6, DELIVER_TYPE, 0, 0) + body
+    except struct.error as exc:
+        raise FrameValueError(f"Deliver: value out of range for its wire type: {exc}") from None
 
 
 def encode_send_batch(request_id: int, flags: int, queue_id: int, messages: Sequence[Message]) -> bytes:

@@ -25,6 +25,7 @@ from tidegate.adapters.native.codec import (
     NativeCodec,
     ProtocolError,
     Role,
+    encode_deliver,
     encode_frame,
     encode_send_batch_ok,
     encode_send_ok,
@@ -65,9 +66,9 @@ def group_summary(info: GroupInfo) -> f.GroupSummary:
                           members=tuple(info.members), inflight=info.inflight, lag=info.lag)
 
 
-def split_deliver(subscription_id: int, records: list[f.DeliveryRecord], max_frame: int) -> list[bytes]:
+def split_deliver(subscription_id: int, records: list[Delivered], max_frame: int) -> list[bytes]:
     """Encode a DELIVER push, halving the batch until each frame fits the limit the client was told."""
-    data = encode_frame(f.Deliver(subscription_id=subscription_id, messages=records))
+    data = encode_deliver(subscription_id, records)
     if len(data) - LENGTH_SIZE <= max_frame or len(records) == 1:
         return [data]
     half = len(records) // 2
@@ -91,8 +92,7 @@ class SubscriptionSink:
         self._held: list[bytes] | None = []
 
     def deliver(self, deliveries: list[Delivered]) -> None:
-        records = [delivery_record(d) for d in deliveries]
-        chunks = split_deliver(self.subscription_id, records, self.protocol.factory.max_frame)
+        chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.max_frame)
         if self._held is not None:
             self._held.extend(chunks)
         else:
