@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-amqtt_client = pytest.importorskip("amqtt.client")
+import amqtt.client as amqtt_client
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2  # noqa: E402
 
 TIMEOUT = 15.0

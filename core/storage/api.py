@@ -2,7 +2,7 @@
 
 The message store is *synchronous* and single-writer: the reactor thread calls `append*`, `read_*`, `lookup_*`;
 only `sync()` may be called from another thread (the group-commit flusher) concurrently with appends.
-Reading never returns data past `durable_offset` unless `include_unsynced=True` is asked for.
+Reads may return records that are not yet durable: the broker decides what consumers see (core/flush.py).
 """
 
 from __future__ import annotations

@@ -15,14 +15,8 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
+from tidegate.gateway import app
 from tidegate.gateway.config import Config, ListenersSection, MqttListener, load_config, parse_set_option
-
-try:
-    from tidegate.gateway import app
-except ModuleNotFoundError:  # a core module app.py wires is not written yet; requires_core skips these tests
-    app = None
-
-pytestmark = pytest.mark.requires_core
 
 
 class RecordingStore:

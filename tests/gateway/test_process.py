@@ -13,7 +13,6 @@ import pytest
 from tidegate.core.storage.layout import StoreLayout
 from tidegate.gateway.testing import START_TIMEOUT_S, BrokerProcess
 
-pytestmark = pytest.mark.requires_core
 
 def http_get(address: str, path: str) -> tuple[int, bytes]:
     try:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import threading
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread
 
-paho = pytest.importorskip("paho.mqtt.client")
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-from twisted.internet import reactor  # noqa: E402
-from twisted.internet.threads import blockingCallFromThread  # noqa: E402
-
-from tidegate.adapters.mqtt.server import MqttServerFactory  # noqa: E402
-from tidegate.adapters.mqtt.settings import MqttSettings  # noqa: E402
-from tidegate.adapters.mqtt.websocket import websocket_site  # noqa: E402
-from tidegate.core.testing import make_broker  # noqa: E402
+from tidegate.adapters.mqtt.server import MqttServerFactory
+from tidegate.adapters.mqtt.settings import MqttSettings
+from tidegate.adapters.mqtt.websocket import websocket_site
+from tidegate.core.testing import make_broker
 
 TIMEOUT = 10.0
 

@@ -27,11 +27,9 @@ from tidegate.core.api import SendResult
 from tidegate.core.errors import ErrorCode
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message
+from tidegate.core.testing import make_broker  # noqa: E402
 
 from .test_native_server import Peer
-
-pytest.importorskip("tidegate.core.storage.memory", reason="the in-memory store is not available yet")
-from tidegate.core.testing import make_broker  # noqa: E402
 
 text = st.text(max_size=20)
 messages = st.builds(

@@ -32,8 +32,6 @@ from tidegate.client import (
 )
 from tidegate.core.errors import ErrorCode, InvalidName, TopicNotFound
 
-pytest.importorskip("tidegate.core.storage.memory", reason="the in-memory store is not available yet")
-
 SERVER_SCRIPT = Path(__file__).with_name("native_server_process.py")
 HEARTBEAT_S = 0.3  # short, so the heartbeat test is quick; every client must ping to stay connected
 WAIT_S = 10.0

@@ -14,8 +14,6 @@ from tidegate.adapters.native.server import NativeProtocol, NativeServerFactory
 from tidegate.core.errors import ErrorCode
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message
-
-pytest.importorskip("tidegate.core.storage.memory", reason="the in-memory store is not available yet")
 from tidegate.core.testing import make_broker  # noqa: E402
 
 

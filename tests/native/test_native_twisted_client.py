@@ -16,8 +16,6 @@ from tidegate.client import ConnectionClosed, Delivered, PullStatus, SendResult
 from tidegate.client.twisted_client import TwistedClient, connect
 from tidegate.core.errors import ErrorCode, InvalidName
 from tidegate.core.model import Message, QueueRef
-
-pytest.importorskip("tidegate.core.storage.memory", reason="the in-memory store is not available yet")
 from tidegate.core.testing import make_broker  # noqa: E402
 
 
