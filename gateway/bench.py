@@ -883,13 +883,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"  lost {report['lost']}  duplicated {report['duplicated']}",
         f"  produce {report['produce_msgs_per_s']} msg/s ({report['produce_mib_per_s']} MiB/s)  consume "
         f"{report['consume_msgs_per_s']} msg/s",
-        f"  end-to-end latency ms: p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f}  p999 {lat['p999']:.3f}  "
-        f"max {lat['max']:.3f}",
-        f"  send-to-ack latency ms: p50 {ack['p50']:.3f}  p99 {ack['p99']:.3f}  p999 {ack['p999']:.3f}  "
-        f"max {ack['max']:.3f}",
+        latency_line("end-to-end", lat),
+        latency_line("send-to-ack", ack),
     ]
     lines += [f"  error: {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
+
+
+def latency_line(label: str, percentiles: dict[str, float]) -> str:
+    """One report line of latency percentiles in ms (shared by every bench driver)."""
+    p = percentiles
+    return f"  {label} latency ms: p50 {p['p50']:.3f}  p99 {p['p99']:.3f}  p999 {p['p999']:.3f}  max {p['max']:.3f}"
 
 
 _register_drivers()

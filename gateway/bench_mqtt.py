@@ -54,6 +54,7 @@ from .bench import (
     SpawnedBroker,
     WorkerContext,
     _at_least,
+    latency_line,
     run_bench,
 )
 
@@ -541,10 +542,8 @@ def format_mqtt_report(report: dict[str, Any]) -> str:
         f"{report['received']}  lost {report['lost']}  duplicated {report['duplicated']}",
         f"  publish {report['publish_msgs_per_s']} msg/s  receive {report['receive_msgs_per_s']} msg/s "
         f"(deliveries over all subscribers)",
-        f"  end-to-end latency ms: p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f}  p999 {lat['p999']:.3f}  "
-        f"max {lat['max']:.3f}",
-        f"  publish-to-ack latency ms: p50 {ack['p50']:.3f}  p99 {ack['p99']:.3f}  p999 {ack['p999']:.3f}  "
-        f"max {ack['max']:.3f}",
+        latency_line("end-to-end", lat),
+        latency_line("publish-to-ack", ack),
     ]
     lines += [f"  error: {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"

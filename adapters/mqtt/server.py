@@ -630,9 +630,9 @@ class MqttProtocol(Protocol):
             self._handle_error(error)
 
     def _store_batch(self, batch: list[tuple[Publish, str, Message]]) -> None:
-        """One `broker.publish` per run of one core topic (so per-topic metrics stay right), then one
-        `when_durable` for all the acknowledgements. A run the core refuses (then nothing of it was stored) is
-        published again one message at a time, so each bad message is refused exactly as on its own."""
+        """One `broker.publish` for the whole batch, then one `when_durable` for all the acknowledgements. A batch
+        the core refuses (then nothing of it was stored) is published again one message at a time, so each bad
+        message is refused exactly as on its own."""
         broker = self.broker
         acks: list[tuple[int, int]] = []  # (packet id, QoS) to acknowledge once durable, in publish order
         commit_end = 0
@@ -649,50 +649,34 @@ class MqttProtocol(Protocol):
                 pending, acks = acks, []
                 broker.when_durable(commit_end, lambda: self._acknowledge_publishes(pending))
 
-        count = len(batch)
-        start = 0
+        def stored(item: tuple[Publish, str, Message], result: Any) -> None:
+            nonlocal commit_end, qos2
+            packet = item[0]
+            if self._stored(item):
+                acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
+                qos2 = qos2 or packet.qos == 2
+                commit_end = max(commit_end, result.commit_end)
+
         try:
-            while start < count:
-                if self.state != "connected":
-                    return
-                core_topic = batch[start][2].topic
-                end = start + 1
-                while end < count and batch[end][2].topic == core_topic:
-                    end += 1
-                run = batch if end - start == count else batch[start:end]
-                start = end
-                try:
-                    results = broker.publish([item[2] for item in run])
-                except TidegateError as exc:
-                    if len(run) > 1:
-                        results = None
-                    else:
+            if self.state != "connected":
+                return
+            try:
+                results = broker.publish([item[2] for item in batch])
+            except TidegateError:
+                # refused: nothing of the batch was stored; one by one, each failure refused on its own
+                for item in batch:
+                    if self.state != "connected":
+                        return
+                    try:
+                        result = broker.publish([item[2]])[0]
+                    except TidegateError as exc:
                         settle()
-                        self._refuse_stored(run[0][0], exc)
+                        self._refuse_stored(item[0], exc)
                         continue
-                if results is None:
-                    # refused: nothing of the run was stored; one by one, each failure refused on its own
-                    for item in run:
-                        if self.state != "connected":
-                            return
-                        packet = item[0]
-                        try:
-                            result = broker.publish([item[2]])[0]
-                        except TidegateError as exc:
-                            settle()
-                            self._refuse_stored(packet, exc)
-                            continue
-                        if self._stored(item):
-                            acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
-                            qos2 = qos2 or packet.qos == 2
-                            commit_end = max(commit_end, result.commit_end)
-                    continue
-                for item, result in zip(run, results, strict=True):
-                    packet = item[0]
-                    if self._stored(item):
-                        acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
-                        qos2 = qos2 or packet.qos == 2
-                        commit_end = max(commit_end, result.commit_end)
+                    stored(item, result)
+                return
+            for item, result in zip(batch, results, strict=True):
+                stored(item, result)
         finally:
             settle()
 

@@ -12,7 +12,7 @@ import os
 import struct
 from hashlib import blake2b
 
-from tidegate.core.storage.layout import StoreLayout
+from tidegate.core.storage.layout import StoreLayout, fsync_file
 
 KEY_ENTRY = struct.Struct("<QQ")
 KEY_ENTRY_SIZE = KEY_ENTRY.size
@@ -53,14 +53,7 @@ class KeyIndex:
 
     def fsync_files(self) -> None:
         for base in sorted(self._unsynced):
-            try:
-                fd = os.open(self.layout.key_index_path(base), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(self.layout.key_index_path(base))
         self._unsynced.clear()
 
     def lookup(self, hash64: int, bases: list[int]) -> list[int]:

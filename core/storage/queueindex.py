@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
-from tidegate.core.storage.layout import StoreLayout
+from tidegate.core.storage.layout import StoreLayout, fsync_file
 
 ENTRY = struct.Struct("<QIQ")
 ENTRY_SIZE = ENTRY.size
@@ -76,15 +76,8 @@ class IndexFiles:
             fd = self._fds.get(key)
             if fd is not None:
                 os.fsync(fd)
-                continue
-            try:
-                fd = os.open(self.layout.index_path(*key), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            else:
+                fsync_file(self.layout.index_path(*key))
         self.unsynced.clear()
 
     def close_all(self) -> None:
