@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     INVALID_RECEIPT = 19
     NO_PERMISSION = 20
     NOT_AUTHORIZED = 21
+    NOT_AUTHENTICATED = 22
     STORE_FULL = 30
     STORE_ERROR = 31
     SHUTTING_DOWN = 32
@@ -91,6 +92,18 @@ class InvalidReceipt(TidegateError):
 
 class NoPermission(TidegateError):
     code = ErrorCode.NO_PERMISSION
+
+
+class NotAuthorized(TidegateError):
+    """The gate denied an action (or a client named an adapter-private topic)."""
+
+    code = ErrorCode.NOT_AUTHORIZED
+
+
+class NotAuthenticated(TidegateError):
+    """Credentials were missing, wrong, expired or refused."""
+
+    code = ErrorCode.NOT_AUTHENTICATED
 
 
 class StoreFull(TidegateError):

@@ -24,6 +24,9 @@ DEFAULT_MAX_BODY = 4 * 1024 * 1024
 
 RETRY_PREFIX = "%RETRY%"
 DLQ_PREFIX = "%DLQ%"
+# `%KIND%name` is the broker's namespace (RocketMQ style): clients never create or write such topics. Protocol
+# encodings of client names never produce it (MQTT escapes `%` as `%25`).
+RESERVED_TOPIC = re.compile(r"%[A-Z]+%")
 
 
 class MessageFlag(IntFlag):
@@ -37,6 +40,17 @@ def validate_topic(name: str) -> str:
     if not isinstance(name, str) or not TOPIC_NAME.match(name):
         raise InvalidName(f"invalid topic name {name!r}: use 1-127 of A-Z a-z 0-9 _ . % -")
     return name
+
+
+def is_reserved_topic(name: str) -> bool:
+    """Named in the broker's own `%KIND%` namespace (session queues, dead-letter and retry topics)."""
+    return RESERVED_TOPIC.match(name) is not None
+
+
+def is_private_topic(name: str) -> bool:
+    """Reserved for one adapter's own use (MQTT session queues, AMQP queues): only the session that owns it, or the
+    broker itself, may read it. Dead-letter and retry topics are reserved but readable like any topic."""
+    return RESERVED_TOPIC.match(name) is not None and not name.startswith((DLQ_PREFIX, RETRY_PREFIX))
 
 
 def validate_group(name: str) -> str:

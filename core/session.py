@@ -1,0 +1,252 @@
+"""The per-connection core session: the one door from an adapter into the core.
+
+A listener opens a `CoreSession` once a connection has authenticated, with the principal, the source address
+and the listener name. Every action the connection's client asks for goes through it, and it asks the gate once
+per action (`gate.check(principal, action, resource, source)`), for every protocol the same way. Denials raise
+`NotAuthorized`; adapters report it their own way (native error 21, MQTT reason 0x87/0x80, AMQP 403).
+
+Private topics and groups (the broker's `%KIND%` namespace: MQTT session queues, AMQP queues) are reachable only
+by a system principal or by the session that owns them: adapter code claims them with `claim_private` (trusted
+code, never on a client's say-so), so a client naming `%MQTT%victim` over the native port is refused before the
+gate is even asked. Decisions are cached per session until the gate's `version` moves (a policy or user change),
+so the publish hot path pays a dict lookup, not a policy evaluation, per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tidegate.core.api import Delivered, GroupInfo, PullResult, SendResult
+from tidegate.core.errors import MessageNotFound, NotAuthorized, TopicNotFound
+from tidegate.core.filters import TagFilter
+from tidegate.core.interfaces import AdapterStateStore, Core, DeliverySink, Subscription
+from tidegate.core.model import Message, QueueRef, TopicConfig, is_private_topic, is_reserved_topic
+from tidegate.core.security.gate import CLUSTER, SYSTEM, Action, Gate, Principal, Resource
+
+DECISION_CACHE_ENTRIES = 1024  # per session; a client cycling through names only churns its own cache
+
+
+class CoreSession:
+    """One connection's view of the core, acting as `principal` from `source` on `listener`."""
+
+    __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned",
+                 "_decisions", "_gate_version")
+
+    def __init__(self, core: Core, gate: Gate, principal: Principal, *, source: str = "", listener: str = "",
+                 client_id: str = "") -> None:
+        self.core = core
+        self.gate = gate
+        self.principal = principal
+        self.source = source
+        self.listener = listener
+        self.client_id = client_id
+        self._system = principal.system
+        self._owned: set[str] = set()  # private topic and group names this session may use
+        self._decisions: dict[tuple[Action, Resource], bool] = {}
+        self._gate_version = gate.version
+
+    def __repr__(self) -> str:
+        return f"<CoreSession {self.principal} {self.listener} {self.source} {self.client_id!r}>"
+
+    # ------------------------------------------------------------------ decisions
+    def may(self, action: Action, resource: Resource) -> bool:
+        """Whether the gate allows `action` on `resource` for this session (cached until the gate changes)."""
+        if self._system:
+            return True
+        if self._gate_version != self.gate.version:
+            self._decisions.clear()
+            self._gate_version = self.gate.version
+        key = (action, resource)
+        allowed = self._decisions.get(key)
+        if allowed is None:
+            allowed = bool(self.gate.check(self.principal, action, resource, self.source))
+            if len(self._decisions) >= DECISION_CACHE_ENTRIES:
+                self._decisions.clear()
+            self._decisions[key] = allowed
+        return allowed
+
+    def authorize(self, action: Action, resource: Resource) -> None:
+        if not self.may(action, resource):
+            raise NotAuthorized(f"{self.principal} may not {action.value} {resource}")
+
+    def _reachable(self, name: str) -> None:
+        """Private names belong to their owner; reserved names are never created or written by clients."""
+        if not self._system and is_private_topic(name) and name not in self._owned:
+            raise NotAuthorized(f"{name!r} is internal to the broker")
+
+    def _writable_name(self, name: str) -> None:
+        if not self._system and is_reserved_topic(name) and name not in self._owned:
+            raise NotAuthorized(f"{name!r} is in the broker's reserved namespace")
+
+    def _visible(self, name: str) -> bool:
+        return self._system or not is_private_topic(name) or name in self._owned
+
+    # ------------------------------------------------------------------ private (adapter-owned) names
+    def claim_private(self, topic: str, queues: int = 1) -> TopicConfig:
+        """Create (or reuse) a private topic for this session's own use and allow the session to use it.
+
+        Adapter code only: an MQTT session queue, an AMQP queue. Never called with a name a client chose."""
+        self._owned.add(topic)
+        return self.core.ensure_topic(topic, queues=queues, internal=True)
+
+    def own(self, name: str) -> None:
+        """Let this session use an existing private topic or group (adapter code only)."""
+        self._owned.add(name)
+
+    def disown(self, name: str) -> None:
+        self._owned.discard(name)
+
+    # ------------------------------------------------------------------ data plane
+    def now_ms(self) -> int:
+        return self.core.now_ms()
+
+    def publish(self, messages: Sequence[Message], queue_id: int | None = None) -> list[SendResult]:
+        """Authorize every message (Pub on its full name), then publish them all or none."""
+        if not self._system:
+            owned = self._owned
+            checked = ""  # a batch is usually one name: decide it once
+            for m in messages:
+                name = m.full_name
+                if name == checked:
+                    continue
+                if is_reserved_topic(m.topic) and m.topic not in owned:
+                    raise NotAuthorized(f"{m.topic!r} is in the broker's reserved namespace")
+                if not self.may(Action.PUB, Resource.topic(name)):
+                    raise NotAuthorized(f"{self.principal} may not publish to {name!r}")
+                checked = name
+        return self.core.publish(messages, queue_id)
+
+    def when_durable(self, commit_end: int, callback: Callable[[], None]) -> None:
+        self.core.when_durable(commit_end, callback)
+
+    def subscribe(self, group: str, topic: str, sink: DeliverySink, *, client_id: str | None = None,
+                  **options: Any) -> Subscription:
+        """Attach a push consumer (Sub on every name under `topic` and on `group`)."""
+        self._reachable(topic)
+        self._reachable(group)
+        self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
+        self.authorize(Action.SUB, Resource.group(group))
+        return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
+
+    def bind(self, pattern: str, destination: QueueRef) -> None:
+        """Route names matching `pattern` into one of this session's own queues (Sub on the pattern)."""
+        self._reachable(destination.topic)
+        if not self._system and destination.topic not in self._owned:
+            raise NotAuthorized(f"{destination.topic!r} is not a queue of this session")
+        self.authorize(Action.SUB, Resource.topic_filter(pattern))
+        self.core.bind(pattern, destination)
+
+    def unbind(self, pattern: str, destination: QueueRef) -> None:
+        self._reachable(destination.topic)
+        self.core.unbind(pattern, destination)
+
+    def pull(self, queue: QueueRef, offset: int, max_count: int = 32,
+             filter_expr: str | TagFilter = "*") -> PullResult:
+        self._reachable(queue.topic)
+        self.authorize(Action.SUB, Resource.topic_filter(f"{queue.topic}/#"))
+        return self.core.pull(queue, offset, max_count, filter_expr)
+
+    def get(self, group: str, topic: str, *, auto_ack: bool, invisible_ms: int | None = None) -> Delivered | None:
+        """Take the next ready message of `group` on `topic` without a subscription (AMQP basic.get)."""
+        self._reachable(topic)
+        self._reachable(group)
+        self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
+        self.authorize(Action.SUB, Resource.group(group))
+        return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)  # type: ignore[attr-defined]
+
+    def commit_offset(self, group: str, queue: QueueRef, offset: int) -> None:
+        self._reachable(group)
+        self._reachable(queue.topic)
+        self.authorize(Action.SUB, Resource.group(group))
+        self.core.commit_offset(group, queue, offset)
+
+    def queue_offsets(self, queue: QueueRef) -> tuple[int, int]:
+        self._reachable(queue.topic)
+        return self.core.queue_offsets(queue)
+
+    # ------------------------------------------------------------------ topics
+    def ensure_topic(self, name: str, queues: int | None = None) -> TopicConfig:
+        self._writable_name(name)
+        try:
+            return self.core.get_topic(name)
+        except TopicNotFound:
+            self.authorize(Action.CREATE, Resource.topic(name))
+            return self.core.ensure_topic(name, queues)
+
+    def create_topic(self, name: str, queues: int | None = None, perm: str = "rw",
+                     retention_ms: int = 0) -> TopicConfig:
+        self._writable_name(name)
+        self.authorize(Action.CREATE, Resource.topic(name))
+        return self.core.create_topic(name, queues, perm=perm, retention_ms=retention_ms)
+
+    def update_topic(self, name: str, queues: int | None = None, perm: str | None = None,
+                     retention_ms: int | None = None) -> TopicConfig:
+        self._writable_name(name)
+        self.authorize(Action.UPDATE, Resource.topic(name))
+        return self.core.update_topic(name, queues, perm=perm, retention_ms=retention_ms)
+
+    def delete_topic(self, name: str) -> None:
+        self._reachable(name)
+        self.authorize(Action.DELETE, Resource.topic(name))
+        self.core.delete_topic(name)
+
+    def get_topic(self, name: str) -> TopicConfig:
+        self._reachable(name)
+        self.authorize(Action.GET, Resource.topic(name))
+        return self.core.get_topic(name)
+
+    def list_topics(self, include_internal: bool = False) -> list[TopicConfig]:
+        """Topics this session may see: private topics of other sessions are never listed."""
+        self.authorize(Action.LIST, CLUSTER)
+        return [t for t in self.core.list_topics(include_internal) if self._visible(t.name)]
+
+    # ------------------------------------------------------------------ groups
+    def list_groups(self) -> list[GroupInfo]:
+        self.authorize(Action.LIST, CLUSTER)
+        return [g for g in self.core.list_groups() if self._visible(g.name)]
+
+    def group_info(self, group: str) -> GroupInfo:
+        self._reachable(group)
+        self.authorize(Action.GET, Resource.group(group))
+        return self.core.group_info(group)
+
+    def reset_offsets(self, group: str, topic: str, to: str | int) -> dict[QueueRef, int]:
+        self._reachable(group)
+        self._reachable(topic)
+        self.authorize(Action.UPDATE, Resource.group(group))
+        return self.core.reset_offsets(group, topic, to)
+
+    def delete_group(self, group: str) -> None:
+        self._reachable(group)
+        self.authorize(Action.DELETE, Resource.group(group))
+        self.core.delete_group(group)
+
+    # ------------------------------------------------------------------ queries
+    def query_by_id(self, msg_id: str) -> Message:
+        """Message ids are guessable, so what is found is checked like a read of its topic (and hidden, not
+        refused, when private: its existence is not the client's business)."""
+        message = self.core.query_by_id(msg_id)
+        if not self._visible(message.topic):
+            raise MessageNotFound(f"no message with id {msg_id!r}")
+        self.authorize(Action.GET, Resource.topic(message.full_name))
+        return message
+
+    def query_by_key(self, topic: str, key: str, limit: int = 64) -> list[Message]:
+        self._reachable(topic)
+        self.authorize(Action.GET, Resource.topic_filter(f"{topic}/#"))
+        return self.core.query_by_key(topic, key, limit)
+
+    def list_by_time(self, topic: str, start_ms: int, end_ms: int, limit: int = 100) -> list[Message]:
+        self._reachable(topic)
+        self.authorize(Action.GET, Resource.topic_filter(f"{topic}/#"))
+        return self.core.list_by_time(topic, start_ms, end_ms, limit)
+
+    # ------------------------------------------------------------------ adapter state
+    def adapter_state(self, namespace: str) -> AdapterStateStore:
+        return self.core.adapter_state(namespace)
+
+
+def system_session(core: Core, gate: Gate, listener: str) -> CoreSession:
+    """The broker acting for itself (adapter housekeeping: session expiry, wills, retained bookkeeping)."""
+    return CoreSession(core, gate, SYSTEM, source="internal", listener=listener)
