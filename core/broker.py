@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any
 
+from tidegate.core.adapter_state import MetadataNamespace
 from tidegate.core.api import (
     AckMode,
     ConsumeMode,
@@ -1005,3 +1006,8 @@ class Broker:
         self.durability.close()
         self.store.close()
         self.meta.close()
+
+    # ------------------------------------------------------------------ adapter state
+    def adapter_state(self, namespace: str) -> MetadataNamespace:
+        """Durable rows of one adapter namespace (MQTT sessions, retained messages, AMQP exchanges)."""
+        return MetadataNamespace(self.meta, namespace)

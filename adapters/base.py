@@ -1,0 +1,281 @@
+"""What every protocol adapter's connection and listener share: one shape, written once.
+
+- `AdapterFactory(core, gate, clock, settings, *, metrics, listener)`: the one listener shape every protocol uses,
+  so gateway/app.py builds native, MQTT and AMQP listeners (plain TCP, TLS, WebSocket) from one table.
+- `AdapterConnection`: a Twisted protocol with
+  * one outbound write point (`write`/`write_chunks`): inside `dataReceived` everything a read caused goes out in
+    one `writeSequence`, outside it straight to the transport;
+  * connection metrics by protocol label, TCP_NODELAY, an idle timer;
+  * back-pressure: registered as a streaming producer on its transport (TCP, TLS, and WebSocket wrappers that
+    forward registration), `paused` tells the adapter to stop delivering, `on_pause`/`on_resume` hooks;
+  * an *authenticating* state: `authenticate(credentials)` asks the gate asynchronously; frames that were already
+    parsed after CONNECT/HELLO (`hold_frames`) and bytes that arrive meanwhile wait, bounded, until the decision
+    fires; then `on_authenticated`/`on_authentication_failed` run and the held work resumes in order.
+
+Subclasses implement `bytes_received(data)` (feed the codec, dispatch frames) and, if they authenticate,
+`frames_resumed(frames)` and the two authentication hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tidegate.adapters.transport import disable_nagle
+from tidegate.core.interfaces import Core
+from tidegate.core.metrics import CoreMetrics
+from tidegate.core.security.gate import Credentials, Gate, Principal
+from tidegate.core.session import CoreSession, system_session
+
+log = Logger(namespace="tidegate.adapters")
+
+# Bytes a connection may send while its authentication is being decided before it is dropped: a client that
+# pipelines its first publishes behind CONNECT is fine, one that streams megabytes without an answer is not.
+DEFAULT_MAX_HELD_BYTES = 1024 * 1024
+
+
+class AdapterFactory(Factory):
+    """Listener factory of one protocol: `Factory(core, gate, clock, settings, *, metrics, listener)`."""
+
+    protocol_label: ClassVar[str] = "adapter"
+
+    def __init__(self, core: Core, gate: Gate, clock: Any, settings: Any, *, metrics: CoreMetrics | None = None,
+                 listener: str = "") -> None:
+        self.core = core
+        self.gate = gate
+        self.clock = clock
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else core.metrics
+        self.listener = listener or self.protocol_label
+        self.noisy = False
+        # The broker acting for this adapter (housekeeping of its private topics, wills); never a client's.
+        self.system = system_session(core, gate, self.listener)
+
+    def open_session(self, principal: Principal, source: str, client_id: str = "") -> CoreSession:
+        """The per-connection door into the core, opened once the connection has authenticated."""
+        return CoreSession(self.core, self.gate, principal, source=source, listener=self.listener,
+                           client_id=client_id)
+
+    def stop(self) -> None:
+        """Broker shutdown: cancel timers the adapter owns (override)."""
+
+
+def peer_host(transport: Any) -> str:
+    """The client's address as the gate sees it (`127.0.0.1`, `::1`), or '' for transports without one."""
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return ""
+    return str(getattr(peer, "host", "") or "")
+
+
+@implementer(IPushProducer)
+class AdapterConnection(Protocol):
+    factory: AdapterFactory
+    max_held_bytes = DEFAULT_MAX_HELD_BYTES
+
+    def __init__(self) -> None:
+        self.session: CoreSession | None = None
+        self.source = ""
+        self.connected_ = False
+        self.closing = False
+        self.paused = False
+        self.authenticating = False
+        self._batch: list[bytes] | None = None
+        self._held_frames: list[Any] = []
+        self._held_bytes: list[bytes] = []
+        self._held_size = 0
+        self._idle_timer: Any = None
+        self._idle_limit = 0.0
+        self.last_seen = 0.0
+
+    # ------------------------------------------------------------------ transport events
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.connected_ = True
+        self.source = peer_host(self.transport)
+        label = factory.protocol_label
+        factory.metrics.connections[label] += 1
+        factory.metrics.connections_total[label] += 1
+        disable_nagle(self.transport)
+        self.last_seen = factory.clock.seconds()
+        try:
+            self.transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError) as exc:
+            log.warn("{label}: no back-pressure on this transport ({exc})", label=label, exc=exc)
+        self.connection_started()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.connected_:
+            return
+        self.connected_ = False
+        self.factory.metrics.connections[self.factory.protocol_label] -= 1
+        self.stop_idle_timer()
+        self._held_frames, self._held_bytes = [], []
+        self.connection_ended(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_seen = self.factory.clock.seconds()
+        if self.authenticating:
+            self._hold_bytes(data)
+            return
+        self._run_batched(self.bytes_received, data)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def connection_started(self) -> None:
+        """After connectionMade's common work."""
+
+    def connection_ended(self, reason: Failure) -> None:
+        """After connectionLost's common work."""
+
+    def bytes_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def frames_resumed(self, frames: list[Any]) -> None:
+        """Handle frames held while authenticating, in order (only for adapters that call `hold_frames`)."""
+        raise NotImplementedError
+
+    def on_authenticated(self, principal: Principal) -> None:
+        """Authentication succeeded: open the session (`self.factory.open_session`) and answer the client."""
+
+    def on_authentication_failed(self, failure: Failure) -> None:
+        """Authentication failed: answer the protocol's way and close."""
+
+    def idle_timed_out(self, idle: float) -> None:
+        """Nothing arrived for the idle limit (override: protocol-specific close)."""
+        self.close()
+
+    def on_pause(self) -> None:
+        """The transport's buffer is full: stop delivering until `on_resume`."""
+
+    def on_resume(self) -> None:
+        """The transport drained: deliver again."""
+
+    # ------------------------------------------------------------------ output
+    def write(self, data: bytes) -> None:
+        """The one write point for a single chunk."""
+        if not self.connected_:
+            return
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            self.transport.write(data)
+
+    def write_chunks(self, chunks: list[bytes]) -> None:
+        """The one write point: inside a read the chunks join that read's batch, else go out now."""
+        if not self.connected_ or not chunks:
+            return
+        if self._batch is not None:
+            self._batch.extend(chunks)
+        elif len(chunks) == 1:
+            self.transport.write(chunks[0])
+        else:
+            self.transport.writeSequence(chunks)
+
+    def close(self) -> None:
+        """Close once what was written is sent (after the current read's batch, if inside one)."""
+        self.closing = True
+        if self._batch is None and self.connected_:
+            self.transport.loseConnection()
+
+    def _run_batched(self, work: Any, arg: Any) -> None:
+        if self._batch is not None:  # re-entered from inside a batch: join it
+            work(arg)
+            return
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            work(arg)
+        finally:
+            self._batch = None
+            if batch and self.connected_:
+                self.transport.writeSequence(batch)
+            if self.closing and self.connected_:
+                self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ authentication
+    def authenticate(self, credentials: Credentials) -> None:
+        """Ask the gate; until it answers, later frames of this read (`hold_frames`) and new bytes wait."""
+        self.authenticating = True
+        decision: Deferred[Principal] = self.factory.gate.authenticate(credentials)
+        decision.addCallbacks(self._authenticated, self._authentication_failed)
+
+    def hold_frames(self, frames: list[Any]) -> None:
+        self._held_frames.extend(frames)
+
+    def _hold_bytes(self, data: bytes) -> None:
+        self._held_size += len(data)
+        if self._held_size > self.max_held_bytes:
+            log.info("{label}: {source} sent {n} bytes before its login was decided; closing",
+                     label=self.factory.protocol_label, source=self.source, n=self._held_size)
+            self._held_bytes = []
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        self._held_bytes.append(data)
+
+    def _authenticated(self, principal: Principal) -> None:
+        self.authenticating = False
+        if not self.connected_:
+            return
+        self._run_batched(self._resume_after_login, principal)
+
+    def _resume_after_login(self, principal: Principal) -> None:
+        self.on_authenticated(principal)
+        frames, self._held_frames = self._held_frames, []
+        if frames and not self.closing:
+            self.frames_resumed(frames)
+        data, self._held_bytes, self._held_size = b"".join(self._held_bytes), [], 0
+        if data and not self.closing:
+            if self.authenticating:  # a frame resumed above started another authentication (AMQP re-auth)
+                self._hold_bytes(data)
+            else:
+                self.bytes_received(data)
+
+    def _authentication_failed(self, failure: Failure) -> None:
+        self.authenticating = False
+        self._held_frames, self._held_bytes, self._held_size = [], [], 0
+        if self.connected_:
+            self._run_batched(self.on_authentication_failed, failure)
+
+    # ------------------------------------------------------------------ idle timer
+    def start_idle_timer(self, seconds: float) -> None:
+        """Call `idle_timed_out` once nothing has arrived for `seconds` (0 = never)."""
+        self.stop_idle_timer()
+        self._idle_limit = seconds
+        if seconds > 0:
+            self._idle_timer = self.factory.clock.callLater(seconds, self._check_idle)
+
+    def stop_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        # One timer per connection that re-arms for the remaining time, instead of a reset on every read.
+        idle = self.factory.clock.seconds() - self.last_seen
+        if idle >= self._idle_limit:
+            self._idle_timer = None
+            self._run_batched(self.idle_timed_out, idle)
+            return
+        self._idle_timer = self.factory.clock.callLater(self._idle_limit - idle, self._check_idle)
+
+    # ------------------------------------------------------------------ IPushProducer
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.on_pause()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.on_resume()
+
+    def stopProducing(self) -> None:
+        pass
