@@ -38,11 +38,13 @@ class TidegateCollector(Collector):
         uptime: Callable[[], float],
         groups: Callable[[], Iterable[GroupInfo]] = lambda: (),
         store_stats: Callable[[], StoreStats | None] = lambda: None,
+        reactor_lag: LatencyHistogram | None = None,
     ) -> None:
         self.core = core
         self._uptime = uptime
         self._groups = groups
         self._store_stats = store_stats
+        self._reactor_lag = reactor_lag
 
     def collect(self) -> Iterator[Metric]:
         yield from self._traffic()
@@ -51,6 +53,9 @@ class TidegateCollector(Collector):
                          self.core.append_latency)
         yield _histogram("fsync_latency_seconds", "Time of one commit-log fsync (one group commit).",
                          self.core.fsync_latency)
+        if self._reactor_lag is not None:
+            yield _histogram("reactor_lag_seconds", "How late a periodic probe ran: time the event loop was busy "
+                             "with one turn while every connection waited.", self._reactor_lag)
         yield CounterMetricFamily(f"{PREFIX}_redeliveries", "Messages delivered again after a nack or timeout.",
                                   value=self.core.redeliveries)
         yield CounterMetricFamily(f"{PREFIX}_dead_lettered", "Messages moved to a dead-letter topic.",
