@@ -20,6 +20,10 @@ GROUP_NAME = re.compile(r"[A-Za-z0-9_.%-]{1,127}\Z")
 MAX_SUBJECT_BYTES = 4096
 MAX_TAG_BYTES = 255
 MAX_PROPERTY_BYTES = 64 * 1024
+# Keys feed the key index (one entry per key): bound them so one message cannot write megabytes of index.
+MAX_KEYS = 64
+MAX_KEY_BYTES = 255
+MAX_PROPERTIES = 256
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 
 RETRY_PREFIX = "%RETRY%"
@@ -114,8 +118,16 @@ class Message:
                 raise InvalidName(f"tag longer than {MAX_TAG_BYTES} bytes")
             if "||" in self.tag:
                 raise InvalidName("a tag may not contain '||'")
+        if self.keys:
+            if len(self.keys) > MAX_KEYS:
+                raise InvalidName(f"a message has at most {MAX_KEYS} keys, not {len(self.keys)}")
+            for key in self.keys:
+                if not isinstance(key, str) or not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+                    raise InvalidName(f"a message key is a non-empty string of at most {MAX_KEY_BYTES} bytes")
         if not self.properties:
             return self
+        if len(self.properties) > MAX_PROPERTIES:
+            raise InvalidName(f"a message has at most {MAX_PROPERTIES} properties, not {len(self.properties)}")
         size = 0
         for k, v in self.properties.items():
             if not isinstance(k, str) or not isinstance(v, str):
