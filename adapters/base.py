@@ -38,6 +38,10 @@ log = Logger(namespace="tidegate.adapters")
 # Bytes a connection may send while its authentication is being decided before it is dropped: a client that
 # pipelines its first publishes behind CONNECT is fine, one that streams megabytes without an answer is not.
 DEFAULT_MAX_HELD_BYTES = 1024 * 1024
+# Bytes the broker may write to a connection whose transport said "pause" (its send buffer is full: the client
+# does not read) before the connection is closed. Delivery stops on pause, so only replies and what was already
+# decided pile up here; a client that keeps asking without reading hits this.
+DEFAULT_OUTPUT_BUDGET = 8 * 1024 * 1024
 
 
 class AdapterFactory(Factory):
@@ -79,6 +83,7 @@ def peer_host(transport: Any) -> str:
 class AdapterConnection(Protocol):
     factory: AdapterFactory
     max_held_bytes = DEFAULT_MAX_HELD_BYTES
+    output_budget = DEFAULT_OUTPUT_BUDGET
 
     def __init__(self) -> None:
         self.session: CoreSession | None = None
@@ -93,6 +98,7 @@ class AdapterConnection(Protocol):
         self._held_size = 0
         self._idle_timer: Any = None
         self._idle_limit = 0.0
+        self._written_while_paused = 0
         self.last_seen = 0.0
 
     # ------------------------------------------------------------------ transport events
@@ -159,10 +165,18 @@ class AdapterConnection(Protocol):
     def on_resume(self) -> None:
         """The transport drained: deliver again."""
 
+    def output_budget_exceeded(self) -> None:
+        """The client stopped reading and the output budget is used up: say so the protocol's way if it can
+        (MQTT 5 DISCONNECT 0x97, native error) by overriding, then call `super()` to drop the connection."""
+        self.closing = True
+        self.transport.abortConnection()
+
     # ------------------------------------------------------------------ output
     def write(self, data: bytes) -> None:
         """The one write point for a single chunk."""
         if not self.connected_:
+            return
+        if self.paused and self._over_budget(len(data)):
             return
         if self._batch is not None:
             self._batch.append(data)
@@ -173,12 +187,24 @@ class AdapterConnection(Protocol):
         """The one write point: inside a read the chunks join that read's batch, else go out now."""
         if not self.connected_ or not chunks:
             return
+        if self.paused and self._over_budget(sum(map(len, chunks))):
+            return
         if self._batch is not None:
             self._batch.extend(chunks)
         elif len(chunks) == 1:
             self.transport.write(chunks[0])
         else:
             self.transport.writeSequence(chunks)
+
+    def _over_budget(self, size: int) -> bool:
+        self._written_while_paused += size
+        if self._written_while_paused <= self.output_budget or self.closing:
+            return False
+        log.info("{label}: {source} does not read; {n} bytes waiting exceed the output budget of {budget}; "
+                 "closing", label=self.factory.protocol_label, source=self.source, n=self._written_while_paused,
+                 budget=self.output_budget)
+        self.output_budget_exceeded()
+        return True
 
     def close(self) -> None:
         """Close once what was written is sent (after the current read's batch, if inside one)."""
@@ -275,6 +301,7 @@ class AdapterConnection(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._written_while_paused = 0
         self.on_resume()
 
     def stopProducing(self) -> None:

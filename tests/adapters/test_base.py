@@ -133,3 +133,24 @@ def test_pause_and_resume_reach_the_adapter():
     assert proto.paused
     proto.resumeProducing()
     assert not proto.paused
+
+
+def test_a_client_that_stops_reading_is_closed_once_its_output_budget_is_used():
+    proto, transport, _, _ = connect(AllowAllGate())
+    proto.output_budget = 100
+    proto.pauseProducing()  # the transport's send buffer is full
+    proto.dataReceived(b"x" * 40 + b"\n")
+    assert not transport.disconnecting
+    proto.dataReceived(b"y" * 80 + b"\n")
+    assert transport.disconnected or proto.closing
+
+
+def test_resume_resets_the_output_budget():
+    proto, transport, _, _ = connect(AllowAllGate())
+    proto.output_budget = 100
+    proto.pauseProducing()
+    proto.dataReceived(b"x" * 80 + b"\n")
+    proto.resumeProducing()
+    proto.pauseProducing()
+    proto.dataReceived(b"y" * 80 + b"\n")
+    assert not transport.disconnecting and not proto.closing
