@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import QueueRef
+from tidegate.core.routing import SubscriptionTrie
 
 from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
 from .mapping import share_topic as make_share_topic
+from .packets import hidden_by_dollar_rule
 from .settings import MqttSettings
 
 if TYPE_CHECKING:
@@ -94,6 +96,11 @@ class Session:
     disconnected_at: int = 0  # ms; 0 while connected
     expiry_call: Any = None
     pending_will: PendingWill | None = None
+    # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
+    # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
+    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions.
+    filter_trie: SubscriptionTrie[str] = field(default_factory=lambda: SubscriptionTrie(cache_size=0),
+                                               repr=False, compare=False)
 
     @property
     def queue(self) -> QueueRef:
@@ -102,6 +109,30 @@ class Session:
     @property
     def has_no_local(self) -> bool:
         return any(s.no_local for s in self.subscriptions.values())
+
+    def put_subscription(self, entry: SubscriptionEntry) -> bool:
+        """Record a subscription (replacing one with the same filter); returns whether one existed."""
+        existed = entry.topic_filter in self.subscriptions
+        self.subscriptions[entry.topic_filter] = entry
+        self.filter_trie.add(entry.match_filter, entry.topic_filter)
+        return existed
+
+    def pop_subscription(self, topic_filter: str) -> SubscriptionEntry | None:
+        entry = self.subscriptions.pop(topic_filter, None)
+        if entry is not None:
+            self.filter_trie.remove(entry.match_filter, topic_filter)
+        return entry
+
+    def clear_subscriptions(self) -> None:
+        self.subscriptions.clear()
+        self.filter_trie = SubscriptionTrie(cache_size=0)
+
+    def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
+        """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
+        entries = [self.subscriptions[key] for key in self.filter_trie.match(topic_name)]
+        if topic_name.startswith("$"):
+            entries = [e for e in entries if not hidden_by_dollar_rule(e.match_filter, topic_name)]
+        return entries
 
     def to_row(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
@@ -114,8 +145,7 @@ class Session:
     def from_row(cls, row: dict[str, Any]) -> Session:
         session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
         for sub in row.get("subs", []):
-            entry = SubscriptionEntry.from_row(sub)
-            session.subscriptions[entry.topic_filter] = entry
+            session.put_subscription(SubscriptionEntry.from_row(sub))
         session.inbound_qos2 = {int(pid) for pid in row.get("inbound_qos2", [])}
         session.released = {int(pid): topic for pid, topic in row.get("released", [])}
         session.disconnected_at = int(row.get("disconnected_at") or 0)
@@ -229,7 +259,7 @@ class SessionManager:
         for entry in list(session.subscriptions.values()):
             if entry.share:
                 self.leave_share(session, entry)
-        session.subscriptions.clear()
+        session.clear_subscriptions()
         self._drop_core_state(session.topic, session.topic)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
@@ -279,8 +309,7 @@ class SessionManager:
     # ----------------------------------------------------------------------------------------- subscriptions
     def add_subscription(self, session: Session, entry: SubscriptionEntry) -> bool:
         """Record and bind a subscription; returns whether one with the same filter existed already."""
-        existed = entry.topic_filter in session.subscriptions
-        session.subscriptions[entry.topic_filter] = entry
+        existed = session.put_subscription(entry)
         if entry.share:
             self.join_share(session, entry)
         elif not is_sys_name(entry.topic_filter):
@@ -290,7 +319,7 @@ class SessionManager:
         return existed
 
     def remove_subscription(self, session: Session, topic_filter: str) -> SubscriptionEntry | None:
-        entry = session.subscriptions.pop(topic_filter, None)
+        entry = session.pop_subscription(topic_filter)
         if entry is None:
             return None
         if entry.share:
