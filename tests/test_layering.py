@@ -33,7 +33,12 @@ MQTT_CODEC_EXCEPTIONS = (
     "tidegate.adapters.mqtt.packets -> tidegate.core.routing",
     "tidegate.core.routing -> tidegate.core.errors",
 )
-NATIVE_CODECS = ("tidegate.adapters.native.codec", "tidegate.adapters.native.frames")
+NATIVE_CODECS = (
+    "tidegate.adapters.native.codec",
+    "tidegate.adapters.native.frames",
+    "tidegate.adapters.native.fastpath",
+    "tidegate.adapters.native.errors",
+)
 NATIVE_CODEC_EXCEPTIONS = (
     # The native protocol's frames carry core messages and core error codes on the wire as they are: the frame
     # types are built from tidegate.core.model (Message, QueueRef) and decode errors are tidegate.core.errors
@@ -42,6 +47,8 @@ NATIVE_CODEC_EXCEPTIONS = (
     "tidegate.adapters.native.codec -> tidegate.core.model",
     "tidegate.adapters.native.frames -> tidegate.core.errors",
     "tidegate.adapters.native.frames -> tidegate.core.model",
+    "tidegate.adapters.native.fastpath -> tidegate.core.model",
+    "tidegate.adapters.native.errors -> tidegate.core.errors",
 )
 STORAGE_MAY_IMPORT = (
     # The only core modules the store knows: the data it stores and the errors it raises.
