@@ -25,6 +25,7 @@ the consumers watching those queues are woken, once per reactor turn, not once p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
@@ -58,6 +59,8 @@ from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
 
 __all__ = ["Broker", "BrokerConfig", "Subscription"]
+
+log = logging.getLogger("tidegate.broker")
 
 
 class Broker:
@@ -320,7 +323,19 @@ class Broker:
 
     # ------------------------------------------------------------------ lifecycle
     def enforce_retention(self) -> int:
-        return self.store.enforce_retention(self.now_ms(), self.config.retention_ms, self.config.retention_bytes)
+        """Global retention (whole commit-log segments by age and size), then each topic's own `retention_ms`,
+        which trims only that topic's queue indexes: the commit log is shared by every queue. Readers left below
+        a new minimum take the fell-behind path. Returns the segments deleted."""
+        now = self.now_ms()
+        deleted = self.store.enforce_retention(now, self.config.retention_ms, self.config.retention_bytes)
+        for cfg in self.list_topics(include_internal=True):
+            if cfg.retention_ms > 0:
+                for queue in self.queues_of(cfg.name):
+                    expired = self.store.expire_queue_before(queue, now - cfg.retention_ms)
+                    if expired:
+                        log.info("topic %s retention dropped %d entries of queue %d", cfg.name, expired,
+                                 queue.queue_id)
+        return deleted
 
     def close(self) -> None:
         """Flush offsets and the log, then close the stores (writes the clean-shutdown marker)."""

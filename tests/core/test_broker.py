@@ -369,3 +369,16 @@ def test_metrics_default_to_the_durability_counters_and_can_be_passed(clock):
     broker.publish([Message("t", b"x")])
     assert own.messages_in["t"] == 1 and durability.metrics.messages_in["t"] == 0
     durability.close()
+
+
+def test_a_topic_retention_trims_only_that_topics_queues(broker, clock):
+    broker.create_topic("short", queues=1, retention_ms=60_000)
+    broker.create_topic("long", queues=1)
+    send(broker, clock, "short", b"old-1", b"old-2")
+    send(broker, clock, "long", b"kept")
+    clock.advance(61)
+    send(broker, clock, "short", b"new")
+    broker.enforce_retention()
+    assert [d.message.body for d in broker.pull(QueueRef("short", 0), 2).messages] == [b"new"]
+    assert broker.queue_offsets(QueueRef("short", 0)) == (2, 3)
+    assert [d.message.body for d in broker.pull(QueueRef("long", 0), 0).messages] == [b"kept"]
