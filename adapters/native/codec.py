@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
+from tidegate.adapters.native.errors import ErrorCode
 from tidegate.adapters.native.frames import (
     BOTH,
     CLIENT,
@@ -46,7 +47,7 @@ from tidegate.adapters.native.frames import (
     wire_name,
     wire_string,
 )
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
 
 HEADER = struct.Struct(">IBBI")
@@ -67,7 +68,9 @@ class ProtocolError(TidegateError):
 
     def __init__(self, message: str, *, request_id: int = 0, fatal: bool | None = None,
                  code: ErrorCode | None = None) -> None:
-        super().__init__(message, code)
+        super().__init__(message)
+        if code is not None:
+            self.code = code
         self.request_id = request_id
         if fatal is not None:
             self.fatal = fatal

@@ -15,7 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum, IntFlag
 from typing import Any, ClassVar
 
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.adapters.native.errors import ErrorCode
+from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
 
 PROTOCOL_VERSION = 1
