@@ -552,9 +552,5 @@ class NativeServerFactory(AdapterFactory):
         self.settings: NativeSettings
         self._connection_numbers = itertools.count(1)
 
-    @property
-    def max_frame(self) -> int:
-        return self.settings.max_frame
-
     def next_connection_number(self) -> int:
         return next(self._connection_numbers)

@@ -518,3 +518,19 @@ def test_topic_and_group_lists_never_show_private_names_to_a_client(private_fact
     assert [t.name for t in listed.topics] == ["public"]
     groups = peer.request(f.GroupList)
     assert PRIVATE not in [g.name for g in groups.groups]
+
+
+def test_native_settings_refuse_limits_that_cannot_work() -> None:
+    """A max_frame too small for HELLO_OK and an ERROR, or a negative heartbeat, is refused when the listener is
+    configured, not when the first client connects."""
+    with pytest.raises(ValueError, match="max_frame"):
+        NativeSettings(max_frame=100)
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        NativeSettings(heartbeat_s=-1)
+
+
+def test_heartbeat_zero_never_closes_an_idle_connection(clock: MemoryReactorClock) -> None:
+    factory = NativeServerFactory(make_broker(clock), AllowAllGate(), clock, NativeSettings(heartbeat_s=0))
+    peer = Peer(factory)
+    clock.advance(3600)
+    assert not peer.closing and isinstance(peer.request(f.Ping), f.Pong)
