@@ -1,122 +1,132 @@
-"""Errors the core raises. Each carries a stable wire code that every adapter maps to its own protocol.
+"""Errors the core raises, by whose fault they are. No wire codes here: each adapter maps these classes to its
+own protocol (native error codes in adapters/native/errors.py, MQTT reason codes, AMQP reply codes).
 
-Adapters never show a traceback to a client: they catch `TidegateError`, read `.code` and report it their way
-(native error frame, MQTT reason code, AMQP channel/connection close).
+- `ClientError`: the request cannot be served as asked (bad name, unknown topic, refused by the gate, ...).
+  Repeating the same request will fail the same way; the client must change it.
+- `ServerError`: the broker failed (disk full, storage failure, shutting down). The request may succeed later
+  or on another broker; the client did nothing wrong.
+
+Adapters never show a traceback to a client: they catch `TidegateError`, look up its class in their table and
+report it their way (native ERROR frame, MQTT reason code, AMQP channel/connection close). Anything that is not
+a `TidegateError` is an internal failure: logged, and reported as such without its details.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
-
-
-class ErrorCode(IntEnum):
-    # Codes are part of the native protocol (docs/native-protocol.md); never renumber.
-    OK = 0
-    BAD_REQUEST = 1
-    UNSUPPORTED_VERSION = 2
-    FRAME_TOO_LARGE = 3
-    MALFORMED_FRAME = 4
-    INVALID_NAME = 10
-    TOPIC_NOT_FOUND = 11
-    TOPIC_EXISTS = 12
-    QUEUE_NOT_FOUND = 13
-    GROUP_NOT_FOUND = 14
-    OFFSET_OUT_OF_RANGE = 15
-    MESSAGE_TOO_LARGE = 16
-    MESSAGE_NOT_FOUND = 17
-    INVALID_FILTER = 18
-    INVALID_RECEIPT = 19
-    NO_PERMISSION = 20
-    NOT_AUTHORIZED = 21
-    NOT_AUTHENTICATED = 22
-    STORE_FULL = 30
-    STORE_ERROR = 31
-    SHUTTING_DOWN = 32
-    INTERNAL = 99
-
 
 class TidegateError(Exception):
-    """An error a client caused or must be told about; `code` is the wire code."""
+    """Base of every error the core reports to an adapter. A bare `TidegateError` carries no blame and is
+    reported as an internal failure; raise a `ClientError` or `ServerError` subclass instead."""
 
-    code: ErrorCode = ErrorCode.INTERNAL
-
-    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str = "") -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
 
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def __getattr__(self, name: str) -> object:
+        """Transitional, like the module `__getattr__` below: adapters/mqtt/server.py still reads `exc.code`
+        until its port maps core error classes by class. Delete together with the module-level function."""
+        if name == "code":
+            import importlib
 
-class InvalidName(TidegateError):
-    code = ErrorCode.INVALID_NAME
-
-
-class TopicNotFound(TidegateError):
-    code = ErrorCode.TOPIC_NOT_FOUND
-
-
-class TopicExists(TidegateError):
-    code = ErrorCode.TOPIC_EXISTS
+            return importlib.import_module("tidegate.adapters.native.errors").wire_code(self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-class QueueNotFound(TidegateError):
-    code = ErrorCode.QUEUE_NOT_FOUND
+class ClientError(TidegateError):
+    """The client's fault: the request is invalid or not allowed."""
 
 
-class GroupNotFound(TidegateError):
-    code = ErrorCode.GROUP_NOT_FOUND
+class ServerError(TidegateError):
+    """The broker's fault: the request was fine but could not be carried out."""
 
 
-class OffsetOutOfRange(TidegateError):
-    code = ErrorCode.OFFSET_OUT_OF_RANGE
+# ---------------------------------------------------------------------------------------- the client's fault
+class BadRequest(ClientError):
+    """An argument out of range or a request that does not fit the current state (e.g. credit <= 0)."""
 
 
-class MessageTooLarge(TidegateError):
-    code = ErrorCode.MESSAGE_TOO_LARGE
+class InvalidName(ClientError):
+    """A topic, group, subject, tag or property name that breaks the naming rules."""
 
 
-class MessageNotFound(TidegateError):
-    code = ErrorCode.MESSAGE_NOT_FOUND
+class TopicNotFound(ClientError):
+    pass
 
 
-class InvalidFilter(TidegateError):
-    code = ErrorCode.INVALID_FILTER
+class TopicExists(ClientError):
+    pass
 
 
-class InvalidReceipt(TidegateError):
-    code = ErrorCode.INVALID_RECEIPT
+class QueueNotFound(ClientError):
+    pass
 
 
-class NoPermission(TidegateError):
-    code = ErrorCode.NO_PERMISSION
+class GroupNotFound(ClientError):
+    pass
 
 
-class NotAuthorized(TidegateError):
+class OffsetOutOfRange(ClientError):
+    pass
+
+
+class MessageTooLarge(ClientError):
+    """Body or properties over the limit."""
+
+
+class MessageNotFound(ClientError):
+    """A query by id found nothing (or retention removed it)."""
+
+
+class InvalidFilter(ClientError):
+    pass
+
+
+class InvalidReceipt(ClientError):
+    """Unknown or expired receipt on ack/nack."""
+
+
+class NoPermission(ClientError):
+    """The topic's own permission (`r`/`w`) forbids the action."""
+
+
+class NotAuthorized(ClientError):
     """The gate denied an action (or a client named an adapter-private topic)."""
 
-    code = ErrorCode.NOT_AUTHORIZED
 
-
-class NotAuthenticated(TidegateError):
+class NotAuthenticated(ClientError):
     """Credentials were missing, wrong, expired or refused."""
 
-    code = ErrorCode.NOT_AUTHENTICATED
+
+# ---------------------------------------------------------------------------------------- the broker's fault
+class StoreFull(ServerError):
+    """The disk (or the store's size budget) is full."""
 
 
-class StoreFull(TidegateError):
-    code = ErrorCode.STORE_FULL
-
-
-class StoreError(TidegateError):
-    code = ErrorCode.STORE_ERROR
+class StoreError(ServerError):
+    """A storage failure (I/O error, fsync failure)."""
 
 
 class CorruptRecord(StoreError):
     """A commit-log record failed its length, magic or CRC check."""
 
 
-class ShuttingDown(TidegateError):
-    code = ErrorCode.SHUTTING_DOWN
+class ShuttingDown(ServerError):
+    """The broker is stopping."""
+
+
+class InternalError(ServerError):
+    """A broker bug surfaced as an error (details are logged, never sent)."""
+
+
+def __getattr__(name: str) -> object:
+    """Transitional: the native wire codes moved to adapters/native/errors.py. adapters/mqtt/server.py still
+    imports `ErrorCode` from here until its port (which maps core error classes by class) lands; delete this
+    function with that import. Imported lazily by name so the core keeps no import of an adapter."""
+    if name == "ErrorCode":
+        import importlib
+
+        return importlib.import_module("tidegate.adapters.native.errors").ErrorCode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

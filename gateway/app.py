@@ -39,10 +39,11 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tidegate.adapters.native.server import NativeServerFactory
+from tidegate.adapters.native.server import NativeServerFactory, NativeSettings
 from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.security.gate import AllowAllGate
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
@@ -211,9 +212,11 @@ class TidegateProcess(Service):
         if listeners.native.enabled:
             factory = NativeServerFactory(
                 self.broker,
+                AllowAllGate(),
                 self.reactor,
-                max_frame=self.config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO,
+                NativeSettings(max_frame=self.config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO),
                 metrics=self.metrics,
+                listener="native",
             )
             self._listen("native", factory, listeners.native.host, listeners.native.port)
         if listeners.mqtt.enabled:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from tidegate.adapters.native import frames as f
+from tidegate.adapters.native.errors import wire_code
 from tidegate.client import Admin, Connection, Producer
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message, QueueRef
@@ -88,7 +89,8 @@ def _register_topic(commands: argparse._SubParsersAction, common: argparse.Argum
 
     listing = sub.add_parser("list", parents=[common], help="list topics")
     listing.add_argument("--internal", action="store_true",
-                         help="include internal topics (retry, dead-letter, MQTT sessions, AMQP queues)")
+                         help="include internal topics (retry, dead-letter); the private queues of MQTT sessions "
+                              "and AMQP are never listed to clients")
     listing.set_defaults(handler=guarded(run_topic_list))
 
     describe = sub.add_parser("describe", parents=[common], help="a topic's settings and per-queue offsets")
@@ -224,7 +226,7 @@ def guarded(handler: Handler) -> Handler:
         try:
             return handler(args)
         except TidegateError as exc:
-            print(f"error: {exc.message} ({exc.code.name})", file=sys.stderr)
+            print(f"error: {exc.message} ({wire_code(exc).name})", file=sys.stderr)
         except ConnectionRefusedError:
             print(f"error: cannot connect to the broker at {server_address(args)}: connection refused "
                   f"(is `tidegate serve` running? point --server or ${SERVER_ENV} at it)", file=sys.stderr)

@@ -45,7 +45,6 @@ NATIVE_CODEC_EXCEPTIONS = (
     # classes, whose wire codes the protocol shares. Both are plain data modules without I/O or broker state.
     "tidegate.adapters.native.codec -> tidegate.core.errors",
     "tidegate.adapters.native.codec -> tidegate.core.model",
-    "tidegate.adapters.native.frames -> tidegate.core.errors",
     "tidegate.adapters.native.frames -> tidegate.core.model",
     "tidegate.adapters.native.fastpath -> tidegate.core.model",
     "tidegate.adapters.native.errors -> tidegate.core.errors",

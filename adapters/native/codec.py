@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
-from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.errors import ErrorCode, FrameValueError, Truncated
 from tidegate.adapters.native.fastpath import message_bytes, read_message, read_string, wire_name, wire_string
 from tidegate.adapters.native.frames import (
     BOTH,
@@ -41,7 +41,7 @@ from tidegate.adapters.native.frames import (
     SendOk,
     SendReceipt,
 )
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
 
 HEADER = struct.Struct(">IBBI")
@@ -62,7 +62,9 @@ class ProtocolError(TidegateError):
 
     def __init__(self, message: str, *, request_id: int = 0, fatal: bool | None = None,
                  code: ErrorCode | None = None) -> None:
-        super().__init__(message, code)
+        super().__init__(message)
+        if code is not None:
+            self.code = code
         self.request_id = request_id
         if fatal is not None:
             self.fatal = fatal

@@ -17,9 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum, IntFlag
 from typing import Any, ClassVar
 
-from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.errors import ErrorCode, FrameValueError, Truncated
 from tidegate.adapters.native.fastpath import message_bytes, read_message
-from tidegate.core.errors import ErrorCode
 from tidegate.core.model import Message
 
 PROTOCOL_VERSION = 1

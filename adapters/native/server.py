@@ -1,22 +1,30 @@
-"""Twisted adapter of the native protocol: a thin Protocol between the sans-IO codec and the Broker.
+"""Twisted adapter of the native protocol: a thin connection between the sans-IO codec and the core session.
 
-`dataReceived` feeds the codec; each frame becomes one broker call; every byte leaves through `_emit`, which
-collects the responses of one `dataReceived` call and writes them with one `writeSequence`. Sends are answered
-only once `broker.when_durable` says the record is on disk, so a SEND_OK means the message survives a crash.
-The reactor/clock is passed in; nothing here imports the global reactor.
+`NativeProtocol` is an `AdapterConnection` (adapters/base.py): the base owns the one write point (everything one
+read causes leaves in one `writeSequence`), connection metrics, TCP_NODELAY, back-pressure registration, the idle
+timer and the authenticating state. This module feeds the codec and turns each frame into one call on the
+connection's `CoreSession` (core/session.py), which asks the gate before the core acts.
+
+HELLO is mandatory and first (the codec refuses anything else). It authenticates the connection through
+`gate.authenticate(Credentials(mechanism="anonymous", client_id=..., source=..., listener=...))`; frames
+pipelined behind HELLO wait, in order, until the gate answers, then HELLO_OK goes out and they run. A refused
+login gets ERROR NOT_AUTHENTICATED (HELLO's request id) and a close. Sends are answered only once
+`session.when_durable` says the record is on disk, so a SEND_OK means the message survives a crash.
+Core errors become ERROR frames through the one table in adapters/native/errors.py.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tidegate.adapters.base import AdapterConnection, AdapterFactory
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
     DEFAULT_MAX_FRAME,
@@ -30,15 +38,18 @@ from tidegate.adapters.native.codec import (
     encode_send_batch_ok,
     encode_send_ok,
 )
-from tidegate.adapters.transport import disable_nagle
+from tidegate.adapters.native.errors import ErrorCode, wire_code
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import BadRequest, NotAuthenticated, TidegateError
+from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import QueueRef, TopicConfig
+from tidegate.core.security.gate import Credentials, Gate, Principal
 
 SERVER_VERSION = "tidegate-native/0.1.0"
-IDLE_INTERVALS = 3
-ONEWAY = int(f.FrameFlag.ONEWAY)  # a connection silent for this many heartbeat intervals is dead
+IDLE_INTERVALS = 3  # a connection silent for this many heartbeat intervals is dead
+ONEWAY = int(f.FrameFlag.ONEWAY)
+MIN_MAX_FRAME = 256  # room for a HELLO_OK and a short ERROR
 
 MODE_TO_CORE = {f.Mode.CLUSTERING: ConsumeMode.CLUSTERING, f.Mode.BROADCASTING: ConsumeMode.BROADCASTING}
 MODE_TO_WIRE = {v: k for k, v in MODE_TO_CORE.items()}
@@ -92,11 +103,11 @@ class SubscriptionSink:
         self._held: list[bytes] | None = []
 
     def deliver(self, deliveries: list[Delivered]) -> None:
-        chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.max_frame)
+        chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame)
         if self._held is not None:
             self._held.extend(chunks)
         else:
-            self.protocol.emit_bytes(chunks)
+            self.protocol.write_chunks(chunks)
 
     def assignment_changed(self, queues: list[QueueRef]) -> None:
         data = encode_frame(f.Assignment(subscription_id=self.subscription_id,
@@ -104,52 +115,37 @@ class SubscriptionSink:
         if self._held is not None:
             self._held.append(data)
         else:
-            self.protocol.emit_bytes([data])
+            self.protocol.write_chunks([data])
 
     def release(self) -> None:
         held, self._held = self._held, None
         if held:
-            self.protocol.emit_bytes(held)
+            self.protocol.write_chunks(held)
 
 
-class NativeProtocol(Protocol):
+class NativeProtocol(AdapterConnection):
+    """One native connection: HELLO authenticates (asynchronously, through the gate) and opens the connection's
+    `CoreSession`; every later frame becomes one call on that session."""
+
     factory: NativeServerFactory
 
     def __init__(self) -> None:
+        super().__init__()
         self.codec: NativeCodec | None = None
         self.client_id = ""
         self.client_name = ""
         self.subscriptions: dict[int, SubscriptionSink] = {}
         self._next_subscription = itertools.count(1)
-        self._batch: list[bytes] | None = None
-        self._closing = False
-        self._connected = False
-        self._last_seen = 0.0
-        self._idle_timer: Any = None
+        self._hello_request_id = 0
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def connectionMade(self) -> None:
-        factory = self.factory
-        self.codec = NativeCodec(Role.SERVER, max_frame=factory.max_frame)
-        self._connected = True
-        disable_nagle(self.transport)
-        self._last_seen = factory.clock.seconds()
-        if factory.heartbeat_s > 0:
-            self._idle_timer = factory.clock.callLater(factory.heartbeat_s, self._check_idle)
-        if factory.metrics is not None:
-            factory.metrics.connections["native"] += 1
-            factory.metrics.connections_total["native"] += 1
+    def connection_started(self) -> None:
+        settings = self.factory.settings
+        self.codec = NativeCodec(Role.SERVER, max_frame=settings.max_frame)
+        if settings.heartbeat_s > 0:
+            self.start_idle_timer(IDLE_INTERVALS * settings.heartbeat_s)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._connected:
-            return
-        self._connected = False
-        factory = self.factory
-        if factory.metrics is not None:
-            factory.metrics.connections["native"] -= 1
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+    def connection_ended(self, reason: Failure) -> None:
         subscriptions, self.subscriptions = self.subscriptions, {}
         for sink in subscriptions.values():
             if sink.subscription is not None:
@@ -159,16 +155,10 @@ class NativeProtocol(Protocol):
                     log.error("native: closing subscription {sid} failed: {exc!r}", sid=sink.subscription_id,
                               exc=exc)
 
-    def _check_idle(self) -> None:
-        factory = self.factory
-        idle = factory.clock.seconds() - self._last_seen
-        limit = IDLE_INTERVALS * factory.heartbeat_s
-        if idle >= limit:
-            self._idle_timer = None
-            self._close_with_error(0, ErrorCode.BAD_REQUEST,
-                                   f"no frame for {idle:.1f}s (heartbeat {factory.heartbeat_s}s); closing")
-            return
-        self._idle_timer = factory.clock.callLater(min(factory.heartbeat_s, limit - idle), self._check_idle)
+    def idle_timed_out(self, idle: float) -> None:
+        heartbeat_s = self.factory.settings.heartbeat_s
+        self._close_with_error(0, ErrorCode.BAD_REQUEST,
+                               f"no frame for {idle:.1f}s (heartbeat {heartbeat_s}s); closing")
 
     # ------------------------------------------------------------------------------------------- outbound
     def emit(self, frame: f.Frame) -> None:
@@ -176,71 +166,66 @@ class NativeProtocol(Protocol):
             data = self.codec.encode(frame)
         except FrameTooLarge as exc:
             data = encode_frame(f.Error(request_id=frame.request_id, code=int(exc.code), message=exc.message))
-        self.emit_bytes([data])
-
-    def emit_bytes(self, chunks: list[bytes]) -> None:
-        """The one write point: inside dataReceived the chunks join that call's batch, else go out now."""
-        if not self._connected:
-            return
-        if self._batch is not None:
-            self._batch.extend(chunks)
-        elif len(chunks) == 1:
-            self.transport.write(chunks[0])
-        else:
-            self.transport.writeSequence(chunks)
+        self.write(data)
 
     def _error(self, request_id: int, code: ErrorCode | int, message: str) -> None:
         self.emit(f.Error(request_id=request_id, code=int(code), message=message[:4000]))
 
     def _close_with_error(self, request_id: int, code: ErrorCode | int, message: str) -> None:
         self._error(request_id, code, message)
-        self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        if self._batch is None and self._connected:
-            self.transport.loseConnection()
+        self.close()
 
     # -------------------------------------------------------------------------------------------- inbound
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self._last_seen = self.factory.clock.seconds()
-        batch: list[bytes] = []
-        self._batch = batch
-        try:
-            self._feed(data)
-        finally:
-            self._batch = None
-            if batch and self._connected:
-                self.transport.writeSequence(batch)
-            if self._closing and self._connected:
-                self.transport.loseConnection()
-
-    def _feed(self, data: bytes) -> None:
+    def bytes_received(self, data: bytes) -> None:
         codec = self.codec
         while True:
             try:
                 frames = codec.receive_data(data)
             except ProtocolError as exc:
                 self._dispatch_all(exc.frames_before)
-                if self._closing:
+                if self.closing:
                     return
-                self._error(exc.request_id, exc.code, exc.message)
+                if self.authenticating:
+                    # The bad frame came after a HELLO whose login is pending: report it in its place.
+                    self.hold_frames([exc])
+                else:
+                    self._protocol_error(exc)
                 if exc.fatal:
-                    self._close()
                     return
                 data = b""
                 continue
             self._dispatch_all(frames)
             return
 
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self._error(exc.request_id, exc.code, exc.message)
+        if exc.fatal:
+            self.close()
+
+    def frames_resumed(self, frames: list[Any]) -> None:
+        """Frames (and protocol errors) that arrived behind HELLO while its login was decided, in order."""
+        start = 0
+        for i, item in enumerate(frames):
+            if isinstance(item, ProtocolError):
+                self._dispatch_all(frames[start:i])
+                if self.authenticating:
+                    self.hold_frames(frames[i:])
+                    return
+                if self.closing:
+                    return
+                self._protocol_error(item)
+                start = i + 1
+        self._dispatch_all(frames[start:])
+
     def _dispatch_all(self, frames: list[f.Frame]) -> None:
+        if self.authenticating:  # decoded after a HELLO whose login is pending (e.g. past a bad frame): wait too
+            self.hold_frames(frames)
+            return
         send = f.Send
         count = len(frames)
         i = 0
         while i < count:
-            if self._closing:
+            if self.closing:
                 return
             frame = frames[i]
             i += 1
@@ -259,15 +244,21 @@ class NativeProtocol(Protocol):
                     i = j
                     continue
             self._dispatch(frame)
+            if self.authenticating:
+                # HELLO started an asynchronous login: the rest of this read waits for its decision.
+                self.hold_frames(frames[i:])
+                return
 
     def _dispatch(self, frame: f.Frame) -> None:
         handler = HANDLERS.get(type(frame))
         try:
             if handler is None:
-                raise TidegateError(f"{type(frame).__name__} is not a request", ErrorCode.BAD_REQUEST)
+                raise ProtocolError(f"{type(frame).__name__} is not a request", request_id=frame.request_id)
+            if self.session is None and handler is not NativeProtocol.on_hello:
+                raise NotAuthenticated(f"{type(frame).__name__} before a successful HELLO")
             handler(self, frame)
         except TidegateError as exc:
-            self._error(frame.request_id, exc.code, exc.message)
+            self._error(frame.request_id, wire_code(exc), exc.message)
         except Exception as exc:
             log.error("native: {frame} from {client} failed: {exc!r}", frame=type(frame).__name__,
                       client=self.client_id, exc=exc)
@@ -276,13 +267,17 @@ class NativeProtocol(Protocol):
     def _send_run(self, run: list[f.Send]) -> None:
         """Publish consecutive SENDs (same topic, same queue choice) as one batch. If the batch is refused,
         nothing of it was stored: publish them one by one so each bad message gets its own ERROR."""
-        broker = self.factory.broker
+        session = self.session
         queue_id = run[0].queue_id
+        if session is None:  # cannot happen after the codec's HELLO-first rule; refused frame by frame
+            for frame in run:
+                self._dispatch(frame)
+            return
         try:
-            results = broker.publish([frame.message for frame in run], queue_id=None if queue_id < 0 else queue_id)
+            results = session.publish([frame.message for frame in run], None if queue_id < 0 else queue_id)
         except Exception:
             for frame in run:
-                if self._closing:
+                if self.closing:
                     return
                 self._dispatch(frame)
             return
@@ -291,7 +286,7 @@ class NativeProtocol(Protocol):
                 for frame, r in zip(run, results, strict=True) if not frame.flags & ONEWAY]
         if acks:
             data = b"".join(acks)
-            broker.when_durable(results[-1].commit_end, lambda: self.emit_bytes([data]))
+            session.when_durable(results[-1].commit_end, lambda: self.write(data))
 
     def _reply(self, request: f.Frame, response: f.Frame) -> None:
         if not request.oneway:
@@ -299,12 +294,30 @@ class NativeProtocol(Protocol):
 
     # ------------------------------------------------------------------------------------------- handlers
     def on_hello(self, frame: f.Hello) -> None:
+        """Ask the gate who this is; HELLO_OK (and every frame behind HELLO) waits for the answer."""
         factory = self.factory
         self.client_id = frame.client_id or f"native-{factory.next_connection_number()}"
         self.client_name = frame.client_name
-        self.emit(f.HelloOk(request_id=frame.request_id, version=f.PROTOCOL_VERSION,
-                            server_version=SERVER_VERSION, max_frame=factory.max_frame,
-                            heartbeat_ms=int(factory.heartbeat_s * 1000)))
+        self._hello_request_id = frame.request_id
+        self.authenticate(Credentials(mechanism="anonymous", client_id=self.client_id, source=self.source,
+                                      listener=factory.listener))
+
+    def on_authenticated(self, principal: Principal) -> None:
+        factory = self.factory
+        self.session = factory.open_session(principal, self.source, self.client_id)
+        settings = factory.settings
+        self.emit(f.HelloOk(request_id=self._hello_request_id, version=f.PROTOCOL_VERSION,
+                            server_version=SERVER_VERSION, max_frame=settings.max_frame,
+                            heartbeat_ms=int(settings.heartbeat_s * 1000)))
+
+    def on_authentication_failed(self, failure: Failure) -> None:
+        if failure.check(NotAuthenticated):
+            message = failure.value.message or "authentication failed"
+        else:  # the gate itself broke: our fault, logged, and the client learns only that it was refused
+            log.failure("native: authenticating {client} from {source} failed", failure,
+                        client=self.client_id, source=self.source)
+            message = "authentication failed"
+        self._close_with_error(self._hello_request_id, ErrorCode.NOT_AUTHENTICATED, message)
 
     def on_ping(self, frame: f.Ping) -> None:
         self.emit(f.Pong(request_id=frame.request_id))
@@ -314,63 +327,65 @@ class NativeProtocol(Protocol):
 
     def on_bye(self, frame: f.Bye) -> None:
         self.emit(f.Ok(request_id=frame.request_id))
-        self._close()
+        self.close()
 
     # --- topics
     def on_topic_create(self, frame: f.TopicCreate) -> None:
-        cfg = self.factory.broker.create_topic(frame.name, queues=frame.queues or None, perm=frame.perm or "rw",
-                                               retention_ms=frame.retention_ms)
+        cfg = self.session.create_topic(frame.name, queues=frame.queues or None, perm=frame.perm or "rw",
+                                        retention_ms=frame.retention_ms)
         self._reply(frame, f.TopicOk(request_id=frame.request_id, topic=topic_info(cfg)))
 
     def on_topic_update(self, frame: f.TopicUpdate) -> None:
-        cfg = self.factory.broker.update_topic(frame.name, queues=frame.queues or None, perm=frame.perm or None,
-                                               retention_ms=None if frame.retention_ms < 0 else frame.retention_ms)
+        cfg = self.session.update_topic(frame.name, queues=frame.queues or None, perm=frame.perm or None,
+                                        retention_ms=None if frame.retention_ms < 0 else frame.retention_ms)
         self._reply(frame, f.TopicOk(request_id=frame.request_id, topic=topic_info(cfg)))
 
     def on_topic_delete(self, frame: f.TopicDelete) -> None:
-        self.factory.broker.delete_topic(frame.name)
+        self.session.delete_topic(frame.name)
         self._reply(frame, f.Ok(request_id=frame.request_id))
 
     def on_topic_list(self, frame: f.TopicList) -> None:
-        topics = self.factory.broker.list_topics(include_internal=frame.include_internal)
+        topics = self.session.list_topics(include_internal=frame.include_internal)
         self._reply(frame, f.TopicListOk(request_id=frame.request_id, topics=[topic_info(t) for t in topics]))
 
     def on_topic_describe(self, frame: f.TopicDescribe) -> None:
-        broker = self.factory.broker
-        cfg = broker.get_topic(frame.name)
+        session = self.session
+        cfg = session.get_topic(frame.name)
         ranges = []
         for queue_id in range(cfg.queues):
-            low, high = self.factory.queue_bounds(QueueRef(cfg.name, queue_id))
+            low, high = session.queue_offsets(QueueRef(cfg.name, queue_id))
             ranges.append(f.QueueRange(queue_id=queue_id, min_offset=low, max_offset=high))
         self._reply(frame, f.TopicDescribeOk(request_id=frame.request_id, topic=topic_info(cfg), queues=ranges))
 
     # --- produce
     def on_send(self, frame: f.Send) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
-        broker = self.factory.broker
-        result = broker.publish([frame.message], queue_id=queue_id)[0]
+        session = self.session
+        result = session.publish([frame.message], queue_id=queue_id)[0]
         if frame.flags & ONEWAY:
             return
         data = encode_send_ok(frame.request_id, result.msg_id, result.topic, result.queue_id, result.queue_offset)
-        broker.when_durable(result.commit_end, lambda: self.emit_bytes([data]))
+        session.when_durable(result.commit_end, lambda: self.write(data))
 
     def on_send_batch(self, frame: f.SendBatch) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
-        broker = self.factory.broker
-        results = broker.publish(list(frame.messages), queue_id=queue_id)
+        session = self.session
+        results = session.publish(list(frame.messages), queue_id=queue_id)
         if frame.flags & ONEWAY:
             return
         data = encode_send_batch_ok(frame.request_id, results)
         if not results:
-            self.emit_bytes([data])
+            self.write(data)
             return
-        broker.when_durable(max(r.commit_end for r in results), lambda: self.emit_bytes([data]))
+        session.when_durable(max(r.commit_end for r in results), lambda: self.write(data))
 
     # --- consume
     def on_subscribe(self, frame: f.Subscribe) -> None:
         subscription_id = next(self._next_subscription)
         sink = SubscriptionSink(self, subscription_id)
-        sub = self.factory.broker.subscribe(
+        # SUBSCRIBE may name its own client id (the SDK's consumers do); it is passed through the session so the
+        # gate issue can decide whether a principal may act under another client id (today: accepted as sent).
+        sub = self.session.subscribe(
             frame.group, frame.topic, sink, client_id=frame.client_id or self.client_id,
             mode=MODE_TO_CORE[frame.mode], ack=ACK_TO_CORE[frame.ack], filter_expr=frame.filter_expr or "*",
             invisible_ms=frame.invisible_ms or None, max_attempts=frame.max_attempts or None,
@@ -385,7 +400,7 @@ class NativeProtocol(Protocol):
     def _subscription(self, subscription_id: int) -> Any:
         sink = self.subscriptions.get(subscription_id)
         if sink is None:
-            raise TidegateError(f"no subscription {subscription_id} on this connection", ErrorCode.BAD_REQUEST)
+            raise BadRequest(f"no subscription {subscription_id} on this connection")
         return sink.subscription
 
     def on_credit(self, frame: f.Credit) -> None:
@@ -402,8 +417,8 @@ class NativeProtocol(Protocol):
                 failures.append(exc)
         if failures:
             first = failures[0]
-            raise TidegateError(f"{len(failures)} of {len(receipts)} receipts failed; first: {first.message}",
-                                first.code)
+            # Same class (so the same wire code) as the first failure, with the count in the message.
+            raise type(first)(f"{len(failures)} of {len(receipts)} receipts failed; first: {first.message}")
 
     def on_ack(self, frame: f.AckMessages) -> None:
         sub = self._subscription(frame.subscription_id)
@@ -422,10 +437,10 @@ class NativeProtocol(Protocol):
                 sub.commit(QueueRef(item.topic, item.queue_id), item.offset)
         else:
             if not frame.group:
-                raise TidegateError("COMMIT needs a subscription id or a group", ErrorCode.BAD_REQUEST)
-            broker = self.factory.broker
+                raise BadRequest("COMMIT needs a subscription id or a group")
+            session = self.session
             for item in frame.offsets:
-                broker.commit_offset(frame.group, QueueRef(item.topic, item.queue_id), item.offset)
+                session.commit_offset(frame.group, QueueRef(item.topic, item.queue_id), item.offset)
         self._reply(frame, f.Ok(request_id=frame.request_id))
 
     def on_unsubscribe(self, frame: f.Unsubscribe) -> None:
@@ -435,8 +450,8 @@ class NativeProtocol(Protocol):
         self._reply(frame, f.Ok(request_id=frame.request_id))
 
     def on_pull(self, frame: f.Pull) -> None:
-        result = self.factory.broker.pull(QueueRef(frame.topic, frame.queue_id), frame.offset,
-                                          max_count=frame.max_count, filter_expr=frame.filter_expr or "*")
+        result = self.session.pull(QueueRef(frame.topic, frame.queue_id), frame.offset,
+                                   max_count=frame.max_count, filter_expr=frame.filter_expr or "*")
         self._reply(frame, f.PullOk(request_id=frame.request_id, status=STATUS_TO_WIRE[PullStatus(result.status)],
                                     next_offset=result.next_offset, min_offset=result.min_offset,
                                     max_offset=result.max_offset,
@@ -444,11 +459,11 @@ class NativeProtocol(Protocol):
 
     # --- groups
     def on_group_list(self, frame: f.GroupList) -> None:
-        groups = self.factory.broker.list_groups()
+        groups = self.session.list_groups()
         self._reply(frame, f.GroupListOk(request_id=frame.request_id, groups=[group_summary(g) for g in groups]))
 
     def on_group_describe(self, frame: f.GroupDescribe) -> None:
-        info = self.factory.broker.group_info(frame.group)
+        info = self.session.group_info(frame.group)
         progress = [f.ProgressRecord(topic=p.queue.topic, queue_id=p.queue.queue_id, committed=p.committed,
                                      min_offset=p.min_offset, max_offset=p.max_offset, lag=p.lag, owner=p.owner)
                     for p in info.progress]
@@ -458,26 +473,26 @@ class NativeProtocol(Protocol):
     def on_reset_offsets(self, frame: f.ResetOffsets) -> None:
         to: str | int = {f.ResetTo.EARLIEST: "earliest", f.ResetTo.LATEST: "latest"}.get(frame.to,
                                                                                          frame.timestamp_ms)
-        offsets = self.factory.broker.reset_offsets(frame.group, frame.topic, to)
+        offsets = self.session.reset_offsets(frame.group, frame.topic, to)
         self._reply(frame, f.ResetOffsetsOk(request_id=frame.request_id, offsets=[
             f.QueueOffset(topic=q.topic, queue_id=q.queue_id, offset=o) for q, o in sorted(
                 offsets.items(), key=lambda item: (item[0].topic, item[0].queue_id))]))
 
     def on_group_delete(self, frame: f.GroupDelete) -> None:
-        self.factory.broker.delete_group(frame.group)
+        self.session.delete_group(frame.group)
         self._reply(frame, f.Ok(request_id=frame.request_id))
 
     # --- queries
     def on_query_by_id(self, frame: f.QueryById) -> None:
-        message = self.factory.broker.query_by_id(frame.msg_id)
+        message = self.session.query_by_id(frame.msg_id)
         self._reply(frame, f.Messages(request_id=frame.request_id, messages=[message]))
 
     def on_query_by_key(self, frame: f.QueryByKey) -> None:
-        found = self.factory.broker.query_by_key(frame.topic, frame.key, limit=frame.limit)
+        found = self.session.query_by_key(frame.topic, frame.key, limit=frame.limit)
         self._reply(frame, f.Messages(request_id=frame.request_id, messages=list(found)))
 
     def on_query_by_time(self, frame: f.QueryByTime) -> None:
-        found = self.factory.broker.list_by_time(frame.topic, frame.start_ms, frame.end_ms, limit=frame.limit)
+        found = self.session.list_by_time(frame.topic, frame.start_ms, frame.end_ms, limit=frame.limit)
         self._reply(frame, f.Messages(request_id=frame.request_id, messages=list(found)))
 
 
@@ -510,23 +525,32 @@ HANDLERS: dict[type[f.Frame], Callable[[NativeProtocol, Any], None]] = {
 }
 
 
-class NativeServerFactory(Factory):
-    """Builds one NativeProtocol per connection over a shared broker and clock."""
+@dataclass(frozen=True, slots=True)
+class NativeSettings:
+    """What a native listener announces in HELLO_OK and enforces."""
+
+    max_frame: int = DEFAULT_MAX_FRAME  # largest frame accepted (and DELIVER pushes are split to fit)
+    heartbeat_s: float = 30.0  # clients must send something this often; 3 silent intervals close (0 = never)
+
+    def __post_init__(self) -> None:
+        if self.max_frame < MIN_MAX_FRAME:
+            raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME} bytes, not {self.max_frame}")
+        if self.heartbeat_s < 0:
+            raise ValueError(f"heartbeat_s must be 0 (off) or positive, not {self.heartbeat_s}")
+
+
+class NativeServerFactory(AdapterFactory):
+    """The native listener: `NativeServerFactory(core, gate, clock, NativeSettings(...), metrics=, listener=)`."""
 
     protocol = NativeProtocol
+    protocol_label = "native"
 
-    def __init__(self, broker: Any, clock: IReactorTime, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 heartbeat_s: float = 30.0, metrics: CoreMetrics | None = None) -> None:
-        self.broker = broker
-        self.clock = clock
-        self.max_frame = max_frame
-        self.heartbeat_s = heartbeat_s
-        self.metrics = metrics if metrics is not None else getattr(broker, "metrics", None)
+    def __init__(self, core: Core, gate: Gate, clock: IReactorTime, settings: NativeSettings | None = None, *,
+                 metrics: CoreMetrics | None = None, listener: str = "native") -> None:
+        super().__init__(core, gate, clock, settings if settings is not None else NativeSettings(),
+                         metrics=metrics, listener=listener)
+        self.settings: NativeSettings
         self._connection_numbers = itertools.count(1)
 
     def next_connection_number(self) -> int:
         return next(self._connection_numbers)
-
-    def queue_bounds(self, queue: QueueRef) -> tuple[int, int]:
-        """(min, max) offsets of a queue as consumers see them."""
-        return self.broker.queue_offsets(queue)

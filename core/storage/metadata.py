@@ -14,16 +14,14 @@ from typing import Any
 
 import sqlite_utils
 
-from tidegate.core.errors import ErrorCode, StoreError, TidegateError
+from tidegate.core.errors import BadRequest, StoreError
 
 TOPIC_DEFAULTS: dict[str, Any] = {"queues": 4, "perm": "rw", "retention_ms": 0, "internal": False, "created_ts": 0}
 GROUP_DEFAULTS: dict[str, Any] = {"mode": "clustering", "ack": "offset", "created_ts": 0, "extra": None}
 
 
-class InvalidMetadata(TidegateError):
+class InvalidMetadata(BadRequest):
     """A metadata row or value that cannot be stored (missing or mistyped field, value not JSON)."""
-
-    code = ErrorCode.BAD_REQUEST
 
 
 def _require(row: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from tidegate.adapters.native.errors import ErrorCode
 from tidegate.client import Admin, Producer, PullConsumer, PushConsumer
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import TidegateError
 from tidegate.gateway.testing import BrokerProcess, wait_until
 
 TINY_SEGMENTS = ("--set", "storage.segment_bytes=65536", "--set", "broker.max_message_bytes=16384",

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
+from tidegate.adapters.native.server import NativeSettings
+from tidegate.core.security.gate import AllowAllGate
 from tidegate.gateway import app
 from tidegate.gateway.config import Config, ListenersSection, MqttListener, load_config, parse_set_option
 
@@ -74,7 +76,7 @@ class RecordingBroker:
 
 class RecordingFactory:
     def __init__(self, broker: Any, clock: Any, *args: Any, **kwargs: Any) -> None:
-        self.broker, self.clock, self.kwargs = broker, clock, kwargs
+        self.broker, self.clock, self.args, self.kwargs = broker, clock, args, kwargs
         self.settings = args[0] if args else kwargs.get("settings")
 
 
@@ -127,9 +129,12 @@ def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_pat
     process, reactor = started_process(config)
     try:
         factory = reactor.tcpServers[1][1]
+        # NativeServerFactory(core, gate, clock, settings, *, metrics, listener): the recorder's positional
+        # slots are (broker, clock, *args), so the gate lands in `clock` and (clock, settings) in `args`.
         assert factory.broker is RecordingBroker.instances[0]
-        assert factory.clock is reactor
-        assert factory.kwargs == {"max_frame": 2000, "metrics": process.metrics}
+        assert isinstance(factory.clock, AllowAllGate)
+        assert factory.args == (reactor, NativeSettings(max_frame=2000))
+        assert factory.kwargs == {"metrics": process.metrics, "listener": "native"}
         store, metadata, clock, durability, broker_config = RecordingBroker.instances[0].args
         assert (store, metadata, clock) == (stand_ins["store"], stand_ins["metadata"], reactor)
         assert durability.mode == "sync" and durability.metrics is process.metrics

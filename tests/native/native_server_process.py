@@ -11,7 +11,8 @@ import sys
 from twisted.internet import reactor, stdio
 from twisted.internet.protocol import Protocol
 
-from tidegate.adapters.native.server import NativeServerFactory
+from tidegate.adapters.native.server import NativeServerFactory, NativeSettings
+from tidegate.core.security.gate import AllowAllGate
 from tidegate.core.testing import make_broker
 
 
@@ -24,7 +25,8 @@ class StopWhenParentGoes(Protocol):
 def main() -> None:
     heartbeat_s = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
     broker = make_broker(reactor)
-    port = reactor.listenTCP(0, NativeServerFactory(broker, reactor, heartbeat_s=heartbeat_s),
+    port = reactor.listenTCP(0, NativeServerFactory(broker, AllowAllGate(), reactor,
+                                                        NativeSettings(heartbeat_s=heartbeat_s)),
                              interface="127.0.0.1")
     print(port.getHost().port, flush=True)
     stdio.StandardIO(StopWhenParentGoes())

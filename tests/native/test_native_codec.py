@@ -17,7 +17,7 @@ from tidegate.adapters.native.codec import (
     UnsupportedVersion,
     encode_frame,
 )
-from tidegate.core.errors import ErrorCode
+from tidegate.adapters.native.errors import ErrorCode
 from tidegate.core.model import Message
 
 HELLO_HEX = "0000000e" "01" "00" "00000001" "0001" "0001" "61" "0001" "62"

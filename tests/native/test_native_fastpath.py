@@ -24,13 +24,13 @@ from tidegate.adapters.native.codec import (
     encode_send_batch_ok,
     encode_send_ok,
 )
-from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.errors import ErrorCode, FrameValueError, Truncated
 from tidegate.adapters.native.fastpath import message_bytes, read_message, read_string, wire_name, wire_string
-from tidegate.adapters.native.server import NativeServerFactory
+from tidegate.adapters.native.server import NativeServerFactory, NativeSettings
 from tidegate.core.api import Delivered, SendResult
-from tidegate.core.errors import ErrorCode
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message, QueueRef
+from tidegate.core.security.gate import AllowAllGate
 from tidegate.core.testing import make_broker  # noqa: E402
 
 from .test_native_server import Peer
@@ -172,13 +172,13 @@ def test_send_with_bad_utf8_topic_is_malformed() -> None:
 @pytest.fixture
 def factory() -> NativeServerFactory:
     clock = MemoryReactorClock()
-    return NativeServerFactory(make_broker(clock), clock, max_frame=64 * 1024, heartbeat_s=10.0,
-                               metrics=CoreMetrics())
+    return NativeServerFactory(make_broker(clock), AllowAllGate(), clock,
+                               NativeSettings(max_frame=64 * 1024, heartbeat_s=10.0), metrics=CoreMetrics())
 
 
 def test_pipelined_sends_are_stored_as_one_batch_and_acknowledged_in_order(factory: NativeServerFactory) -> None:
     """Several SENDs in one read are one publish call; each still gets its own SEND_OK, in request order."""
-    broker = factory.broker
+    broker = factory.core
     broker.create_topic("T", queues=2)
     calls = []
     publish = broker.publish
@@ -201,7 +201,7 @@ def test_pipelined_sends_are_stored_as_one_batch_and_acknowledged_in_order(facto
 
 def test_a_bad_message_in_a_pipelined_run_gets_its_own_error(factory: NativeServerFactory) -> None:
     """If the batch is refused, the run is retried one by one: good messages stored, the bad one answered ERROR."""
-    factory.broker.create_topic("T", queues=1)
+    factory.core.create_topic("T", queues=1)
     peer = Peer(factory)
     peer.send(f.Send(request_id=20, message=Message(topic="T", body=b"a")),
               f.Send(request_id=21, message=Message(topic="T", body=b"b", subject="a/+")),  # wildcard: invalid

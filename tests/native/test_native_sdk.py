@@ -18,6 +18,7 @@ import pytest
 
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import NativeCodec, Role, UnsupportedVersion, encode_frame
+from tidegate.adapters.native.errors import ErrorCode
 from tidegate.client import (
     Admin,
     Delivered,
@@ -30,7 +31,7 @@ from tidegate.client import (
     SimpleConsumer,
     TidegateError,
 )
-from tidegate.core.errors import ErrorCode, InvalidName, TopicNotFound
+from tidegate.core.errors import InvalidName, TopicNotFound
 
 SERVER_SCRIPT = Path(__file__).with_name("native_server_process.py")
 HEARTBEAT_S = 0.3  # short, so the heartbeat test is quick; every client must ping to stay connected

@@ -1,20 +1,25 @@
-"""The native server adapter over StringTransport and MemoryReactorClock, backed by a real in-memory Broker."""
+"""The native server adapter over StringTransport and MemoryReactorClock, backed by a real in-memory Broker,
+reached through a per-connection CoreSession opened after HELLO logs in through the gate."""
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import NativeCodec, Role, encode_frame
-from tidegate.adapters.native.server import NativeProtocol, NativeServerFactory
-from tidegate.core.errors import ErrorCode
+from tidegate.adapters.native.errors import ErrorCode
+from tidegate.adapters.native.server import NativeProtocol, NativeServerFactory, NativeSettings
+from tidegate.core.errors import NotAuthenticated
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import Message
-from tidegate.core.testing import make_broker  # noqa: E402
+from tidegate.core.model import Message, QueueRef
+from tidegate.core.security.gate import ALLOW, Action, AllowAllGate, Credentials, Decision, Principal, Resource
+from tidegate.core.testing import RecordingSink, make_broker
 
 
 class CountingTransport(StringTransport):
@@ -87,8 +92,8 @@ def clock() -> MemoryReactorClock:
 
 @pytest.fixture
 def factory(clock: MemoryReactorClock) -> NativeServerFactory:
-    return NativeServerFactory(make_broker(clock), clock, max_frame=64 * 1024, heartbeat_s=10.0,
-                               metrics=CoreMetrics())
+    return NativeServerFactory(make_broker(clock), AllowAllGate(), clock,
+                               NativeSettings(max_frame=64 * 1024, heartbeat_s=10.0), metrics=CoreMetrics())
 
 
 def test_handshake_announces_limits_and_counts_the_connection(factory: NativeServerFactory) -> None:
@@ -157,7 +162,7 @@ def test_unexpected_exception_is_internal_error_and_connection_survives(factory:
     def broken(include_internal: bool = False):
         raise RuntimeError("secret detail")
 
-    factory.broker.list_topics = broken
+    factory.core.list_topics = broken
     err = peer.request(f.TopicList)
     assert err.code == ErrorCode.INTERNAL and "secret" not in err.message
     assert isinstance(peer.request(f.Ping), f.Pong)
@@ -168,11 +173,11 @@ def test_send_is_acknowledged_only_once_durable(factory: NativeServerFactory, cl
     peer = Peer(factory)
     peer.send(f.Send(request_id=9, message=Message(topic="orders", body=b"x")))
     assert peer.read() == []
-    durable_before = factory.broker.store.durable_offset
+    durable_before = factory.core.store.durable_offset
     clock.advance(0)
     (ok,) = peer.read()
     assert isinstance(ok, f.SendOk) and ok.request_id == 9 and ok.topic == "orders" and ok.msg_id
-    assert factory.broker.store.durable_offset > durable_before
+    assert factory.core.store.durable_offset > durable_before
 
 
 def test_oneway_send_gets_no_response_but_is_stored(factory: NativeServerFactory, clock: MemoryReactorClock) -> None:
@@ -317,7 +322,215 @@ def test_connection_loss_detaches_subscriptions(factory: NativeServerFactory, cl
     """When the connection drops, its subscriptions leave the group."""
     peer = Peer(factory)
     peer.request(f.Subscribe, group="gl", topic="lost", credit=1)
-    assert factory.broker.group_info("gl").members
+    assert factory.core.group_info("gl").members
     peer.protocol.connectionLost(None)
     clock.advance(0)
-    assert not factory.broker.group_info("gl").members
+    assert not factory.core.group_info("gl").members
+
+
+# ======================================================================================================
+# The seams: HELLO logs in through the gate (asynchronously), frames behind it wait for the decision, every
+# request goes through the connection's CoreSession (gate checks, private names).
+# ======================================================================================================
+PRIVATE = "%MQTT%victim"
+
+
+class PendingGate(AllowAllGate):
+    """Answers each login only when the test fires its Deferred; remembers the credentials it was shown."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Principal]] = []
+        self.credentials: list[Credentials] = []
+
+    def authenticate(self, credentials: Credentials) -> Deferred[Principal]:
+        self.credentials.append(credentials)
+        decision: Deferred[Principal] = Deferred()
+        self.pending.append(decision)
+        return decision
+
+
+class RefusingGate(AllowAllGate):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def authenticate(self, credentials: Credentials) -> Deferred[Principal]:
+        return fail(self.error)
+
+
+class DenyingGate(AllowAllGate):
+    """Denies one (action, resource) pair, allows everything else."""
+
+    def __init__(self, action: Action, resource: str) -> None:
+        self.denied = (action, resource)
+
+    def check(self, principal: Principal, action: Action, resource: Resource, source: str) -> Decision:
+        return Decision(False, "denied by test") if (action, str(resource)) == self.denied else ALLOW
+
+
+def make_factory(gate: Any, clock: MemoryReactorClock) -> NativeServerFactory:
+    return NativeServerFactory(make_broker(clock), gate, clock, NativeSettings(max_frame=64 * 1024, heartbeat_s=10.0),
+                               metrics=CoreMetrics())
+
+
+def send(request_id: int, body: bytes, topic: str = "orders") -> f.Send:
+    return f.Send(request_id=request_id, queue_id=0, message=Message(topic=topic, body=body))
+
+
+def stored_bodies(factory: NativeServerFactory, topic: str = "orders") -> list[bytes]:
+    return [d.message.body for d in factory.core.pull(QueueRef(topic, 0), 0, 100).messages]
+
+
+# ------------------------------------------------------------------------------------------ authenticating state
+def test_sends_pipelined_behind_hello_are_stored_only_after_the_login_in_order(clock: MemoryReactorClock) -> None:
+    """HELLO + SENDs in one read (and more SENDs in a later read) wait for the gate; once it answers, HELLO_OK goes
+    out first and the SENDs are stored and acknowledged in the order they were sent."""
+    gate = PendingGate()
+    factory = make_factory(gate, clock)
+    peer = Peer(factory, hello=False)
+    peer.send(f.Hello(request_id=1, client_id="pipelined"), send(2, b"a"), send(3, b"b"), f.Ping(request_id=4))
+    peer.send(send(5, b"c"))  # bytes arriving while the login is still being decided
+    clock.advance(0)
+    assert peer.read() == [] and factory.core.list_topics() == []
+    assert gate.credentials == [Credentials(mechanism="anonymous", client_id="pipelined", source="127.0.0.1",
+                                            listener="native")]
+
+    gate.pending[0].callback(Principal("alice"))
+    clock.advance(0)
+    frames = peer.read()
+    assert isinstance(frames[0], f.HelloOk) and frames[0].request_id == 1
+    assert [(type(x).__name__, x.request_id) for x in frames[1:]] == [
+        ("Pong", 4), ("SendOk", 2), ("SendOk", 3), ("SendOk", 5)]
+    assert [x.queue_offset for x in frames[1:] if isinstance(x, f.SendOk)] == [0, 1, 2]
+    assert stored_bodies(factory) == [b"a", b"b", b"c"]
+    assert peer.protocol.session.principal == Principal("alice")
+    assert peer.protocol.session.client_id == "pipelined"
+
+
+def test_a_malformed_frame_behind_a_pending_hello_is_reported_in_its_place(clock: MemoryReactorClock) -> None:
+    """A protocol error in the bytes held behind HELLO is answered after HELLO_OK, between the frames around it."""
+    gate = PendingGate()
+    factory = make_factory(gate, clock)
+    peer = Peer(factory, hello=False)
+    bad = b"\x00\x00\x00\x09\x12\x00\x00\x00\x00\x37\x00\x09a"  # TOPIC_DELETE (id 55) with a truncated name
+    peer.send_raw(encode_frame(f.Hello(request_id=1)) + encode_frame(f.Ping(request_id=2)) + bad
+                  + encode_frame(f.Ping(request_id=3)))
+    assert peer.read() == []
+    gate.pending[0].callback(Principal("bob"))
+    frames = peer.read()
+    assert [(type(x).__name__, x.request_id) for x in frames] == [
+        ("HelloOk", 1), ("Pong", 2), ("Error", 55), ("Pong", 3)]
+    assert frames[2].code == ErrorCode.MALFORMED_FRAME and not peer.closing
+
+
+def test_a_refused_login_gets_not_authenticated_and_a_close_and_stores_nothing(clock: MemoryReactorClock) -> None:
+    """The gate refusing HELLO: ERROR NOT_AUTHENTICATED (code 22) for HELLO's request id, then close; the SENDs
+    pipelined behind it are dropped unanswered."""
+    factory = make_factory(RefusingGate(NotAuthenticated("unknown client")), clock)
+    peer = Peer(factory, hello=False)
+    peer.send(f.Hello(request_id=9, client_id="intruder"), send(10, b"x"))
+    clock.advance(0)
+    (error,) = peer.read()
+    assert error == f.Error(request_id=9, code=int(ErrorCode.NOT_AUTHENTICATED), message="unknown client")
+    assert error.code == 22 and peer.closing
+    assert factory.core.list_topics() == [] and peer.protocol.session is None
+
+
+def test_a_pending_login_refused_later_closes_without_running_the_held_frames(clock: MemoryReactorClock) -> None:
+    gate = PendingGate()
+    factory = make_factory(gate, clock)
+    peer = Peer(factory, hello=False)
+    peer.send(f.Hello(request_id=1), send(2, b"x"))
+    gate.pending[0].errback(NotAuthenticated("token expired"))
+    clock.advance(0)
+    (error,) = peer.read()
+    assert (error.request_id, error.code, error.message) == (1, ErrorCode.NOT_AUTHENTICATED, "token expired")
+    assert peer.closing and factory.core.list_topics() == []
+
+
+def test_a_gate_that_breaks_is_reported_as_not_authenticated_without_details(clock: MemoryReactorClock) -> None:
+    """An unexpected exception from the gate is our fault: logged, and the client only hears it was refused."""
+    factory = make_factory(RefusingGate(RuntimeError("ldap password is hunter2")), clock)
+    peer = Peer(factory, hello=False)
+    peer.send(f.Hello(request_id=1))
+    (error,) = peer.read()
+    assert error.code == ErrorCode.NOT_AUTHENTICATED and "hunter2" not in error.message and peer.closing
+
+
+# --------------------------------------------------------------------------------------------------- the gate
+def test_a_denied_publish_is_not_authorized_for_single_and_pipelined_sends(clock: MemoryReactorClock) -> None:
+    """Every SEND of a refused pipelined run gets its own ERROR NOT_AUTHORIZED (21); nothing is stored."""
+    factory = make_factory(DenyingGate(Action.PUB, "Topic:secret"), clock)
+    peer = Peer(factory)
+    peer.send(send(2, b"a", "secret"), send(3, b"b", "secret"), send(4, b"c", "open"))
+    clock.advance(0)
+    answers = {x.request_id: x for x in peer.read()}
+    assert answers[2].code == answers[3].code == ErrorCode.NOT_AUTHORIZED == 21
+    assert isinstance(answers[4], f.SendOk)
+    assert [t.name for t in factory.core.list_topics()] == ["open"]
+
+
+# ------------------------------------------------------------------------------------------------ private names
+@pytest.fixture
+def private_factory(clock: MemoryReactorClock) -> NativeServerFactory:
+    """A broker with an MQTT-style private topic and group made by the adapter's system session."""
+    factory = make_factory(AllowAllGate(), clock)
+    factory.system.claim_private(PRIVATE)
+    factory.system.publish([Message(topic=PRIVATE, body=b"someone else's mail")])
+    factory.system.subscribe(PRIVATE, PRIVATE, RecordingSink(), client_id="victim").close()
+    clock.advance(0)
+    return factory
+
+
+@pytest.mark.parametrize(("request_type", "fields"), [
+    (f.Pull, {"topic": PRIVATE, "queue_id": 0, "offset": 0, "max_count": 10}),
+    (f.Subscribe, {"group": "thief", "topic": PRIVATE, "credit": 10}),
+    (f.Subscribe, {"group": PRIVATE, "topic": "public", "credit": 10}),
+    (f.TopicDelete, {"name": PRIVATE}),
+    (f.TopicDescribe, {"name": PRIVATE}),
+    (f.TopicUpdate, {"name": PRIVATE, "queues": 4}),
+    (f.ResetOffsets, {"group": PRIVATE, "topic": PRIVATE, "to": f.ResetTo.EARLIEST}),
+    (f.GroupDelete, {"group": PRIVATE}),
+    (f.GroupDescribe, {"group": PRIVATE}),
+    (f.Commit, {"group": PRIVATE, "offsets": [f.QueueOffset(topic=PRIVATE, queue_id=0, offset=1)]}),
+    (f.QueryByKey, {"topic": PRIVATE, "key": "k"}),
+    (f.Send, {"queue_id": -1, "message": Message(topic=PRIVATE, body=b"forged")}),
+])
+def test_a_native_client_is_refused_a_private_topic_or_group(private_factory: NativeServerFactory,
+                                                            request_type: type[f.Frame],
+                                                            fields: dict[str, Any]) -> None:
+    """Pulling, subscribing, deleting, resetting, describing or writing an adapter-private `%MQTT%` name made by the
+    system session is NOT_AUTHORIZED (21) for a native client, and the private topic and group are left as they were."""
+    private_factory.core.create_topic("public", queues=1)
+    peer = Peer(private_factory)
+    answer = peer.request(request_type, **fields)
+    assert isinstance(answer, f.Error) and answer.code == ErrorCode.NOT_AUTHORIZED == 21, answer
+    assert PRIVATE in [t.name for t in private_factory.core.list_topics(include_internal=True)]
+    assert PRIVATE in [g.name for g in private_factory.core.list_groups()]
+    assert private_factory.core.queue_offsets(QueueRef(PRIVATE, 0)) == (0, 1)
+
+
+def test_topic_and_group_lists_never_show_private_names_to_a_client(private_factory: NativeServerFactory) -> None:
+    """TOPIC_LIST with include_internal (what `tidegate topic list --internal` sends) and GROUP_LIST leave out other
+    sessions' private topics and groups, while still listing the client's own topics."""
+    private_factory.core.create_topic("public", queues=1)
+    peer = Peer(private_factory)
+    listed = peer.request(f.TopicList, include_internal=True)
+    assert [t.name for t in listed.topics] == ["public"]
+    groups = peer.request(f.GroupList)
+    assert PRIVATE not in [g.name for g in groups.groups]
+
+
+def test_native_settings_refuse_limits_that_cannot_work() -> None:
+    """A max_frame too small for HELLO_OK and an ERROR, or a negative heartbeat, is refused when the listener is
+    configured, not when the first client connects."""
+    with pytest.raises(ValueError, match="max_frame"):
+        NativeSettings(max_frame=100)
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        NativeSettings(heartbeat_s=-1)
+
+
+def test_heartbeat_zero_never_closes_an_idle_connection(clock: MemoryReactorClock) -> None:
+    factory = NativeServerFactory(make_broker(clock), AllowAllGate(), clock, NativeSettings(heartbeat_s=0))
+    peer = Peer(factory)
+    clock.advance(3600)
+    assert not peer.closing and isinstance(peer.request(f.Ping), f.Pong)

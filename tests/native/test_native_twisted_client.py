@@ -11,18 +11,21 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
-from tidegate.adapters.native.server import NativeServerFactory
+from tidegate.adapters.native.errors import ErrorCode
+from tidegate.adapters.native.server import NativeServerFactory, NativeSettings
 from tidegate.client import ConnectionClosed, Delivered, PullStatus, SendResult
 from tidegate.client.twisted_client import TwistedClient, connect
-from tidegate.core.errors import ErrorCode, InvalidName
+from tidegate.core.errors import InvalidName
 from tidegate.core.model import Message, QueueRef
+from tidegate.core.security.gate import AllowAllGate
 from tidegate.core.testing import make_broker  # noqa: E402
 
 
 class Link:
     def __init__(self) -> None:
         self.clock = MemoryReactorClock()
-        self.factory = NativeServerFactory(make_broker(self.clock), self.clock, heartbeat_s=10.0)
+        self.factory = NativeServerFactory(make_broker(self.clock), AllowAllGate(), self.clock,
+                                           NativeSettings(heartbeat_s=10.0))
         self.client: TwistedClient
         self.pump: IOPump
         self.client, _, self.pump = connectedServerAndClient(

@@ -2,9 +2,11 @@
 
 Blocking API (plain scripts and threads, no reactor): `Producer`, `Admin`, `PushConsumer`, `PullConsumer`,
 `SimpleConsumer`. Twisted API: `connect(reactor, host, port) -> Deferred[TwistedClient]`.
-Errors are `tidegate.core.errors.TidegateError` subclasses carrying the broker's wire code.
+Errors are `tidegate.core.errors.TidegateError` subclasses (the class the broker raised: `TopicNotFound`,
+`NotAuthorized`, ...) carrying the native wire code in `.code` (`ErrorCode`, adapters/native/errors.py).
 """
 
+from tidegate.adapters.native.errors import ErrorCode
 from tidegate.client.blocking import (
     Admin,
     Producer,
@@ -23,7 +25,7 @@ from tidegate.client.common import (
 from tidegate.client.connection import Connection
 from tidegate.client.twisted_client import TwistedClient, connect
 from tidegate.core.api import Delivered, PullResult, PullStatus
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
 
 __all__ = [

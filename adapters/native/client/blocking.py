@@ -15,6 +15,7 @@ from tidegate.adapters.native import frames as f
 from tidegate.client.common import (
     DEFAULT_ADDRESS,
     GroupDescription,
+    NotStarted,
     RequestTimeout,
     SendResult,
     TopicDescription,
@@ -77,7 +78,7 @@ class _Client:
     @property
     def conn(self) -> Connection:
         if self._conn is None:
-            raise TidegateError(f"{type(self).__name__} is not started; call start() first")
+            raise NotStarted(f"{type(self).__name__} is not started; call start() first")
         return self._conn
 
     def __enter__(self) -> Any:

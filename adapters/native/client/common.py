@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tidegate.adapters.native import frames as f
-from tidegate.adapters.native.codec import FrameTooLarge, MalformedFrame, UnsupportedVersion
-from tidegate.core import errors as core_errors
+from tidegate.adapters.native.codec import FrameTooLarge, MalformedFrame, ProtocolError, UnsupportedVersion
+from tidegate.adapters.native.errors import ErrorCode, error_for_code
 from tidegate.core.api import Delivered, PullResult, PullStatus
-from tidegate.core.errors import ErrorCode, TidegateError
+from tidegate.core.errors import TidegateError
 from tidegate.core.model import QueueRef
 
 DEFAULT_ADDRESS = "127.0.0.1:10911"
@@ -29,30 +29,25 @@ class RequestTimeout(TidegateError):
     code = ErrorCode.INTERNAL
 
 
-def _error_classes() -> dict[int, type[TidegateError]]:
-    table: dict[int, type[TidegateError]] = {}
-    for value in vars(core_errors).values():
-        if isinstance(value, type) and issubclass(value, TidegateError) and value is not TidegateError:
-            table.setdefault(int(value.code), value)
-    for cls in (UnsupportedVersion, FrameTooLarge, MalformedFrame):
-        table[int(cls.code)] = cls
-    table[int(ErrorCode.STORE_ERROR)] = core_errors.StoreError  # not its CorruptRecord subclass
-    return table
+class NotStarted(TidegateError):
+    """A client object was used before `start()`."""
+
+    code = ErrorCode.INTERNAL
 
 
-ERROR_CLASSES = _error_classes()
+# The codec's own protocol errors keep their classes (they carry their codes); everything else is the core class
+# the broker raised (adapters/native/errors.py).
+PROTOCOL_ERRORS: dict[int, type[ProtocolError]] = {
+    int(cls.code): cls for cls in (UnsupportedVersion, FrameTooLarge, MalformedFrame)}
 
 
 def error_from_frame(frame: f.Error) -> TidegateError:
-    """The TidegateError subclass matching the server's code (plain TidegateError for codes without one)."""
-    try:
-        code = ErrorCode(frame.code)
-    except ValueError:
-        return TidegateError(f"[code {frame.code}] {frame.message}", ErrorCode.INTERNAL)
-    cls = ERROR_CLASSES.get(int(code))
-    if cls is None:
-        return TidegateError(frame.message, code)
-    return cls(frame.message)
+    """The TidegateError subclass matching the server's code, with the code in `.code` (plain TidegateError
+    for codes without a class, INTERNAL for codes this SDK does not know)."""
+    protocol_error = PROTOCOL_ERRORS.get(frame.code)
+    if protocol_error is not None:
+        return protocol_error(frame.message)
+    return error_for_code(frame.code, frame.message)
 
 
 def parse_address(address: str) -> tuple[str, int]:

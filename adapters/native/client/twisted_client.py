@@ -118,8 +118,8 @@ class TwistedClient(Protocol):
                 elif not self.ready.called:
                     self.ready.errback(Failure(error))
                 else:
-                    log.warning("tidegate: broker error for request {rid}: {error}", rid=frame.request_id,
-                                error=error)
+                    log.warn("tidegate: broker error for request {rid}: {error}", rid=frame.request_id,
+                             error=error)
             elif d is not None:
                 d.callback(frame)
 
