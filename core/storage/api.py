@@ -34,9 +34,13 @@ class RecoveryReport:
     clean: bool  # the previous run wrote the clean-shutdown marker
     scanned_bytes: int
     truncated_bytes: int  # bytes dropped from the torn/corrupt tail
-    dropped_records: int
+    dropped_records: int  # records lost, in the tail and in damaged ranges (a best-effort count)
     rebuilt_index_entries: int
     trimmed_index_entries: int
+    # Damaged bytes skipped in the middle of the log; the valid records after them were kept, and index entries
+    # pointing into them became holes. Ranges are [start, end) commit offsets.
+    dropped_bytes: int = 0
+    dropped_ranges: tuple[tuple[int, int], ...] = ()
 
 
 class MessageStore(Protocol):
@@ -48,14 +52,21 @@ class MessageStore(Protocol):
         """Write one record holding `message` and add one index entry per destination queue.
 
         Fills `message.msg_id` and `message.store_ts`. Not durable until `sync()` covers it.
-        Raises MessageTooLarge if the record exceeds a segment, StoreFull if the disk is full.
+        Raises MessageTooLarge if the record exceeds a segment, StoreFull if the disk is full, StoreError on an I/O
+        error or once a failed fsync made the store refuse writes ("... restart to recover"). A failed append
+        leaves no trace: the next one (once the disk has space) takes its place.
         """
 
     def append_batch(self, items: Sequence[tuple[Message, Sequence[QueueRef]]]) -> list[AppendResult]:
         """Same as append for several messages, with one write call."""
 
     def sync(self) -> int:
-        """fsync everything appended so far; return the new durable offset. Thread-safe against append."""
+        """fsync everything appended so far; return the new durable offset. Thread-safe against append.
+
+        A failed fsync raises StoreError and is fatal to durability: the kernel may have dropped the unwritten pages,
+        so no later call may report those bytes durable. This and every later `sync()` raise StoreError, appends
+        are refused, `health()` reports it, and only a restart (which re-verifies the log by CRC) recovers.
+        """
 
     @property
     def end_offset(self) -> int: ...
@@ -66,7 +77,12 @@ class MessageStore(Protocol):
     def queue_bounds(self, queue: QueueRef) -> QueueBounds: ...
 
     def read_index(self, queue: QueueRef, offset: int, max_entries: int) -> list[IndexEntry]:
-        """Index entries from `offset` on (fewer at the end of the queue). Raises OffsetOutOfRange below min."""
+        """The entries among queue offsets [offset, offset + max_entries) that hold a record.
+
+        Holes (queue offsets whose record recovery could not find: lost to damage or retention) are left out, so
+        the returned `queue_offset`s may jump, and a list shorter than asked, even empty, does not by itself mean
+        the end of the queue: compare with `queue_bounds(queue).max_offset`. Raises OffsetOutOfRange below min.
+        """
 
     def read_message(self, commit_offset: int, size: int | None = None) -> Message:
         """Decode the record at `commit_offset`; raises MessageNotFound if retention removed it."""
@@ -98,8 +114,19 @@ class MessageStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason) for readiness probes; reason is "" when ok, else says why:
+
+        - "fsync of the commit log failed (...)": fatal to durability until a restart (see `sync`);
+        - "append failed: ... disk is full" / "... I/O error": cleared by the next successful append, and for a full
+          disk also once the filesystem has free space again;
+        - "index flush failed: disk full" / "retention failed: ...": cleared when that task next succeeds
+          (`flush_indexes` and `enforce_retention` raise StoreError and are meant to be retried with backoff).
+        """
+
     def close(self) -> None:
-        """Flush, fsync, write the checkpoint and the clean-shutdown marker."""
+        """Flush, fsync, write the checkpoint and the clean-shutdown marker. After a failed fsync only the files
+        are closed (no checkpoint, no marker), so the next open recovers from the log."""
 
 
 class MetadataStore(Protocol):

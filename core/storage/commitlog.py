@@ -8,20 +8,34 @@ Threading: `append*`, `read`, recovery and segment deletion run on the owning (r
 run on a flusher thread at the same time. `_lock` guards the bookkeeping the two share (active fd, dirty
 segments, durable offset); an fd the flusher may be fsyncing is never closed by the appender — it is parked in
 `_retired` and closed by the flusher once its fsync returns.
+
+Faults fail closed. A write error (disk full, EIO) cuts the partial record back and the append raises; later appends
+work once the disk does. Two errors are fatal until a restart, because the log could otherwise lie: a failed fsync
+(the kernel may have dropped the dirty pages, so a retried fsync could "succeed" over lost data — PostgreSQL's fsync
+lesson) and a failed cut-back of a partial write (the next append would land after torn bytes). Then `failure` says
+why, appends raise StoreError and `sync()` keeps failing; the next open recovers from the log, verifying every record
+after the checkpoint by its CRC.
+
+Recovery loses only what is damaged: a record in the middle of a segment that fails its checks is skipped and the
+scan resumes at the next trustworthy record (its own length, when its header is intact; otherwise the next record
+magic whose record passes its CRC and the caller's plausibility check). A damaged tail of the last segment (a crash
+mid-append) is cut off, as is everything after a damaged filler that has no later segment.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge, StoreError, StoreFull
+from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import StoreLayout, fsync_dir
 from tidegate.core.storage.record import (
     FILLER_MAGIC,
@@ -29,6 +43,7 @@ from tidegate.core.storage.record import (
     MESSAGE_MAGIC,
     MIN_RECORD_SIZE,
     PREFIX,
+    PREFIX_SIZE,
     STR_LEN,
     check_record,
     decode_filler,
@@ -36,8 +51,11 @@ from tidegate.core.storage.record import (
     record_store_ts,
 )
 
+logger = logging.getLogger("tidegate.storage")
+
 _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _len_unpack = STR_LEN.unpack
+_MESSAGE_MAGIC_BYTES = MESSAGE_MAGIC.to_bytes(4, "little")
 
 
 @dataclass(slots=True)
@@ -47,12 +65,14 @@ class ScanResult:
     dropped_records: int = 0
     deleted_segments: tuple[int, ...] = ()
     end_offset: int = 0
+    dropped_bytes: int = 0  # damaged bytes skipped in the middle of the log (valid records after them were kept)
+    dropped_ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) commit offsets skipped
 
 
-def _count_records_best_effort(data: bytes | mmap.mmap, pos: int) -> int:
-    """How many records (whole or partial) lie from `pos` on, following lengths while they look sane."""
+def _count_records_best_effort(data: bytes | mmap.mmap, pos: int, end: int | None = None) -> int:
+    """How many records (whole or partial) lie in [pos, end), following lengths while they look sane."""
     count = 0
-    size = len(data)
+    size = len(data) if end is None else end
     while pos < size:
         count += 1
         if size - pos < PREFIX.size:
@@ -68,12 +88,14 @@ def _count_records_best_effort(data: bytes | mmap.mmap, pos: int) -> int:
 
 
 class CommitLog:
-    def __init__(self, layout: StoreLayout, segment_bytes: int, read_fd_cache: int = 64) -> None:
+    def __init__(self, layout: StoreLayout, segment_bytes: int, read_fd_cache: int = 64, io: FileIO = OS_IO) -> None:
         if segment_bytes < 4 * (MIN_RECORD_SIZE + FILLER_SIZE):
             raise ValueError(f"segment_bytes {segment_bytes} is too small")
         self.layout = layout
         self.segment_bytes = segment_bytes
-        self._write: Callable[[int, bytes], int] = os.write  # tests swap this to simulate a full disk
+        self._io = io
+        self._write: Callable[[int, bytes], int] = io.write  # cached: the per-record path pays no extra lookup
+        self._failed: str | None = None  # why the log refuses writes until a restart (fsync or cut-back failed)
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._read_fds: OrderedDict[int, int] = OrderedDict()
@@ -88,13 +110,13 @@ class CommitLog:
 
         self._bases = layout.segment_bases()
         if not self._bases:
-            self._create_segment_file(0)
-            fsync_dir(layout.commitlog_dir)
+            io.close(self._create_segment_file(0))
+            fsync_dir(layout.commitlog_dir, io)
             self._bases = [0]
         for base in self._bases[:-1]:
             self._sizes[base] = os.stat(layout.segment_path(base)).st_size
         self._active_base = self._bases[-1]
-        self._active_fd = os.open(layout.segment_path(self._active_base), os.O_RDWR | os.O_APPEND)
+        self._active_fd = io.open(layout.segment_path(self._active_base), os.O_RDWR | os.O_APPEND)
         self._pos = os.fstat(self._active_fd).st_size
         self._active_last_ts = 0
         self._end = self._active_base + self._pos
@@ -126,37 +148,61 @@ class CommitLog:
     def disk_bytes(self) -> int:
         return sum(self._sizes.values()) + self._pos
 
+    @property
+    def failure(self) -> str | None:
+        """Why the log refuses appends until a restart, or None while it is healthy."""
+        return self._failed
+
+    def _fail(self, reason: str) -> StoreError:
+        """Enter the failed state (first reason wins) and return the error to raise."""
+        if self._failed is None:
+            self._failed = reason
+        return StoreError(f"{self._failed}; the commit log refuses writes: restart to recover")
+
     # --- writing
     def _create_segment_file(self, base: int) -> int:
         try:
-            return os.open(self.layout.segment_path(base), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            return self._io.open(self.layout.segment_path(base), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             if exc.errno in _FULL_DISK_ERRNOS:
                 raise StoreFull(f"cannot create segment {base}: disk full") from None
             raise StoreError(f"cannot create segment {base}: {exc}") from None
 
     def _write_fully(self, data: bytes) -> None:
-        """Write all of `data` at the end of the active segment, or nothing (a partial write is cut back)."""
+        """Write all of `data` at the end of the active segment, or nothing (a partial write is cut back).
+
+        Short writes are continued. If the cut-back itself fails, torn bytes stay where the next append would go
+        (the fd appends), so the log enters the failed state instead of building on them.
+        """
         fd = self._active_fd
         try:
             written = self._write(fd, data)
-            while written < len(data):
-                written += self._write(fd, data[written:])
+            if written < len(data):
+                view = memoryview(data)
+                while written < len(data):
+                    step = self._write(fd, view[written:])
+                    if step <= 0:
+                        raise OSError(errno.EIO, "write made no progress")
+                    written += step
         except OSError as exc:
-            try:
-                os.ftruncate(fd, self._pos)
-            except OSError:
-                pass
+            self._cut_back(fd, self._pos)
             if exc.errno in _FULL_DISK_ERRNOS:
                 raise StoreFull("the commit log's disk is full") from None
             raise StoreError(f"commit log write failed: {exc}") from None
+
+    def _cut_back(self, fd: int, pos: int) -> None:
+        """Truncate the active segment to `pos` after a failed write; failing that, fail the log."""
+        try:
+            self._io.ftruncate(fd, pos)
+        except OSError as exc:
+            raise self._fail(f"cannot cut a failed commit-log write back ({exc})") from None
 
     def _release_fd(self, fd: int) -> None:
         """Close `fd` unless the flusher is fsyncing it; then the flusher closes it. Call with _lock held."""
         if fd == self._busy_fd:
             self._retired.append(fd)
         else:
-            os.close(fd)
+            self._io.close(fd)
 
     def _roll(self, incoming_ts: int) -> None:
         """Pad the active segment with a filler and make a new empty segment active.
@@ -172,7 +218,7 @@ class CommitLog:
         try:
             new_fd = self._create_segment_file(new_base)
         except StoreError:
-            os.ftruncate(self._active_fd, pos)
+            self._cut_back(self._active_fd, pos)
             raise
         with self._lock:
             self._release_fd(self._active_fd)
@@ -191,7 +237,10 @@ class CommitLog:
             )
 
     def append(self, record: bytes, store_ts: int) -> int:
-        """Write one record; return its commit offset. Raises MessageTooLarge or StoreFull (nothing written)."""
+        """Write one record; return its commit offset. Raises MessageTooLarge, StoreFull or StoreError (nothing
+        written)."""
+        if self._failed is not None:
+            raise self._fail(self._failed)
         length = len(record)
         if self._pos + length + FILLER_SIZE > self.segment_bytes:
             self._check_size(length)
@@ -205,6 +254,8 @@ class CommitLog:
 
     def append_batch(self, records: Sequence[bytes], store_ts: int) -> list[int]:
         """Write several records with one write per segment touched; all or nothing."""
+        if self._failed is not None:
+            raise self._fail(self._failed)
         for record in records:
             self._check_size(len(record))
         start_base, start_pos, start_ts = self._active_base, self._pos, self._active_last_ts
@@ -239,6 +290,13 @@ class CommitLog:
 
     def _rollback(self, base: int, pos: int, last_ts: int) -> None:
         """Undo a partly written batch: drop segments created by it and cut `base` back to `pos`."""
+        try:
+            self._rollback_files(base, pos, last_ts)
+        except OSError as exc:
+            raise self._fail(f"cannot undo a failed commit-log batch ({exc})") from None
+
+    def _rollback_files(self, base: int, pos: int, last_ts: int) -> None:
+        io = self._io
         with self._lock:
             self._generation += 1
             for newer in [b for b in self._bases if b > base]:
@@ -246,15 +304,15 @@ class CommitLog:
                     self._release_fd(self._active_fd)
                 self._forget_segment(newer)
                 try:
-                    os.unlink(self.layout.segment_path(newer))
+                    io.unlink(self.layout.segment_path(newer))
                 except FileNotFoundError:
                     pass
             if self._active_base != base:
-                self._active_fd = os.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
+                self._active_fd = io.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
                 self._active_base = base
                 self._sizes.pop(base, None)
                 self._dirty_sealed.add(base)  # it may hold unsynced records from before the batch
-            os.ftruncate(self._active_fd, pos)
+            io.ftruncate(self._active_fd, pos)
             self._pos = pos
             self._active_last_ts = last_ts
             self._dir_dirty = True
@@ -271,8 +329,15 @@ class CommitLog:
 
     # --- durability
     def sync(self) -> int:
-        """fsync every segment holding unsynced records; return the durable offset. Thread-safe."""
+        """fsync every segment holding unsynced records; return the durable offset. Thread-safe.
+
+        A failed fsync is fatal: the durable offset never moves past what an earlier fsync proved, this and every
+        later call raise StoreError, and appends are refused until a restart recovers from the log.
+        """
+        io = self._io
         with self._sync_lock:
+            if self._failed is not None:
+                raise self._fail(self._failed)
             with self._lock:
                 target, generation = self._end, self._generation
                 if target <= self._durable and not self._dirty_sealed and not self._dir_dirty:
@@ -283,21 +348,23 @@ class CommitLog:
             try:
                 for base in sealed:
                     try:
-                        sealed_fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+                        sealed_fd = io.open(self.layout.segment_path(base), os.O_RDONLY)
                     except FileNotFoundError:
                         continue  # retention deleted it meanwhile
                     try:
-                        os.fsync(sealed_fd)
+                        io.fsync(sealed_fd)
                     finally:
-                        os.close(sealed_fd)
-                os.fsync(fd)
+                        io.close(sealed_fd)
+                io.fsync(fd)
                 if dir_dirty:
-                    fsync_dir(self.layout.commitlog_dir)
+                    fsync_dir(self.layout.commitlog_dir, io)
             except OSError as exc:
                 with self._lock:
                     self._dir_dirty = self._dir_dirty or dir_dirty
                     self._finish_sync()
-                raise StoreError(f"fsync of the commit log failed: {exc}") from None
+                # Never retried: after a failed fsync the kernel may have dropped the dirty pages and marked them
+                # clean, so a second fsync could succeed and vouch for records that are not on disk.
+                raise self._fail(f"fsync of the commit log failed ({exc})") from None
             with self._lock:
                 self._finish_sync()
                 self._dirty_sealed.difference_update(sealed)
@@ -308,7 +375,7 @@ class CommitLog:
     def _finish_sync(self) -> None:
         self._busy_fd = -1
         for fd in self._retired:
-            os.close(fd)
+            self._io.close(fd)
         self._retired.clear()
 
     # --- reading
@@ -385,29 +452,41 @@ class CommitLog:
         return last_ts
 
     def delete_segment(self, base: int) -> None:
+        """Delete a sealed segment; on an error (EIO) it stays, known and readable, and StoreError is raised."""
         if base == self._active_base:
             raise StoreError("the active commit-log segment is never deleted")
+        try:
+            self._io.unlink(self.layout.segment_path(base))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot delete commit-log segment {base}: {exc}") from None
         with self._lock:
             self._forget_segment(base)
             self._dir_dirty = True
-        try:
-            os.unlink(self.layout.segment_path(base))
-        except FileNotFoundError:
-            pass
 
     # --- recovery
-    def recover(self, start_offset: int, on_record: Callable[[int, bytes], None]) -> ScanResult:
-        """Verify every record from the segment holding `start_offset` on; truncate at the first bad one.
+    def recover(self, start_offset: int, on_record: Callable[[int, bytes], None],
+                plausible: Callable[[int, bytes], bool] | None = None,
+                on_dropped: Callable[[int, int], None] | None = None) -> ScanResult:
+        """Verify every record from the segment holding `start_offset` on; skip damaged records, cut a torn tail.
 
         `on_record(commit_offset, record_bytes)` is called for each good record at or after `start_offset`.
-        Segments after the truncation point are deleted. The scanned segments are fsynced afterwards, so the
-        durable offset is the recovered end.
+        A damaged record with trustworthy records after it in the same segment is skipped (its range goes to
+        `dropped_ranges`, and to `on_dropped(start, end)` as it is found); a record found only by searching for
+        the next record magic must also satisfy
+        `plausible(commit_offset, record_bytes)` (the caller checks it against the queue indexes), which keeps
+        a record embedded in another record's body from being taken for a real one. A sealed segment whose end
+        is damaged gets a new filler when a later segment exists. What cannot be resynced is cut off: the tail
+        of the last segment, and everything after a damaged segment that has no later segment. The scanned
+        segments are fsynced afterwards, so the durable offset is the recovered end.
         """
         result = ScanResult()
         start_offset = max(start_offset, self._bases[0])
         first = max(0, bisect_right(self._bases, start_offset) - 1)
         cut: tuple[int, int] | None = None  # (segment base, file position) of the first bad byte
         ended_with_filler = False
+        last_ts = 0
         for i in range(first, len(self._bases)):
             base = self._bases[i]
             is_last = i == len(self._bases) - 1
@@ -415,6 +494,7 @@ class CommitLog:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 data: bytes | mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            refill_at = -1  # file position where a damaged sealed segment gets a new filler
             try:
                 pos = 0
                 ended_with_filler = False
@@ -422,6 +502,15 @@ class CommitLog:
                     try:
                         magic, length = check_record(data, pos)
                     except CorruptRecord:
+                        resume = self._resync(data, size, pos, base, last_ts, plausible)
+                        if resume is not None:
+                            self._drop(result, data, base, pos, resume, on_dropped)
+                            pos = resume
+                            continue
+                        if not is_last and self._filler_fits(base, pos, i):
+                            refill_at = pos
+                            self._drop(result, data, base, pos, size, on_dropped)
+                            break
                         cut = (base, pos)
                         result.truncated_bytes += size - pos
                         result.dropped_records += _count_records_best_effort(data, pos)
@@ -436,17 +525,23 @@ class CommitLog:
                             self._sizes[base] = size
                             self._last_ts[base] = decode_filler(data[pos:pos + FILLER_SIZE])[1]
                         break
+                    last_ts = record_store_ts(data[pos:pos + MIN_RECORD_SIZE])
                     if is_last:
-                        self._active_last_ts = record_store_ts(data[pos:pos + MIN_RECORD_SIZE])
+                        self._active_last_ts = last_ts
                     if base + pos >= start_offset:
                         on_record(base + pos, data[pos:pos + length])
                         result.scanned_bytes += length
                     pos += length
-                if cut is None and not ended_with_filler and not is_last:
-                    cut = (base, size)  # a sealed segment must end with a filler; later ones cannot be trusted
+                if cut is None and refill_at < 0 and not ended_with_filler and not is_last:
+                    if self._filler_fits(base, size, i):
+                        refill_at = size  # the filler was lost (power failure before it reached the disk)
+                    else:
+                        cut = (base, size)  # a sealed segment must end with a filler; later ones cannot be trusted
             finally:
                 if isinstance(data, mmap.mmap):
                     data.close()
+            if refill_at >= 0:
+                self._refill(base, refill_at, self._bases[i + 1], last_ts)
             if cut is not None:
                 break
         if cut is not None:
@@ -462,17 +557,84 @@ class CommitLog:
                 self._active_last_ts = 0
                 self._dir_dirty = True
         self._end = self._active_base + self._pos
+        io = self._io
         for base in self._bases[first:]:
-            fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+            fd = io.open(self.layout.segment_path(base), os.O_RDONLY)
             try:
-                os.fsync(fd)
+                io.fsync(fd)
             finally:
-                os.close(fd)
-        fsync_dir(self.layout.commitlog_dir)
+                io.close(fd)
+        fsync_dir(self.layout.commitlog_dir, io)
         self._dir_dirty = False
         self._durable = self._end
         result.end_offset = self._end
         return result
+
+    def _resync(self, data: bytes | mmap.mmap, size: int, pos: int, base: int, last_ts: int,
+                plausible: Callable[[int, bytes], bool] | None) -> int | None:
+        """File position of the first trustworthy record (or final filler) after the damaged bytes at `pos`,
+        or None when there is none (a torn tail, or damage running to the end of the segment)."""
+
+        def good(at: int, searched: bool) -> bool:
+            try:
+                magic, length = check_record(data, at)
+            except CorruptRecord:
+                return False
+            if magic == FILLER_MAGIC:
+                return at + FILLER_SIZE == size
+            if record_store_ts(data[at:at + MIN_RECORD_SIZE]) < last_ts:
+                return False  # store times never go back in the log
+            return not searched or plausible is None or plausible(base + at, bytes(data[at:at + length]))
+
+        # A damaged body behind an intact header: the record's own length says where the next one starts.
+        if size - pos >= PREFIX_SIZE:
+            length, magic, _crc = PREFIX.unpack_from(data, pos)
+            if magic == MESSAGE_MAGIC and length >= MIN_RECORD_SIZE and pos + length < size and good(pos + length,
+                                                                                                    False):
+                return pos + length
+        # Otherwise search for the next record magic (it sits 4 bytes into a record) or the segment's filler.
+        filler_at = size - FILLER_SIZE
+        search = pos + 1 + 4
+        while True:
+            found = data.find(_MESSAGE_MAGIC_BYTES, search)
+            candidate = found - 4 if found >= 0 else -1
+            if candidate < 0 or candidate >= filler_at:
+                break
+            if good(candidate, True):
+                return candidate
+            search = found + 1
+        if filler_at > pos and good(filler_at, True):
+            return filler_at
+        return None
+
+    def _drop(self, result: ScanResult, data: bytes | mmap.mmap, base: int, start: int, end: int,
+              on_dropped: Callable[[int, int], None] | None) -> None:
+        result.dropped_bytes += end - start
+        result.dropped_records += _count_records_best_effort(data, start, end)
+        result.dropped_ranges.append((base + start, base + end))
+        if on_dropped is not None:
+            on_dropped(base + start, base + end)
+
+    def _filler_fits(self, base: int, pos: int, index: int) -> bool:
+        """Whether a filler written at file position `pos` of segment `base` reaches the next segment."""
+        return index + 1 < len(self._bases) and self._bases[index + 1] - base - pos >= FILLER_SIZE
+
+    def _refill(self, base: int, pos: int, next_base: int, last_ts: int) -> None:
+        """End sealed segment `base` at `pos` with a new filler that reaches `next_base`."""
+        filler = encode_filler(next_base - base - pos, last_ts)
+        io = self._io
+        fd = io.open(self.layout.segment_path(base), os.O_RDWR)
+        try:
+            io.ftruncate(fd, pos)
+            pwrite_all(io, fd, filler, pos)
+        finally:
+            io.close(fd)
+        self._sizes[base] = pos + FILLER_SIZE
+        self._last_ts[base] = last_ts
+        cached = self._read_fds.pop(base, None)
+        if cached is not None:
+            io.close(cached)
+        logger.warning("commit-log segment %d had a damaged end; it now ends at %d with a new filler", base, pos)
 
     def _next_base(self, base: int) -> int:
         fd = self._fd_for(base)
@@ -499,28 +661,37 @@ class CommitLog:
                     pass
                 self._forget_segment(newer)
                 try:
-                    os.unlink(path)
+                    self._io.unlink(path)
                 except FileNotFoundError:
                     pass
                 deleted.append(newer)
             if self._active_base != base:
-                self._active_fd = os.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
+                self._active_fd = self._io.open(self.layout.segment_path(base), os.O_RDWR | os.O_APPEND)
                 self._active_base = base
                 self._sizes.pop(base, None)
                 self._last_ts.pop(base, None)
                 cached = self._read_fds.pop(base, None)
                 if cached is not None:
-                    os.close(cached)
-            os.ftruncate(self._active_fd, pos)
+                    self._io.close(cached)
+            self._io.ftruncate(self._active_fd, pos)
             self._pos = pos
             self._dir_dirty = True
         return tuple(deleted)
 
     def close(self) -> None:
-        self.sync()
+        """fsync (unless the log has failed: nothing more can be proven durable) and close every fd."""
+        try:
+            if self._failed is None and self._active_fd >= 0:
+                self.sync()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Close every fd without syncing (idempotent)."""
         with self._lock:
             for fd in self._read_fds.values():
                 os.close(fd)
             self._read_fds.clear()
-            os.close(self._active_fd)
+            if self._active_fd >= 0:
+                self._io.close(self._active_fd)
             self._active_fd = -1

@@ -9,11 +9,20 @@ scanned. Otherwise the log is verified from the checkpoint's segment on, cut at 
 after the checkpoint are re-dispatched into the indexes (each record names its destinations and queue offsets, so
 re-dispatch is idempotent), and index entries pointing past the recovered end are trimmed. If the indexes turn out
 to be missing entries older than the checkpoint (files deleted or lost), the whole log is re-dispatched.
+A damaged record in the middle of the log costs only itself: the scan resumes at the next trustworthy record (see
+CommitLog.recover), index entries that pointed into the damaged bytes become holes, and the RecoveryReport lists the
+dropped ranges.
+
+Faults: every OS call that changes a file goes through a FileIO (core/storage/fileio.py), which tests replace with
+one that injects EIO, ENOSPC and short writes. A failed append leaves nothing behind and the store works again once
+the disk does; a failed fsync makes the store refuse writes until a restart (CommitLog); a failed background task
+(`flush_indexes`, `enforce_retention`, the checkpoint) raises StoreError, keeps its buffers and its old checkpoint,
+and succeeds when called again. `health()` says what is wrong for readiness.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import struct
@@ -30,14 +39,17 @@ from tidegate.core.errors import (
     OffsetOutOfRange,
     ShuttingDown,
     StoreError,
+    StoreFull,
 )
 from tidegate.core.model import AppendResult, IndexEntry, Message, QueueRef, tag_hash
 from tidegate.core.storage.api import QueueBounds, RecoveryReport, StoreStats
 from tidegate.core.storage.commitlog import CommitLog
+from tidegate.core.storage.fileio import OS_IO, FileIO
 from tidegate.core.storage.keyindex import KeyIndex, key_hash
 from tidegate.core.storage.layout import StoreLayout, fsync_dir, write_atomically
 from tidegate.core.storage.queueindex import IndexFiles, QueueIndex
 from tidegate.core.storage.record import decode_record, encode_record, find_by_id, make_msg_id
+from tidegate.core.storage.tombstones import Tombstones
 
 logger = logging.getLogger("tidegate.storage")
 
@@ -46,6 +58,7 @@ CHECKPOINT_MAGIC = 0x50434754  # b"TGCP"
 CHECKPOINT_VERSION = 1
 _CRC = struct.Struct("<I")
 _MAX_QUEUE_ID = 0xFFFFFFFF
+_SPACE_BACK_BYTES = 16 << 20  # free space at which health() stops reporting a full disk seen by an append
 
 
 def _default_clock_ms() -> int:
@@ -63,23 +76,28 @@ class FileMessageStore:
         clock_ms: Callable[[], int] | None = None,
         index_flush_entries: int = 32_768,
         max_open_index_files: int = 256,
+        io: FileIO | None = None,
     ) -> None:
         self.layout = StoreLayout(data_dir)
         fresh = not self.layout.commitlog_dir.exists()
         self.layout.create_dirs()
+        self._io = io = io or OS_IO
         self._clock = clock_ms or _default_clock_ms
         self._owner = threading.get_ident()
         self._flush_threshold = index_flush_entries
-        self._log = CommitLog(self.layout, segment_bytes)
-        self._files = IndexFiles(self.layout, index_entries_per_file, max_open_index_files)
-        self._keys = KeyIndex(self.layout)
+        self._write_error: str | None = None  # the last append failed (disk full, EIO); cleared by the next success
+        self._full = False  # ... because the disk was full: health() also clears it once space is back
+        self._background_errors: dict[str, str] = {}  # task -> why its last run failed; cleared by its next success
+        self._log = CommitLog(self.layout, segment_bytes, io=io)
+        self._files = IndexFiles(self.layout, index_entries_per_file, max_open_index_files, io=io)
+        self._keys = KeyIndex(self.layout, io=io)
         self._queues: dict[QueueRef, QueueIndex] = {
             ref: QueueIndex(ref, self._files) for ref in self.layout.indexed_queues()
         }
         self._dirty: set[QueueIndex] = set()
         self._pending_entries = 0
         self._tag_hashes: dict[str, int] = {}
-        self._tombstones = self._read_tombstones()
+        self._tombstones = Tombstones(self.layout.tombstones_path, io=io)
         self._last_ts = 0
         self._closed = False
         self._checkpoint = -1  # last value written; -1 forces the first write
@@ -103,29 +121,56 @@ class FileMessageStore:
         return offset, total
 
     def _write_checkpoint(self, offset: int, durable: bool) -> None:
+        """Write the checkpoint; `_checkpoint` moves only once the write succeeded (OSError propagates)."""
         total = sum(q.max_offset for q in self._queues.values())
-        self._checkpoint = offset
         body = CHECKPOINT.pack(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, offset, total)
         data = body + _CRC.pack(crc32c(body))
         # Not durable on the periodic path: process-crash safe (page cache survives kill -9), and after a power
         # failure recovery notices indexes behind the checkpoint and re-dispatches; close() writes it durably.
-        write_atomically(self.layout.checkpoint_path, data, durable=durable)
+        write_atomically(self.layout.checkpoint_path, data, durable=durable, io=self._io)
+        self._checkpoint = offset
 
-    def _read_tombstones(self) -> dict[QueueRef, int]:
+    # --- health
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason) for readiness: a failed log (fsync error: restart to recover), the last append's failure,
+        the last failure of each background task. Reason is "" when ok."""
+        reasons = []
+        failure = self._log.failure
+        if failure is not None:
+            reasons.append(f"{failure}: the store refuses writes until a restart")
+        if self._write_error is not None and self._full and self._space_is_back():
+            self._write_error = None  # the next append will most likely work: do not keep publishers away
+        if self._write_error is not None:
+            reasons.append(self._write_error)
+        reasons.extend(f"{task} failed: {why}" for task, why in self._background_errors.items())
+        return (not reasons, "; ".join(reasons))
+
+    def _append_failed(self, exc: StoreFull | StoreError) -> None:
+        self._write_error = f"append failed: {exc.message}"
+        self._full = isinstance(exc, StoreFull)
+
+    def _space_is_back(self) -> bool:
+        """Whether the data directory's filesystem has room again (so readiness need not wait for an append)."""
         try:
-            rows = json.loads(self.layout.tombstones_path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            logger.warning("tombstones file is damaged; deleted queues may reappear after recovery")
-            return {}
-        return {QueueRef(topic, queue_id): offset for topic, queue_id, offset in rows}
+            st = os.statvfs(self.layout.root)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= _SPACE_BACK_BYTES
 
-    def _write_tombstones(self) -> None:
-        rows = [[ref.topic, ref.queue_id, offset] for ref, offset in self._tombstones.items()]
-        write_atomically(self.layout.tombstones_path, json.dumps(rows).encode())
+    def _background_failed(self, task: str, exc: BaseException) -> StoreError:
+        """Remember why `task` failed (health) and return the StoreError its caller gets."""
+        if isinstance(exc, OSError):
+            why = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error: {exc}"
+        else:
+            why = getattr(exc, "message", None) or str(exc)
+        self._background_errors[task] = why
+        return StoreError(f"{task} failed ({why}); it can be retried")
 
     def _open(self, fresh: bool) -> RecoveryReport:
+        try:
+            self._tombstones.prune(self._log.min_offset)
+        except OSError as exc:
+            raise StoreError(f"cannot rewrite the tombstones file: {exc}") from None
         clean = self.layout.clean_shutdown_path.exists()
         checkpoint, total = self._read_checkpoint()
         log_min = self._log.min_offset
@@ -150,11 +195,15 @@ class FileMessageStore:
         first_segment = self._log.segment_of(start)
         self._keys.truncate_from(start, first_segment)
         counters = {"rebuilt": 0, "gap": False}
+        dropped: set[tuple[int, int]] = set()
+
+        def on_dropped(start_offset: int, end_offset: int) -> None:
+            dropped.add((start_offset, end_offset))  # records after a skipped range may leave gaps: holes
 
         def dispatch_partial(offset: int, data: bytes) -> None:
-            counters["rebuilt"] += self._dispatch(offset, data, allow_gaps=full, counters=counters)
+            counters["rebuilt"] += self._dispatch(offset, data, allow_gaps=full or bool(dropped), counters=counters)
 
-        scan = self._log.recover(start, dispatch_partial)
+        scan = self._log.recover(start, dispatch_partial, self._plausible, on_dropped)
         for base in scan.deleted_segments:
             self._keys.drop_segment(base)
         trimmed = 0
@@ -168,16 +217,25 @@ class FileMessageStore:
             def dispatch_full(offset: int, data: bytes) -> None:
                 counters["rebuilt"] += self._dispatch(offset, data, allow_gaps=True, counters=counters)
 
-            full = self._log.recover(0, dispatch_full)
-            for base in full.deleted_segments:
+            full_scan = self._log.recover(0, dispatch_full, self._plausible, on_dropped)
+            for base in full_scan.deleted_segments:
                 self._keys.drop_segment(base)
-            scanned += full.scanned_bytes
+            scanned += full_scan.scanned_bytes
+        holes = 0
+        if dropped:
+            # entries indexed before the crash may point into the skipped bytes: make them holes, never garbage
+            for q in self._queues.values():
+                for start_offset, end_offset in sorted(dropped):
+                    holes += q.punch_holes(start_offset, end_offset)
+                    self._dirty.add(q)
         for q in self._queues.values():
             q.advance_min(self._log.min_offset)
         self.flush_indexes()
         self._files.fsync_all()
         self._keys.fsync_files()
         self._write_checkpoint(self._log.end_offset, durable=True)
+        ranges = tuple(sorted(dropped))
+        dropped_bytes = sum(end_offset - start_offset for start_offset, end_offset in ranges)
         report = RecoveryReport(
             clean=clean,
             scanned_bytes=scanned,
@@ -185,15 +243,38 @@ class FileMessageStore:
             dropped_records=scan.dropped_records,
             rebuilt_index_entries=counters["rebuilt"],
             trimmed_index_entries=trimmed,
+            dropped_bytes=dropped_bytes,
+            dropped_ranges=ranges,
         )
+        if ranges:
+            shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:10]) + (" ..." if len(ranges) > 10 else "")
+            logger.warning("storage recovery: skipped %d damaged bytes of the commit log in %d ranges (%s); the valid "
+                           "records after them were kept, %d index entries into them became holes",
+                           dropped_bytes, len(ranges), shown, holes)
         log_line = (
-            "storage recovery: scanned %d bytes from offset %d, truncated %d bytes (%d records), "
-            "rebuilt %d index entries, trimmed %d, log end %d"
+            "storage recovery: scanned %d bytes from offset %d, truncated %d tail bytes, skipped %d damaged bytes "
+            "(%d records lost), rebuilt %d index entries, trimmed %d, log end %d"
         )
-        level = logging.WARNING if scan.truncated_bytes or trimmed else logging.INFO
-        logger.log(level, log_line, scanned, start, scan.truncated_bytes, scan.dropped_records,
+        level = logging.WARNING if scan.truncated_bytes or trimmed or ranges else logging.INFO
+        logger.log(level, log_line, scanned, start, scan.truncated_bytes, dropped_bytes, scan.dropped_records,
                    counters["rebuilt"], trimmed, self._log.end_offset)
         return report
+
+    def _plausible(self, offset: int, data: bytes) -> bool:
+        """Whether a record found by searching past damaged bytes can be real: it decodes, and no queue index holds
+        a different record at a queue offset it claims (an embedded copy of a record fails this)."""
+        try:
+            record = decode_record(data, verify=False)
+        except CorruptRecord:
+            return False
+        for topic, queue_id, queue_offset in record.destinations:
+            q = self._queues.get(QueueRef(topic, queue_id))
+            if q is None or not q.min_offset <= queue_offset < q.max_offset:
+                continue
+            commit, size, _tag = q.entry_at(queue_offset)
+            if size and (commit, size) != (offset, len(data)):
+                return False
+        return True
 
     def _dispatch(self, offset: int, data: bytes, allow_gaps: bool, counters: dict) -> int:
         """Index one recovered record; return how many queue entries were added."""
@@ -270,7 +351,13 @@ class FileMessageStore:
                 dests.append((ref.topic, ref.queue_id, q.max_offset + targets.count(q)))
                 targets.append(q)
         record = encode_record(message, store_ts, dests)
-        offset = self._log.append(record, store_ts)
+        try:
+            offset = self._log.append(record, store_ts)
+        except (StoreFull, StoreError) as exc:
+            self._append_failed(exc)
+            raise
+        if self._write_error is not None:
+            self._write_error = None
         self._last_ts = store_ts
         size = len(record)
         th = self._tag_hashes.get(message.tag)
@@ -292,7 +379,7 @@ class FileMessageStore:
         message.store_ts = store_ts
         self._pending_entries += len(targets)
         if self._pending_entries >= self._flush_threshold:
-            self.flush_indexes()
+            self._flush_quietly()
         return AppendResult(msg_id, offset, size, store_ts, queue_offsets)
 
     def append_batch(self, items: Sequence[tuple[Message, Sequence[QueueRef]]]) -> list[AppendResult]:
@@ -324,7 +411,13 @@ class FileMessageStore:
                 dests.append((ref.topic, ref.queue_id, q.max_offset + extra))
             records.append(encode_record(message, store_ts, dests))
             plans.append(targets)
-        offsets = self._log.append_batch(records, store_ts)
+        try:
+            offsets = self._log.append_batch(records, store_ts)
+        except (StoreFull, StoreError) as exc:
+            self._append_failed(exc)
+            raise
+        if self._write_error is not None:
+            self._write_error = None
         self._last_ts = store_ts
         results = []
         tag_hashes = self._tag_hashes
@@ -349,28 +442,61 @@ class FileMessageStore:
         self._dirty.update(claimed)
         self._pending_entries += entries
         if self._pending_entries >= self._flush_threshold:
-            self.flush_indexes()
+            self._flush_quietly()
         return results
 
     # --- durability
     def sync(self) -> int:
-        """fsync the log; on the owning thread also write the buffered index entries and the checkpoint."""
+        """fsync the log; on the owning thread also write the buffered index entries and the checkpoint.
+
+        Raises StoreError when the fsync fails, then and on every later call (see CommitLog.sync). A failure to
+        write the indexes does not fail the sync (the records are durable): it shows in `health()` and the next
+        flush retries it.
+        """
         durable = self._log.sync()
         if threading.get_ident() == self._owner and not self._closed:
-            self.flush_indexes()
+            self._flush_quietly()
         return durable
 
-    def flush_indexes(self) -> None:
-        """Write buffered index and key entries to their files and advance the checkpoint. Owning thread only."""
+    def _flush_quietly(self) -> None:
+        """flush_indexes from the append and sync paths: a failure is kept for health() and retried later (after
+        another `index_flush_entries` entries, or the next sync), never raised into an append that succeeded."""
+        was_failing = "index flush" in self._background_errors
+        try:
+            self.flush_indexes()
+        except StoreError as exc:
+            self._pending_entries = 0  # back off: the next attempt comes after another batch of entries
+            if not was_failing:  # one line when it starts failing, not one per sync
+                logger.warning("%s", exc.message)
+            return
+        if was_failing:
+            logger.info("index flush works again")
+
+    def flush_indexes(self, sync_tombstones: bool = True) -> None:
+        """Write buffered index and key entries to their files and advance the checkpoint. Owning thread only.
+
+        Also fsyncs tombstone lines appended since the last flush (one fsync for any number of deletions), unless
+        `sync_tombstones` is False (delete_queue's own flush: the deletion path never fsyncs).
+        Raises StoreError on an I/O error (disk full, EIO) and loses nothing: entries not written stay buffered
+        (index writes are positioned, so a retry rewrites the same bytes), the checkpoint stays where it was, and
+        calling again once the disk works finishes the job. The error shows in `health()` until then.
+        """
         checkpoint = min(self._log.durable_offset, self._log.end_offset)
         if not self._dirty and not self._keys.has_pending() and checkpoint == self._checkpoint:
+            self._background_errors.pop("index flush", None)  # nothing left that failed
             return  # nothing new: spare the file write on every sync
-        for q in self._dirty:
-            q.flush()
-        self._dirty.clear()
-        self._keys.flush()
+        try:
+            for q in self._dirty:
+                q.flush()
+            self._dirty.clear()
+            self._keys.flush()
+            if sync_tombstones:
+                self._tombstones.sync()
+            self._write_checkpoint(checkpoint, durable=False)
+        except OSError as exc:
+            raise self._background_failed("index flush", exc) from None
         self._pending_entries = 0
-        self._write_checkpoint(checkpoint, durable=False)
+        self._background_errors.pop("index flush", None)
 
     @property
     def end_offset(self) -> int:
@@ -393,7 +519,7 @@ class FileMessageStore:
             if offset == 0:
                 return []
             raise OffsetOutOfRange(f"queue {queue} has no entries; offset {offset} is out of range")
-        return q.read(offset, max_entries)
+        return q.read(offset, max_entries)  # holes left out: see QueueIndex.read
 
     def read_message(self, commit_offset: int, size: int | None = None) -> Message:
         try:
@@ -409,7 +535,7 @@ class FileMessageStore:
 
     def lookup_key(self, topic: str, key: str, limit: int = 64) -> list[Message]:
         log_min = self._log.min_offset
-        offsets = self._keys.lookup(key_hash(topic, key), self._log.segment_bases())
+        offsets = list(dict.fromkeys(self._keys.lookup(key_hash(topic, key), self._log.segment_bases())))
         found: list[Message] = []
         for offset in reversed(offsets):
             if len(found) >= limit:
@@ -448,43 +574,64 @@ class FileMessageStore:
         return list(self._queues)
 
     def delete_queue(self, queue: QueueRef) -> None:
-        q = self._queues.pop(queue, None)
+        """Forget the queue; its tombstone (one appended line, no fsync here) keeps recovery from reviving it.
+
+        Raises StoreError when the tombstone cannot be written (the queue is then untouched)."""
+        q = self._queues.get(queue)
         if q is None:
             return
-        self._dirty.discard(q)
-        q.delete()
         # records already in the log still name this queue; recovery must not bring it back
-        self._tombstones[queue] = self._log.end_offset
-        self._write_tombstones()
-        # the checkpoint's entry count must not vouch for the deleted entries
-        self.flush_indexes()
-        self._write_checkpoint(min(self._log.durable_offset, self._log.end_offset), durable=False)
+        try:
+            self._tombstones.add(queue, self._log.end_offset)
+        except OSError as exc:
+            raise StoreError(f"cannot record the deletion of queue {queue}: {exc}") from None
+        del self._queues[queue]
+        self._dirty.discard(q)
+        try:
+            q.delete()
+        except OSError as exc:
+            raise StoreError(f"deleting the index files of queue {queue} failed: {exc}") from None
+        # the checkpoint's entry count must not vouch for the deleted entries (or the next crash recovery would
+        # think index files were lost and re-dispatch the whole log); a failure here is retried by the next flush
+        self._checkpoint = -1
+        try:
+            self.flush_indexes(sync_tombstones=False)
+        except StoreError as exc:
+            logger.warning("%s", exc.message)
 
     # --- retention
     def enforce_retention(self, now_ms: int, max_age_ms: int, max_bytes: int) -> int:
+        """See MessageStore. Raises StoreError on an I/O error after doing what it could (every segment deleted
+        before the error stays deleted and the indexes follow); calling again retries the rest."""
         self._check_open()
         log = self._log
         total = log.disk_bytes()
         deleted = 0
-        for base, size in log.sealed_segments():
-            too_old = max_age_ms > 0 and now_ms - log.segment_last_store_ts(base) > max_age_ms
-            too_big = max_bytes > 0 and total > max_bytes
-            if not (too_old or too_big):
-                break
-            self._keys.drop_segment(base)
-            log.delete_segment(base)
-            total -= size
-            deleted += 1
+        error: BaseException | None = None
+        try:
+            for base, size in log.sealed_segments():
+                too_old = max_age_ms > 0 and now_ms - log.segment_last_store_ts(base) > max_age_ms
+                too_big = max_bytes > 0 and total > max_bytes
+                if not (too_old or too_big):
+                    break
+                log.delete_segment(base)  # first: a key file left behind is harmless, a segment without one is not
+                total -= size
+                deleted += 1
+                self._keys.drop_segment(base)
+        except (OSError, StoreError) as exc:
+            error = exc
         if deleted:
             log_min = log.min_offset
-            for q in self._queues.values():
-                q.advance_min(log_min)
-            stale = [ref for ref, offset in self._tombstones.items() if offset <= log_min]
-            if stale:
-                for ref in stale:
-                    del self._tombstones[ref]
-                self._write_tombstones()
+            try:
+                for q in self._queues.values():
+                    q.advance_min(log_min)
+                self._tombstones.prune(log_min)
+            except OSError as exc:
+                error = error or exc
             logger.info("retention deleted %d commit-log segments; log now starts at %d", deleted, log_min)
+        if error is not None:
+            raise self._background_failed("retention", error)
+        self._background_errors.pop("retention", None)
         return deleted
 
     def expire_queue_before(self, queue: QueueRef, ts_ms: int) -> int:
@@ -505,18 +652,29 @@ class FileMessageStore:
         )
 
     def close(self) -> None:
+        """See MessageStore. A store whose log failed (fsync error) only closes its files: it writes neither the
+        checkpoint nor the clean-shutdown marker, so the next open recovers from the log."""
         if self._closed:
             return
-        self.flush_indexes()
-        self._log.close()
+        failure = self._log.failure
         try:
-            self._files.fsync_all()
-            self._keys.fsync_files()
-            self._write_checkpoint(self._log.end_offset, durable=True)
-            self.layout.clean_shutdown_path.write_bytes(b"")
-            fsync_dir(self.layout.root)
+            if failure is None:
+                self.flush_indexes()
+            self._log.close()
+            if failure is None:
+                self._files.fsync_all()
+                self._keys.fsync_files()
+                self._tombstones.close()
+                self._write_checkpoint(self._log.end_offset, durable=True)
+                self.layout.clean_shutdown_path.write_bytes(b"")
+                fsync_dir(self.layout.root, self._io)
+            else:
+                logger.error("message store closed after a failure (%s): no clean-shutdown marker, the next open "
+                             "recovers from the commit log", failure)
         except OSError as exc:
             raise StoreError(f"closing the message store failed: {exc}") from None
         finally:
             self._closed = True
             self._files.close_all()
+            self._tombstones.close_quietly()
+            self._log.release()

@@ -12,6 +12,7 @@ import os
 import struct
 from hashlib import blake2b
 
+from tidegate.core.storage.fileio import OS_IO, FileIO, write_all
 from tidegate.core.storage.layout import StoreLayout, fsync_file
 
 KEY_ENTRY = struct.Struct("<QQ")
@@ -25,8 +26,9 @@ def key_hash(topic: str, key: str) -> int:
 
 
 class KeyIndex:
-    def __init__(self, layout: StoreLayout) -> None:
+    def __init__(self, layout: StoreLayout, io: FileIO = OS_IO) -> None:
         self.layout = layout
+        self.io = io
         self._pending: dict[int, bytearray] = {}  # segment base -> buffered entries
         self._unsynced: set[int] = set()
 
@@ -40,26 +42,37 @@ class KeyIndex:
         return any(self._pending.values())
 
     def flush(self) -> None:
-        for base, buf in self._pending.items():
-            if not buf:
-                continue
-            fd = os.open(self.layout.key_index_path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, buf)
-            finally:
-                os.close(fd)
-            self._unsynced.add(base)
-        self._pending.clear()
+        """Append each segment's buffered entries to its file. On an OSError the failed file is cut back to whole
+        entries and its buffer kept, files written before it keep theirs cleared: a retry adds each entry once."""
+        io = self.io
+        for base in list(self._pending):
+            buf = self._pending[base]
+            if buf:
+                fd = io.open(self.layout.key_index_path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                try:
+                    size = os.fstat(fd).st_size
+                    whole = size - size % KEY_ENTRY_SIZE
+                    if whole != size:  # an earlier failed write left part of an entry: drop it first
+                        io.ftruncate(fd, whole)
+                    try:
+                        write_all(io, fd, buf)
+                    except OSError:
+                        io.ftruncate(fd, whole)
+                        raise
+                finally:
+                    io.close(fd)
+                self._unsynced.add(base)
+            del self._pending[base]
 
     def fsync_files(self) -> None:
         for base in sorted(self._unsynced):
-            fsync_file(self.layout.key_index_path(base))
-        self._unsynced.clear()
+            fsync_file(self.layout.key_index_path(base), self.io)
+            self._unsynced.discard(base)
 
     def lookup(self, hash64: int, bases: list[int]) -> list[int]:
         """Commit offsets whose (topic, key) hashes to `hash64`, oldest first, within the given segments."""
         needle = _HASH.pack(hash64)
-        found: list[int] = []
+        found: list[int] = []  # may repeat an offset (a flush retried after a failed cut-back): callers dedupe
         for base in bases:
             chunks = []
             try:
@@ -84,7 +97,7 @@ class KeyIndex:
         self._pending.pop(base, None)
         self._unsynced.discard(base)
         try:
-            os.unlink(self.layout.key_index_path(base))
+            self.io.unlink(self.layout.key_index_path(base))
         except FileNotFoundError:
             pass
 

@@ -7,7 +7,7 @@
 <data_dir>/keys/<20-digit segment base offset>.keys    key index, one file per commit-log segment
 <data_dir>/checkpoint                                  commit offset up to which indexes are persisted
 <data_dir>/clean_shutdown                              present only between close() and the next open
-<data_dir>/tombstones                                  queues deleted while their records are still in the log
+<data_dir>/tombstones                                  append-only list of deleted queues whose records the log holds
 <data_dir>/meta.db                                     SQLite metadata (MetadataStore)
 ```
 
@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 from tidegate.core.errors import InvalidName
 from tidegate.core.model import QueueRef
+from tidegate.core.storage.fileio import OS_IO, FileIO, write_all
 
 DIGITS = 20
 SEGMENT_SUFFIX = ".log"
@@ -121,28 +122,28 @@ class StoreLayout:
         return _numbered(self.keys_dir, KEYS_SUFFIX)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path, io: FileIO = OS_IO) -> None:
     """Make a created/renamed/deleted directory entry durable."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = io.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        io.fsync(fd)
     finally:
-        os.close(fd)
+        io.close(fd)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_file(path: Path, io: FileIO = OS_IO) -> None:
     """fsync a file that is not open here; a file that is gone (deleted by retention) needs nothing."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = io.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
-        os.fsync(fd)
+        io.fsync(fd)
     finally:
-        os.close(fd)
+        io.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+def write_atomically(path: Path, data: bytes, durable: bool = True, io: FileIO = OS_IO) -> None:
     """Replace `path` with `data` so a crash leaves either the old or the new content, never a mix.
 
     The one way the process replaces a small file. `durable=True`: write a temporary file, fsync it, rename it
@@ -150,17 +151,25 @@ def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
     skips both fsyncs: still atomic against a process crash (the page cache survives kill -9), for files rewritten
     every second on the reactor thread whose loss on power failure recovery repairs (the checkpoint, queue low-water
     marks); their owners write them durably at close.
+
+    On any error (disk full, EIO) `path` keeps its old content, the temporary file is removed so it does not hold
+    on to the space, and the OSError propagates.
     """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked (signals, huge buffers)
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(io, fd, data)
+            if durable:
+                io.fsync(fd)
+        finally:
+            io.close(fd)
+        io.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(path.parent, io)

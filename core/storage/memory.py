@@ -281,6 +281,10 @@ class MemoryMessageStore:
         bases = [s.base for s in self._segments]
         return bases[max(0, bisect_right(bases, commit_offset) - 1)]
 
+    def health(self) -> tuple[bool, str]:
+        """Memory never fails to write."""
+        return True, ""
+
     def close(self) -> None:
         self.sync()
         self._closed = True

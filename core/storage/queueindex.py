@@ -4,8 +4,9 @@ Entry `k` of a queue lives in file `index/<topic>/<queue_id>/<base>.idx` with `b
 `(k - base) * 20`. New entries are buffered in memory (`pending`) and written in batches by `flush()`; they are
 derived from the commit log, so losing the buffer in a crash only costs a re-dispatch on recovery.
 
-An entry with size 0 is a hole (recovery can start a queue in the middle of a file when retention already
-removed its older records) and is never reported as stored.
+An entry with size 0 is a hole: recovery writes one for a queue offset whose record it could not find (lost with a
+damaged record, or a queue restarted in the middle of a file when retention already removed its older records).
+Holes are never reported as stored and `read` leaves them out.
 
 A topic's own retention (`retention_ms`) trims a queue logically: it raises the queue's min offset without touching
 the commit log, whose records other queues may still reference. Index files cover N entries, so the new min offset
@@ -24,6 +25,7 @@ from crc32c import crc32c
 
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
+from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import StoreLayout, fsync_dir, fsync_file, write_atomically
 
 logger = logging.getLogger("tidegate.storage")
@@ -31,16 +33,18 @@ logger = logging.getLogger("tidegate.storage")
 ENTRY = struct.Struct("<QIQ")
 ENTRY_SIZE = ENTRY.size
 entry_pack = ENTRY.pack
+HOLE = entry_pack(0, 0, 0)
 LOW_WATER = struct.Struct("<QI")  # first kept queue offset, crc32c of those 8 bytes
 
 
 class IndexFiles:
     """A bounded cache of open index-file descriptors shared by every queue (10,000 queues, not 10,000 fds)."""
 
-    def __init__(self, layout: StoreLayout, entries_per_file: int, max_open: int = 256) -> None:
+    def __init__(self, layout: StoreLayout, entries_per_file: int, max_open: int = 256, io: FileIO = OS_IO) -> None:
         if entries_per_file < 1:
             raise ValueError("entries_per_file must be positive")
         self.layout = layout
+        self.io = io
         self.entries_per_file = entries_per_file
         self.file_bytes = entries_per_file * ENTRY_SIZE
         self._max_open = max_open
@@ -56,27 +60,27 @@ class IndexFiles:
             return fd
         path = self.layout.index_path(queue, base)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self._fds[key] = fd
         if len(self._fds) > self._max_open:
-            os.close(self._fds.popitem(last=False)[1])
+            self.io.close(self._fds.popitem(last=False)[1])
         return fd
 
     def forget(self, queue: QueueRef, base: int) -> None:
         fd = self._fds.pop((queue, base), None)
         if fd is not None:
-            os.close(fd)
+            self.io.close(fd)
 
     def delete_file(self, queue: QueueRef, base: int) -> None:
-        self.forget(queue, base)
-        self.unsynced.discard((queue, base))
         try:
-            os.unlink(self.layout.index_path(queue, base))
+            self.io.unlink(self.layout.index_path(queue, base))
         except FileNotFoundError:
             pass
+        self.forget(queue, base)
+        self.unsynced.discard((queue, base))
 
     def open_count(self) -> int:
         return len(self._fds)
@@ -103,35 +107,35 @@ class IndexFiles:
         data = LOW_WATER.pack(offset, crc32c(offset.to_bytes(8, "little")))
         path = self.layout.low_water_path(queue)
         path.parent.mkdir(parents=True, exist_ok=True)  # a queue whose entries are all still buffered has no dir yet
-        write_atomically(path, data, durable=False)
+        write_atomically(path, data, durable=False, io=self.io)
         self.unsynced_low_water.add(queue)
 
     def remove_low_water(self, queue: QueueRef) -> None:
-        self.unsynced_low_water.discard(queue)
         try:
-            os.unlink(self.layout.low_water_path(queue))
+            self.io.unlink(self.layout.low_water_path(queue))
         except FileNotFoundError:
             pass
+        self.unsynced_low_water.discard(queue)
 
     def fsync_all(self) -> None:
         """fsync every index file written since the last call (close() and recovery, not the hot path)."""
         for key in sorted(self.unsynced, key=lambda k: (k[0].topic, k[0].queue_id, k[1])):
             fd = self._fds.get(key)
             if fd is not None:
-                os.fsync(fd)
+                self.io.fsync(fd)
             else:
-                fsync_file(self.layout.index_path(*key))
-        self.unsynced.clear()
+                fsync_file(self.layout.index_path(*key), self.io)
+            self.unsynced.discard(key)  # only once it worked: a failed fsync_all is retried whole
         for queue in sorted(self.unsynced_low_water, key=lambda q: (q.topic, q.queue_id)):
             path = self.layout.low_water_path(queue)
             if path.exists():
-                fsync_file(path)
-                fsync_dir(path.parent)  # the rename that put it there
-        self.unsynced_low_water.clear()
+                fsync_file(path, self.io)
+                fsync_dir(path.parent, self.io)  # the rename that put it there
+            self.unsynced_low_water.discard(queue)
 
     def close_all(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            self.io.close(fd)
         self._fds.clear()
 
 
@@ -151,7 +155,7 @@ class QueueIndex:
             size = os.stat(path).st_size
             whole = min(size // ENTRY_SIZE, files.entries_per_file)
             if whole * ENTRY_SIZE != size:  # a torn entry write: drop the partial entry
-                os.truncate(path, whole * ENTRY_SIZE)
+                files.io.truncate(path, whole * ENTRY_SIZE)
             self.min_offset = self.bases[0]
             self.max_offset = last + whole
             self.low_water = files.read_low_water(queue)
@@ -189,17 +193,21 @@ class QueueIndex:
         offset = self.persisted
         view = memoryview(pending)
         pos = 0
-        while pos < len(pending):
-            base = offset - offset % per_file
-            count = min(per_file - (offset - base), (len(pending) - pos) // ENTRY_SIZE)
-            if not self.bases or self.bases[-1] < base:
-                self.bases.append(base)
-            fd = self.files.fd(self.queue, base)
-            self.files.unsynced.add((self.queue, base))
-            os.pwrite(fd, view[pos:pos + count * ENTRY_SIZE], (offset - base) * ENTRY_SIZE)
-            pos += count * ENTRY_SIZE
-            offset += count
-        view.release()
+        io = self.files.io
+        try:
+            while pos < len(pending):
+                base = offset - offset % per_file
+                count = min(per_file - (offset - base), (len(pending) - pos) // ENTRY_SIZE)
+                fd = self.files.fd(self.queue, base)  # may fail (disk full): then `bases` does not list it
+                if not self.bases or self.bases[-1] < base:
+                    self.bases.append(base)
+                self.files.unsynced.add((self.queue, base))
+                # positioned, so a retry after an error (or a short write) rewrites the same bytes
+                pwrite_all(io, fd, view[pos:pos + count * ENTRY_SIZE], (offset - base) * ENTRY_SIZE)
+                pos += count * ENTRY_SIZE
+                offset += count
+        finally:
+            view.release()
         written = len(pending) // ENTRY_SIZE
         self.pending = bytearray()
         self.persisted = offset
@@ -229,6 +237,11 @@ class QueueIndex:
         return ENTRY.unpack(self._raw(offset, offset + 1))
 
     def read(self, offset: int, max_entries: int) -> list[IndexEntry]:
+        """The entries among queue offsets [offset, offset + max_entries) that hold a record.
+
+        Holes are left out, so queue offsets may jump and a list shorter than asked (even empty) does not mean the
+        queue ends there: `max_offset` says where it does.
+        """
         if offset < self.min_offset or offset > self.max_offset:
             raise OffsetOutOfRange(
                 f"offset {offset} of queue {self.queue} is outside [{self.min_offset}, {self.max_offset}]"
@@ -239,6 +252,7 @@ class QueueIndex:
         return [
             IndexEntry(offset + i, commit, size, tag)
             for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(self._raw(offset, end)))
+            if size
         ]
 
     def _first_where(self, lo: int, hi: int, predicate: Callable[[tuple[int, int, int]], bool]) -> int:
@@ -288,6 +302,42 @@ class QueueIndex:
         while self.bases and self.bases[0] + per_file <= self.min_offset and self.bases[0] + per_file <= last_needed:
             self.files.delete_file(self.queue, self.bases.pop(0))
 
+    def punch_holes(self, start: int, end: int) -> int:
+        """Turn entries whose record starts in commit offsets [start, end) into holes (recovery skipped those
+        bytes as damaged); return how many. Entries are ordered by commit offset, holes aside."""
+        lo, hi = self.min_offset, self.max_offset
+        while lo < hi:  # first entry (not a hole) at or after `start`
+            mid = probe = (lo + hi) // 2
+            commit, size, _tag = self.entry_at(probe)
+            while size == 0 and probe + 1 < hi:
+                probe += 1
+                commit, size, _tag = self.entry_at(probe)
+            if size == 0 or commit >= start:
+                hi = mid
+            else:
+                lo = probe + 1
+        punched = 0
+        for offset in range(lo, self.max_offset):
+            commit, size, _tag = self.entry_at(offset)
+            if size == 0:
+                continue
+            if commit >= end:
+                break
+            if commit >= start:
+                self._set_entry(offset, HOLE)
+                punched += 1
+        return punched
+
+    def _set_entry(self, offset: int, entry: bytes) -> None:
+        if offset >= self.persisted:
+            at = (offset - self.persisted) * ENTRY_SIZE
+            self.pending[at:at + ENTRY_SIZE] = entry
+            return
+        per_file = self.files.entries_per_file
+        base = offset - offset % per_file
+        self.files.unsynced.add((self.queue, base))
+        pwrite_all(self.files.io, self.files.fd(self.queue, base), entry, (offset - base) * ENTRY_SIZE)
+
     def trim_beyond(self, log_end: int) -> int:
         """Drop entries pointing at or past `log_end` (records lost from a torn tail); return how many."""
         if self.min_offset == self.max_offset:
@@ -314,7 +364,7 @@ class QueueIndex:
             if self.bases:
                 base = self.bases[-1]
                 keep_bytes = min(new_max - base, per_file) * ENTRY_SIZE
-                os.ftruncate(self.files.fd(self.queue, base), max(0, keep_bytes))
+                self.files.io.ftruncate(self.files.fd(self.queue, base), max(0, keep_bytes))
             self.persisted = new_max
         self.max_offset = new_max
         self.min_offset = min(self.min_offset, new_max)

@@ -93,10 +93,12 @@ def test_garbage_after_the_last_record_is_cut_off(open_store, tmp_path):
     store.close()
 
 
-def test_a_crc_error_in_the_tail_drops_that_record_and_all_after_it(open_store, tmp_path):
+def test_a_crc_error_in_a_middle_record_drops_that_record_only(open_store, tmp_path):
+    """Used to cut the log at the damaged record; now the valid records after it (and later segments) stay."""
     store = open_store()
     results = fill(store, 30)  # several segments; the checkpoint was never written, so everything is scanned
     bad = results[12]
+    end, bases = store.end_offset, store._log.segment_bases()
     abandon(store)
     segment = store._log.segment_of(bad.commit_offset)
     with open(segment_path(store, segment), "r+b") as f:
@@ -106,11 +108,12 @@ def test_a_crc_error_in_the_tail_drops_that_record_and_all_after_it(open_store, 
         f.write(bytes([byte[0] ^ 0xFF]))
     store = open_store()
     report = store.recovery
-    assert report.dropped_records == 30 - 12
-    assert store.end_offset == bad.commit_offset
-    assert store.queue_bounds(Q0).max_offset == 12
-    assert bodies(store) == [b"%04d" % n for n in range(12)]
-    assert store._log.segment_bases()[-1] == segment  # later segments are gone
+    assert report.dropped_records == 1 and report.truncated_bytes == 0
+    assert report.dropped_ranges == ((bad.commit_offset, bad.commit_offset + bad.size),)
+    assert report.dropped_bytes == bad.size
+    assert (store.end_offset, store._log.segment_bases()) == (end, bases)
+    assert store.queue_bounds(Q0).max_offset == 30
+    assert bodies(store) == [b"%04d" % n for n in range(30) if n != 12]
     store.close()
 
 

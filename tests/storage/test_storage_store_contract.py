@@ -29,6 +29,12 @@ def full_message(n: int = 0) -> Message:
     )
 
 
+def test_a_fresh_store_reports_itself_healthy_for_readiness(store):
+    store.append(Message("orders", b"x"), [Q0])
+    store.sync()
+    assert store.health() == (True, "")
+
+
 def test_append_then_read_round_trips_every_message_field(store, clock):
     message = full_message()
     result = store.append(message, [Q0])
