@@ -68,7 +68,8 @@ def test_packets_after_connect_wait_for_the_login_decision(make_env):
     assert stored_bodies(env, "held") == []
     credentials, decision = gate.pending[0]
     assert (credentials.mechanism, credentials.username, credentials.password) == ("password", "alice", b"pw")
-    assert (credentials.client_id, credentials.source, credentials.listener) == ("held", client.transport.getPeer().host, "mqtt")
+    peer = client.transport.getPeer().host
+    assert (credentials.client_id, credentials.source, credentials.listener) == ("held", peer, "mqtt")
     decision.callback(Principal("alice"))
     env.pump()
     packets = client.received()
