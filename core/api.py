@@ -35,6 +35,9 @@ class SendResult(NamedTuple):
     queue_offset: int
     commit_offset: int
     commit_end: int  # commit-log offset after this record; durable once the store's durable offset reaches it
+    # queues besides the home queue (`queue_id`) that received the message because a binding matched its full
+    # name; 0 = no binding routed it anywhere else (AMQP: unroutable when the home queue is nobody's queue)
+    bound: int = 0
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Consumer groups: members, queue assignment, offsets, per-message acks with invisibility and redelivery.
+"""Consumer-side values: subscriptions, group state, per-message progress, receipts, invisibility timers.
 
 Two ways of tracking progress, chosen per group (see core/api.py AckMode):
 - OFFSET: each queue is owned by one member (RocketMQ AllocateMessageQueueAveragely); the member reads the queue in
@@ -8,27 +8,51 @@ Two ways of tracking progress, chosen per group (see core/api.py AckMode):
   back after the invisibility timeout, a nack, or when its consumer leaves. The committed offset is the lowest
   offset not yet acked. After `max_attempts` deliveries a message goes to the group's dead-letter topic.
 Broadcasting gives every member its own progress (its own offsets, its own in-flight set).
+
+The logic that moves these values lives in core/delivery.py; a Subscription reaches it only through the narrow
+`SubscriptionOwner` interface below.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from tidegate.core.api import AckMode, ConsumeMode, DeliverySink
 from tidegate.core.errors import InvalidReceipt, TidegateError
 from tidegate.core.filters import TagFilter
 from tidegate.core.model import QueueRef
 
-if TYPE_CHECKING:
-    from tidegate.core.broker import Broker
+
+class SubscriptionOwner(Protocol):
+    """What a Subscription asks of the delivery machinery (implemented by core/delivery.py `Delivery`)."""
+
+    def wake(self, sub: Subscription) -> None:
+        """`sub` has credit again: deliver to it at the end of this reactor turn."""
+
+    def ack(self, sub: Subscription, receipt: str) -> None:
+        """MESSAGE mode: the message of `receipt` is done for the subscription's progress key."""
+
+    def nack(self, sub: Subscription, receipt: str, requeue: bool, delay_ms: int) -> None:
+        """MESSAGE mode: give the message back (after `delay_ms`), or dead-letter it when not `requeue`."""
+
+    def commit(self, sub: Subscription, queue: QueueRef, offset: int) -> None:
+        """OFFSET mode: everything below `offset` in `queue` is consumed by the subscription's progress key."""
+
+    def detach(self, sub: Subscription) -> None:
+        """The subscription closed: release its queues and its in-flight messages."""
 
 
 @dataclass(slots=True)
 class Inflight:
     attempt: int
     deadline: float  # clock seconds; 0 = no timeout (released only by nack or consumer leaving)
+    # the subscription holding it; None when taken by Broker.get or parked by a delayed nack (no consumer leaving
+    # can release it: only its deadline, an ack or a nack)
     owner: Subscription | None
 
 
@@ -46,6 +70,7 @@ class PopQueue:
     attempts: dict[int, int] = field(default_factory=dict)  # deliveries so far for offsets in `ready`
 
     def advance(self) -> bool:
+        """Move `committed` over acked offsets; True if it moved."""
         moved = False
         while self.committed in self.acked:
             self.acked.discard(self.committed)
@@ -55,11 +80,17 @@ class PopQueue:
 
 
 class Subscription:
-    """A consumer attached to a group; returned by Broker.subscribe."""
+    """A consumer attached to a group; returned by Broker.subscribe.
 
-    def __init__(self, broker: Broker, state: GroupState, topic: str, sink: DeliverySink, client_id: str,
-                 member_id: str, tag_filter: TagFilter, invisible_ms: int, max_attempts: int) -> None:
-        self.broker = broker
+    The subscription owns its identity, its settings, its credit and `closed`. The fields under "delivery state"
+    are written only by its owner (core/delivery.py): which queues it reads, where it is in each, and `cursor`,
+    the index in `assigned` the next delivery round starts at (so one busy queue cannot starve the others).
+    """
+
+    def __init__(self, owner: SubscriptionOwner, state: GroupState, topic: str, sink: DeliverySink,
+                 client_id: str, member_id: str, tag_filter: TagFilter, invisible_ms: int,
+                 max_attempts: int) -> None:
+        self.owner = owner
         self.state = state
         self.group = state.name
         self.topic = topic
@@ -70,11 +101,12 @@ class Subscription:
         self.invisible_ms = invisible_ms
         self.max_attempts = max_attempts
         self.credit = 0
+        self.closed = False
+        # delivery state
         self.assigned: list[QueueRef] = []
         self.positions: dict[QueueRef, int] = {}  # OFFSET mode: next offset to deliver per owned queue
         self.last_delivered: dict[QueueRef, int] = {}  # OFFSET mode: offset of the last message delivered
-        self.closed = False
-        self._rr = 0
+        self.cursor = 0
 
     @property
     def progress_key(self) -> str:
@@ -88,27 +120,29 @@ class Subscription:
             raise TidegateError("credit must be positive")
         self.credit += credit
         if credit and not self.closed:
-            self.broker._wake(self)
+            self.owner.wake(self)
 
     def ack(self, receipt: str) -> None:
-        self.broker._ack(self, receipt)
+        self.owner.ack(self, receipt)
 
     def nack(self, receipt: str, requeue: bool = True, delay_ms: int = 0) -> None:
-        self.broker._nack(self, receipt, requeue, delay_ms)
+        self.owner.nack(self, receipt, requeue, delay_ms)
 
     def commit(self, queue: QueueRef, offset: int) -> None:
-        self.broker._commit_progress(self.progress_key, queue, offset)
+        self.owner.commit(self, queue, offset)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.broker._detach(self)
+            self.owner.detach(self)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.group}/{self.topic} {self.member_id} credit={self.credit}>"
 
 
 class GroupState:
+    """A group with members online (or with per-message progress) in this process."""
+
     def __init__(self, name: str, mode: ConsumeMode, ack: AckMode) -> None:
         self.name = name
         self.mode = mode
@@ -116,6 +150,7 @@ class GroupState:
         self.topics: set[str] = set()
         self.members: dict[str, list[Subscription]] = {}  # topic -> subscriptions
         self.pop: dict[tuple[str, QueueRef], PopQueue] = {}  # (progress key, queue) -> state
+        self.get_cursor = 0  # Broker.get: index of the queue the next get looks at first
 
     def subscriptions(self) -> list[Subscription]:
         return [s for subs in self.members.values() for s in subs]
@@ -150,14 +185,14 @@ def make_receipt(queue: QueueRef, offset: int, attempt: int) -> str:
 class InvisibilityTimers:
     """One heap of deadlines for all in-flight messages, driven by a single clock call."""
 
-    def __init__(self, clock, on_expired) -> None:
+    def __init__(self, clock: IReactorTime, on_expired: Callable[[list[Any]], None]) -> None:
         self.clock = clock
         self.on_expired = on_expired
-        self.heap: list[tuple[float, int, object]] = []
+        self.heap: list[tuple[float, int, Any]] = []
         self.seq = 0
-        self.call = None
+        self.call: IDelayedCall | None = None
 
-    def add(self, deadline: float, item: object) -> None:
+    def add(self, deadline: float, item: Any) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (deadline, self.seq, item))
         if self.call is None or not self.call.active() or self.call.getTime() > deadline:
@@ -180,7 +215,3 @@ class InvisibilityTimers:
         if self.call is not None and self.call.active():
             self.call.cancel()
         self.call = None
-
-
-def make_delivered(message, queue: QueueRef, offset: int, receipt: str, attempt: int) -> Delivered:
-    return Delivered(message=message, queue=queue, queue_offset=offset, receipt=receipt, attempt=attempt)

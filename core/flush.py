@@ -15,16 +15,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.storage.api import MessageStore
 
 log = logging.getLogger("tidegate.flush")
 
 
 class Durability:
+    """Implements core/interfaces_storage.py `Durability` over a MessageStore."""
+
     def __init__(
         self,
-        store: Any,
-        clock: Any,
+        store: MessageStore,
+        clock: IReactorTime,
         run_in_thread: Callable[[Callable[[], int]], Any] | None = None,
         mode: str = "sync",
         interval_ms: int = 100,

@@ -153,7 +153,18 @@ class CoreSession:
         self._reachable(group)
         self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
         self.authorize(Action.SUB, Resource.group(group))
-        return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)  # type: ignore[attr-defined]
+        return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)
+
+    def ack(self, group: str, receipt: str) -> None:
+        """Settle a message taken with `get` (or delivered to a member of `group`)."""
+        self._reachable(group)
+        self.authorize(Action.SUB, Resource.group(group))
+        self.core.ack(group, receipt)
+
+    def nack(self, group: str, receipt: str, requeue: bool = True, delay_ms: int = 0) -> None:
+        self._reachable(group)
+        self.authorize(Action.SUB, Resource.group(group))
+        self.core.nack(group, receipt, requeue, delay_ms)
 
     def commit_offset(self, group: str, queue: QueueRef, offset: int) -> None:
         self._reachable(group)

@@ -44,7 +44,7 @@ from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.storage.filestore import FileMessageStore
-from tidegate.core.storage.layout import StoreLayout
+from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, build_admin_site
 from tidegate.gateway.config import Config
@@ -108,13 +108,6 @@ def open_message_store(config: Config, data_dir: Path) -> Any:
 
 def open_metadata_store(data_dir: Path) -> Any:
     return SqliteMetadataStore(StoreLayout(data_dir).meta_db_path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Readers (tests, scripts) poll for this file: they must see the whole JSON or nothing.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class TidegateProcess(Service):
@@ -205,7 +198,8 @@ class TidegateProcess(Service):
         if listeners.amqp.enabled:
             self._start_optional_adapter("amqp", listeners.amqp.host, listeners.amqp.port)
 
-        _write_atomically(listeners_file, json.dumps(self.addresses, indent=2, sort_keys=True) + "\n")
+        # Readers (tests, scripts) poll for this file: they must see the whole JSON or nothing.
+        write_atomically(listeners_file, (json.dumps(self.addresses, indent=2, sort_keys=True) + "\n").encode())
         for name, address in sorted(self.addresses.items()):
             log.info("listening: %s on %s", name, address)
         self.readiness.done(Readiness.LISTENERS)
@@ -267,11 +261,10 @@ class TidegateProcess(Service):
         return deferToThreadPool(self.reactor, self._pool, fn)
 
     def enforce_retention(self) -> None:
-        if self.store is None:
+        # One retention path: the broker knows the global limits (broker_config) and each topic's retention_ms.
+        if self.broker is None:
             return
-        storage = self.config.storage
-        deleted = self.store.enforce_retention(int(self.reactor.seconds() * 1000), storage.retention_hours * 3_600_000,
-                                               storage.retention_bytes)
+        deleted = self.broker.enforce_retention()
         if deleted:
             log.info("retention deleted %d commit-log segment(s)", deleted)
 

@@ -152,7 +152,7 @@ class TidegateBroker:
         self.spawned: Any = None
 
     def start(self) -> tuple[str, int]:
-        from tidegate.gateway.bench import SpawnedBroker
+        from tidegate.gateway.bench.broker import SpawnedBroker
 
         self.spawned = SpawnedBroker(self.flush, listeners=("mqtt",),
                                      extra_settings=("listeners.mqtt.ws_enabled=false",)).__enter__()

@@ -180,12 +180,11 @@ class Outbound:
         name = mqtt_topic_name(message.topic, message.subject)
         matches: list[SubscriptionEntry] = []
         if name is not None:
+            candidates = session.matching_subscriptions(name)
             if key == session.topic:
-                matches = [e for e in session.subscriptions.values()
-                           if e.share is None and topic_matches(e.topic_filter, name)]
+                matches = [e for e in candidates if e.share is None]
             else:
-                matches = [e for e in session.subscriptions.values()
-                           if e.share is not None and e.share_topic == key and topic_matches(e.share[1], name)]
+                matches = [e for e in candidates if e.share is not None and e.share_topic == key]
             publisher = message.properties.get(PROP_PUBLISHER) if message.properties else None
             if publisher is not None and publisher == conn.client_id:
                 matches = [e for e in matches if not e.no_local]

@@ -14,6 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+# The one wildcard matcher and level rule, shared with the core router. tidegate.core.routing imports nothing but
+# the standard library and tidegate.core.errors, so the codec stays free of sockets, reactor and broker.
+from tidegate.core.routing import pattern_matches, pattern_problem
+
 from .properties import MAX_UINT16, NO_PROPERTIES, Properties, PropertyContext, check_utf8_text
 from .reason_codes import (
     AUTH_REASON_CODES,
@@ -73,23 +77,15 @@ def validate_topic_name(name: str) -> None:
 
 
 def _validate_plain_filter(topic_filter: str, what: str) -> None:
-    if not topic_filter:
-        raise MqttProtocolError(f"{what} is empty", ReasonCode.TOPIC_FILTER_INVALID)
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return
-    levels = topic_filter.split("/")
-    last = len(levels) - 1
-    for index, level in enumerate(levels):
-        if level == "+" or (level == "#" and index == last):
-            continue
-        if "#" in level:
-            raise MqttProtocolError(
-                f"{what} {topic_filter!r}: '#' must be a whole level and the last one", ReasonCode.TOPIC_FILTER_INVALID
-            )
-        if "+" in level:
-            raise MqttProtocolError(
-                f"{what} {topic_filter!r}: '+' must be a whole level", ReasonCode.TOPIC_FILTER_INVALID
-            )
+    # The level rule is the core's (one rule for every protocol); MQTT adds that `#` is the last level (4.7.1.2).
+    # `#` fills whole levels once the shared rule passed, so any `#` before the last character is a level before
+    # the last one.
+    problem = pattern_problem(topic_filter)
+    if problem is not None:
+        raise MqttProtocolError(f"{what} {topic_filter!r} {problem}", ReasonCode.TOPIC_FILTER_INVALID)
+    if "#" in topic_filter[:-1]:
+        raise MqttProtocolError(f"{what} {topic_filter!r}: '#' must be the last level",
+                                ReasonCode.TOPIC_FILTER_INVALID)
 
 
 def parse_shared_subscription(topic_filter: str) -> tuple[str, str] | None:
@@ -124,26 +120,20 @@ def validate_topic_filter(topic_filter: str) -> None:
         _validate_plain_filter(topic_filter, "topic filter")
 
 
+def hidden_by_dollar_rule(topic_filter: str, topic_name: str) -> bool:
+    """MQTT's `$` rule (4.7.2): a filter starting with a wildcard never matches a name starting with `$`, so `#`
+    does not see `$SYS/...`. The core trie does not know the rule; every MQTT match applies it on top."""
+    return topic_name.startswith("$") and topic_filter[:1] in ("+", "#")
+
+
 def topic_matches(topic_filter: str, topic_name: str) -> bool:
     """Whether a (non-shared, valid) filter matches a topic name, per 4.7.
 
-    `#` matches its parent level and any number of levels below, `+` exactly one level (which may be empty), and a
-    filter starting with a wildcard never matches a name starting with `$` (4.7.2), so `#` does not see `$SYS/...`.
+    `#` matches its parent level and any number of levels below, `+` exactly one level (which may be empty): the
+    core routing trie's rules, applied by the core's own matcher so MQTT and the core router cannot disagree, plus
+    the `$` rule (`hidden_by_dollar_rule`).
     """
-    if topic_name.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return topic_filter == topic_name
-    filter_levels = topic_filter.split("/")
-    name_levels = topic_name.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(name_levels):
-            return False
-        if level != "+" and level != name_levels[index]:
-            return False
-    return len(filter_levels) == len(name_levels)
+    return not hidden_by_dollar_rule(topic_filter, topic_name) and pattern_matches(topic_filter, topic_name)
 
 
 # --- field checks shared by the packets -----------------------------------------------------------------------

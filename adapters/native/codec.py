@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
+from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.fastpath import message_bytes, read_message, read_string, wire_name, wire_string
 from tidegate.adapters.native.frames import (
     BOTH,
     CLIENT,
@@ -30,7 +32,6 @@ from tidegate.adapters.native.frames import (
     Deliver,
     Error,
     Frame,
-    FrameValueError,
     Hello,
     HelloOk,
     Reader,
@@ -39,12 +40,6 @@ from tidegate.adapters.native.frames import (
     SendBatchOk,
     SendOk,
     SendReceipt,
-    Truncated,
-    message_bytes,
-    read_message,
-    read_string,
-    wire_name,
-    wire_string,
 )
 from tidegate.core.errors import ErrorCode, TidegateError
 from tidegate.core.model import Message

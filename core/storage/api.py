@@ -88,6 +88,14 @@ class MessageStore(Protocol):
     def enforce_retention(self, now_ms: int, max_age_ms: int, max_bytes: int) -> int:
         """Delete whole old segments (never the active one); return how many were deleted."""
 
+    def expire_queue_before(self, queue: QueueRef, ts_ms: int) -> int:
+        """Per-topic retention: raise the queue's min offset to its first entry stored at or after `ts_ms`.
+
+        Returns how many entries were dropped (0 for an unknown queue). Only the queue's index is trimmed: the
+        commit log is shared by every queue and loses whole segments to `enforce_retention` alone. The new min
+        offset survives a restart.
+        """
+
     def stats(self) -> StoreStats: ...
 
     def close(self) -> None:

@@ -107,13 +107,9 @@ class FileMessageStore:
         self._checkpoint = offset
         body = CHECKPOINT.pack(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, offset, total)
         data = body + _CRC.pack(crc32c(body))
-        if durable:
-            write_atomically(self.layout.checkpoint_path, data)
-        else:
-            # process-crash safe (page cache survives kill -9); close() writes it durably
-            tmp = self.layout.checkpoint_path.with_name("checkpoint.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.layout.checkpoint_path)
+        # Not durable on the periodic path: process-crash safe (page cache survives kill -9), and after a power
+        # failure recovery notices indexes behind the checkpoint and re-dispatches; close() writes it durably.
+        write_atomically(self.layout.checkpoint_path, data, durable=durable)
 
     def _read_tombstones(self) -> dict[QueueRef, int]:
         try:
@@ -490,6 +486,13 @@ class FileMessageStore:
                 self._write_tombstones()
             logger.info("retention deleted %d commit-log segments; log now starts at %d", deleted, log_min)
         return deleted
+
+    def expire_queue_before(self, queue: QueueRef, ts_ms: int) -> int:
+        self._check_open()
+        q = self._queues.get(queue)
+        if q is None:
+            return 0
+        return q.expire_to(self.offset_for_time(queue, ts_ms))
 
     def stats(self) -> StoreStats:
         log = self._log

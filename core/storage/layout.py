@@ -3,6 +3,7 @@
 ```
 <data_dir>/commitlog/<20-digit base offset>.log        commit-log segments
 <data_dir>/index/<topic>/<queue_id>/<20-digit base entry>.idx   per-queue index files
+<data_dir>/index/<topic>/<queue_id>/low_water         first queue offset a topic's retention_ms still keeps
 <data_dir>/keys/<20-digit segment base offset>.keys    key index, one file per commit-log segment
 <data_dir>/checkpoint                                  commit offset up to which indexes are persisted
 <data_dir>/clean_shutdown                              present only between close() and the next open
@@ -26,6 +27,7 @@ DIGITS = 20
 SEGMENT_SUFFIX = ".log"
 INDEX_SUFFIX = ".idx"
 KEYS_SUFFIX = ".keys"
+LOW_WATER_NAME = "low_water"
 
 
 def _escape_topic(topic: str) -> str:
@@ -89,6 +91,10 @@ class StoreLayout:
     def index_bases(self, queue: QueueRef) -> list[int]:
         return _numbered(self.queue_dir(queue), INDEX_SUFFIX)
 
+    def low_water_path(self, queue: QueueRef) -> Path:
+        """The queue's first offset kept by per-topic retention (absent until that retention first trims it)."""
+        return self.queue_dir(queue) / LOW_WATER_NAME
+
     def indexed_queues(self) -> list[QueueRef]:
         """Every queue that has an index directory on disk."""
         out = []
@@ -136,13 +142,25 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a crash leaves either the old or the new content, never a mix."""
+def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace `path` with `data` so a crash leaves either the old or the new content, never a mix.
+
+    The one way the process replaces a small file. `durable=True`: write a temporary file, fsync it, rename it
+    over `path`, fsync the directory, so the new content survives power loss once this returns. `durable=False`
+    skips both fsyncs: still atomic against a process crash (the page cache survives kill -9), for files rewritten
+    every second on the reactor thread whose loss on power failure recovery repairs (the checkpoint, queue low-water
+    marks); their owners write them durably at close.
+    """
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (signals, huge buffers)
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)

@@ -254,6 +254,20 @@ class MemoryMessageStore:
                     q.base = q.min_offset
         return deleted
 
+    def expire_queue_before(self, queue: QueueRef, ts_ms: int) -> int:
+        if self._closed:
+            raise ShuttingDown("the message store is closed")
+        q = self._queues.get(queue)
+        if q is None:
+            return 0
+        new_min = self.offset_for_time(queue, ts_ms)
+        dropped = new_min - q.min_offset
+        if dropped <= 0:
+            return 0
+        del q.entries[:new_min - q.base]
+        q.base = q.min_offset = new_min
+        return dropped
+
     def stats(self) -> StoreStats:
         return StoreStats(
             segments=len(self._segments),

@@ -6,22 +6,32 @@ derived from the commit log, so losing the buffer in a crash only costs a re-dis
 
 An entry with size 0 is a hole (recovery can start a queue in the middle of a file when retention already
 removed its older records) and is never reported as stored.
+
+A topic's own retention (`retention_ms`) trims a queue logically: it raises the queue's min offset without touching
+the commit log, whose records other queues may still reference. Index files cover N entries, so the new min offset
+is kept in a small `low_water` file beside them (see StoreLayout.low_water_path) to survive a restart.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
 
+from crc32c import crc32c
+
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
-from tidegate.core.storage.layout import StoreLayout, fsync_file
+from tidegate.core.storage.layout import StoreLayout, fsync_dir, fsync_file, write_atomically
+
+logger = logging.getLogger("tidegate.storage")
 
 ENTRY = struct.Struct("<QIQ")
 ENTRY_SIZE = ENTRY.size
 entry_pack = ENTRY.pack
+LOW_WATER = struct.Struct("<QI")  # first kept queue offset, crc32c of those 8 bytes
 
 
 class IndexFiles:
@@ -36,6 +46,7 @@ class IndexFiles:
         self._max_open = max_open
         self._fds: OrderedDict[tuple[QueueRef, int], int] = OrderedDict()
         self.unsynced: set[tuple[QueueRef, int]] = set()  # files written since the last fsync_all
+        self.unsynced_low_water: set[QueueRef] = set()  # low-water files written since the last fsync_all
 
     def fd(self, queue: QueueRef, base: int) -> int:
         key = (queue, base)
@@ -70,6 +81,38 @@ class IndexFiles:
     def open_count(self) -> int:
         return len(self._fds)
 
+    # --- low-water marks (per-topic retention)
+    def read_low_water(self, queue: QueueRef) -> int:
+        """The queue's persisted low-water mark; 0 when there is none (or it is damaged: entries reappear, none
+        are lost)."""
+        path = self.layout.low_water_path(queue)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        if len(data) == LOW_WATER.size:
+            offset, crc = LOW_WATER.unpack(data)
+            if crc == crc32c(data[:8]):
+                return offset
+        logger.warning("low-water file %s is damaged; queue %s shows entries its retention had dropped", path, queue)
+        return 0
+
+    def write_low_water(self, queue: QueueRef, offset: int) -> None:
+        # Not fsynced here: a retention pass may move thousands of queues on the reactor thread. Losing the write to
+        # power failure only brings expired entries back until the next pass; fsync_all() makes it durable at close.
+        data = LOW_WATER.pack(offset, crc32c(offset.to_bytes(8, "little")))
+        path = self.layout.low_water_path(queue)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a queue whose entries are all still buffered has no dir yet
+        write_atomically(path, data, durable=False)
+        self.unsynced_low_water.add(queue)
+
+    def remove_low_water(self, queue: QueueRef) -> None:
+        self.unsynced_low_water.discard(queue)
+        try:
+            os.unlink(self.layout.low_water_path(queue))
+        except FileNotFoundError:
+            pass
+
     def fsync_all(self) -> None:
         """fsync every index file written since the last call (close() and recovery, not the hot path)."""
         for key in sorted(self.unsynced, key=lambda k: (k[0].topic, k[0].queue_id, k[1])):
@@ -79,6 +122,12 @@ class IndexFiles:
             else:
                 fsync_file(self.layout.index_path(*key))
         self.unsynced.clear()
+        for queue in sorted(self.unsynced_low_water, key=lambda q: (q.topic, q.queue_id)):
+            path = self.layout.low_water_path(queue)
+            if path.exists():
+                fsync_file(path)
+                fsync_dir(path.parent)  # the rename that put it there
+        self.unsynced_low_water.clear()
 
     def close_all(self) -> None:
         for fd in self._fds.values():
@@ -89,7 +138,7 @@ class IndexFiles:
 class QueueIndex:
     """One queue's index: entries [min_offset, max_offset); [persisted, max_offset) still in `pending`."""
 
-    __slots__ = ("queue", "files", "bases", "min_offset", "max_offset", "persisted", "pending")
+    __slots__ = ("queue", "files", "bases", "min_offset", "max_offset", "persisted", "pending", "low_water")
 
     def __init__(self, queue: QueueRef, files: IndexFiles) -> None:
         self.queue = queue
@@ -105,9 +154,17 @@ class QueueIndex:
                 os.truncate(path, whole * ENTRY_SIZE)
             self.min_offset = self.bases[0]
             self.max_offset = last + whole
+            self.low_water = files.read_low_water(queue)
         else:
             self.min_offset = self.max_offset = 0
+            self.low_water = 0
         self.persisted = self.max_offset
+        if self.low_water > self.max_offset:
+            # The index lost entries above the mark (recovery re-dispatches them if the log still has them); a mark
+            # above the end would hide the offsets written next, so it comes down and expired entries may reappear.
+            self.low_water = self.max_offset
+            files.write_low_water(queue, self.max_offset)
+        self._apply_low_water()
 
     # --- writing
     def add(self, commit_offset: int, size: int, tag_hash: int) -> int:
@@ -195,6 +252,11 @@ class QueueIndex:
         return lo
 
     # --- trimming
+    def _apply_low_water(self) -> None:
+        """Keep min_offset at or above the low-water mark, within the entries the queue has."""
+        if self.low_water > self.min_offset:
+            self.min_offset = min(self.low_water, self.max_offset)
+
     def advance_min(self, log_min_offset: int) -> int:
         """Raise min_offset to the first entry whose record is still stored; delete files wholly below it."""
         if self.min_offset < self.max_offset:
@@ -203,12 +265,28 @@ class QueueIndex:
 
             if not stored(self.entry_at(self.min_offset)):
                 self.min_offset = self._first_where(self.min_offset, self.max_offset, stored)
+        self._apply_low_water()
+        self._delete_files_below_min()
+        return self.min_offset
+
+    def expire_to(self, new_min: int) -> int:
+        """Drop entries below `new_min` (per-topic retention), persisting the new low-water mark; return how many
+        entries were dropped. The commit log is not touched."""
+        new_min = min(new_min, self.max_offset)
+        if new_min <= self.min_offset:
+            return 0
+        dropped = new_min - self.min_offset
+        self.low_water = self.min_offset = new_min
+        self.files.write_low_water(self.queue, new_min)
+        self._delete_files_below_min()
+        return dropped
+
+    def _delete_files_below_min(self) -> None:
         per_file = self.files.entries_per_file
         # keep the file holding the newest entry, or a restart could not tell max_offset
         last_needed = max(self.min_offset, self.max_offset - 1) if self.max_offset else 0
         while self.bases and self.bases[0] + per_file <= self.min_offset and self.bases[0] + per_file <= last_needed:
             self.files.delete_file(self.queue, self.bases.pop(0))
-        return self.min_offset
 
     def trim_beyond(self, log_end: int) -> int:
         """Drop entries pointing at or past `log_end` (records lost from a torn tail); return how many."""
@@ -247,6 +325,8 @@ class QueueIndex:
             self.files.delete_file(self.queue, base)
         self.bases = []
         self.pending = bytearray()
+        self.files.remove_low_water(self.queue)  # a topic created again under this name starts at offset 0
+        self.low_water = 0
         queue_dir = self.files.layout.queue_dir(self.queue)
         for directory in (queue_dir, queue_dir.parent):
             try:

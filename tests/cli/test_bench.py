@@ -6,17 +6,22 @@ import json
 import subprocess
 import sys
 
-from tidegate.gateway.bench import (
+from tidegate.gateway.bench.delivery import (
     MIN_SIZE,
     PAYLOAD_HEADER,
     PAYLOAD_MAGIC,
     ConsumerTally,
-    LatencyHistogram,
-    RateLimiter,
     SequenceBitmap,
     check_delivery,
     encode_payload,
 )
+from tidegate.gateway.bench.driver import RateLimiter
+from tidegate.gateway.bench.latency import BenchLatencies
+from tidegate.gateway.bench.mqtt import MqttDriver, run_mqtt_command
+from tidegate.gateway.bench.mqtt_conns import run_conns_command
+from tidegate.gateway.bench.native import NativeDriver, run_native_command
+from tidegate.gateway.bench.registry import COMMANDS
+from tidegate.gateway.cli import build_parser
 
 BENCH_TIMEOUT_S = 120
 
@@ -63,31 +68,31 @@ def test_rate_limiter_does_not_burst_to_recover_a_long_stall() -> None:
 
 
 def test_histogram_percentiles_are_within_two_percent_and_never_above_the_max() -> None:
-    histogram = LatencyHistogram()
+    histogram = BenchLatencies()
     for micros in range(1, 100_001):
         histogram.record(micros)
     assert histogram.count == 100_000
     for fraction, exact in ((0.5, 50_000), (0.99, 99_000), (0.999, 99_900)):
         assert exact <= histogram.percentile(fraction) <= exact * 1.02
     assert histogram.percentile(1.0) == histogram.max_us == 100_000
-    small = LatencyHistogram()
+    small = BenchLatencies()
     small.record(7)
     assert small.percentile(0.5) == 7
 
 
 def test_histogram_buckets_are_contiguous_and_bounds_contain_their_values() -> None:
     for micros in list(range(0, 5000)) + [10**6, 10**7 + 3, 2**40]:
-        bucket = LatencyHistogram.bucket_of(micros)
-        assert LatencyHistogram.upper_bound(bucket) >= micros
-        assert bucket == 0 or LatencyHistogram.upper_bound(bucket - 1) < micros
+        bucket = BenchLatencies.bucket_of(micros)
+        assert BenchLatencies.upper_bound(bucket) >= micros
+        assert bucket == 0 or BenchLatencies.upper_bound(bucket - 1) < micros
 
 
 def test_histograms_merge_by_adding_counts() -> None:
-    a, b = LatencyHistogram(), LatencyHistogram()
+    a, b = BenchLatencies(), BenchLatencies()
     for v in (10, 20):
         a.record(v)
     b.record(5000)
-    a.merge(LatencyHistogram.from_state(b.to_state()))
+    a.merge(BenchLatencies.from_state(b.to_state()))
     assert a.count == 3 and a.max_us == 5000 and a.percentile(0.5) == 20
 
 
@@ -122,6 +127,21 @@ def test_consumer_tally_reads_the_payload_header_and_ignores_foreign_messages() 
     tally.record(b"not from the bench")
     assert (tally.received, tally.duplicates, tally.foreign) == (2, 1, 1)
     assert tally.latency.count == 2
+
+
+def test_bench_registry_routes_each_driver_name_to_its_command() -> None:
+    """`tidegate bench` offers the registered drivers in order, each subcommand runs its own module's handler with
+    its own flags, and the engine drivers are the classes those handlers hand to run_bench."""
+    assert list(COMMANDS) == ["native", "mqtt", "mqtt-conns"]
+    parser = build_parser()
+    native = parser.parse_args(["bench", "native", "--batch", "5", "--spawn-broker"])
+    assert (native.handler, native.protocol, native.batch, native.spawn_broker) == (run_native_command, "native", 5,
+                                                                                    True)
+    mqtt = parser.parse_args(["bench", "mqtt", "--qos", "2", "--shared"])
+    assert (mqtt.handler, mqtt.protocol, mqtt.qos, mqtt.shared) == (run_mqtt_command, "mqtt", 2, True)
+    conns = parser.parse_args(["bench", "mqtt-conns", "--count", "3"])
+    assert (conns.handler, conns.count) == (run_conns_command, 3)
+    assert (NativeDriver.name, MqttDriver.name) == ("native", "mqtt")
 
 
 def run_bench(*argv: str) -> tuple[dict[str, object], str]:

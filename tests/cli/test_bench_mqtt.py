@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tidegate.gateway.bench import check_fan_out
+from tidegate.gateway.bench.delivery import check_fan_out
 
 RUN_TIMEOUT_S = 60
 

@@ -334,3 +334,51 @@ def test_a_mixed_batch_counts_each_topic_in_metrics(broker, clock):
     broker.publish([Message("a", b"1"), Message("b", b"22"), Message("a", b"333")])
     assert dict(broker.metrics.messages_in) == {"a": 2, "b": 1}
     assert dict(broker.metrics.bytes_in) == {"a": 4, "b": 2}
+
+
+def test_send_result_bound_counts_queues_reached_through_bindings(broker, clock):
+    broker.create_topic("T", queues=1)
+    broker.create_topic("%Q%a", queues=1, internal=True)
+    broker.create_topic("%Q%b", queues=1, internal=True)
+    broker.bind("T/x/#", QueueRef("%Q%a", 0))
+    broker.bind("T/#", QueueRef("%Q%b", 0))
+    broker.bind("T/#", QueueRef("T", 0))  # a binding to the home queue adds nothing
+    [both, one, none] = broker.publish([Message("T", b"1", subject="x/y"), Message("T", b"2", subject="z"),
+                                        Message("U", b"3")])
+    assert (both.bound, one.bound, none.bound) == (2, 1, 0)
+
+
+def test_send_result_keeps_positional_construction_with_bound_defaulting_to_zero():
+    from tidegate.core.api import SendResult
+
+    r = SendResult("id", "t", 0, 1, 2, 3)
+    assert r.bound == 0 and r.commit_end == 3
+
+
+def test_metrics_default_to_the_durability_counters_and_can_be_passed(clock):
+    from tidegate.core.broker import Broker
+    from tidegate.core.flush import Durability
+    from tidegate.core.metrics import CoreMetrics
+    from tidegate.core.storage.memory import MemoryMessageStore, MemoryMetadataStore
+
+    store = MemoryMessageStore()
+    durability = Durability(store, clock, run_in_thread=None, mode="async")
+    assert Broker(store, MemoryMetadataStore(), clock, durability).metrics is durability.metrics
+    own = CoreMetrics()
+    broker = Broker(store, MemoryMetadataStore(), clock, durability, metrics=own)
+    broker.publish([Message("t", b"x")])
+    assert own.messages_in["t"] == 1 and durability.metrics.messages_in["t"] == 0
+    durability.close()
+
+
+def test_a_topic_retention_trims_only_that_topics_queues(broker, clock):
+    broker.create_topic("short", queues=1, retention_ms=60_000)
+    broker.create_topic("long", queues=1)
+    send(broker, clock, "short", b"old-1", b"old-2")
+    send(broker, clock, "long", b"kept")
+    clock.advance(61)
+    send(broker, clock, "short", b"new")
+    broker.enforce_retention()
+    assert [d.message.body for d in broker.pull(QueueRef("short", 0), 2).messages] == [b"new"]
+    assert broker.queue_offsets(QueueRef("short", 0)) == (2, 3)
+    assert [d.message.body for d in broker.pull(QueueRef("long", 0), 0).messages] == [b"kept"]

@@ -128,3 +128,17 @@ def test_system_principal_bypasses_the_gate(broker):
     system.create_topic("t")
     assert gate.asked == []
     assert Resource.topic("t") == Resource.topic("t")
+
+
+def test_get_and_ack_go_through_the_session_and_check_the_group(broker):
+    gate = PolicyGate((Action.SUB, "Group:theirs"))
+    s = session(broker, gate)
+    assert s.get("mine", "jobs", auto_ack=False) is None  # joins the group (starts at latest)
+    s.publish([Message(topic="jobs", body=b"job-1")])
+    broker.clock_for_tests.advance(0)
+    got = s.get("mine", "jobs", auto_ack=False)
+    assert got.message.body == b"job-1"
+    s.ack("mine", got.receipt)
+    assert s.get("mine", "jobs", auto_ack=False) is None
+    with pytest.raises(NotAuthorized):
+        s.get("theirs", "jobs", auto_ack=True)

@@ -63,6 +63,11 @@ class RecordingBroker:
     def list_groups(self) -> list:
         return []
 
+    def enforce_retention(self) -> int:
+        # What core.broker.Broker.enforce_retention does with the global limits app.broker_config() gave it.
+        store, _metadata, clock, _durability, config = self.args
+        return store.enforce_retention(int(clock.seconds() * 1000), config.retention_ms, config.retention_bytes)
+
     def close(self) -> None:
         self.closed = True
 

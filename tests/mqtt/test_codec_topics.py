@@ -14,6 +14,8 @@ from tidegate.adapters.mqtt.codec import (
     validate_topic_filter,
     validate_topic_name,
 )
+from tidegate.adapters.mqtt.packets import hidden_by_dollar_rule
+from tidegate.core.routing import SubscriptionTrie, pattern_problem
 
 
 @pytest.mark.parametrize("name", ["a", "a/b", "/", "/a", "a/", "a//b", "$SYS/x", "caf\u00e9", " ", "a b/c"])
@@ -132,3 +134,48 @@ def test_replacing_levels_with_plus_still_matches(name: str, data: st.DataObject
     validate_topic_filter(topic_filter)
     starts_with_wildcard = topic_filter[:1] in ("+", "#")
     assert topic_matches(topic_filter, name) is not (name.startswith("$") and starts_with_wildcard)
+
+
+# --- one matcher: MQTT matching is the core trie's matching plus the `$` rule ------------------------------------
+
+filter_level = st.sampled_from(["a", "b", "", "$x", "+"])
+mqtt_filters = st.tuples(st.lists(filter_level, min_size=1, max_size=4), st.booleans()).map(
+    lambda t: "/".join(t[0] + ["#"]) if t[1] else "/".join(t[0])).filter(bool)
+small_names = st.lists(st.sampled_from(["a", "b", "", "$x"]), min_size=1, max_size=5).map("/".join)
+
+
+@given(st.lists(mqtt_filters, min_size=1, max_size=6), small_names)
+def test_topic_matches_agrees_with_the_core_trie(filters: list[str], name: str) -> None:
+    """`topic_matches` is the core SubscriptionTrie's answer, minus what the `$` rule hides."""
+    trie: SubscriptionTrie[str] = SubscriptionTrie(cache_size=0)
+    for topic_filter in filters:
+        validate_topic_filter(topic_filter)
+        trie.add(topic_filter, topic_filter)
+    by_trie = trie.match(name)
+    for topic_filter in filters:
+        expected = topic_filter in by_trie and not hidden_by_dollar_rule(topic_filter, name)
+        assert topic_matches(topic_filter, name) is expected
+
+
+@pytest.mark.parametrize(("topic_filter", "hidden"), [("#", True), ("+/x", True), ("$SYS/#", False), ("a/#", False)])
+def test_dollar_rule_hides_names_starting_with_dollar_from_leading_wildcards(topic_filter: str, hidden: bool) -> None:
+    assert hidden_by_dollar_rule(topic_filter, "$SYS/x") is hidden
+    assert not hidden_by_dollar_rule(topic_filter, "SYS/x")
+
+
+@pytest.mark.parametrize("topic_filter", ["a/#/b", "#/a", "#/#", "+/#/+"])
+def test_mqtt_keeps_hash_last_while_the_core_allows_it_anywhere(topic_filter: str) -> None:
+    """The level rule is shared with the core; `#` only as the last level is MQTT's own rule on top."""
+    assert pattern_problem(topic_filter) is None
+    with pytest.raises(MqttProtocolError) as caught:
+        validate_topic_filter(topic_filter)
+    assert caught.value.reason_code == ReasonCode.TOPIC_FILTER_INVALID
+    assert "last level" in str(caught.value)
+
+
+@pytest.mark.parametrize("topic_filter", ["a+", "a/#b", "##", "$share/g/a+"])
+def test_wildcards_inside_a_level_are_refused_by_the_shared_rule(topic_filter: str) -> None:
+    with pytest.raises(MqttProtocolError) as caught:
+        validate_topic_filter(topic_filter)
+    assert caught.value.reason_code == ReasonCode.TOPIC_FILTER_INVALID
+    assert "whole level" in str(caught.value)

@@ -22,6 +22,7 @@ from tidegate.adapters.mqtt.mapping import (
     share_topic,
 )
 from tidegate.core.model import TOPIC_NAME, MessageFlag
+from tidegate.core.routing import SubscriptionTrie
 
 level_text = st.text(st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs",)), max_size=20)
 
@@ -133,3 +134,29 @@ def test_binary_correlation_data_goes_base64():
     msg = build_message("T", b"", 1, False, PublishFields(correlation_data=b"\xff\x00"), now_ms=0)
     assert msg.properties[PROP_CORRELATION_ENCODING] == "base64"
     assert publish_fields(msg, 0).correlation_data == b"\xff\x00"
+
+
+# --- the core router and the session's re-match agree ---------------------------------------------------------
+
+route_level = st.sampled_from(["a", "b", "", "$x", "h\u00e9", "%"])
+route_filters = st.tuples(st.lists(st.one_of(route_level, st.just("+")), min_size=1, max_size=4), st.booleans()).map(
+    lambda t: "/".join(t[0] + ["#"]) if t[1] else "/".join(t[0])).filter(bool)
+route_names = st.lists(route_level, min_size=1, max_size=5).map("/".join)
+
+
+@given(st.lists(route_filters, min_size=1, max_size=6), route_names)
+def test_core_routing_of_mapped_filters_equals_matching_the_mqtt_name(filters, name):
+    """Binding `core_pattern(f)` and routing the core name of an MQTT name picks the same filters as matching the
+    MQTT name against the filters themselves (what a session's re-match does), so a session is routed exactly the
+    messages its filters want (the `$` rule aside, which only the adapter applies)."""
+    try:
+        topic, subject = core_address(name)
+    except UnmappableName:
+        return
+    core_router: SubscriptionTrie[str] = SubscriptionTrie(cache_size=0)
+    mqtt_side: SubscriptionTrie[str] = SubscriptionTrie(cache_size=0)
+    for topic_filter in filters:
+        core_router.add(core_pattern(topic_filter), topic_filter)
+        mqtt_side.add(topic_filter, topic_filter)
+    full_name = f"{topic}/{subject}" if subject else topic
+    assert core_router.match(full_name) == mqtt_side.match(name)

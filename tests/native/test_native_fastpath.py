@@ -1,5 +1,6 @@
-"""The hand-written hot paths (SEND/SEND_OK/SEND_BATCH/SEND_BATCH_OK codecs, pipelined SENDs stored as one
-batch) produce exactly what the generic, declaration-driven codec and the one-by-one server path produce."""
+"""The hand-written hot paths (the message and string helpers of adapters/native/fastpath.py,
+SEND/SEND_OK/SEND_BATCH/SEND_BATCH_OK/DELIVER codecs, pipelined SENDs stored as one batch) produce exactly what the
+generic, declaration-driven codec and the one-by-one server path produce."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ from tidegate.adapters.native.codec import (
     NativeCodec,
     Role,
     State,
+    encode_deliver,
     encode_frame,
     encode_send,
     encode_send_batch,
     encode_send_batch_ok,
     encode_send_ok,
 )
+from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.fastpath import message_bytes, read_message, read_string, wire_name, wire_string
 from tidegate.adapters.native.server import NativeServerFactory
-from tidegate.core.api import SendResult
+from tidegate.core.api import Delivered, SendResult
 from tidegate.core.errors import ErrorCode
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import Message
+from tidegate.core.model import Message, QueueRef
 from tidegate.core.testing import make_broker  # noqa: E402
 
 from .test_native_server import Peer
@@ -54,6 +58,63 @@ def open_codec(role: Role) -> NativeCodec:
     codec = NativeCodec(role)
     codec.state = State.OPEN
     return codec
+
+
+@given(messages)
+def test_message_bytes_read_back_and_leave_trailing_data_alone(m: Message) -> None:
+    """read_message(message_bytes(m)) is m, and it stops at the message's end, not the buffer's."""
+    data = message_bytes(m)
+    assert read_message(memoryview(data + b"next frame"), 0, len(data)) == (m, len(data))
+    assert read_message(memoryview(b"prefix" + data), 6, 6 + len(data)) == (m, 6 + len(data))
+
+
+@given(messages)
+def test_a_message_cut_anywhere_is_truncated_never_misread(m: Message) -> None:
+    """Every proper prefix of a message raises Truncated (bounds come from `end`, even with bytes beyond it)."""
+    data = message_bytes(m)
+    view = memoryview(data)
+    for end in range(len(data)):
+        with pytest.raises(Truncated):
+            read_message(view, 0, end)
+
+
+@given(messages)
+def test_message_field_of_a_frame_is_the_fastpath_bytes(m: Message) -> None:
+    """The typed frame table's MESSAGE field writes and reads exactly the fastpath bytes."""
+    out = bytearray()
+    f.MESSAGE.write(out, m)
+    assert bytes(out) == message_bytes(m)
+    reader = f.Reader(memoryview(bytes(out)), 0, len(out))
+    assert f.MESSAGE.read(reader) == m and reader.pos == len(out)
+
+
+def test_wire_strings_are_length_prefixed_utf8_and_checked() -> None:
+    """wire_string/wire_name give u16 length + UTF-8 (names cached), read_string reads it back; too long or not
+    UTF-8 is a FrameValueError."""
+    assert wire_string("") == b"\x00\x00" and wire_string("é") == b"\x00\x02\xc3\xa9"
+    assert wire_name("orders") == wire_name("orders") == b"\x00\x06orders"
+    assert read_string(memoryview(b"\x00\x02\xc3\xa9rest"), 0, 8) == ("é", 4)
+    with pytest.raises(FrameValueError, match="65535"):
+        wire_string("x" * 65536)
+    with pytest.raises(FrameValueError, match="UTF-8"):
+        read_string(memoryview(b"\x00\x01\xff"), 0, 3)
+    with pytest.raises(Truncated):
+        read_string(memoryview(b"\x00\x05abc"), 0, 5)
+
+
+@given(st.lists(st.tuples(messages, st.integers(0, 2**40), st.sampled_from(["", "r-1"]), st.integers(1, 9)),
+                max_size=4))
+def test_fast_deliver_encoding_matches_the_generic_encoder_and_decodes_back(
+        deliveries: list[tuple[Message, int, str, int]]) -> None:
+    """encode_deliver of core Delivered values gives the bytes of encode_frame(Deliver(...)) and decodes back."""
+    delivered = [Delivered(m, QueueRef("Q.x", 3), offset, receipt, attempt)
+                 for m, offset, receipt, attempt in deliveries]
+    frame = f.Deliver(subscription_id=7, messages=[
+        f.DeliveryRecord(topic="Q.x", queue_id=3, queue_offset=d.queue_offset, receipt=d.receipt,
+                         attempt=d.attempt, message=d.message) for d in delivered])
+    data = encode_deliver(7, delivered)
+    assert data == encode_frame(frame)
+    assert open_codec(Role.CLIENT).receive_data(data) == [frame]
 
 
 @given(messages, st.integers(-1, 2**31 - 1), st.integers(1, 2**32 - 1), st.sampled_from([0, 1]))

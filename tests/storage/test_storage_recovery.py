@@ -293,3 +293,42 @@ def test_sync_from_the_owning_thread_persists_index_entries_for_the_next_crash(o
     assert store.recovery.rebuilt_index_entries == 0  # nothing after the checkpoint needed re-dispatch
     assert bodies(store) == [b"%04d" % n for n in range(6)]
     store.close()
+
+
+def test_a_topic_retention_trim_survives_a_crash(open_store, clock):
+    store = open_store()
+    fill(store, 12)
+    clock.advance(1_000)
+    fill(store, 3)
+    assert store.expire_queue_before(Q0, clock.now_ms) == 12
+    fill(store, 2)  # appended after the trim, indexed only in memory when the crash comes
+    store.sync()
+    abandon(store)
+    store = open_store()
+    assert not store.recovery.clean
+    assert store.queue_bounds(Q0).min_offset == 12 and store.queue_bounds(Q0).max_offset == 17
+    assert bodies(store) == [b"%04d" % n for n in (0, 1, 2, 0, 1)]
+    store.close()
+
+
+def test_a_low_water_mark_above_the_recovered_queue_end_comes_down_so_new_entries_are_not_hidden(open_store, clock):
+    """When a crash loses both the newest index entries and their records, the queue ends below its low-water
+    mark and the next appends reuse those offsets: they must stay readable after the next restart."""
+    store = open_store()
+    results = fill(store, 10)
+    store.sync()  # index entries and the checkpoint on disk
+    assert store.expire_queue_before(Q0, clock.now_ms + 1) == 10
+    abandon(store)
+    os.truncate(store.layout.index_path(Q0, 8), 0)  # entries 8 and 9 never reached the disk...
+    cut = results[8].commit_offset
+    base = store._log.segment_of(cut)
+    os.truncate(segment_path(store, base), cut - base)  # ...and neither did their records
+    store = open_store()
+    assert store.queue_bounds(Q0).max_offset == 8
+    assert store.append(Message("orders", b"new!"), [Q0]).queue_offsets == (8,)
+    store.close()
+    store = open_store()
+    assert store.queue_bounds(Q0).max_offset == 9
+    assert store.queue_bounds(Q0).min_offset <= 8
+    assert store.read_message(store.read_index(Q0, 8, 1)[0].commit_offset).body == b"new!"
+    store.close()

@@ -139,3 +139,62 @@ def test_a_queue_deleted_and_recreated_after_retention_starts_from_zero(open_sto
     assert store.append(Message("orders", b"fresh"), [Q0]).queue_offsets == (0,)
     assert store.queue_bounds(Q0).min_offset == 0
     store.close()
+
+
+def test_a_topic_retention_trim_survives_a_clean_restart_and_deletes_index_files_below_it(open_store, clock):
+    """expire_queue_before persists the queue's new minimum (its low-water file) and drops whole index files."""
+    store = open_store()
+    fill(store, 20)
+    clock.advance(1_000)
+    fill(store, 5)
+    store.sync()
+    assert store.expire_queue_before(Q0, clock.now_ms) == 20
+    assert store.layout.index_bases(Q0) == [16, 24]  # 8 entries per file: files [0, 8) and [8, 16) are gone
+    store.close()
+    store = open_store()
+    assert store.recovery.clean
+    assert store.queue_bounds(Q0).min_offset == 20 and store.queue_bounds(Q0).max_offset == 25
+    with pytest.raises(OffsetOutOfRange):
+        store.read_index(Q0, 19, 1)
+    assert store.read_message(store.read_index(Q0, 20, 1)[0].commit_offset).body[:4] == b"0000"
+    assert store.stats().min_offset == 0  # the commit log lost nothing
+    store.close()
+
+
+def test_global_retention_after_a_topic_trim_never_lowers_the_queue_minimum(open_store, clock):
+    store = open_store()
+    fill(store, 40)
+    clock.advance(1_000)
+    fill(store, 2)
+    store.expire_queue_before(Q0, clock.now_ms)
+    store.enforce_retention(clock.now_ms, max_age_ms=0, max_bytes=2 * 4096)
+    assert store.queue_bounds(Q0).min_offset == 40
+    store.close()
+    store = open_store()
+    assert store.queue_bounds(Q0).min_offset == 40
+    store.close()
+
+
+def test_a_queue_deleted_after_a_topic_trim_comes_back_from_zero_with_no_stale_minimum(open_store, clock):
+    store = open_store()
+    fill(store, 10)
+    store.expire_queue_before(Q0, clock.now_ms + 1)
+    store.delete_queue(Q0)
+    assert not store.layout.low_water_path(Q0).exists()
+    assert store.append(Message("orders", b"fresh"), [Q0]).queue_offsets == (0,)
+    store.close()
+    store = open_store()
+    assert store.queue_bounds(Q0).min_offset == 0 and store.queue_bounds(Q0).max_offset == 1
+    store.close()
+
+
+def test_a_damaged_low_water_file_shows_the_expired_entries_again_rather_than_hiding_others(open_store, clock):
+    store = open_store()
+    fill(store, 10)
+    store.sync()  # index files on disk, so the trim deletes the file of entries [0, 8)
+    store.expire_queue_before(Q0, clock.now_ms + 1)
+    store.close()
+    store.layout.low_water_path(Q0).write_bytes(b"garbage")
+    store = open_store()
+    assert store.queue_bounds(Q0).min_offset == 8  # the first index file still on disk
+    store.close()

@@ -191,3 +191,59 @@ def test_a_closed_store_refuses_appends(store):
     store.close()
     with pytest.raises(ShuttingDown):
         store.append(Message("orders", b"x"), [Q0])
+
+
+def test_expire_queue_before_drops_entries_stored_before_the_time_and_keeps_the_log(store, clock):
+    """Per-topic retention trims the queue's index only: the records stay in the commit log."""
+    old = [store.append(Message("orders", b"old-%d" % n), [Q0]) for n in range(5)]
+    clock.advance(1_000)
+    for n in range(3):
+        store.append(Message("orders", b"new-%d" % n), [Q0])
+    stats_before = store.stats()
+    assert store.expire_queue_before(Q0, clock.now_ms) == 5
+    assert store.queue_bounds(Q0) == QueueBounds(5, 8)
+    with pytest.raises(OffsetOutOfRange):
+        store.read_index(Q0, 4, 1)
+    assert [store.read_message(e.commit_offset).body for e in store.read_index(Q0, 5, 10)] == [
+        b"new-0", b"new-1", b"new-2"]
+    assert store.read_message(old[0].commit_offset).body == b"old-0"  # the log is not touched
+    assert store.stats() == stats_before
+
+
+def test_expire_queue_before_leaves_other_queues_sharing_the_records_alone(store, clock):
+    store.append(Message("orders", b"fan"), [Q0, Q1])
+    clock.advance(1_000)
+    assert store.expire_queue_before(Q0, clock.now_ms) == 1
+    assert store.queue_bounds(Q0) == QueueBounds(1, 1)
+    assert store.queue_bounds(Q1) == QueueBounds(0, 1)
+    assert store.read_message(store.read_index(Q1, 0, 1)[0].commit_offset).body == b"fan"
+
+
+def test_expire_queue_before_never_lowers_the_minimum_and_ignores_unknown_queues(store, clock):
+    for _ in range(3):
+        store.append(Message("orders", b"x"), [Q0])
+    clock.advance(1_000)
+    store.append(Message("orders", b"y"), [Q0])
+    assert store.expire_queue_before(Q0, clock.now_ms - 1_000) == 0  # nothing is older than that
+    assert store.expire_queue_before(Q0, clock.now_ms) == 3
+    assert store.expire_queue_before(Q0, clock.now_ms - 500) == 0
+    assert store.queue_bounds(Q0) == QueueBounds(3, 4)
+    assert store.expire_queue_before(QueueRef("unknown", 0), clock.now_ms) == 0
+    assert store.queue_bounds(QueueRef("unknown", 0)) == QueueBounds(0, 0)
+
+
+def test_a_queue_expired_to_its_end_keeps_counting_offsets(store, clock):
+    for _ in range(4):
+        store.append(Message("orders", b"x"), [Q0])
+    assert store.expire_queue_before(Q0, clock.now_ms + 1) == 4
+    assert store.queue_bounds(Q0) == QueueBounds(4, 4)
+    assert store.read_index(Q0, 4, 10) == []
+    assert store.append(Message("orders", b"after"), [Q0]).queue_offsets == (4,)
+    assert [e.queue_offset for e in store.read_index(Q0, 4, 10)] == [4]
+
+
+def test_expire_queue_before_on_a_closed_store_raises_shutting_down(store, clock):
+    store.append(Message("orders", b"x"), [Q0])
+    store.close()
+    with pytest.raises(ShuttingDown):
+        store.expire_queue_before(Q0, clock.now_ms + 1)

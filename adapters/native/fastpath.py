@@ -1,0 +1,192 @@
+"""Hand-tuned byte helpers of the native protocol: a `Message` and a string to and from wire bytes, without the
+per-field `Kind` objects of the frame table.
+
+Why they exist: every SEND, SEND_BATCH, DELIVER and PULL_OK carries messages, so these functions run once per
+message on both the broker and the SDK. Measured with timeit on a plain 256-byte message, the generic way (a
+`RecordKind` of the 13 message fields, one `Kind.write`/`Kind.read` per field) took ~15 µs to encode and ~27 µs to
+decode; these take ~1.3 µs and ~4 µs (on a busy 2-core machine: the ratios are what matters). Even so the native
+codec is ~15% of the broker's CPU in profiles of `tidegate bench native` (docs/performance.md, "Where the time
+goes"). So they pack the fixed-width part with one precompiled struct, cache the length-prefixed bytes of topic
+names, and decode a message that has only a topic and a body (the common case) with two `unpack_from` calls.
+
+The bytes are exactly what the field declarations in `frames.py` describe (`MessageKind` delegates here), with the
+same checks: a field running past its frame raises `Truncated`, a value the wire cannot carry `FrameValueError`.
+tests/native/test_native_fastpath.py and test_native_codec.py hold them to that. The frame-level hot paths
+(`encode_send`, `encode_deliver`, the SEND/SEND_OK decoders) are in `codec.py` and are built on these.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.core.model import Message
+
+# born_ts, deliver_at, expires_at, store_ts, flags: the fixed part of every message, packed in one call
+MESSAGE_FIXED = struct.Struct(">qqqqI")
+_fixed_pack = MESSAGE_FIXED.pack
+_fixed_unpack = MESSAGE_FIXED.unpack_from
+_u16_pack = struct.Struct(">H").pack
+_u32_pack = struct.Struct(">I").pack
+_u32_unpack = struct.Struct(">I").unpack_from
+_EMPTY_STRING = b"\x00\x00"
+_NO_KEYS_NO_PROPS = b"\x00\x00\x00\x00\x00\x00\x00\x00"
+_wire_strings: dict[str, bytes] = {}  # topic names repeat on every message: length-prefixed bytes, cached
+
+
+def wire_string(value: str) -> bytes:
+    """The wire form of a string: u16 length, then UTF-8."""
+    if not value:
+        if not isinstance(value, str):
+            raise FrameValueError(f"{value!r} is not a string")
+        return _EMPTY_STRING
+    data = value.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise FrameValueError(f"string of {len(data)} bytes exceeds the 65535-byte wire limit")
+    return _u16_pack(len(data)) + data
+
+
+def wire_name(value: str) -> bytes:
+    """`wire_string` for names that repeat (topics): cached, bounded."""
+    data = _wire_strings.get(value)
+    if data is None:
+        data = wire_string(value)
+        if len(_wire_strings) >= 4096:
+            _wire_strings.clear()
+        _wire_strings[value] = data
+    return data
+
+
+_PLAIN_TAIL = struct.Struct(">16xI")  # subject, tag, group, msg_id all "", no keys, no properties; body length
+_plain_tail_pack = _PLAIN_TAIL.pack
+
+
+def message_bytes(m: Message) -> bytes:
+    """The wire form of a Message (the SEND hot path: one join, cached topic, no per-field objects)."""
+    try:
+        fixed = _fixed_pack(m.born_ts, m.deliver_at, m.expires_at, m.store_ts, m.flags)
+    except struct.error as exc:
+        raise FrameValueError(f"message timestamps/flags out of range: {exc}") from None
+    body = m.body
+    topic = _wire_strings.get(m.topic) or wire_name(m.topic)
+    keys = m.keys
+    props = m.properties
+    if not (m.subject or m.tag or m.group or m.msg_id or keys or props):
+        return b"".join((fixed, topic, _plain_tail_pack(len(body)), body))
+    if keys or props:
+        parts = [_u32_pack(len(keys))]
+        parts += [wire_string(key) for key in keys]
+        parts.append(_u32_pack(len(props)))
+        for k, v in props.items():
+            parts.append(wire_string(k))
+            parts.append(wire_string(v))
+        tail = b"".join(parts)
+    else:
+        tail = _NO_KEYS_NO_PROPS
+    return b"".join((fixed, topic,
+                     wire_string(m.subject) if m.subject else _EMPTY_STRING,
+                     wire_string(m.tag) if m.tag else _EMPTY_STRING,
+                     wire_string(m.group) if m.group else _EMPTY_STRING,
+                     wire_string(m.msg_id) if m.msg_id else _EMPTY_STRING,
+                     tail, _u32_pack(len(body)), body))
+
+
+def read_string(view: memoryview, pos: int, end: int) -> tuple[str, int]:
+    """A string at view[pos:], not past `end`: (value, position after it)."""
+    start = pos + 2
+    if start > end:
+        raise Truncated(f"string length needs 2 bytes, {end - pos} left")
+    stop = start + ((view[pos] << 8) | view[pos + 1])
+    if stop > end:
+        raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
+    if stop == start:
+        return "", stop
+    try:
+        return str(view[start:stop], "utf-8"), stop
+    except UnicodeDecodeError as exc:
+        raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+
+
+_FIXED_TOPIC_LEN = struct.Struct(">qqqqIH")  # fixed part + the topic's length
+_fixed_topic_len_unpack = _FIXED_TOPIC_LEN.unpack_from
+_PLAIN_TAIL_READ = struct.Struct(">QQI")  # the 4 string lengths, keys count + properties count, body length
+_plain_tail_unpack = _PLAIN_TAIL_READ.unpack_from
+
+
+def read_message(view: memoryview, pos: int, end: int) -> tuple[Message, int]:
+    """A Message at view[pos:], not past `end`: (message, position after it). Same checks as `Reader`."""
+    # Fast path: only a topic and a body (no subject/tag/group/msg_id, keys or properties), all in bounds.
+    if pos + 38 <= end:
+        born_ts, deliver_at, expires_at, store_ts, flags, n = _fixed_topic_len_unpack(view, pos)
+        start = pos + 38
+        stop = start + n
+        if stop + 20 <= end:
+            lengths, counts, size = _plain_tail_unpack(view, stop)
+            body_start = stop + 20
+            body_end = body_start + size
+            if not lengths and not counts and body_end <= end:
+                try:
+                    topic = str(view[start:stop], "utf-8")
+                except UnicodeDecodeError:
+                    pass  # the full path below reports it
+                else:
+                    return Message(topic, bytes(view[body_start:body_end]), "", "", (), {}, born_ts, deliver_at,
+                                   expires_at, "", flags, "", store_ts), body_end
+    return _read_message(view, pos, end)
+
+
+def _read_message(view: memoryview, pos: int, end: int) -> tuple[Message, int]:
+    stop = pos + 36
+    if stop > end:
+        raise Truncated(f"field needs 36 bytes, {end - pos} left")
+    born_ts, deliver_at, expires_at, store_ts, flags = _fixed_unpack(view, pos)
+    pos = stop
+    strings = []
+    for _ in range(5):  # topic, subject, tag, group, msg_id
+        start = pos + 2
+        if start > end:
+            raise Truncated(f"string length needs 2 bytes, {end - pos} left")
+        stop = start + ((view[pos] << 8) | view[pos + 1])
+        if stop == start:
+            strings.append("")
+        elif stop > end:
+            raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
+        else:
+            try:
+                strings.append(str(view[start:stop], "utf-8"))
+            except UnicodeDecodeError as exc:
+                raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+        pos = stop
+    topic, subject, tag, group, msg_id = strings
+    if pos + 4 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos} left")
+    (n,) = _u32_unpack(view, pos)
+    pos += 4
+    if n:
+        key_list = []
+        for _ in range(n):
+            key, pos = read_string(view, pos, end)
+            key_list.append(key)
+        keys: tuple[str, ...] = tuple(key_list)
+    else:
+        keys = ()
+    if pos + 4 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos} left")
+    (n,) = _u32_unpack(view, pos)
+    pos += 4
+    props = {}
+    for _ in range(n):
+        k, pos = read_string(view, pos, end)
+        props[k], pos = read_string(view, pos, end)
+    if pos + 4 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos} left")
+    (n,) = _u32_unpack(view, pos)
+    pos += 4
+    stop = pos + n
+    if stop > end:
+        raise Truncated(f"field needs {n} bytes, {end - pos} left")
+    body = bytes(view[pos:stop])
+    # positional: topic, body, subject, tag, keys, properties, born_ts, deliver_at, expires_at, group, flags,
+    # msg_id, store_ts (core.model.Message field order)
+    return Message(topic, body, subject, tag, keys, props, born_ts, deliver_at, expires_at, group, flags, msg_id,
+                   store_ts), stop

@@ -1,0 +1,351 @@
+"""Push delivery: getting messages from queues to the subscriptions that have credit.
+
+- Assignment: which queues each member of a group reads (offset-mode clustering splits them; every other mode
+  gives every member all of them), and which queues each subscription watches for growth.
+- Wake-ups: a subscription with credit whose queues grew is pumped at the end of the reactor turn, once per turn
+  however many messages arrived (a bounded number of extra rounds for consumers that hand credit straight back).
+- Pumps: offset mode reads owned queues in order from each member's position; message mode ("pop") hands out
+  redeliveries first, then new messages, each in flight under a receipt until acked.
+
+What is in flight in message mode, and how it is settled (ack, nack, timeouts, dead letters, `get`), is
+core/acks.py, which `Delivery` owns as `acks`. `Delivery` is the `SubscriptionOwner` of every Subscription
+(core/consumers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from tidegate.core.acks import MessageAcks
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
+from tidegate.core.config import BrokerConfig
+from tidegate.core.consumers import (
+    GroupState,
+    PopQueue,
+    Subscription,
+    allocate_averagely,
+    make_receipt,
+)
+from tidegate.core.errors import OffsetOutOfRange, TidegateError
+from tidegate.core.filters import TagFilter
+from tidegate.core.metrics import CoreMetrics
+from tidegate.core.model import QueueRef
+from tidegate.core.offsets import OffsetBook
+from tidegate.core.reader import MAX_SCAN_PER_PUMP, READ_BATCH, QueueReader
+from tidegate.core.storage.api import MessageStore
+from tidegate.core.topics import TopicRegistry
+from tidegate.core.visibility import Visibility
+
+log = logging.getLogger("tidegate.broker")
+
+WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the network
+
+
+class Delivery:
+    def __init__(self, store: MessageStore, clock: IReactorTime, config: BrokerConfig, metrics: CoreMetrics,
+                 topics: TopicRegistry, visibility: Visibility, reader: QueueReader, offsets: OffsetBook,
+                 groups: dict[str, GroupState], publish: Callable[..., object]) -> None:
+        self._store = store
+        self._clock = clock
+        self._config = config
+        self._metrics = metrics
+        self._topics = topics
+        self._visibility = visibility
+        self._reader = reader
+        self._offsets = offsets
+        self._groups = groups  # the GroupRegistry's live states, by name
+        self.acks = MessageAcks(store, clock, config, metrics, topics, visibility, reader, offsets, groups, publish,
+                                self.wake_group)
+        self._wake_pending: dict[Subscription, None] = {}
+        self._wake_call: IDelayedCall | None = None
+        self._member_seq = 0
+        self._closed = False
+        visibility.set_waker(self.wake)
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    # ------------------------------------------------------------------ members and assignment
+    def attach(self, state: GroupState, topic: str, sink: DeliverySink, client_id: str, tag_filter: TagFilter,
+               invisible_ms: int, max_attempts: int, start: str | int) -> Subscription:
+        """A new member of `state` on `topic`; its progress key starts at `start` on queues it has no offset for."""
+        self._member_seq += 1
+        sub = Subscription(self, state, topic, sink, client_id, f"{client_id}#{self._member_seq:08d}", tag_filter,
+                           invisible_ms, max_attempts)
+        offsets = self._offsets.of(sub.progress_key)
+        for q in self._topics.queues_of(topic):
+            if q not in offsets:
+                self._offsets.init(sub.progress_key, q, self._visibility.position_for(q, start))
+        self._offsets.schedule_flush()
+        state.members.setdefault(topic, []).append(sub)
+        self.assign(state, topic)
+        return sub
+
+    def assign(self, state: GroupState, topic: str) -> None:
+        """(Re)compute which queues each member of `state` on `topic` reads, and tell the members that changed."""
+        subs = sorted(state.members.get(topic, []), key=lambda s: s.member_id)
+        queues = self._topics.queues_of(topic)
+        if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
+            plan = allocate_averagely(queues, [s.member_id for s in subs])
+        else:
+            plan = {s.member_id: list(queues) for s in subs}
+        visible_max = self._visibility.visible_max
+        for sub in subs:
+            new = plan[sub.member_id]
+            if new == sub.assigned:
+                continue
+            old = set(sub.assigned)
+            self._visibility.unwatch(sub, [q for q in sub.assigned if q not in new])
+            self._visibility.watch(sub, [q for q in new if q not in old])
+            if state.ack is AckMode.OFFSET:
+                committed = self._offsets.of(sub.progress_key)
+                sub.positions = {q: sub.positions[q] if q in old else committed.get(q, visible_max(q))
+                                 for q in new}
+            sub.assigned = new
+            sub.sink.assignment_changed(list(new))
+            if sub.credit > 0:
+                self.wake(sub)
+
+    def topic_resized(self, topic: str) -> None:
+        for state in self._groups.values():
+            if topic in state.members:
+                self.assign(state, topic)
+
+    def drop_topic(self, topic: str) -> None:
+        """The topic is being deleted: its members lose their queues, groups forget its per-message progress."""
+        for state in self._groups.values():
+            for sub in state.members.pop(topic, []):
+                self._visibility.unwatch(sub, sub.assigned)
+                sub.assigned = []
+                sub.sink.assignment_changed([])
+            state.topics.discard(topic)
+            for key in [k for k in state.pop if k[1].topic == topic]:
+                del state.pop[key]
+
+    def detach(self, sub: Subscription) -> None:
+        state = sub.state
+        members = state.members.get(sub.topic, [])
+        if sub in members:
+            members.remove(sub)
+        if not members:
+            state.members.pop(sub.topic, None)
+        self._visibility.unwatch(sub, sub.assigned)
+        self._wake_pending.pop(sub, None)
+        released = self.acks.release(sub)
+        sub.assigned = []
+        if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
+            self.assign(state, sub.topic)
+        elif released:
+            for other in members:
+                self.wake(other)
+        self._offsets.schedule_flush()
+
+    def reposition(self, state: GroupState | None, topic: str, keys: set[str], to: dict[QueueRef, int]) -> None:
+        """Offsets of `keys` on `topic` were reset to `to`: restart per-message progress there and move the
+        positions of members online."""
+        for key in keys:
+            for q, off in to.items():
+                self._offsets.set(key, q, off)
+                if state is not None and (key, q) in state.pop:
+                    state.pop[(key, q)] = PopQueue(committed=off, next_fetch=off)
+        if state is not None:
+            for sub in state.members.get(topic, []):
+                for q in sub.assigned:
+                    if q in sub.positions:
+                        sub.positions[q] = to[q]
+                if sub.credit > 0:
+                    self.wake(sub)
+
+    # ------------------------------------------------------------------ offsets
+    def commit(self, sub: Subscription, queue: QueueRef, offset: int) -> None:
+        self.commit_progress(sub.progress_key, queue, offset)
+
+    def commit_progress(self, key: str, queue: QueueRef, offset: int) -> None:
+        """Everything below `offset` in `queue` is consumed by progress key `key` (never moves backwards)."""
+        self._topics.check_queue(queue)
+        end = self._visibility.visible_max(queue)
+        if offset < 0 or offset > end:
+            raise OffsetOutOfRange(f"cannot commit offset {offset} on {queue}: valid offsets are 0..{end}")
+        if offset > self._offsets.of(key).get(queue, -1):
+            self._offsets.set(key, queue, offset)
+
+    # ------------------------------------------------------------------ wake-ups and pumps
+    def wake(self, sub: Subscription) -> None:
+        self._wake_pending[sub] = None
+        if self._wake_call is None and not self._closed:
+            self._wake_call = self._clock.callLater(0, self._run_wakes)
+
+    def _run_wakes(self) -> None:
+        # A consumer that hands credit straight back while it is being delivered to (MQTT QoS 0, auto-acking
+        # sinks) is pumped again in the same turn, a bounded number of times: otherwise it would get one credit's
+        # worth per reactor turn while a publisher fills the queue much faster.
+        self._wake_call = None
+        for _ in range(WAKE_ROUNDS_PER_TURN):
+            pending, self._wake_pending = self._wake_pending, {}
+            if not pending:
+                break
+            for sub in pending:
+                if not sub.closed and sub.credit > 0:
+                    try:
+                        if sub.state.ack is AckMode.OFFSET:
+                            self._pump_offset(sub)
+                        else:
+                            self._pump_pop(sub)
+                    except TidegateError as exc:
+                        log.warning("delivery to %s stopped: %s", sub, exc)
+        if not self._wake_pending and self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()  # everything was handled in this turn
+            self._wake_call = None
+
+    def _deliver(self, sub: Subscription, out: list[Delivered]) -> None:
+        if not out:
+            return
+        sub.credit -= len(out)
+        metrics = self._metrics
+        for d in out:
+            metrics.messages_out[d.queue.topic] += 1
+            metrics.bytes_out[d.queue.topic] += len(d.message.body)
+        sub.sink.deliver(out)
+
+    def _pump_offset(self, sub: Subscription) -> None:
+        out: list[Delivered] = []
+        budget, scanned = sub.credit, 0
+        queues = sub.assigned
+        n = len(queues)
+        now = self._now_ms()
+        tag_filter = sub.filter
+        collect, visible_max = self._reader.collect, self._visibility.visible_max
+        more = False
+        for i in range(n):
+            if budget <= 0 or scanned >= MAX_SCAN_PER_PUMP:
+                more = budget > 0
+                break
+            q = queues[(sub.cursor + i) % n]
+            pos = sub.positions.get(q, 0)
+            end = visible_max(q)
+            while True:
+                try:
+                    got, pos, looked = collect(q, pos, end, budget, tag_filter, now, MAX_SCAN_PER_PUMP - scanned)
+                except OffsetOutOfRange:
+                    pos = self._reader.fell_behind(sub.group, sub.sink, q, pos)
+                    continue
+                break
+            if got:
+                out.extend(got)
+                budget -= len(got)
+                sub.last_delivered[q] = got[-1].queue_offset
+            scanned += looked
+            sub.positions[q] = pos
+        more = more or (budget > 0 and scanned >= MAX_SCAN_PER_PUMP)
+        sub.cursor = (sub.cursor + 1) % max(1, n)
+        if not out and not more:
+            # everything scanned was filtered out: let the committed offset follow so lag does not grow forever
+            committed = self._offsets.of(sub.progress_key)
+            for q in queues:
+                if committed.get(q, 0) < sub.positions.get(q, 0) and not self._has_undelivered_commit(sub, q):
+                    self._offsets.set(sub.progress_key, q, sub.positions[q])
+        self._deliver(sub, out)
+        if more:
+            self.wake(sub)
+
+    def _has_undelivered_commit(self, sub: Subscription, q: QueueRef) -> bool:
+        # An offset-mode consumer owns the gap between its commit and its position only while it has deliveries
+        # outstanding; the last delivery it received is remembered to decide that.
+        last = sub.last_delivered.get(q)
+        return last is not None and self._offsets.of(sub.progress_key).get(q, 0) <= last
+
+    def _fair_share(self, sub: Subscription) -> int:
+        """In MESSAGE mode members compete for the same messages: when several have credit, each wake-up takes
+        only its share of what is waiting, so a burst is spread over the members instead of filling the first
+        one woken (the others are woken in the same turn and take the rest)."""
+        if sub.state.mode is ConsumeMode.BROADCASTING:
+            return sub.credit
+        rivals = sum(1 for other in sub.state.members.get(sub.topic, ()) if other.credit > 0)
+        if rivals <= 1:
+            return sub.credit
+        waiting = 0
+        for q in sub.assigned:
+            pq = sub.state.pop.get((sub.progress_key, q))
+            if pq is None:
+                return sub.credit  # not started yet: no estimate, take what credit allows
+            waiting += len(pq.ready) + max(0, self._visibility.visible_max(q) - pq.next_fetch)
+        return min(sub.credit, max(1, -(-waiting // rivals)))
+
+    def _pump_pop(self, sub: Subscription) -> None:
+        out: list[Delivered] = []
+        budget, scanned = self._fair_share(sub), 0
+        limited = budget < sub.credit
+        state, key = sub.state, sub.progress_key
+        queues = sub.assigned
+        n = len(queues)
+        now = self._now_ms()
+        deadline = self._clock.seconds() + sub.invisible_ms / 1000.0 if sub.invisible_ms else 0.0
+        tag_filter = sub.filter
+        read_index, wanted = self._store.read_index, self._reader.wanted
+        acks = self.acks
+        take, ack_offset = acks.take, acks.ack_offset
+        more = False
+        for i in range(n):
+            if budget <= 0:
+                break
+            q = queues[(sub.cursor + i) % n]
+            pq = acks.pop_queue(key, state, q)
+            while pq.ready and budget > 0:  # redeliveries first, oldest offset first
+                again = acks.next_redelivery(state, key, pq, q, sub.max_attempts)
+                if again is None:
+                    break
+                msg, offset, attempt = again
+                take(sub, state.name, key, pq, q, offset, attempt, deadline)
+                out.append(Delivered(msg, q, offset, make_receipt(q, offset, attempt), attempt))
+                budget -= 1
+            end = self._visibility.visible_max(q)
+            while pq.next_fetch < end and budget > 0:
+                if scanned >= MAX_SCAN_PER_PUMP:
+                    more = True
+                    break
+                try:
+                    entries = read_index(q, pq.next_fetch, min(READ_BATCH, end - pq.next_fetch))
+                except OffsetOutOfRange:
+                    acks.skip_removed(state.name, sub.sink, key, pq, q)
+                    continue
+                if not entries:
+                    break
+                for e in entries:
+                    if e.queue_offset >= end or budget <= 0:
+                        break
+                    offset = e.queue_offset
+                    pq.next_fetch = offset + 1
+                    scanned += 1
+                    msg = wanted(e, tag_filter, now)
+                    if msg is None:
+                        ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
+                        continue
+                    take(sub, state.name, key, pq, q, offset, 1, deadline)
+                    out.append(Delivered(msg, q, offset, make_receipt(q, offset, 1), 1))
+                    budget -= 1
+        sub.cursor = (sub.cursor + 1) % max(1, n)
+        self._deliver(sub, out)
+        if more or (limited and out and sub.credit > 0):
+            self.wake(sub)  # took only a share: come back for what the other members leave
+
+    # ------------------------------------------------------------------ settling (core/acks.py does the work)
+    def ack(self, sub: Subscription, receipt: str) -> None:
+        self.acks.ack_receipt(sub.state, sub.progress_key, receipt)
+
+    def nack(self, sub: Subscription, receipt: str, requeue: bool, delay_ms: int) -> None:
+        self.acks.nack_receipt(sub.state, sub.progress_key, receipt, requeue, delay_ms)
+
+    def wake_group(self, state: GroupState, topic: str) -> None:
+        """Wake the members of `state` on `topic` that have credit (messages came back for them)."""
+        for sub in state.members.get(topic, []):
+            if sub.credit > 0:
+                self.wake(sub)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self.acks.close()

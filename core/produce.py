@@ -1,0 +1,126 @@
+"""The publish path: validate, choose the home queue, match bindings, append once, make visible when durable.
+
+This is the hottest code of the broker: it works on plain dicts shared with the modules that own them (topic
+configurations, the routing trie, the visible ends, the message cache) and does no per-message call beyond
+validation, the routing match and the metrics counters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from time import perf_counter
+
+from tidegate.core.api import SendResult
+from tidegate.core.bindings import Bindings
+from tidegate.core.config import BrokerConfig
+from tidegate.core.errors import NoPermission, QueueNotFound, TopicNotFound
+from tidegate.core.interfaces_storage import Durability
+from tidegate.core.metrics import CoreMetrics
+from tidegate.core.model import Message, QueueRef
+from tidegate.core.reader import MESSAGE_CACHE, QueueReader
+from tidegate.core.storage.api import MessageStore
+from tidegate.core.topics import TopicRegistry
+from tidegate.core.visibility import Visibility
+
+
+class Producer:
+    def __init__(self, store: MessageStore, durability: Durability, topics: TopicRegistry, bindings: Bindings,
+                 visibility: Visibility, reader: QueueReader, metrics: CoreMetrics, config: BrokerConfig,
+                 now_ms: Callable[[], int]) -> None:
+        self._store = store
+        self._durability = durability
+        self._topics = topics
+        self._router = bindings.trie
+        self._visibility = visibility
+        self._cache = reader.cache
+        self._metrics = metrics
+        self._config = config
+        self._now_ms = now_ms
+        self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
+        self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+
+    def publish(self, messages: Sequence[Message], queue_id: int | None = None) -> list[SendResult]:
+        """See Broker.publish."""
+        now = self._now_ms()
+        items: list[tuple[Message, list[QueueRef]]] = []
+        router = self._router if len(self._router) else None
+        topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
+        for m in messages:
+            cfg = topics.get(m.topic)
+            m.validate(max_body, check_topic=cfg is None)
+            if cfg is None:
+                if not self._config.auto_create_topics:
+                    raise TopicNotFound(f"topic {m.topic!r} does not exist and auto-creation is off")
+                cfg = self._topics.create(m.topic, None, "rw", 0, False)
+            if "w" not in cfg.perm:
+                raise NoPermission(f"topic {m.topic!r} is not writable")
+            queues = refs.get(m.topic)
+            if queues is None or len(queues) != cfg.queues:
+                queues = refs[m.topic] = [QueueRef(m.topic, i) for i in range(cfg.queues)]
+            if queue_id is not None:
+                if not 0 <= queue_id < cfg.queues:
+                    raise QueueNotFound(f"topic {m.topic!r} has no queue {queue_id} (it has {cfg.queues})")
+                home = queues[queue_id]
+            elif m.group:
+                home = queues[zlib.crc32(m.group.encode()) % cfg.queues]
+            else:
+                qid = rr.get(m.topic, 0)
+                rr[m.topic] = (qid + 1) % cfg.queues
+                home = queues[qid]
+            if router is not None:
+                extra = router.match(m.full_name)
+                dests = [home, *sorted(d for d in extra if d != home)] if extra else [home]
+            else:
+                dests = [home]
+            if not m.born_ts:
+                m.born_ts = now
+            items.append((m, dests))
+        if not items:
+            return []
+        store = self._store
+        started = perf_counter()
+        results = store.append_batch(items) if len(items) > 1 else [store.append(*items[0])]
+        self._metrics.append_latency.observe(perf_counter() - started)
+        updates: list[tuple[QueueRef, int]] = []
+        out: list[SendResult] = []
+        cache, visible = self._cache, self._visibility.visible
+        body_bytes = 0
+        for (m, dests), r in zip(items, results, strict=True):
+            offsets = r.queue_offsets
+            fanout = len(dests)
+            if fanout == 1:
+                dest = dests[0]
+                if dest not in visible:
+                    visible[dest] = offsets[0]  # everything before this append is already visible
+                updates.append((dest, offsets[0] + 1))
+            else:
+                for dest, qoff in zip(dests, offsets, strict=True):
+                    if dest not in visible:
+                        visible[dest] = qoff
+                    updates.append((dest, qoff + 1))
+            cache[r.commit_offset] = m
+            body_bytes += len(m.body)
+            out.append(SendResult(r.msg_id, m.topic, dests[0].queue_id, offsets[0], r.commit_offset,
+                                  r.commit_offset + r.size, fanout - 1))
+        messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
+        topic = items[0][0].topic
+        if all(m.topic == topic for m, _ in items):
+            messages_in[topic] += len(items)
+            bytes_in[topic] += body_bytes
+        else:
+            for m, _ in items:
+                messages_in[m.topic] += 1
+                bytes_in[m.topic] += len(m.body)
+        if len(cache) > MESSAGE_CACHE:
+            cache.clear()
+        if self._durability.visible_offset >= out[-1].commit_end:
+            self._visibility.make_visible(updates)
+        else:
+            self._visibility.pending.append((out[-1].commit_end, updates))
+            self._durability.request_flush()
+        return out
+
+    def forget_topic(self, topic: str) -> None:
+        self._next_queue.pop(topic, None)
+        self._queue_refs.pop(topic, None)
