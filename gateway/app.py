@@ -14,7 +14,7 @@ Shutdown reverses it: /readyz turns 503, listeners stop accepting, `broker.close
 closes both stores (the message store writes its clean-shutdown marker), the admin listener stops last.
 
 Protocol adapters still being written are skipped with one log line while their module is absent:
-`tidegate.adapters.mqtt.server` must provide `MqttServerFactory(broker, clock, metrics=...)` and
+`tidegate.adapters.mqtt.server` must provide `MqttServerFactory(core, gate, clock, settings, *, metrics, listener)` and
 `tidegate.adapters.amqp.server` must provide `AmqpServerFactory(broker, clock, metrics=...)`.
 """
 
@@ -95,29 +95,6 @@ def broker_config(config: Config) -> BrokerConfig:
         max_attempts=config.broker.max_attempts,
         retention_ms=retention_hours * 3_600_000,  # 0 = no age limit, as in the store
         retention_bytes=config.storage.retention_bytes,
-    )
-
-
-def mqtt_settings(section: Any) -> Any:
-    """MqttSettings from the `[listeners.mqtt]` section (the adapter validates the values)."""
-    from tidegate.adapters.mqtt.settings import MqttSettings
-
-    return MqttSettings(
-        receive_maximum=section.receive_maximum,
-        max_packet_size=section.max_packet_size,
-        topic_alias_maximum=section.topic_alias_maximum,
-        server_keep_alive=section.server_keep_alive or None,
-        max_keep_alive=section.max_keep_alive,
-        maximum_qos=section.maximum_qos,
-        retain_available=section.retain_available,
-        wildcard_subscription_available=section.wildcard_subscription_available,
-        shared_subscription_available=section.shared_subscription_available,
-        session_expiry_max=section.session_expiry_max,
-        persistent_session_expiry=section.persistent_session_expiry,
-        max_inflight=section.max_inflight,
-        max_queued_messages=section.max_queued_messages,
-        allow_empty_client_id=section.allow_empty_client_id,
-        sys_interval=float(section.sys_interval_s),
     )
 
 
@@ -305,9 +282,12 @@ class TidegateProcess(Service):
 
     def _start_mqtt(self, section: Any) -> None:
         from tidegate.adapters.mqtt.server import MqttServerFactory
+        from tidegate.adapters.mqtt.settings import MqttSettings
         from tidegate.adapters.mqtt.websocket import websocket_resource
+        from tidegate.core.security import AllowAllGate
 
-        factory = MqttServerFactory(self.broker, self.reactor, mqtt_settings(section))
+        factory = MqttServerFactory(self.broker, AllowAllGate(), self.reactor, MqttSettings.from_config(section),
+                                    listener="mqtt")
         self._stoppables.append(factory)
         self._listen("mqtt", factory, section.host, section.port)
         site = None

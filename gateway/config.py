@@ -82,7 +82,8 @@ class MqttListener:
     tls_port: int = 8883
     wss_enabled: bool = False
     wss_port: int = 8084
-    # MQTT limits, advertised in CONNACK (v5) and enforced for every version; see docs/mqtt.md
+    # MQTT limits, advertised in CONNACK (v5) and enforced for every version; see docs/mqtt.md. One key per field
+    # of adapters/mqtt/settings.py MqttSettings (`_s` for seconds), which the gateway builds from this section.
     receive_maximum: int = 32
     max_packet_size: int = 1024 * 1024
     topic_alias_maximum: int = 16
@@ -92,12 +93,15 @@ class MqttListener:
     retain_available: bool = True
     wildcard_subscription_available: bool = True
     shared_subscription_available: bool = True
+    subscription_identifiers_available: bool = True
     session_expiry_max: int = 7 * 24 * 3600
     persistent_session_expiry: int = 7 * 24 * 3600
     max_inflight: int = 1024
     max_queued_messages: int = 10_000
     allow_empty_client_id: bool = True
+    connect_timeout_s: int = 10  # a new connection has this long to send CONNECT
     sys_interval_s: int = 10
+    max_delivery_attempts: int = 1_000_000  # deliveries of one message to a session before it is dead-lettered
 
 
 @dataclass(slots=True, frozen=True)

@@ -14,7 +14,10 @@ Filters: the first level is encoded the same way unless it is `+` or `#`; the co
 `#` rules. The `$` rule (a filter starting with a wildcard does not match a name starting with `$`) is applied by
 the adapter when it re-matches a delivery against the session's filters, because the core does not know it.
 
-Messages: see `message_from_publish` / `publish_fields_from_message` for the property table.
+Messages: see `build_message` / `publish_fields` for the property table. QoS travels in the message flags:
+QoS 0 is the core's TRANSIENT, QoS 1 PERSISTENT, QoS 2 PERSISTENT plus `QOS2_FLAG`, a flag bit the core stores but
+never interprets (bit 4, the value the core's former `MessageFlag.EXACTLY_ONCE` had, so stored messages keep their
+QoS).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 
 from tidegate.core.model import Message, MessageFlag
 
+from .properties import Properties
+
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _HEX_UPPER = "0123456789ABCDEF"
 EMPTY_LEVEL = "%00"
@@ -34,6 +39,9 @@ MAX_CORE_TOPIC = 127
 MAX_CORE_SUBJECT_BYTES = 4096
 SESSION_TOPIC_PREFIX = "%MQTT%"
 SHARE_TOPIC_PREFIX = "%MQTTSHARE%"
+# An adapter-reserved message flag bit: "published at QoS 2, MQTT subscribers may receive it at QoS 2". The core
+# carries flags through storage untouched; the bit's value must never change (stored messages carry it).
+QOS2_FLAG = 4
 
 # Properties the adapter owns: stripped from user properties on delivery to MQTT (other protocols see them).
 PROP_CONTENT_TYPE = "content-type"
@@ -164,7 +172,7 @@ def message_qos(flags: int) -> int:
     """The QoS a message carries towards MQTT subscribers (capped later by each subscription's QoS)."""
     if flags & MessageFlag.TRANSIENT:
         return 0
-    if flags & MessageFlag.EXACTLY_ONCE:
+    if flags & QOS2_FLAG:
         return 2
     return 1
 
@@ -173,7 +181,7 @@ def flags_for_qos(qos: int) -> int:
     if qos == 0:
         return MessageFlag.TRANSIENT
     if qos == 2:
-        return MessageFlag.PERSISTENT | MessageFlag.EXACTLY_ONCE
+        return MessageFlag.PERSISTENT | QOS2_FLAG
     return MessageFlag.PERSISTENT
 
 
@@ -187,6 +195,22 @@ class PublishFields:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_properties(cls, props: Properties) -> PublishFields:
+        """The fields of a PUBLISH (or will) as the client sent them."""
+        return cls(props.payload_format_indicator, props.message_expiry_interval, props.content_type,
+                   props.response_topic, props.correlation_data, props.user_properties)
+
+    def to_properties(self, topic_alias: int | None = None,
+                      subscription_identifiers: tuple[int, ...] = ()) -> Properties:
+        """The MQTT 5 properties of a PUBLISH sent to a client with these fields."""
+        return Properties(payload_format_indicator=self.payload_format_indicator,
+                          message_expiry_interval=self.message_expiry_interval,
+                          content_type=self.content_type, response_topic=self.response_topic,
+                          correlation_data=self.correlation_data,
+                          subscription_identifiers=subscription_identifiers, topic_alias=topic_alias,
+                          user_properties=self.user_properties)
 
 
 def build_message(topic_name: str, payload: bytes, qos: int, retain: bool, fields: PublishFields, now_ms: int,

@@ -1,4 +1,4 @@
-"""Retained messages: an adapter concept kept in the metadata store (namespace `mqtt.retained`), never in the core.
+"""Retained messages: an adapter concept kept in adapter state (namespace `mqtt.retained`), never in the core.
 
 One entry per MQTT topic name: the core message that was retained (body base64, properties, flags, expiry), so a
 retained message survives restarts and is delivered with the same fields as a live one. An empty payload clears it.
@@ -11,18 +11,21 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from tidegate.core.interfaces import AdapterStateStore
 from tidegate.core.model import Message
 
 from .codec import topic_matches
 
-RETAINED_NS = "mqtt.retained"
+RETAINED_NAMESPACE = "mqtt.retained"
 
 
 class RetainedStore:
-    def __init__(self, metadata: Any) -> None:
-        self._meta = metadata
+    """Retained messages by MQTT topic name, written through to `rows` (the `mqtt.retained` namespace)."""
+
+    def __init__(self, rows: AdapterStateStore) -> None:
+        self._rows = rows
         self._messages: dict[str, Message] = {}
-        for topic_name, row in metadata.kv_items(RETAINED_NS):
+        for topic_name, row in rows.items():
             try:
                 self._messages[topic_name] = _from_row(row)
             except (KeyError, TypeError, ValueError):
@@ -35,10 +38,10 @@ class RetainedStore:
         """Retain `message` under `topic_name`, or clear the entry when the payload is empty."""
         if not message.body:
             if self._messages.pop(topic_name, None) is not None:
-                self._meta.kv_delete(RETAINED_NS, topic_name)
+                self._rows.delete(topic_name)
             return
         self._messages[topic_name] = message
-        self._meta.kv_put(RETAINED_NS, topic_name, _to_row(message))
+        self._rows.put(topic_name, _to_row(message))
 
     def get(self, topic_name: str) -> Message | None:
         return self._messages.get(topic_name)
@@ -60,7 +63,7 @@ class RetainedStore:
                 out.append((topic_name, message))
         for topic_name in expired:
             del self._messages[topic_name]
-            self._meta.kv_delete(RETAINED_NS, topic_name)
+            self._rows.delete(topic_name)
         out.sort(key=lambda item: item[0])
         return out
 

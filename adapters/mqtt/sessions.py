@@ -4,7 +4,12 @@ A session is an internal core topic `%MQTT%<client id>` with one queue, consumed
 name in per-message ack mode. Every subscription filter is a core binding of that queue, so a publish from any
 protocol adds one index entry to each matching session. What the core does not know (subscription options,
 protocol level, expiry, QoS 2 packet ids) is kept as one JSON row per session in the metadata namespace
-`mqtt.sessions`; bindings and the queue are core-durable, so subscriptions and queued messages survive a restart.
+`mqtt.sessions` (an `AdapterStateStore`); bindings and the queue are core-durable, so subscriptions and queued
+messages survive a restart.
+
+Who acts: the client's own `CoreSession` creates and binds its session queue and share queues (`claim_private`,
+`bind`: the gate decides whether it may subscribe to each filter); the adapter's system session (`factory.system`)
+does the housekeeping no client asked for: expiry, crash leftovers, removing an empty share.
 
 A shared subscription `$share/G/f` is an internal topic `%MQTTSHARE%<hash(G, f)>` bound to `f` and consumed in
 core group `G` (clustering) by every member session; membership is kept in namespace `mqtt.shares` so the topic
@@ -23,21 +28,24 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tidegate.core.errors import TidegateError
+from tidegate.core.interfaces import AdapterStateStore
 from tidegate.core.model import QueueRef
 from tidegate.core.routing import SubscriptionTrie
+from tidegate.core.session import CoreSession
 
 from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
 from .mapping import share_topic as make_share_topic
 from .packets import hidden_by_dollar_rule
 from .settings import MqttSettings
+from .state import PacketIds
 
 if TYPE_CHECKING:
     from .codec import Will
 
 log = logging.getLogger("tidegate.mqtt")
 
-SESSIONS_NS = "mqtt.sessions"
-SHARES_NS = "mqtt.shares"
+SESSIONS_NAMESPACE = "mqtt.sessions"
+SHARES_NAMESPACE = "mqtt.shares"
 NEVER_EXPIRES = 0xFFFFFFFF
 
 
@@ -76,6 +84,7 @@ class SubscriptionEntry:
 class PendingWill:
     will: Will
     protocol_level: int
+    publisher: CoreSession  # the session of the connection that set it: the will is published as that client
     call: Any = None  # DelayedCall of a delayed will
 
 
@@ -86,12 +95,7 @@ class Session:
     protocol_level: int
     expiry_interval: int  # seconds after disconnect; 0 = ends with the connection
     subscriptions: dict[str, SubscriptionEntry] = field(default_factory=dict)
-    inbound_qos2: set[int] = field(default_factory=set)  # PUBLISH ids received, PUBREL not yet
-    released: dict[int, str] = field(default_factory=dict)  # PUBREL sent, PUBCOMP not yet: id -> queue topic
-    # (queue topic, queue offset) -> packet id of QoS 1/2 messages sent and not acknowledged; in memory only,
-    # so a resumed connection redelivers with the original packet id (MQTT-4.4.0-1).
-    sent: dict[tuple[str, int], int] = field(default_factory=dict)
-    sent_ids: set[int] = field(default_factory=set)  # the values of `sent`, to keep those ids reserved
+    packets: PacketIds = field(default_factory=PacketIds)  # every packet id of the session, both directions
     connection: Any = None
     disconnected_at: int = 0  # ms; 0 while connected
     expiry_call: Any = None
@@ -137,8 +141,8 @@ class Session:
     def to_row(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
                 "expiry": self.expiry_interval, "subs": [s.to_row() for s in self.subscriptions.values()],
-                "inbound_qos2": sorted(self.inbound_qos2),
-                "released": [[pid, topic] for pid, topic in sorted(self.released.items())],
+                "inbound_qos2": sorted(self.packets.inbound_qos2),
+                "released": [[pid, topic] for pid, topic in sorted(self.packets.released.items())],
                 "disconnected_at": self.disconnected_at}
 
     @classmethod
@@ -146,24 +150,30 @@ class Session:
         session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
         for sub in row.get("subs", []):
             session.put_subscription(SubscriptionEntry.from_row(sub))
-        session.inbound_qos2 = {int(pid) for pid in row.get("inbound_qos2", [])}
-        session.released = {int(pid): topic for pid, topic in row.get("released", [])}
+        session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
+                                    {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)
         return session
 
 
 class SessionManager:
-    """Owns every session of one broker: creation, persistence, core bindings, shares and expiry."""
+    """Owns every session of one listener: creation, persistence, core bindings, shares and expiry.
 
-    def __init__(self, broker: Any, clock: Any, settings: MqttSettings,
-                 publish_will: Callable[[Session, PendingWill], None]) -> None:
-        self.broker = broker
-        self.meta = broker.meta
+    `system` is the adapter's system session (housekeeping); `rows` and `share_rows` are the adapter state
+    namespaces `mqtt.sessions` and `mqtt.shares`.
+    """
+
+    def __init__(self, system: CoreSession, clock: Any, settings: MqttSettings,
+                 publish_will: Callable[[Session, PendingWill], None], *, rows: AdapterStateStore,
+                 share_rows: AdapterStateStore) -> None:
+        self.system = system
+        self.rows = rows
+        self.share_rows = share_rows
         self.clock = clock
         self.settings = settings
         self._publish_will = publish_will
         self.sessions: dict[str, Session] = {}
-        self._shares: dict[str, dict[str, Any]] = {topic: row for topic, row in self.meta.kv_items(SHARES_NS)}
+        self._shares: dict[str, dict[str, Any]] = dict(share_rows.items())
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -172,12 +182,12 @@ class SessionManager:
     def load(self) -> None:
         """Read persisted sessions; expire those whose time ran out while the broker was down."""
         now = self.now_ms()
-        for client_id, row in self.meta.kv_items(SESSIONS_NS):
+        for client_id, row in self.rows.items():
             try:
                 session = Session.from_row(row)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("dropping unreadable MQTT session row %r: %s", client_id, exc)
-                self.meta.kv_delete(SESSIONS_NS, client_id)
+                self.rows.delete(client_id)
                 continue
             self.sessions[session.client_id] = session
             if not session.disconnected_at:
@@ -190,7 +200,7 @@ class SessionManager:
             else:
                 self._schedule_expiry(session, remaining_ms / 1000.0)
         known = {s.topic for s in self.sessions.values()}
-        for cfg in self.broker.list_topics(include_internal=True):
+        for cfg in self.system.list_topics(include_internal=True):
             if cfg.name.startswith(SESSION_TOPIC_PREFIX) and not cfg.name.startswith(SHARE_TOPIC_PREFIX) \
                     and cfg.name not in known:
                 log.info("removing MQTT session topic %s without a session", cfg.name)
@@ -205,19 +215,22 @@ class SessionManager:
     def get(self, client_id: str) -> Session | None:
         return self.sessions.get(client_id)
 
-    def create(self, client_id: str, protocol_level: int, expiry_interval: int) -> Session:
+    def create(self, client_id: str, protocol_level: int, expiry_interval: int, owner: CoreSession) -> Session:
+        """A new session whose queue `owner` (the connecting client's core session) creates and may consume."""
         topic = session_topic(client_id)
-        self.broker.ensure_topic(topic, queues=1, internal=True)
+        owner.claim_private(topic, queues=1)
         session = Session(client_id, topic, protocol_level, expiry_interval)
         self.sessions[client_id] = session
         self.save(session)
         return session
 
     def save(self, session: Session) -> None:
-        self.meta.kv_put(SESSIONS_NS, session.client_id, session.to_row())
+        self.rows.put(session.client_id, session.to_row())
 
-    def attach(self, session: Session, connection: Any) -> None:
-        """A connection takes the session: stop the expiry timer and any delayed will."""
+    def attach(self, session: Session, connection: Any, owner: CoreSession) -> None:
+        """A connection takes the session (its core session `owner` may use the session queue): stop the expiry
+        timer and any delayed will."""
+        owner.own(session.topic)
         session.connection = connection
         session.disconnected_at = 0
         self._cancel(session, "expiry_call")
@@ -263,15 +276,15 @@ class SessionManager:
         self._drop_core_state(session.topic, session.topic)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        self.meta.kv_delete(SESSIONS_NS, session.client_id)
+        self.rows.delete(session.client_id)
 
     def _drop_core_state(self, topic: str, group: str) -> None:
         try:
-            self.broker.delete_topic(topic)  # also removes every binding to its queue
+            self.system.delete_topic(topic)  # also removes every binding to its queue
         except TidegateError:
             pass
         try:
-            self.broker.delete_group(group)
+            self.system.delete_group(group)
         except TidegateError:
             pass
 
@@ -307,39 +320,43 @@ class SessionManager:
                 session.pending_will.call.cancel()
 
     # ----------------------------------------------------------------------------------------- subscriptions
-    def add_subscription(self, session: Session, entry: SubscriptionEntry) -> bool:
-        """Record and bind a subscription; returns whether one with the same filter existed already."""
-        existed = session.put_subscription(entry)
+    def add_subscription(self, session: Session, entry: SubscriptionEntry, owner: CoreSession) -> bool:
+        """Record and bind a subscription as the client's core session `owner` (which raises NotAuthorized when
+        the gate refuses the filter: nothing is recorded then); returns whether the filter existed already."""
         if entry.share:
-            self.join_share(session, entry)
+            self.join_share(session, entry, owner)
         elif not is_sys_name(entry.topic_filter):
             # $SYS topics are generated by the adapter and never go through the core router
-            self.broker.bind(core_pattern(entry.topic_filter), session.queue)
+            owner.bind(core_pattern(entry.topic_filter), session.queue)
+        existed = session.put_subscription(entry)
         self.save(session)
         return existed
 
-    def remove_subscription(self, session: Session, topic_filter: str) -> SubscriptionEntry | None:
+    def remove_subscription(self, session: Session, topic_filter: str, owner: CoreSession | None = None
+                            ) -> SubscriptionEntry | None:
+        """Forget and unbind a subscription (as `owner`, or as the system for housekeeping)."""
         entry = session.pop_subscription(topic_filter)
         if entry is None:
             return None
         if entry.share:
             self.leave_share(session, entry)
         elif not is_sys_name(topic_filter):
-            self.broker.unbind(core_pattern(topic_filter), session.queue)
+            (owner or self.system).unbind(core_pattern(topic_filter), session.queue)
         self.save(session)
         return entry
 
-    def join_share(self, session: Session, entry: SubscriptionEntry) -> None:
+    def join_share(self, session: Session, entry: SubscriptionEntry, owner: CoreSession) -> None:
+        """Make `owner` a member of the share's queue, binding the inner filter to it (the gate decides)."""
         assert entry.share is not None
         share_name, inner = entry.share
         topic = make_share_topic(share_name, inner)
-        self.broker.ensure_topic(topic, queues=1, internal=True)
+        owner.claim_private(topic, queues=1)
+        if not is_sys_name(inner):
+            owner.bind(core_pattern(inner), QueueRef(topic, 0))
         row = self._shares.get(topic) or {"group": share_group(share_name), "share": share_name, "filter": inner,
                                           "members": []}
         if session.client_id not in row["members"]:
             row["members"].append(session.client_id)
-        if not is_sys_name(inner):
-            self.broker.bind(core_pattern(inner), QueueRef(topic, 0))
         self._save_share(topic, row)
 
     def leave_share(self, session: Session, entry: SubscriptionEntry) -> None:
@@ -354,15 +371,15 @@ class SessionManager:
             self._save_share(topic, row)
             return
         del self._shares[topic]
-        self.meta.kv_delete(SHARES_NS, topic)
+        self.share_rows.delete(topic)
         try:
-            self.broker.delete_topic(topic)
+            self.system.delete_topic(topic)
         except TidegateError:
             pass
         group = row["group"]
         if not any(other["group"] == group for other in self._shares.values()):
             try:
-                self.broker.delete_group(group)
+                self.system.delete_group(group)
             except TidegateError:
                 pass  # still has online members elsewhere, or never consumed
 
@@ -372,4 +389,4 @@ class SessionManager:
 
     def _save_share(self, topic: str, row: dict[str, Any]) -> None:
         self._shares[topic] = row
-        self.meta.kv_put(SHARES_NS, topic, row)
+        self.share_rows.put(topic, row)

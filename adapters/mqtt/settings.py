@@ -1,8 +1,13 @@
-"""Settings of the MQTT adapter, with the defaults the gateway uses when the config file says nothing."""
+"""Settings of the MQTT adapter, with the defaults the gateway uses when the config file says nothing.
+
+The one field list: the gateway's `[listeners.mqtt]` section has a key per field (`x`, or `x_s` for a duration in
+seconds) and builds these with `MqttSettings.from_config`; a gateway test checks that every field is configurable.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 ONE_MIB = 1024 * 1024
 
@@ -42,6 +47,24 @@ class MqttSettings:
     sys_interval: float = 10.0  # seconds between $SYS/broker/... updates; 0 disables them
     # Deliveries of one message to a session before the core dead-letters it (MQTT itself never gives up).
     max_delivery_attempts: int = 1_000_000
+
+    @classmethod
+    def from_config(cls, section: Any) -> MqttSettings:
+        """Settings from a config section with one attribute per field: `name`, or `name_s` for durations in
+        seconds; a `server_keep_alive` of 0 means "accept the client's" (None). Fields the section lacks keep
+        their defaults."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            for key in (f.name, f.name + "_s"):
+                if hasattr(section, key):
+                    values[f.name] = getattr(section, key)
+                    break
+        if values.get("server_keep_alive") == 0:
+            values["server_keep_alive"] = None
+        for seconds in ("connect_timeout", "sys_interval"):
+            if seconds in values:
+                values[seconds] = float(values[seconds])
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if not 1 <= self.receive_maximum <= 65535:

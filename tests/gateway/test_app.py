@@ -170,6 +170,9 @@ def test_mqtt_tcp_and_websocket_listeners_share_one_factory(tmp_path: Path, stan
     class StandInMqttFactory(RecordingFactory):
         stopped = False
 
+        def __init__(self, core: Any, gate: Any, clock: Any, settings: Any, **kwargs: Any) -> None:
+            super().__init__(core, clock, settings, gate=gate, **kwargs)  # the listener shape (core, gate, clock, ...)
+
         def stop(self) -> None:
             self.stopped = True
 

@@ -8,6 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from tidegate.adapters.mqtt.codec import Connect, MqttCodec
 from tidegate.adapters.mqtt.server import MqttServerFactory
 from tidegate.adapters.mqtt.settings import MqttSettings
+from tidegate.core.security import AllowAllGate
 from tidegate.core.testing import make_broker
 
 T0 = 1_700_000_000.0
@@ -56,12 +57,13 @@ class FakeClient:
 
 
 class Env:
-    def __init__(self, settings: MqttSettings | None = None) -> None:
+    def __init__(self, settings: MqttSettings | None = None, gate=None) -> None:
         self.clock = MemoryReactorClock()
         self.clock.advance(T0)
         self.broker = make_broker(self.clock)
         self.settings = settings or MqttSettings(sys_interval=0)
-        self.factory = MqttServerFactory(self.broker, self.clock, self.settings)
+        self.gate = gate or AllowAllGate()
+        self.factory = MqttServerFactory(self.broker, self.gate, self.clock, self.settings)
         self._port = 40000
 
     def client(self, level: int = 4) -> FakeClient:
@@ -81,7 +83,8 @@ class Env:
         new.clock.advance(self.clock.seconds())
         new.broker = make_broker(new.clock, store=self.broker.store, metadata=self.broker.meta)
         new.settings = settings or self.settings
-        new.factory = MqttServerFactory(new.broker, new.clock, new.settings)
+        new.gate = self.gate
+        new.factory = MqttServerFactory(new.broker, new.gate, new.clock, new.settings)
         new._port = self._port
         return new
 

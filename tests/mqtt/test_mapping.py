@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from tidegate.adapters.mqtt.mapping import (
     PROP_CORRELATION_ENCODING,
+    QOS2_FLAG,
     PublishFields,
     UnmappableName,
     build_message,
@@ -13,6 +14,7 @@ from tidegate.adapters.mqtt.mapping import (
     core_pattern,
     decode_level,
     encode_level,
+    flags_for_qos,
     message_qos,
     mqtt_topic_name,
     publish_fields,
@@ -98,7 +100,15 @@ def test_session_and_share_names_are_internal_and_bounded():
 def test_qos_flags():
     assert message_qos(MessageFlag.TRANSIENT) == 0
     assert message_qos(MessageFlag.PERSISTENT) == 1
-    assert message_qos(MessageFlag.PERSISTENT | MessageFlag.EXACTLY_ONCE) == 2
+    assert message_qos(MessageFlag.PERSISTENT | QOS2_FLAG) == 2
+    assert flags_for_qos(2) == MessageFlag.PERSISTENT | QOS2_FLAG
+
+
+def test_messages_stored_with_flag_4_still_reach_mqtt_at_qos_2():
+    """Stored-data compatibility: the QoS 2 bit is the value the core's former EXACTLY_ONCE flag had (4), so a message
+    written by an older broker with flags 1|4 is still delivered at QoS 2."""
+    assert QOS2_FLAG == 4
+    assert message_qos(1 | 4) == 2
 
 
 def test_message_properties_round_trip():

@@ -17,6 +17,7 @@ from twisted.internet.threads import blockingCallFromThread
 from tidegate.adapters.mqtt.server import MqttServerFactory
 from tidegate.adapters.mqtt.settings import MqttSettings
 from tidegate.adapters.mqtt.websocket import websocket_site
+from tidegate.core.security import AllowAllGate
 from tidegate.core.testing import make_broker
 
 TIMEOUT = 10.0
@@ -37,7 +38,7 @@ def running_reactor():
 def server(running_reactor):
     def start():
         broker = make_broker(reactor, flush="sync")
-        factory = MqttServerFactory(broker, reactor, MqttSettings(sys_interval=0))
+        factory = MqttServerFactory(broker, AllowAllGate(), reactor, MqttSettings(sys_interval=0))
         tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
         ws = reactor.listenTCP(0, websocket_site(factory, "ws://127.0.0.1/mqtt", reactor), interface="127.0.0.1")
         return broker, factory, tcp, ws

@@ -1,0 +1,372 @@
+"""What goes from the core to a client: deliveries become PUBLISH packets; PUBACK/PUBREC/PUBCOMP end them; credit.
+
+Delivery: the session queue (and each shared-subscription queue) is consumed through a core Subscription in
+per-message ack mode, opened through the connection's `CoreSession`. Each delivery is re-matched against the
+session's filters for QoS (min of message and subscription), subscription identifiers, No Local, Retain As
+Published and the `$` rule. QoS 0 deliveries are acked to the core at once; QoS 1 on PUBACK; QoS 2 on PUBREC (from
+then on the client owns the message and only the PUBREL/PUBCOMP exchange remains, which the session keeps and
+resends on reconnect: acking on PUBCOMP instead would redeliver a message the client already released).
+
+Flow control and memory (slow subscribers):
+- Core credit of each subscription = the client's Receive Maximum (v5, capped by `max_inflight`) or
+  `settings.receive_maximum` (3.1.1). Credit comes back when a message leaves the connection's hands (PUBACK,
+  PUBCOMP, a QoS 0 write, a drop), so at most that many messages per subscription are in memory; the rest wait on
+  disk in the session queue.
+- While the transport is paused (its write buffer is full), credit of QoS 0 writes is held back, so a slow reader
+  stops the core instead of growing the buffer.
+- Clean sessions (expiry 0): when more than `max_queued_messages` wait in the session queue, QoS 0 messages are
+  dropped instead of delivered (QoS 1/2 stay queued on disk; the backlog never grows memory).
+- A message bigger than the client's Maximum Packet Size is dropped (acked to the core), as MQTT 5 requires.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tidegate.core.api import Delivered
+from tidegate.core.errors import TidegateError
+from tidegate.core.interfaces import Subscription
+from tidegate.core.model import Message, QueueRef
+
+from .mapping import PROP_PUBLISHER, PROP_RETAIN, PublishFields, message_qos, mqtt_topic_name, publish_fields
+from .packets import MQTT_5, Puback, Pubcomp, Publish, Pubrec, Pubrel, topic_matches
+from .properties import Properties
+from .reason_codes import MqttProtocolError, ReasonCode
+from .sessions import SubscriptionEntry
+from .state import Inflight, OutboundAliases
+
+if TYPE_CHECKING:
+    from .server import MqttProtocol
+
+log = logging.getLogger("tidegate.mqtt")
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message decided for this client, waiting for (or going through) transmission."""
+
+    topic_name: str
+    message: Message
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...]
+    sub_key: str | None  # queue topic of the core subscription it came from; None for retained messages
+    delivered: Delivered | None
+
+
+class CoreSink:
+    """The DeliverySink of one core subscription of a connection (the session queue or one shared queue)."""
+
+    __slots__ = ("conn", "key")
+
+    def __init__(self, conn: MqttProtocol, key: str) -> None:
+        self.conn = conn
+        self.key = key
+
+    def deliver(self, deliveries: list[Delivered]) -> None:
+        self.conn.batched(self.conn.outbound.on_deliveries, (self.key, deliveries))
+
+    def assignment_changed(self, queues: list[QueueRef]) -> None:
+        pass
+
+    def offset_moved(self, queue: QueueRef, old: int, new: int) -> None:
+        pass  # MQTT sessions are consumed by message; retention moving past them is just loss, logged by the core
+
+
+class Outbound:
+    """The core-to-client half of one accepted connection."""
+
+    __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
+                 "maximum_packet_size", "sys_filters")
+
+    def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
+                 topic_alias_maximum: int) -> None:
+        self.conn = conn
+        self.settings = conn.settings
+        self.subs: dict[str, Subscription] = {}  # by key: the queue topic consumed
+        self.pending: list[Outgoing] = []  # a list: an idle connection should not carry a deque's block
+        self.held_credit: dict[str, int] = {}  # credit not returned while the transport is paused
+        self.aliases = OutboundAliases(topic_alias_maximum)
+        self.receive_maximum = receive_maximum  # the client's
+        self.maximum_packet_size = maximum_packet_size  # the client's
+        self.sys_filters: list[SubscriptionEntry] = []
+
+    # ------------------------------------------------------------------------------------------ core subscriptions
+    def open_session_queue(self) -> None:
+        session = self.conn.mqtt_session
+        assert session is not None
+        self._open(session.topic, session.topic, session.topic,
+                   max(0, self.receive_maximum - len(session.packets.released)))
+
+    def open_share(self, entry: SubscriptionEntry) -> None:
+        topic = entry.share_topic
+        assert topic is not None
+        self.conn.session.own(topic)  # type: ignore[union-attr]
+        self._open(topic, self.conn.factory.sessions.share_group_of(entry), topic, self.receive_maximum)
+
+    def _open(self, key: str, group: str, topic: str, credit: int) -> None:
+        if key in self.subs:
+            return
+        conn = self.conn
+        sub = conn.session.subscribe(group, topic, CoreSink(conn, key),  # type: ignore[union-attr]
+                                     client_id=conn.client_id, mode="clustering", ack="message", invisible_ms=0,
+                                     start="earliest", max_attempts=self.settings.max_delivery_attempts)
+        self.subs[key] = sub
+        if credit:
+            sub.grant(credit)
+
+    def close_subscription(self, key: str) -> None:
+        sub = self.subs.pop(key, None)
+        if sub is not None:
+            sub.close()
+
+    def close(self) -> None:
+        """The connection ends: close core subscriptions (the core releases what was in flight)."""
+        subs, self.subs = self.subs, {}
+        for sub in subs.values():
+            sub.close()
+        self.pending.clear()
+
+    def resume(self) -> None:
+        """The transport drained: return the credit held while it was paused."""
+        held, self.held_credit = self.held_credit, {}
+        for key, credit in held.items():
+            sub = self.subs.get(key)
+            if sub is not None and not sub.closed:
+                sub.grant(credit)
+
+    # ------------------------------------------------------------------------------------------ $SYS
+    def add_sys_filter(self, entry: SubscriptionEntry) -> None:
+        self.sys_filters = [e for e in self.sys_filters if e.topic_filter != entry.topic_filter] + [entry]
+        self.conn.factory.sys.listeners.add(self.conn)
+
+    def remove_sys_filter(self, topic_filter: str) -> None:
+        self.sys_filters = [e for e in self.sys_filters if e.topic_filter != topic_filter]
+        if not self.sys_filters:
+            self.conn.factory.sys.listeners.discard(self.conn)
+
+    def send_sys(self, values: dict[str, str], retain: bool, only: SubscriptionEntry | None = None) -> None:
+        """Deliver $SYS values (QoS 0) to this client's $SYS subscriptions."""
+        filters = [only] if only is not None else self.sys_filters
+        for name, value in values.items():
+            matching = [e for e in filters if topic_matches(e.topic_filter, name)]
+            if not matching:
+                continue
+            ids = tuple(sorted({e.identifier for e in matching if e.identifier}))
+            message = Message(topic="%24SYS", body=value.encode("utf-8"), flags=0)
+            data = self._encode(Outgoing(name, message, 0, retain, ids, None, None), PublishFields(), None, False)
+            if data is not None:
+                self.conn.write(data)
+
+    # ------------------------------------------------------------------------------------------ deliveries
+    def on_deliveries(self, batch: tuple[str, list[Delivered]]) -> None:
+        key, deliveries = batch
+        conn = self.conn
+        for delivered in deliveries:
+            if conn.state != "connected":
+                return  # the core subscription was closed; the core redelivers unacked messages
+            outgoing = self._decide(key, delivered)
+            if outgoing is not None:
+                self.offer(outgoing)
+
+    def _decide(self, key: str, delivered: Delivered) -> Outgoing | None:
+        """Which of this client's subscriptions want the message and how; None (and acked) if none does."""
+        conn = self.conn
+        session = conn.mqtt_session
+        assert session is not None
+        message = delivered.message
+        name = mqtt_topic_name(message.topic, message.subject)
+        matches: list[SubscriptionEntry] = []
+        if name is not None:
+            candidates = session.matching_subscriptions(name)
+            if key == session.topic:
+                matches = [e for e in candidates if e.share is None]
+            else:
+                matches = [e for e in candidates if e.share is not None and e.share_topic == key]
+            publisher = message.properties.get(PROP_PUBLISHER) if message.properties else None
+            if publisher is not None and publisher == conn.client_id:
+                matches = [e for e in matches if not e.no_local]
+        if not matches:
+            self._finish(key, delivered)
+            return None
+        qos = min(message_qos(message.flags), max(e.qos for e in matches))
+        if qos == 0 and session.expiry_interval == 0 and self.settings.max_queued_messages:
+            backlog = conn.session.queue_offsets(delivered.queue)[1] - delivered.queue_offset - 1  # type: ignore[union-attr]
+            if backlog > self.settings.max_queued_messages:
+                self._finish(key, delivered)
+                return None
+        retain = bool(message.properties) and PROP_RETAIN in message.properties \
+            and any(e.retain_as_published for e in matches)
+        ids = tuple(sorted({e.identifier for e in matches if e.identifier}))
+        return Outgoing(name, message, qos, retain, ids, key, delivered)  # type: ignore[arg-type]
+
+    def offer_retained(self, name: str, message: Message, qos: int, ids: tuple[int, ...]) -> None:
+        self.offer(Outgoing(name, message, qos, True, ids, None, None))
+
+    def offer(self, outgoing: Outgoing) -> None:
+        if self.pending or (outgoing.qos and self._window_full()):
+            self.pending.append(outgoing)
+            return
+        self._transmit(outgoing)
+
+    def _window_full(self) -> bool:
+        session = self.conn.mqtt_session
+        return session is not None and session.packets.in_flight_count() >= self.receive_maximum
+
+    def _drain_pending(self) -> None:
+        pending = self.pending
+        sent = 0
+        conn = self.conn
+        while sent < len(pending) and conn.state == "connected":
+            if pending[sent].qos and self._window_full():
+                break
+            sent += 1
+            self._transmit(pending[sent - 1])
+        del pending[:sent]
+
+    def _transmit(self, outgoing: Outgoing) -> None:
+        conn = self.conn
+        session = conn.mqtt_session
+        assert session is not None
+        fields = publish_fields(outgoing.message, conn.session.now_ms())  # type: ignore[union-attr]
+        if fields is None:  # expired while queued
+            self._release(outgoing)
+            return
+        qos = outgoing.qos
+        packets = session.packets
+        packet_id = None
+        dup = False
+        sent_key = None
+        delivered = outgoing.delivered
+        if qos:
+            if delivered is not None:
+                sent_key = (delivered.queue.topic, delivered.queue_offset)
+                packet_id = packets.id_sent_for(sent_key)
+                dup = packet_id is not None or delivered.attempt > 1
+            if packet_id is None:
+                packet_id = packets.allocate()
+        data = self._encode(outgoing, fields, packet_id, dup)
+        if data is None:
+            log.info("mqtt %s: dropped a %d-byte message on %r: larger than the client's Maximum Packet Size",
+                     conn.who(), len(outgoing.message.body), outgoing.topic_name)
+            self._release(outgoing)
+            return
+        conn.write(data)
+        conn.factory.stats.messages_sent += 1
+        if not qos:
+            self._release(outgoing)
+            return
+        assert packet_id is not None
+        packets.sent_out(packet_id, Inflight(outgoing.sub_key, delivered.receipt if delivered else "", qos, sent_key))
+
+    def _encode(self, outgoing: Outgoing, fields: PublishFields, packet_id: int | None, dup: bool) -> bytes | None:
+        """The PUBLISH bytes, or None if they exceed the client's Maximum Packet Size."""
+        codec = self.conn.codec
+        topic = outgoing.topic_name
+        payload = outgoing.message.body
+        if self.conn.level != MQTT_5:
+            return codec.encode(Publish(topic, payload, outgoing.qos, outgoing.retain, dup, packet_id))
+        alias, new_alias = self.aliases.choose(topic)
+        send_topic = "" if alias is not None and not new_alias else topic
+        try:
+            props = fields.to_properties(alias, outgoing.subscription_ids)
+        except MqttProtocolError:
+            # a property another protocol set that MQTT cannot carry (e.g. U+0000): send the message without them
+            props = Properties(topic_alias=alias, subscription_identifiers=outgoing.subscription_ids,
+                               message_expiry_interval=fields.message_expiry_interval)
+        data = codec.encode(Publish(send_topic, payload, outgoing.qos, outgoing.retain, dup, packet_id, props))
+        if len(data) > self.maximum_packet_size:
+            return None
+        if new_alias:
+            self.aliases.confirm(topic, alias)  # type: ignore[arg-type]
+        return data
+
+    # ------------------------------------------------------------------------------------------ credit
+    def _release(self, outgoing: Outgoing) -> None:
+        """The message is done with (written at QoS 0, dropped, or too big): ack it and take the next one."""
+        if outgoing.delivered is not None and outgoing.sub_key is not None:
+            self._finish(outgoing.sub_key, outgoing.delivered, hold=outgoing.qos == 0 and self.conn.paused)
+
+    def _finish(self, key: str, delivered: Delivered, hold: bool = False) -> None:
+        sub = self.subs.get(key)
+        if sub is None or sub.closed:
+            return
+        try:
+            sub.ack(delivered.receipt)
+        except TidegateError:
+            pass  # already released (subscription closed meanwhile): the core redelivers it
+        self._regrant(key, hold)
+
+    def _regrant(self, key: str | None, hold: bool = False) -> None:
+        if key is None:
+            return
+        sub = self.subs.get(key)
+        if sub is None or sub.closed:
+            return
+        if hold:
+            self.held_credit[key] = self.held_credit.get(key, 0) + 1
+        else:
+            sub.grant(1)
+
+    def _ack_core(self, item: Inflight) -> None:
+        if item.sub_key is None:
+            return
+        sub = self.subs.get(item.sub_key)
+        if sub is not None and not sub.closed:
+            try:
+                sub.ack(item.receipt)
+            except TidegateError:
+                pass
+
+    # ------------------------------------------------------------------------------------------ acknowledgements
+    def on_puback(self, packet: Puback) -> None:
+        item = self.conn.mqtt_session.packets.acknowledged(packet.packet_id, 1)  # type: ignore[union-attr]
+        if item is None:
+            return  # unknown or duplicate acknowledgement: nothing to do
+        self._ack_core(item)
+        self._regrant(item.sub_key)
+        self._drain_pending()
+
+    def on_pubrec(self, packet: Pubrec) -> None:
+        conn = self.conn
+        session = conn.mqtt_session
+        assert session is not None
+        packets = session.packets
+        packet_id = packet.packet_id
+        item = packets.acknowledged(packet_id, 2)
+        if item is None:
+            if packet_id in packets.released:
+                conn.send(Pubrel(packet_id))
+            elif conn.level == MQTT_5:
+                conn.send(Pubrel(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            return
+        self._ack_core(item)
+        if packet.reason_code.is_error:  # the client refused the message: the exchange ends here
+            self._regrant(item.sub_key)
+            self._drain_pending()
+            return
+        packets.release(packet_id, item.sub_key)
+        if session.expiry_interval:
+            conn.factory.sessions.save(session)
+        conn.send(Pubrel(packet_id))
+
+    def on_pubcomp(self, packet: Pubcomp) -> None:
+        conn = self.conn
+        session = conn.mqtt_session
+        assert session is not None
+        key = session.packets.completed(packet.packet_id)
+        if key is None:
+            return
+        if session.expiry_interval:
+            conn.factory.sessions.save(session)
+        self._regrant(key or None)
+        self._drain_pending()
+
+    def resend_releases(self) -> None:
+        """A resumed session: PUBREL again every message the client had received but not completed."""
+        session = self.conn.mqtt_session
+        assert session is not None
+        for packet_id in sorted(session.packets.released):
+            self.conn.send(Pubrel(packet_id))
