@@ -25,14 +25,6 @@ class TidegateError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-    def __getattr__(self, name: str) -> object:
-        """Transitional, like the module `__getattr__` below: adapters/mqtt/server.py still reads `exc.code`
-        until its port maps core error classes by class. Delete together with the module-level function."""
-        if name == "code":
-            import importlib
-
-            return importlib.import_module("tidegate.adapters.native.errors").wire_code(self)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class ClientError(TidegateError):
@@ -120,13 +112,3 @@ class ShuttingDown(ServerError):
 class InternalError(ServerError):
     """A broker bug surfaced as an error (details are logged, never sent)."""
 
-
-def __getattr__(name: str) -> object:
-    """Transitional: the native wire codes moved to adapters/native/errors.py. adapters/mqtt/server.py still
-    imports `ErrorCode` from here until its port (which maps core error classes by class) lands; delete this
-    function with that import. Imported lazily by name so the core keeps no import of an adapter."""
-    if name == "ErrorCode":
-        import importlib
-
-        return importlib.import_module("tidegate.adapters.native.errors").ErrorCode
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,8 @@ class MessageFlag(IntFlag):
     NONE = 0
     PERSISTENT = 1  # must be on disk before it is acknowledged (under sync flush)
     TRANSIENT = 2  # may be kept in memory only (MQTT QoS 0, AMQP delivery_mode 1)
-    EXACTLY_ONCE = 4  # published with MQTT QoS 2: MQTT subscribers may receive it at QoS 2
+    # Bits 4 and up are reserved for adapters and never interpreted by the core; bit 4 is the MQTT adapter's QoS 2
+    # mark (stored messages carry it: never reuse it).
 
 
 def validate_topic(name: str) -> str:

@@ -273,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_mqtt_command(args: argparse.Namespace) -> int:
+    from tidegate.adapters.native.errors import wire_code
     from tidegate.core.errors import TidegateError
 
     if args.duration <= 0 or args.rate < 0:
@@ -285,7 +286,7 @@ def run_mqtt_command(args: argparse.Namespace) -> int:
             options = mqtt_options(args, server)
             report = run_bench(MqttDriver, options, progress)
     except TidegateError as exc:
-        print(f"error: {exc.message} ({exc.code.name})", file=sys.stderr)
+        print(f"error: {exc.message} ({wire_code(exc).name})", file=sys.stderr)
         return EXIT_FAILURE
     except (BenchError, OSError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -179,6 +179,7 @@ def options_from_args(args: argparse.Namespace, server: str) -> BenchOptions:
 
 
 def run_native_command(args: argparse.Namespace) -> int:
+    from tidegate.adapters.native.errors import wire_code
     from tidegate.core.errors import TidegateError
 
     try:
@@ -192,7 +193,7 @@ def run_native_command(args: argparse.Namespace) -> int:
             server = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
             report = run_bench(NativeDriver, options_from_args(args, server), progress)
     except TidegateError as exc:
-        print(f"error: {exc.message} ({exc.code.name})", file=sys.stderr)
+        print(f"error: {exc.message} ({wire_code(exc).name})", file=sys.stderr)
         return EXIT_FAILURE
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
