@@ -177,17 +177,22 @@ class MessageAcks:
             pq = self.pop_queue(key, state, q)
             end = self._visibility.visible_max(q)
             while pq.next_fetch < end and scanned < MAX_SCAN_PER_PUMP:
+                window = min(READ_BATCH, end - pq.next_fetch)
                 try:
-                    entries = self._store.read_index(q, pq.next_fetch, min(READ_BATCH, end - pq.next_fetch))
+                    entries = self._store.read_index(q, pq.next_fetch, window)
                 except OffsetOutOfRange:
                     self.skip_removed(state.name, None, key, pq, q)
                     continue
-                if not entries:
-                    break
+                if not entries:  # only holes (records lost in a crash recovery): done for this group
+                    self.skip_holes(key, pq, q, pq.next_fetch + window)
+                    scanned += window
+                    continue
                 for e in entries:
                     if e.queue_offset >= end or scanned >= MAX_SCAN_PER_PUMP:
                         break
                     offset = e.queue_offset
+                    if offset != pq.next_fetch:
+                        self.skip_holes(key, pq, q, offset)
                     pq.next_fetch = offset + 1
                     scanned += 1
                     msg = self._reader.wanted(e, MATCH_ALL, now)
@@ -235,6 +240,15 @@ class MessageAcks:
     def ack_offset(self, key: str, pq: PopQueue, q: QueueRef, offset: int) -> None:
         """`offset` is done for `key`; the committed offset follows when the acks below it are complete."""
         pq.acked.add(offset)
+        if pq.advance():
+            self._offsets.set(key, q, pq.committed)
+
+    def skip_holes(self, key: str, pq: PopQueue, q: QueueRef, up_to: int) -> None:
+        """Offsets `pq.next_fetch..up_to-1` hold no record (lost in a crash recovery): done for this group, so
+        the committed offset does not stop at them forever."""
+        acked = pq.acked
+        acked.update(range(max(pq.next_fetch, pq.committed), up_to))
+        pq.next_fetch = max(pq.next_fetch, up_to)
         if pq.advance():
             self._offsets.set(key, q, pq.committed)
 

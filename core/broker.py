@@ -299,13 +299,15 @@ class Broker:
             end = self._visibility.visible_max(q)
             taken = 0
             while pos < end and taken < limit:
+                window = min(READ_BATCH, end - pos)
                 try:
-                    entries = self.store.read_index(q, pos, min(READ_BATCH, end - pos))
+                    entries = self.store.read_index(q, pos, window)
                 except OffsetOutOfRange:
                     pos = self.store.queue_bounds(q).min_offset
                     continue
-                if not entries:
-                    break
+                if not entries:  # only holes (records lost in a crash recovery)
+                    pos += window
+                    continue
                 stop = False
                 for e in entries:
                     pos = e.queue_offset + 1

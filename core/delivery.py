@@ -306,17 +306,22 @@ class Delivery:
                 if scanned >= MAX_SCAN_PER_PUMP:
                     more = True
                     break
+                window = min(READ_BATCH, end - pq.next_fetch)
                 try:
-                    entries = read_index(q, pq.next_fetch, min(READ_BATCH, end - pq.next_fetch))
+                    entries = read_index(q, pq.next_fetch, window)
                 except OffsetOutOfRange:
                     acks.skip_removed(state.name, sub.sink, key, pq, q)
                     continue
-                if not entries:
-                    break
+                if not entries:  # only holes (records lost in a crash recovery): done for this group
+                    acks.skip_holes(key, pq, q, pq.next_fetch + window)
+                    scanned += window
+                    continue
                 for e in entries:
                     if e.queue_offset >= end or budget <= 0:
                         break
                     offset = e.queue_offset
+                    if offset != pq.next_fetch:
+                        acks.skip_holes(key, pq, q, offset)
                     pq.next_fetch = offset + 1
                     scanned += 1
                     msg = wanted(e, tag_filter, now)

@@ -74,7 +74,8 @@ class Durability:
 
     def request_flush(self) -> None:
         """Ask for an fsync soon: at the end of this reactor turn, so every append of the turn shares it."""
-        if self.mode == "async" or self._flushing or self._scheduled is not None or self._closed:
+        if (self.mode == "async" or self._flushing or self._scheduled is not None or self._closed
+                or self.failed is not None):
             return
         self._scheduled = self.clock.callLater(0, self._start_flush)
 
@@ -127,22 +128,35 @@ class Durability:
         self._flush_failed(failure.value)
 
     def _flush_failed(self, exc: BaseException) -> None:
-        # An fsync failure means we can no longer promise durability: keep the waiters unacknowledged
-        # (clients time out and retry) and retry the fsync shortly rather than acknowledging data in doubt.
+        # An fsync failure ends the durability promise for this process: on Linux a retried fsync can succeed
+        # after the kernel dropped the dirty pages it could not write (PostgreSQL's fsync lesson), so a retry
+        # could acknowledge records that are not on disk. Nothing waiting is ever acknowledged; the store refuses
+        # further appends; readiness reports it; a restart recovers from what the log really holds.
         self._now_idle()
+        if self.failed is None:
+            log.critical("fsync failed: %s; acknowledgements are withheld and writes refused: restart the broker "
+                         "to recover from the log", exc)
         self.failed = exc
-        log.error("fsync failed: %s; acknowledgements are held until a flush succeeds", exc)
-        if not self._closed:
-            self._scheduled = self.clock.callLater(0.5, self._start_flush)
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason) for readiness: false for good once an fsync has failed."""
+        if self.failed is None:
+            return True, ""
+        return False, f"fsync failed ({self.failed}); restart to recover"
 
     def _periodic_flush(self) -> None:
         self._periodic = None
-        if self._closed:
+        if self._closed or self.failed is not None:
             return
         if self.store.durable_offset < self.store.end_offset:
             started = time.perf_counter()
             if self._run_in_thread is None:
-                self._flush_done(self.store.sync(), started)
+                try:
+                    durable = self.store.sync()
+                except Exception as exc:  # noqa: BLE001 - fatal to durability, see _flush_failed
+                    self._flush_failed(exc)
+                    return
+                self._flush_done(durable, started)
             elif not self._flushing:
                 self._flushing = True
                 d = self._run_in_thread(self.store.sync)
@@ -150,8 +164,7 @@ class Durability:
         self._periodic = self.clock.callLater(self.interval_ms / 1000.0, self._periodic_flush)
 
     def _periodic_failed(self, failure: Any) -> None:
-        self._now_idle()
-        log.error("periodic fsync failed: %s", failure.value)
+        self._flush_failed(failure.value)
 
     def close(self) -> None:
         """Stop timers and fsync synchronously (shutdown path), releasing every waiter."""
@@ -160,6 +173,8 @@ class Durability:
             if call is not None and call.active():
                 call.cancel()
         self._scheduled = self._periodic = None
+        if self.failed is not None:
+            return  # nothing more is durable than what an fsync proved; waiters stay unacknowledged
         durable = self.store.sync()
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:

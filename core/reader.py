@@ -62,9 +62,12 @@ class QueueReader:
         looked = 0
         read_index, wanted = self._store.read_index, self.wanted
         while pos < end and len(out) < want and looked < scan_limit:
-            entries = read_index(q, pos, min(READ_BATCH, end - pos))
-            if not entries:
-                break
+            window = min(READ_BATCH, end - pos)
+            entries = read_index(q, pos, window)
+            if not entries:  # only holes here (records lost in a crash recovery): step over them
+                pos += window
+                looked += window
+                continue
             for e in entries:
                 if e.queue_offset >= end or len(out) >= want:
                     break
