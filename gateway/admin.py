@@ -11,6 +11,7 @@ Every response this module writes itself is JSON, including 404 and 405, so scri
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,14 +36,28 @@ class Readiness:
             self.STORE: "the message store has not finished recovery",
             self.LISTENERS: "the protocol listeners are not bound yet",
         }
+        # Live health checks asked at every /readyz: (ok, reason) — e.g. the store after a disk-full error
+        # (recovers by itself once space is back) or durability after an fsync failure (needs a restart).
+        self._checks: dict[str, Callable[[], tuple[bool, str]]] = {}
+
+    def add_check(self, name: str, check: Callable[[], tuple[bool, str]]) -> None:
+        self._checks[name] = check
 
     @property
     def ready(self) -> bool:
-        return not self._pending
+        return not self.pending
 
     @property
     def pending(self) -> dict[str, str]:
-        return dict(self._pending)
+        pending = dict(self._pending)
+        for name, check in self._checks.items():
+            try:
+                ok, reason = check()
+            except Exception as exc:  # a broken check must not take /readyz down: it reports not ready
+                ok, reason = False, f"health check failed: {exc}"
+            if not ok:
+                pending[name] = reason
+        return pending
 
     def done(self, condition: str) -> None:
         self._pending.pop(condition, None)

@@ -13,15 +13,14 @@ This is the only module that names concrete classes. Start-up order, and why:
 Shutdown reverses it: /readyz turns 503, listeners stop accepting, `broker.close()` flushes offsets and the log and
 closes both stores (the message store writes its clean-shutdown marker), the admin listener stops last.
 
-Protocol adapters still being written are skipped with one log line while their module is absent:
-`tidegate.adapters.mqtt.server` must provide `MqttServerFactory(core, gate, clock, settings, *, metrics, listener)` and
-`tidegate.adapters.amqp.server` must provide `AmqpServerFactory(broker, clock, metrics=...)`.
+Every protocol listener (native, MQTT, AMQP; plain TCP, TLS, WebSocket) is built by one table in
+gateway/listeners.py with the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`.
+Background tasks (index flush, retention) survive storage errors and retry with backoff; /readyz says why the broker
+is not ready (store health, durability after an fsync failure).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -36,11 +35,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from tidegate.adapters.native.server import NativeServerFactory, NativeSettings
 from tidegate.core.broker import Broker, BrokerConfig
+from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.gate import AllowAllGate
@@ -49,23 +46,19 @@ from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, build_admin_site
 from tidegate.gateway.config import Config
+from tidegate.gateway.listeners import ListenerBuilder
 from tidegate.gateway.metrics import TidegateCollector, build_registry
+from tidegate.gateway.reactor_lag import ReactorLagProbe
 from tidegate.gateway.tls import server_tls_options
 
 log = logging.getLogger("tidegate.app")
 
 LISTENERS_FILE = "listeners.json"
-# A native frame carries one message plus its properties, or a batch: allow twice the largest body.
-NATIVE_FRAME_TO_BODY_RATIO = 2
 # Durability never runs two fsyncs at once (group commit batches behind the running one): one thread is enough.
 FLUSH_POOL_THREADS = 1
 
 INDEX_FLUSH_S = 1.0
-
-OPTIONAL_ADAPTERS = {
-    "mqtt": ("tidegate.adapters.mqtt.server", "MqttServerFactory"),
-    "amqp": ("tidegate.adapters.amqp.server", "AmqpServerFactory"),
-}
+BACKGROUND_MAX_BACKOFF_S = 60.0
 
 
 def format_address(port: IListeningPort) -> str:
@@ -135,12 +128,17 @@ class TidegateProcess(Service):
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls: Any = None
+        self.gate = AllowAllGate()
+        self.reactor_lag = ReactorLagProbe(reactor)
+        self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
         self._pool = ThreadPool(minthreads=1, maxthreads=FLUSH_POOL_THREADS, name="tidegate-flush")
         self.collector = TidegateCollector(
             self.metrics,
             uptime=lambda: self.reactor.seconds() - self.started_at,
             groups=lambda: self.broker.list_groups() if self.broker is not None else (),
             store_stats=lambda: self.store.stats() if self.store is not None else None,
+            reactor_lag=self.reactor_lag.histogram,
+            recovery=lambda: getattr(self.store, "recovery", None),
         )
         self.registry = build_registry(self.collector)
         self.started: Deferred[None] | None = None
@@ -174,6 +172,7 @@ class TidegateProcess(Service):
         self.store = open_message_store(self.config, self.data_dir)
         self._log_recovery(time.monotonic() - began)
         self.readiness.done(Readiness.STORE)
+        self.readiness.add_check("storage", self.store.health)
 
         self.metadata = open_metadata_store(self.data_dir)
         self.durability = Durability(
@@ -184,22 +183,11 @@ class TidegateProcess(Service):
             interval_ms=self.config.storage.flush_interval_ms,
             metrics=self.metrics,
         )
+        self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
 
-        if listeners.native.enabled:
-            factory = NativeServerFactory(
-                self.broker,
-                AllowAllGate(),
-                self.reactor,
-                NativeSettings(max_frame=self.config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO),
-                metrics=self.metrics,
-                listener="native",
-            )
-            self._listen("native", factory, listeners.native.host, listeners.native.port)
-        if listeners.mqtt.enabled:
-            self._start_mqtt(listeners.mqtt)
-        if listeners.amqp.enabled:
-            self._start_optional_adapter("amqp", listeners.amqp.host, listeners.amqp.port)
+        builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen)
+        self._stoppables.extend(builder.build_all())
 
         # Readers (tests, scripts) poll for this file: they must see the whole JSON or nothing.
         write_atomically(listeners_file, (json.dumps(self.addresses, indent=2, sort_keys=True) + "\n").encode())
@@ -207,16 +195,15 @@ class TidegateProcess(Service):
             log.info("listening: %s on %s", name, address)
         self.readiness.done(Readiness.LISTENERS)
 
-        self._retention = LoopingCall(self.enforce_retention)
+        self._retention = LoopingCall(self.run_background, "retention", self.enforce_retention)
         self._retention.clock = self.reactor
-        self._retention.start(self.config.storage.retention_check_s, now=True).addErrback(
-            lambda failure: log.error("retention task stopped: %s", failure.getErrorMessage()))
+        self._retention.start(self.config.storage.retention_check_s, now=True)
         # Queue-index entries are buffered in memory (rebuildable from the log); write them out regularly so a
         # crash has little to re-dispatch and the checkpoint keeps moving.
-        self._index_flush = LoopingCall(self.store.flush_indexes)
+        self._index_flush = LoopingCall(self.run_background, "index flush", self.store.flush_indexes)
         self._index_flush.clock = self.reactor
-        self._index_flush.start(INDEX_FLUSH_S, now=False).addErrback(
-            lambda failure: log.error("index flush task stopped: %s", failure.getErrorMessage()))
+        self._index_flush.start(INDEX_FLUSH_S, now=False)
+        self.reactor_lag.start()
         log.info("tidegate is ready (data_dir=%s, flush=%s)", self.data_dir, self.config.storage.flush)
 
     async def _stop(self) -> None:
@@ -227,6 +214,7 @@ class TidegateProcess(Service):
         self.readiness.not_ready(Readiness.LISTENERS, "shutting down")
         if self._retention is not None and self._retention.running:
             self._retention.stop()
+        self.reactor_lag.stop()
         await DeferredList([maybeDeferred(port.stopListening) for port in self._protocol_ports.values()])
         self._protocol_ports.clear()
         if self._index_flush is not None and self._index_flush.running:
@@ -271,46 +259,34 @@ class TidegateProcess(Service):
         if deleted:
             log.info("retention deleted %d commit-log segment(s)", deleted)
 
-    def _listen(self, name: str, factory: Any, host: str, port: int, tls: bool = False) -> None:
+    def run_background(self, name: str, task: Callable[[], object]) -> None:
+        """Run a periodic storage task; on a storage error log once and retry with exponential backoff (the task
+        keeps its state and finishes the job once the disk works again), and say when it recovers."""
+        state = self._backoff.setdefault(name, [0, 0.0])
+        now = self.reactor.seconds()
+        if now < state[1]:
+            return
+        try:
+            task()
+        except (StoreError, StoreFull, OSError) as exc:
+            state[0] += 1
+            state[1] = now + min(BACKGROUND_MAX_BACKOFF_S, INDEX_FLUSH_S * 2 ** state[0])
+            if state[0] == 1:
+                log.error("%s failed: %s; retrying with backoff", name, exc)
+            return
+        if state[0]:
+            log.info("%s works again after %d failed attempts", name, int(state[0]))
+        state[0], state[1] = 0, 0.0
+
+    def _listen(self, name: str, factory: Any, host: str, port: int, tls: bool = False,
+                backlog: int = 1024) -> None:
         factory.noisy = False  # one "listening" line per listener is ours; no per-connection factory chatter
         if tls:
-            listening = self.reactor.listenSSL(port, factory, self._tls_options(), interface=host)
+            listening = self.reactor.listenSSL(port, factory, self._tls_options(), backlog=backlog, interface=host)
         else:
-            listening = self.reactor.listenTCP(port, factory, interface=host)
+            listening = self.reactor.listenTCP(port, factory, backlog=backlog, interface=host)
         self._protocol_ports[name] = listening
         self.addresses[name] = format_address(listening)
-
-    def _start_mqtt(self, section: Any) -> None:
-        from tidegate.adapters.mqtt.server import MqttServerFactory
-        from tidegate.adapters.mqtt.settings import MqttSettings
-        from tidegate.adapters.mqtt.websocket import websocket_resource
-        from tidegate.core.security import AllowAllGate
-
-        factory = MqttServerFactory(self.broker, AllowAllGate(), self.reactor, MqttSettings.from_config(section),
-                                    listener="mqtt")
-        self._stoppables.append(factory)
-        self._listen("mqtt", factory, section.host, section.port)
-        site = None
-        if section.ws_enabled or section.wss_enabled:
-            root = Resource()
-            root.putChild(section.ws_path.strip("/").encode(),
-                          websocket_resource(factory, f"ws://{section.host}{section.ws_path}", self.reactor))
-            site = Site(root)
-            site.noisy = False
-        if section.ws_enabled:
-            self._listen("mqtt_ws", site, section.host, section.ws_port)
-        if section.tls_enabled:
-            self._listen("mqtt_tls", factory, section.host, section.tls_port, tls=True)
-        if section.wss_enabled:
-            self._listen("mqtt_wss", site, section.host, section.wss_port, tls=True)
-
-    def _start_optional_adapter(self, name: str, host: str, port: int) -> None:
-        module_name, factory_name = OPTIONAL_ADAPTERS[name]
-        if not _module_exists(module_name):
-            log.info("%s listener skipped: %s is not part of this build yet", name, module_name)
-            return
-        factory_class = getattr(importlib.import_module(module_name), factory_name)
-        self._listen(name, factory_class(self.broker, self.reactor, metrics=self.metrics), host, port)
 
     def _log_recovery(self, seconds: float) -> None:
         report = getattr(self.store, "recovery", None)
@@ -321,17 +297,10 @@ class TidegateProcess(Service):
         else:
             log.warning(
                 "message store recovered in %.2fs after an unclean shutdown: scanned %d bytes, truncated %d bytes "
-                "(%d records), rebuilt %d and trimmed %d index entries", seconds, report.scanned_bytes,
-                report.truncated_bytes, report.dropped_records, report.rebuilt_index_entries,
+                "(%d records), dropped %d corrupt bytes in %d ranges, rebuilt %d and trimmed %d index entries",
+                seconds, report.scanned_bytes, report.truncated_bytes, report.dropped_records,
+                report.dropped_bytes, len(report.dropped_ranges), report.rebuilt_index_entries,
                 report.trimmed_index_entries)
-
-
-def _module_exists(module_name: str) -> bool:
-    try:
-        return importlib.util.find_spec(module_name) is not None
-    except ModuleNotFoundError:
-        # A parent package is missing (tidegate.adapters.amqp itself): the adapter is absent too.
-        return False
 
 
 async def _settled(deferred: Deferred[Any]) -> None:

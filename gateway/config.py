@@ -56,11 +56,19 @@ class StorageSection:
     retention_check_s: int = 60
 
 
+# Accept backlog of every listener: a reconnect storm of thousands of clients must not overflow the kernel's
+# queue of half-open connections (Twisted's default is 50). The kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+
+
 @dataclass(slots=True, frozen=True)
 class NativeListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 10911
+    tls_enabled: bool = False
+    tls_port: int = 10912
+    backlog: int = DEFAULT_BACKLOG
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,6 +90,7 @@ class MqttListener:
     tls_port: int = 8883
     wss_enabled: bool = False
     wss_port: int = 8084
+    backlog: int = DEFAULT_BACKLOG
     # MQTT limits, advertised in CONNACK (v5) and enforced for every version; see docs/mqtt.md. One key per field
     # of adapters/mqtt/settings.py MqttSettings (`_s` for seconds), which the gateway builds from this section.
     receive_maximum: int = 32
@@ -367,6 +376,9 @@ def _validate(merger: _Merger) -> None:
             f"broker.max_message_bytes ({values['broker.max_message_bytes']}, from "
             f"{sources['broker.max_message_bytes']}) must be smaller than storage.segment_bytes "
             f"({values['storage.segment_bytes']}, from {sources['storage.segment_bytes']})")
+    for key in (k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith(".backlog")):
+        if not 1 <= values[key] <= 65535:
+            raise ConfigError(f"{key} must be 1-65535, got {values[key]} (from {sources[key]})")
     port_keys = [k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith("port")]
     for key in port_keys:
         if not 0 <= values[key] <= 65535:
@@ -383,7 +395,8 @@ def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:
     if bool(cert) != bool(key):
         given, missing = ("tls.cert_file", "tls.key_file") if cert else ("tls.key_file", "tls.cert_file")
         raise ConfigError(f"{given} is set (from {sources[given]}) but {missing} is empty; set both or neither")
-    for flag in ("listeners.mqtt.tls_enabled", "listeners.mqtt.wss_enabled", "listeners.amqp.tls_enabled"):
+    flags = [k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith((".tls_enabled", ".wss_enabled"))]
+    for flag in flags:
         section = flag.rsplit(".", 1)[0]
         if values[section + ".enabled"] and values[flag] and not cert:
             raise ConfigError(f"{flag} is true (from {sources[flag]}) but tls.cert_file and tls.key_file are empty")

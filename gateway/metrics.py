@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from tidegate.core.api import GroupInfo
 from tidegate.core.metrics import CoreMetrics, LatencyHistogram
-from tidegate.core.storage.api import StoreStats
+from tidegate.core.storage.api import RecoveryReport, StoreStats
 
 log = logging.getLogger("tidegate.metrics")
 
@@ -39,12 +39,14 @@ class TidegateCollector(Collector):
         groups: Callable[[], Iterable[GroupInfo]] = lambda: (),
         store_stats: Callable[[], StoreStats | None] = lambda: None,
         reactor_lag: LatencyHistogram | None = None,
+        recovery: Callable[[], RecoveryReport | None] = lambda: None,
     ) -> None:
         self.core = core
         self._uptime = uptime
         self._groups = groups
         self._store_stats = store_stats
         self._reactor_lag = reactor_lag
+        self._recovery = recovery
 
     def collect(self) -> Iterator[Metric]:
         yield from self._traffic()
@@ -72,6 +74,13 @@ class TidegateCollector(Collector):
             stats = None
         if stats is not None:
             yield from _store(stats)
+        report = self._recovery()
+        if report is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_storage_recovery_dropped_bytes", "Bytes of corrupt or torn records "
+                                    "the last start-up recovery dropped (0 after a clean shutdown).",
+                                    value=report.truncated_bytes + report.dropped_bytes)
+            yield GaugeMetricFamily(f"{PREFIX}_storage_recovery_dropped_records", "Records the last start-up "
+                                    "recovery dropped.", value=report.dropped_records)
         yield GaugeMetricFamily(f"{PREFIX}_uptime_seconds", "Seconds since the process started.",
                                 value=self._uptime())
 

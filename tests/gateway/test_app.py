@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.adapters.native.server import NativeSettings
 from tidegate.core.security.gate import AllowAllGate
-from tidegate.gateway import app
+from tidegate.gateway import app, listeners
 from tidegate.gateway.config import Config, ListenersSection, MqttListener, load_config, parse_set_option
 
 
@@ -28,6 +28,7 @@ class RecordingStore:
         self.recovery = None
         self.end_offset = 0
         self.durable_offset = 0
+        self.healthy: tuple[bool, str] = (True, "")
 
     def enforce_retention(self, now_ms: int, max_age_ms: int, max_bytes: int) -> int:
         self.retention_calls.append((now_ms, max_age_ms, max_bytes))
@@ -41,6 +42,9 @@ class RecordingStore:
 
     def stats(self) -> None:
         return None
+
+    def health(self) -> tuple[bool, str]:
+        return self.healthy
 
     def close(self) -> None:
         self.closed = True
@@ -75,9 +79,15 @@ class RecordingBroker:
 
 
 class RecordingFactory:
-    def __init__(self, broker: Any, clock: Any, *args: Any, **kwargs: Any) -> None:
-        self.broker, self.clock, self.args, self.kwargs = broker, clock, args, kwargs
-        self.settings = args[0] if args else kwargs.get("settings")
+    """Records the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`."""
+
+    stopped = False
+
+    def __init__(self, core: Any, gate: Any, clock: Any, settings: Any, **kwargs: Any) -> None:
+        self.broker, self.gate, self.clock, self.settings, self.kwargs = core, gate, clock, settings, kwargs
+
+    def stop(self) -> None:
+        self.stopped = True
 
 
 @pytest.fixture
@@ -87,9 +97,12 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(app, "open_message_store", lambda config, data_dir: store)
     monkeypatch.setattr(app, "open_metadata_store", lambda data_dir: metadata)
     monkeypatch.setattr(app, "Broker", RecordingBroker)
-    monkeypatch.setattr(app, "NativeServerFactory", RecordingFactory)
-    monkeypatch.setattr(app, "OPTIONAL_ADAPTERS", {"mqtt": ("tidegate_test_absent.mqtt", "MqttServerFactory"),
-                                                   "amqp": ("tidegate_test_absent.amqp", "AmqpServerFactory")})
+    import tidegate.adapters.native.server as native_server
+
+    monkeypatch.setattr(native_server, "NativeServerFactory", RecordingFactory)
+    protocols = tuple(replace(row, factory="tidegate_test_absent.amqp:AmqpServerFactory") if row.name == "amqp"
+                      else row for row in listeners.PROTOCOLS)
+    monkeypatch.setattr(listeners, "PROTOCOLS", protocols)
     return {"store": store, "metadata": metadata}
 
 
@@ -129,11 +142,10 @@ def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_pat
     process, reactor = started_process(config)
     try:
         factory = reactor.tcpServers[1][1]
-        # NativeServerFactory(core, gate, clock, settings, *, metrics, listener): the recorder's positional
-        # slots are (broker, clock, *args), so the gate lands in `clock` and (clock, settings) in `args`.
         assert factory.broker is RecordingBroker.instances[0]
-        assert isinstance(factory.clock, AllowAllGate)
-        assert factory.args == (reactor, NativeSettings(max_frame=2000))
+        assert factory.gate is process.gate and isinstance(factory.gate, AllowAllGate)
+        assert factory.clock is reactor
+        assert factory.settings == NativeSettings(max_frame=2000)
         assert factory.kwargs == {"metrics": process.metrics, "listener": "native"}
         store, metadata, clock, durability, broker_config = RecordingBroker.instances[0].args
         assert (store, metadata, clock) == (stand_ins["store"], stand_ins["metadata"], reactor)
@@ -168,13 +180,7 @@ def test_mqtt_tcp_and_websocket_listeners_share_one_factory(tmp_path: Path, stan
     import tidegate.adapters.mqtt.server as mqtt_server
 
     class StandInMqttFactory(RecordingFactory):
-        stopped = False
-
-        def __init__(self, core: Any, gate: Any, clock: Any, settings: Any, **kwargs: Any) -> None:
-            super().__init__(core, clock, settings, gate=gate, **kwargs)  # the listener shape (core, gate, clock, ...)
-
-        def stop(self) -> None:
-            self.stopped = True
+        pass
 
     monkeypatch.setattr(mqtt_server, "MqttServerFactory", StandInMqttFactory)
     config = make_config(tmp_path, "listeners.mqtt.enabled=true", "listeners.mqtt.port=0",
@@ -256,3 +262,78 @@ def test_stale_listeners_file_from_a_crashed_run_is_removed_before_binding(tmp_p
     process.started.addErrback(lambda failure: None)
     assert not (data_dir / app.LISTENERS_FILE).exists()
     process.stopService()
+
+
+def test_every_listener_gets_the_configured_accept_backlog(tmp_path: Path, stand_ins) -> None:
+    process, reactor = started_process(make_config(tmp_path, "listeners.native.backlog=512"))
+    try:
+        native = next(entry for entry in reactor.tcpServers if isinstance(entry[1], RecordingFactory))
+        assert native[2] == min(512, listeners.effective_backlog(512))
+    finally:
+        process.stopService()
+
+
+def test_backlog_is_capped_by_somaxconn_and_says_so(tmp_path: Path, caplog) -> None:
+    somaxconn = tmp_path / "somaxconn"
+    somaxconn.write_text("256\n")
+    caplog.set_level(logging.INFO, logger="tidegate.app")
+    assert listeners.effective_backlog(4096, somaxconn) == 256
+    assert listeners.effective_backlog(100, somaxconn) == 100
+    assert "net.core.somaxconn=256" in caplog.text
+
+
+def test_native_gets_a_tls_endpoint_through_the_same_table(tmp_path: Path, stand_ins, monkeypatch) -> None:
+    monkeypatch.setattr(app, "server_tls_options", lambda *files: "tls-context")
+    config = make_config(tmp_path, "listeners.native.tls_enabled=true", "listeners.native.tls_port=0",
+                         "tls.cert_file=/x/cert.pem", "tls.key_file=/x/key.pem")
+    process, reactor = started_process(config)
+    try:
+        port, factory, context, backlog, interface = reactor.sslServers[0]
+        assert isinstance(factory, RecordingFactory) and context == "tls-context"
+        plain = next(entry[1] for entry in reactor.tcpServers if isinstance(entry[1], RecordingFactory))
+        assert plain is factory  # one factory, two endpoints
+        assert {"native", "native_tls"} <= set(process.addresses)
+    finally:
+        process.stopService()
+
+
+def test_readyz_reports_storage_health_and_recovers_without_restart(tmp_path: Path, stand_ins) -> None:
+    process, _ = started_process(make_config(tmp_path))
+    try:
+        assert process.readiness.ready
+        stand_ins["store"].healthy = (False, "disk full: appends refused")
+        assert process.readiness.pending == {"storage": "disk full: appends refused"}
+        stand_ins["store"].healthy = (True, "")
+        assert process.readiness.ready
+    finally:
+        process.stopService()
+
+
+def test_index_flush_survives_storage_errors_with_backoff_and_recovers(tmp_path: Path, stand_ins, caplog) -> None:
+    from tidegate.core.errors import StoreFull
+
+    caplog.set_level(logging.INFO, logger="tidegate.app")
+    attempts: list[float] = []
+    clock: list[Any] = []
+
+    def failing_flush() -> None:
+        attempts.append(clock[0].seconds())
+        if len(attempts) <= 3:
+            raise StoreFull("no space left on device")
+
+    stand_ins["store"].flush_indexes = failing_flush
+    reactor = MemoryReactorClock()
+    clock.append(reactor)
+    process = app.TidegateProcess(make_config(tmp_path), reactor)
+    process.startService()
+    try:
+        for _ in range(40):
+            reactor.advance(app.INDEX_FLUSH_S)
+        assert len(attempts) > 4, "the task kept running after errors"
+        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)][:3]
+        assert gaps == sorted(gaps) and gaps[2] > gaps[0], "retries back off"
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("index flush failed" in m for m in messages) == 1
+        assert any("index flush works again after 3 failed attempts" in m for m in messages)
+    finally:
+        process.stopService()

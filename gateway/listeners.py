@@ -1,0 +1,163 @@
+"""One table that builds every protocol listener from config: plain TCP, TLS and WebSocket, the same way for all.
+
+Every adapter has the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`
+(adapters/base.py). A row of `PROTOCOLS` names the factory, how its settings come from the config section, and,
+for protocols that have one, how to wrap the factory as a WebSocket resource. The endpoints of a protocol follow from
+its config section's fields alone: `port`, then `tls_enabled`/`tls_port`, `ws_enabled`/`ws_port`/`ws_path` and
+`wss_enabled`/`wss_port` where the section has them; the bound addresses are named `native`, `mqtt_tls`, `mqtt_ws`,
+... in `listeners.json`.
+
+A row whose adapter module is not part of the build is skipped with one log line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidegate.gateway.config import Config
+
+log = logging.getLogger("tidegate.app")
+
+# A native frame carries one message plus its properties, or a batch: allow twice the largest body.
+NATIVE_FRAME_TO_BODY_RATIO = 2
+DEFAULT_BACKLOG = 1024
+SOMAXCONN_PATH = Path("/proc/sys/net/core/somaxconn")
+
+
+def native_settings(config: Config, section: Any) -> Any:
+    from tidegate.adapters.native.server import NativeSettings
+
+    return NativeSettings(max_frame=config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO)
+
+
+def mqtt_settings(config: Config, section: Any) -> Any:
+    from tidegate.adapters.mqtt.settings import MqttSettings
+
+    return MqttSettings.from_config(section)
+
+
+def amqp_settings(config: Config, section: Any) -> Any:
+    from tidegate.adapters.amqp.settings import AmqpSettings
+
+    return AmqpSettings.from_config(section)
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolListener:
+    name: str  # config section `[listeners.<name>]` and the protocol's label
+    factory: str  # "module:attribute" of the AdapterFactory subclass
+    settings: Callable[[Config, Any], Any]
+    websocket: str = ""  # "module:function(factory, url, reactor) -> twisted.web resource", for protocols with one
+
+
+PROTOCOLS: tuple[ProtocolListener, ...] = (
+    ProtocolListener("native", "tidegate.adapters.native.server:NativeServerFactory", native_settings),
+    ProtocolListener("mqtt", "tidegate.adapters.mqtt.server:MqttServerFactory", mqtt_settings,
+                     websocket="tidegate.adapters.mqtt.websocket:websocket_resource"),
+    ProtocolListener("amqp", "tidegate.adapters.amqp.server:AmqpServerFactory", amqp_settings),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str  # key in listeners.json
+    port: int
+    tls: bool = False
+    websocket: bool = False
+
+
+def endpoints(name: str, section: Any) -> list[Endpoint]:
+    """Where a protocol listens, read from its config section."""
+    out = [Endpoint(name, section.port)]
+    if getattr(section, "tls_enabled", False):
+        out.append(Endpoint(f"{name}_tls", section.tls_port, tls=True))
+    if getattr(section, "ws_enabled", False):
+        out.append(Endpoint(f"{name}_ws", section.ws_port, websocket=True))
+    if getattr(section, "wss_enabled", False):
+        out.append(Endpoint(f"{name}_wss", section.wss_port, tls=True, websocket=True))
+    return out
+
+
+def effective_backlog(requested: int, somaxconn_path: Path = SOMAXCONN_PATH) -> int:
+    """The accept backlog to ask for: the kernel caps it at net.core.somaxconn anyway, so say so once."""
+    try:
+        cap = int(somaxconn_path.read_text().strip())
+    except (OSError, ValueError):
+        return requested
+    if requested > cap:
+        log.info("listener backlog %d is capped by net.core.somaxconn=%d (raise it with sysctl for larger "
+                 "reconnect storms)", requested, cap)
+        return cap
+    return requested
+
+
+def resolve(target: str) -> Any | None:
+    """The attribute a `module:attribute` string names, or None when the module is not part of this build."""
+    module_name, attribute = target.split(":")
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return None
+    except ModuleNotFoundError:  # a parent package is missing (tidegate.adapters.amqp itself)
+        return None
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class ListenerBuilder:
+    """Builds and binds every enabled protocol's factory and endpoints; `listen` is the process's bind call."""
+
+    def __init__(self, config: Config, core: Any, gate: Any, reactor: Any, metrics: Any,
+                 listen: Callable[[str, Any, str, int, bool, int], None]) -> None:
+        self.config = config
+        self.core = core
+        self.gate = gate
+        self.reactor = reactor
+        self.metrics = metrics
+        self._listen = listen
+
+    def build_all(self) -> list[Any]:
+        """Bind every enabled protocol of `PROTOCOLS`; returns the factories (each has `stop()` for shutdown)."""
+        factories = []
+        for row in PROTOCOLS:
+            section = getattr(self.config.listeners, row.name)
+            if not section.enabled:
+                continue
+            factory = self.build(row, section)
+            if factory is not None:
+                factories.append(factory)
+        return factories
+
+    def build(self, row: ProtocolListener, section: Any) -> Any | None:
+        factory_class = resolve(row.factory)
+        if factory_class is None:
+            log.info("%s listener skipped: %s is not part of this build yet", row.name, row.factory.split(":")[0])
+            return None
+        factory = factory_class(self.core, self.gate, self.reactor, row.settings(self.config, section),
+                                metrics=self.metrics, listener=row.name)
+        backlog = effective_backlog(getattr(section, "backlog", DEFAULT_BACKLOG))
+        site = None
+        for endpoint in endpoints(row.name, section):
+            target = factory
+            if endpoint.websocket:
+                if site is None:
+                    site = self._websocket_site(row, factory, section)
+                target = site
+            self._listen(endpoint.name, target, section.host, endpoint.port, endpoint.tls, backlog)
+        return factory
+
+    def _websocket_site(self, row: ProtocolListener, factory: Any, section: Any) -> Any:
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        make_resource = resolve(row.websocket)
+        path = getattr(section, "ws_path", f"/{row.name}")
+        root = Resource()
+        root.putChild(path.strip("/").encode(), make_resource(factory, f"ws://{section.host}{path}", self.reactor))
+        site = Site(root)
+        site.noisy = False
+        return site
