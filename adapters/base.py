@@ -166,9 +166,9 @@ class AdapterConnection(Protocol):
         """The transport drained: deliver again."""
 
     def output_budget_exceeded(self) -> None:
-        """The client stopped reading and the output budget is used up: say so the protocol's way if it can
-        (MQTT 5 DISCONNECT 0x97, native error) by overriding, then call `super()` to drop the connection."""
-        self.closing = True
+        """The client stopped reading and the output budget is used up (`closing` is already set, so writes
+        still go through): say so the protocol's way if it can (MQTT 5 DISCONNECT 0x97, native error) by
+        overriding, then call `super()` to drop the connection without waiting for the buffer to drain."""
         self.transport.abortConnection()
 
     # ------------------------------------------------------------------ output
@@ -203,6 +203,7 @@ class AdapterConnection(Protocol):
         log.info("{label}: {source} does not read; {n} bytes waiting exceed the output budget of {budget}; "
                  "closing", label=self.factory.protocol_label, source=self.source, n=self._written_while_paused,
                  budget=self.output_budget)
+        self.closing = True
         self.output_budget_exceeded()
         return True
 

@@ -159,6 +159,15 @@ class MqttProtocol(AdapterConnection):
         if self.outbound is not None:
             self.outbound.resume()
 
+    def output_budget_exceeded(self) -> None:
+        """The client does not read: tell a v5 client why (DISCONNECT 0x97 Quota exceeded), end the session as a
+        network failure would (the will is sent), and drop the connection."""
+        if self.state == "connected" and self.level == MQTT_5:
+            self.send(Disconnect(ReasonCode.QUOTA_EXCEEDED))
+        if self.state != "closed":
+            self._end(send_will=True)
+        super().output_budget_exceeded()
+
     # ------------------------------------------------------------------------------------------ output
     def send(self, packet: Any) -> None:
         self.write(self.codec.encode(packet))

@@ -155,6 +155,11 @@ class NativeProtocol(AdapterConnection):
                     log.error("native: closing subscription {sid} failed: {exc!r}", sid=sink.subscription_id,
                               exc=exc)
 
+    def output_budget_exceeded(self) -> None:
+        self._error(0, ErrorCode.BAD_REQUEST, f"the client does not read: more than {self.output_budget} bytes "
+                    "wait to be sent; closing")
+        super().output_budget_exceeded()
+
     def idle_timed_out(self, idle: float) -> None:
         heartbeat_s = self.factory.settings.heartbeat_s
         self._close_with_error(0, ErrorCode.BAD_REQUEST,

@@ -534,3 +534,16 @@ def test_heartbeat_zero_never_closes_an_idle_connection(clock: MemoryReactorCloc
     peer = Peer(factory)
     clock.advance(3600)
     assert not peer.closing and isinstance(peer.request(f.Ping), f.Pong)
+
+
+def test_a_client_that_does_not_read_gets_an_error_and_is_dropped_at_its_output_budget(
+        factory: NativeServerFactory) -> None:
+    """Replies pile up only while the socket is paused; past the budget the connection ends with a reason."""
+    peer = Peer(factory)
+    peer.protocol.output_budget = 64
+    peer.protocol.pauseProducing()
+    for n in range(20):
+        peer.send(f.Ping(request_id=200 + n))
+    frames = peer.read()
+    assert isinstance(frames[-1], f.Error) and "does not read" in frames[-1].message
+    assert peer.protocol.closing
