@@ -79,6 +79,22 @@ class CoreSession:
         if not self._system and is_reserved_topic(name) and name not in self._owned:
             raise NotAuthorized(f"{name!r} is in the broker's reserved namespace")
 
+    def _check_read(self, topic: str, group: str | None = None) -> None:
+        """Sub on everything under `topic` and on `group`; a private name this session owns is its own (the
+        filters that fill it were checked when they were bound), so the gate is not asked about it."""
+        owned = self._owned
+        if topic not in owned:
+            self._reachable(topic)
+            self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
+        if group is not None and group not in owned:
+            self._reachable(group)
+            self.authorize(Action.SUB, Resource.group(group))
+
+    def _check_group(self, group: str) -> None:
+        if group not in self._owned:
+            self._reachable(group)
+            self.authorize(Action.SUB, Resource.group(group))
+
     def _visible(self, name: str) -> bool:
         return self._system or not is_private_topic(name) or name in self._owned
 
@@ -123,10 +139,7 @@ class CoreSession:
     def subscribe(self, group: str, topic: str, sink: DeliverySink, *, client_id: str | None = None,
                   **options: Any) -> Subscription:
         """Attach a push consumer (Sub on every name under `topic` and on `group`)."""
-        self._reachable(topic)
-        self._reachable(group)
-        self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
-        self.authorize(Action.SUB, Resource.group(group))
+        self._check_read(topic, group)
         return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
 
     def bind(self, pattern: str, destination: QueueRef) -> None:
@@ -143,33 +156,26 @@ class CoreSession:
 
     def pull(self, queue: QueueRef, offset: int, max_count: int = 32,
              filter_expr: str | TagFilter = "*") -> PullResult:
-        self._reachable(queue.topic)
-        self.authorize(Action.SUB, Resource.topic_filter(f"{queue.topic}/#"))
+        self._check_read(queue.topic)
         return self.core.pull(queue, offset, max_count, filter_expr)
 
     def get(self, group: str, topic: str, *, auto_ack: bool, invisible_ms: int | None = None) -> Delivered | None:
         """Take the next ready message of `group` on `topic` without a subscription (AMQP basic.get)."""
-        self._reachable(topic)
-        self._reachable(group)
-        self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
-        self.authorize(Action.SUB, Resource.group(group))
+        self._check_read(topic, group)
         return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)
 
     def ack(self, group: str, receipt: str) -> None:
         """Settle a message taken with `get` (or delivered to a member of `group`)."""
-        self._reachable(group)
-        self.authorize(Action.SUB, Resource.group(group))
+        self._check_group(group)
         self.core.ack(group, receipt)
 
     def nack(self, group: str, receipt: str, requeue: bool = True, delay_ms: int = 0) -> None:
-        self._reachable(group)
-        self.authorize(Action.SUB, Resource.group(group))
+        self._check_group(group)
         self.core.nack(group, receipt, requeue, delay_ms)
 
     def commit_offset(self, group: str, queue: QueueRef, offset: int) -> None:
-        self._reachable(group)
         self._reachable(queue.topic)
-        self.authorize(Action.SUB, Resource.group(group))
+        self._check_group(group)
         self.core.commit_offset(group, queue, offset)
 
     def queue_offsets(self, queue: QueueRef) -> tuple[int, int]:

@@ -143,3 +143,13 @@ def test_get_and_ack_go_through_the_session_and_check_the_group(broker):
     assert s.get("mine", "jobs", auto_ack=False) is None
     with pytest.raises(NotAuthorized):
         s.get("theirs", "jobs", auto_ack=True)
+
+
+def test_a_session_reading_its_own_private_queue_does_not_ask_the_gate_about_it(broker):
+    gate = PolicyGate()
+    s = session(broker, gate)
+    s.claim_private("%MQTT%me")
+    s.own("%MQTT%me-group")
+    s.subscribe("%MQTT%me-group", "%MQTT%me", RecordingSink(), client_id="me")
+    s.pull(QueueRef("%MQTT%me", 0), 0)
+    assert [r for _, _, r, _ in gate.asked if "%MQTT%" in r] == []
