@@ -18,6 +18,7 @@ Subclasses implement `bytes_received(data)` (feed the codec, dispatch frames) an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
@@ -44,19 +45,28 @@ DEFAULT_MAX_HELD_BYTES = 1024 * 1024
 DEFAULT_OUTPUT_BUDGET = 8 * 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What every connection of every protocol is held to (config section `[connections]`)."""
+
+    output_budget: int = DEFAULT_OUTPUT_BUDGET
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+
+
 class AdapterFactory(Factory):
-    """Listener factory of one protocol: `Factory(core, gate, clock, settings, *, metrics, listener)`."""
+    """Listener factory of one protocol: `Factory(core, gate, clock, settings, *, metrics, listener, limits)`."""
 
     protocol_label: ClassVar[str] = "adapter"
 
     def __init__(self, core: Core, gate: Gate, clock: Any, settings: Any, *, metrics: CoreMetrics | None = None,
-                 listener: str = "") -> None:
+                 listener: str = "", limits: ConnectionLimits | None = None) -> None:
         self.core = core
         self.gate = gate
         self.clock = clock
         self.settings = settings
         self.metrics = metrics if metrics is not None else core.metrics
         self.listener = listener or self.protocol_label
+        self.limits = limits or ConnectionLimits()
         self.noisy = False
         # The broker acting for this adapter (housekeeping of its private topics, wills); never a client's.
         self.system = system_session(core, gate, self.listener)
@@ -105,6 +115,11 @@ class AdapterConnection(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         self.connected_ = True
+        limits = factory.limits
+        if limits.output_budget != DEFAULT_OUTPUT_BUDGET:
+            self.output_budget = limits.output_budget
+        if limits.max_held_bytes != DEFAULT_MAX_HELD_BYTES:
+            self.max_held_bytes = limits.max_held_bytes
         self.source = peer_host(self.transport)
         label = factory.protocol_label
         factory.metrics.connections[label] += 1

@@ -131,6 +131,17 @@ class ListenersSection:
 
 
 @dataclass(slots=True, frozen=True)
+class ConnectionsSection:
+    """Limits every client connection of every protocol gets (adapters/base.py)."""
+
+    # Bytes that may wait for a client whose socket does not drain before the connection is closed (MQTT 5 hears
+    # DISCONNECT 0x97, native an ERROR). Delivery already stops while a socket is paused; this bounds replies.
+    output_budget_bytes: int = 8 * 1024 * 1024
+    # Bytes a client may send while its login is being decided (pipelined behind CONNECT/HELLO) before it is cut.
+    login_hold_bytes: int = 1024 * 1024
+
+
+@dataclass(slots=True, frozen=True)
 class TlsSection:
     cert_file: str = ""
     key_file: str = ""
@@ -147,6 +158,7 @@ class Config:
     broker: BrokerSection = field(default_factory=BrokerSection)
     storage: StorageSection = field(default_factory=StorageSection)
     listeners: ListenersSection = field(default_factory=ListenersSection)
+    connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     tls: TlsSection = field(default_factory=TlsSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -376,6 +388,9 @@ def _validate(merger: _Merger) -> None:
             f"broker.max_message_bytes ({values['broker.max_message_bytes']}, from "
             f"{sources['broker.max_message_bytes']}) must be smaller than storage.segment_bytes "
             f"({values['storage.segment_bytes']}, from {sources['storage.segment_bytes']})")
+    for key in ("connections.output_budget_bytes", "connections.login_hold_bytes"):
+        if values[key] < 4096:
+            raise ConfigError(f"{key} must be at least 4096 bytes, got {values[key]} (from {sources[key]})")
     for key in (k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith(".backlog")):
         if not 1 <= values[key] <= 65535:
             raise ConfigError(f"{key} must be 1-65535, got {values[key]} (from {sources[key]})")

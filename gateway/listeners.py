@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidegate.adapters.base import ConnectionLimits
 from tidegate.gateway.config import Config
 
 log = logging.getLogger("tidegate.app")
@@ -137,8 +138,11 @@ class ListenerBuilder:
         if factory_class is None:
             log.info("%s listener skipped: %s is not part of this build yet", row.name, row.factory.split(":")[0])
             return None
+        connections = self.config.connections
+        limits = ConnectionLimits(output_budget=connections.output_budget_bytes,
+                                  max_held_bytes=connections.login_hold_bytes)
         factory = factory_class(self.core, self.gate, self.reactor, row.settings(self.config, section),
-                                metrics=self.metrics, listener=row.name)
+                                metrics=self.metrics, listener=row.name, limits=limits)
         backlog = effective_backlog(getattr(section, "backlog", DEFAULT_BACKLOG))
         site = None
         for endpoint in endpoints(row.name, section):

@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from tidegate.adapters.base import AdapterConnection, AdapterFactory
+from tidegate.adapters.base import AdapterConnection, AdapterFactory, ConnectionLimits
 from tidegate.core.errors import NotAuthenticated, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
@@ -453,9 +453,11 @@ class MqttServerFactory(AdapterFactory):
     protocol_label = "mqtt"
 
     def __init__(self, core: Core, gate: Gate, clock: Any, settings: MqttSettings | None = None, *,
-                 metrics: CoreMetrics | None = None, listener: str = "mqtt") -> None:
+                 metrics: CoreMetrics | None = None, listener: str = "mqtt",
+                 limits: ConnectionLimits | None = None) -> None:
         settings = settings or MqttSettings()
-        super().__init__(core, gate, clock, settings, metrics=metrics, listener=listener)
+        super().__init__(core, gate, clock, settings, metrics=metrics, listener=listener,
+                         limits=limits)
         self.settings: MqttSettings = settings
         self.connections: set[MqttProtocol] = set()
         self.retained = RetainedStore(core.adapter_state(RETAINED_NAMESPACE))

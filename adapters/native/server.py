@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tidegate.adapters.base import AdapterConnection, AdapterFactory
+from tidegate.adapters.base import AdapterConnection, AdapterFactory, ConnectionLimits
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
     DEFAULT_MAX_FRAME,
@@ -551,9 +551,11 @@ class NativeServerFactory(AdapterFactory):
     protocol_label = "native"
 
     def __init__(self, core: Core, gate: Gate, clock: IReactorTime, settings: NativeSettings | None = None, *,
-                 metrics: CoreMetrics | None = None, listener: str = "native") -> None:
+                 metrics: CoreMetrics | None = None, listener: str = "native",
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__(core, gate, clock, settings if settings is not None else NativeSettings(),
-                         metrics=metrics, listener=listener)
+                         metrics=metrics, listener=listener,
+                         limits=limits)
         self.settings: NativeSettings
         self._connection_numbers = itertools.count(1)
 

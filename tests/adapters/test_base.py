@@ -154,3 +154,14 @@ def test_resume_resets_the_output_budget():
     proto.pauseProducing()
     proto.dataReceived(b"y" * 80 + b"\n")
     assert not transport.disconnecting and not proto.closing
+
+
+def test_connection_limits_from_the_factory_apply_to_each_connection():
+    from tidegate.adapters.base import ConnectionLimits
+
+    clock = MemoryReactorClock()
+    factory = LineFactory(make_broker(clock), AllowAllGate(), clock, None,
+                          limits=ConnectionLimits(output_budget=5000, max_held_bytes=6000))
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    assert (proto.output_budget, proto.max_held_bytes) == (5000, 6000)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
+from tidegate.adapters.base import ConnectionLimits
 from tidegate.adapters.native.server import NativeSettings
 from tidegate.core.security.gate import AllowAllGate
 from tidegate.gateway import app, listeners
@@ -146,7 +147,9 @@ def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_pat
         assert factory.gate is process.gate and isinstance(factory.gate, AllowAllGate)
         assert factory.clock is reactor
         assert factory.settings == NativeSettings(max_frame=2000)
-        assert factory.kwargs == {"metrics": process.metrics, "listener": "native"}
+        assert factory.kwargs == {"metrics": process.metrics, "listener": "native",
+                                  "limits": ConnectionLimits(output_budget=8 * 1024 * 1024,
+                                                             max_held_bytes=1024 * 1024)}
         store, metadata, clock, durability, broker_config = RecordingBroker.instances[0].args
         assert (store, metadata, clock) == (stand_ins["store"], stand_ins["metadata"], reactor)
         assert durability.mode == "sync" and durability.metrics is process.metrics
