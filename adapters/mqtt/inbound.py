@@ -104,8 +104,8 @@ class Inbound:
                     return
                 conn.send(Pubrec(packet_id))  # type: ignore[arg-type]
             return
-        if qos == 2 and len(packets.inbound_qos2) + (len(self.batch_ids) if batch is not None else 0) \
-                >= self.settings.max_inflight:  # type: ignore[arg-type]
+        staged = len(self.batch_ids) if batch is not None and self.batch_ids is not None else 0
+        if qos == 2 and len(packets.inbound_qos2) + staged >= self.settings.max_inflight:
             # QoS 2 ids stay until PUBREL and survive reconnects: 3.1.1 has no Receive Maximum and a v5 client can
             # leave up to its window behind at each connection, so the session's unreleased ids are bounded here
             raise MqttProtocolError(f"more than {self.settings.max_inflight} QoS 2 publishes without PUBREL "

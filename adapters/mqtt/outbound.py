@@ -160,7 +160,10 @@ class Outbound:
             self.conn.factory.sys.listeners.discard(self.conn)
 
     def send_sys(self, values: dict[str, str], retain: bool, only: SubscriptionEntry | None = None) -> None:
-        """Deliver $SYS values (QoS 0) to this client's $SYS subscriptions."""
+        """Deliver $SYS values (QoS 0) to this client's $SYS subscriptions. A periodic update is skipped while the
+        socket is paused (the next one carries the same values); a snapshot for a new subscription is sent."""
+        if only is None and self.conn.paused:
+            return
         filters = [only] if only is not None else self.sys_filters
         for name, value in values.items():
             matching = [e for e in filters if topic_matches(e.topic_filter, name)]

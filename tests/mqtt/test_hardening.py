@@ -361,3 +361,19 @@ def test_the_clients_topic_alias_maximum_is_capped_by_a_setting(make_env):
     aliases = {p.properties.topic_alias for p in got if p.properties.topic_alias is not None}
     assert aliases == {1, 2, 3, 4}
     assert len(sub.protocol.outbound.aliases._aliases) == 4
+
+
+def test_periodic_sys_updates_skip_a_paused_connection(make_env):
+    """$SYS updates are snapshots: while a subscriber's socket is paused they are not written (the next one after it
+    drains carries the same values)."""
+    env = make_env(MqttSettings(sys_interval=10))
+    sub = env.client(4)
+    sub.connect("sys")
+    assert publishes(subscribe(sub, env, "$SYS/#", qos=0))  # the snapshot on SUBSCRIBE
+    sub.protocol.pauseProducing()
+    env.clock.advance(10)
+    assert publishes(sub.received()) == []
+    sub.protocol.resumeProducing()
+    env.clock.advance(10)
+    assert publishes(sub.received())
+    env.factory.stop()

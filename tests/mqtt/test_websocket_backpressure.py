@@ -8,8 +8,10 @@ in a daemon thread; waiting uses events with timeouts, never sleeps.
 from __future__ import annotations
 
 import base64
+import datetime
 import os
 import socket
+import ssl
 import struct
 import threading
 
@@ -38,16 +40,44 @@ def running_reactor():
     return reactor
 
 
-@pytest.fixture
-def ws_server(running_reactor):
+def self_signed_context_factory(directory) -> object:
+    """A Twisted TLS server context with a throw-away self-signed certificate for 127.0.0.1."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet.ssl import DefaultOpenSSLContextFactory
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "server.pem", directory / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return DefaultOpenSSLContextFactory(str(key_file), str(cert_file))
+
+
+@pytest.fixture(params=["ws", "wss"])
+def ws_server(request, running_reactor, tmp_path):
+    tls = request.param == "wss"
+    context = self_signed_context_factory(tmp_path) if tls else None
+
     def start():
         broker = make_broker(reactor, flush="sync")
         factory = MqttServerFactory(broker, AllowAllGate(), reactor, MqttSettings(sys_interval=0))
-        port = reactor.listenTCP(0, websocket_site(factory, "ws://127.0.0.1/mqtt", reactor), interface="127.0.0.1")
+        site = websocket_site(factory, f"{request.param}://127.0.0.1/mqtt", reactor)
+        if tls:
+            port = reactor.listenSSL(0, site, context, interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return factory, port
 
     factory, port = blockingCallFromThread(reactor, start)
-    yield factory, port.getHost().port
+    yield factory, port.getHost().port, tls
 
     def stop():
         factory.stop()
@@ -63,9 +93,14 @@ def masked_binary_frame(payload: bytes) -> bytes:
     return struct.pack("!BB", 0x82, 0x80 | len(payload)) + mask + body
 
 
-def open_websocket_mqtt(port: int) -> socket.socket:
+def open_websocket_mqtt(port: int, tls: bool) -> socket.socket:
     """A WebSocket MQTT client that sends CONNECT and then never reads again."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # a throw-away certificate: only the transport under test matters
+        sock = context.wrap_socket(sock)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
@@ -82,8 +117,8 @@ def open_websocket_mqtt(port: int) -> socket.socket:
 
 
 def test_a_full_websocket_socket_buffer_pauses_the_mqtt_connection(ws_server):
-    factory, port = ws_server
-    sock = open_websocket_mqtt(port)
+    factory, port, tls = ws_server
+    sock = open_websocket_mqtt(port, tls)
     try:
         connected = threading.Event()
 
