@@ -111,6 +111,10 @@ class MqttListener:
     connect_timeout_s: int = 10  # a new connection has this long to send CONNECT
     sys_interval_s: int = 10
     max_delivery_attempts: int = 1_000_000  # deliveries of one message to a session before it is dead-lettered
+    max_filters_per_subscribe: int = 256  # beyond: SUBACK 0x97 Quota exceeded (v5) / 0x80 (3.1.1) per filter
+    max_subscriptions_per_session: int = 1024  # new filters beyond are refused the same way
+    max_queued_retained_bytes: int = 8 * 1024 * 1024  # retained payload waiting for one connection; beyond: not sent
+    max_outbound_topic_aliases: int = 256  # cap on the client's Topic Alias Maximum (topic names kept per connection)
 
 
 @dataclass(slots=True, frozen=True)

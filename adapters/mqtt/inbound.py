@@ -9,7 +9,11 @@ whose callback sends all their PUBACK/PUBREC in order. Any other packet, any ref
 read store the pending batch first, so everything a client sees happens in the order it would one publish at a
 time. A batch the core refuses (then nothing of it was stored) is published again one message at a time, so each
 bad message gets its own refusal. PUBACK and PUBREC are sent only once the core says the message is durable; QoS 2
-packet ids are remembered until PUBREL, so a resent PUBLISH is acknowledged, not published again.
+packet ids are remembered until PUBREL, so a resent PUBLISH is acknowledged, not published again; a session holds
+at most `max_inflight` of them (a client past it is disconnected, v5 with 0x97 Quota exceeded).
+
+SUBSCRIBE: at most `max_filters_per_subscribe` filters per packet and `max_subscriptions_per_session` per session
+are taken (the others get 0x97 Quota exceeded, 0x80 on 3.1.1); the session row is written once per packet.
 """
 
 from __future__ import annotations
@@ -100,6 +104,12 @@ class Inbound:
                     return
                 conn.send(Pubrec(packet_id))  # type: ignore[arg-type]
             return
+        staged = len(self.batch_ids) if batch is not None and self.batch_ids is not None else 0
+        if qos == 2 and len(packets.inbound_qos2) + staged >= self.settings.max_inflight:
+            # QoS 2 ids stay until PUBREL and survive reconnects: 3.1.1 has no Receive Maximum and a v5 client can
+            # leave up to its window behind at each connection, so the session's unreleased ids are bounded here
+            raise MqttProtocolError(f"more than {self.settings.max_inflight} QoS 2 publishes without PUBREL "
+                                    "(max_inflight)", ReasonCode.QUOTA_EXCEEDED)
         if qos:
             window = self.window
             if batch is not None and window.full_for(packet_id):  # type: ignore[arg-type]
@@ -235,7 +245,8 @@ class Inbound:
         """A publish the broker will not take: v5 says why in PUBACK/PUBREC; 3.1.1 cannot, so it is closed."""
         conn = self.conn
         if packet.qos == 0:
-            log.info("mqtt %s: dropped QoS 0 publish to %r: %s", conn.who(), packet.topic, text)
+            conn.factory.client_log.info("dropped-qos0", "mqtt %s: dropped QoS 0 publish to %s: %s", conn.who(),
+                                         packet.topic, text)
             return
         if conn.level != MQTT_5:
             raise MqttProtocolError(f"publish to {packet.topic!r} refused: {text}", reason)
@@ -269,13 +280,23 @@ class Inbound:
         identifier = identifiers[0] if identifiers else None
         codes: list[ReasonCode] = []
         added: list[tuple[SubscriptionEntry, bool]] = []
-        for wanted in packet.subscriptions:
-            code, entry, existed = self._subscribe_one(session, wanted, identifier)
+        limit = self.settings.max_filters_per_subscribe
+        for index, wanted in enumerate(packet.subscriptions):
+            if index >= limit:
+                code, entry, existed = ReasonCode.QUOTA_EXCEEDED, None, False
+            else:
+                code, entry, existed = self._subscribe_one(session, wanted, identifier)
             codes.append(code)
             if entry is not None:
                 added.append((entry, existed))
-        conn.send(Suback(packet.packet_id, tuple(codes)))
+        if len(packet.subscriptions) > limit:
+            conn.factory.client_log.info(
+                "subscribe-filters-quota", "mqtt %s: %d filters in one SUBSCRIBE; the %d beyond "
+                "max_filters_per_subscribe=%d refused", conn.who(), len(packet.subscriptions),
+                len(packet.subscriptions) - limit, limit)
         factory = conn.factory
+        factory.sessions.save(session)  # once for the packet, however many filters it carried
+        conn.send(Suback(packet.packet_id, tuple(codes)))
         now = conn.session.now_ms()  # type: ignore[union-attr]
         for entry, existed in added:
             if is_sys_name(entry.topic_filter):
@@ -302,6 +323,12 @@ class Inbound:
             return ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
         if identifier is not None and not settings.subscription_identifiers_available:
             return ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED, None, False
+        if wanted.topic_filter not in session.subscriptions \
+                and len(session.subscriptions) >= settings.max_subscriptions_per_session:
+            conn.factory.client_log.info(
+                "subscriptions-quota", "mqtt %s: subscription to %s refused: the session has %d subscriptions "
+                "(max_subscriptions_per_session)", conn.who(), wanted.topic_filter, len(session.subscriptions))
+            return ReasonCode.QUOTA_EXCEEDED, None, False
         granted = min(wanted.qos, settings.maximum_qos)
         entry = SubscriptionEntry(wanted.topic_filter, granted, wanted.no_local, wanted.retain_as_published,
                                   int(wanted.retain_handling), identifier, share)
@@ -309,14 +336,15 @@ class Inbound:
         core = conn.session
         assert core is not None
         try:
-            existed = sessions.add_subscription(session, entry, core)
+            existed = sessions.add_subscription(session, entry, core, save=False)
             if share:
                 conn.outbound.open_share(entry)
             else:
                 conn.outbound.open_session_queue()
         except TidegateError as exc:
-            log.info("mqtt %s: subscription to %r refused: %s", conn.who(), wanted.topic_filter, exc)
-            sessions.remove_subscription(session, wanted.topic_filter, core)
+            conn.factory.client_log.info("subscription-refused", "mqtt %s: subscription to %s refused: %s",
+                                         conn.who(), wanted.topic_filter, str(exc))
+            sessions.remove_subscription(session, wanted.topic_filter, core, save=False)
             if isinstance(exc, NotAuthorized):
                 return ReasonCode.NOT_AUTHORIZED, None, False  # 3.1.1: the codec sends 0x80
             return ReasonCode.UNSPECIFIED_ERROR, None, False
@@ -329,15 +357,19 @@ class Inbound:
         session = conn.mqtt_session
         assert session is not None
         codes: list[ReasonCode] = []
+        removed = False
         for topic_filter in packet.topic_filters:
-            entry = conn.factory.sessions.remove_subscription(session, topic_filter, conn.session)
+            entry = conn.factory.sessions.remove_subscription(session, topic_filter, conn.session, save=False)
             if entry is None:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
+            removed = True
             codes.append(ReasonCode.SUCCESS)
             if entry.share_topic is not None and not any(
                     e.share_topic == entry.share_topic for e in session.subscriptions.values()):
                 conn.outbound.close_subscription(entry.share_topic)
             if is_sys_name(topic_filter):
                 conn.outbound.remove_sys_filter(topic_filter)
+        if removed:
+            conn.factory.sessions.save(session)  # once for the packet
         conn.send(Unsuback(packet.packet_id, tuple(codes) if conn.level == MQTT_5 else ()))

@@ -12,8 +12,15 @@ Flow control and memory (slow subscribers):
   `settings.receive_maximum` (3.1.1). Credit comes back when a message leaves the connection's hands (PUBACK,
   PUBCOMP, a QoS 0 write, a drop), so at most that many messages per subscription are in memory; the rest wait on
   disk in the session queue.
-- While the transport is paused (its write buffer is full), credit of QoS 0 writes is held back, so a slow reader
-  stops the core instead of growing the buffer.
+- While the transport is paused (its write buffer is full: the client does not read) nothing is written: deliveries
+  and retained messages wait in `pending`, and every credit that would go back to the core (a PUBACK, a PUBCOMP, a
+  QoS 0 write, a drop) is held in `held_credit` instead, so a slow reader stops the core instead of growing the
+  buffer, even if it acknowledges blindly. On resume the pending messages go out and the held credit is returned.
+  `pending` holds at most the core credit of the connection's subscriptions plus the retained messages below.
+- Retained messages sent on SUBSCRIBE take the same path (queued while paused or while the QoS 1/2 window is full,
+  never written into a paused socket). Their payload bytes waiting per connection are bounded by
+  `max_queued_retained_bytes`: a retained message that would go beyond is not sent (one rate-limited log line), so
+  re-SUBSCRIBEs of a client that does not read cannot multiply the retained set in memory.
 - Clean sessions (expiry 0): when more than `max_queued_messages` wait in the session queue, QoS 0 messages are
   dropped instead of delivered (QoS 1/2 stay queued on disk; the backlog never grows memory).
 - A message bigger than the client's Maximum Packet Size is dropped (acked to the core), as MQTT 5 requires.
@@ -79,7 +86,7 @@ class Outbound:
     """The core-to-client half of one accepted connection."""
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
-                 "maximum_packet_size", "sys_filters")
+                 "maximum_packet_size", "sys_filters", "queued_retained_bytes")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
@@ -92,6 +99,7 @@ class Outbound:
         self.receive_maximum = receive_maximum  # the client's
         self.maximum_packet_size = maximum_packet_size  # the client's
         self.sys_filters: list[SubscriptionEntry] = []
+        self.queued_retained_bytes = 0  # payload bytes of retained messages waiting in `pending`
 
     # ------------------------------------------------------------------------------------------ core subscriptions
     def open_session_queue(self) -> None:
@@ -128,9 +136,13 @@ class Outbound:
         for sub in subs.values():
             sub.close()
         self.pending.clear()
+        self.queued_retained_bytes = 0
 
     def resume(self) -> None:
-        """The transport drained: return the credit held while it was paused."""
+        """The transport drained: send what waited, then return the credit held while it was paused."""
+        self._drain_pending()
+        if self.conn.paused:
+            return  # the queued messages filled the buffer again: the credit waits for the next resume
         held, self.held_credit = self.held_credit, {}
         for key, credit in held.items():
             sub = self.subs.get(key)
@@ -148,7 +160,10 @@ class Outbound:
             self.conn.factory.sys.listeners.discard(self.conn)
 
     def send_sys(self, values: dict[str, str], retain: bool, only: SubscriptionEntry | None = None) -> None:
-        """Deliver $SYS values (QoS 0) to this client's $SYS subscriptions."""
+        """Deliver $SYS values (QoS 0) to this client's $SYS subscriptions. A periodic update is skipped while the
+        socket is paused (the next one carries the same values); a snapshot for a new subscription is sent."""
+        if only is None and self.conn.paused:
+            return
         filters = [only] if only is not None else self.sys_filters
         for name, value in values.items():
             matching = [e for e in filters if topic_matches(e.topic_filter, name)]
@@ -203,13 +218,31 @@ class Outbound:
         return Outgoing(name, message, qos, retain, ids, key, delivered)  # type: ignore[arg-type]
 
     def offer_retained(self, name: str, message: Message, qos: int, ids: tuple[int, ...]) -> None:
-        self.offer(Outgoing(name, message, qos, True, ids, None, None))
+        """A retained message for a new subscription: sent now, or queued like a delivery within
+        `max_queued_retained_bytes`; beyond that it is not sent."""
+        outgoing = Outgoing(name, message, qos, True, ids, None, None)
+        if not self._must_wait(outgoing):
+            self._transmit(outgoing)
+            return
+        size = len(message.body)
+        if self.queued_retained_bytes + size > self.settings.max_queued_retained_bytes:
+            conn = self.conn
+            conn.factory.client_log.info(
+                "retained-not-queued", "mqtt %s: retained message on %s not sent: %d bytes of retained messages "
+                "already wait for this client (max_queued_retained_bytes)", conn.who(), outgoing.topic_name,
+                self.queued_retained_bytes)
+            return
+        self.queued_retained_bytes += size
+        self.pending.append(outgoing)
 
     def offer(self, outgoing: Outgoing) -> None:
-        if self.pending or (outgoing.qos and self._window_full()):
+        if self._must_wait(outgoing):
             self.pending.append(outgoing)
             return
         self._transmit(outgoing)
+
+    def _must_wait(self, outgoing: Outgoing) -> bool:
+        return bool(self.pending) or self.conn.paused or bool(outgoing.qos and self._window_full())
 
     def _window_full(self) -> bool:
         session = self.conn.mqtt_session
@@ -219,11 +252,14 @@ class Outbound:
         pending = self.pending
         sent = 0
         conn = self.conn
-        while sent < len(pending) and conn.state == "connected":
-            if pending[sent].qos and self._window_full():
+        while sent < len(pending) and conn.state == "connected" and not conn.paused:
+            outgoing = pending[sent]
+            if outgoing.qos and self._window_full():
                 break
             sent += 1
-            self._transmit(pending[sent - 1])
+            if outgoing.delivered is None:
+                self.queued_retained_bytes -= len(outgoing.message.body)
+            self._transmit(outgoing)
         del pending[:sent]
 
     def _transmit(self, outgoing: Outgoing) -> None:
@@ -249,8 +285,9 @@ class Outbound:
                 packet_id = packets.allocate()
         data = self._encode(outgoing, fields, packet_id, dup)
         if data is None:
-            log.info("mqtt %s: dropped a %d-byte message on %r: larger than the client's Maximum Packet Size",
-                     conn.who(), len(outgoing.message.body), outgoing.topic_name)
+            conn.factory.client_log.info(
+                "too-large-for-client", "mqtt %s: dropped a %d-byte message on %s: larger than the client's Maximum "
+                "Packet Size", conn.who(), len(outgoing.message.body), outgoing.topic_name)
             self._release(outgoing)
             return
         conn.write(data)
@@ -287,9 +324,9 @@ class Outbound:
     def _release(self, outgoing: Outgoing) -> None:
         """The message is done with (written at QoS 0, dropped, or too big): ack it and take the next one."""
         if outgoing.delivered is not None and outgoing.sub_key is not None:
-            self._finish(outgoing.sub_key, outgoing.delivered, hold=outgoing.qos == 0 and self.conn.paused)
+            self._finish(outgoing.sub_key, outgoing.delivered)
 
-    def _finish(self, key: str, delivered: Delivered, hold: bool = False) -> None:
+    def _finish(self, key: str, delivered: Delivered) -> None:
         sub = self.subs.get(key)
         if sub is None or sub.closed:
             return
@@ -297,15 +334,17 @@ class Outbound:
             sub.ack(delivered.receipt)
         except TidegateError:
             pass  # already released (subscription closed meanwhile): the core redelivers it
-        self._regrant(key, hold)
+        self._regrant(key)
 
-    def _regrant(self, key: str | None, hold: bool = False) -> None:
+    def _regrant(self, key: str | None) -> None:
+        """One message of subscription `key` left the connection's hands: its credit goes back to the core, or is
+        held while the transport is paused (returned by `resume`; never more than was granted)."""
         if key is None:
             return
         sub = self.subs.get(key)
         if sub is None or sub.closed:
             return
-        if hold:
+        if self.conn.paused:
             self.held_credit[key] = self.held_credit.get(key, 0) + 1
         else:
             sub.grant(1)

@@ -31,6 +31,7 @@ from tidegate.adapters.base import AdapterConnection, AdapterFactory, Connection
 from tidegate.core.errors import NotAuthenticated, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.ratelimit import ClientLog, clip
 from tidegate.core.security.gate import Credentials, Gate, Principal
 
 from .codec import (
@@ -156,8 +157,9 @@ class MqttProtocol(AdapterConnection):
         return False
 
     def on_resume(self) -> None:
-        if self.outbound is not None:
-            self.outbound.resume()
+        outbound = self.outbound
+        if outbound is not None and self.state == "connected":
+            self.batched(lambda _: outbound.resume(), None)  # what waited goes out in one write
 
     def output_budget_exceeded(self) -> None:
         """The client does not read: tell a v5 client why (DISCONNECT 0x97 Quota exceeded), end the session as a
@@ -178,14 +180,16 @@ class MqttProtocol(AdapterConnection):
         self._run_batched(work, arg)
 
     def who(self) -> str:
-        return f"client {self.client_id!r} ({self.peer})" if self.client_id else f"connection {self.peer}"
+        """The client for a log line; a long client id (up to 64 KB) is clipped."""
+        return f"client {clip(self.client_id, 100)} ({self.peer})" if self.client_id else f"connection {self.peer}"
 
     # ------------------------------------------------------------------------------------------ errors
     def _fail(self, error: MqttProtocolError) -> None:
         """Close the connection for a protocol fault, telling the client why where its protocol level can."""
         if self.state == "closed":
             return
-        log.info("mqtt %s: closing: %s", self.who(), error)
+        self.factory.client_log.info(f"protocol-error-{int(error.reason_code)}", "mqtt %s: closing: %s", self.who(),
+                                     str(error))
         if self.state == "new":
             self._refuse(error.reason_code, error.protocol_level, error.message)
             return
@@ -234,7 +238,8 @@ class MqttProtocol(AdapterConnection):
         if isinstance(error, MqttProtocolError):
             self._fail(error)
         elif isinstance(error, TidegateError):
-            log.info("mqtt %s: closing: core refused: %s", self.who(), error)
+            self.factory.client_log.info(f"core-refused-{type(error).__name__}", "mqtt %s: closing: core refused: %s",
+                                         self.who(), str(error))
             self._fail_code(reason_for_core_error(error), error.message)
         else:
             log.exception("mqtt %s: internal error; closing the connection", self.who())
@@ -254,7 +259,7 @@ class MqttProtocol(AdapterConnection):
         result = negotiate(packet, self.settings, assigned)
         self.problem_information = result.problem_information
         if isinstance(result, Refusal):
-            log.info("mqtt connection %s: refused: %s", self.peer, result.text)
+            self.factory.client_log.info("connect-refused", "mqtt connection %s: refused: %s", self.peer, result.text)
             self._refuse(result.reason, result.level, result.text)
             return
         self.negotiated = result
@@ -283,9 +288,11 @@ class MqttProtocol(AdapterConnection):
             reason = reason_for_core_error(error, ReasonCode.BAD_USER_NAME_OR_PASSWORD)
             text = error.message if isinstance(error, NotAuthenticated) else "not authorized"
         else:
-            log.error("mqtt connection %s: authentication failed: %s", self.peer, failure.getErrorMessage())
+            self.factory.client_log.log(logging.ERROR, "authentication-unavailable",
+                                        "mqtt connection %s: authentication failed: %s", self.peer,
+                                        failure.getErrorMessage())
             reason, text = ReasonCode.SERVER_UNAVAILABLE, "authentication is unavailable"
-        log.info("mqtt %s: login refused: %s", self.who(), text)
+        self.factory.client_log.info("login-refused", "mqtt %s: login refused: %s", self.who(), text)
         self._refuse(reason, self.level, text)
 
     def _accept(self, negotiated: Negotiated) -> None:
@@ -342,13 +349,14 @@ class MqttProtocol(AdapterConnection):
 
     def take_over(self) -> None:
         """Another connection uses this client id: close this one (v5: DISCONNECT 0x8E) and release the session."""
-        log.info("mqtt %s: session taken over by a new connection", self.who())
+        self.factory.client_log.info("taken-over", "mqtt %s: session taken over by a new connection", self.who())
         self._disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection uses this client identifier")
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None
         if self.state == "new":
-            log.info("mqtt connection %s: no CONNECT within %ss; closing", self.peer, self.settings.connect_timeout)
+            self.factory.client_log.info("connect-timeout", "mqtt connection %s: no CONNECT within %ss; closing",
+                                         self.peer, self.settings.connect_timeout)
             self.state = "closed"
             self.close()
 
@@ -356,7 +364,8 @@ class MqttProtocol(AdapterConnection):
         """Nothing arrived for 1.5 times the keep alive."""
         if self.state != "connected":
             return
-        log.info("mqtt %s: keep alive timeout (%.1fs without a packet)", self.who(), idle)
+        self.factory.client_log.info("keep-alive-timeout", "mqtt %s: keep alive timeout (%.1fs without a packet)",
+                                     self.who(), idle)
         self._disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
 
     def _cancel_timers(self) -> None:
@@ -460,6 +469,8 @@ class MqttServerFactory(AdapterFactory):
                          limits=limits)
         self.settings: MqttSettings = settings
         self.connections: set[MqttProtocol] = set()
+        # every log line a client can cause goes through here: rate-limited per cause, client data clipped
+        self.client_log = ClientLog(log, clock.seconds)
         self.retained = RetainedStore(core.adapter_state(RETAINED_NAMESPACE))
         self.sessions = SessionManager(self.system, clock, settings, self._publish_will,
                                        rows=core.adapter_state(SESSIONS_NAMESPACE),
@@ -487,11 +498,12 @@ class MqttServerFactory(AdapterFactory):
                                     PublishFields.from_properties(will.properties), publisher.now_ms())
             publisher.publish([message])
         except (UnmappableName, TidegateError) as exc:
-            log.info("mqtt client %r: will message to %r not published: %s", session.client_id, will.topic, exc)
+            self.client_log.info("will-not-published", "mqtt client %s: will message to %s not published: %s",
+                                 session.client_id, will.topic, str(exc))
             return
         if will.retain:
             self.retained.set(will.topic, message)
-        log.debug("mqtt client %r: will published to %r", session.client_id, will.topic)
+        log.debug("mqtt client %s: will published to %s", clip(session.client_id), clip(will.topic))
 
     def stop(self) -> None:
         """Shutdown: tell v5 clients (DISCONNECT 0x8B), close every connection, stop timers."""

@@ -47,6 +47,15 @@ class MqttSettings:
     sys_interval: float = 10.0  # seconds between $SYS/broker/... updates; 0 disables them
     # Deliveries of one message to a session before the core dead-letters it (MQTT itself never gives up).
     max_delivery_attempts: int = 1_000_000
+    # Filters one SUBSCRIBE may carry; the ones beyond are refused (v5 SUBACK 0x97 Quota exceeded, 3.1.1 0x80).
+    max_filters_per_subscribe: int = 256
+    # Subscriptions one session may hold; a new filter beyond is refused the same way (changing one is fine).
+    max_subscriptions_per_session: int = 1024
+    # Payload bytes of retained messages that may wait for one connection (its socket is paused, or its QoS 1/2
+    # window is full) after SUBSCRIBEs; retained messages beyond are not sent (logged, rate-limited).
+    max_queued_retained_bytes: int = 8 * ONE_MIB
+    # Cap on a v5 client's own Topic Alias Maximum (it may announce 65535): topic names remembered per connection.
+    max_outbound_topic_aliases: int = 256
 
     @classmethod
     def from_config(cls, section: Any) -> MqttSettings:
@@ -77,3 +86,9 @@ class MqttSettings:
             raise ValueError("maximum_qos must be 0, 1 or 2")
         if self.max_inflight < self.receive_maximum:
             raise ValueError("max_inflight must be at least receive_maximum")
+        if self.max_filters_per_subscribe < 1 or self.max_subscriptions_per_session < 1:
+            raise ValueError("max_filters_per_subscribe and max_subscriptions_per_session must be at least 1")
+        if self.max_queued_retained_bytes < 0:
+            raise ValueError("max_queued_retained_bytes must not be negative")
+        if not 0 <= self.max_outbound_topic_aliases <= 65535:
+            raise ValueError("max_outbound_topic_aliases must be 0..65535")

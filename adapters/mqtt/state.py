@@ -117,7 +117,7 @@ def negotiate(connect: Connect, settings: MqttSettings, assigned_client_id: str 
             server_keep_alive = keep_alive = settings.max_keep_alive
         receive_maximum = min(props.receive_maximum or 65535, settings.max_inflight)
         maximum_packet_size = props.maximum_packet_size or UNLIMITED_PACKET_SIZE
-        alias_maximum = props.topic_alias_maximum or 0
+        alias_maximum = min(props.topic_alias_maximum or 0, settings.max_outbound_topic_aliases)
     else:
         receive_maximum, maximum_packet_size, alias_maximum = settings.receive_maximum, UNLIMITED_PACKET_SIZE, 0
     return Negotiated(

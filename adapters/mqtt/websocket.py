@@ -36,7 +36,11 @@ class MqttWebSocketProtocol(WrappingWebSocketServerProtocol):
         self.write(b"".join(data))
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        # back-pressure comes from the TCP transport under the WebSocket framing
+        """Back-pressure comes from the TCP (or TLS) transport under the WebSocket framing. Under twisted.web the
+        HTTP channel registered itself as that transport's producer and never unregisters: the WebSocket resource
+        took the transport over, so the channel's slot is stale. Free it first, or the registration fails (and the
+        MQTT connection never hears "pause" while its buffer grows)."""
+        self.transport.unregisterProducer()
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
