@@ -129,3 +129,77 @@ def test_a_hundred_subscribers_that_never_read_keep_broker_memory_bounded(broker
         for client in subscribers:
             client.close()
     assert broker.process.poll() is None  # still serving
+
+
+# ------------------------------------------------------------------------------------------------ native push
+NATIVE_BODY = b"n" * 8192
+NATIVE_MESSAGES = 2_000  # 16 MiB: twice the default output budget (8 MiB) of a connection
+
+
+class RawNative:
+    """A native connection on a plain socket with a small receive buffer, driven by the client-side codec."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        from tidegate.adapters.native.codec import NativeCodec, Role
+
+        self.codec = NativeCodec(Role.CLIENT)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+        self.sock.settimeout(TIMEOUT_S)
+        self.sock.connect(address)
+        self.pending: list[object] = []
+
+    def send(self, frame: object) -> None:
+        self.sock.sendall(self.codec.encode(frame))
+
+    def read_frames(self) -> list[object]:
+        data = self.sock.recv(1 << 16)
+        assert data, "the broker closed the connection"
+        return self.codec.receive_data(data)
+
+    def expect(self, frame_class: type) -> object:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            for i, frame in enumerate(self.pending):
+                if isinstance(frame, frame_class):
+                    return self.pending.pop(i)
+            assert time.monotonic() < deadline, f"no {frame_class.__name__} within {TIMEOUT_S}s"
+            self.pending += self.read_frames()
+
+
+@pytest.fixture
+def native_broker(tmp_path):
+    with BrokerProcess(tmp_path / "data", "--log-level", "warning") as process:
+        yield process
+
+
+def test_a_native_consumer_with_huge_credit_that_stops_reading_is_paused_not_flooded(native_broker):
+    """SUBSCRIBE with a u32 credit, then no reading while 16 MiB are published: the broker stops pushing when the
+    socket is full instead of buffering everything (which used to exceed the output budget and drop the
+    connection); once the client reads again it gets every message, in order, on the same connection."""
+    from tidegate.adapters.native import frames as f
+    from tidegate.client import Admin, Producer
+
+    with Admin(address=native_broker.native) as admin:
+        admin.create_topic("slow", queues=1)
+    consumer = RawNative(native_broker.host_port("native"))
+    try:
+        consumer.send(f.Hello(request_id=1, client_id="sleeper"))
+        consumer.expect(f.HelloOk)
+        consumer.send(f.Subscribe(request_id=2, group="g", topic="slow", client_id="sleeper", credit=2**32 - 1,
+                                  start="earliest"))
+        consumer.expect(f.SubscribeOk)
+        with Producer(address=native_broker.native) as producer:
+            for _ in range(NATIVE_MESSAGES):
+                producer.send("slow", NATIVE_BODY)
+        offsets: list[int] = []
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(offsets) < NATIVE_MESSAGES:
+            assert time.monotonic() < deadline, f"{len(offsets)} of {NATIVE_MESSAGES} delivered"
+            frames, consumer.pending = consumer.pending + consumer.read_frames(), []
+            errors = [x for x in frames if isinstance(x, f.Error)]
+            assert not errors, errors[0].message
+            offsets += [m.queue_offset for x in frames if isinstance(x, f.Deliver) for m in x.messages]
+        assert offsets == list(range(NATIVE_MESSAGES))
+    finally:
+        consumer.sock.close()
