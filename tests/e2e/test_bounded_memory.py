@@ -1,16 +1,20 @@
 """End to end: subscribers that never read do not grow the broker's memory under a steady publish load.
 
 A real `tidegate serve` process; 100 MQTT clients (QoS 0 and QoS 1 subscriptions, mixed) connect and subscribe
-on sockets with a small receive buffer, then never call recv again; one publisher sends a fixed number of 1 KiB
+on sockets with a small receive buffer, then never call recv again; one publisher sends a fixed number of 16 KiB
 QoS 1 messages, each acknowledged (so stored) before the test measures. The broker's peak resident memory
 (VmHWM from /proc/<pid>/status) may grow by at most RSS_GROWTH_BUDGET over its resident memory once the
 subscribers are connected.
 
-What bounds it: per connection, the MQTT credit (receive maximum) and the stop on pause; in the core, the
-recent-message cache's byte budget (`broker.message_cache_bytes`). The publish load (64 MiB) and the deliveries
-it causes (PUBLISHED x SUBSCRIBERS x 16 KiB, 6.4 GB) would exceed the budget many times over if either were
-unbounded; with a count-capped cache (8,192 messages) the 64 MiB published stayed resident. 16 KiB messages,
-not 1 KiB: with 1 KiB messages a count cap of 8,192 happens to be small, which hides the count-vs-bytes bug.
+What bounds it: per connection, the MQTT credit (receive maximum), the stop on pause and the output budget
+(`connections.output_budget_bytes`); in the core, the byte budget of the recent-message cache
+(`broker.message_cache_bytes`). Worst case: CACHE_BYTES + SUBSCRIBERS x OUTPUT_BUDGET = 33 MiB. The publish
+load (64 MiB) and the deliveries it causes (PUBLISHED x SUBSCRIBERS x 16 KiB, 6.4 GB) would exceed the budget
+many times over if either were unbounded; with the old count-capped cache (8,192 messages) the 64 MiB published
+stayed resident (+67 MiB measured). 16 KiB messages, not 1 KiB: with 1 KiB messages a count cap of 8,192 happens
+to be small (+6 MiB measured before and after), which hides the count-vs-bytes bug.
+
+The native test below checks the same for a native consumer with a huge credit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ BODY = bytes(range(256)) * 64  # 16 KiB
 PUBLISH_WINDOW = 64  # QoS 1 publishes in flight
 RECEIVE_MAXIMUM = 4  # MQTT credit per subscription: what the broker may hand a client that does not read
 CACHE_BYTES = 8 * 1024 * 1024
+OUTPUT_BUDGET = 256 * 1024  # per connection, while its socket is paused (then it is closed)
 RSS_GROWTH_BUDGET = 40 * 1024 * 1024
 SMALL_RCVBUF = 4096
 TIMEOUT_S = 60.0
@@ -98,7 +103,8 @@ def publish_acknowledged(publisher: RawMqtt, topic: str, count: int) -> int:
 @pytest.fixture
 def broker(tmp_path):
     with BrokerProcess(tmp_path / "data", "--set", f"broker.message_cache_bytes={CACHE_BYTES}",
-                       "--set", f"listeners.mqtt.receive_maximum={RECEIVE_MAXIMUM}", "--log-level", "warning",
+                       "--set", f"listeners.mqtt.receive_maximum={RECEIVE_MAXIMUM}",
+                       "--set", f"connections.output_budget_bytes={OUTPUT_BUDGET}", "--log-level", "warning",
                        listeners=("mqtt",)) as process:
         yield process
 
