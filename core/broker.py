@@ -76,7 +76,7 @@ class Broker:
         self._topics = TopicRegistry(metadata, lambda: self.config.default_queues, self.now_ms)
         self._bindings = Bindings(metadata, self._topics.check_queue)
         self._visibility = Visibility(store)
-        self._reader = QueueReader(store)
+        self._reader = QueueReader(store, self.config.message_cache_bytes)
         self._offsets = OffsetBook(metadata, clock)
         self._groups = GroupRegistry(metadata, store, self._topics, self._offsets, self._visibility, self.now_ms)
         self._producer = Producer(store, durability, self._topics, self._bindings, self._visibility, self._reader,

@@ -15,3 +15,6 @@ class BrokerConfig:
     max_attempts: int = 16  # deliveries before a message goes to %DLQ%group
     retention_ms: int = 72 * 3600 * 1000
     retention_bytes: int = 0  # 0 = no size limit
+    # Recent messages kept decoded for delivery, by bytes (record size + a small per-message overhead); a message
+    # above a quarter of it is not cached; 0 = no cache.
+    message_cache_bytes: int = 64 * 1024 * 1024

@@ -18,7 +18,7 @@ from tidegate.core.errors import NoPermission, QueueNotFound, TopicNotFound
 from tidegate.core.interfaces_storage import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message, QueueRef
-from tidegate.core.reader import MESSAGE_CACHE, QueueReader
+from tidegate.core.reader import QueueReader
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
@@ -33,7 +33,7 @@ class Producer:
         self._topics = topics
         self._router = bindings.trie
         self._visibility = visibility
-        self._cache = reader.cache
+        self._remember = reader.remember  # the byte-bounded cache of recent messages
         self._metrics = metrics
         self._config = config
         self._now_ms = now_ms
@@ -84,7 +84,7 @@ class Producer:
         self._metrics.append_latency.observe(perf_counter() - started)
         updates: list[tuple[QueueRef, int]] = []
         out: list[SendResult] = []
-        cache, visible = self._cache, self._visibility.visible
+        remember, visible = self._remember, self._visibility.visible
         body_bytes = 0
         for (m, dests), r in zip(items, results, strict=True):
             offsets = r.queue_offsets
@@ -99,7 +99,7 @@ class Producer:
                     if dest not in visible:
                         visible[dest] = qoff
                     updates.append((dest, qoff + 1))
-            cache[r.commit_offset] = m
+            remember(r.commit_offset, m, r.size)
             body_bytes += len(m.body)
             out.append(SendResult(r.msg_id, m.topic, dests[0].queue_id, offsets[0], r.commit_offset,
                                   r.commit_offset + r.size, fanout - 1))
@@ -112,8 +112,6 @@ class Producer:
             for m, _ in items:
                 messages_in[m.topic] += 1
                 bytes_in[m.topic] += len(m.body)
-        if len(cache) > MESSAGE_CACHE:
-            cache.clear()
         if self._durability.visible_offset >= out[-1].commit_end:
             self._visibility.make_visible(updates)
         else:

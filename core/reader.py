@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from tidegate.core.api import Delivered, DeliverySink
 from tidegate.core.errors import OffsetOutOfRange
@@ -14,24 +15,58 @@ log = logging.getLogger("tidegate.broker")
 
 READ_BATCH = 64  # index entries asked of the store at once
 MAX_SCAN_PER_PUMP = 4096  # index entries one delivery round or pull may skip over (filters) before yielding
-MESSAGE_CACHE = 8192  # recent messages kept decoded
+DEFAULT_MESSAGE_CACHE_BYTES = 64 * 1024 * 1024  # recent messages kept decoded, by bytes (BrokerConfig)
+# Bytes charged per cached message on top of its record size: the Message object, its dict slot and the eviction
+# queue entry. Without it a flood of empty messages would be "free" and the cache unbounded in count.
+CACHE_ENTRY_OVERHEAD = 256
 
 
 class QueueReader:
-    def __init__(self, store: MessageStore) -> None:
+    """Reads queues for delivery, pull and acks, through a cache of recent messages bounded by bytes.
+
+    The cache maps commit offset -> decoded message. It is charged each message's record size (what the store
+    wrote: body, topic, keys, properties) plus CACHE_ENTRY_OVERHEAD and never holds more than `cache_budget`
+    bytes: the oldest entries are evicted first (a FIFO of (offset, charge) beside the dict, O(1) per eviction).
+    A message charged more than a quarter of the budget is not cached at all (it would evict much of the rest
+    for one reader); a budget of 0 turns the cache off. The cache only saves decoding recent records.
+    """
+
+    def __init__(self, store: MessageStore, cache_budget: int = DEFAULT_MESSAGE_CACHE_BYTES) -> None:
         self._store = store
-        # commit offset -> message. The publish path adds what it appends; the dict is never replaced, only
-        # cleared when full (cheaper than evicting one by one; it only saves decoding recent records).
         self.cache: dict[int, Message] = {}
+        self.cache_budget = max(0, cache_budget)
+        self.cache_bytes = 0  # what the cached messages are charged, always <= cache_budget
+        self._largest_cached = self.cache_budget // 4
+        self._cache_order: deque[tuple[int, int]] = deque()  # (commit offset, charge), oldest first
+
+    def remember(self, commit_offset: int, msg: Message, record_size: int) -> None:
+        """Cache `msg` (just appended or just read) at `commit_offset`, evicting the oldest past the budget.
+
+        On the publish path for every message: a few dict/deque operations, no scan."""
+        charge = record_size + CACHE_ENTRY_OVERHEAD
+        if charge > self._largest_cached:
+            return
+        self.cache[commit_offset] = msg
+        self._cache_order.append((commit_offset, charge))
+        self.cache_bytes += charge
+        if self.cache_bytes > self.cache_budget:
+            self._evict()
+
+    def _evict(self) -> None:
+        # Down to 15/16 of the budget, so that a full cache evicts in small batches rather than on every add.
+        cache, order = self.cache, self._cache_order
+        total, low = self.cache_bytes, self.cache_budget - (self.cache_budget >> 4)
+        while total > low:
+            offset, charge = order.popleft()
+            total -= charge
+            cache.pop(offset, None)  # None: an offset remembered twice is charged (and evicted) twice
+        self.cache_bytes = total
 
     def read(self, entry: IndexEntry) -> Message:
         msg = self.cache.get(entry.commit_offset)
         if msg is None:
             msg = self._store.read_message(entry.commit_offset, entry.size)
-            cache = self.cache
-            if len(cache) >= MESSAGE_CACHE:
-                cache.clear()
-            cache[entry.commit_offset] = msg
+            self.remember(entry.commit_offset, msg, entry.size)
         return msg
 
     def entry_at(self, q: QueueRef, offset: int) -> IndexEntry | None:

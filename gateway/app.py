@@ -88,6 +88,7 @@ def broker_config(config: Config) -> BrokerConfig:
         max_attempts=config.broker.max_attempts,
         retention_ms=retention_hours * 3_600_000,  # 0 = no age limit, as in the store
         retention_bytes=config.storage.retention_bytes,
+        message_cache_bytes=config.broker.message_cache_bytes,
     )
 
 

@@ -43,6 +43,8 @@ class BrokerSection:
     new_group_start: str = "latest"
     invisible_ms: int = 30_000
     max_attempts: int = 16
+    # Recent messages kept decoded for delivery, bounded by bytes (core/reader.py); 0 turns the cache off.
+    message_cache_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,6 +17,10 @@ Besides the bench report it reads the broker's CPU time (utime + stime from /pro
 run: broker CPU µs per delivered message is a broker-only figure even where the Python load generator, not the
 broker, limits the rate (which is the case against Mosquitto).
 
+Reconnect storms (`tidegate bench mqtt-storm`, `--storm-counts`, default 1000 and 10000): N connections opened at
+once, time until each is CONNACKed; then N persistent sessions (CleanSession=0, one QoS 1 subscription each)
+resumed all at once right after a broker restart (Mosquitto then runs with `persistence true`, saved on SIGTERM).
+
 Prints a Markdown table with the ratios Tidegate/Mosquitto and Tidegate/amqtt and writes `results.json` and
 `results.md` into --out.
 """
@@ -111,18 +115,26 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ExternalBroker:
-    """Mosquitto or amqtt in a temp dir, on a free port, stopped by PID (SIGTERM, then SIGKILL)."""
+    """Mosquitto or amqtt in a temp dir, on a free port, stopped by PID (SIGTERM, then SIGKILL). `persistent`
+    (Mosquitto only) keeps sessions across `restart()` (same port, same directory)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, persistent: bool = False) -> None:
         self.name = name
+        self.persistent = persistent
         self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
 
     def start(self) -> tuple[str, int]:
-        port = free_port()
+        port = self.port = self.port or free_port()
         if self.name == "mosquitto":
             config = self.dir / "mosquitto.conf"
-            config.write_text(MOSQUITTO_CONF.format(port=port))
+            text = MOSQUITTO_CONF.format(port=port)
+            if self.persistent:
+                text = text.replace("persistence false", f"persistence true\npersistence_location {self.dir}/")
+                # Started as root, Mosquitto drops to its own user, which must be able to write the database.
+                os.chmod(self.dir, 0o777)
+            config.write_text(text)
             command = [MOSQUITTO, "-c", str(config)]
         else:
             config = self.dir / "amqtt.yaml"
@@ -134,7 +146,7 @@ class ExternalBroker:
         wait_for_port(port, self.process, log)
         return f"127.0.0.1:{port}", self.process.pid
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -142,6 +154,14 @@ class ExternalBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def restart(self) -> tuple[str, int]:
+        """Stop (SIGTERM: Mosquitto saves its persistence file) and start again on the same port."""
+        self._terminate()
+        return self.start()
+
+    def stop(self) -> None:
+        self._terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -150,6 +170,13 @@ class TidegateBroker:
         self.name = f"tidegate-{flush}"
         self.flush = flush
         self.spawned: Any = None
+        self.persistent = True  # sessions are always durable
+
+    def restart(self) -> tuple[str, int]:
+        """SIGTERM, then the same data directory again (new ephemeral port)."""
+        self.spawned.stop()
+        self.spawned.start()
+        return self.spawned.addresses["mqtt"], self.spawned.process.pid
 
     def start(self) -> tuple[str, int]:
         from tidegate.gateway.bench.broker import SpawnedBroker
@@ -191,6 +218,43 @@ def one_run(broker_name: str, bench_args: list[str], settle: float = 0.5, timeou
         delivered = report.get("received") or 0
         report["broker_cpu_us_per_delivery"] = round(report["broker_cpu_s"] * 1e6 / delivered, 1) if delivered \
             else None
+        return report
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        return {"errors": [f"{type(exc).__name__}: {exc}"]}
+    finally:
+        broker.stop()
+
+
+def storm_run(broker_name: str, count: int, resume: bool) -> dict[str, Any]:
+    """`mqtt-storm` against a fresh broker: `count` connections at once; with `resume`, `count` persistent sessions
+    are prepared first, the broker restarted, and the storm resumes them."""
+    broker = BROKERS[broker_name]()
+    broker.persistent = resume
+    try:
+        address, pid = broker.start()
+        time.sleep(1.0)
+        prepared: dict[str, Any] = {}
+        restart_s = None
+        prefix = f"storm-{os.getpid()}-{count}"
+        if resume:
+            prepared = run_tidegate(["mqtt-storm", "--count", str(count), "--prepare", "--client-prefix", prefix,
+                                     "--server", address], RUN_TIMEOUT_S)
+            started = time.monotonic()
+            address, pid = broker.restart()
+            restart_s = round(time.monotonic() - started, 3)
+            time.sleep(1.0)
+        cpu_before = cpu_seconds(pid)
+        loadavg = os.getloadavg()[0]
+        command = ["mqtt-storm", "--count", str(count), "--server", address, "--broker-pid", str(pid)]
+        if resume:
+            command += ["--persistent", "--client-prefix", prefix]
+        report = run_tidegate(command, RUN_TIMEOUT_S)
+        report["broker_cpu_s"] = round(cpu_seconds(pid) - cpu_before, 3)
+        report["loadavg_1m_before"] = round(loadavg, 2)
+        report["command"] = "tidegate bench " + " ".join(command)
+        if resume:
+            report["prepared"] = {k: prepared.get(k) for k in ("connected", "all_connacked_seconds", "errors")}
+            report["broker_restart_seconds"] = restart_s
         return report
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {"errors": [f"{type(exc).__name__}: {exc}"]}
@@ -267,6 +331,18 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
             {b: conns[b].get("connect_ms", {}).get("p99") for b in brokers}, False, 2)
         row("idle connections", "broker RSS bytes / connection (lower is better)",
             {b: conns[b].get("broker_bytes_per_connection") for b in brokers}, False)
+    for key in sorted(k for k in results["scenarios"] if k.startswith("storm_")):
+        runs = {b: results["scenarios"][key].get(b, {}) for b in brokers}
+        label = key.replace("storm_resume_", "resume after restart, ").replace("storm_", "reconnect storm, ")
+        row(label, "CONNACKed", {b: f"{runs[b]['connected']}/{runs[b]['count']}" for b in brokers if runs[b]}, True)
+        row(label, "time until all CONNACKed s (lower is better)",
+            {b: runs[b].get("all_connacked_seconds") for b in brokers}, False, 2)
+        row(label, "per connection p50 ms (lower is better)",
+            {b: runs[b].get("connack_ms", {}).get("p50") for b in brokers}, False, 1)
+        row(label, "per connection p99 ms (lower is better)",
+            {b: runs[b].get("connack_ms", {}).get("p99") for b in brokers}, False, 1)
+        if key.startswith("storm_resume_"):
+            row(label, "Session Present", {b: runs[b].get("sessions_present") for b in brokers}, True)
     errors = [f"- {scenario} / {broker}: {'; '.join(r['errors'])}"
               for scenario, runs in results["scenarios"].items() for broker, r in runs.items() if r.get("errors")]
     if errors:
@@ -280,6 +356,10 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=10_000, help="idle connections (10000; 0 skips)")
     parser.add_argument("--amqtt-conns", type=int, default=0,
                         help="idle connections for amqtt if it cannot hold --conns (default: same as --conns)")
+    parser.add_argument("--storm-counts", default="1000,10000",
+                        help="connections per reconnect storm, comma-separated ('' skips the storms)")
+    parser.add_argument("--storm-brokers", default="tidegate-sync,mosquitto",
+                        help="brokers of the storm scenarios (default tidegate-sync,mosquitto)")
     parser.add_argument("--brokers", default=",".join(BROKERS), help=f"comma-separated subset of {list(BROKERS)}")
     parser.add_argument("--scenarios", default="", help="comma-separated subset of scenario keys (default all)")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tidegate-bench-mqtt-compare"),
@@ -329,6 +409,19 @@ def main() -> int:
                   f"{report.get('connect_seconds_total')} s, p99 {report.get('connect_ms', {}).get('p99')} ms, "
                   f"{report.get('broker_bytes_per_connection')} B/conn  {'; '.join(report.get('errors', []))}",
                   flush=True)
+    storm_brokers = [b for b in args.storm_brokers.split(",") if b]
+    for count in [int(c) for c in args.storm_counts.split(",") if c.strip()]:
+        for resume in (False, True):
+            key = f"storm_{'resume_' if resume else ''}{count}"
+            if wanted and key not in wanted and "storms" not in wanted:
+                continue
+            runs = results["scenarios"][key] = {}
+            for broker in storm_brokers:
+                runs[broker] = report = storm_run(broker, count, resume)
+                print(f"{key:32} {broker:15} {report.get('connected')}/{count} CONNACKed in "
+                      f"{report.get('all_connacked_seconds')} s, p50/p99 {report.get('connack_ms', {}).get('p50')}/"
+                      f"{report.get('connack_ms', {}).get('p99')} ms, session present "
+                      f"{report.get('sessions_present')}  {'; '.join(report.get('errors', []))}", flush=True)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     table = markdown(results, brokers)
     out = Path(args.out)

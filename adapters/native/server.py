@@ -50,6 +50,7 @@ SERVER_VERSION = "tidegate-native/0.1.0"
 IDLE_INTERVALS = 3  # a connection silent for this many heartbeat intervals is dead
 ONEWAY = int(f.FrameFlag.ONEWAY)
 MIN_MAX_FRAME = 256  # room for a HELLO_OK and a short ERROR
+DEFAULT_MAX_CREDIT = 10_000  # outstanding credit per subscription (NativeSettings.max_credit)
 
 MODE_TO_CORE = {f.Mode.CLUSTERING: ConsumeMode.CLUSTERING, f.Mode.BROADCASTING: ConsumeMode.BROADCASTING}
 MODE_TO_WIRE = {v: k for k, v in MODE_TO_CORE.items()}
@@ -94,13 +95,16 @@ class SubscriptionSink:
     are held back so the client always learns the subscription id first.
     """
 
-    __slots__ = ("protocol", "subscription_id", "subscription", "_held")
+    __slots__ = ("protocol", "subscription_id", "subscription", "_held", "held_credit")
 
     def __init__(self, protocol: NativeProtocol, subscription_id: int) -> None:
         self.protocol = protocol
         self.subscription_id = subscription_id
         self.subscription: Any = None
         self._held: list[bytes] | None = []
+        # Credit kept from the core while the transport is paused (granted by the client meanwhile, or taken
+        # back from the core on pause); handed to the core on resume.
+        self.held_credit = 0
 
     def deliver(self, deliveries: list[Delivered]) -> None:
         chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame)
@@ -154,6 +158,38 @@ class NativeProtocol(AdapterConnection):
                 except Exception as exc:  # the connection is gone; the broker must not break the reactor
                     log.error("native: closing subscription {sid} failed: {exc!r}", sid=sink.subscription_id,
                               exc=exc)
+
+    def on_pause(self) -> None:
+        """The client does not read fast enough: take every subscription's credit back from the core, so that
+        nothing more is delivered until the transport drains (what the core already handed out is written; the
+        output budget of the base bounds it)."""
+        for sink in self.subscriptions.values():
+            sub = sink.subscription
+            if sub is not None and sub.credit > 0:
+                sink.held_credit += sub.credit
+                sub.credit = 0
+
+    def on_resume(self) -> None:
+        """The transport drained: give the core back the credit held while it was paused."""
+        for sink in list(self.subscriptions.values()):
+            if self.paused:  # a delivery below filled the buffer again: the rest stays held
+                break
+            held, sink.held_credit = sink.held_credit, 0
+            if held and sink.subscription is not None and not sink.subscription.closed:
+                sink.subscription.grant(held)
+
+    def _grant(self, sink: SubscriptionSink, credit: int) -> None:
+        """Credit from the client (SUBSCRIBE or CREDIT), capped so that the outstanding credit of a subscription
+        (the core's plus what is held) never exceeds `settings.max_credit`; held while the transport is paused."""
+        sub = sink.subscription
+        room = self.factory.settings.max_credit - max(0, sub.credit) - sink.held_credit
+        credit = min(credit, room)
+        if credit <= 0:
+            return
+        if self.paused:
+            sink.held_credit += credit
+        else:
+            sub.grant(credit)
 
     def output_budget_exceeded(self) -> None:
         self._error(0, ErrorCode.BAD_REQUEST, f"the client does not read: more than {self.output_budget} bytes "
@@ -400,16 +436,19 @@ class NativeProtocol(AdapterConnection):
         self.emit(f.SubscribeOk(request_id=frame.request_id, subscription_id=subscription_id))
         sink.release()
         if frame.credit:
-            sub.grant(frame.credit)
+            self._grant(sink, frame.credit)
 
-    def _subscription(self, subscription_id: int) -> Any:
+    def _sink(self, subscription_id: int) -> SubscriptionSink:
         sink = self.subscriptions.get(subscription_id)
         if sink is None:
             raise BadRequest(f"no subscription {subscription_id} on this connection")
-        return sink.subscription
+        return sink
+
+    def _subscription(self, subscription_id: int) -> Any:
+        return self._sink(subscription_id).subscription
 
     def on_credit(self, frame: f.Credit) -> None:
-        self._subscription(frame.subscription_id).grant(frame.credit)
+        self._grant(self._sink(frame.subscription_id), frame.credit)
         self._reply(frame, f.Ok(request_id=frame.request_id))
 
     def _each_receipt(self, receipts: tuple[str, ...], action: Callable[[str], None]) -> None:
@@ -536,12 +575,17 @@ class NativeSettings:
 
     max_frame: int = DEFAULT_MAX_FRAME  # largest frame accepted (and DELIVER pushes are split to fit)
     heartbeat_s: float = 30.0  # clients must send something this often; 3 silent intervals close (0 = never)
+    # Outstanding credit of one subscription (granted and not yet used): SUBSCRIBE/CREDIT asking for more are
+    # clamped to it, so a client's u32 credit cannot make the broker push millions of messages at once.
+    max_credit: int = DEFAULT_MAX_CREDIT
 
     def __post_init__(self) -> None:
         if self.max_frame < MIN_MAX_FRAME:
             raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME} bytes, not {self.max_frame}")
         if self.heartbeat_s < 0:
             raise ValueError(f"heartbeat_s must be 0 (off) or positive, not {self.heartbeat_s}")
+        if self.max_credit < 1:
+            raise ValueError(f"max_credit must be at least 1, not {self.max_credit}")
 
 
 class NativeServerFactory(AdapterFactory):

@@ -19,6 +19,7 @@ from tidegate.gateway.bench.driver import RateLimiter
 from tidegate.gateway.bench.latency import BenchLatencies
 from tidegate.gateway.bench.mqtt import MqttDriver, run_mqtt_command
 from tidegate.gateway.bench.mqtt_conns import run_conns_command
+from tidegate.gateway.bench.mqtt_storm import run_storm_command
 from tidegate.gateway.bench.native import NativeDriver, run_native_command
 from tidegate.gateway.bench.registry import COMMANDS
 from tidegate.gateway.cli import build_parser
@@ -132,7 +133,7 @@ def test_consumer_tally_reads_the_payload_header_and_ignores_foreign_messages() 
 def test_bench_registry_routes_each_driver_name_to_its_command() -> None:
     """`tidegate bench` offers the registered drivers in order, each subcommand runs its own module's handler with
     its own flags, and the engine drivers are the classes those handlers hand to run_bench."""
-    assert list(COMMANDS) == ["native", "mqtt", "mqtt-conns"]
+    assert list(COMMANDS) == ["native", "mqtt", "mqtt-conns", "mqtt-storm"]
     parser = build_parser()
     native = parser.parse_args(["bench", "native", "--batch", "5", "--spawn-broker"])
     assert (native.handler, native.protocol, native.batch, native.spawn_broker) == (run_native_command, "native", 5,
@@ -141,6 +142,8 @@ def test_bench_registry_routes_each_driver_name_to_its_command() -> None:
     assert (mqtt.handler, mqtt.protocol, mqtt.qos, mqtt.shared) == (run_mqtt_command, "mqtt", 2, True)
     conns = parser.parse_args(["bench", "mqtt-conns", "--count", "3"])
     assert (conns.handler, conns.count) == (run_conns_command, 3)
+    storm = parser.parse_args(["bench", "mqtt-storm", "--count", "7", "--persistent", "--client-prefix", "p"])
+    assert (storm.handler, storm.count, storm.persistent, storm.client_prefix) == (run_storm_command, 7, True, "p")
     assert (NativeDriver.name, MqttDriver.name) == ("native", "mqtt")
 
 

@@ -15,6 +15,7 @@ from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import NativeCodec, Role, encode_frame
 from tidegate.adapters.native.errors import ErrorCode
 from tidegate.adapters.native.server import NativeProtocol, NativeServerFactory, NativeSettings
+from tidegate.core.api import Delivered
 from tidegate.core.errors import NotAuthenticated
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message, QueueRef
@@ -547,3 +548,67 @@ def test_a_client_that_does_not_read_gets_an_error_and_is_dropped_at_its_output_
     frames = peer.read()
     assert isinstance(frames[-1], f.Error) and "does not read" in frames[-1].message
     assert peer.protocol.closing
+
+
+# ---------------------------------------------------------------------------------------------- flow control
+def _subscribe(peer: Peer, clock: MemoryReactorClock, topic: str, credit: int) -> int:
+    peer.send(f.Subscribe(request_id=30, group="g", topic=topic, client_id="c", credit=credit, start="earliest"))
+    clock.advance(0)
+    frames = peer.read()
+    assert isinstance(frames[0], f.SubscribeOk)
+    return frames[0].subscription_id
+
+
+def test_credit_asked_beyond_max_credit_is_clamped_per_subscription(clock: MemoryReactorClock) -> None:
+    """A u32 credit in SUBSCRIBE or CREDIT never lets more than `max_credit` messages be outstanding."""
+    factory = NativeServerFactory(make_broker(clock), AllowAllGate(), clock, NativeSettings(max_credit=5),
+                                  metrics=CoreMetrics())
+    consumer, producer = Peer(factory), Peer(factory)
+    producer.request(f.TopicCreate, name="cap", queues=1)
+    sub_id = _subscribe(consumer, clock, "cap", credit=2**32 - 1)
+    assert consumer.protocol.subscriptions[sub_id].subscription.credit == 5
+    _send_all(producer, "cap", [b"%d" % i for i in range(12)])
+    clock.advance(0)
+    assert [m.message.body for m in consumer.deliveries()] == [b"%d" % i for i in range(5)]
+    consumer.send(f.Credit(request_id=0, flags=f.FrameFlag.ONEWAY, subscription_id=sub_id, credit=3))
+    consumer.send(f.Credit(request_id=0, flags=f.FrameFlag.ONEWAY, subscription_id=sub_id, credit=1_000_000))
+    clock.advance(0)
+    assert [m.message.body for m in consumer.deliveries()] == [b"%d" % i for i in range(5, 10)]
+
+
+def test_native_settings_refuse_a_max_credit_below_one() -> None:
+    with pytest.raises(ValueError, match="max_credit"):
+        NativeSettings(max_credit=0)
+
+
+def test_nothing_is_delivered_while_paused_and_credit_granted_meanwhile_waits_for_resume(
+        factory: NativeServerFactory, clock: MemoryReactorClock) -> None:
+    """pauseProducing takes the subscription's credit back from the core and holds CREDIT frames' credit; after
+    resumeProducing delivery continues where it stopped, within the credit the client gave."""
+    consumer, producer = Peer(factory), Peer(factory)
+    producer.request(f.TopicCreate, name="slow", queues=1)
+    sub_id = _subscribe(consumer, clock, "slow", credit=4)
+    subscription = consumer.protocol.subscriptions[sub_id].subscription
+    consumer.protocol.pauseProducing()
+    assert subscription.credit == 0
+    _send_all(producer, "slow", [b"a", b"b", b"c", b"d", b"e", b"f"])
+    consumer.send(f.Credit(request_id=0, flags=f.FrameFlag.ONEWAY, subscription_id=sub_id, credit=1))
+    clock.advance(0)
+    assert consumer.deliveries() == []
+    assert subscription.credit == 0  # CREDIT while paused is held, not granted
+    consumer.protocol.resumeProducing()
+    clock.advance(0)
+    assert [m.message.body for m in consumer.deliveries()] == [b"a", b"b", b"c", b"d", b"e"]
+
+
+def test_deliveries_the_core_already_handed_out_are_written_while_paused(
+        factory: NativeServerFactory, clock: MemoryReactorClock) -> None:
+    """A pause in the middle of a delivery round does not lose what the core already took from the queue: it is
+    written (the output budget of the base bounds it), only further credit is held."""
+    consumer = Peer(factory)
+    consumer.request(f.TopicCreate, name="mid", queues=1)
+    sub_id = _subscribe(consumer, clock, "mid", credit=3)
+    consumer.protocol.pauseProducing()
+    consumer.protocol.subscriptions[sub_id].deliver([Delivered(Message(topic="mid", body=b"x"), QueueRef("mid", 0), 0)])
+    assert [m.message.body for m in consumer.deliveries()] == [b"x"]
+    assert consumer.protocol.subscriptions[sub_id].held_credit == 3
