@@ -71,6 +71,8 @@ class NativeListener:
     tls_enabled: bool = False
     tls_port: int = 10912
     backlog: int = DEFAULT_BACKLOG
+    heartbeat_s: int = 30  # clients must send something this often; 3 silent intervals close (0 = never)
+    max_credit: int = 10_000  # outstanding credit of one subscription; larger CREDIT/SUBSCRIBE asks are clamped
 
 
 @dataclass(slots=True, frozen=True)
@@ -394,6 +396,10 @@ def _validate(merger: _Merger) -> None:
             f"broker.max_message_bytes ({values['broker.max_message_bytes']}, from "
             f"{sources['broker.max_message_bytes']}) must be smaller than storage.segment_bytes "
             f"({values['storage.segment_bytes']}, from {sources['storage.segment_bytes']})")
+    for key, low in (("broker.message_cache_bytes", 0), ("listeners.native.max_credit", 1),
+                     ("listeners.native.heartbeat_s", 0)):
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
     for key in ("connections.output_budget_bytes", "connections.login_hold_bytes"):
         if values[key] < 4096:
             raise ConfigError(f"{key} must be at least 4096 bytes, got {values[key]} (from {sources[key]})")

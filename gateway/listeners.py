@@ -34,7 +34,8 @@ SOMAXCONN_PATH = Path("/proc/sys/net/core/somaxconn")
 def native_settings(config: Config, section: Any) -> Any:
     from tidegate.adapters.native.server import NativeSettings
 
-    return NativeSettings(max_frame=config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO)
+    return NativeSettings(max_frame=config.broker.max_message_bytes * NATIVE_FRAME_TO_BODY_RATIO,
+                          heartbeat_s=float(section.heartbeat_s), max_credit=section.max_credit)
 
 
 def mqtt_settings(config: Config, section: Any) -> Any:

@@ -340,3 +340,26 @@ def test_index_flush_survives_storage_errors_with_backoff_and_recovers(tmp_path:
         assert any("index flush works again after 3 failed attempts" in m for m in messages)
     finally:
         process.stopService()
+
+
+def test_native_credit_cap_and_heartbeat_come_from_the_config(tmp_path: Path, stand_ins) -> None:
+    process, reactor = started_process(make_config(tmp_path, "listeners.native.max_credit=500",
+                                                   "listeners.native.heartbeat_s=7"))
+    try:
+        factory = next(entry[1] for entry in reactor.tcpServers if isinstance(entry[1], RecordingFactory))
+        assert (factory.settings.max_credit, factory.settings.heartbeat_s) == (500, 7.0)
+    finally:
+        process.stopService()
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("broker.message_cache_bytes=-1", "broker.message_cache_bytes must be at least 0"),
+    ("listeners.native.max_credit=0", "listeners.native.max_credit must be at least 1"),
+    ("connections.output_budget_bytes=10", "connections.output_budget_bytes must be at least 4096"),
+    ("listeners.mqtt.backlog=0", "listeners.mqtt.backlog must be 1-65535"),
+])
+def test_bad_limits_are_one_line_config_errors(tmp_path: Path, setting: str, words: str) -> None:
+    from tidegate.gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        make_config(tmp_path, setting)

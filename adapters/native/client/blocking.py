@@ -54,6 +54,10 @@ def build_message(topic: str, body: bytes, *, tag: str = "", keys: Iterable[str]
                    dict(properties) if properties else {}, int(_time() * 1000), deliver_at, expires_at, group,
                    _PERSISTENT)
 
+# The broker clamps a subscription's outstanding credit to its `max_credit` (10,000 by default): asking for more
+# would leave this side counting credit the broker never granted.
+RECEIVE_MAX = 10_000
+
 
 class _Client:
     """Owns one connection; `start()`/`close()` or use as a context manager."""
@@ -396,7 +400,9 @@ class SimpleConsumer(_Client):
                 self._cond.notify_all()
 
     def receive(self, max: int = 16, timeout: float = 5.0) -> list[Delivered]:
-        """Up to `max` messages; waits up to `timeout` seconds for the first one, returns [] if none came."""
+        """Up to `max` messages (at most RECEIVE_MAX: brokers cap a subscription's outstanding credit there);
+        waits up to `timeout` seconds for the first one, returns [] if none came."""
+        max = min(max, RECEIVE_MAX)
         with self._cond:
             wanted = max - len(self._buffer) - self._outstanding
             if wanted > 0:
