@@ -327,7 +327,14 @@ class TidegateProcess(Service):
             log.info("%s listener skipped: %s is not part of this build yet", name, module_name)
             return
         factory_class = getattr(importlib.import_module(module_name), factory_name)
-        self._listen(name, factory_class(self.broker, self.reactor, metrics=self.metrics), host, port)
+        if name == "amqp":
+            from tidegate.core.security.gate import AllowAllGate
+
+            factory = factory_class(self.broker, AllowAllGate(), self.reactor, self.config.listeners.amqp,
+                                    metrics=self.metrics, listener=name)
+        else:
+            factory = factory_class(self.broker, self.reactor, metrics=self.metrics)
+        self._listen(name, factory, host, port)
 
     def _log_recovery(self, seconds: float) -> None:
         report = getattr(self.store, "recovery", None)
