@@ -47,7 +47,7 @@ from tidegate.adapters.amqp.reply_codes import ReplyCode
 from tidegate.core.api import Delivered, SendResult
 from tidegate.core.errors import InvalidReceipt, MessageTooLarge, NotAuthorized, TidegateError
 from tidegate.core.interfaces import Subscription
-from tidegate.core.model import Message
+from tidegate.core.model import Message, MessageFlag
 from tidegate.core.security.gate import Action, Resource
 
 if TYPE_CHECKING:
@@ -549,13 +549,14 @@ class Channel:
         registry = self.registry
         now = self._now_ms()
         ttl = queue.arguments.get("x-message-ttl")
+        started = connection.factory.started_ms
         chunks: list[bytes] = []
         sub = consumer.sub
         assert sub is not None
         for d in deliveries:
             message = d.message
-            if ttl is not None and message.store_ts and now - message.store_ts >= ttl:
-                sub.ack(d.receipt)  # expired in this queue (x-message-ttl): dropped
+            if _gone(message, ttl, now, started):
+                sub.ack(d.receipt)
                 continue
             tag = self.next_tag
             self.next_tag = tag + 1
@@ -613,7 +614,7 @@ class Channel:
             if d is None:
                 self.send(commands.Basic.GetEmpty())
                 return
-            if ttl is not None and d.message.store_ts and now - d.message.store_ts >= ttl:
+            if _gone(d.message, ttl, now, self.connection.factory.started_ms):
                 if not m.no_ack:
                     self.session.ack(queue.topic, d.receipt)
                 continue
@@ -809,6 +810,15 @@ class Channel:
             elif consumer.sub is not None and not consumer.sub.closed:
                 consumer.sub.close()  # a cancelled consumer still holding messages: they come back
         self._tx_publishes, self._tx_acks = [], []
+
+
+def _gone(message: Message, ttl: Any, now: int, started_ms: int) -> bool:
+    """Messages a queue no longer holds, dropped at delivery: expired by the queue's x-message-ttl, or transient
+    (delivery mode 1) and stored before this broker started (RabbitMQ loses those on restart; the commit log
+    keeps them, so the adapter skips them)."""
+    if ttl is not None and message.store_ts and now - message.store_ts >= ttl:
+        return True
+    return bool(message.flags & MessageFlag.TRANSIENT) and 0 < message.store_ts < started_ms
 
 
 def _jsonable(value: Any) -> Any:

@@ -51,6 +51,8 @@ class AmqpServerFactory(AdapterFactory):
                  metrics: CoreMetrics | None = None, listener: str = "") -> None:
         super().__init__(core, gate, clock, _complete(settings), metrics=metrics, listener=listener)
         self.registry = Registry(self.system)
+        # Transient messages stored before this moment belong to an earlier run: not delivered (see channel._gone).
+        self.started_ms = core.now_ms()
         try:
             self.version = package_version("tidegate")
         except PackageNotFoundError:
