@@ -33,10 +33,12 @@ from tidegate.adapters.amqp.model import (
     EXCHANGE_TYPES,
     TOPIC_EXCHANGE,
     delivery_address,
+    exchange_topic,
     invalid_expiration,
     message_from_publish,
     properties_for_delivery,
     publish_address,
+    queue_topic,
 )
 from tidegate.adapters.amqp.registry import (
     ExchangeDecl,
@@ -221,7 +223,7 @@ class Channel:
                 if name.startswith("amq."):
                     raise ChannelError(ReplyCode.ACCESS_REFUSED,
                                        f"exchange name '{name}' contains reserved prefix 'amq.*'")
-                self._authorize(Action.CREATE, Resource.topic(name))
+                self._authorize(Action.CREATE, Resource.topic(exchange_topic(name)))
                 self.registry.declare_exchange(ExchangeDecl(name, m.exchange_type, m.durable, m.auto_delete,
                                                             m.internal, _jsonable(arguments)))
             else:
@@ -243,7 +245,7 @@ class Channel:
         if name == "" or name.startswith("amq."):
             raise ChannelError(ReplyCode.ACCESS_REFUSED, f"operation not permitted on exchange '{name}'")
         if name in self.registry.exchanges:
-            self._authorize(Action.DELETE, Resource.topic(name))
+            self._authorize(Action.DELETE, Resource.topic(exchange_topic(name)))
             if m.if_unused and self.registry.has_bindings_from(name):
                 raise ChannelError(ReplyCode.PRECONDITION_FAILED, f"exchange '{name}' in vhost '{VHOST}' in use")
             self.registry.delete_exchange(name)
@@ -286,7 +288,7 @@ class Channel:
             _check_queue_arguments(arguments)
             queue = registry.queues.get(name)
             if queue is None:
-                self._authorize(Action.CREATE, Resource.topic(name))
+                self._authorize(Action.CREATE, Resource.topic(queue_topic(name)))
                 queue = QueueDecl(name, bool(m.durable), self.connection if m.exclusive else None,
                                   bool(m.auto_delete), arguments)
                 registry.declare_queue(queue)
@@ -579,8 +581,9 @@ class Channel:
             return
         budget = -1
         if self.channel_prefetch:
+            # basic.get deliveries do not count against prefetch (RabbitMQ); cancelled consumers' unacked do
             outstanding = sum(c.unacked + (c.sub.credit if c.sub else 0) for c in self.consumers.values())
-            outstanding += sum(1 for u in self.unacked.values() if u.consumer is None or u.consumer.cancelled)
+            outstanding += sum(1 for u in self.unacked.values() if u.consumer is not None and u.consumer.cancelled)
             budget = max(0, self.channel_prefetch - outstanding)
         for consumer in self.consumers.values():
             sub = consumer.sub

@@ -278,6 +278,9 @@ class Registry:
                 keys.discard(binding.key)
                 if not keys:
                     del self._adapter_routed[binding.source]
+        source = self.exchanges.get(binding.source)
+        if source is not None and source.auto_delete and not self.has_bindings_from(source.name):
+            self.delete_exchange(source.name)  # RabbitMQ: an auto-delete exchange goes with its last binding
 
     def _core_unbind(self, pattern: str, ref: QueueRef) -> None:
         try:

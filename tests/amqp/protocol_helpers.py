@@ -21,10 +21,10 @@ def plain(user: str = "guest", password: str = "guest") -> str:
 class World:
     """One broker, one AMQP listener factory, any number of connections."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, gate: Any = None, **settings: Any) -> None:
         self.clock = MemoryReactorClock()
         self.broker = make_broker(self.clock)
-        self.factory = AmqpServerFactory(self.broker, AllowAllGate(), self.clock, AmqpSettings(**settings))
+        self.factory = AmqpServerFactory(self.broker, gate or AllowAllGate(), self.clock, AmqpSettings(**settings))
 
     def client(self, host: str = "127.0.0.1", *, handshake: bool = True) -> Client:
         client = Client(self, host)

@@ -549,3 +549,56 @@ def test_durable_declarations_survive_a_restart_and_transient_ones_do_not():
     assert "dq" in again.registry.queues and "tq" not in again.registry.queues
     assert [(b.source, b.destination) for b in again.registry.bindings.values()] == [("dx", "dq")]
     assert "%AMQP%tq" not in {t.name for t in world.broker.list_topics(include_internal=True)}
+
+
+def test_an_auto_delete_exchange_goes_with_its_last_binding():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Exchange.Declare(exchange="ad", exchange_type="fanout", auto_delete=True), Exchange.DeclareOk)
+    client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
+    client.call(1, Queue.Bind(queue="q", exchange="ad", routing_key=""), Queue.BindOk)
+    client.call(1, Queue.Unbind(queue="q", exchange="ad", routing_key=""), Queue.UnbindOk)
+    assert "ad" not in world.factory.registry.exchanges
+
+
+class DenyingGate:
+    """Allows everything but the (action, resource name) pairs given."""
+
+    version = 0
+
+    def __init__(self, *denied: tuple[str, str]) -> None:
+        from tidegate.core.security.gate import AllowAllGate
+
+        self.denied = set(denied)
+        self.inner = AllowAllGate()
+
+    def authenticate(self, credentials):
+        return self.inner.authenticate(credentials)
+
+    def check(self, principal, action, resource, source):
+        from tidegate.core.security.gate import ALLOW, Decision
+
+        return Decision(False, "denied") if (action.value, resource.name) in self.denied else ALLOW
+
+
+def test_every_client_action_is_authorized_before_it_happens():
+    """Denied by the gate: the queue is not created, the message is not stored, the consumer is not attached (403)."""
+    gate = DenyingGate(("Create", "%AMQP%forbidden"), ("Pub", "secret/x"), ("Sub", "%AMQP%guarded/#"))
+    world = World(gate=gate)
+    client = world.client()
+    client.open_channel()
+    client.send(1, Queue.Declare(queue="forbidden"))
+    assert client.expect(Channel.Close)[0].reply_code == ReplyCode.ACCESS_REFUSED
+    assert "forbidden" not in world.factory.registry.queues
+    client.send(1, Channel.CloseOk())
+    client.open_channel(1)
+    client.publish(1, "amq.topic", "secret.x", b"no")
+    assert client.expect(Channel.Close)[0].reply_code == ReplyCode.ACCESS_REFUSED
+    assert "secret" not in {t.name for t in world.broker.list_topics()}  # never published, so never created
+    client.send(1, Channel.CloseOk())
+    client.open_channel(1)
+    client.call(1, Queue.Declare(queue="guarded"), Queue.DeclareOk)
+    client.send(1, Basic.Consume(queue="guarded"))
+    assert client.expect(Channel.Close)[0].reply_code == ReplyCode.ACCESS_REFUSED
+    assert not world.factory.registry.queues["guarded"].consumers
