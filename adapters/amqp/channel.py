@@ -62,6 +62,19 @@ UNLIMITED_PREFETCH = 1000  # credit of a consumer without a prefetch limit (boun
 # set out of reach.
 MAX_ATTEMPTS = 2**31 - 1
 MAX_ALTERNATE_HOPS = 8  # exchange-to-exchange and alternate-exchange routing depth (a cycle stops here)
+_TRANSIENT = int(MessageFlag.TRANSIENT)  # a plain int: IntFlag's & costs an enum call per message
+
+
+@dataclass(slots=True)
+class _PendingPublish:
+    exchange: ExchangeDecl
+    method: commands.Basic.Publish
+    properties: commands.Basic.Properties
+    raw: bytes
+    body: bytes
+    messages: list[Message]
+    sure: int  # queues reached for sure (default exchange, adapter-routed copies)
+    seq: int  # publisher-confirm sequence number (0 without confirms)
 
 
 @dataclass(slots=True)
@@ -133,6 +146,7 @@ class Channel:
         self.tx = False
         self._tx_publishes: list[tuple[commands.Basic.Publish, commands.Basic.Properties, bytes, bytes]] = []
         self._tx_acks: list[tuple[str, Any]] = []
+        self._batch: list[_PendingPublish] = []  # this read's publishes, stored together by flush_publishes
         self._handlers: dict[type, Callable[[Any], None]] = {
             commands.Exchange.Declare: self.exchange_declare,
             commands.Exchange.Delete: self.exchange_delete,
@@ -366,6 +380,7 @@ class Channel:
     # ------------------------------------------------------------------ publishing
     def basic_publish(self, m: commands.Basic.Publish, properties: commands.Basic.Properties, raw: bytes,
                       body: bytes) -> None:
+        """Check and route a publish now; store it with the rest of this read's publishes (`flush_publishes`)."""
         exchange = self._exchange(m.exchange)
         if exchange.internal:
             raise ChannelError(ReplyCode.ACCESS_REFUSED,
@@ -378,36 +393,62 @@ class Channel:
         if self.tx:
             self._tx_publishes.append((m, properties, raw, body))
             return
-        self._publish(exchange, m, properties, raw, body)
+        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._now_ms())
+        if not self._batch:
+            self.connection.publish_batches.append(self)
+        self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq))
+
+    def flush_publishes(self) -> None:
+        """Store this read's publishes in one core call (one append batch, one write), then answer each: returns,
+        alternate exchanges, confirms. If the core refuses the batch, they are stored one by one so that those
+        before the faulty one are kept (as RabbitMQ would) and the channel closes at the faulty one."""
+        batch, self._batch = self._batch, []
+        if not batch or self.closing:
+            return
+        messages = [message for p in batch for message in p.messages]
+        try:
+            results = self.session.publish(messages) if messages else []
+        except TidegateError:
+            for p in batch:
+                self._finish(p, self._store(p.messages))
+            return
+        position = 0
+        for p in batch:
+            count = len(p.messages)
+            self._finish(p, results[position:position + count])
+            position += count
 
     def _publish(self, exchange: ExchangeDecl, m: commands.Basic.Publish, properties: commands.Basic.Properties,
                  raw: bytes, body: bytes) -> int:
-        """Route and store one publish; returns the commit-log end its durability waits for."""
-        now = self._now_ms()
-        end = 0
-        routed = 0
-        current, hops = exchange, 0
-        while True:
-            messages, sure = self._messages_for(current, m.routing_key, properties, raw, body, now)
-            results = self._store(messages)
-            for r in results:
-                end = max(end, r.commit_end)
-            if end > self.connection.last_publish_end:
-                self.connection.last_publish_end = end
-            routed = sure + sum(r.bound for r in results)
+        """Route and store one publish at once (transactions); returns the commit-log end it waits for."""
+        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._now_ms())
+        pending = _PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq)
+        return self._finish(pending, self._store(messages))
+
+    def _finish(self, p: _PendingPublish, results: list[SendResult]) -> int:
+        end = max((r.commit_end for r in results), default=0)
+        routed = p.sure + sum(r.bound for r in results)
+        current, hops = p.exchange, 0
+        while not routed and hops < MAX_ALTERNATE_HOPS:
             alternate = current.arguments.get("alternate-exchange")
-            if routed or not alternate or hops >= MAX_ALTERNATE_HOPS:
-                break
-            following = self.registry.exchanges.get(str(alternate))
+            following = self.registry.exchanges.get(str(alternate)) if alternate else None
             if following is None:
                 break
             current, hops = following, hops + 1
+            messages, sure = self._messages_for(current, p.method.routing_key, p.properties, p.raw, p.body,
+                                                self._now_ms())
+            results = self._store(messages)
+            end = max(end, *(r.commit_end for r in results)) if results else end
+            routed = sure + sum(r.bound for r in results)
+        if end > self.connection.last_publish_end:
+            self.connection.last_publish_end = end
+        m = p.method
         if not routed and m.mandatory:
             self.connection.write(self.connection.codec.send_content(
                 self.number, commands.Basic.Return(ReplyCode.NO_ROUTE, "NO_ROUTE", m.exchange, m.routing_key),
-                raw, body))
+                p.raw, p.body))
         if self.confirm:
-            self._confirm_pending_seq = self.publish_seq
+            self._confirm_pending_seq = p.seq
             self._confirm_pending_end = max(self._confirm_pending_end, end)
             self.connection.confirms_waiting.add(self)
         return end
@@ -813,6 +854,7 @@ class Channel:
             elif consumer.sub is not None and not consumer.sub.closed:
                 consumer.sub.close()  # a cancelled consumer still holding messages: they come back
         self._tx_publishes, self._tx_acks = [], []
+        self._batch = []
 
 
 def _gone(message: Message, ttl: Any, now: int, started_ms: int) -> bool:
@@ -821,7 +863,7 @@ def _gone(message: Message, ttl: Any, now: int, started_ms: int) -> bool:
     keeps them, so the adapter skips them)."""
     if ttl is not None and message.store_ts and now - message.store_ts >= ttl:
         return True
-    return bool(message.flags & MessageFlag.TRANSIENT) and 0 < message.store_ts < started_ms
+    return bool(message.flags & _TRANSIENT) and 0 < message.store_ts < started_ms
 
 
 def _jsonable(value: Any) -> Any:

@@ -68,6 +68,7 @@ class AmqpConnection(AdapterConnection):
         self.client_name = ""
         self.exclusive_queues: set[str] = set()
         self.confirms_waiting: set[Channel] = set()
+        self.publish_batches: list[Channel] = []  # channels with publishes of this read not stored yet
         self.last_publish_end = 0  # commit-log end of this connection's latest publish
         self._heartbeat_timer: Any = None
         self._close_timer: Any = None
@@ -110,6 +111,8 @@ class AmqpConnection(AdapterConnection):
                 break
             if self.closing:
                 break
+            if self.publish_batches and event.__class__ is not ContentEvent:
+                self.flush_publishes()  # whatever comes next sees the publishes before it
             try:
                 self.handle_event(event)
             except ConnectionError_ as error:
@@ -124,10 +127,20 @@ class AmqpConnection(AdapterConnection):
                 self.channel_exception(getattr(event, "channel", 0),
                                         ChannelError(ReplyCode.PRECONDITION_FAILED, str(error)),
                                         getattr(event, "method", None))
+        if self.publish_batches:
+            self.flush_publishes()
         if self.confirms_waiting:
             waiting, self.confirms_waiting = self.confirms_waiting, set()
             for channel in waiting:
                 channel.register_confirms()
+
+    def flush_publishes(self) -> None:
+        batches, self.publish_batches = self.publish_batches, []
+        for channel in batches:
+            try:
+                channel.flush_publishes()
+            except ChannelError as error:
+                self.channel_exception(channel.number, error, commands.Basic.Publish())
 
     def run_batched(self, work: Any) -> None:
         """Run `work(None)` outside a read with its writes batched like a read's (timers, fsync callbacks)."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import mqtt, mqtt_conns, native
+from . import amqp, mqtt, mqtt_conns, native
 from .arguments import BenchCommand
 
-COMMANDS: dict[str, BenchCommand] = {c.name: c for c in (native.COMMAND, mqtt.COMMAND, mqtt_conns.COMMAND)}
+COMMANDS: dict[str, BenchCommand] = {
+    c.name: c for c in (native.COMMAND, mqtt.COMMAND, mqtt_conns.COMMAND, amqp.COMMAND)}
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -602,3 +602,24 @@ def test_every_client_action_is_authorized_before_it_happens():
     client.send(1, Basic.Consume(queue="guarded"))
     assert client.expect(Channel.Close)[0].reply_code == ReplyCode.ACCESS_REFUSED
     assert not world.factory.registry.queues["guarded"].consumers
+
+
+def test_publishes_of_one_read_are_stored_together_and_a_refused_one_keeps_those_before_it():
+    """Three publishes in one read, the second over the core's body limit: the first is stored, the channel closes
+    with 406 at the second, the third is dropped with the closed channel."""
+    world = World()
+    world.broker.config.max_body = 10
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
+    publish = Basic.Publish(exchange="", routing_key="q")
+    client.raw(b"".join(client.codec.send_content(1, publish, commands.Basic.Properties(), body)
+                        for body in (b"small", b"far too large for the limit", b"after")))
+    close = client.expect(Channel.Close)[0]
+    assert close.reply_code == ReplyCode.PRECONDITION_FAILED
+    client.send(1, Channel.CloseOk())
+    client.open_channel(1)
+    client.send(1, Basic.Get(queue="q", no_ack=True))
+    assert client.received()[0].body == b"small"
+    client.send(1, Basic.Get(queue="q", no_ack=True))
+    client.expect(Basic.GetEmpty)
