@@ -323,6 +323,7 @@ class Channel:
                             raise inequivalent(key, "queue", name, arguments.get(key), queue.arguments.get(key))
             self.session.own(queue.topic)
         self.last_queue = queue.name
+        self.connection.factory.queue_used(queue)
         if not m.nowait:
             self.send(commands.Queue.DeclareOk(queue.name, self.connection.factory.ready_count(queue),
                                                len(queue.consumers)))
@@ -464,7 +465,7 @@ class Channel:
                 return [], 0
             self.session.own(queue.topic)
             return [message_from_publish(queue.topic, "", properties, raw, body, now)], 1
-        topic, subject = publish_address(exchange.name, key)
+        topic, subject = publish_address(exchange.name, key, exchange.topic)
         messages = [message_from_publish(topic, subject, properties, raw, body, now)]
         sure = 0
         if registry.has_adapter_routes(exchange.name):
@@ -540,8 +541,9 @@ class Channel:
         except NotAuthorized as exc:
             raise ChannelError(ReplyCode.ACCESS_REFUSED, str(exc)) from None
         self.consumers[tag] = consumer
-        queue.consumers.add(consumer)
+        queue.consumers[consumer] = None
         queue.had_consumer = True
+        self.connection.factory.queue_used(queue)
         if not m.nowait:
             self.send(commands.Basic.ConsumeOk(tag))
         self.replenish()
@@ -558,17 +560,23 @@ class Channel:
         client may still ack them), or closes now with `release` (they come back to the queue)."""
         consumer.cancelled = True
         self.consumers.pop(consumer.tag, None)
-        consumer.queue.consumers.discard(consumer)
+        queue = consumer.queue
+        was_active = queue.active_consumer is consumer
+        queue.consumers.pop(consumer, None)
         sub = consumer.sub
         if sub is not None and not sub.closed:
             if release or consumer.unacked == 0:
                 sub.close()
             else:
                 sub.credit = 0
-        queue = consumer.queue
         if queue.auto_delete and not queue.consumers and queue.had_consumer \
                 and self.registry.queues.get(queue.name) is queue:
             self.connection.factory.delete_queue(queue)
+            return
+        if was_active and queue.single_active and queue.consumers:
+            successor = queue.active_consumer
+            successor.channel.replenish()  # type: ignore[union-attr]  # the next consumer takes over
+        self.connection.factory.queue_used(queue)
 
     def consumer_cancelled_by_server(self, consumer: Consumer) -> None:
         """The queue was deleted: the consumer ends and the client is told (consumer_cancel_notify)."""
@@ -630,6 +638,9 @@ class Channel:
             sub = consumer.sub
             if sub is None or sub.closed:
                 continue
+            queue = consumer.queue
+            if queue.single_active and queue.active_consumer is not consumer:
+                continue  # x-single-active-consumer: only the oldest consumer of the queue gets messages
             want = consumer.limit - consumer.unacked - sub.credit
             if budget >= 0:
                 want = min(want, budget)
@@ -646,6 +657,7 @@ class Channel:
 
     def basic_get(self, m: commands.Basic.Get, retried: bool = False) -> None:
         queue = self._queue(m.queue)
+        self.connection.factory.queue_used(queue)
         if not retried and self._get_after_own_publish(m, queue):
             return
         ttl = queue.arguments.get("x-message-ttl")

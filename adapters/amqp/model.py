@@ -152,12 +152,13 @@ def subject_key(subject: str) -> str:
     return ".".join(w.replace(".", "/") for w in subject.split("/")) if subject else ""
 
 
-def publish_address(exchange: str, routing_key: str) -> tuple[str, str]:
-    """(core topic, subject) of a message published to `exchange` (not the default exchange) with `routing_key`."""
+def publish_address(exchange: str, routing_key: str, topic: str = "") -> tuple[str, str]:
+    """(core topic, subject) of a message published to `exchange` (not the default exchange) with `routing_key`;
+    `topic` is the exchange's core topic when the caller knows it already."""
     if exchange == TOPIC_EXCHANGE:
         first, _, rest = routing_key.partition(".")
         return encode_level(first.replace("/", ".")), key_subject(rest)
-    return exchange_topic(exchange), key_subject(routing_key)
+    return topic or exchange_topic(exchange), key_subject(routing_key)
 
 
 def binding_pattern(exchange: str, exchange_type: str, binding_key: str) -> str:
@@ -278,6 +279,9 @@ def properties_for_delivery(message: Message, now_ms: int) -> commands.Basic.Pro
     """The content-header properties of a core message for an AMQP consumer: the publisher's bytes when the message
     came from AMQP with properties the core cannot hold, else rebuilt from core properties and flags."""
     props = message.properties
+    if not props and not message.expires_at:
+        # the common case of a bare message: two precomputed property lists instead of an encode per delivery
+        return _BARE_TRANSIENT if message.flags & _TRANSIENT else _BARE_PERSISTENT
     raw = props.get(PROP_RAW) if props else None
     if raw is not None:
         try:
@@ -301,6 +305,12 @@ def properties_for_delivery(message: Message, now_ms: int) -> commands.Basic.Pro
         headers=headers or None,
         delivery_mode=1 if message.flags & MessageFlag.TRANSIENT else 2,
         expiration=expiration, **fields)
+
+
+_TRANSIENT = int(MessageFlag.TRANSIENT)
+# Property flags and list of a message with nothing but its delivery mode: 0x1000 is the delivery-mode flag.
+_BARE_TRANSIENT = b"\x10\x00\x01"
+_BARE_PERSISTENT = b"\x10\x00\x02"
 
 
 def delivery_address(message: Message, exchange_of_topic: Mapping[str, str], queue_topics: Mapping[str, str]

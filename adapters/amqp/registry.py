@@ -72,8 +72,18 @@ class QueueDecl:
     auto_delete: bool = False
     arguments: dict[str, Any] = field(default_factory=dict)
     topic: str = ""
-    consumers: set[ConsumerHandle] = field(default_factory=set)
+    consumers: dict[ConsumerHandle, None] = field(default_factory=dict)  # in arrival order (single active consumer)
     had_consumer: bool = False
+    expiry_timer: Any = None  # x-expires: deletes the queue once unused for that long
+
+    @property
+    def single_active(self) -> bool:
+        return bool(self.arguments.get("x-single-active-consumer"))
+
+    @property
+    def active_consumer(self) -> ConsumerHandle | None:
+        """The consumer that gets messages under x-single-active-consumer: the oldest one."""
+        return next(iter(self.consumers), None)
 
     def row(self) -> dict[str, Any]:
         return {"durable": self.durable, "exclusive": self.exclusive_owner is not None,
@@ -126,6 +136,7 @@ class Registry:
         self.bindings: dict[str, BindingDecl] = {}
         self.exchange_of_topic: dict[str, str] = {}  # core topic -> declared exchange stored there
         self.queue_of_topic: dict[str, str] = {}  # core topic -> AMQP queue
+        self.bounded: set[str] = set()  # queues with x-max-length (trimmed after publishes)
         # adapter-routed bindings by source exchange (headers exchanges, exchange-to-exchange)
         self._adapter_routed: dict[str, set[str]] = {}
         self._pattern_refs: dict[tuple[str, QueueRef], int] = {}  # one core binding may serve several AMQP ones
@@ -215,6 +226,8 @@ class Registry:
         decl.topic = decl.topic or queue_topic(decl.name)
         self.queues[decl.name] = decl
         self.queue_of_topic[decl.topic] = decl.name
+        if decl.arguments.get("x-max-length") is not None:
+            self.bounded.add(decl.name)
 
     def declare_queue(self, decl: QueueDecl) -> None:
         decl.topic = queue_topic(decl.name)
@@ -226,6 +239,9 @@ class Registry:
     def delete_queue(self, name: str) -> None:
         decl = self.queues.pop(name)
         self.queue_of_topic.pop(decl.topic, None)
+        self.bounded.discard(name)
+        if decl.expiry_timer is not None and decl.expiry_timer.active():
+            decl.expiry_timer.cancel()
         for consumer in list(decl.consumers):
             consumer.cancelled_by_server()
         decl.consumers.clear()

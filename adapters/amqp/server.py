@@ -51,6 +51,9 @@ class AmqpServerFactory(AdapterFactory):
                  metrics: CoreMetrics | None = None, listener: str = "") -> None:
         super().__init__(core, gate, clock, _complete(settings), metrics=metrics, listener=listener)
         self.registry = Registry(self.system)
+        self._trim_scheduled = False
+        for queue in self.registry.queues.values():
+            self.queue_used(queue)  # x-expires counts from the start of this run
         # Transient messages stored before this moment belong to an earlier run: not delivered (see channel._gone).
         self.started_ms = core.now_ms()
         try:
@@ -77,6 +80,59 @@ class AmqpServerFactory(AdapterFactory):
         except TidegateError:
             return 0
         return max(0, high - low)
+
+    def queue_used(self, queue: QueueDecl) -> None:
+        """x-expires: the queue was declared, consumed from or read; it expires that long after its last use once
+        it has no consumers (RabbitMQ's queue TTL)."""
+        expires = queue.arguments.get("x-expires")
+        if not expires:
+            return
+        timer = queue.expiry_timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        queue.expiry_timer = None
+        if not queue.consumers:
+            queue.expiry_timer = self.clock.callLater(expires / 1000.0, self._expire, queue)
+
+    def _expire(self, queue: QueueDecl) -> None:
+        queue.expiry_timer = None
+        if not queue.consumers and self.registry.queues.get(queue.name) is queue:
+            log.info("amqp queue %s expired (x-expires %s ms)", queue.name, queue.arguments.get("x-expires"))
+            self.delete_queue(queue)
+
+    def trim(self, queue: QueueDecl) -> None:
+        """x-max-length with x-overflow drop-head (the default): the oldest ready messages are dropped
+        (dead-lettered with reason maxlen when the queue has a dead-letter exchange) until the queue fits."""
+        max_length = queue.arguments.get("x-max-length")
+        if max_length is None or queue.arguments.get("x-overflow", "drop-head") != "drop-head":
+            return
+        excess = self.ready_count(queue) - int(max_length)
+        while excess > 0:
+            try:
+                taken = self.system.get(queue.topic, queue.topic, auto_ack=False, invisible_ms=0)
+            except TidegateError:
+                return
+            if taken is None:
+                return
+            self.dead_letter(queue, taken.message, "maxlen")
+            self.system.ack(queue.topic, taken.receipt)
+            excess -= 1
+
+    def trim_bounded(self) -> None:
+        """Trim every queue with x-max-length (run once this turn's publishes are visible)."""
+        self._trim_scheduled = False
+        for name in list(self.registry.bounded):
+            queue = self.registry.queues.get(name)
+            if queue is not None:
+                self.trim(queue)
+
+    def published(self, commit_end: int) -> None:
+        """A connection stored messages up to `commit_end`: queues with a length limit are trimmed once they are
+        visible (after the fsync, then after the core made them visible at the end of that turn)."""
+        if not self.registry.bounded or self._trim_scheduled:
+            return
+        self._trim_scheduled = True
+        self.system.when_durable(commit_end, lambda: self.clock.callLater(0, self.trim_bounded))
 
     def delete_queue(self, queue: QueueDecl) -> None:
         """Delete a queue: its consumers are cancelled (basic.cancel to clients that asked for it), its bindings

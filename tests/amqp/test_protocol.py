@@ -623,3 +623,58 @@ def test_publishes_of_one_read_are_stored_together_and_a_refused_one_keeps_those
     assert client.received()[0].body == b"small"
     client.send(1, Basic.Get(queue="q", no_ack=True))
     client.expect(Basic.GetEmpty)
+
+
+def test_x_expires_deletes_a_queue_unused_for_that_long():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="temp", arguments={"x-expires": 5000}), Queue.DeclareOk)
+    world.clock.advance(4)
+    client.call(1, Queue.Declare(queue="temp", passive=True), Queue.DeclareOk)  # a use restarts the countdown
+    world.clock.advance(4)
+    assert "temp" in world.factory.registry.queues
+    world.clock.advance(1.5)
+    assert "temp" not in world.factory.registry.queues
+
+
+def test_x_expires_never_deletes_a_queue_with_consumers():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="temp", arguments={"x-expires": 1000}), Queue.DeclareOk)
+    client.consume(1, queue="temp", consumer_tag="c")
+    world.clock.advance(5)
+    assert "temp" in world.factory.registry.queues
+
+
+def test_x_single_active_consumer_delivers_to_the_oldest_consumer_and_fails_over():
+    world = World()
+    first, second = world.client(), world.client()
+    first.open_channel()
+    second.open_channel()
+    first.call(1, Queue.Declare(queue="sac", arguments={"x-single-active-consumer": True}), Queue.DeclareOk)
+    first.consume(1, queue="sac", consumer_tag="one")
+    second.consume(1, queue="sac", consumer_tag="two")
+    for i in range(3):
+        first.publish(1, "", "sac", b"%d" % i)
+    assert [e.body for e in first.received() if isinstance(e, ContentEvent)] == [b"0", b"1", b"2"]
+    assert second.received() == []
+    first.call(1, Basic.Cancel(consumer_tag="one"), Basic.CancelOk)
+    first.publish(1, "", "sac", b"3")
+    assert [e.body for e in second.received() if isinstance(e, ContentEvent)] == [b"3"]
+
+
+def test_x_max_length_drops_the_oldest_messages():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="bounded", arguments={"x-max-length": 2}), Queue.DeclareOk)
+    for i in range(5):
+        client.publish(1, "", "bounded", b"%d" % i)
+    world.turn()
+    bodies = []
+    for _ in range(3):
+        client.send(1, Basic.Get(queue="bounded", no_ack=True))
+        bodies += [e.body for e in client.received() if isinstance(e, ContentEvent)]
+    assert bodies == [b"3", b"4"]
