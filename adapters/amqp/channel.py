@@ -57,7 +57,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.amqp")
 
-UNLIMITED_PREFETCH = 1000  # credit of a consumer without a prefetch limit (bounds what one turn may deliver)
+UNLIMITED_PREFETCH = 1000  # in-flight limit of a consumer without a prefetch limit
+# Credit is handed out in chunks of about this many bytes (by the consumer's average message size, at most
+# MAX_CREDIT_CHUNK messages): one core pump writes at most one chunk, so a client that stops reading makes the
+# transport pause (and delivery stop) after about one chunk beyond the socket buffers, whatever its prefetch.
+CREDIT_CHUNK_BYTES = 1024 * 1024
+MAX_CREDIT_CHUNK = 256
 # AMQP queues redeliver for ever (RabbitMQ classic queues have no delivery limit); the core's dead-letter limit is
 # set out of reach.
 MAX_ATTEMPTS = 2**31 - 1
@@ -88,7 +93,8 @@ class Unacked:
 class Consumer:
     """A basic.consume: the DeliverySink of its core subscription."""
 
-    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "sub", "unacked", "cancelled")
+    __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "sub", "unacked", "cancelled",
+                 "average_size")
 
     def __init__(self, channel: Channel, tag: str, queue: QueueDecl, no_ack: bool, exclusive: bool,
                  prefetch: int) -> None:
@@ -101,6 +107,13 @@ class Consumer:
         self.sub: Subscription | None = None
         self.unacked = 0
         self.cancelled = False
+        # bytes per delivery, a running estimate for sizing credit chunks; starts high so that the first chunk
+        # of large messages is small too (it halves towards the real size with every delivery)
+        self.average_size = 64 * 1024
+
+    @property
+    def chunk(self) -> int:
+        return max(1, min(MAX_CREDIT_CHUNK, CREDIT_CHUNK_BYTES // max(1, self.average_size)))
 
     @property
     def limit(self) -> int:
@@ -620,9 +633,11 @@ class Channel:
             else:
                 self.unacked[tag] = Unacked(consumer, queue, d.receipt, message)
                 consumer.unacked += 1
+        if chunks:
+            size = sum(map(len, chunks))
+            consumer.average_size = (consumer.average_size + size // len(chunks)) // 2
         connection.write_chunks(chunks)
-        if consumer.no_ack or len(chunks) < len(deliveries):
-            self.replenish()
+        self.replenish()  # the next chunk, unless the write just paused the transport or the prefetch is used up
 
     def replenish(self) -> None:
         """Give each consumer the credit its prefetch (and the channel's) allows, unless delivery is stopped."""
@@ -641,7 +656,7 @@ class Channel:
             queue = consumer.queue
             if queue.single_active and queue.active_consumer is not consumer:
                 continue  # x-single-active-consumer: only the oldest consumer of the queue gets messages
-            want = consumer.limit - consumer.unacked - sub.credit
+            want = min(consumer.limit - consumer.unacked, consumer.chunk) - sub.credit
             if budget >= 0:
                 want = min(want, budget)
             if want > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from pamqp import commands
 
 from tidegate.adapters.amqp.codec import PROTOCOL_HEADER, ContentEvent
@@ -678,3 +680,63 @@ def test_x_max_length_drops_the_oldest_messages():
         client.send(1, Basic.Get(queue="bounded", no_ack=True))
         bodies += [e.body for e in client.received() if isinstance(e, ContentEvent)]
     assert bodies == [b"3", b"4"]
+
+
+def test_a_consumer_that_never_reads_gets_about_one_credit_chunk_whatever_its_prefetch():
+    """Unlimited prefetch, 200 messages of 64 KiB queued, the client reads nothing: once the transport pauses, delivery
+    stops, so the connection holds about one credit chunk (1 MiB), not 12.5 MiB."""
+    from tidegate.adapters.amqp.channel import CREDIT_CHUNK_BYTES
+
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="big"), Queue.DeclareOk)
+    body = b"x" * 65536
+    for _ in range(200):
+        client.publish(1, "", "big", body)
+    transport, protocol = client.transport, client.protocol
+    original_write = transport.writeSequence
+
+    def write_and_pause(chunks):
+        original_write(chunks)
+        if len(transport.value()) > 65536 and not protocol.paused:
+            protocol.pauseProducing()
+
+    transport.writeSequence = write_and_pause
+    transport.write = lambda data: write_and_pause([data])
+    client.send(1, Basic.Consume(queue="big", consumer_tag="slow"))
+    for _ in range(5):
+        world.turn()
+    written = len(transport.value())
+    assert 65536 < written <= CREDIT_CHUNK_BYTES + 2 * len(body)
+
+
+def test_framing_errors_close_the_connection_with_the_codec_reply_code_and_others_keep_being_served():
+    """A wrong frame-end octet is 501 FRAME_ERROR in connection.close; another connection carries on."""
+    world = World()
+    bad, good = world.client(), world.client()
+    frame = bad.codec.send_method(0, Connection.Close(reply_code=200, reply_text="", class_id=0, method_id=0))
+    bad.raw(frame[:-1] + b"\x00")
+    close = bad.expect(Connection.Close)[0]
+    assert close.reply_code == ReplyCode.FRAME_ERROR
+    good.open_channel()
+    good.call(1, Queue.Declare(queue="still-serving"), Queue.DeclareOk)
+
+
+def test_an_unknown_method_is_540_not_implemented():
+    client = World().client()
+    client.open_channel()
+    payload = struct.pack(">HH", 60, 999)
+    client.raw(struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce")
+    assert client.expect(Connection.Close)[0].reply_code == ReplyCode.NOT_IMPLEMENTED
+
+
+def test_a_body_over_the_limit_closes_the_channel_with_406_and_the_connection_carries_on():
+    world = World(max_message_bytes=1000)
+    client = world.client()
+    client.open_channel()
+    client.publish(1, "", "q", b"x" * 5000)
+    close = client.expect(Channel.Close)[0]
+    assert close.reply_code == ReplyCode.PRECONDITION_FAILED
+    client.send(1, Channel.CloseOk())
+    client.open_channel(1)
