@@ -161,6 +161,7 @@ class AmqpConnection(AdapterConnection):
         log.info("amqp %s: channel %d error %s", self.source, number, error.text)
         channel.release()
         channel.closing = True
+        self.codec.discard_channel(number)  # what the client still sends on it is dropped, not assembled
         class_id, method_id = _class_method(method)
         self.write(self.codec.send_method(number, commands.Channel.Close(error.code, error.text[:255], class_id,
                                                                          method_id)))
@@ -319,11 +320,13 @@ class AmqpConnection(AdapterConnection):
             if isinstance(method, commands.Channel.Close):
                 channel.release()
                 del self.channels[number]
+                self.codec.resume_channel(number)
                 self.write(self.codec.send_method(number, commands.Channel.CloseOk()))
                 return
             if isinstance(method, commands.Channel.CloseOk):
                 if channel.closing:
                     del self.channels[number]
+                    self.codec.resume_channel(number)
                 return
             if channel.closing:
                 return  # RabbitMQ ignores everything but close/close-ok on a closing channel
