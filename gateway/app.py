@@ -332,6 +332,7 @@ class TidegateProcess(Service):
 
             factory = factory_class(self.broker, AllowAllGate(), self.reactor, self.config.listeners.amqp,
                                     metrics=self.metrics, listener=name)
+            self._stoppables.append(factory)  # cancels its x-expires timers at shutdown
         else:
             factory = factory_class(self.broker, self.reactor, metrics=self.metrics)
         self._listen(name, factory, host, port)

@@ -619,7 +619,10 @@ class Channel:
         assert sub is not None
         for d in deliveries:
             message = d.message
-            if _gone(message, ttl, now, started):
+            gone = _gone(message, ttl, now, started)
+            if gone:
+                if gone == "expired":
+                    connection.factory.dead_letter(queue, message, "expired")
                 sub.ack(d.receipt)
                 continue
             tag = self.next_tag
@@ -685,7 +688,10 @@ class Channel:
             if d is None:
                 self.send(commands.Basic.GetEmpty())
                 return
-            if _gone(d.message, ttl, now, self.connection.factory.started_ms):
+            gone = _gone(d.message, ttl, now, self.connection.factory.started_ms)
+            if gone:
+                if gone == "expired":
+                    self.connection.factory.dead_letter(queue, d.message, "expired")
                 if not m.no_ack:
                     self.session.ack(queue.topic, d.receipt)
                 continue
@@ -884,13 +890,17 @@ class Channel:
         self._batch = []
 
 
-def _gone(message: Message, ttl: Any, now: int, started_ms: int) -> bool:
-    """Messages a queue no longer holds, dropped at delivery: expired by the queue's x-message-ttl, or transient
-    (delivery mode 1) and stored before this broker started (RabbitMQ loses those on restart; the commit log
-    keeps them, so the adapter skips them)."""
-    if ttl is not None and message.store_ts and now - message.store_ts >= ttl:
-        return True
-    return bool(message.flags & _TRANSIENT) and 0 < message.store_ts < started_ms
+def _gone(message: Message, ttl: Any, now: int, started_ms: int) -> str:
+    """Why a queue no longer holds a message it would deliver ("" = it does): "expired" by the queue's
+    x-message-ttl (dead-lettered when the queue has a dead-letter exchange), or "lost", transient (delivery mode 1)
+    and stored before this broker started (RabbitMQ loses those on restart; the commit log keeps them, so the
+    adapter skips them)."""
+    stored = message.store_ts or message.born_ts  # a message served from the core's cache may lack store_ts
+    if ttl is not None and stored and now - stored >= ttl:
+        return "expired"
+    if message.flags & _TRANSIENT and 0 < stored < started_ms:
+        return "lost"
+    return ""
 
 
 def _jsonable(value: Any) -> Any:

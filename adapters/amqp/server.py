@@ -61,6 +61,14 @@ class AmqpServerFactory(AdapterFactory):
         except PackageNotFoundError:
             self.version = "0"
 
+    def stop(self) -> None:
+        """Broker shutdown: cancel the x-expires timers (the queues' countdowns restart with the next run)."""
+        for queue in self.registry.queues.values():
+            timer = queue.expiry_timer
+            if timer is not None and timer.active():
+                timer.cancel()
+            queue.expiry_timer = None
+
     def login_allowed(self, username: str, password: bytes, source: str) -> bool:
         """Until the gate issue brings users: `guest`/`guest`, and only from loopback unless configured otherwise."""
         if username != "guest" or password != b"guest":

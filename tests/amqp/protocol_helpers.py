@@ -23,6 +23,7 @@ class World:
 
     def __init__(self, gate: Any = None, **settings: Any) -> None:
         self.clock = MemoryReactorClock()
+        self.clock.advance(1_700_000_000)  # timestamps like a real clock's (0 reads as "not set")
         self.broker = make_broker(self.clock)
         self.factory = AmqpServerFactory(self.broker, gate or AllowAllGate(), self.clock, AmqpSettings(**settings))
 

@@ -740,3 +740,21 @@ def test_a_body_over_the_limit_closes_the_channel_with_406_and_the_connection_ca
     assert close.reply_code == ReplyCode.PRECONDITION_FAILED
     client.send(1, Channel.CloseOk())
     client.open_channel(1)
+
+
+def test_messages_expired_by_x_message_ttl_are_dead_lettered():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="expired-here"), Queue.DeclareOk)
+    client.call(1, Queue.Declare(queue="short", arguments={"x-message-ttl": 1000, "x-dead-letter-exchange": "",
+                                                           "x-dead-letter-routing-key": "expired-here"}),
+                Queue.DeclareOk)
+    client.publish(1, "", "short", b"stale")
+    world.clock.advance(2)
+    client.send(1, Basic.Get(queue="short", no_ack=True))
+    client.expect(Basic.GetEmpty)
+    world.turn()
+    client.send(1, Basic.Get(queue="expired-here", no_ack=True))
+    event = client.received()[0]
+    assert event.body == b"stale" and event.properties.headers["x-death"][0]["reason"] == "expired"
