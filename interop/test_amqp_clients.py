@@ -245,3 +245,16 @@ def test_amqp_publish_and_amqp_consume(amqp_broker, amqp_tools, pika_channel):
     out = subprocess.run(["amqp-consume", "--url", url, "-q", queue, "-c", "1", "cat"], check=True,
                          capture_output=True, timeout=TIMEOUT)
     assert out.stdout == b"from amqp-tools"
+
+
+def test_pika_with_one_second_heartbeats_stays_connected_while_idle(amqp_broker):
+    """Heartbeats both ways: pika (heartbeat 1 s) and the broker (tune-ok wins) keep an idle connection alive."""
+    port = amqp_broker.host_port("amqp")[1]
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port, heartbeat=1))
+    try:
+        connection.process_data_events(time_limit=3.5)  # idle for 3.5 heartbeat intervals, pumping I/O
+        assert connection.is_open
+        channel = connection.channel()
+        assert channel.queue_declare("", exclusive=True).method.queue.startswith("amq.gen-")
+    finally:
+        connection.close()

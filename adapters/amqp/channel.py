@@ -593,12 +593,12 @@ class Channel:
 
     def consumer_cancelled_by_server(self, consumer: Consumer) -> None:
         """The queue was deleted: the consumer ends and the client is told (consumer_cancel_notify)."""
+        if consumer.sub is not None and not consumer.sub.closed:
+            consumer.sub.close()  # also a cancelled consumer still holding unacked messages: the queue is gone
         if consumer.cancelled:
             return
         consumer.cancelled = True
         self.consumers.pop(consumer.tag, None)
-        if consumer.sub is not None and not consumer.sub.closed:
-            consumer.sub.close()
         for tag in [t for t, u in self.unacked.items() if u.consumer is consumer]:
             del self.unacked[tag]
         if self.connection.cancel_notify and not self.closing:

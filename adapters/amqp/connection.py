@@ -38,6 +38,7 @@ log = logging.getLogger("tidegate.amqp")
 _connection_ids = itertools.count(1)
 CLOSE_OK_TIMEOUT_S = 10.0  # after our connection.close, how long the peer has to answer before the socket drops
 LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
+MAX_HELD_EVENTS = 10_000  # commands a client may pipeline on a channel whose basic.get waits for an fsync
 
 SERVER_CAPABILITIES = {
     "publisher_confirms": True,
@@ -302,6 +303,9 @@ class AmqpConnection(AdapterConnection):
         number = event.channel
         channel = self.channels.get(number)
         if channel is not None and channel.held is not None:
+            if len(channel.held) >= MAX_HELD_EVENTS:
+                raise ConnectionError_(ReplyCode.RESOURCE_ERROR,
+                                       f"more than {MAX_HELD_EVENTS} commands pipelined behind a basic.get")
             channel.held.append(event)  # behind a basic.get waiting for an fsync: keep the order
             return
         if isinstance(event, MethodEvent):

@@ -64,6 +64,8 @@ DEFAULT_EXCHANGES = {
     "amq.match": "headers",
 }
 TOPIC_EXCHANGE = "amq.topic"
+_TRANSIENT = int(MessageFlag.TRANSIENT)  # plain ints: IntFlag operations cost an enum call per message
+_PERSISTENT = int(MessageFlag.PERSISTENT)
 
 
 class UnmappableKey(ValueError):
@@ -261,7 +263,7 @@ def message_from_publish(topic: str, subject: str, properties: commands.Basic.Pr
             ttl = -1
         if ttl >= 0:
             expires_at = now_ms + ttl if ttl > 0 else now_ms + 1
-    flags = MessageFlag.PERSISTENT if properties.delivery_mode == 2 else MessageFlag.TRANSIENT
+    flags = _PERSISTENT if properties.delivery_mode == 2 else _TRANSIENT
     return Message(topic=topic, subject=subject, body=body, properties=props, expires_at=expires_at, flags=flags)
 
 
@@ -307,7 +309,6 @@ def properties_for_delivery(message: Message, now_ms: int) -> commands.Basic.Pro
         expiration=expiration, **fields)
 
 
-_TRANSIENT = int(MessageFlag.TRANSIENT)
 # Property flags and list of a message with nothing but its delivery mode: 0x1000 is the delivery-mode flag.
 _BARE_TRANSIENT = b"\x10\x00\x01"
 _BARE_PERSISTENT = b"\x10\x00\x02"

@@ -758,3 +758,17 @@ def test_messages_expired_by_x_message_ttl_are_dead_lettered():
     client.send(1, Basic.Get(queue="expired-here", no_ack=True))
     event = client.received()[0]
     assert event.body == b"stale" and event.properties.headers["x-death"][0]["reason"] == "expired"
+
+
+def test_deleting_a_queue_whose_cancelled_consumer_still_holds_messages_leaves_no_core_group_behind():
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
+    client.publish(1, "", "q", b"held")
+    assert len(client.consume(1, queue="q", consumer_tag="c")) == 1
+    client.call(1, Basic.Cancel(consumer_tag="c"), Basic.CancelOk)  # the delivery stays unacked on the channel
+    client.call(1, Queue.Delete(queue="q"), Queue.DeleteOk)
+    assert "%AMQP%q" not in {g.name for g in world.broker.list_groups()}
+    client.send(1, Basic.Ack(delivery_tag=1))  # acking it afterwards is harmless
+    assert client.methods() == []
