@@ -38,7 +38,7 @@ def celery_worker(amqp_broker, tmp_path):
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tidegate_tasks", "worker", "--pool=solo", "--loglevel=INFO",
-             "-Q", "tidegate-celery", "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "-Q", "tidegate-celery",
              "--hostname", "tidegate-worker@%h"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -63,3 +63,17 @@ def test_celery_worker_runs_a_task_and_returns_its_result(celery_worker):
                             timeout=TIMEOUT)
     assert b"RESULT 5" in result.stdout, (result.stdout, result.stderr[-3000:],
                                           log_path.read_text(errors="replace")[-3000:])
+
+
+def test_celery_remote_control_ping_reaches_the_worker_and_returns_its_reply(celery_worker):
+    """`app.control.ping()` goes over the pidbox fanout exchange and comes back through the reply exchange."""
+    env, cwd, log_path = celery_worker
+    client = textwrap.dedent("""
+        from tidegate_tasks import add, app
+        add.delay(1, 1).get(timeout=45)  # the worker is up and consuming
+        print("PING", app.control.ping(timeout=5.0))
+    """)
+    result = subprocess.run([sys.executable, "-c", client], cwd=cwd, env=env, capture_output=True,
+                            timeout=TIMEOUT)
+    assert b"tidegate-worker@" in result.stdout and b"pong" in result.stdout, (
+        result.stdout, result.stderr[-3000:], log_path.read_text(errors="replace")[-3000:])

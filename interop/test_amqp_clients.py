@@ -12,6 +12,8 @@ import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker, ProbableAuthenticationError, UnroutableError
 
+from tidegate.gateway.testing import wait_until
+
 TIMEOUT = 15.0
 
 
@@ -258,3 +260,39 @@ def test_pika_with_one_second_heartbeats_stays_connected_while_idle(amqp_broker)
         assert channel.queue_declare("", exclusive=True).method.queue.startswith("amq.gen-")
     finally:
         connection.close()
+
+
+def test_pika_consumer_is_cancelled_by_the_server_when_its_queue_is_deleted(amqp_broker, amqp_url):
+    """consumer_cancel_notify: deleting the queue from another connection sends basic.cancel to the consumer."""
+    consumer_connection = pika.BlockingConnection(pika.URLParameters(amqp_url(amqp_broker)))
+    admin_connection = pika.BlockingConnection(pika.URLParameters(amqp_url(amqp_broker)))
+    try:
+        channel = consumer_connection.channel()
+        queue = unique("doomed")
+        channel.queue_declare(queue)
+        cancelled: list = []
+        channel.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+        tag = channel.basic_consume(queue, lambda *args: None)
+        admin_connection.channel().queue_delete(queue)
+        def cancel_arrived() -> bool:
+            consumer_connection.process_data_events(time_limit=0.1)
+            return bool(cancelled)
+
+        wait_until(cancel_arrived, TIMEOUT, "basic.cancel from the broker")
+        assert cancelled == [tag]
+    finally:
+        admin_connection.close()
+        consumer_connection.close()
+
+
+def test_exclusive_queue_is_locked_for_other_connections(amqp_broker, amqp_url):
+    owner = pika.BlockingConnection(pika.URLParameters(amqp_url(amqp_broker)))
+    other = pika.BlockingConnection(pika.URLParameters(amqp_url(amqp_broker)))
+    try:
+        queue = owner.channel().queue_declare("", exclusive=True).method.queue
+        with pytest.raises(ChannelClosedByBroker) as error:
+            other.channel().basic_consume(queue, lambda *args: None)
+        assert error.value.reply_code == 405
+    finally:
+        other.close()
+        owner.close()
