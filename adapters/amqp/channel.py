@@ -31,7 +31,6 @@ from tidegate.adapters.amqp.errors import (
 )
 from tidegate.adapters.amqp.model import (
     EXCHANGE_TYPES,
-    TOPIC_EXCHANGE,
     delivery_address,
     exchange_topic,
     invalid_expiration,
@@ -134,7 +133,8 @@ class Consumer:
         self.channel.consumer_cancelled_by_server(self)
 
 
-def _class_method(method: Any) -> tuple[int, int]:
+def class_and_method_ids(method: Any) -> tuple[int, int]:
+    """The class and method ids of a pamqp method (0, 0 for None), as channel.close and connection.close name it."""
     index = getattr(method, "index", 0) or 0
     return index >> 16, index & 0xFFFF
 
@@ -930,5 +930,3 @@ def _check_queue_arguments(arguments: dict[str, Any]) -> None:
     if overflow is not None and overflow not in ("drop-head", "reject-publish", "reject-publish-dlx"):
         raise ChannelError(ReplyCode.PRECONDITION_FAILED, f"invalid arg 'x-overflow' for queue: {overflow!r}")
 
-
-__all__ = ["Channel", "Consumer", "TOPIC_EXCHANGE", "_class_method"]

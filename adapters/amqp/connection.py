@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pamqp import commands, decode
 from twisted.python.failure import Failure
 
-from tidegate.adapters.amqp.channel import Channel, _class_method
+from tidegate.adapters.amqp.channel import Channel, class_and_method_ids
 from tidegate.adapters.amqp.codec import (
     AmqpServerCodec,
     ContentEvent,
@@ -151,7 +151,7 @@ class AmqpConnection(AdapterConnection):
 
     def _connection_exception(self, error: AmqpError, method: Any) -> None:
         log.info("amqp %s: connection error %s", self.source, error.text)
-        class_id, method_id = _class_method(method)
+        class_id, method_id = class_and_method_ids(method)
         self.send_connection_close(error.code, error.text, class_id, method_id)
 
     def channel_exception(self, number: int, error: AmqpError, method: Any) -> None:
@@ -163,7 +163,7 @@ class AmqpConnection(AdapterConnection):
         channel.release()
         channel.closing = True
         self.codec.discard_channel(number)  # what the client still sends on it is dropped, not assembled
-        class_id, method_id = _class_method(method)
+        class_id, method_id = class_and_method_ids(method)
         self.write(self.codec.send_method(number, commands.Channel.Close(error.code, error.text[:255], class_id,
                                                                          method_id)))
 
