@@ -30,7 +30,7 @@ DECISION_CACHE_ENTRIES = 1024  # per session; a client cycling through names onl
 class CoreSession:
     """One connection's view of the core, acting as `principal` from `source` on `listener`."""
 
-    __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned",
+    __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned", "_own_queues",
                  "_decisions", "_gate_version")
 
     def __init__(self, core: Core, gate: Gate, principal: Principal, *, source: str = "", listener: str = "",
@@ -43,6 +43,9 @@ class CoreSession:
         self.client_id = client_id
         self._system = principal.system
         self._owned: set[str] = set()  # private topic and group names this session may use
+        # private names that are this connection's own queues (an MQTT session queue): what fills them was
+        # authorized when it was bound, so reading them is not put to the gate again
+        self._own_queues: set[str] = set()
         self._decisions: dict[tuple[Action, Resource], bool] = {}
         self._gate_version = gate.version
 
@@ -80,9 +83,9 @@ class CoreSession:
             raise NotAuthorized(f"{name!r} is in the broker's reserved namespace")
 
     def _check_read(self, topic: str, group: str | None = None) -> None:
-        """Sub on everything under `topic` and on `group`; a private name this session owns is its own (the
-        filters that fill it were checked when they were bound), so the gate is not asked about it."""
-        owned = self._owned
+        """Sub on everything under `topic` and on `group`; a queue of the connection's own (`claim_private`,
+        `own(..., own_queue=True)`) is not put to the gate: the filters that fill it were checked when bound."""
+        owned = self._own_queues
         if topic not in owned:
             self._reachable(topic)
             self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
@@ -91,7 +94,7 @@ class CoreSession:
             self.authorize(Action.SUB, Resource.group(group))
 
     def _check_group(self, group: str) -> None:
-        if group not in self._owned:
+        if group not in self._own_queues:
             self._reachable(group)
             self.authorize(Action.SUB, Resource.group(group))
 
@@ -102,16 +105,22 @@ class CoreSession:
     def claim_private(self, topic: str, queues: int = 1) -> TopicConfig:
         """Create (or reuse) a private topic for this session's own use and allow the session to use it.
 
-        Adapter code only: an MQTT session queue, an AMQP queue. Never called with a name a client chose."""
+        Adapter code only: an MQTT session queue. Never called with a name a client chose."""
         self._owned.add(topic)
+        self._own_queues.add(topic)
         return self.core.ensure_topic(topic, queues=queues, internal=True)
 
-    def own(self, name: str) -> None:
-        """Let this session use an existing private topic or group (adapter code only)."""
+    def own(self, name: str, *, own_queue: bool = False) -> None:
+        """Let this session use an existing private topic or group (adapter code only). Reading it is still put
+        to the gate (an AMQP queue others share) unless `own_queue`: the connection's own queue, filled only
+        through filters that were authorized when bound (an MQTT session queue or share queue)."""
         self._owned.add(name)
+        if own_queue:
+            self._own_queues.add(name)
 
     def disown(self, name: str) -> None:
         self._owned.discard(name)
+        self._own_queues.discard(name)
 
     # ------------------------------------------------------------------ data plane
     def now_ms(self) -> int:

@@ -128,6 +128,14 @@ class AmqpListener:
     port: int = 5672
     tls_enabled: bool = False
     tls_port: int = 5671
+    # AMQP limits, offered in connection.tune; see docs/amqp.md
+    frame_max: int = 131072
+    channel_max: int = 2047
+    heartbeat: int = 60
+    max_message_bytes: int = 16 * 1024 * 1024  # a content header announcing more closes the channel (406)
+    handshake_timeout_s: float = 10.0
+    guest_loopback_only: bool = True  # user guest/guest may log in from loopback only (RabbitMQ's default)
+    backlog: int = DEFAULT_BACKLOG
 
 
 @dataclass(slots=True, frozen=True)

@@ -45,9 +45,7 @@ def mqtt_settings(config: Config, section: Any) -> Any:
 
 
 def amqp_settings(config: Config, section: Any) -> Any:
-    from tidegate.adapters.amqp.settings import AmqpSettings
-
-    return AmqpSettings.from_config(section)
+    return section  # the AMQP adapter reads its limits straight from [listeners.amqp]
 
 
 @dataclass(frozen=True, slots=True)

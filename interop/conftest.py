@@ -13,6 +13,9 @@ importable by name):
   received" and "n messages received" with bounded timeouts, never on sleeps. `mosquitto.pub(...)`: one bounded run.
 * `paho_client(...)`: paho-mqtt 2.x clients on their own network thread with events for connect/subscribe/message.
 * `raw_mqtt(port)`: a plain socket speaking hand-made MQTT packets, for malformed input and abrupt drops.
+* AMQP: `amqp_broker` (one broker per module with the native, MQTT and AMQP listeners), `amqp_broker_factory`
+  (restart tests), `amqp_url(process)` (`amqp://guest:guest@127.0.0.1:<port>/%2F`) and `amqp_tools` (amqp-publish
+  and amqp-consume from Debian's amqp-tools, under the same CI rule as mosquitto).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    package = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients"}.get(name, name)
+    package = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients",
+               "amqp-publish": "amqp-tools", "amqp-consume": "amqp-tools"}.get(name, name)
     reason = f"{name} is not installed (apt-get install {package})"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
@@ -555,3 +559,49 @@ RawMqtt.packet = staticmethod(packet)  # type: ignore[attr-defined]
 RawMqtt.varint = staticmethod(varint)  # type: ignore[attr-defined]
 RawMqtt.mqtt_str = staticmethod(mqtt_str)  # type: ignore[attr-defined]
 RawMqtt.DISCONNECT = DISCONNECT  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------------- AMQP
+
+AMQP_LISTENERS = ("native", "admin", "mqtt", "amqp")
+
+
+def amqp_port(process: BrokerProcess) -> int:
+    return process.host_port("amqp")[1]
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    """`amqp_url(process)`: the URL pika, kombu and aio-pika take for the default virtual host as user guest."""
+    return lambda process: f"amqp://guest:guest@127.0.0.1:{amqp_port(process)}/%2F"
+
+
+@pytest.fixture(scope="module")
+def amqp_broker(request, tmp_path_factory):
+    """One broker per test module with the native, MQTT and AMQP listeners; extra arguments from BROKER_ARGS."""
+    args = tuple(getattr(request.module, "BROKER_ARGS", ()))
+    process = start_broker(tmp_path_factory.mktemp("amqp-broker") / "data", *args, listeners=AMQP_LISTENERS)
+    yield process
+    stop_quietly(process)
+
+
+@pytest.fixture
+def amqp_broker_factory(tmp_path):
+    """`amqp_broker_factory(name, *args)`: a started broker with the AMQP listener (restart tests)."""
+    started: list[BrokerProcess] = []
+
+    def make(name: str = "data", *args: str) -> BrokerProcess:
+        process = start_broker(tmp_path / name, *args, listeners=AMQP_LISTENERS)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        stop_quietly(process)
+
+
+@pytest.fixture
+def amqp_tools() -> None:
+    """amqp-publish and amqp-consume (missing: fail when CI=true, skip otherwise)."""
+    require_tool("amqp-publish")
+    require_tool("amqp-consume")

@@ -182,6 +182,7 @@ class _AmqpCodec:
         self._buffer = bytearray()
         self._awaiting_protocol_header = self._expects_protocol_header
         self._pending: dict[int, _PendingContent] = {}
+        self._discarding: set[int] = set()  # channels being closed: their content is dropped, never buffered
         self._error: AmqpProtocolError | ProtocolHeaderMismatch | None = None
         self.max_body_size = max_body_size
         self.set_frame_max(frame_max)
@@ -204,6 +205,22 @@ class _AmqpCodec:
     def buffered_bytes(self) -> int:
         """Bytes of an incomplete frame held between calls (never more than one frame-max)."""
         return len(self._buffer)
+
+    # ------------------------------------------------------------------ channels being closed
+
+    def discard_channel(self, channel: int) -> None:
+        """The adapter closed `channel` (sent Channel.Close): content on it, in flight or still to come until
+        `resume_channel`, is dropped as it arrives instead of being assembled (methods still come out, so the
+        adapter sees Channel.CloseOk)."""
+        self._discarding.add(channel)
+        pending = self._pending.get(channel)
+        if pending is not None:
+            pending.discard = True
+            pending.chunks = []
+
+    def resume_channel(self, channel: int) -> None:
+        """`channel` is closed (Channel.CloseOk arrived) and may be opened again: its content is assembled again."""
+        self._discarding.discard(channel)
 
     # ------------------------------------------------------------------ receiving
 
@@ -364,7 +381,8 @@ class _AmqpCodec:
                 channel=channel, class_id=class_id, method_id=method_id,
             )  # fmt: skip
         if index in self._content_methods:
-            self._pending[channel] = _PendingContent(method)
+            pending = self._pending[channel] = _PendingContent(method)
+            pending.discard = channel in self._discarding
             return
         if index in _TUNE_INDEXES:
             self._received_tune(method)
@@ -405,7 +423,10 @@ class _AmqpCodec:
         pending.properties = properties
         pending.raw_properties = raw_properties
         pending.body_size = body_size
-        if body_size > self.max_body_size:
+        if pending.discard:  # a channel being closed
+            if body_size == 0:
+                del self._pending[channel]
+        elif body_size > self.max_body_size:
             pending.discard = True
             events.append(ContentRejectedEvent(
                 channel, method, body_size, ReplyCode.PRECONDITION_FAILED,

@@ -111,7 +111,7 @@ class Outbound:
     def open_share(self, entry: SubscriptionEntry) -> None:
         topic = entry.share_topic
         assert topic is not None
-        self.conn.session.own(topic)  # type: ignore[union-attr]
+        self.conn.session.own(topic, own_queue=True)  # type: ignore[union-attr]
         self._open(topic, self.conn.factory.sessions.share_group_of(entry), topic, self.receive_maximum)
 
     def _open(self, key: str, group: str, topic: str, credit: int) -> None:

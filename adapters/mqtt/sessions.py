@@ -232,7 +232,7 @@ class SessionManager:
     def attach(self, session: Session, connection: Any, owner: CoreSession) -> None:
         """A connection takes the session (its core session `owner` may use the session queue): stop the expiry
         timer and any delayed will."""
-        owner.own(session.topic)
+        owner.own(session.topic, own_queue=True)
         session.connection = connection
         session.disconnected_at = 0
         self._cancel(session, "expiry_call")

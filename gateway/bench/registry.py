@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import mqtt, mqtt_conns, mqtt_storm, native
+from . import amqp, mqtt, mqtt_conns, mqtt_storm, native
 from .arguments import BenchCommand
 
 COMMANDS: dict[str, BenchCommand] = {
-    c.name: c for c in (native.COMMAND, mqtt.COMMAND, mqtt_conns.COMMAND, mqtt_storm.COMMAND)}
+    c.name: c for c in (native.COMMAND, mqtt.COMMAND, mqtt_conns.COMMAND, mqtt_storm.COMMAND, amqp.COMMAND)}
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -133,7 +133,7 @@ def test_consumer_tally_reads_the_payload_header_and_ignores_foreign_messages() 
 def test_bench_registry_routes_each_driver_name_to_its_command() -> None:
     """`tidegate bench` offers the registered drivers in order, each subcommand runs its own module's handler with
     its own flags, and the engine drivers are the classes those handlers hand to run_bench."""
-    assert list(COMMANDS) == ["native", "mqtt", "mqtt-conns", "mqtt-storm"]
+    assert list(COMMANDS) == ["native", "mqtt", "mqtt-conns", "mqtt-storm", "amqp"]
     parser = build_parser()
     native = parser.parse_args(["bench", "native", "--batch", "5", "--spawn-broker"])
     assert (native.handler, native.protocol, native.batch, native.spawn_broker) == (run_native_command, "native", 5,

@@ -149,7 +149,17 @@ def test_a_session_reading_its_own_private_queue_does_not_ask_the_gate_about_it(
     gate = PolicyGate()
     s = session(broker, gate)
     s.claim_private("%MQTT%me")
-    s.own("%MQTT%me-group")
+    s.own("%MQTT%me-group", own_queue=True)
     s.subscribe("%MQTT%me-group", "%MQTT%me", RecordingSink(), client_id="me")
     s.pull(QueueRef("%MQTT%me", 0), 0)
     assert [r for _, _, r, _ in gate.asked if "%MQTT%" in r] == []
+
+
+def test_a_shared_private_queue_the_session_may_use_is_still_put_to_the_gate(broker):
+    """An AMQP queue: the connection may reach it, but consuming is a Sub decision every time."""
+    gate = PolicyGate((Action.SUB, "Topic:%AMQP%jobs/#"))
+    system_session(broker, gate, "amqp").claim_private("%AMQP%jobs")
+    s = session(broker, gate)
+    s.own("%AMQP%jobs")
+    with pytest.raises(NotAuthorized):
+        s.subscribe("%AMQP%jobs", "%AMQP%jobs", RecordingSink(), client_id="c")

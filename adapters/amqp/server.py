@@ -1,0 +1,209 @@
+"""The AMQP 0-9-1 listener: `AmqpServerFactory(core, gate, clock, settings, *, metrics, listener)`.
+
+The factory owns what every connection of the listener shares: the registry of exchanges, queues and bindings
+(adapters/amqp/registry.py), the login rule that holds until the gate issue (user `guest`, password `guest`, from
+loopback only, as RabbitMQ), and the housekeeping done as the broker itself (queue deletion, dead-lettering).
+Connections are `AmqpConnection` (adapters/amqp/connection.py); channels `Channel` (adapters/amqp/channel.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, ClassVar
+
+from pamqp import commands
+
+from tidegate.adapters.amqp.codec import _marshal_properties
+from tidegate.adapters.amqp.connection import LOOPBACK_PREFIXES, AmqpConnection
+from tidegate.adapters.amqp.model import PROP_RAW, delivery_address, properties_for_delivery, publish_address
+from tidegate.adapters.amqp.registry import QueueDecl, Registry
+from tidegate.adapters.base import AdapterFactory, ConnectionLimits
+from tidegate.core.errors import TidegateError
+from tidegate.core.interfaces import Core
+from tidegate.core.metrics import CoreMetrics
+from tidegate.core.model import Message
+from tidegate.core.security.gate import Gate
+
+log = logging.getLogger("tidegate.amqp")
+
+
+@dataclass(slots=True, frozen=True)
+class AmqpSettings:
+    """What the listener needs of its configuration section (gateway/config.py AmqpListener has these fields)."""
+
+    frame_max: int = 131072
+    channel_max: int = 2047
+    heartbeat: int = 60
+    max_message_bytes: int = 16 * 1024 * 1024
+    handshake_timeout_s: float = 10.0
+    guest_loopback_only: bool = True
+
+
+class AmqpServerFactory(AdapterFactory):
+    protocol = AmqpConnection
+    protocol_label: ClassVar[str] = "amqp"
+
+    def __init__(self, core: Core, gate: Gate, clock: Any, settings: Any = None, *,
+                 metrics: CoreMetrics | None = None, listener: str = "",
+                 limits: ConnectionLimits | None = None) -> None:
+        super().__init__(core, gate, clock, _complete(settings), metrics=metrics, listener=listener,
+                         limits=limits)
+        self.registry = Registry(self.system)
+        self._trim_scheduled = False
+        for queue in self.registry.queues.values():
+            self.queue_used(queue)  # x-expires counts from the start of this run
+        # Transient messages stored before this moment belong to an earlier run: not delivered (see channel._gone).
+        self.started_ms = core.now_ms()
+        try:
+            self.version = package_version("tidegate")
+        except PackageNotFoundError:
+            self.version = "0"
+
+    def stop(self) -> None:
+        """Broker shutdown: cancel the x-expires timers (the queues' countdowns restart with the next run)."""
+        for queue in self.registry.queues.values():
+            timer = queue.expiry_timer
+            if timer is not None and timer.active():
+                timer.cancel()
+            queue.expiry_timer = None
+
+    def login_allowed(self, username: str, password: bytes, source: str) -> bool:
+        """Until the gate issue brings users: `guest`/`guest`, and only from loopback unless configured otherwise."""
+        if username != "guest" or password != b"guest":
+            return False
+        return not self.settings.guest_loopback_only or source.startswith(LOOPBACK_PREFIXES) or source == "localhost"
+
+    def ready_count(self, queue: QueueDecl) -> int:
+        """Messages ready in `queue` (stored, not in flight); an estimate when acks came out of order."""
+        try:
+            info = self.system.group_info(queue.topic)
+        except TidegateError:
+            info = None
+        if info is not None and info.progress:
+            return max(0, info.lag - info.inflight)
+        try:
+            low, high = self.system.queue_offsets(queue.ref)
+        except TidegateError:
+            return 0
+        return max(0, high - low)
+
+    def queue_used(self, queue: QueueDecl) -> None:
+        """x-expires: the queue was declared, consumed from or read; it expires that long after its last use once
+        it has no consumers (RabbitMQ's queue TTL)."""
+        expires = queue.arguments.get("x-expires")
+        if not expires:
+            return
+        timer = queue.expiry_timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        queue.expiry_timer = None
+        if not queue.consumers:
+            queue.expiry_timer = self.clock.callLater(expires / 1000.0, self._expire, queue)
+
+    def _expire(self, queue: QueueDecl) -> None:
+        queue.expiry_timer = None
+        if not queue.consumers and self.registry.queues.get(queue.name) is queue:
+            log.info("amqp queue %s expired (x-expires %s ms)", queue.name, queue.arguments.get("x-expires"))
+            self.delete_queue(queue)
+
+    def trim(self, queue: QueueDecl) -> None:
+        """x-max-length with x-overflow drop-head (the default): the oldest ready messages are dropped
+        (dead-lettered with reason maxlen when the queue has a dead-letter exchange) until the queue fits."""
+        max_length = queue.arguments.get("x-max-length")
+        if max_length is None or queue.arguments.get("x-overflow", "drop-head") != "drop-head":
+            return
+        excess = self.ready_count(queue) - int(max_length)
+        while excess > 0:
+            try:
+                taken = self.system.get(queue.topic, queue.topic, auto_ack=False, invisible_ms=0)
+            except TidegateError:
+                return
+            if taken is None:
+                return
+            self.dead_letter(queue, taken.message, "maxlen")
+            self.system.ack(queue.topic, taken.receipt)
+            excess -= 1
+
+    def trim_bounded(self) -> None:
+        """Trim every queue with x-max-length (run once this turn's publishes are visible)."""
+        self._trim_scheduled = False
+        for name in list(self.registry.bounded):
+            queue = self.registry.queues.get(name)
+            if queue is not None:
+                self.trim(queue)
+
+    def published(self, commit_end: int) -> None:
+        """A connection stored messages up to `commit_end`: queues with a length limit are trimmed once they are
+        visible (after the fsync, then after the core made them visible at the end of that turn)."""
+        if not self.registry.bounded or self._trim_scheduled:
+            return
+        self._trim_scheduled = True
+        self.system.when_durable(commit_end, lambda: self.clock.callLater(0, self.trim_bounded))
+
+    def delete_queue(self, queue: QueueDecl) -> None:
+        """Delete a queue: its consumers are cancelled (basic.cancel to clients that asked for it), its bindings
+        and its core topic and group go."""
+        if self.registry.queues.get(queue.name) is not queue:
+            return
+        self.registry.delete_queue(queue.name)
+
+    def dead_letter(self, queue: QueueDecl, message: Message, reason: str) -> None:
+        """A message rejected without requeue: republished to the queue's x-dead-letter-exchange with an x-death
+        header (RabbitMQ's format, count 1), else dropped."""
+        exchange_name = queue.arguments.get("x-dead-letter-exchange")
+        if exchange_name is None:
+            return
+        exchange = self.registry.exchanges.get(str(exchange_name))
+        if exchange is None:
+            return
+        now = self.core.now_ms()
+        original_exchange, original_key = delivery_address(message, self.registry.exchange_of_topic,
+                                                           self.registry.queue_of_topic)
+        key = str(queue.arguments.get("x-dead-letter-routing-key", original_key))
+        properties = properties_for_delivery(message, now)
+        if isinstance(properties, bytes):
+            properties = _unmarshal_properties(properties)
+        headers = dict(properties.headers or {})
+        headers["x-death"] = [{"count": 1, "reason": reason, "queue": queue.name, "exchange": original_exchange,
+                               "routing-keys": [original_key]}]
+        headers["x-first-death-reason"] = reason
+        headers["x-first-death-queue"] = queue.name
+        headers["x-first-death-exchange"] = original_exchange
+        properties.headers = headers
+        raw = _marshal_properties(properties)
+        if exchange.name == "":
+            target = self.registry.queues.get(key)
+            if target is None:
+                return
+            topic, subject = target.topic, ""
+        else:
+            topic, subject = publish_address(exchange.name, key)
+        props = {k: v for k, v in message.properties.items() if k != PROP_RAW}
+        props[PROP_RAW] = base64.b64encode(raw).decode("ascii")
+        copy = Message(topic=topic, subject=subject, body=message.body, properties=props,
+                       expires_at=message.expires_at, flags=message.flags)
+        try:
+            self.system.publish([copy])
+        except TidegateError as exc:
+            log.warning("amqp: dead-lettering from queue %s failed: %s", queue.name, exc)
+
+
+def _unmarshal_properties(raw: bytes) -> commands.Basic.Properties:
+    properties = commands.Basic.Properties()
+    properties.unmarshal(int.from_bytes(raw[:2], "big"), raw[2:])
+    return properties
+
+
+def _complete(settings: Any) -> Any:
+    """Settings with every field the adapter reads (a config section may predate some)."""
+    if settings is None:
+        return AmqpSettings()
+    if isinstance(settings, AmqpSettings):
+        return settings
+    defaults = AmqpSettings()
+    values = {name: getattr(settings, name, getattr(defaults, name)) for name in AmqpSettings.__slots__}
+    return AmqpSettings(**values)
