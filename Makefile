@@ -23,7 +23,7 @@ run: $(VENV)/.installed
 	$(BIN)/tidegate serve $(ARGS)
 
 test: $(VENV)/.test-installed
-	@command -v mosquitto_sub >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null; } || echo "mosquitto-clients missing: the interop tests that need it will be skipped (they fail under CI=true); apt-get install mosquitto-clients"
+	@{ command -v mosquitto_sub && command -v amqp-publish; } >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients amqp-tools >/dev/null; } || echo "mosquitto-clients/amqp-tools missing: the interop tests that need them will be skipped (they fail under CI=true); apt-get install mosquitto-clients amqp-tools"
 	$(BIN)/ruff check core adapters gateway tests interop
 	$(BIN)/pytest $(PYTEST_ARGS)
 
