@@ -182,3 +182,19 @@ class PolicyGate:
     def check(self, principal: Principal, action: Action, resource: Resource, source: str) -> Decision:
         decision = self.decide(principal, action, resource, source)
         return Decision(decision.allowed, decision.reason)
+
+
+def open_policy_gate(store: Any, clock: Any, *, allow_anonymous: str = "loopback", login_delay_ms: int = 200,
+                     login_delay_max_ms: int = 10_000, login_delay_sources: int = 10_000,
+                     admin_password: str | None = None, run_in_thread: RunInThread = run_inline) -> PolicyGate:
+    """The broker's gate over its metadata store: load users/roles/policies, create the first-start defaults
+    (and `admin` when `admin_password` is given), and warn when anonymous clients are accepted from anywhere."""
+    directory = SecurityDirectory(store)
+    for created in directory.bootstrap(admin_password):
+        log.info("security: first start created {what}", what=created)
+    policy: AnonymousPolicy = {"loopback": "loopback", "true": True, "false": False}[allow_anonymous]
+    if policy is True:
+        log.warn("security: allow_anonymous = true: clients from any address may connect without a password")
+    throttle = LoginThrottle(clock, base_delay_s=login_delay_ms / 1000, max_delay_s=login_delay_max_ms / 1000,
+                             max_sources=login_delay_sources)
+    return PolicyGate(directory, clock, allow_anonymous=policy, run_in_thread=run_in_thread, throttle=throttle)
