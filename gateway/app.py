@@ -47,7 +47,7 @@ from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
-from tidegate.gateway.admin import AdminRoot, Readiness, build_admin_site
+from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import Config
 from tidegate.gateway.listeners import ListenerBuilder
 from tidegate.gateway.metrics import TidegateCollector, build_registry
@@ -185,6 +185,8 @@ class TidegateProcess(Service):
         self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
                                      run_in_thread=self.run_password_check)
+        if self.admin_root is not None:
+            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
         self.durability = Durability(
             self.store,
             self.reactor,

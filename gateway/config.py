@@ -163,6 +163,9 @@ class SecuritySection:
     login_delay_ms: int = 200
     login_delay_max_ms: int = 10_000
     login_delay_sources: int = 10_000
+    # Host names (comma-separated) the admin HTTP API answers to besides IP literals and localhost (against DNS
+    # rebinding, any other Host header is refused).
+    admin_hosts: str = ""
 
 
 @dataclass(slots=True, frozen=True)

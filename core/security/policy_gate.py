@@ -107,6 +107,7 @@ class PolicyGate:
         self.allow_anonymous = allow_anonymous
         self.run_in_thread = run_in_thread
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self.admin_hosts: frozenset[str] = frozenset()  # Host names the admin API serves (gateway/admin.py)
 
     @property
     def version(self) -> int:
@@ -185,7 +186,7 @@ class PolicyGate:
 
 
 def open_policy_gate(store: Any, clock: Any, *, allow_anonymous: str = "loopback", login_delay_ms: int = 200,
-                     login_delay_max_ms: int = 10_000, login_delay_sources: int = 10_000,
+                     login_delay_max_ms: int = 10_000, login_delay_sources: int = 10_000, admin_hosts: str = "",
                      admin_password: str | None = None, run_in_thread: RunInThread = run_inline) -> PolicyGate:
     """The broker's gate over its metadata store: load users/roles/policies, create the first-start defaults
     (and `admin` when `admin_password` is given), and warn when anonymous clients are accepted from anywhere."""
@@ -197,4 +198,6 @@ def open_policy_gate(store: Any, clock: Any, *, allow_anonymous: str = "loopback
         log.warn("security: allow_anonymous = true: clients from any address may connect without a password")
     throttle = LoginThrottle(clock, base_delay_s=login_delay_ms / 1000, max_delay_s=login_delay_max_ms / 1000,
                              max_sources=login_delay_sources)
-    return PolicyGate(directory, clock, allow_anonymous=policy, run_in_thread=run_in_thread, throttle=throttle)
+    gate = PolicyGate(directory, clock, allow_anonymous=policy, run_in_thread=run_in_thread, throttle=throttle)
+    gate.admin_hosts = frozenset(h.strip().lower() for h in admin_hosts.split(",") if h.strip())
+    return gate
