@@ -34,6 +34,7 @@ ALL_ACTIONS = "All"
 ACTION_NAMES: dict[str, str] = {a.value.lower(): a.value for a in Action} | {"all": ALL_ACTIONS}
 PLACEHOLDER = re.compile(r"\$\{(username|client_id)\}")
 UNSAFE_IN_PLACEHOLDER = frozenset("/+#*")
+MAX_FILTER_CHARS = 512  # longer subscription filters are granted only by match-everything entries
 
 
 class PolicyError(ValueError):
@@ -204,12 +205,16 @@ def _explore(a: Pattern, b: Pattern) -> Iterable[tuple[State, State]]:
 @lru_cache(maxsize=4096)
 def covers(outer: Pattern, inner: Pattern) -> bool:
     """Whether every name `inner` matches is matched by `outer`."""
+    if outer.sequences == ((ANY,),):
+        return True
     return not any(_accepting(inner, i) and not _accepting(outer, o) for i, o in _explore(inner, outer))
 
 
 @lru_cache(maxsize=4096)
 def overlaps(a: Pattern, b: Pattern) -> bool:
     """Whether some name is matched by both."""
+    if a.sequences == ((ANY,),) or b.sequences == ((ANY,),):
+        return True  # every pattern matches at least one name
     return any(_accepting(a, x) and _accepting(b, y) for x, y in _explore(a, b))
 
 
@@ -382,11 +387,18 @@ def decide(grants: Sequence[Grant], action: Action, resource: Resource, source: 
     return PolicyDecision(True, top[0], "allowed by policy")
 
 
+def _matches_everything(pattern: Pattern) -> bool:
+    return pattern.sequences == ((ANY,),)
+
+
 def _decide_filter(candidates: list[tuple[Grant, Pattern]], filter_text: str) -> PolicyDecision:
     try:
         wanted = compile_pattern(filter_text, mqtt_filter=True)
     except PolicyError as exc:
         return PolicyDecision(False, None, f"malformed filter: {exc}")
+    if len(filter_text) > MAX_FILTER_CHARS and not all(_matches_everything(p) for _, p in candidates):
+        # the automata grow with the filter; a client must not stall the reactor with a 64 KiB filter
+        return PolicyDecision(False, None, f"filter longer than {MAX_FILTER_CHARS} characters")
     denies = [(g, p) for g, p in candidates if g.entry.effect is Effect.DENY and overlaps(p, wanted)]
     best: tuple[Grant, Pattern] | None = None
     for grant, pattern in candidates:

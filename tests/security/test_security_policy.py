@@ -296,3 +296,10 @@ def test_regex_and_automaton_agree_on_a_sample():
         regex = re.compile(pattern.regex.pattern, re.DOTALL)
         for name in ALL_NAMES:
             assert bool(regex.fullmatch(name)) == pattern.matches(name)
+
+
+def test_very_long_filters_are_decided_without_automata_or_denied():
+    long_filter = "/".join(["abc"] * 300) + "/#"
+    assert allowed(grants(("Allow", "Sub", "Topic:*")), Action.SUB, F(long_filter))
+    decision = decide(grants(("Allow", "Sub", "Topic:abc/#")), Action.SUB, F(long_filter), "", username="u")
+    assert not decision.allowed and "longer than" in decision.reason
