@@ -269,3 +269,25 @@ def test_a_user_disabled_while_connected_is_denied_at_the_next_action(alice, mqt
         assert again.connect(mqtt_port, "dave", "davepw").value == 0x86
     finally:
         again.close()
+
+
+# ---------------------------------------------------------------------------------------------- native
+def test_native_clients_are_decided_by_the_same_policies(alice, broker, tidegate):
+    """Native clients connect as `anonymous` on loopback (HELLO credentials reach the gate once the native server
+    passes them on); a Deny added for `anonymous` applies to them at once, and revoking it restores the right."""
+    from tidegate.client import Admin, Producer
+    from tidegate.core.errors import NotAuthorized
+
+    deny = ("--user", "anonymous", "--deny", "Pub,Delete", "--resource", "Topic:native-secret*")
+    with Producer(broker.native) as producer, Admin(broker.native) as admin:
+        producer.send("native-open", b"x")
+        assert tidegate("acl", "grant", *deny)[0] == 0
+        try:
+            with pytest.raises(NotAuthorized):
+                producer.send("native-secret", b"x")
+            with pytest.raises(NotAuthorized):
+                admin.delete_topic("native-secret-2")
+            producer.send("native-open", b"still fine")
+        finally:
+            assert tidegate("acl", "revoke", *deny)[0] == 0
+        producer.send("native-secret", b"allowed again")
