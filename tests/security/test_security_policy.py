@@ -303,3 +303,13 @@ def test_very_long_filters_are_decided_without_automata_or_denied():
     assert allowed(grants(("Allow", "Sub", "Topic:*")), Action.SUB, F(long_filter))
     decision = decide(grants(("Allow", "Sub", "Topic:abc/#")), Action.SUB, F(long_filter), "", username="u")
     assert not decision.allowed and "longer than" in decision.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab/+#*$", max_size=6), names)
+def test_a_client_id_placeholder_only_ever_allows_that_clients_own_subtree(client_id, name):
+    gs = grants(("Allow", "Pub", "Topic:t/${client_id}/#"))
+    topic = f"t/{name}"
+    if allowed(gs, Action.PUB, T(topic), client_id=client_id):
+        assert client_id and not set(client_id) & set("/+#*")
+        assert topic == f"t/{client_id}" or topic.startswith(f"t/{client_id}/")
