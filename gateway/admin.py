@@ -24,7 +24,7 @@ from tidegate.core.errors import TidegateError
 from tidegate.core.security.gate import Action, Credentials, Principal, ResourceType
 from tidegate.core.security.gate import Resource as GateResource
 from tidegate.core.security.policy import ALL_ACTIONS, PolicyEntry, PolicyError, parse_actions, parse_resource
-from tidegate.core.security.users import DuplicateName, UnknownName
+from tidegate.core.security.users import DuplicateName, UnknownName, hash_password
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -256,7 +256,28 @@ class SecurityApi(Resource):
             self._finish(request, 403, {"error": f"{principal.name} is not an administrator"})
             return
         try:
-            status, payload = self._dispatch(request, directory)
+            body = self._body(request) if request.method == b"POST" else {}
+            password = body.get("password")
+            if password is not None and not isinstance(password, str):
+                raise ValueError("the password must be a string")
+        except ValueError as exc:
+            self._finish(request, 400, {"error": str(exc)})
+            return
+        if not password:
+            self._answer(request, directory, body, None)
+            return
+        # scrypt takes tens of milliseconds: hash in a thread, like logins, never on the reactor
+        hashed = self.gate.run_in_thread(hash_password, password.encode())
+        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded),
+                            lambda failure: self._answer(request, directory, body, failure.value))
+        hashed.addErrback(lambda failure: self._finish(request, 500, {"error": "internal error"}))
+
+    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> None:
+        """`password_hash` is the body's password hashed, None without one, or the error hashing raised."""
+        try:
+            if isinstance(password_hash, Exception):
+                raise password_hash
+            status, payload = self._dispatch(request, directory, body, password_hash)
         except DuplicateName as exc:
             status, payload = 409, {"error": exc.message}
         except UnknownName as exc:
@@ -276,7 +297,8 @@ class SecurityApi(Resource):
             raise ValueError("the request body must be a JSON object")
         return body
 
-    def _dispatch(self, request: Request, directory: Any) -> tuple[int, Any]:
+    def _dispatch(self, request: Request, directory: Any, body: dict[str, Any],
+                  password_hash: str | None) -> tuple[int, Any]:
         method = request.method.decode("ascii", "replace")
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
         if path[:1] != ["security"]:
@@ -296,19 +318,20 @@ class SecurityApi(Resource):
             return 200, {"deleted": route[1]}
         if method != "POST":
             return 405, {"error": "method not allowed", "method": method}
-        body = self._body(request)
-        return self._post(route, body, directory)
+        return self._post(route, body, directory, password_hash)
 
-    def _post(self, route: list[str], body: dict[str, Any], directory: Any) -> tuple[int, Any]:
+    def _post(self, route: list[str], body: dict[str, Any], directory: Any,
+              password_hash: str | None) -> tuple[int, Any]:
         if route == ["users"]:
-            password = body.get("password")
-            user = directory.add_user(body["name"], password.encode() if password else None,
+            user = directory.add_user(body["name"], None, password_hash=password_hash or "",
                                       roles=body.get("roles", ()), enabled=bool(body.get("enabled", True)))
             return 201, user.to_dict()
         if len(route) == 3 and route[0] == "users":
             name, verb = route[1], route[2]
             if verb == "password":
-                directory.set_password(name, str(body["password"]).encode())
+                if password_hash is None:
+                    raise ValueError("missing field 'password'")
+                directory.set_password_hash(name, password_hash)
             elif verb in ("enable", "disable"):
                 directory.set_enabled(name, verb == "enable")
             else:

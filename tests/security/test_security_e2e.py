@@ -291,3 +291,30 @@ def test_native_clients_are_decided_by_the_same_policies(alice, broker, tidegate
         finally:
             assert tidegate("acl", "revoke", *deny)[0] == 0
         producer.send("native-secret", b"allowed again")
+
+
+def test_admin_api_refuses_bad_bodies_and_never_returns_hashes(broker, alice):
+    import base64
+
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode(),
+            "Content-Type": "application/json"}
+
+    def post(path: str, body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://{broker.address('admin')}/api/security/{path}", data=body,
+                                         headers=auth, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    assert post("users/alice/password", b'{"password": ""}')[0] == 400
+    assert post("users/alice/password", b'{"password": 5}')[0] == 400
+    assert post("users/alice/password", json.dumps({"password": "x" * 2000}).encode())[0] == 400
+    assert post("users", b"[1]")[0] == 400
+    assert post("users", b"not json")[0] == 400
+    assert post("policies", b'{"owner": "user:alice", "resource": "Topic:a/#/b", "actions": ["Pub"], '
+                            b'"decision": "Allow"}')[0] == 400
+    status, user = post("users", b'{"name": "erin", "password": "erinpw"}')
+    assert status == 201 and "password_hash" not in user and user["has_password"] is True
+    assert "scrypt" not in json.dumps(http(broker, "/api/security/users", auth)[1])
