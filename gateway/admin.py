@@ -1,15 +1,16 @@
 """The admin HTTP endpoint (twisted.web): /metrics, /healthz, /readyz, and JSON errors for everything else.
 
-The JSON admin API (a later issue) mounts under its own path without touching this module's resources:
+The JSON admin API mounts under its own path without touching this module's resources:
 
     root = AdminRoot(registry, readiness)
-    root.mount("api", ApiResource(broker))   # serves /api/...
+    root.mount("api", SecurityApi(gate))     # serves /api/security/... (authenticated, admins only)
 
 Every response this module writes itself is JSON, including 404 and 405, so scripts never have to parse HTML.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from tidegate.core.errors import TidegateError
+from tidegate.core.security.gate import Action, Credentials, Principal, ResourceType
+from tidegate.core.security.gate import Resource as GateResource
+from tidegate.core.security.policy import ALL_ACTIONS, PolicyEntry, PolicyError, parse_actions, parse_resource
+from tidegate.core.security.users import DuplicateName, UnknownName, hash_password
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -166,3 +173,203 @@ def build_admin_site(registry: CollectorRegistry, readiness: Readiness, reactor:
     """The site to listen with and its root (to `mount` more resources on). `reactor` drives HTTP timeouts."""
     root = AdminRoot(registry, readiness)
     return AdminSite(root, reactor=reactor), root
+
+
+# ----------------------------------------------------------------------------------------------- /api/security
+def host_allowed(host_header: str, extra_hosts: frozenset[str] = frozenset()) -> bool:
+    """Against DNS rebinding: a browser sends the attacker's name as Host, so only IP literals, `localhost` and
+    names the operator listed are served."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if not host:
+        return False
+    if host == "localhost" or host in extra_hosts:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class SecurityApi(Resource):
+    """The user/role/policy API under /api/security (what `tidegate user|role|acl` calls).
+
+    Every request needs the right Host (see `host_allowed`) and HTTP Basic credentials of an enabled super-user,
+    checked by the gate (its password check runs off the reactor and failed attempts are slowed per source).
+    Bodies are JSON; answers are JSON: 400 bad request, 401 no or wrong credentials, 403 not an admin or a foreign
+    Host, 404 unknown name, 409 duplicate.
+
+        GET    users                       POST users {name, password?, roles?, enabled?}
+        DELETE users/<name>                POST users/<name>/password {password}
+        POST   users/<name>/enable         POST users/<name>/disable
+        GET    roles                       POST roles {name}            DELETE roles/<name>
+        POST   roles/<role>/assign {user}  POST roles/<role>/unassign {user}
+        GET    policies[?owner=user:x]     POST policies {owner, resource, actions, decision, sources?}
+        POST   policies/revoke {owner, resource, actions, decision, sources?} or {owner, id}
+        POST   check {user, action, resource, source?, client_id?}  -> {"decision", "entry", "reason"}
+    """
+
+    isLeaf = True
+    MAX_BODY = 64 * 1024
+
+    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.gate = gate
+        self.extra_hosts = extra_hosts
+
+    def render(self, request: Request) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if not host_allowed(host, self.extra_hosts):
+            return write_json(request, 403, {"error": f"Host {host!r} is not served here"})
+        username, password = request.getUser(), request.getPassword()
+        if not username:
+            request.setHeader(b"www-authenticate", b'Basic realm="tidegate"')
+            return write_json(request, 401, {"error": "authentication required"})
+        credentials = Credentials("password", username=username.decode("utf-8", "replace"), password=password,
+                                  source=request.getClientAddress().host if request.getClientAddress() else "",
+                                  listener="admin")
+        decision = self.gate.authenticate(credentials)
+        decision.addCallbacks(lambda principal: self._authorized(request, principal),
+                              lambda failure: self._refused(request, failure))
+        decision.addErrback(lambda failure: self._finish(request, 500, {"error": "internal error"}))
+        return NOT_DONE_YET
+
+    def _finish(self, request: Request, status: int, payload: Any) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.write(write_json(request, status, payload))
+        request.finish()
+
+    def _refused(self, request: Request, failure: Any) -> None:
+        request.setHeader(b"www-authenticate", b'Basic realm="tidegate"')
+        self._finish(request, 401, {"error": "bad user name or password"})
+
+    def _authorized(self, request: Request, principal: Any) -> None:
+        directory = self.gate.directory
+        if not directory.is_superuser(principal.name):
+            self._finish(request, 403, {"error": f"{principal.name} is not an administrator"})
+            return
+        try:
+            body = self._body(request) if request.method == b"POST" else {}
+            password = body.get("password")
+            if password is not None and not isinstance(password, str):
+                raise ValueError("the password must be a string")
+        except ValueError as exc:
+            self._finish(request, 400, {"error": str(exc)})
+            return
+        if not password:
+            self._answer(request, directory, body, None)
+            return
+        # scrypt takes tens of milliseconds: hash in a thread, like logins, never on the reactor
+        hashed = self.gate.run_in_thread(hash_password, password.encode())
+        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded),
+                            lambda failure: self._answer(request, directory, body, failure.value))
+        hashed.addErrback(lambda failure: self._finish(request, 500, {"error": "internal error"}))
+
+    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> None:
+        """`password_hash` is the body's password hashed, None without one, or the error hashing raised."""
+        try:
+            if isinstance(password_hash, Exception):
+                raise password_hash
+            status, payload = self._dispatch(request, directory, body, password_hash)
+        except DuplicateName as exc:
+            status, payload = 409, {"error": exc.message}
+        except UnknownName as exc:
+            status, payload = 404, {"error": exc.message}
+        except TidegateError as exc:
+            status, payload = 400, {"error": exc.message}
+        except (PolicyError, ValueError, KeyError, TypeError) as exc:
+            status, payload = 400, {"error": str(exc) if not isinstance(exc, KeyError) else f"missing field {exc}"}
+        self._finish(request, status, payload)
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        raw = request.content.read(self.MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > self.MAX_BODY:
+            raise ValueError("request body too large")
+        body = json.loads(raw or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        return body
+
+    def _dispatch(self, request: Request, directory: Any, body: dict[str, Any],
+                  password_hash: str | None) -> tuple[int, Any]:
+        method = request.method.decode("ascii", "replace")
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if path[:1] != ["security"]:
+            return 404, {"error": "not found", "path": _request_path(request)}
+        route = path[1:]
+        if method == "GET":
+            if route == ["users"]:
+                return 200, [u.to_dict() for u in directory.users()]
+            if route == ["roles"]:
+                return 200, directory.roles()
+            if route == ["policies"]:
+                owner = request.args.get(b"owner", [b""])[0].decode("utf-8", "replace") or None
+                return 200, [p.to_dict() for p in directory.policies(owner)]
+            return 404, {"error": "not found", "path": _request_path(request)}
+        if method == "DELETE" and len(route) == 2 and route[0] in ("users", "roles"):
+            (directory.delete_user if route[0] == "users" else directory.delete_role)(route[1])
+            return 200, {"deleted": route[1]}
+        if method != "POST":
+            return 405, {"error": "method not allowed", "method": method}
+        return self._post(route, body, directory, password_hash)
+
+    def _post(self, route: list[str], body: dict[str, Any], directory: Any,
+              password_hash: str | None) -> tuple[int, Any]:
+        if route == ["users"]:
+            user = directory.add_user(body["name"], None, password_hash=password_hash or "",
+                                      roles=body.get("roles", ()), enabled=bool(body.get("enabled", True)))
+            return 201, user.to_dict()
+        if len(route) == 3 and route[0] == "users":
+            name, verb = route[1], route[2]
+            if verb == "password":
+                if password_hash is None:
+                    raise ValueError("missing field 'password'")
+                directory.set_password_hash(name, password_hash)
+            elif verb in ("enable", "disable"):
+                directory.set_enabled(name, verb == "enable")
+            else:
+                return 404, {"error": f"unknown user operation {verb!r}"}
+            return 200, directory.user(name).to_dict()
+        if route == ["roles"]:
+            directory.add_role(body["name"])
+            return 201, {"name": body["name"]}
+        if len(route) == 3 and route[0] == "roles" and route[2] in ("assign", "unassign"):
+            directory.assign_role(body["user"], route[1], assigned=route[2] == "assign")
+            return 200, directory.user(body["user"]).to_dict()
+        if route == ["policies"]:
+            entry = PolicyEntry.create(body["resource"], body["actions"], body["decision"], body.get("sources", ()))
+            return 201, directory.grant(body["owner"], entry).to_dict()
+        if route == ["policies", "revoke"]:
+            if "id" in body:
+                removed = directory.revoke(body["owner"], policy_id=int(body["id"]))
+            else:
+                entry = PolicyEntry.create(body["resource"], body["actions"], body["decision"],
+                                           body.get("sources", ()))
+                removed = directory.revoke(body["owner"], entry)
+            return 200, {"revoked": removed}
+        if route == ["check"]:
+            return 200, self._check(body, directory)
+        return 404, {"error": "not found", "path": "/api/security/" + "/".join(route)}
+
+    def _check(self, body: dict[str, Any], directory: Any) -> dict[str, Any]:
+        name = body["user"]
+        user = directory.user(name)
+        if user is None:
+            raise UnknownName(f"no user {name!r}")
+        resource_type, pattern = parse_resource(body["resource"])
+        actions = parse_actions([body["action"]])
+        if len(actions) != 1 or ALL_ACTIONS in actions:
+            raise ValueError("check one action: Pub, Sub, Create, Update, Delete, Get or List")
+        principal = Principal(name, roles=frozenset(user.roles), anonymous=name == "anonymous",
+                              client_id=str(body.get("client_id", "")))
+        is_filter = resource_type is ResourceType.TOPIC and ("+" in pattern or "#" in pattern)
+        resource = GateResource(resource_type, pattern, pattern=is_filter)
+        decision = self.gate.decide(principal, Action(next(iter(actions))), resource, str(body.get("source", "")))
+        return decision.to_dict()

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,13 @@ from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.security.gate import AllowAllGate
+from tidegate.core.security.gate import AllowAllGate, Gate
+from tidegate.core.security.policy_gate import open_policy_gate
+from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
-from tidegate.gateway.admin import AdminRoot, Readiness, build_admin_site
+from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import Config
 from tidegate.gateway.listeners import ListenerBuilder
 from tidegate.gateway.metrics import TidegateCollector, build_registry
@@ -129,7 +132,7 @@ class TidegateProcess(Service):
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls: Any = None
-        self.gate = AllowAllGate()
+        self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
         self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
         self._pool = ThreadPool(minthreads=1, maxthreads=FLUSH_POOL_THREADS, name="tidegate-flush")
@@ -144,6 +147,10 @@ class TidegateProcess(Service):
         self.registry = build_registry(self.collector)
         self.started: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
+
+    def run_password_check(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Password hashes (scrypt, tens of ms) run in the reactor's pool, not the flush pool or the reactor."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
 
     # --- lifecycle
     def startService(self) -> None:
@@ -176,6 +183,11 @@ class TidegateProcess(Service):
         self.readiness.add_check("storage", self.store.health)
 
         self.metadata = open_metadata_store(self.data_dir)
+        self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
+                                     admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
+                                     run_in_thread=self.run_password_check)
+        if self.admin_root is not None:
+            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
         self.durability = Durability(
             self.store,
             self.reactor,

@@ -164,6 +164,26 @@ class TlsSection:
     ca_file: str = ""  # when set, client certificates signed by this CA are requested (mTLS)
 
 
+ANONYMOUS_POLICIES = ("loopback", "true", "false")
+
+
+@dataclass(slots=True, frozen=True)
+class SecuritySection:
+    """The gate (core/security): who may connect anonymously and how failed logins are slowed down."""
+
+    # "loopback": anonymous clients only from 127.0.0.0/8 and ::1 (as the user `anonymous`); "true": from anywhere
+    # (logged as a warning at start); "false": never. TOML may write true/false unquoted.
+    allow_anonymous: str = "loopback"
+    # Each failed login from a source address doubles the wait before that source's next answer, from
+    # login_delay_ms up to login_delay_max_ms; at most login_delay_sources addresses are remembered.
+    login_delay_ms: int = 200
+    login_delay_max_ms: int = 10_000
+    login_delay_sources: int = 10_000
+    # Host names (comma-separated) the admin HTTP API answers to besides IP literals and localhost (against DNS
+    # rebinding, any other Host header is refused).
+    admin_hosts: str = ""
+
+
 @dataclass(slots=True, frozen=True)
 class LogSection:
     level: str = "info"
@@ -176,6 +196,7 @@ class Config:
     listeners: ListenersSection = field(default_factory=ListenersSection)
     connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,6 +288,8 @@ def _coerce(key: str, raw: Any, kind: type, source: Source) -> Any:
                 pass
         raise ConfigError(f"{key} must be an integer, got {_describe(raw)} (from {source})")
     if kind is str:
+        if key == "security.allow_anonymous" and isinstance(raw, bool):
+            return "true" if raw else "false"  # the one key that is a word or a boolean
         if isinstance(raw, str):
             return raw
         raise ConfigError(f"{key} must be a string, got {_describe(raw)} (from {source})")
@@ -423,6 +446,22 @@ def _validate(merger: _Merger) -> None:
             raise ConfigError(f"{key} must not be empty (from {sources[key]})")
     _validate_tls(values, sources)
     _validate_distinct_ports(values, sources)
+    _validate_security(values, sources)
+
+
+def _validate_security(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    key = "security.allow_anonymous"
+    word = values[key].strip().lower()
+    word = "true" if word in _TRUE_WORDS else "false" if word in _FALSE_WORDS else word
+    if word not in ANONYMOUS_POLICIES:
+        raise ConfigError(f"{key} must be \"loopback\", true or false, got {values[key]!r} (from {sources[key]})")
+    values[key] = word
+    for delay in ("security.login_delay_ms", "security.login_delay_max_ms"):
+        if not 0 <= values[delay] <= 600_000:
+            raise ConfigError(f"{delay} must be 0-600000, got {values[delay]} (from {sources[delay]})")
+    key = "security.login_delay_sources"
+    if not 1 <= values[key] <= 10_000_000:
+        raise ConfigError(f"{key} must be 1-10000000, got {values[key]} (from {sources[key]})")
 
 
 def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:

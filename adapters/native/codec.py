@@ -109,7 +109,10 @@ def encode_frame(frame: Frame) -> bytes:
     """Encode one frame (no size limit, no state): the building block of `NativeCodec.encode`."""
     out = bytearray(HEADER_SIZE)
     try:
-        for name, kind in frame.SPEC:
+        spec = frame.SPEC
+        if frame.TAIL and not any(getattr(frame, name) for name, _, _ in frame.TAIL):
+            spec = frame.REQUIRED  # an empty optional tail stays off the wire
+        for name, kind in spec:
             kind.write(out, getattr(frame, name))
         HEADER.pack_into(out, 0, len(out) - LENGTH_SIZE, frame.TYPE, frame.flags, frame.request_id)
     except struct.error as exc:
@@ -305,8 +308,12 @@ def decode_body(cls: type[Frame], view: memoryview, pos: int, end: int, flags: i
     setattr_ = object.__setattr__
     setattr_(frame, "request_id", request_id)
     setattr_(frame, "flags", flags)
-    for name, kind in cls.SPEC:
+    for name, kind in cls.REQUIRED:
         setattr_(frame, name, kind.read(r))
+    if cls.TAIL:
+        ended = r.pos == end  # a peer from before the optional tail existed
+        for name, kind, default in cls.TAIL:
+            setattr_(frame, name, default if ended else kind.read(r))
     if r.pos != end:
         raise Truncated(f"{end - r.pos} trailing bytes after the last field")
     return frame

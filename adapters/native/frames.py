@@ -316,11 +316,15 @@ STRMAP = MapKind()
 MESSAGE = MessageKind()
 
 
-def wire(kind: Kind, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
-    """Declare a dataclass field that travels on the wire as `kind`."""
+def wire(kind: Kind, default: Any = MISSING, default_factory: Any = MISSING, *, optional_tail: bool = False) -> Any:
+    """Declare a dataclass field that travels on the wire as `kind`.
+
+    `optional_tail` fields come last: they are left off the wire when every one of them is empty (falsy), and a
+    frame that ends before them decodes with their defaults, so peers from before they existed still agree."""
+    metadata = {"kind": kind, "optional_tail": optional_tail}
     if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata={"kind": kind})
-    return field(default=default, metadata={"kind": kind})
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _spec(cls: type) -> tuple[tuple[str, Kind], ...]:
@@ -446,6 +450,8 @@ class Frame:
     TYPE: ClassVar[int] = 0
     SENDER: ClassVar[str] = BOTH
     SPEC: ClassVar[tuple[tuple[str, Kind], ...]] = ()
+    REQUIRED: ClassVar[tuple[tuple[str, Kind], ...]] = ()  # SPEC without the optional tail
+    TAIL: ClassVar[tuple[tuple[str, Kind, Any], ...]] = ()  # optional tail: (name, kind, default)
 
     request_id: int = 0
     flags: int = 0
@@ -471,6 +477,11 @@ def frame(type_code: int, sender: str) -> Any:
         cls.TYPE = type_code
         cls.SENDER = sender
         cls.SPEC = _spec(cls)
+        tail = [f for f in fields(cls) if f.metadata.get("optional_tail")]
+        cls.TAIL = tuple((f.name, f.metadata["kind"], f.default) for f in tail)
+        cls.REQUIRED = cls.SPEC[:len(cls.SPEC) - len(tail)]
+        if tail and tuple(name for name, _ in cls.SPEC[len(cls.REQUIRED):]) != tuple(f.name for f in tail):
+            raise RuntimeError(f"{cls.__name__}: optional_tail fields must come last")
         FRAME_TYPES[type_code] = cls
         return cls
 
@@ -484,6 +495,14 @@ class Hello(Frame):
     version: int = wire(UINT16, PROTOCOL_VERSION)
     client_id: str = wire(STR, "")
     client_name: str = wire(STR, "")
+    # Credentials (optional tail: a HELLO without them is the anonymous one older clients send).
+    username: str = wire(STR, "", optional_tail=True)
+    password: bytes = wire(BYTES, b"", optional_tail=True)
+
+    def __repr__(self) -> str:  # never the password in logs or tracebacks
+        return (f"Hello(request_id={self.request_id}, version={self.version}, client_id={self.client_id!r}, "
+                f"client_name={self.client_name!r}, username={self.username!r}, password=<{len(self.password)} "
+                "bytes>)")
 
 
 @frame(0x02, SERVER)

@@ -67,6 +67,7 @@ class Principal:
     roles: frozenset[str] = frozenset()
     system: bool = False
     anonymous: bool = False
+    client_id: str = ""  # the connection's client id, for `${client_id}` in policy entries
 
     def __str__(self) -> str:
         return self.name

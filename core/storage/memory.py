@@ -30,7 +30,10 @@ from tidegate.core.storage.metadata import (
     SCHEMA_VERSION,
     normalize_group_row,
     normalize_offset_row,
+    normalize_policy_row,
+    normalize_role_row,
     normalize_topic_row,
+    normalize_user_row,
     to_json,
 )
 from tidegate.core.storage.record import (
@@ -298,6 +301,10 @@ class MemoryMetadataStore:
         self._groups: dict[str, dict[str, Any]] = {}
         self._offsets: dict[tuple[str, str, int], int] = {}
         self._kv: dict[tuple[str, str], str] = {}
+        self._users: dict[str, dict[str, Any]] = {}
+        self._roles: dict[str, dict[str, Any]] = {}
+        self._policies: dict[int, dict[str, Any]] = {}
+        self._next_policy_id = 1
         self.schema_version = SCHEMA_VERSION
 
     def get_topics(self) -> list[dict[str, Any]]:
@@ -345,6 +352,42 @@ class MemoryMetadataStore:
 
     def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
         return sorted((k, json.loads(v)) for (ns, k), v in self._kv.items() if ns == namespace)
+
+    def get_users(self) -> list[dict[str, Any]]:
+        return [copy.deepcopy(self._users[name]) for name in sorted(self._users)]
+
+    def put_user(self, row: dict[str, Any]) -> None:
+        normalized = normalize_user_row(row)
+        self._users[normalized["name"]] = normalized
+
+    def delete_user(self, name: str) -> None:
+        self._users.pop(name, None)
+
+    def get_roles(self) -> list[dict[str, Any]]:
+        return [dict(self._roles[name]) for name in sorted(self._roles)]
+
+    def put_role(self, row: dict[str, Any]) -> None:
+        normalized = normalize_role_row(row)
+        self._roles[normalized["name"]] = normalized
+
+    def delete_role(self, name: str) -> None:
+        self._roles.pop(name, None)
+
+    def get_policies(self) -> list[dict[str, Any]]:
+        return [{"id": i, **copy.deepcopy(row)} for i, row in sorted(self._policies.items())]
+
+    def add_policy(self, row: dict[str, Any]) -> int:
+        normalized = normalize_policy_row(row)
+        policy_id, self._next_policy_id = self._next_policy_id, self._next_policy_id + 1
+        self._policies[policy_id] = normalized
+        return policy_id
+
+    def delete_policy(self, policy_id: int) -> bool:
+        return self._policies.pop(policy_id, None) is not None
+
+    def delete_policies_of(self, owner: str) -> None:
+        for policy_id in [i for i, row in self._policies.items() if row["owner"] == owner]:
+            del self._policies[policy_id]
 
     def close(self) -> None:
         pass

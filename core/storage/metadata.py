@@ -1,4 +1,5 @@
-"""SqliteMetadataStore: topics, groups, committed offsets and namespaced key/values in SQLite (WAL mode).
+"""SqliteMetadataStore: topics, groups, committed offsets, namespaced key/values and the gate's users, roles and
+policy entries in SQLite (WAL mode).
 
 One connection, used from the thread that opened it (the reactor). The schema is versioned: `MIGRATIONS[i]`
 brings a database from version i to i + 1, and `schema_version` records where a database stands.
@@ -18,6 +19,9 @@ from tidegate.core.errors import BadRequest, StoreError
 
 TOPIC_DEFAULTS: dict[str, Any] = {"queues": 4, "perm": "rw", "retention_ms": 0, "internal": False, "created_ts": 0}
 GROUP_DEFAULTS: dict[str, Any] = {"mode": "clustering", "ack": "offset", "created_ts": 0, "extra": None}
+USER_DEFAULTS: dict[str, Any] = {"password_hash": "", "enabled": True, "roles": [], "created_ts": 0}
+ROLE_DEFAULTS: dict[str, Any] = {"created_ts": 0}
+POLICY_FIELDS = ("owner", "resource", "actions", "decision", "sources")
 
 
 class InvalidMetadata(BadRequest):
@@ -87,6 +91,47 @@ def normalize_offset_row(row: tuple[str, str, int, int]) -> tuple[str, str, int,
     return group, topic, queue_id, offset
 
 
+def normalize_user_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A user: `password_hash` is an encoded salted hash (never the password), '' for no password login."""
+    out = _normalize(row, USER_DEFAULTS, "user")
+    _require(out, "password_hash", str, "user")
+    _require(out, "enabled", (bool, int), "user")
+    _require(out, "created_ts", int, "user")
+    roles = out["roles"]
+    if not isinstance(roles, (list, tuple)) or not all(isinstance(r, str) and r for r in roles):
+        raise InvalidMetadata("user field 'roles' must be a list of role names")
+    out["enabled"] = bool(out["enabled"])
+    out["roles"] = sorted(set(roles))
+    return out
+
+
+def normalize_role_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = _normalize(row, ROLE_DEFAULTS, "role")
+    _require(out, "created_ts", int, "role")
+    return out
+
+
+def normalize_policy_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A policy entry of `owner` (`user:<name>` or `role:<name>`); its meaning is checked by core/security."""
+    if not isinstance(row, dict):
+        raise InvalidMetadata(f"a policy row must be a dict, not {type(row).__name__}")
+    unknown = set(row) - set(POLICY_FIELDS) - {"id"}
+    missing = set(POLICY_FIELDS) - set(row) - {"sources"}
+    if unknown or missing:
+        raise InvalidMetadata(f"policy row: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    out = {key: row.get(key, []) for key in POLICY_FIELDS}
+    for key in ("owner", "resource", "decision"):
+        if not isinstance(out[key], str) or not out[key]:
+            raise InvalidMetadata(f"policy field {key!r} must be a non-empty string")
+    if not out["owner"].startswith(("user:", "role:")):
+        raise InvalidMetadata("policy field 'owner' must be user:<name> or role:<name>")
+    for key in ("actions", "sources"):
+        if not isinstance(out[key], (list, tuple)) or not all(isinstance(v, str) for v in out[key]):
+            raise InvalidMetadata(f"policy field {key!r} must be a list of strings")
+        out[key] = list(out[key])
+    return out
+
+
 def to_json(value: Any) -> str:
     try:
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
@@ -108,7 +153,17 @@ def _v1(db: sqlite_utils.Database) -> None:
                     if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """The gate: users (salted password hashes, roles, enabled), roles, and policy entries owned by either."""
+    db["users"].create({"name": str, "password_hash": str, "enabled": int, "roles": str, "created_ts": int},
+                       pk="name", not_null={"password_hash", "enabled", "roles", "created_ts"}, if_not_exists=True)
+    db["roles"].create({"name": str, "created_ts": int}, pk="name", not_null={"created_ts"}, if_not_exists=True)
+    db.execute("CREATE TABLE IF NOT EXISTS policies (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, "
+               "resource TEXT NOT NULL, actions TEXT NOT NULL, decision TEXT NOT NULL, sources TEXT NOT NULL)")
+    db.execute("CREATE INDEX IF NOT EXISTS policies_owner ON policies (owner)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -231,6 +286,54 @@ class SqliteMetadataStore:
     def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
         rows = self._run("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))
         return [(k, json.loads(v)) for k, v in rows]
+
+    # --- users, roles and policy entries (the gate's; core/security/users.py gives them meaning)
+    def get_users(self) -> list[dict[str, Any]]:
+        rows = self._run("SELECT name, password_hash, enabled, roles, created_ts FROM users ORDER BY name")
+        return [{"name": n, "password_hash": h, "enabled": bool(e), "roles": json.loads(r), "created_ts": c}
+                for n, h, e, r, c in rows]
+
+    def put_user(self, row: dict[str, Any]) -> None:
+        r = normalize_user_row(row)
+        self._run(
+            "INSERT INTO users (name, password_hash, enabled, roles, created_ts) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET password_hash=excluded.password_hash, enabled=excluded.enabled, "
+            "roles=excluded.roles, created_ts=excluded.created_ts",
+            (r["name"], r["password_hash"], int(r["enabled"]), to_json(r["roles"]), r["created_ts"]),
+        )
+
+    def delete_user(self, name: str) -> None:
+        self._run("DELETE FROM users WHERE name = ?", (name,))
+
+    def get_roles(self) -> list[dict[str, Any]]:
+        return [{"name": n, "created_ts": c} for n, c in self._run("SELECT name, created_ts FROM roles ORDER BY name")]
+
+    def put_role(self, row: dict[str, Any]) -> None:
+        r = normalize_role_row(row)
+        self._run("INSERT INTO roles (name, created_ts) VALUES (?, ?) "
+                  "ON CONFLICT(name) DO UPDATE SET created_ts=excluded.created_ts", (r["name"], r["created_ts"]))
+
+    def delete_role(self, name: str) -> None:
+        self._run("DELETE FROM roles WHERE name = ?", (name,))
+
+    def get_policies(self) -> list[dict[str, Any]]:
+        rows = self._run("SELECT id, owner, resource, actions, decision, sources FROM policies ORDER BY id")
+        return [{"id": i, "owner": o, "resource": r, "actions": json.loads(a), "decision": d,
+                 "sources": json.loads(s)} for i, o, r, a, d, s in rows]
+
+    def add_policy(self, row: dict[str, Any]) -> int:
+        """Store one policy entry; returns its id."""
+        r = normalize_policy_row(row)
+        cursor = self._run("INSERT INTO policies (owner, resource, actions, decision, sources) VALUES (?, ?, ?, ?, ?)",
+                           (r["owner"], r["resource"], to_json(r["actions"]), r["decision"], to_json(r["sources"])))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def delete_policy(self, policy_id: int) -> bool:
+        return self._run("DELETE FROM policies WHERE id = ?", (policy_id,)).rowcount > 0
+
+    def delete_policies_of(self, owner: str) -> None:
+        self._run("DELETE FROM policies WHERE owner = ?", (owner,))
 
     def close(self) -> None:
         self._conn.close()

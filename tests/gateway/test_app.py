@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.adapters.base import ConnectionLimits
 from tidegate.adapters.native.server import NativeSettings
-from tidegate.core.security.gate import AllowAllGate
+from tidegate.core.security.policy_gate import PolicyGate
+from tidegate.core.storage.memory import MemoryMetadataStore
 from tidegate.gateway import app, listeners
 from tidegate.gateway.config import Config, ListenersSection, MqttListener, load_config, parse_set_option
 
@@ -51,8 +52,11 @@ class RecordingStore:
         self.closed = True
 
 
-class RecordingMetadata:
+class RecordingMetadata(MemoryMetadataStore):
+    """The in-memory metadata twin (the gate keeps its users there), recording close()."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.closed = False
 
     def close(self) -> None:
@@ -144,7 +148,7 @@ def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_pat
     try:
         factory = reactor.tcpServers[1][1]
         assert factory.broker is RecordingBroker.instances[0]
-        assert factory.gate is process.gate and isinstance(factory.gate, AllowAllGate)
+        assert factory.gate is process.gate and isinstance(factory.gate, PolicyGate)
         assert factory.clock is reactor
         assert factory.settings == NativeSettings(max_frame=2000)
         assert factory.kwargs == {"metrics": process.metrics, "listener": "native",

@@ -116,3 +116,107 @@ def test_a_database_from_a_newer_tidegate_is_refused(tmp_path):
     meta.close()
     with pytest.raises(TidegateError):
         SqliteMetadataStore(tmp_path / "meta.db")
+
+
+def test_users_are_stored_with_defaults_sorted_roles_and_deleted(meta_factory):
+    meta = meta_factory()
+    meta.put_user({"name": "alice", "password_hash": "scrypt$x", "roles": ["b", "a", "a"], "created_ts": 7})
+    meta.put_user({"name": "anonymous"})
+    assert meta.get_users() == [
+        {"name": "alice", "password_hash": "scrypt$x", "enabled": True, "roles": ["a", "b"], "created_ts": 7},
+        {"name": "anonymous", "password_hash": "", "enabled": True, "roles": [], "created_ts": 0},
+    ]
+    meta.put_user({"name": "alice", "password_hash": "scrypt$y", "enabled": False, "roles": []})
+    assert meta.get_users()[0]["enabled"] is False and meta.get_users()[0]["password_hash"] == "scrypt$y"
+    users = meta.get_users()
+    users[1]["roles"].append("changed")  # callers get copies
+    assert meta.get_users()[1]["roles"] == []
+    meta.delete_user("alice")
+    meta.delete_user("missing")
+    assert [u["name"] for u in meta.get_users()] == ["anonymous"]
+
+
+def test_roles_are_stored_and_deleted(meta_factory):
+    meta = meta_factory()
+    meta.put_role({"name": "devices", "created_ts": 3})
+    meta.put_role({"name": "admins"})
+    assert meta.get_roles() == [{"name": "admins", "created_ts": 0}, {"name": "devices", "created_ts": 3}]
+    meta.delete_role("admins")
+    assert [r["name"] for r in meta.get_roles()] == ["devices"]
+
+
+def test_policies_get_increasing_ids_and_are_deleted_by_id_or_owner(meta_factory):
+    meta = meta_factory()
+    first = meta.add_policy({"owner": "user:alice", "resource": "Topic:a/#", "actions": ["Pub"],
+                             "decision": "Allow", "sources": ["10.0.0.0/8"]})
+    second = meta.add_policy({"owner": "role:devices", "resource": "Topic:b", "actions": ["Sub", "Pub"],
+                              "decision": "Deny"})
+    third = meta.add_policy({"owner": "user:alice", "resource": "Group:g", "actions": ["All"], "decision": "Allow"})
+    assert first < second < third
+    assert meta.get_policies() == [
+        {"id": first, "owner": "user:alice", "resource": "Topic:a/#", "actions": ["Pub"], "decision": "Allow",
+         "sources": ["10.0.0.0/8"]},
+        {"id": second, "owner": "role:devices", "resource": "Topic:b", "actions": ["Sub", "Pub"],
+         "decision": "Deny", "sources": []},
+        {"id": third, "owner": "user:alice", "resource": "Group:g", "actions": ["All"], "decision": "Allow",
+         "sources": []},
+    ]
+    assert meta.delete_policy(second) is True
+    assert meta.delete_policy(second) is False
+    meta.delete_policies_of("user:alice")
+    assert meta.get_policies() == []
+
+
+@pytest.mark.parametrize("row", [
+    {"owner": "alice", "resource": "Topic:a", "actions": ["Pub"], "decision": "Allow"},
+    {"owner": "user:a", "resource": "", "actions": ["Pub"], "decision": "Allow"},
+    {"owner": "user:a", "resource": "Topic:a", "actions": "Pub", "decision": "Allow"},
+    {"owner": "user:a", "resource": "Topic:a", "actions": ["Pub"]},
+    {"owner": "user:a", "resource": "Topic:a", "actions": ["Pub"], "decision": "Allow", "extra": 1},
+])
+def test_bad_policy_rows_raise_a_typed_error(meta_factory, row):
+    with pytest.raises(TidegateError):
+        meta_factory().add_policy(row)
+
+
+@pytest.mark.parametrize("row", [{"name": ""}, {"name": "u", "roles": "admin"}, {"name": "u", "enabled": "yes"},
+                                 {"name": "u", "password": "plain"}])
+def test_bad_user_rows_raise_a_typed_error(meta_factory, row):
+    with pytest.raises(TidegateError):
+        meta_factory().put_user(row)
+
+
+def test_security_tables_survive_reopening(meta_factory):
+    meta = meta_factory()
+    meta.put_user({"name": "alice", "password_hash": "h", "roles": ["r"]})
+    meta.put_role({"name": "r"})
+    policy_id = meta.add_policy({"owner": "role:r", "resource": "Topic:a", "actions": ["Pub"], "decision": "Allow"})
+    meta.close()
+    meta = meta_factory()
+    assert [u["name"] for u in meta.get_users()] == ["alice"]
+    assert [r["name"] for r in meta.get_roles()] == ["r"]
+    assert [p["id"] for p in meta.get_policies()] == [policy_id]
+    meta.close()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
+    """A meta.db written before the gate existed gains the users/roles/policies tables at the next start."""
+    import sqlite3
+
+    import sqlite_utils
+
+    from tidegate.core.storage.metadata import MIGRATIONS
+
+    path = tmp_path / "meta.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    MIGRATIONS[0](sqlite_utils.Database(conn))
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute("INSERT INTO topics (name, queues, perm, retention_ms, internal, created_ts) "
+                 "VALUES ('orders', 4, 'rw', 0, 0, 0)")
+    conn.close()
+    meta = SqliteMetadataStore(path)
+    assert meta.schema_version == SCHEMA_VERSION == 2
+    assert [t["name"] for t in meta.get_topics()] == ["orders"]
+    assert meta.get_users() == [] and meta.get_roles() == [] and meta.get_policies() == []
+    meta.close()

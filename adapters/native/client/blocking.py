@@ -63,15 +63,18 @@ class _Client:
     """Owns one connection; `start()`/`close()` or use as a context manager."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
         self.address = address
         self.client_id = client_id or f"{type(self).__name__.lower()}-{uuid.uuid4().hex[:12]}"
         self.timeout = timeout
+        self.username = username  # sent in HELLO; empty = anonymous
+        self._password = password
         self._conn: Connection | None = None
 
     def start(self) -> Any:
         if self._conn is None:
-            self._conn = Connection(self.address, client_id=self.client_id, timeout=self.timeout).open()
+            self._conn = Connection(self.address, client_id=self.client_id, timeout=self.timeout,
+                                    username=self.username, password=self._password).open()
         return self
 
     def close(self) -> None:
@@ -209,8 +212,8 @@ class PullConsumer(_Client):
     """Reads queues at offsets the caller chooses; progress is committed explicitly."""
 
     def __init__(self, group: str, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
-                 timeout: float = 10.0) -> None:
-        super().__init__(address, client_id, timeout=timeout)
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
         self.group = group
 
     def pull(self, topic: str, queue_id: int, offset: int, max: int = 32, filter: str = "*") -> PullResult:
@@ -245,8 +248,9 @@ class PushConsumer(_Client):
     def __init__(self, group: str, topic: str, handler: Callable[[Delivered], Any], *,
                  address: str = DEFAULT_ADDRESS, mode: str = "clustering", ack: str = "offset",
                  filter: str = "*", start: str = "latest", credit: int = 64, client_id: str | None = None,
-                 invisible_ms: int = 0, timeout: float = 10.0) -> None:
-        super().__init__(address, client_id, timeout=timeout)
+                 invisible_ms: int = 0, timeout: float = 10.0, username: str = "",
+                 password: str | bytes = "") -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
         if credit < 1:
             raise ValueError("credit must be at least 1")
         self.group, self.topic, self.handler = group, topic, handler
@@ -366,8 +370,8 @@ class SimpleConsumer(_Client):
 
     def __init__(self, group: str, topic: str, *, address: str = DEFAULT_ADDRESS, filter: str = "*",
                  invisible_ms: int = 30_000, client_id: str | None = None, start: str = "",
-                 timeout: float = 10.0) -> None:
-        super().__init__(address, client_id, timeout=timeout)
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
         self.group, self.topic, self.filter, self.invisible_ms = group, topic, filter, invisible_ms
         self.start_position = start
         self.subscription_id = 0

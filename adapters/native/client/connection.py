@@ -53,10 +53,12 @@ class Connection:
     """One TCP connection to a broker. Thread-safe: any thread may call `request`/`send_frame`."""
 
     def __init__(self, address: str, *, client_id: str = "", client_name: str = "tidegate-python",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
         self.address = address
         self.client_id = client_id
         self.client_name = client_name
+        self.username = username  # sent in HELLO; empty = anonymous
+        self._password = password.encode() if isinstance(password, str) else bytes(password)
         self.timeout = timeout
         self.server_version = ""
         self.heartbeat_s = 0.0
@@ -90,7 +92,8 @@ class Connection:
         self._sock = sock
         # The handshake runs on the caller's thread before the reader starts, so errors surface here.
         sock.sendall(self.codec.encode(f.Hello(request_id=0, client_id=self.client_id,
-                                               client_name=self.client_name)))
+                                               client_name=self.client_name, username=self.username,
+                                               password=self._password)))
         deadline = time.monotonic() + self.timeout
         frames: list[f.Frame] = []
         while not frames:

@@ -36,10 +36,13 @@ log = Logger()
 class TwistedClient(Protocol):
     """One connection. Create it with `connect(reactor, host, port)`; every request returns a Deferred."""
 
-    def __init__(self, reactor: Any, client_id: str = "", client_name: str = "tidegate-twisted") -> None:
+    def __init__(self, reactor: Any, client_id: str = "", client_name: str = "tidegate-twisted", *,
+                 username: str = "", password: str | bytes = "") -> None:
         self.reactor = reactor
         self.client_id = client_id
         self.client_name = client_name
+        self.username = username  # sent in HELLO; empty = anonymous
+        self._password = password.encode() if isinstance(password, str) else bytes(password)
         self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self.ready: Deferred[TwistedClient] = Deferred()
         self.server_version = ""
@@ -55,7 +58,8 @@ class TwistedClient(Protocol):
     def connectionMade(self) -> None:
         self._connected = True
         self.transport.write(self.codec.encode(f.Hello(request_id=0, client_id=self.client_id,
-                                                       client_name=self.client_name)))
+                                                       client_name=self.client_name, username=self.username,
+                                                       password=self._password)))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False

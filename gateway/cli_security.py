@@ -1,0 +1,296 @@
+"""Security commands of the `tidegate` CLI: `user`, `role` and `acl`.
+
+They call the running broker's admin HTTP API (/api/security, gateway/admin.py) rather than editing meta.db: the
+broker holds the database open and answers from memory, so only the broker may change it (and bump the gate's
+version so live connections re-decide). The CLI authenticates as an administrator with `TIDEGATE_USER` and
+`TIDEGATE_PASSWORD` (or `--admin-user`, then a password prompt); `--user` names the subject of `acl` and `role`
+commands, as in `tidegate acl grant --user alice --allow Pub --resource 'Topic:telemetry/${username}/#'`.
+
+    echo -n s3cret | tidegate user add alice --password-stdin
+    tidegate user passwd|disable|enable|delete alice;  tidegate user list [--json]
+    tidegate role add|delete devices;  tidegate role list;  tidegate role assign|unassign devices --user alice
+    tidegate acl grant|revoke (--user U | --role R) (--allow A,.. | --deny A,..) --resource R [--source CIDR]...
+    tidegate acl revoke (--user U | --role R) --id N
+    tidegate acl list [--user U | --role R] [--json]
+    tidegate acl check --user U --action A --resource R [--source IP] [--client-id C] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import getpass
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tidegate.gateway.cli import EXIT_FAILURE, EXIT_OK, UsageError
+
+ADMIN_ENV = "TIDEGATE_ADMIN"
+USER_ENV = "TIDEGATE_USER"
+PASSWORD_ENV = "TIDEGATE_PASSWORD"
+DEFAULT_ADMIN = "127.0.0.1:8080"
+TIMEOUT_S = 30.0
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------------------------- registration
+def register(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--admin", metavar="HOST:PORT", default=None,
+                        help=f"broker admin HTTP address (default: ${ADMIN_ENV} or {DEFAULT_ADMIN})")
+    common.add_argument("--admin-user", default=None,
+                        help=f"administrator to act as (default: ${USER_ENV}; password from ${PASSWORD_ENV} "
+                             "or a prompt)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    user = commands.add_parser("user", help="add, list, disable and delete users")
+    sub = user.add_subparsers(dest="user_command", metavar="{add,passwd,disable,enable,delete,list}", required=True)
+    add = sub.add_parser("add", parents=[common], help="create a user")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--role", action="append", default=[], help="a role to assign (repeatable)")
+    add.set_defaults(handler=guarded(run_user_add))
+    passwd = sub.add_parser("passwd", parents=[common], help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    passwd.set_defaults(handler=guarded(run_user_passwd))
+    for verb in ("disable", "enable", "delete"):
+        command = sub.add_parser(verb, parents=[common], help=f"{verb} a user")
+        command.add_argument("name")
+        command.set_defaults(handler=guarded(functools.partial(run_user_simple, verb)))
+    listing = sub.add_parser("list", parents=[common], help="list users")
+    listing.set_defaults(handler=guarded(run_user_list))
+
+    role = commands.add_parser("role", help="add, list, assign and delete roles")
+    sub = role.add_subparsers(dest="role_command", metavar="{add,delete,list,assign,unassign}", required=True)
+    for verb in ("add", "delete"):
+        command = sub.add_parser(verb, parents=[common], help=f"{verb} a role")
+        command.add_argument("name")
+        command.set_defaults(handler=guarded(functools.partial(run_role_simple, verb)))
+    listing = sub.add_parser("list", parents=[common], help="list roles")
+    listing.set_defaults(handler=guarded(run_role_list))
+    for verb in ("assign", "unassign"):
+        command = sub.add_parser(verb, parents=[common], help=f"{verb} a role to a user")
+        command.add_argument("name", help="the role")
+        command.add_argument("--user", required=True)
+        command.set_defaults(handler=guarded(functools.partial(run_role_assign, verb)))
+
+    acl = commands.add_parser("acl", help="grant, revoke, list and check policy entries")
+    sub = acl.add_subparsers(dest="acl_command", metavar="{grant,revoke,list,check}", required=True)
+    for verb in ("grant", "revoke"):
+        command = sub.add_parser(verb, parents=[common], help=f"{verb} a policy entry")
+        _owner_options(command, required=True)
+        effect = command.add_mutually_exclusive_group()
+        effect.add_argument("--allow", metavar="ACTIONS", help="Pub,Sub,Create,Update,Delete,Get,List or All")
+        effect.add_argument("--deny", metavar="ACTIONS")
+        command.add_argument("--resource", help="Topic:<pattern>, Group:<pattern> or Cluster:*")
+        command.add_argument("--source", action="append", default=[], metavar="CIDR",
+                             help="only from these addresses (repeatable)")
+        if verb == "revoke":
+            command.add_argument("--id", type=int, help="revoke the entry with this id (see acl list)")
+        command.set_defaults(handler=guarded(functools.partial(run_acl_change, verb)))
+    listing = sub.add_parser("list", parents=[common], help="list policy entries")
+    _owner_options(listing, required=False)
+    listing.set_defaults(handler=guarded(run_acl_list))
+    check = sub.add_parser("check", parents=[common], help="what the gate decides for a user, action and resource")
+    check.add_argument("--user", required=True)
+    check.add_argument("--action", required=True)
+    check.add_argument("--resource", required=True)
+    check.add_argument("--source", default="", help="the client's address")
+    check.add_argument("--client-id", default="", help="the client id (for ${client_id})")
+    check.set_defaults(handler=guarded(run_acl_check))
+
+
+def _owner_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    owner = parser.add_mutually_exclusive_group(required=required)
+    owner.add_argument("--user", help="the user the entry belongs to")
+    owner.add_argument("--role", help="the role the entry belongs to")
+
+
+def _owner(args: argparse.Namespace) -> str | None:
+    if args.user:
+        return f"user:{args.user}"
+    if args.role:
+        return f"role:{args.role}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- transport
+class AdminClient:
+    """JSON over HTTP Basic to /api/security on the broker's admin port."""
+
+    def __init__(self, address: str, user: str, password: str) -> None:
+        self.base = f"http://{address}/api/security/"
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 (http to our broker)
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", exc.reason)
+            except (ValueError, AttributeError):
+                message = exc.reason
+            raise ApiError(exc.code, str(message)) from None
+
+
+def admin_address(args: argparse.Namespace) -> str:
+    return args.admin or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN
+
+
+def client_for(args: argparse.Namespace) -> AdminClient:
+    user = args.admin_user or os.environ.get(USER_ENV)
+    if not user:
+        raise UsageError(f"who is the administrator? set ${USER_ENV} and ${PASSWORD_ENV}, or pass --admin-user")
+    password = os.environ.get(PASSWORD_ENV) if not args.admin_user else None
+    if password is None:
+        password = getpass.getpass(f"password for {user}: ")
+    return AdminClient(admin_address(args), user, password)
+
+
+def guarded(handler: Handler) -> Handler:
+    """API errors and an unreachable broker become one stderr line and exit code 1."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ApiError as exc:
+            print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+        except urllib.error.URLError as exc:
+            print(f"error: cannot reach the broker's admin API at {admin_address(args)}: {exc.reason} "
+                  f"(point --admin or ${ADMIN_ENV} at it)", file=sys.stderr)
+        except (TimeoutError, OSError) as exc:
+            print(f"error: cannot reach the broker's admin API at {admin_address(args)}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    return run
+
+
+def read_password(args: argparse.Namespace, stdin: Any = None) -> str:
+    if args.password_stdin:
+        password = (stdin or sys.stdin).read()
+        password = password[:-1] if password.endswith("\n") else password  # `echo` without -n
+    else:
+        password = getpass.getpass(f"new password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ")
+    if not password:
+        raise UsageError("the password is empty")
+    return password
+
+
+def emit(args: argparse.Namespace, value: Any, text: str) -> int:
+    print(json.dumps(value) if args.json else text)
+    return EXIT_OK
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+def run_user_add(args: argparse.Namespace) -> int:
+    password = read_password(args)
+    user = client_for(args).call("POST", "users", {"name": args.name, "password": password, "roles": args.role})
+    return emit(args, user, f"user {args.name} added")
+
+
+def run_user_passwd(args: argparse.Namespace) -> int:
+    password = read_password(args)
+    user = client_for(args).call("POST", f"users/{_quote(args.name)}/password", {"password": password})
+    return emit(args, user, f"password of {args.name} changed")
+
+
+def run_user_simple(verb: str, args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if verb == "delete":
+        result = client.call("DELETE", f"users/{_quote(args.name)}")
+    else:
+        result = client.call("POST", f"users/{_quote(args.name)}/{verb}", {})
+    return emit(args, result, f"user {args.name} {verb}d")
+
+
+def run_user_list(args: argparse.Namespace) -> int:
+    users = client_for(args).call("GET", "users")
+    rows = [(u["name"], "yes" if u["enabled"] else "no", ",".join(u["roles"]) or "-") for u in users]
+    return emit(args, users, table(("USER", "ENABLED", "ROLES"), rows))
+
+
+def run_role_simple(verb: str, args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if verb == "add":
+        result = client.call("POST", "roles", {"name": args.name})
+    else:
+        result = client.call("DELETE", f"roles/{_quote(args.name)}")
+    return emit(args, result, f"role {args.name} {verb}{'ed' if verb == 'add' else 'd'}")
+
+
+def run_role_list(args: argparse.Namespace) -> int:
+    roles = client_for(args).call("GET", "roles")
+    return emit(args, roles, "\n".join(roles))
+
+
+def run_role_assign(verb: str, args: argparse.Namespace) -> int:
+    user = client_for(args).call("POST", f"roles/{_quote(args.name)}/{verb}", {"user": args.user})
+    return emit(args, user, f"role {args.name} {verb}ed {'to' if verb == 'assign' else 'from'} {args.user}")
+
+
+def run_acl_change(verb: str, args: argparse.Namespace) -> int:
+    owner = _owner(args)
+    if verb == "revoke" and args.id is not None:
+        body: dict[str, Any] = {"owner": owner, "id": args.id}
+    else:
+        if not (args.allow or args.deny) or not args.resource:
+            raise UsageError(f"acl {verb} needs --allow or --deny ACTIONS and --resource (or --id for revoke)")
+        body = {"owner": owner, "resource": args.resource, "actions": (args.allow or args.deny).split(","),
+                "decision": "Allow" if args.allow else "Deny", "sources": args.source}
+    client = client_for(args)
+    if verb == "grant":
+        entry = client.call("POST", "policies", body)
+        return emit(args, entry, f"granted #{entry['id']}: {entry['decision']} {','.join(entry['actions'])} "
+                                 f"{entry['resource']} to {owner}")
+    result = client.call("POST", "policies/revoke", body)
+    return emit(args, result, f"revoked {', '.join(f'#{i}' for i in result['revoked'])} from {owner}")
+
+
+def run_acl_list(args: argparse.Namespace) -> int:
+    owner = _owner(args)
+    path = "policies" + (f"?owner={urllib.parse.quote(owner)}" if owner else "")
+    entries = client_for(args).call("GET", path)
+    rows = [(e["id"], e["owner"], e["decision"], ",".join(e["actions"]), e["resource"], ",".join(e["sources"]) or "-")
+            for e in entries]
+    return emit(args, entries, table(("ID", "OWNER", "DECISION", "ACTIONS", "RESOURCE", "SOURCES"), rows))
+
+
+def run_acl_check(args: argparse.Namespace) -> int:
+    result = client_for(args).call("POST", "check", {"user": args.user, "action": args.action,
+                                                    "resource": args.resource, "source": args.source,
+                                                    "client_id": args.client_id})
+    entry = result.get("entry")
+    because = f" by {entry['owner']}: {entry['decision']} {entry['resource']}" if entry else f" ({result['reason']})"
+    return emit(args, result, f"{result['decision']}{because}")
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
