@@ -134,7 +134,6 @@ class AmqpListener:
     heartbeat: int = 60
     max_message_bytes: int = 16 * 1024 * 1024  # a content header announcing more closes the channel (406)
     handshake_timeout_s: float = 10.0
-    guest_loopback_only: bool = True  # user guest/guest may log in from loopback only (RabbitMQ's default)
     backlog: int = DEFAULT_BACKLOG
 
 

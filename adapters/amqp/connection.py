@@ -37,7 +37,6 @@ log = logging.getLogger("tidegate.amqp")
 
 _connection_ids = itertools.count(1)
 CLOSE_OK_TIMEOUT_S = 10.0  # after our connection.close, how long the peer has to answer before the socket drops
-LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
 MAX_HELD_EVENTS = 10_000  # commands a client may pipeline on a channel whose basic.get waits for an fsync
 
 SERVER_CAPABILITIES = {
@@ -250,9 +249,7 @@ class AmqpConnection(AdapterConnection):
             raise ConnectionError_(ReplyCode.COMMAND_INVALID,
                                    f"unknown authentication mechanism '{method.mechanism}'")
         user = username.decode("utf-8", "replace")
-        if not self.factory.login_allowed(user, password, self.source):
-            self._refuse(f"user '{user}' from {self.source or 'unknown address'}")
-            return
+        # The gate decides, as for every protocol: users and passwords, and `guest`/`guest` from loopback only.
         self.state = "authenticating"
         self.authenticate(Credentials("password", username=user, password=password, client_id=self.client_name,
                                       source=self.source, listener=self.factory.listener))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pamqp import commands
 
 from tidegate.adapters.amqp.codec import _marshal_properties
-from tidegate.adapters.amqp.connection import LOOPBACK_PREFIXES, AmqpConnection
+from tidegate.adapters.amqp.connection import AmqpConnection
 from tidegate.adapters.amqp.model import PROP_RAW, delivery_address, properties_for_delivery, publish_address
 from tidegate.adapters.amqp.registry import QueueDecl, Registry
 from tidegate.adapters.base import AdapterFactory, ConnectionLimits
@@ -40,7 +40,6 @@ class AmqpSettings:
     heartbeat: int = 60
     max_message_bytes: int = 16 * 1024 * 1024
     handshake_timeout_s: float = 10.0
-    guest_loopback_only: bool = True
 
 
 class AmqpServerFactory(AdapterFactory):
@@ -70,12 +69,6 @@ class AmqpServerFactory(AdapterFactory):
             if timer is not None and timer.active():
                 timer.cancel()
             queue.expiry_timer = None
-
-    def login_allowed(self, username: str, password: bytes, source: str) -> bool:
-        """Until the gate issue brings users: `guest`/`guest`, and only from loopback unless configured otherwise."""
-        if username != "guest" or password != b"guest":
-            return False
-        return not self.settings.guest_loopback_only or source.startswith(LOOPBACK_PREFIXES) or source == "localhost"
 
     def ready_count(self, queue: QueueDecl) -> int:
         """Messages ready in `queue` (stored, not in flight); an estimate when acks came out of order."""

@@ -6,7 +6,7 @@ timer and the authenticating state. This module feeds the codec and turns each f
 connection's `CoreSession` (core/session.py), which asks the gate before the core acts.
 
 HELLO is mandatory and first (the codec refuses anything else). It authenticates the connection through
-`gate.authenticate(Credentials(mechanism="anonymous", client_id=..., source=..., listener=...))`; frames
+`gate.authenticate(Credentials(...))` with HELLO's username and password (anonymous without them); frames
 pipelined behind HELLO wait, in order, until the gate answers, then HELLO_OK goes out and they run. A refused
 login gets ERROR NOT_AUTHENTICATED (HELLO's request id) and a close. Sends are answered only once
 `session.when_durable` says the record is on disk, so a SEND_OK means the message survives a crash.
@@ -340,8 +340,10 @@ class NativeProtocol(AdapterConnection):
         self.client_id = frame.client_id or f"native-{factory.next_connection_number()}"
         self.client_name = frame.client_name
         self._hello_request_id = frame.request_id
-        self.authenticate(Credentials(mechanism="anonymous", client_id=self.client_id, source=self.source,
-                                      listener=factory.listener))
+        username = frame.username
+        self.authenticate(Credentials(mechanism="password" if username else "anonymous", username=username,
+                                      password=frame.password, client_id=self.client_id,
+                                      source=self.source, listener=factory.listener))
 
     def on_authenticated(self, principal: Principal) -> None:
         factory = self.factory

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from tidegate.adapters.amqp.codec import PROTOCOL_HEADER, AmqpClientCodec, ContentEvent, MethodEvent
 from tidegate.adapters.amqp.server import AmqpServerFactory, AmqpSettings
-from tidegate.core.security.gate import AllowAllGate
+from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.testing import make_broker
 
 
@@ -25,7 +25,9 @@ class World:
         self.clock = MemoryReactorClock()
         self.clock.advance(1_700_000_000)  # timestamps like a real clock's (0 reads as "not set")
         self.broker = make_broker(self.clock)
-        self.factory = AmqpServerFactory(self.broker, gate or AllowAllGate(), self.clock, AmqpSettings(**settings))
+        # The broker's real gate by default: guest/guest from loopback, users and policies from the metadata.
+        gate = gate if gate is not None else open_policy_gate(self.broker.meta, self.clock)
+        self.factory = AmqpServerFactory(self.broker, gate, self.clock, AmqpSettings(**settings))
 
     def client(self, host: str = "127.0.0.1", *, handshake: bool = True) -> Client:
         client = Client(self, host)

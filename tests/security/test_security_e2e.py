@@ -273,8 +273,8 @@ def test_a_user_disabled_while_connected_is_denied_at_the_next_action(alice, mqt
 
 # ---------------------------------------------------------------------------------------------- native
 def test_native_clients_are_decided_by_the_same_policies(alice, broker, tidegate):
-    """Native clients connect as `anonymous` on loopback (HELLO credentials reach the gate once the native server
-    passes them on); a Deny added for `anonymous` applies to them at once, and revoking it restores the right."""
+    """Native clients without credentials connect as `anonymous` on loopback; a Deny added for `anonymous` applies
+    to them at once, and revoking it restores the right."""
     from tidegate.client import Admin, Producer
     from tidegate.core.errors import NotAuthorized
 
@@ -291,6 +291,22 @@ def test_native_clients_are_decided_by_the_same_policies(alice, broker, tidegate
         finally:
             assert tidegate("acl", "revoke", *deny)[0] == 0
         producer.send("native-secret", b"allowed again")
+
+
+def test_native_hello_credentials_log_in_as_the_user_and_a_wrong_password_is_refused(alice, broker):
+    """HELLO carries username and password to the same gate: alice may publish under telemetry/alice/ only."""
+    from tidegate.client import Producer
+    from tidegate.core.errors import TidegateError
+
+    with Producer(broker.native, username="alice", password=b"s3cret") as producer:
+        producer.send("telemetry", b"21.5", subject="alice/temp")
+        with pytest.raises(TidegateError) as denied:
+            producer.send("telemetry", b"x", subject="bob/temp")
+        assert denied.value.code == 21  # NOT_AUTHORIZED
+    with pytest.raises(TidegateError) as refused:
+        with Producer(broker.native, username="alice", password=b"wrong") as producer:
+            producer.send("telemetry", b"x", subject="alice/temp")
+    assert refused.value.code == 22  # NOT_AUTHENTICATED
 
 
 def test_admin_api_refuses_bad_bodies_and_never_returns_hashes(broker, alice):
