@@ -27,13 +27,11 @@ from typing import Any
 
 from pamqp import commands
 
+from tidegate.adapters.topic_names import decode_level, encode_level
 from tidegate.core.model import Message, MessageFlag
 
 QUEUE_TOPIC_PREFIX = "%AMQP%"
 MAX_CORE_TOPIC = 127
-EMPTY_LEVEL = "%00"
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-_HEX_UPPER = "0123456789ABCDEF"
 
 # Core properties the AMQP adapter reads and writes itself (the rest are user headers).
 PROP_CONTENT_TYPE = "content-type"
@@ -72,46 +70,6 @@ class UnmappableKey(ValueError):
     """A routing key or binding key with no core spelling."""
 
 
-def encode_level(level: str) -> str:
-    """The core-topic spelling of one level (identical to the MQTT adapter's, so both protocols meet)."""
-    if not level:
-        return EMPTY_LEVEL
-    raw = level.encode("utf-8", "surrogatepass")
-    if all(b in _SAFE for b in raw):
-        return level
-    out: list[str] = []
-    for b in raw:
-        if b in _SAFE:
-            out.append(chr(b))
-        else:
-            out.append("%" + _HEX_UPPER[b >> 4] + _HEX_UPPER[b & 0xF])
-    return "".join(out)
-
-
-def decode_level(encoded: str) -> str | None:
-    """The level a core topic name spells, or None when it is not a canonical encoding."""
-    if "%" not in encoded:
-        return encoded
-    if encoded == EMPTY_LEVEL:
-        return ""
-    raw = bytearray()
-    i, n = 0, len(encoded)
-    while i < n:
-        ch = encoded[i]
-        if ch == "%":
-            pair = encoded[i + 1:i + 3]
-            if len(pair) != 2 or any(c not in _HEX_UPPER for c in pair):
-                return None
-            raw.append(int(pair, 16))
-            i += 3
-        else:
-            raw.append(ord(ch))
-            i += 1
-    try:
-        level = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return level if encode_level(level) == encoded else None
 
 
 def _bounded(prefix: str, encoded: str, original: str) -> str:

@@ -28,13 +28,12 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from tidegate.adapters.topic_names import EMPTY_LEVEL, encode_level
+from tidegate.adapters.topic_names import decode_level as decode_core_level
 from tidegate.core.model import Message, MessageFlag
 
 from .properties import Properties
 
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-_HEX_UPPER = "0123456789ABCDEF"
-EMPTY_LEVEL = "%00"
 MAX_CORE_TOPIC = 127
 MAX_CORE_SUBJECT_BYTES = 4096
 SESSION_TOPIC_PREFIX = "%MQTT%"
@@ -59,47 +58,11 @@ class UnmappableName(ValueError):
     """An MQTT name with no core spelling (reported to the client as Topic Name invalid, 0x90)."""
 
 
-def encode_level(level: str) -> str:
-    """The core-topic spelling of one MQTT level (the first level of a name or filter)."""
-    if not level:
-        return EMPTY_LEVEL
-    raw = level.encode("utf-8")
-    if all(b in _SAFE for b in raw):
-        return level
-    out: list[str] = []
-    for b in raw:
-        if b in _SAFE:
-            out.append(chr(b))
-        else:
-            out.append("%" + _HEX_UPPER[b >> 4] + _HEX_UPPER[b & 0xF])
-    return "".join(out)
-
-
 def decode_level(encoded: str) -> str | None:
     """The MQTT level a core topic name spells, or None if the name is not a canonical encoding (internal topics,
     hand-made names such as `%41`, or levels MQTT cannot hold)."""
-    if "%" not in encoded:
-        return encoded
-    if encoded == EMPTY_LEVEL:
-        return ""
-    raw = bytearray()
-    i, n = 0, len(encoded)
-    while i < n:
-        ch = encoded[i]
-        if ch == "%":
-            pair = encoded[i + 1:i + 3]
-            if len(pair) != 2 or any(c not in _HEX_UPPER for c in pair):
-                return None
-            raw.append(int(pair, 16))
-            i += 3
-        else:
-            raw.append(ord(ch))
-            i += 1
-    try:
-        level = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if "/" in level or "+" in level or "#" in level or "\x00" in level or encode_level(level) != encoded:
+    level = decode_core_level(encoded)
+    if level is None or "/" in level or "+" in level or "#" in level or "\x00" in level:
         return None
     return level
 
