@@ -45,7 +45,7 @@ from .packets import (
     RetainHandling,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
     Unsuback,
     Unsubscribe,
     Will,
@@ -109,7 +109,7 @@ __all__ = [
     "SHARED_SUBSCRIPTION_PREFIX",
     "Suback",
     "Subscribe",
-    "Subscription",
+    "TopicSubscription",
     "Unsuback",
     "Unsubscribe",
     "Will",
@@ -346,14 +346,14 @@ def _decode_subscribe(level: int, flags: int, buffer: Buffer, start: int, end: i
             retain_handling = (options >> 4) & 0x03
             if retain_handling == 3:
                 raise protocol_error("SUBSCRIBE retain handling is 3")
-            subscription = Subscription(
+            subscription = TopicSubscription(
                 topic_filter, options & 0x03, bool(options & 0x04), bool(options & 0x08),
                 RetainHandling(retain_handling),
             )  # fmt: skip
         else:
             if options & 0xFC:
                 raise malformed("SUBSCRIBE reserved QoS bits are set")  # [MQTT-3-8.3-4] in 3.1.1
-            subscription = Subscription(topic_filter, options & 0x03)
+            subscription = TopicSubscription(topic_filter, options & 0x03)
         subscriptions.append(subscription)
     return Subscribe(packet_id, tuple(subscriptions), properties)
 

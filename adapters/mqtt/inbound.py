@@ -25,7 +25,7 @@ from tidegate.core.errors import NotAuthorized, TidegateError
 from tidegate.core.model import Message
 
 from .errors import reason_for_core_error
-from .mapping import PublishFields, UnmappableName, build_message, is_sys_name, message_qos
+from .mapping import PublishFields, UnmappableName, is_sys_name, message_from_publish, message_qos
 from .packets import (
     MQTT_5,
     Puback,
@@ -125,9 +125,11 @@ class Inbound:
             self.reject(packet, ReasonCode.NOT_AUTHORIZED, "$SYS topics are written by the broker only")
             return
         try:
-            message = build_message(topic, packet.payload, qos, packet.retain, PublishFields.from_properties(props),
-                                    conn.session.now_ms(),  # type: ignore[union-attr]
-                                    publisher=conn.client_id if conn.mqtt_session.has_no_local else None)  # type: ignore[union-attr]
+            fields = PublishFields.from_properties(props)
+            message = message_from_publish(topic, packet.payload, qos, packet.retain, fields,
+                                           conn.session.now_ms(),  # type: ignore[union-attr]
+                                           publisher=conn.client_id if conn.mqtt_session.has_no_local  # type: ignore[union-attr]
+                                           else None)
         except UnmappableName as exc:
             if batch is not None and self._publish_batch_now():
                 return

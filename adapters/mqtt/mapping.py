@@ -14,7 +14,7 @@ Filters: the first level is encoded the same way unless it is `+` or `#`; the co
 `#` rules. The `$` rule (a filter starting with a wildcard does not match a name starting with `$`) is applied by
 the adapter when it re-matches a delivery against the session's filters, because the core does not know it.
 
-Messages: see `build_message` / `publish_fields` for the property table. QoS travels in the message flags:
+Messages: see `message_from_publish` / `publish_fields` for the property table. QoS travels in the message flags:
 QoS 0 is the core's TRANSIENT, QoS 1 PERSISTENT, QoS 2 PERSISTENT plus `QOS2_FLAG`, a flag bit the core stores but
 never interprets (bit 4, the value the core's former `MessageFlag.EXACTLY_ONCE` had, so stored messages keep their
 QoS).
@@ -176,7 +176,7 @@ class PublishFields:
                           user_properties=self.user_properties)
 
 
-def build_message(topic_name: str, payload: bytes, qos: int, retain: bool, fields: PublishFields, now_ms: int,
+def message_from_publish(topic_name: str, payload: bytes, qos: int, retain: bool, fields: PublishFields, now_ms: int,
                   publisher: str | None = None) -> Message:
     """The core message for an MQTT publish; raises UnmappableName.
 

@@ -380,7 +380,7 @@ class RetainHandling(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Subscription:
+class TopicSubscription:
     """One topic filter of a SUBSCRIBE with its options (3.8.3.1). The last three options exist only in MQTT 5."""
 
     topic_filter: str
@@ -406,7 +406,7 @@ class Subscription:
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     packet_id: int
-    subscriptions: tuple[Subscription, ...]
+    subscriptions: tuple[TopicSubscription, ...]
     properties: Properties = NO_PROPERTIES
 
     def __post_init__(self) -> None:
@@ -414,8 +414,8 @@ class Subscribe:
         if not isinstance(self.subscriptions, tuple) or not self.subscriptions:
             raise protocol_error("SUBSCRIBE must carry at least one topic filter")  # [MQTT-3.8.3-3]
         for subscription in self.subscriptions:
-            if not isinstance(subscription, Subscription):
-                raise malformed("SUBSCRIBE entries must be Subscription values")
+            if not isinstance(subscription, TopicSubscription):
+                raise malformed("SUBSCRIBE entries must be TopicSubscription values")
         _check_properties(self.properties, PropertyContext.SUBSCRIBE)
 
 

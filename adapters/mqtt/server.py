@@ -56,7 +56,7 @@ from .codec import (
 )
 from .errors import reason_for_core_error
 from .inbound import Inbound
-from .mapping import PublishFields, UnmappableName, build_message, is_sys_name
+from .mapping import PublishFields, UnmappableName, is_sys_name, message_from_publish
 from .outbound import Outbound
 from .reason_codes import CONNACK_REASON_CODES, DISCONNECT_REASON_CODES
 from .retained import RETAINED_NAMESPACE, RetainedStore
@@ -494,7 +494,7 @@ class MqttServerFactory(AdapterFactory):
         will = pending.will
         publisher = pending.publisher
         try:
-            message = build_message(will.topic, will.payload, will.qos, will.retain,
+            message = message_from_publish(will.topic, will.payload, will.qos, will.retain,
                                     PublishFields.from_properties(will.properties), publisher.now_ms())
             publisher.publish([message])
         except (UnmappableName, TidegateError) as exc:

@@ -78,10 +78,10 @@ class MqttClient:
             self.pending += self.read()
 
     def subscribe(self, topic_filter: str, qos: int) -> None:
-        from tidegate.adapters.mqtt.codec import Suback, Subscribe, Subscription
+        from tidegate.adapters.mqtt.codec import Suback, Subscribe, TopicSubscription
 
         self.sock.settimeout(CONNECT_TIMEOUT_S)
-        self.sock.sendall(self.codec.encode(Subscribe(1, (Subscription(topic_filter, qos),))))
+        self.sock.sendall(self.codec.encode(Subscribe(1, (TopicSubscription(topic_filter, qos),))))
         suback = self.expect(Suback, CONNECT_TIMEOUT_S)
         self.sock.settimeout(None)
         if any(code >= 0x80 for code in suback.reason_codes):

@@ -50,13 +50,13 @@ def storm_filter(client_id: str) -> str:
 
 def _client_packets(client_ids: list[str], level: int, clean: bool, subscribe: bool) -> list[tuple[bytes, bytes]]:
     """(CONNECT, SUBSCRIBE or b"") per client, encoded once before the storm by our own codec."""
-    from tidegate.adapters.mqtt.codec import Connect, MqttCodec, Subscribe, Subscription
+    from tidegate.adapters.mqtt.codec import Connect, MqttCodec, Subscribe, TopicSubscription
 
     codec = MqttCodec(server_side=False)
     out = []
     for client_id in client_ids:
         connect = codec.encode(Connect(client_id, protocol_level=level, clean_start=clean, keep_alive=IDLE_KEEP_ALIVE))
-        sub = codec.encode(Subscribe(1, (Subscription(storm_filter(client_id), 1),))) if subscribe else b""
+        sub = codec.encode(Subscribe(1, (TopicSubscription(storm_filter(client_id), 1),))) if subscribe else b""
         out.append((connect, sub))
     return out
 

@@ -25,7 +25,16 @@ import time
 
 import pytest
 
-from tidegate.adapters.mqtt.codec import Connack, Connect, MqttCodec, Puback, Publish, Suback, Subscribe, Subscription
+from tidegate.adapters.mqtt.codec import (
+    Connack,
+    Connect,
+    MqttCodec,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    TopicSubscription,
+)
 from tidegate.gateway.testing import BrokerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
@@ -77,7 +86,7 @@ class RawMqtt:
             self.pending += self.codec.receive_data(data)
 
     def subscribe(self, topic_filter: str, qos: int) -> None:
-        self.sock.sendall(self.codec.encode(Subscribe(1, (Subscription(topic_filter, qos),))))
+        self.sock.sendall(self.codec.encode(Subscribe(1, (TopicSubscription(topic_filter, qos),))))
         suback = self.expect(Suback)
         assert [int(c) for c in suback.reason_codes] == [qos]
 

@@ -30,7 +30,7 @@ from tidegate.adapters.mqtt.codec import (
     RetainHandling,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
     Unsuback,
     Unsubscribe,
     Will,
@@ -125,7 +125,7 @@ FIXTURES: list[tuple[str, int, str, bytes, Packet]] = [
         MQTT_3_1_1,
         "c2s",
         packet(0x82, b"\x00\x0a" + utf8("a/b") + b"\x01" + utf8("c/#") + b"\x02" + utf8("$share/g/+/x") + b"\x00"),
-        Subscribe(10, (Subscription("a/b", 1), Subscription("c/#", 2), Subscription("$share/g/+/x", 0))),
+        Subscribe(10, (TopicSubscription("a/b", 1), TopicSubscription("c/#", 2), TopicSubscription("$share/g/+/x", 0))),
     ),
     (
         "v4-suback",
@@ -155,7 +155,7 @@ FIXTURES: list[tuple[str, int, str, bytes, Packet]] = [
     ),
     ("v3-publish-qos1", MQTT_3_1, "c2s", packet(0x32, utf8("t") + b"\x00\x01x"), Publish("t", b"x", 1, packet_id=1)),
     ("v3-subscribe", MQTT_3_1, "c2s", packet(0x82, b"\x00\x02" + utf8("t/+") + b"\x01"),
-     Subscribe(2, (Subscription("t/+", 1),))),
+     Subscribe(2, (TopicSubscription("t/+", 1),))),
     ("v3-connack", MQTT_3_1, "s2c", b"\x20\x02\x00\x02", Connack(reason_code=ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)),
     # --- MQTT 5 -------------------------------------------------------------------------------------------------
     (
@@ -241,9 +241,9 @@ FIXTURES: list[tuple[str, int, str, bytes, Packet]] = [
         # options 0x1D: retain handling 1, retain as published, no local, QoS 1; then 0x22: handling 2, QoS 2.
         packet(0x82, b"\x00\x01\x02\x0b\x2a" + utf8("a/+") + b"\x1d" + utf8("$share/grp/b/#") + b"\x22"),
         Subscribe(1, (
-            Subscription("a/+", 1, no_local=True, retain_as_published=True,
+            TopicSubscription("a/+", 1, no_local=True, retain_as_published=True,
                          retain_handling=RetainHandling.SEND_ON_NEW_SUBSCRIBE),
-            Subscription("$share/grp/b/#", 2, retain_handling=RetainHandling.DO_NOT_SEND),
+            TopicSubscription("$share/grp/b/#", 2, retain_handling=RetainHandling.DO_NOT_SEND),
         ), Properties(subscription_identifiers=(42,))),
     ),
     (

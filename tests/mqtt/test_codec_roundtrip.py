@@ -36,7 +36,7 @@ from tidegate.adapters.mqtt.codec import (
     RetainHandling,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
     Unsuback,
     Unsubscribe,
     Will,
@@ -196,12 +196,12 @@ def acknowledgements(draw: st.DrawFn, level: int) -> Packet:
 
 @st.composite
 def subscribes(draw: st.DrawFn, level: int) -> Subscribe:
-    def subscription(topic_filter: str) -> Subscription:
+    def subscription(topic_filter: str) -> TopicSubscription:
         qos = draw(st.integers(0, 2))
         if level < MQTT_5:
-            return Subscription(topic_filter, qos)
+            return TopicSubscription(topic_filter, qos)
         shared = topic_filter.startswith("$share/")
-        return Subscription(topic_filter, qos, False if shared else draw(st.booleans()), draw(st.booleans()),
+        return TopicSubscription(topic_filter, qos, False if shared else draw(st.booleans()), draw(st.booleans()),
                             draw(st.sampled_from(list(RetainHandling))))  # fmt: skip
 
     filters = draw(st.lists(topic_filters(), min_size=1, max_size=4))

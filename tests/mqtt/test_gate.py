@@ -13,7 +13,7 @@ from tidegate.adapters.mqtt.codec import (
     ReasonCode,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
     Will,
 )
 from tidegate.core.errors import NotAuthenticated
@@ -61,7 +61,7 @@ def test_packets_after_connect_wait_for_the_login_decision(make_env):
     env = make_env(gate=gate)
     client = env.client(5)
     client.send(Connect("held", protocol_level=5, username="alice", password=b"pw"),
-                Publish("held/t", b"early", 1, packet_id=1), Subscribe(2, (Subscription("held/#", 1),)))
+                Publish("held/t", b"early", 1, packet_id=1), Subscribe(2, (TopicSubscription("held/#", 1),)))
     client.send(Publish("held/t", b"later", 1, packet_id=3))
     env.pump()
     assert client.received() == []
@@ -168,8 +168,8 @@ def test_denied_subscription_is_suback_0x87_on_v5_and_0x80_on_v311(make_env):
     for level, client_id in ((5, "s5"), (4, "s4")):
         client = env.client(level)
         client.connect(client_id)
-        client.send(Subscribe(1, (Subscription("secret/#", 1), Subscription("open/#", 1),
-                                  Subscription("$share/g/secret/x", 1))))
+        client.send(Subscribe(1, (TopicSubscription("secret/#", 1), TopicSubscription("open/#", 1),
+                                  TopicSubscription("$share/g/secret/x", 1))))
         env.pump()
         suback = next(p for p in client.received() if isinstance(p, Suback))
         denied = ReasonCode.NOT_AUTHORIZED if level == 5 else ReasonCode.UNSPECIFIED_ERROR
@@ -184,7 +184,7 @@ def test_raw_v311_suback_failure_byte_is_0x80(make_env):
     env = make_env(gate=DenyingGate())
     client = env.client(4)
     client.connect("raw")
-    client.send(Subscribe(9, (Subscription("secret/#", 0),)))
+    client.send(Subscribe(9, (TopicSubscription("secret/#", 0),)))
     assert client.transport.value() == b"\x90\x03\x00\x09\x80"
 
 
@@ -192,7 +192,7 @@ def test_will_is_published_as_the_client_and_the_gate_decides(make_env):
     env = make_env(gate=DenyingGate())
     watcher = env.client(4)
     watcher.connect("watcher")
-    watcher.send(Subscribe(1, (Subscription("open/#", 0),)))
+    watcher.send(Subscribe(1, (TopicSubscription("open/#", 0),)))
     env.pump()
     watcher.received()
     for topic in ("secret/will", "open/will"):
@@ -208,7 +208,7 @@ def test_client_cannot_reach_another_sessions_queue_through_its_core_session(env
     """The session queue is private to its owner: another connection's core session is refused."""
     a = env.client(4)
     a.connect("a")
-    a.send(Subscribe(1, (Subscription("t", 1),)))
+    a.send(Subscribe(1, (TopicSubscription("t", 1),)))
     b = env.client(4)
     b.connect("b")
     session_a = env.factory.sessions.get("a")

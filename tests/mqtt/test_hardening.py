@@ -16,7 +16,7 @@ from tidegate.adapters.mqtt.codec import (
     Pubrel,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
 )
 from tidegate.adapters.mqtt.reason_codes import ReasonCode
 from tidegate.adapters.mqtt.settings import MqttSettings
@@ -175,7 +175,7 @@ def test_retained_messages_on_subscribe_wait_while_paused_and_stay_bounded(make_
     sub.connect("sub")
     sub.protocol.pauseProducing()
     for packet_id in range(1, 41):
-        sub.send(Subscribe(packet_id, (Subscription("r/#", 0),)))
+        sub.send(Subscribe(packet_id, (TopicSubscription("r/#", 0),)))
     env.pump()
     written = len(sub.transport.value())
     assert written < 10_000  # SUBACKs only
@@ -209,7 +209,7 @@ def test_subscribe_with_many_filters_writes_the_session_row_once(make_env):
     client.connect("many", clean=False, properties=Properties(session_expiry_interval=60))
     rows = CountingRows(env.factory.sessions.rows)
     env.factory.sessions.rows = rows
-    client.send(Subscribe(1, tuple(Subscription(f"t/{i}", 1) for i in range(200))))
+    client.send(Subscribe(1, tuple(TopicSubscription(f"t/{i}", 1) for i in range(200))))
     env.pump()
     suback = client.received()[0]
     assert isinstance(suback, Suback) and set(suback.reason_codes) == {ReasonCode.GRANTED_QOS_1}

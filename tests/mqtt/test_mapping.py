@@ -9,12 +9,12 @@ from tidegate.adapters.mqtt.mapping import (
     QOS2_FLAG,
     PublishFields,
     UnmappableName,
-    build_message,
     core_address,
     core_pattern,
     decode_level,
     encode_level,
     flags_for_qos,
+    message_from_publish,
     message_qos,
     mqtt_topic_name,
     publish_fields,
@@ -116,7 +116,7 @@ def test_message_properties_round_trip():
     fields = PublishFields(payload_format_indicator=1, message_expiry_interval=10, content_type="text/plain",
                            response_topic="reply/here", correlation_data=b"abc",
                            user_properties=(("k", "1"), ("k", "2"), ("z", "v")))
-    msg = build_message("T/a", b"x", 1, False, fields, now_ms=1_000_000)
+    msg = message_from_publish("T/a", b"x", 1, False, fields, now_ms=1_000_000)
     assert msg.properties["k"] == "2"
     assert msg.properties["content-type"] == "text/plain"
     assert msg.properties["reply-to"] == "reply/here"
@@ -131,7 +131,7 @@ def test_message_properties_round_trip():
 
 
 def test_binary_correlation_data_goes_base64():
-    msg = build_message("T", b"", 1, False, PublishFields(correlation_data=b"\xff\x00"), now_ms=0)
+    msg = message_from_publish("T", b"", 1, False, PublishFields(correlation_data=b"\xff\x00"), now_ms=0)
     assert msg.properties[PROP_CORRELATION_ENCODING] == "base64"
     assert publish_fields(msg, 0).correlation_data == b"\xff\x00"
 

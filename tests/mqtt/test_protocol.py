@@ -15,7 +15,7 @@ from tidegate.adapters.mqtt.codec import (
     ReasonCode,
     Suback,
     Subscribe,
-    Subscription,
+    TopicSubscription,
     Unsuback,
     Unsubscribe,
     Will,
@@ -25,7 +25,7 @@ from tidegate.core.testing import RecordingSink
 
 
 def subscribe(client, env, *filters, qos=1, packet_id=1, **options):
-    client.send(Subscribe(packet_id, tuple(Subscription(f, qos, **options) for f in filters)))
+    client.send(Subscribe(packet_id, tuple(TopicSubscription(f, qos, **options) for f in filters)))
     env.pump()
     return client.received()
 
@@ -242,7 +242,7 @@ def test_publish_then_subscribe_in_one_read_sees_the_retained_message(env):
     client = env.client(4)
     client.connect("c")
     client.send(Publish("r/1", b"kept", 1, retain=True, packet_id=1),
-                Subscribe(2, (Subscription("r/#", 1),)),
+                Subscribe(2, (TopicSubscription("r/#", 1),)),
                 Publish("r/2", b"last", 0), Disconnect())
     got = client.received()
     assert got[0] == Suback(2, (ReasonCode.GRANTED_QOS_1,))
@@ -563,8 +563,8 @@ def test_retained_messages_survive_a_restart(env):
 def test_subscription_identifiers_and_no_local(env):
     c = env.client(5)
     c.connect("me")
-    c.send(Subscribe(1, (Subscription("n/#", 1),), Properties(subscription_identifiers=(7,))))
-    c.send(Subscribe(2, (Subscription("n/x", 1, no_local=True),)))
+    c.send(Subscribe(1, (TopicSubscription("n/#", 1),), Properties(subscription_identifiers=(7,))))
+    c.send(Subscribe(2, (TopicSubscription("n/x", 1, no_local=True),)))
     env.pump()
     c.received()
     c.send(Publish("n/x", b"mine", 1, packet_id=1))
@@ -663,7 +663,7 @@ def test_a_client_without_subscriptions_holds_no_core_consumer_until_it_subscrib
     device = env.client()
     device.connect("sensor-1")
     assert env.broker.list_groups() == []  # no consumer group, no subscription in the core
-    device.send(Subscribe(1, (Subscription("cmd/sensor-1", qos=1),)))
+    device.send(Subscribe(1, (TopicSubscription("cmd/sensor-1", qos=1),)))
     assert device.received()[0].reason_codes == (ReasonCode.GRANTED_QOS_1,)
     publisher = env.client()
     publisher.connect("controller")

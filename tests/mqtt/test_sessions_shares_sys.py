@@ -9,13 +9,13 @@ from tidegate.adapters.mqtt.codec import (
     Pubrel,
     ReasonCode,
     Subscribe,
-    Subscription,
+    TopicSubscription,
 )
 from tidegate.adapters.mqtt.settings import MqttSettings
 
 
 def subscribe(client, env, *filters, qos=1, packet_id=1):
-    client.send(Subscribe(packet_id, tuple(Subscription(f, qos) for f in filters)))
+    client.send(Subscribe(packet_id, tuple(TopicSubscription(f, qos) for f in filters)))
     env.pump()
     return client.received()
 
