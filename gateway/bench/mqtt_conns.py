@@ -48,6 +48,15 @@ def read_rss_kib(pid: int) -> int:
     return 0
 
 
+def stop_workers(workers: list[Any], release: Any) -> None:
+    """Let the connection workers close their clients and end; terminate any that hang."""
+    release.set()
+    for worker in workers:
+        worker.join(60)
+        if worker.is_alive():
+            worker.terminate()
+
+
 def _conns_worker(server: str, level: int, prefix: str, indices: range, results: Any, release: Any) -> None:
     """Open one connection after the other, report, hold them until `release`, close."""
     raise_fd_limit()
@@ -106,11 +115,7 @@ def run_conns(server: str, count: int, *, broker_pid: int = 0, processes: int = 
         time.sleep(hold)  # let the broker settle (deferred allocations, timers) before reading its memory
         rss_after = read_rss_kib(broker_pid) if broker_pid else 0
     finally:
-        release.set()
-        for worker in workers:
-            worker.join(60)
-            if worker.is_alive():
-                worker.terminate()
+        stop_workers(workers, release)
     latency = merged([r["latency"] for r in reports])
     errors = [r["error"] for r in reports if r["error"]]
     growth = rss_after - rss_before

@@ -33,7 +33,7 @@ from .broker import MqttTarget, add_mqtt_target_options
 from .driver import BenchError
 from .latency import BenchLatencies, merged
 from .mqtt_client import IDLE_KEEP_ALIVE, split_address
-from .mqtt_conns import raise_fd_limit, read_rss_kib
+from .mqtt_conns import raise_fd_limit, read_rss_kib, stop_workers
 
 CONNACK = 0x20
 SUBACK = 0x90
@@ -224,11 +224,7 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
             time.sleep(hold)  # let the broker settle before reading its memory
         rss_after = read_rss_kib(broker_pid) if broker_pid else 0
     finally:
-        release.set()
-        for worker in workers:
-            worker.join(60)
-            if worker.is_alive():
-                worker.terminate()
+        stop_workers(workers, release)
     latency = merged([r["latency"] for r in reports])
     connected = sum(r["connected"] for r in reports)
     total_s = max(r["last_connack"] for r in reports) - start
