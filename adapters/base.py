@@ -10,7 +10,12 @@
     forward registration), `paused` tells the adapter to stop delivering, `on_pause`/`on_resume` hooks;
   * an *authenticating* state: `authenticate(credentials)` asks the gate asynchronously; frames that were already
     parsed after CONNECT/HELLO (`hold_frames`) and bytes that arrive meanwhile wait, bounded, until the decision
-    fires; then `on_authenticated`/`on_authentication_failed` run and the held work resumes in order.
+    fires; then `on_authenticated`/`on_authentication_failed` run and the held work resumes in order;
+  * admission against the limits (core/security/limits.py, `ConnectionLimits.limiter`): connections and connection
+    rate per source address are counted when the TCP connection is made, connections per user once the gate has
+    named the principal. A refused connection is answered when its client first speaks: `authenticate` fails
+    with `QuotaExceeded`, which each adapter reports its way (MQTT CONNACK 0x97 / 3.1.1 return code 3, AMQP
+    connection.close 530, native error QUOTA_EXCEEDED).
 
 Subclasses implement `bytes_received(data)` (feed the codec, dispatch frames) and, if they authenticate,
 `frames_resumed(frames)` and the two authentication hooks.
@@ -21,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -29,9 +34,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tidegate.adapters.transport import disable_nagle
+from tidegate.core.errors import QuotaExceeded
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.gate import Credentials, Gate, Principal
+from tidegate.core.security.limits import Limiter, SourceTicket, UserTicket
 from tidegate.core.session import CoreSession, system_session
 
 log = Logger(namespace="tidegate.adapters")
@@ -51,6 +58,7 @@ class ConnectionLimits:
 
     output_budget: int = DEFAULT_OUTPUT_BUDGET
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    limiter: Limiter | None = None  # limits against abuse, shared by every listener of the process (`[limits]`)
 
 
 class AdapterFactory(Factory):
@@ -67,14 +75,17 @@ class AdapterFactory(Factory):
         self.metrics = metrics if metrics is not None else core.metrics
         self.listener = listener or self.protocol_label
         self.limits = limits or ConnectionLimits()
+        self.limiter = self.limits.limiter
         self.noisy = False
         # The broker acting for this adapter (housekeeping of its private topics, wills); never a client's.
         self.system = system_session(core, gate, self.listener)
 
     def open_session(self, principal: Principal, source: str, client_id: str = "") -> CoreSession:
         """The per-connection door into the core, opened once the connection has authenticated."""
+        limiter = self.limiter
+        quota = limiter.session_quota(self.listener, principal.name) if limiter is not None else None
         return CoreSession(self.core, self.gate, principal, source=source, listener=self.listener,
-                           client_id=client_id)
+                           client_id=client_id, quota=quota)
 
     def stop(self) -> None:
         """Broker shutdown: cancel timers the adapter owns (override)."""
@@ -110,6 +121,9 @@ class AdapterConnection(Protocol):
         self._idle_limit = 0.0
         self._written_while_paused = 0
         self.last_seen = 0.0
+        self._source_ticket: SourceTicket | None = None
+        self._user_ticket: UserTicket | None = None
+        self._admission_refused: QuotaExceeded | None = None
 
     # ------------------------------------------------------------------ transport events
     def connectionMade(self) -> None:
@@ -121,6 +135,11 @@ class AdapterConnection(Protocol):
         if limits.max_held_bytes != DEFAULT_MAX_HELD_BYTES:
             self.max_held_bytes = limits.max_held_bytes
         self.source = peer_host(self.transport)
+        if factory.limiter is not None:
+            try:
+                self._source_ticket = factory.limiter.admit_source(factory.listener, self.source)
+            except QuotaExceeded as refused:
+                self._admission_refused = refused  # answered at CONNECT/HELLO/start-ok, the protocol's way
         label = factory.protocol_label
         factory.metrics.connections[label] += 1
         factory.metrics.connections_total[label] += 1
@@ -139,6 +158,10 @@ class AdapterConnection(Protocol):
         self.factory.metrics.connections[self.factory.protocol_label] -= 1
         self.stop_idle_timer()
         self._held_frames, self._held_bytes = [], []
+        limiter = self.factory.limiter
+        if limiter is not None:
+            limiter.release_source(self._source_ticket)
+            limiter.release_user(self._user_ticket)
         self.connection_ended(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -247,7 +270,11 @@ class AdapterConnection(Protocol):
     def authenticate(self, credentials: Credentials) -> None:
         """Ask the gate; until it answers, later frames of this read (`hold_frames`) and new bytes wait."""
         self.authenticating = True
-        decision: Deferred[Principal] = self.factory.gate.authenticate(credentials)
+        decision: Deferred[Principal]
+        if self._admission_refused is not None:
+            decision = fail(self._admission_refused)
+        else:
+            decision = self.factory.gate.authenticate(credentials)
         decision.addCallbacks(self._authenticated, self._authentication_failed)
 
     def hold_frames(self, frames: list[Any]) -> None:
@@ -265,9 +292,19 @@ class AdapterConnection(Protocol):
         self._held_bytes.append(data)
 
     def _authenticated(self, principal: Principal) -> None:
-        self.authenticating = False
         if not self.connected_:
+            self.authenticating = False
             return
+        limiter = self.factory.limiter
+        if limiter is not None and not principal.system:
+            limiter.release_user(self._user_ticket)  # a re-authentication (AMQP) replaces the first login
+            self._user_ticket = None
+            try:
+                self._user_ticket = limiter.admit_user(self.factory.listener, principal.name)
+            except QuotaExceeded as refused:
+                self._authentication_failed(Failure(refused))
+                return
+        self.authenticating = False
         self._run_batched(self._resume_after_login, principal)
 
     def _resume_after_login(self, principal: Principal) -> None:

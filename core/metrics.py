@@ -58,3 +58,5 @@ class CoreMetrics:
     fsync_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     redeliveries: int = 0
     dead_lettered: int = 0
+    # (listener, cause) -> refusals by a limit against abuse (core/security/limits.py CAUSES: a bounded set)
+    limit_hits: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))

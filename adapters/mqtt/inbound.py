@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tidegate.core.errors import NotAuthorized, TidegateError
+from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError
 from tidegate.core.model import Message
 
 from .errors import reason_for_core_error
@@ -349,6 +349,8 @@ class Inbound:
             sessions.remove_subscription(session, wanted.topic_filter, core, save=False)
             if isinstance(exc, NotAuthorized):
                 return ReasonCode.NOT_AUTHORIZED, None, False  # 3.1.1: the codec sends 0x80
+            if isinstance(exc, QuotaExceeded):
+                return ReasonCode.QUOTA_EXCEEDED, None, False  # subscriptions per session (core limits)
             return ReasonCode.UNSPECIFIED_ERROR, None, False
         if is_sys_name(entry.topic_filter):
             conn.outbound.add_sys_filter(entry)

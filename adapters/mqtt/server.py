@@ -28,7 +28,7 @@ from typing import Any
 from twisted.python.failure import Failure
 
 from tidegate.adapters.base import AdapterConnection, AdapterFactory, ConnectionLimits
-from tidegate.core.errors import NotAuthenticated, TidegateError
+from tidegate.core.errors import NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.ratelimit import ClientLog, clip
@@ -73,7 +73,7 @@ __all__ = ["MqttProtocol", "MqttServerFactory", "MqttSettings"]
 _V311_CONNACK_REFUSALS = frozenset({
     ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, ReasonCode.SERVER_UNAVAILABLE,
     ReasonCode.SERVER_SHUTTING_DOWN, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD,
-    ReasonCode.NOT_AUTHORIZED,
+    ReasonCode.NOT_AUTHORIZED, ReasonCode.QUOTA_EXCEEDED,  # 0x97 goes out as return code 3 (server unavailable)
 })
 
 
@@ -286,7 +286,7 @@ class MqttProtocol(AdapterConnection):
         error = failure.value
         if isinstance(error, TidegateError):
             reason = reason_for_core_error(error, ReasonCode.BAD_USER_NAME_OR_PASSWORD)
-            text = error.message if isinstance(error, NotAuthenticated) else "not authorized"
+            text = error.message if isinstance(error, NotAuthenticated | QuotaExceeded) else "not authorized"
         else:
             self.factory.client_log.log(logging.ERROR, "authentication-unavailable",
                                         "mqtt connection %s: authentication failed: %s", self.peer,

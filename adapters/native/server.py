@@ -40,7 +40,7 @@ from tidegate.adapters.native.codec import (
 )
 from tidegate.adapters.native.errors import ErrorCode, wire_code
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
-from tidegate.core.errors import BadRequest, NotAuthenticated, TidegateError
+from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import QueueRef, TopicConfig
@@ -354,6 +354,9 @@ class NativeProtocol(AdapterConnection):
                             heartbeat_ms=int(settings.heartbeat_s * 1000)))
 
     def on_authentication_failed(self, failure: Failure) -> None:
+        if failure.check(QuotaExceeded):  # a connection limit (core/security/limits.py)
+            self._close_with_error(self._hello_request_id, ErrorCode.QUOTA_EXCEEDED, failure.value.message)
+            return
         if failure.check(NotAuthenticated):
             message = failure.value.message or "authentication failed"
         else:  # the gate itself broke: our fault, logged, and the client learns only that it was refused
