@@ -42,6 +42,7 @@ from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.gate import AllowAllGate, Gate
+from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
@@ -95,6 +96,16 @@ def broker_config(config: Config) -> BrokerConfig:
     )
 
 
+def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics) -> Limiter:
+    """The process's limits against abuse from `[limits]` and `[limits.<listener>]`, with per-user overrides kept
+    in the metadata namespace `overrides`."""
+    limits = config.limits
+    listeners = {name: asdict(getattr(limits, name)) for name in ("native", "mqtt", "amqp")}
+    return Limiter(settings_from_mapping(asdict(limits)), clock, listeners=listeners, overrides=overrides,
+                   metrics=metrics, max_tracked_sources=limits.max_tracked_sources,
+                   max_tracked_users=limits.max_tracked_users)
+
+
 def open_message_store(config: Config, data_dir: Path) -> Any:
     """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread."""
     return FileMessageStore(
@@ -132,6 +143,7 @@ class TidegateProcess(Service):
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls: Any = None
+        self.limiter: Limiter | None = None  # limits against abuse, built with the broker
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
         self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
@@ -186,8 +198,6 @@ class TidegateProcess(Service):
         self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
                                      run_in_thread=self.run_password_check)
-        if self.admin_root is not None:
-            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
         self.durability = Durability(
             self.store,
             self.reactor,
@@ -198,8 +208,14 @@ class TidegateProcess(Service):
         )
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
+        self.limiter = build_limiter(self.config, self.reactor, self.broker.adapter_state(USER_LIMITS_NAMESPACE),
+                                     self.metrics)
+        if self.admin_root is not None:
+            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
+                                                     limiter=self.limiter, broker=self.broker))
 
-        builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen)
+        builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen,
+                                  limiter=self.limiter)
         self._stoppables.extend(builder.build_all())
 
         # Readers (tests, scripts) poll for this file: they must see the whole JSON or nothing.

@@ -69,7 +69,11 @@ def _subcommands(parser: argparse.ArgumentParser, dest: str, names: Sequence[str
 
 def _register_topic(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     topic = commands.add_parser("topic", help="create, update, list, describe and delete topics")
-    sub = _subcommands(topic, "topic_command", ["create", "update", "list", "describe", "delete"])
+    sub = _subcommands(topic, "topic_command", ["create", "update", "list", "describe", "delete", "schema"])
+    # `topic schema ...` calls the admin HTTP API (authenticated admin), not the native port
+    from tidegate.gateway.cli_security import register_topic_schema
+
+    register_topic_schema(sub)
 
     create = sub.add_parser("create", parents=[common], help="create a topic")
     create.add_argument("name")

@@ -184,6 +184,43 @@ class SecuritySection:
 
 
 @dataclass(slots=True, frozen=True)
+class ListenerLimits:
+    """One listener's own limits (`[limits.mqtt]`, ...); -1 = as in `[limits]`. Publish rates are per user over
+    every protocol, so they are set in `[limits]` (and per user) only."""
+
+    max_message_bytes: int = -1
+    max_property_bytes: int = -1
+    max_connections_per_user: int = -1
+    max_connections_per_source: int = -1
+    connection_rate_per_source: int = -1
+    connection_burst_per_source: int = -1
+    max_subscriptions_per_session: int = -1
+
+
+@dataclass(slots=True, frozen=True)
+class LimitsSection:
+    """Limits against abuse (core/security/limits.py); 0 = unlimited, and every default is 0. Per-user values
+    override these (`tidegate user limits NAME ...`); see docs/security.md, "Limits"."""
+
+    max_message_bytes: int = 0  # body bytes of one message (broker.max_message_bytes still applies)
+    max_property_bytes: int = 0  # key + value bytes of one message's properties (64 KiB in the core regardless)
+    max_connections_per_user: int = 0  # over every listener
+    max_connections_per_source: int = 0  # per client IP address, per listener
+    connection_rate_per_source: int = 0  # new connections per second per IP address
+    connection_burst_per_source: int = 0  # 0 = the rate
+    publish_rate: int = 0  # messages per second per user, shared by all their connections in every protocol
+    publish_burst: int = 0  # 0 = the rate
+    publish_bytes_rate: int = 0  # body bytes per second per user
+    publish_bytes_burst: int = 0  # 0 = the rate
+    max_subscriptions_per_session: int = 0  # bound filters and consumers of one connection
+    max_tracked_sources: int = 100_000  # addresses remembered for the per-source limits (oldest forgotten)
+    max_tracked_users: int = 100_000
+    native: ListenerLimits = field(default_factory=ListenerLimits)
+    mqtt: ListenerLimits = field(default_factory=ListenerLimits)
+    amqp: ListenerLimits = field(default_factory=ListenerLimits)
+
+
+@dataclass(slots=True, frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -196,6 +233,7 @@ class Config:
     connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     tls: TlsSection = field(default_factory=TlsSection)
     security: SecuritySection = field(default_factory=SecuritySection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -446,6 +484,17 @@ def _validate(merger: _Merger) -> None:
     _validate_tls(values, sources)
     _validate_distinct_ports(values, sources)
     _validate_security(values, sources)
+    _validate_limits(values, sources)
+
+
+def _validate_limits(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    for key in (k for k in LEAF_KEYS if k.startswith("limits.")):
+        low = -1 if key.count(".") == 2 else 0  # a listener's -1 means "as [limits]"
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
+    for key in ("limits.max_tracked_sources", "limits.max_tracked_users"):
+        if values[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {values[key]} (from {sources[key]})")
 
 
 def _validate_security(values: dict[str, Any], sources: dict[str, Source]) -> None:

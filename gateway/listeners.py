@@ -112,8 +112,9 @@ class ListenerBuilder:
     """Builds and binds every enabled protocol's factory and endpoints; `listen` is the process's bind call."""
 
     def __init__(self, config: Config, core: Any, gate: Any, reactor: Any, metrics: Any,
-                 listen: Callable[[str, Any, str, int, bool, int], None]) -> None:
+                 listen: Callable[[str, Any, str, int, bool, int], None], *, limiter: Any = None) -> None:
         self.config = config
+        self.limiter = limiter  # core/security/limits.Limiter shared by every listener, or None
         self.core = core
         self.gate = gate
         self.reactor = reactor
@@ -139,7 +140,7 @@ class ListenerBuilder:
             return None
         connections = self.config.connections
         limits = ConnectionLimits(output_budget=connections.output_budget_bytes,
-                                  max_held_bytes=connections.login_hold_bytes)
+                                  max_held_bytes=connections.login_hold_bytes, limiter=self.limiter)
         factory = factory_class(self.core, self.gate, self.reactor, row.settings(self.config, section),
                                 metrics=self.metrics, listener=row.name, limits=limits)
         backlog = effective_backlog(getattr(section, "backlog", DEFAULT_BACKLOG))

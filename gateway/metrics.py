@@ -62,6 +62,12 @@ class TidegateCollector(Collector):
                                   value=self.core.redeliveries)
         yield CounterMetricFamily(f"{PREFIX}_dead_lettered", "Messages moved to a dead-letter topic.",
                                   value=self.core.dead_lettered)
+        limit_hits = CounterMetricFamily(f"{PREFIX}_limit_hits", "Requests refused by a limit against abuse "
+                                         "(connections, rates, sizes, subscriptions) or a topic schema, by "
+                                         "listener and cause.", labels=["listener", "cause"])
+        for (listener, cause), value in sorted(dict(self.core.limit_hits).items()):
+            limit_hits.add_metric([listener, cause], value)
+        yield limit_hits
         # A broken source must not take the rest of the scrape down with it: log it and leave its families out.
         try:
             yield from self._consumer_groups(list(self._groups()))
