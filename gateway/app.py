@@ -37,6 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from tidegate.core.adapter_state import MetadataNamespace
 from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
@@ -208,8 +209,8 @@ class TidegateProcess(Service):
         )
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
-        self.limiter = build_limiter(self.config, self.reactor, self.broker.adapter_state(USER_LIMITS_NAMESPACE),
-                                     self.metrics)
+        self.limiter = build_limiter(self.config, self.reactor,
+                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics)
         if self.admin_root is not None:
             self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
                                                      limiter=self.limiter, broker=self.broker))
