@@ -401,8 +401,9 @@ class SessionQuota:
             return
         state, now = self.state, self.limiter.clock.seconds()
         count = len(messages)
-        size = sum(len(m.body) for m in messages)
         messages_bucket, bytes_bucket = state.messages, state.bytes
+        size = 0 if bytes_bucket is None else (
+            len(messages[0].body) if count == 1 else sum(len(m.body) for m in messages))
         if self.throttle:
             if messages_bucket is not None:
                 messages_bucket.take(count, now)
