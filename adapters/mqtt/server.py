@@ -265,10 +265,17 @@ class MqttProtocol(AdapterConnection):
         self.negotiated = result
         self.client_id = result.client_id
         # Nothing of the session is touched before the gate answers (a take-over needs a valid login).
-        self.authenticate(Credentials(
-            mechanism="password" if packet.username else "anonymous", username=packet.username or "",
-            password=packet.password or b"", client_id=result.client_id, source=self.source,
-            listener=self.factory.listener))
+        # Without a user name, a verified client certificate names the user (Mosquitto's use_identity_as_username).
+        identity = "" if packet.username else self.peer_certificate_identity()
+        if identity:
+            credentials = Credentials(mechanism="certificate", username=identity, certificate_identity=identity,
+                                      client_id=result.client_id, source=self.source, listener=self.factory.listener)
+        else:
+            credentials = Credentials(
+                mechanism="password" if packet.username else "anonymous", username=packet.username or "",
+                password=packet.password or b"", client_id=result.client_id, source=self.source,
+                listener=self.factory.listener)
+        self.authenticate(credentials)
 
     def on_authenticated(self, principal: Principal) -> None:
         negotiated = self.negotiated

@@ -341,9 +341,16 @@ class NativeProtocol(AdapterConnection):
         self.client_name = frame.client_name
         self._hello_request_id = frame.request_id
         username = frame.username
-        self.authenticate(Credentials(mechanism="password" if username else "anonymous", username=username,
+        # A HELLO without credentials on a connection with a verified client certificate logs in as its identity.
+        identity = "" if username or frame.password else self.peer_certificate_identity()
+        if identity:
+            credentials = Credentials(mechanism="certificate", username=identity, certificate_identity=identity,
+                                      client_id=self.client_id, source=self.source, listener=factory.listener)
+        else:
+            credentials = Credentials(mechanism="password" if username else "anonymous", username=username,
                                       password=frame.password, client_id=self.client_id,
-                                      source=self.source, listener=factory.listener))
+                                      source=self.source, listener=factory.listener)
+        self.authenticate(credentials)
 
     def on_authenticated(self, principal: Principal) -> None:
         factory = self.factory
