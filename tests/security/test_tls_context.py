@@ -294,3 +294,21 @@ def test_metrics_expose_failures_and_not_after_by_listener(serve, pki: Pki) -> N
     leaf = x509.load_pem_x509_certificates(pki.server_chain.read_bytes())[0]
     value = float(text.split('tidegate_tls_certificate_not_after_seconds{listener="test_tls"} ')[1].split()[0])
     assert value == leaf.not_valid_after_utc.timestamp()
+
+
+def test_peer_certificate_is_found_under_a_websocket_wrapper(pki: Pki) -> None:
+    """MQTT over WSS: the adapter's transport is the WebSocket wrapper, whose own transport is the TLS one."""
+    from OpenSSL import crypto
+
+    certificate = crypto.X509.from_cryptography(x509.load_pem_x509_certificate(pki.alice.cert_file.read_bytes()))
+
+    class TlsTransport:
+        def getPeerCertificate(self):  # noqa: N802 (Twisted's name)
+            return certificate
+
+    class WebSocketWrapper:
+        transport = TlsTransport()
+
+    found = peer_certificate(WebSocketWrapper())
+    assert found is not None and certificate_identity(found, "cn") == "alice"
+    assert peer_certificate(object()) is None
