@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidegate.core.errors import NotAuthorized, TidegateError
 from tidegate.core.model import Message
+from tidegate.core.security.gate import Action, Resource
 
 from .errors import reason_for_core_error
 from .mapping import PublishFields, UnmappableName, is_sys_name, message_from_publish, message_qos
@@ -299,7 +300,9 @@ class Inbound:
         factory = conn.factory
         factory.sessions.save(session)  # once for the packet, however many filters it carried
         conn.send(Suback(packet.packet_id, tuple(codes)))
-        now = conn.session.now_ms()  # type: ignore[union-attr]
+        core = conn.session
+        assert core is not None
+        now = core.now_ms()
         for entry, existed in added:
             if is_sys_name(entry.topic_filter):
                 factory.sys.send_snapshot(conn, entry)
@@ -310,6 +313,8 @@ class Inbound:
                     entry.retain_handling == RetainHandling.SEND_ON_NEW_SUBSCRIBE and existed):
                 continue
             for name, message in factory.retained.matching(entry.topic_filter, now):
+                if not core.may(Action.SUB, Resource.topic(name)):
+                    continue  # retained messages do not pass the core: each is read-checked like a live one
                 conn.outbound.offer_retained(name, message, min(message_qos(message.flags), entry.qos),
                                              (entry.identifier,) if entry.identifier else ())
 

@@ -38,6 +38,7 @@ MAX_CORE_TOPIC = 127
 MAX_CORE_SUBJECT_BYTES = 4096
 SESSION_TOPIC_PREFIX = "%MQTT%"
 SHARE_TOPIC_PREFIX = "%MQTTSHARE%"
+SHARE_GROUP_PREFIX = "%MQTTSHAREGROUP%"
 # An adapter-reserved message flag bit: "published at QoS 2, MQTT subscribers may receive it at QoS 2". The core
 # carries flags through storage untouched; the bit's value must never change (stored messages carry it).
 QOS2_FLAG = 4
@@ -124,8 +125,12 @@ def share_topic(share_name: str, topic_filter: str) -> str:
 
 
 def share_group(share_name: str) -> str:
-    """The core consumer group of a share name (clustering: each message to one member)."""
-    return _bounded_name("", encode_level(share_name), share_name)
+    """The core consumer group of a share name (clustering: each message to one member).
+
+    A private `%MQTTSHAREGROUP%` name, never the share name itself: consumer groups of native and AMQP clients
+    live in the public namespace, and an MQTT client must not be able to join, lock out or (on leaving) delete
+    them by naming one in `$share/<name>/...`."""
+    return _bounded_name(SHARE_GROUP_PREFIX, encode_level(share_name), share_name)
 
 
 # --------------------------------------------------------------------------------------------- messages
