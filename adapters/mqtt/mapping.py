@@ -28,6 +28,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from tidegate.adapters.reserved_properties import is_reserved_property
 from tidegate.adapters.topic_names import EMPTY_LEVEL, encode_level
 from tidegate.adapters.topic_names import decode_level as decode_core_level
 from tidegate.core.model import Message, MessageFlag
@@ -185,12 +186,16 @@ def message_from_publish(topic_name: str, payload: bytes, qos: int, retain: bool
                   publisher: str | None = None) -> Message:
     """The core message for an MQTT publish; raises UnmappableName.
 
-    User properties become properties; a repeated name keeps its last value (core properties are a map).
+    User properties become properties; a repeated name keeps its last value (core properties are a map); names the
+    adapters own (`ADAPTER_PROPERTIES`, `mqtt-*`, `amqp-properties`) are dropped, and `publisher` (the client id, set
+    by the server) is stamped after that.
     Correlation data that is not UTF-8 is stored base64-encoded with `mqtt-correlation-encoding=base64`.
     """
     topic, subject = core_address(topic_name)
     props: dict[str, str] = {}
     for key, value in fields.user_properties:
+        if key in ADAPTER_PROPERTIES or is_reserved_property(key):
+            continue  # adapter bookkeeping is never the client's to set (a forged mqtt-publisher hid messages)
         props[key] = value
     if fields.content_type is not None:
         props[PROP_CONTENT_TYPE] = fields.content_type

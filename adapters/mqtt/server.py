@@ -314,7 +314,8 @@ class MqttProtocol(AdapterConnection):
         if existing is None and self.settings.max_sessions_per_user \
                 and sessions.sessions_owned(user) >= self.settings.max_sessions_per_user:
             factory.client_log.info("sessions-quota", "mqtt %s: refused: user %s has %d sessions "
-                                    "(max_sessions_per_user)", self.who(), clip(user, 100), sessions.sessions_owned(user))
+                                    "(max_sessions_per_user)", self.who(), clip(user, 100),
+                                    sessions.sessions_owned(user))
             self._refuse(ReasonCode.QUOTA_EXCEEDED if level == MQTT_5 else ReasonCode.SERVER_UNAVAILABLE, level,
                          "too many sessions for this user")
             return
