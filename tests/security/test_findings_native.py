@@ -170,8 +170,15 @@ def test_a_group_whose_dead_letter_topic_cannot_exist_is_refused(file_broker):
 
 
 def test_adapter_made_names_always_fit_the_store():
-    """MQTT session and share-group names (hashed when long) never exceed the store's limit, whatever the id."""
-    for client_id in ("%" * 65535, "é" * 1000, "/" * 300, ""):
+    """MQTT session and share-group names and AMQP queue and exchange topics (hashed when long) never exceed the
+    store's limit, whatever the client chose: only native clients name core topics directly."""
+    from tidegate.adapters.amqp.model import exchange_topic, queue_topic
+
+    for client_id in ("%" * 65535, "é" * 1000, "/" * 300, "%" * 42, ""):
+        for name in (session_topic(client_id), share_group(client_id), queue_topic(client_id or "q"),
+                     exchange_topic(client_id or "x")):
+            assert encoded_topic_length(name) <= MAX_ENCODED_TOPIC_BYTES, name
+            assert encoded_topic_length(f"%DLQ%{name}"[:127]) <= MAX_ENCODED_TOPIC_BYTES, name
         assert encoded_topic_length(session_topic(client_id)) <= MAX_ENCODED_TOPIC_BYTES
         assert encoded_topic_length(f"%DLQ%{session_topic(client_id)}"[:127]) <= MAX_ENCODED_TOPIC_BYTES
         assert encoded_topic_length(share_group(client_id)) <= MAX_ENCODED_TOPIC_BYTES
