@@ -128,6 +128,10 @@ class MqttListener:
     max_subscriptions_per_session: int = 1024  # new filters beyond are refused the same way
     max_queued_retained_bytes: int = 8 * 1024 * 1024  # retained payload waiting for one connection; beyond: not sent
     max_outbound_topic_aliases: int = 256  # cap on the client's Topic Alias Maximum (topic names kept per connection)
+    client_id_binding: str = "user"  # "user": a session's client id belongs to the user that created it; "none"
+    max_sessions_per_user: int = 100_000  # beyond: CONNACK 0x97 (v5) / 3 (3.1.1); 0 = no limit
+    ws_allowed_origins: str = ""  # comma-separated Origins allowed cross-origin over WebSocket ("*" = any)
+    max_topics_created_per_user: int = 10_000  # topics one user's publishes may auto-create; beyond: 0x97
 
 
 @dataclass(slots=True, frozen=True)
