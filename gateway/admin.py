@@ -214,6 +214,8 @@ class SecurityApi(Resource):
         POST   check {user, action, resource, source?, client_id?}  -> {"decision", "entry", "reason"}
         GET    limits                      -> {"defaults": {...}, "users": {name: {...}}}
         GET    users/<name>/limits         POST users/<name>/limits {field: int | null}   DELETE users/<name>/limits
+        POST   /api/tls/reload             re-read the TLS certificate files (as SIGHUP does)
+                                           -> {"reloaded": true, "not_after": {listener: ISO time}}; 500 keeps the old
 
     and, under /api/topics (same authentication), the topics' message rules (core/schema.py):
 
@@ -224,11 +226,12 @@ class SecurityApi(Resource):
     isLeaf = True
     MAX_BODY = 64 * 1024
 
-    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset(), limiter: Any = None,
-                 broker: Any = None) -> None:
+    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset(),
+                 tls_reload: Callable[[], Any] | None = None, limiter: Any = None, broker: Any = None) -> None:
         super().__init__()
         self.gate = gate
         self.extra_hosts = extra_hosts
+        self.tls_reload = tls_reload  # the process's certificate reload (gateway/app.py), None without TLS wiring
         self.limiter = limiter  # core/security/limits.Limiter (per-user limits), or None
         self.broker = broker  # for topic schemas (broker.schemas), or None
 
@@ -312,6 +315,11 @@ class SecurityApi(Resource):
                   password_hash: str | None) -> tuple[int, Any]:
         method = request.method.decode("ascii", "replace")
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if path == ["tls", "reload"] and method == "POST" and self.tls_reload is not None:
+            try:
+                return 200, self.tls_reload()
+            except Exception as exc:  # a file that does not load: the old certificates stay; say why
+                return 500, {"error": f"TLS reload failed, the previous certificates stay in use: {exc}"}
         if path[:1] == ["topics"]:
             return self._topics(method, path[1:], body, request)
         if path[:1] != ["security"]:
