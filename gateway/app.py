@@ -41,11 +41,13 @@ from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
+from tidegate.core.security.keyfiles import check_private_file
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
-from tidegate.core.storage.layout import StoreLayout, write_atomically
+from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import Config
@@ -132,6 +134,7 @@ class TidegateProcess(Service):
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls: Any = None
+        self.audit = AuditLog(None)  # opened in _start from [audit]
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
         self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
@@ -164,7 +167,14 @@ class TidegateProcess(Service):
         return self._stopping
 
     async def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets first: a key readable by other users fails start-up before anything listens or is written.
+        if self.config.tls.key_file:
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        secure_data_dir(self.data_dir)  # 0700, and files an older version left 0644 become 0600
+        audit = self.config.audit
+        if audit.file:
+            self.audit = AuditLog(Path(os.path.expanduser(audit.file)).absolute(), max_bytes=audit.max_bytes,
+                                  backup_count=audit.backup_count)
         listeners_file = self.data_dir / LISTENERS_FILE
         # A file left by a crashed run would point readers at ports nobody listens on.
         listeners_file.unlink(missing_ok=True)
@@ -185,7 +195,8 @@ class TidegateProcess(Service):
         self.metadata = open_metadata_store(self.data_dir)
         self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
-                                     run_in_thread=self.run_password_check)
+                                     run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
+                                     audit=self.audit, metrics=self.metrics.security)
         if self.admin_root is not None:
             self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
         self.durability = Durability(
@@ -252,9 +263,15 @@ class TidegateProcess(Service):
             if self._pool.started:
                 self._pool.stop()
             (self.data_dir / LISTENERS_FILE).unlink(missing_ok=True)
+            self.audit.close()
         log.info("tidegate stopped")
 
     # --- pieces
+    def _listener_hosts(self) -> dict[str, str]:
+        """Listener name (as adapters put it in Credentials.listener) -> bound host, for anonymous-per-listener."""
+        listeners = self.config.listeners
+        return {name: getattr(listeners, name).host for name in ("native", "mqtt", "amqp", "admin")}
+
     def _tls_options(self) -> Any:
         if self._tls is None:
             tls = self.config.tls
