@@ -185,6 +185,8 @@ class TokenVerifier:
             raise TokenError("token audience does not match", "audience") from None
         except jwt.InvalidIssuerError:
             raise TokenError("token issuer does not match", "issuer") from None
+        except jwt.exceptions.InvalidSubjectError:
+            raise TokenError("token subject is not a string", "claims") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenError(f"token lacks the {exc.claim!r} claim", "claims") from None
         except jwt.InvalidSignatureError:

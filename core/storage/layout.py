@@ -61,11 +61,27 @@ def _numbered(directory: Path, suffix: str) -> list[int]:
     return out
 
 
+def make_private_dirs(path: Path) -> None:
+    """`mkdir -p` where every directory created is 0700 (Path.mkdir gives the parents it creates the umask's mode)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(DATA_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+
+
 def secure_data_dir(root: str | os.PathLike[str]) -> None:
     """Create `root` 0700 (or tighten an existing one) and take group/other bits off everything already inside:
     files 0600, directories 0700, so a data directory an older version wrote under umask 022 is closed too."""
     path = Path(root)
-    path.mkdir(DATA_DIR_MODE, parents=True, exist_ok=True)
+    make_private_dirs(path)
     os.chmod(path, DATA_DIR_MODE)
     for directory, dirnames, filenames in os.walk(path):
         for name in dirnames:
@@ -98,7 +114,7 @@ class StoreLayout:
 
     def create_dirs(self) -> None:
         for directory in (self.root, self.commitlog_dir, self.index_dir, self.keys_dir):
-            directory.mkdir(DATA_DIR_MODE, parents=True, exist_ok=True)
+            make_private_dirs(directory)
 
     # --- commit log
     def segment_path(self, base_offset: int) -> Path:

@@ -27,11 +27,11 @@ from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import (
-    DATA_DIR_MODE,
     DATA_FILE_MODE,
     StoreLayout,
     fsync_dir,
     fsync_file,
+    make_private_dirs,
     write_atomically,
 )
 
@@ -69,7 +69,7 @@ class IndexFiles:
         try:
             fd = self.io.open(path, os.O_RDWR | os.O_CREAT, DATA_FILE_MODE)
         except FileNotFoundError:
-            path.parent.mkdir(DATA_DIR_MODE, parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
             fd = self.io.open(path, os.O_RDWR | os.O_CREAT, DATA_FILE_MODE)
         self._fds[key] = fd
         if len(self._fds) > self._max_open:
@@ -114,7 +114,7 @@ class IndexFiles:
         data = LOW_WATER.pack(offset, crc32c(offset.to_bytes(8, "little")))
         path = self.layout.low_water_path(queue)
         # a queue whose entries are all still buffered has no dir yet
-        path.parent.mkdir(DATA_DIR_MODE, parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         write_atomically(path, data, durable=False, io=self.io)
         self.unsynced_low_water.add(queue)
 
