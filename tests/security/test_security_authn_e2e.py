@@ -114,16 +114,16 @@ def test_native_hello_with_a_token_logs_in_as_its_subject(broker):
         pass
 
 
-@pytest.mark.parametrize("username, password", [
-    ("alice", token(exp=int(time.time()) - 3600)),  # expired
-    ("alice", token(aud="someone-else")),  # wrong audience
-    ("bob", token()),  # the given user name differs from the claim
-    ("alice", jwt.encode({"sub": "alice", "aud": "tidegate", "exp": int(time.time()) + 300}, "x" * 40,
-                         algorithm="HS256")),  # forged
+@pytest.mark.parametrize("username, make_password", [
+    ("alice", lambda: token(exp=int(time.time()) - 3600)),  # expired
+    ("alice", lambda: token(aud="someone-else")),  # wrong audience
+    ("bob", lambda: token()),  # the given user name differs from the claim
+    ("alice", lambda: jwt.encode({"sub": "alice", "aud": "tidegate", "exp": int(time.time()) + 300}, "x" * 40,
+                                 algorithm="HS256")),  # forged
 ])
-def test_native_hello_with_a_bad_token_is_refused(broker, username, password):
+def test_native_hello_with_a_bad_token_is_refused(broker, username, make_password):
     with pytest.raises(TidegateError):
-        Connection(broker.native, client_id="jwt-bad", username=username, password=password, timeout=5).open()
+        Connection(broker.native, client_id="jwt-bad", username=username, password=make_password(), timeout=5).open()
 
 
 def test_mqtt_connect_with_a_token_as_the_password(broker):
