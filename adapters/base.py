@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tidegate.adapters.certificates import certificate_identity, peer_certificate
 from tidegate.adapters.transport import disable_nagle
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
@@ -57,6 +58,8 @@ class AdapterFactory(Factory):
     """Listener factory of one protocol: `Factory(core, gate, clock, settings, *, metrics, listener, limits)`."""
 
     protocol_label: ClassVar[str] = "adapter"
+    # Which field of a verified client certificate names the user ([tls] identity; set by gateway/listeners.py).
+    certificate_identity_rule: str = "cn"
 
     def __init__(self, core: Core, gate: Gate, clock: Any, settings: Any, *, metrics: CoreMetrics | None = None,
                  listener: str = "", limits: ConnectionLimits | None = None) -> None:
@@ -149,6 +152,14 @@ class AdapterConnection(Protocol):
             self._hold_bytes(data)
             return
         self._run_batched(self.bytes_received, data)
+
+    def peer_certificate_identity(self) -> str:
+        """The user name the client's verified TLS certificate carries ('' on plain connections or without a
+        certificate): the one place every adapter reads it (MQTT/native without a user name, AMQP EXTERNAL)."""
+        certificate = peer_certificate(self.transport)
+        if certificate is None:
+            return ""
+        return certificate_identity(certificate, self.factory.certificate_identity_rule)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def connection_started(self) -> None:

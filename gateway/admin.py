@@ -244,15 +244,19 @@ class SecurityApi(Resource):
         GET    policies[?owner=user:x]     POST policies {owner, resource, actions, decision, sources?}
         POST   policies/revoke {owner, resource, actions, decision, sources?} or {owner, id}
         POST   check {user, action, resource, source?, client_id?}  -> {"decision", "entry", "reason"}
+        POST   /api/tls/reload             re-read the TLS certificate files (as SIGHUP does)
+                                           -> {"reloaded": true, "not_after": {listener: ISO time}}; 500 keeps the old
     """
 
     isLeaf = True
     MAX_BODY = 64 * 1024
 
-    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset()) -> None:
+    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset(),
+                 tls_reload: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.extra_hosts = extra_hosts
+        self.tls_reload = tls_reload  # the process's certificate reload (gateway/app.py), None without TLS wiring
 
     def render(self, request: Request) -> Any:
         from twisted.web.server import NOT_DONE_YET
@@ -349,6 +353,11 @@ class SecurityApi(Resource):
                   password_hash: str | None) -> tuple[int, Any]:
         method = request.method.decode("ascii", "replace")
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if path == ["tls", "reload"] and method == "POST" and self.tls_reload is not None:
+            try:
+                return 200, self.tls_reload()
+            except Exception as exc:  # a file that does not load: the old certificates stay; say why
+                return 500, {"error": f"TLS reload failed, the previous certificates stay in use: {exc}"}
         if path[:1] != ["security"]:
             return 404, {"error": "not found", "path": _request_path(request)}
         route = path[1:]

@@ -17,6 +17,11 @@ Every protocol listener (native, MQTT, AMQP; plain TCP, TLS, WebSocket) is built
 gateway/listeners.py with the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`.
 Background tasks (index flush, retention) survive storage errors and retry with backoff; /readyz says why the broker
 is not ready (store health, durability after an fsync failure).
+
+TLS: every TLS endpoint (protocol listeners and the admin HTTPS port) gets its own reloadable context from
+gateway/tls.py. `reload_tls()` re-reads the certificate, key and CA files for all of them at once (all or nothing:
+a bad file keeps every listener on the old certificate); SIGHUP and `POST /api/tls/reload` call it. Connections
+already open keep the certificate they were accepted with; new connections get the new one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -54,7 +61,7 @@ from tidegate.gateway.config import Config
 from tidegate.gateway.listeners import ListenerBuilder
 from tidegate.gateway.metrics import TidegateCollector, build_registry
 from tidegate.gateway.reactor_lag import ReactorLagProbe
-from tidegate.gateway.tls import server_tls_options
+from tidegate.gateway.tls import TlsMetrics, TlsSettings, not_after_iso, server_tls_options
 
 log = logging.getLogger("tidegate.app")
 
@@ -129,11 +136,14 @@ class TidegateProcess(Service):
         self.admin_root: AdminRoot | None = None
         self.addresses: dict[str, str] = {}
         self._admin_port: IListeningPort | None = None
+        self._admin_tls_port: IListeningPort | None = None
         self._protocol_ports: dict[str, IListeningPort] = {}
         self._retention: LoopingCall | None = None
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
-        self._tls: Any = None
+        self._tls_endpoints: dict[str, Any] = {}  # endpoint name -> its ServerTls (reloaded together)
+        self.tls_metrics = TlsMetrics()
+        self._previous_sighup: Any = None
         self.audit = AuditLog(None)  # opened in _start from [audit]
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
@@ -148,6 +158,7 @@ class TidegateProcess(Service):
             recovery=lambda: getattr(self.store, "recovery", None),
         )
         self.registry = build_registry(self.collector)
+        self.registry.register(self.tls_metrics)
         self.started: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
 
@@ -158,6 +169,7 @@ class TidegateProcess(Service):
     # --- lifecycle
     def startService(self) -> None:
         super().startService()
+        self._install_reload_signal()
         self.started = ensureDeferred(self._start())
 
     def stopService(self) -> Deferred[None]:
@@ -182,9 +194,15 @@ class TidegateProcess(Service):
         listeners = self.config.listeners
 
         if listeners.admin.enabled:
+            admin = listeners.admin
             site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor)
-            self._admin_port = self.reactor.listenTCP(listeners.admin.port, site, interface=listeners.admin.host)
-            self.addresses["admin"] = format_address(self._admin_port)
+            if admin.plain_enabled:
+                self._admin_port = self.reactor.listenTCP(admin.port, site, interface=admin.host)
+                self.addresses["admin"] = format_address(self._admin_port)
+            if admin.tls_enabled:
+                self._admin_tls_port = self.reactor.listenSSL(admin.tls_port, site, self._tls_options("admin_tls"),
+                                                              interface=admin.host)
+                self.addresses["admin_tls"] = format_address(self._admin_tls_port)
 
         began = time.monotonic()
         self.store = open_message_store(self.config, self.data_dir)
@@ -198,7 +216,8 @@ class TidegateProcess(Service):
                                      run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
                                      audit=self.audit, metrics=self.metrics.security)
         if self.admin_root is not None:
-            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
+            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
+                                                     tls_reload=self.reload_tls))
         self.durability = Durability(
             self.store,
             self.reactor,
@@ -257,9 +276,11 @@ class TidegateProcess(Service):
                     if opened is not None:
                         opened.close()
         finally:
-            if self._admin_port is not None:
-                await maybeDeferred(self._admin_port.stopListening)
-                self._admin_port = None
+            for admin_port in (self._admin_port, self._admin_tls_port):
+                if admin_port is not None:
+                    await maybeDeferred(admin_port.stopListening)
+            self._admin_port = self._admin_tls_port = None
+            self._restore_reload_signal()
             if self._pool.started:
                 self._pool.stop()
             (self.data_dir / LISTENERS_FILE).unlink(missing_ok=True)
@@ -272,11 +293,44 @@ class TidegateProcess(Service):
         listeners = self.config.listeners
         return {name: getattr(listeners, name).host for name in ("native", "mqtt", "amqp", "admin")}
 
-    def _tls_options(self) -> Any:
-        if self._tls is None:
-            tls = self.config.tls
-            self._tls = server_tls_options(tls.cert_file, tls.key_file, tls.ca_file or None)
-        return self._tls
+    def _tls_options(self, endpoint: str) -> Any:
+        """The TLS connection creator of one endpoint (`mqtt_tls`, `admin_tls`, ...), kept for `reload_tls`."""
+        creator = server_tls_options(TlsSettings.from_config(self.config.tls), endpoint, self.tls_metrics)
+        self._tls_endpoints[endpoint] = creator
+        return creator
+
+    def reload_tls(self) -> dict[str, Any]:
+        """Re-read the TLS files for every TLS endpoint; all or nothing (raises `TlsConfigError`, nothing changed).
+        Open connections keep their certificate; new ones get the new one."""
+        prepared = [(creator, creator.prepare()) for creator in self._tls_endpoints.values()]
+        for creator, loaded in prepared:
+            creator.install(loaded)
+        self.tls_metrics.reloads += 1
+        listeners = {name: not_after_iso(creator.metrics.not_after[name])
+                     for name, creator in sorted(self._tls_endpoints.items())}
+        log.info("TLS certificates reloaded for %s", ", ".join(listeners) or "no TLS listener")
+        return {"reloaded": True, "not_after": listeners}
+
+    def _reload_tls_quietly(self) -> None:
+        try:
+            self.reload_tls()
+        except Exception as exc:  # a bad file must not take the broker down: keep serving the old certificate
+            log.error("TLS reload failed, still serving the previous certificates: %s", exc)
+
+    def _install_reload_signal(self) -> None:
+        """SIGHUP reloads the TLS certificates (only the main thread may set signal handlers)."""
+        if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._reload_tls_quietly)  # out of the signal handler, into the reactor
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+
+    def _restore_reload_signal(self) -> None:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
 
     def run_in_thread(self, fn: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, fn)
@@ -312,7 +366,8 @@ class TidegateProcess(Service):
                 backlog: int = 1024) -> None:
         factory.noisy = False  # one "listening" line per listener is ours; no per-connection factory chatter
         if tls:
-            listening = self.reactor.listenSSL(port, factory, self._tls_options(), backlog=backlog, interface=host)
+            listening = self.reactor.listenSSL(port, factory, self._tls_options(name), backlog=backlog,
+                                               interface=host)
         else:
             listening = self.reactor.listenTCP(port, factory, backlog=backlog, interface=host)
         self._protocol_ports[name] = listening

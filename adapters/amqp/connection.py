@@ -73,6 +73,7 @@ class AmqpConnection(AdapterConnection):
         self._heartbeat_timer: Any = None
         self._close_timer: Any = None
         self._mechanism = ""
+        self._certificate_identity = ""  # from a verified client certificate; offers SASL EXTERNAL
 
     # ------------------------------------------------------------------ transport
     def connection_started(self) -> None:
@@ -199,8 +200,12 @@ class AmqpConnection(AdapterConnection):
             "cluster_name": "tidegate",
             "capabilities": dict(SERVER_CAPABILITIES),
         }
+        # SASL EXTERNAL (RabbitMQ's rabbitmq_auth_mechanism_ssl) only where a verified client certificate names
+        # a user: a connection without one has nothing EXTERNAL could log in as.
+        self._certificate_identity = self.peer_certificate_identity()
+        mechanisms = "PLAIN AMQPLAIN EXTERNAL" if self._certificate_identity else "PLAIN AMQPLAIN"
         self.write(self.codec.send_method(0, commands.Connection.Start(
-            0, 9, properties, "PLAIN AMQPLAIN", "en_US")))
+            0, 9, properties, mechanisms, "en_US")))
 
     def _connection_method(self, method: Any) -> None:
         if isinstance(method, commands.Connection.StartOk) and self.state == "start":
@@ -245,6 +250,14 @@ class AmqpConnection(AdapterConnection):
                 return
             username = _as_bytes(table.get("LOGIN", b""))
             password = _as_bytes(table.get("PASSWORD", b""))
+        elif method.mechanism == "EXTERNAL" and self._certificate_identity:
+            # The response (an optional authorization id) is not a second claim: the certificate names the user.
+            identity = self._certificate_identity
+            self.state = "authenticating"
+            self.authenticate(Credentials("certificate", username=identity, certificate_identity=identity,
+                                          client_id=self.client_name, source=self.source,
+                                          listener=self.factory.listener))
+            return
         else:
             raise ConnectionError_(ReplyCode.COMMAND_INVALID,
                                    f"unknown authentication mechanism '{method.mechanism}'")

@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tidegate.core.errors import NotAuthorized, TidegateError
+from tidegate.core.errors import NotAuthorized, TidegateError, TopicNotFound
 from tidegate.core.model import Message
+from tidegate.core.security.gate import Action, Resource
+from tidegate.core.session import CoreSession
 
 from .errors import reason_for_core_error
 from .mapping import PublishFields, UnmappableName, is_sys_name, message_from_publish, message_qos
@@ -52,10 +54,19 @@ log = logging.getLogger("tidegate.mqtt")
 Staged = tuple[Publish, str, Message]  # (packet, topic name, core message)
 
 
+def _topic_exists(core: CoreSession, topic: str) -> bool:
+    """Existence only, not a read of the topic: asked of the core directly (the publish itself is decided next)."""
+    try:
+        core.core.get_topic(topic)
+    except TopicNotFound:
+        return False
+    return True
+
+
 class Inbound:
     """The client-to-core half of one accepted connection."""
 
-    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids")
+    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic")
 
     def __init__(self, conn: MqttProtocol) -> None:
         self.conn = conn
@@ -65,6 +76,7 @@ class Inbound:
         # PUBLISHes of the current read checked but not stored yet; None when empty
         self.batch: list[Staged] | None = None
         self.batch_ids: set[int] | None = None  # their QoS 1/2 packet ids
+        self.known_topic = ""  # the core topic of the last publish that passed the topic creation quota
 
     # ------------------------------------------------------------------------------------------ PUBLISH
     def on_publish(self, packet: Publish) -> None:
@@ -135,12 +147,35 @@ class Inbound:
                 return
             self.reject(packet, ReasonCode.TOPIC_NAME_INVALID, str(exc))
             return
+        if message.topic != self.known_topic and not self._may_create(message.topic):
+            if batch is not None and self._publish_batch_now():
+                return
+            self.reject(packet, ReasonCode.QUOTA_EXCEEDED, "this user may not create more topics")
+            return
         if batch is None:
             self.batch = batch = []
             self.batch_ids = set()
         batch.append((packet, topic, message))
         if qos:
             self.batch_ids.add(packet_id)  # type: ignore[union-attr, arg-type]
+
+    def _may_create(self, topic: str) -> bool:
+        """Whether publishing to core topic `topic` stays within the user's topic creation quota (an existing
+        topic always does). Remembered for the next publish, which usually goes to the same topic."""
+        limit = self.settings.max_topics_created_per_user
+        core = self.conn.session
+        assert core is not None
+        if limit and not _topic_exists(core, topic):
+            created = self.conn.factory.topics_created.setdefault(core.principal.name, set())
+            if topic not in created:
+                if len(created) >= limit:
+                    self.conn.factory.client_log.info(
+                        "topics-quota", "mqtt %s: publish to new topic %s refused: the user created %d topics "
+                        "(max_topics_created_per_user)", self.conn.who(), topic, len(created))
+                    return False
+                created.add(topic)
+        self.known_topic = topic
+        return True
 
     def _publish_batch_now(self) -> bool:
         """Store the pending batch in the middle of checking a packet; True if that closed the connection."""
@@ -299,7 +334,9 @@ class Inbound:
         factory = conn.factory
         factory.sessions.save(session)  # once for the packet, however many filters it carried
         conn.send(Suback(packet.packet_id, tuple(codes)))
-        now = conn.session.now_ms()  # type: ignore[union-attr]
+        core = conn.session
+        assert core is not None
+        now = core.now_ms()
         for entry, existed in added:
             if is_sys_name(entry.topic_filter):
                 factory.sys.send_snapshot(conn, entry)
@@ -310,6 +347,8 @@ class Inbound:
                     entry.retain_handling == RetainHandling.SEND_ON_NEW_SUBSCRIBE and existed):
                 continue
             for name, message in factory.retained.matching(entry.topic_filter, now):
+                if not core.may(Action.SUB, Resource.topic(name)):
+                    continue  # retained messages do not pass the core: each is read-checked like a live one
                 conn.outbound.offer_retained(name, message, min(message_qos(message.flags), entry.qos),
                                              (entry.identifier,) if entry.identifier else ())
 

@@ -9,6 +9,10 @@ Authentication:
 - no user name: the user `anonymous`, if `allow_anonymous` lets this connection in (`"loopback"`, the default: the
   listener is bound to a loopback address *and* the client comes from 127.0.0.0/8 or ::1; `True` everywhere;
   `False` never) and that user exists and is enabled;
+- a verified client certificate (mechanism "certificate", the TLS layer checked it against the CA bundle): its
+  identity (`[tls] identity`: CN or a SAN) must name an existing, enabled user, exactly like a user name with the
+  right password; there is no separate mapping table (create the user, without a password if it only ever uses
+  its certificate). The reserved `anonymous` user cannot be claimed by a certificate;
 - `guest`/`guest` (AMQP clients' default) from loopback, when no real `guest` user exists: treated like an
   anonymous client, as RabbitMQ allows it from localhost only.
 Every failed attempt from a source address doubles the delay before that source's next answer (success or
@@ -156,6 +160,10 @@ class PolicyGate:
 
     def _authenticate(self, credentials: Credentials) -> Deferred[Principal]:
         source = credentials.source
+        if credentials.mechanism == "certificate":
+            return self._settle(credentials, self._certificate_principal(credentials),
+                                "no enabled user for this client certificate", "certificate",
+                                user=credentials.certificate_identity)
         if (self.tokens is not None and credentials.mechanism in ("password", "anonymous", "token")
                 and looks_like_jwt(credentials.password)):
             return self._authenticate_token(credentials)
@@ -205,6 +213,13 @@ class PolicyGate:
             return None
         return Principal(ANONYMOUS_USER, roles=frozenset(user.roles), anonymous=True,
                          client_id=credentials.client_id)
+
+    def _certificate_principal(self, credentials: Credentials) -> Principal | None:
+        name = credentials.certificate_identity
+        user = self.directory.user(name) if name and name != ANONYMOUS_USER else None
+        if user is None or not user.enabled:
+            return None
+        return self._principal(user, credentials)
 
     @staticmethod
     def _principal(user: User, credentials: Credentials) -> Principal:
