@@ -182,6 +182,8 @@ def _audit_target(request: Request, body: dict[str, Any]) -> tuple[str, str] | N
     if request.method not in (b"POST", b"DELETE"):
         return None
     path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+    if path == ["tls", "reload"]:
+        return ("tls", "certificates")
     if path[:1] != ["security"]:
         return None
     route = path[1:]
@@ -199,6 +201,8 @@ def _audit_target(request: Request, body: dict[str, Any]) -> tuple[str, str] | N
 def _audit_state(directory: Any, target: tuple[str, str]) -> Any:
     """The target's state for the audit log: users without their hash, a role's entries, an owner's entries."""
     kind, name = target
+    if kind == "tls":
+        return None  # the reload's answer (new not-after dates) is in the HTTP reply; the audit line says who and when
     if kind == "user":
         user = directory.user(name)
         return None if user is None else user.to_dict()

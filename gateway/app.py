@@ -302,6 +302,8 @@ class TidegateProcess(Service):
     def reload_tls(self) -> dict[str, Any]:
         """Re-read the TLS files for every TLS endpoint; all or nothing (raises `TlsConfigError`, nothing changed).
         Open connections keep their certificate; new ones get the new one."""
+        if self.config.tls.key_file:  # a key made readable by others since start is not loaded again
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
         prepared = [(creator, creator.prepare()) for creator in self._tls_endpoints.values()]
         for creator, loaded in prepared:
             creator.install(loaded)

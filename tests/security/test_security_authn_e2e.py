@@ -144,6 +144,11 @@ def test_audit_log_records_logins_denials_and_admin_changes_without_secrets(brok
                 producer.send("secret-topic", b"payload-that-must-not-be-logged")  # alice has no grants
     assert api(broker, "POST", "users", {"name": "dave", "password": "dave-pw-55b1", "roles": ["allow-all"]})[0] == 201
     assert api(broker, "POST", "users/dave/disable")[0] == 200
+    auth = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+    reload = urllib.request.Request(f"http://{broker.address('admin')}/api/tls/reload", method="POST", data=b"",
+                                    headers={"Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(reload, timeout=TIMEOUT) as response:
+        assert response.status == 200
 
     def logged() -> bool:
         events = audit_lines(broker)
@@ -167,6 +172,7 @@ def test_audit_log_records_logins_denials_and_admin_changes_without_secrets(brok
     created = next(e for e in events if e["event"] == "admin" and e["operation"] == "POST /api/security/users"
                    and e["target"] == "user:dave")
     assert created["before"] is None and created["after"]["roles"] == ["allow-all"]
+    assert any(e["event"] == "admin" and e["target"] == "tls:certificates" and e["who"] == "admin" for e in events)
     text = broker.audit_path.read_text()  # type: ignore[attr-defined]
     for secret in ("alice-pw-9d2e", "dave-pw-55b1", "wrong-pw-41c9", ADMIN_PASSWORD, "payload-that-must-not",
                    "scrypt$", token().split(".")[0] + "."):

@@ -78,6 +78,17 @@ def test_a_tls_key_readable_by_others_stops_start_up_with_a_clear_error(tmp_path
     assert process.gate.__class__.__name__ == "AllowAllGate" and not process.addresses  # nothing listened
 
 
+def test_a_tls_reload_refuses_a_key_made_readable_by_others_since_start(tmp_path):
+    key = tmp_path / "server.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    os.chmod(key, 0o640)
+    process = app.TidegateProcess(config(tmp_path, f"tls.cert_file={tmp_path / 'server.crt'}", f"tls.key_file={key}"),
+                                  MemoryReactorClock())
+    with pytest.raises(InsecureKeyFile, match="chmod 600"):
+        process.reload_tls()
+    assert process.tls_metrics.reloads == 0
+
+
 def test_a_loose_jwt_secret_stops_start_up(tmp_path):
     secret = tmp_path / "jwt.secret"
     secret.write_bytes(SECRET)
