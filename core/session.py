@@ -75,6 +75,10 @@ class CoreSession:
             if len(self._decisions) >= DECISION_CACHE_ENTRIES:
                 self._decisions.clear()
             self._decisions[key] = allowed
+        if not allowed:
+            note_denial = getattr(self.gate, "note_denial", None)  # PolicyGate: audit line and metrics
+            if note_denial is not None:
+                note_denial(self.principal, action, resource, source=self.source, listener=self.listener)
         return allowed
 
     def authorize(self, action: Action, resource: Resource) -> None:

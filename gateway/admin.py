@@ -177,6 +177,43 @@ def build_admin_site(registry: CollectorRegistry, readiness: Readiness, reactor:
 
 
 # ----------------------------------------------------------------------------------------------- /api/security
+def _audit_target(request: Request, body: dict[str, Any]) -> tuple[str, str] | None:
+    """What a mutating /api/security request changes, as (kind, name) with kind user, role or owner; None for reads
+    and `check`."""
+    if request.method not in (b"POST", b"DELETE"):
+        return None
+    path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+    if path == ["tls", "reload"]:
+        return ("tls", "certificates")
+    if path[:1] != ["security"]:
+        return None
+    route = path[1:]
+    if route[:1] == ["users"]:
+        return ("user", route[1] if len(route) > 1 else str(body.get("name", "")))
+    if route[:1] == ["roles"]:
+        if len(route) == 3:
+            return ("user", str(body.get("user", "")))
+        return ("role", route[1] if len(route) > 1 else str(body.get("name", "")))
+    if route[:1] == ["policies"]:
+        return ("owner", str(body.get("owner", "")))
+    return None
+
+
+def _audit_state(directory: Any, target: tuple[str, str]) -> Any:
+    """The target's state for the audit log: users without their hash, a role's entries, an owner's entries."""
+    kind, name = target
+    if kind == "tls":
+        return None  # the reload's answer (new not-after dates) is in the HTTP reply; the audit line says who and when
+    if kind == "user":
+        user = directory.user(name)
+        return None if user is None else user.to_dict()
+    if kind == "role":
+        if name not in directory.roles():
+            return None
+        return {"role": name, "policies": [p.to_dict() for p in directory.policies(f"role:{name}")]}
+    return [p.to_dict() for p in directory.policies(name)]
+
+
 def host_allowed(host_header: str, extra_hosts: frozenset[str] = frozenset()) -> bool:
     """Against DNS rebinding: a browser sends the attacker's name as Host, so only IP literals, `localhost` and
     names the operator listed are served."""
@@ -278,16 +315,31 @@ class SecurityApi(Resource):
             self._finish(request, 400, {"error": str(exc)})
             return
         if not password:
-            self._answer(request, directory, body, None)
+            self._answer(request, directory, body, None, principal)
             return
         # scrypt takes tens of milliseconds: hash in a thread, like logins, never on the reactor
         hashed = self.gate.run_in_thread(hash_password, password.encode())
-        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded),
-                            lambda failure: self._answer(request, directory, body, failure.value))
+        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded, principal),
+                            lambda failure: self._answer(request, directory, body, failure.value, principal))
         hashed.addErrback(lambda failure: self._finish(request, 500, {"error": "internal error"}))
 
-    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> None:
-        """`password_hash` is the body's password hashed, None without one, or the error hashing raised."""
+    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any,
+                principal: Any = None) -> None:
+        """`password_hash` is the body's password hashed, None without one, or the error hashing raised. Every
+        change (POST/DELETE but `check`) is audited with its state before and after, whatever its outcome."""
+        target = _audit_target(request, body)
+        before = _audit_state(directory, target) if target is not None else None
+        status, payload = self._apply(request, directory, body, password_hash)
+        audit = getattr(self.gate, "audit", None)
+        if target is not None and audit is not None:
+            client = request.getClientAddress()
+            audit.admin_change(who=getattr(principal, "name", ""), source=getattr(client, "host", ""),
+                               operation=f"{request.method.decode('ascii', 'replace')} {_request_path(request)}",
+                               target=f"{target[0]}:{target[1]}", before=before,
+                               after=_audit_state(directory, target), status=status)
+        self._finish(request, status, payload)
+
+    def _apply(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> tuple[int, Any]:
         try:
             if isinstance(password_hash, Exception):
                 raise password_hash
@@ -300,7 +352,7 @@ class SecurityApi(Resource):
             status, payload = 400, {"error": exc.message}
         except (PolicyError, ValueError, KeyError, TypeError) as exc:
             status, payload = 400, {"error": str(exc) if not isinstance(exc, KeyError) else f"missing field {exc}"}
-        self._finish(request, status, payload)
+        return status, payload
 
     def _body(self, request: Request) -> dict[str, Any]:
         raw = request.content.read(self.MAX_BODY + 1) if request.content is not None else b""

@@ -49,12 +49,14 @@ from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
 from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
+from tidegate.core.security.keyfiles import check_private_file
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
-from tidegate.core.storage.layout import StoreLayout, write_atomically
+from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import Config
@@ -155,6 +157,7 @@ class TidegateProcess(Service):
         self.tls_metrics = TlsMetrics()
         self._previous_sighup: Any = None
         self.limiter: Limiter | None = None  # limits against abuse, built with the broker
+        self.audit = AuditLog(None)  # opened in _start from [audit]
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
         self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
@@ -189,7 +192,14 @@ class TidegateProcess(Service):
         return self._stopping
 
     async def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets first: a key readable by other users fails start-up before anything listens or is written.
+        if self.config.tls.key_file:
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        secure_data_dir(self.data_dir)  # 0700, and files an older version left 0644 become 0600
+        audit = self.config.audit
+        if audit.file:
+            self.audit = AuditLog(Path(os.path.expanduser(audit.file)).absolute(), max_bytes=audit.max_bytes,
+                                  backup_count=audit.backup_count)
         listeners_file = self.data_dir / LISTENERS_FILE
         # A file left by a crashed run would point readers at ports nobody listens on.
         listeners_file.unlink(missing_ok=True)
@@ -216,7 +226,8 @@ class TidegateProcess(Service):
         self.metadata = open_metadata_store(self.data_dir)
         self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
-                                     run_in_thread=self.run_password_check)
+                                     run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
+                                     audit=self.audit, metrics=self.metrics.security)
         self.durability = Durability(
             self.store,
             self.reactor,
@@ -290,9 +301,15 @@ class TidegateProcess(Service):
             if self._pool.started:
                 self._pool.stop()
             (self.data_dir / LISTENERS_FILE).unlink(missing_ok=True)
+            self.audit.close()
         log.info("tidegate stopped")
 
     # --- pieces
+    def _listener_hosts(self) -> dict[str, str]:
+        """Listener name (as adapters put it in Credentials.listener) -> bound host, for anonymous-per-listener."""
+        listeners = self.config.listeners
+        return {name: getattr(listeners, name).host for name in ("native", "mqtt", "amqp", "admin")}
+
     def _tls_options(self, endpoint: str) -> Any:
         """The TLS connection creator of one endpoint (`mqtt_tls`, `admin_tls`, ...), kept for `reload_tls`."""
         creator = server_tls_options(TlsSettings.from_config(self.config.tls), endpoint, self.tls_metrics)
@@ -302,6 +319,8 @@ class TidegateProcess(Service):
     def reload_tls(self) -> dict[str, Any]:
         """Re-read the TLS files for every TLS endpoint; all or nothing (raises `TlsConfigError`, nothing changed).
         Open connections keep their certificate; new ones get the new one."""
+        if self.config.tls.key_file:  # a key made readable by others since start is not loaded again
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
         prepared = [(creator, creator.prepare()) for creator in self._tls_endpoints.values()]
         for creator, loaded in prepared:
             creator.install(loaded)

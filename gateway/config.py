@@ -206,6 +206,25 @@ class SecuritySection:
     # Host names (comma-separated) the admin HTTP API answers to besides IP literals and localhost (against DNS
     # rebinding, any other Host header is refused).
     admin_hosts: str = ""
+    # JWT bearer tokens as the password (core/security/tokens.py): HS256 with the secret in jwt_secret_file (at least
+    # 32 bytes, mode 0600), RS256/ES256 with the public keys of jwt_jwks_file; off when both are empty. aud/iss are
+    # checked when set; exp is required; jwt_leeway_s of clock skew is forgiven; the claim jwt_username_claim names
+    # the user (who must exist and be enabled).
+    jwt_secret_file: str = ""
+    jwt_jwks_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_username_claim: str = "sub"
+    jwt_leeway_s: int = 30
+
+
+@dataclass(slots=True, frozen=True)
+class AuditSection:
+    """The audit log (core/security/audit.py): JSON lines, rotated by size; off while `file` is empty."""
+
+    file: str = ""
+    max_bytes: int = 50 * 1024 * 1024
+    backup_count: int = 5
 
 
 @dataclass(slots=True, frozen=True)
@@ -259,6 +278,7 @@ class Config:
     tls: TlsSection = field(default_factory=TlsSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -535,6 +555,15 @@ def _validate_security(values: dict[str, Any], sources: dict[str, Source]) -> No
     key = "security.login_delay_sources"
     if not 1 <= values[key] <= 10_000_000:
         raise ConfigError(f"{key} must be 1-10000000, got {values[key]} (from {sources[key]})")
+    key = "security.jwt_leeway_s"
+    if not 0 <= values[key] <= 3600:
+        raise ConfigError(f"{key} must be 0-3600, got {values[key]} (from {sources[key]})")
+    key = "security.jwt_username_claim"
+    if not values[key].strip():
+        raise ConfigError(f"{key} must not be empty (from {sources[key]})")
+    for key, low in (("audit.max_bytes", 4096), ("audit.backup_count", 0)):
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
 
 
 def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:

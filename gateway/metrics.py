@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tidegate.core.api import GroupInfo
-from tidegate.core.metrics import CoreMetrics, LatencyHistogram
+from tidegate.core.metrics import CoreMetrics, LatencyHistogram, SecurityMetrics
 from tidegate.core.model import RESERVED_TOPIC, is_private_topic
 from tidegate.core.storage.api import RecoveryReport, StoreStats
 
@@ -110,12 +110,7 @@ class TidegateCollector(Collector):
                                   value=self.core.redeliveries)
         yield CounterMetricFamily(f"{PREFIX}_dead_lettered", "Messages moved to a dead-letter topic.",
                                   value=self.core.dead_lettered)
-        limit_hits = CounterMetricFamily(f"{PREFIX}_limit_hits", "Requests refused by a limit against abuse "
-                                         "(connections, rates, sizes, subscriptions) or a topic schema, by "
-                                         "listener and cause.", labels=["listener", "cause"])
-        for (listener, cause), value in sorted(dict(self.core.limit_hits).items()):
-            limit_hits.add_metric([listener, cause], value)
-        yield limit_hits
+        yield from _security(self.core.security)
         # A broken source must not take the rest of the scrape down with it: log it and leave its families out.
         try:
             yield from self._consumer_groups(list(self._groups()))
@@ -205,6 +200,24 @@ class TidegateCollector(Collector):
             inflight.add_metric([label], group_inflight)
             members.add_metric([label], group_members)
         yield from (lag, queue_lag, committed, inflight, members)
+
+
+SECURITY_COUNTERS = (
+    ("failed_logins", "security_failed_logins", "cause", "Refused logins (bad password, refused token, anonymous "
+     "not allowed here, ...), by listener and cause."),
+    ("denials", "security_denials", "action", "Actions the gate refused, by listener and action."),
+    ("limit_hits", "security_limit_hits", "cause", "Requests a limit refused (size, rate, count), by listener and "
+     "cause."),
+)
+
+
+def _security(security: SecurityMetrics) -> Iterator[Metric]:
+    """Security counters: labels are listener names and fixed words only (never users or client ids)."""
+    for attr, name, label, doc in SECURITY_COUNTERS:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["listener", label])
+        for (listener, word), value in sorted(dict(getattr(security, attr)).items()):
+            family.add_metric([listener, word], value)
+        yield family
 
 
 def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:

@@ -18,7 +18,7 @@ Tables are bounded: sources and idle users beyond `max_tracked_sources` / `max_t
 first (a forgotten source or user starts again with a full bucket, never with a refusal).
 
 Refusals raise `QuotaExceeded` with a `cause` from `CAUSES` (the bounded label set of
-`tidegate_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.limit_hits`.
+`tidegate_security_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.security`.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class Limiter:
     # ------------------------------------------------------------------ counting
     def hit(self, listener: str, cause: str) -> None:
         if self.metrics is not None:
-            self.metrics.limit_hits[(listener, cause)] += 1
+            self.metrics.security.limit_hit(listener, cause)
 
     def refuse(self, listener: str, cause: str, text: str) -> QuotaExceeded:
         self.hit(listener, cause)

@@ -101,7 +101,7 @@ def test_connections_per_source_are_counted_and_released(clock):
     limiter.admit_source("mqtt", "10.0.0.1")
     with pytest.raises(QuotaExceeded):
         limiter.admit_source("mqtt", "10.0.0.1")
-    assert metrics.limit_hits[("mqtt", CONNECTIONS_PER_SOURCE)] == 2
+    assert metrics.security.limit_hits[("mqtt", CONNECTIONS_PER_SOURCE)] == 2
 
 
 def test_connection_rate_per_source_is_a_token_bucket(clock):

@@ -69,7 +69,7 @@ def test_a_source_over_its_connection_limit_is_refused_when_it_first_speaks():
     [refusal] = second.answers
     assert isinstance(refusal, QuotaExceeded) and refusal.cause == "connections_per_source"
     assert second.transport.disconnecting
-    assert metrics.limit_hits == {("line", "connections_per_source"): 1}
+    assert metrics.security.limit_hits == {("line", "connections_per_source"): 1}
     other = open_from(factory, "10.0.0.2")
     other.dataReceived(b"bob")
     assert other.answers == ["welcome"]
@@ -93,7 +93,7 @@ def test_the_user_limit_is_checked_after_login_across_sources():
     [refusal] = late.answers
     assert isinstance(refusal, QuotaExceeded) and "already has 1 connections" in refusal.message
     assert late.session is None
-    assert metrics.limit_hits == {("line", "connections_per_user"): 1}
+    assert metrics.security.limit_hits == {("line", "connections_per_user"): 1}
 
 
 def test_connection_rate_per_source_refills_with_time():

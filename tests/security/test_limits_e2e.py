@@ -84,7 +84,7 @@ def metrics(broker: BrokerProcess) -> str:
 
 
 def limit_hits(broker: BrokerProcess, listener: str, cause: str) -> float:
-    wanted = f'tidegate_limit_hits_total{{cause="{cause}",listener="{listener}"}} '
+    wanted = f'tidegate_security_limit_hits_total{{cause="{cause}",listener="{listener}"}} '
     for line in metrics(broker).splitlines():
         if line.startswith(wanted):
             return float(line.split()[-1])
