@@ -51,8 +51,8 @@ from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
-from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.keyfiles import check_private_file
+from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
