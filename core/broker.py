@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet.interfaces import IReactorTime
 
 from tidegate.core.adapter_state import MetadataNamespace
+from tidegate.core.alarms import ResourceAlarms
 from tidegate.core.api import (
     AckMode,
     ConsumeMode,
@@ -87,6 +88,8 @@ class Broker:
         self.publish = self._producer.publish
         self._closed = False
         durability.on_durable(self._visibility.on_durable)
+        # Resource alarms (core/alarms.py): monitors started by the process raise them, adapters block publishers.
+        self.alarms = ResourceAlarms()
 
     # ------------------------------------------------------------------ time
     def now_ms(self) -> int:

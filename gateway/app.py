@@ -37,6 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from tidegate.core.alarms import ResourceAlarms, ResourceMonitor, disk_check, memory_check, physical_memory_bytes
 from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
@@ -95,6 +96,19 @@ def broker_config(config: Config) -> BrokerConfig:
     )
 
 
+def resource_monitor(config: Config, data_dir: Path, alarms: ResourceAlarms, clock: Any,
+                     storage_health: list[Callable[[], tuple[bool, str]]]) -> ResourceMonitor:
+    """The monitor that raises the resource alarms: storage (health, free disk) and memory (RSS watermark)."""
+    section = config.alarms
+    watermark = section.memory_high_watermark_bytes
+    if watermark == 0:
+        watermark = int(physical_memory_bytes() * 0.4)
+    return ResourceMonitor(alarms, clock, {
+        "storage": [*storage_health, disk_check(data_dir, section.disk_free_limit_bytes)],
+        "memory": [memory_check(watermark)],
+    }, section.check_interval_s)
+
+
 def open_message_store(config: Config, data_dir: Path) -> Any:
     """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread."""
     return FileMessageStore(
@@ -130,6 +144,7 @@ class TidegateProcess(Service):
         self._protocol_ports: dict[str, IListeningPort] = {}
         self._retention: LoopingCall | None = None
         self._index_flush: LoopingCall | None = None
+        self._resource_monitor: ResourceMonitor | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls: Any = None
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
@@ -198,6 +213,9 @@ class TidegateProcess(Service):
         )
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
+        self._resource_monitor = resource_monitor(self.config, self.data_dir, self.broker.alarms, self.reactor,
+                                                  [self.store.health, self.durability.health])
+        self._resource_monitor.start()
 
         builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen)
         self._stoppables.extend(builder.build_all())
@@ -228,6 +246,8 @@ class TidegateProcess(Service):
         if self._retention is not None and self._retention.running:
             self._retention.stop()
         self.reactor_lag.stop()
+        if self._resource_monitor is not None:
+            self._resource_monitor.stop()
         await DeferredList([maybeDeferred(port.stopListening) for port in self._protocol_ports.values()])
         self._protocol_ports.clear()
         if self._index_flush is not None and self._index_flush.running:

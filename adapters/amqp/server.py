@@ -53,6 +53,12 @@ class AmqpServerFactory(AdapterFactory):
                          limits=limits)
         self.registry = Registry(self.system)
         self._trim_scheduled = False
+        self.connections: set[AmqpConnection] = set()
+        # Resource alarms (core/alarms.py): plain attributes, read on every publish
+        alarms = getattr(core, "alarms", None)
+        self.alarmed = bool(alarms is not None and alarms.alarmed)
+        self.alarm_reason = alarms.reason if alarms is not None else ""
+        self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
         for queue in self.registry.queues.values():
             self.queue_used(queue)  # x-expires counts from the start of this run
         # Transient messages stored before this moment belong to an earlier run: not delivered (see channel._gone).
@@ -64,11 +70,21 @@ class AmqpServerFactory(AdapterFactory):
 
     def stop(self) -> None:
         """Broker shutdown: cancel the x-expires timers (the queues' countdowns restart with the next run)."""
+        if self._unsubscribe_alarms is not None:
+            self._unsubscribe_alarms()
+            self._unsubscribe_alarms = None
         for queue in self.registry.queues.values():
             timer = queue.expiry_timer
             if timer is not None and timer.active():
                 timer.cancel()
             queue.expiry_timer = None
+
+    def alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """A resource alarm was raised or cleared: every connection hears it (blocked / unblocked)."""
+        self.alarmed = alarmed
+        self.alarm_reason = reason
+        for connection in list(self.connections):
+            connection.run_batched(lambda _, c=connection: c.alarm_changed(alarmed, reason))
 
     def ready_count(self, queue: QueueDecl) -> int:
         """Messages ready in `queue` (stored, not in flight); an estimate when acks came out of order."""
