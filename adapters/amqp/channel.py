@@ -627,9 +627,16 @@ class Channel:
                 continue
             tag = self.next_tag
             self.next_tag = tag + 1
+            offset = d.queue_offset
+            if offset >= queue.delivered_mark:
+                registry.delivered(queue, offset)
+            if offset >= queue.delivered_end:
+                queue.delivered_end = offset + 1
             exchange, key = delivery_address(message, registry.exchange_of_topic, registry.queue_of_topic)
             chunks.append(codec.send_content(
-                self.number, commands.Basic.Deliver(consumer.tag, tag, d.attempt > 1, exchange, key),
+                self.number,
+                commands.Basic.Deliver(consumer.tag, tag, d.attempt > 1 or offset < queue.redelivered_below,
+                                       exchange, key),
                 properties_for_delivery(message, now), message.body))
             if consumer.no_ack:
                 sub.ack(d.receipt)
@@ -700,10 +707,15 @@ class Channel:
         self.next_tag = tag + 1
         if not m.no_ack:
             self.unacked[tag] = Unacked(None, queue, d.receipt, d.message)
+        offset = d.queue_offset
+        if offset >= queue.delivered_mark:
+            self.registry.delivered(queue, offset)
+        queue.delivered_end = max(queue.delivered_end, offset + 1)
         exchange, key = delivery_address(d.message, self.registry.exchange_of_topic, self.registry.queue_of_topic)
+        redelivered = d.attempt > 1 or offset < queue.redelivered_below
         self.connection.write(self.connection.codec.send_content(
             self.number,
-            commands.Basic.GetOk(tag, d.attempt > 1, exchange, key, self.connection.factory.ready_count(queue)),
+            commands.Basic.GetOk(tag, redelivered, exchange, key, self.connection.factory.ready_count(queue)),
             properties_for_delivery(d.message, now), d.message.body))
 
     def _get_after_own_publish(self, m: commands.Basic.Get, queue: QueueDecl) -> bool:

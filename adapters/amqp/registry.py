@@ -36,6 +36,12 @@ log = logging.getLogger("tidegate.amqp")
 EXCHANGES_NAMESPACE = "amqp.exchanges"
 QUEUES_NAMESPACE = "amqp.queues"
 BINDINGS_NAMESPACE = "amqp.bindings"
+# Per queue, a queue offset below which every message may have been delivered already: after a restart such a
+# message comes back with redelivered=true (RabbitMQ's promise: redelivered=false means "never delivered").
+DELIVERED_NAMESPACE = "amqp.delivered"
+# The mark is written ahead of deliveries by this many offsets, so one metadata write covers many deliveries; a
+# clean shutdown writes the exact mark (after kill -9 up to this many never-delivered messages say redelivered).
+DELIVERED_MARK_LEAD = 1024
 
 
 class QueueOwner(Protocol):
@@ -75,6 +81,9 @@ class QueueDecl:
     consumers: dict[ConsumerHandle, None] = field(default_factory=dict)  # in arrival order (single active consumer)
     had_consumer: bool = False
     expiry_timer: Any = None  # x-expires: deletes the queue once unused for that long
+    redelivered_below: int = 0  # queue offsets below this may have been delivered by an earlier run
+    delivered_mark: int = 0  # persisted: every offset delivered in this run is below it
+    delivered_end: int = 0  # one past the highest offset delivered in this run
 
     @property
     def single_active(self) -> bool:
@@ -131,6 +140,7 @@ class Registry:
         self._exchange_rows: AdapterStateStore = system.adapter_state(EXCHANGES_NAMESPACE)
         self._queue_rows: AdapterStateStore = system.adapter_state(QUEUES_NAMESPACE)
         self._binding_rows: AdapterStateStore = system.adapter_state(BINDINGS_NAMESPACE)
+        self._delivered_rows: AdapterStateStore = system.adapter_state(DELIVERED_NAMESPACE)
         self.exchanges: dict[str, ExchangeDecl] = {}
         self.queues: dict[str, QueueDecl] = {}
         self.bindings: dict[str, BindingDecl] = {}
@@ -162,6 +172,17 @@ class Registry:
                              topic)
             self._add_queue(decl)
             self._start_at_earliest(decl)
+        for name, mark in self._delivered_rows.items():
+            decl = self.queues.get(name)
+            if decl is None or not isinstance(mark, int):
+                self._delivered_rows.delete(name)
+                continue
+            try:
+                _, end = self.system.queue_offsets(decl.ref)
+            except TidegateError:
+                end = mark
+            # messages stored from now on were never delivered, whatever lead the mark of a crashed run had
+            decl.redelivered_below = decl.delivered_mark = decl.delivered_end = min(mark, end)
         for key, row in self._binding_rows.items():
             binding = BindingDecl(row["source"], row["destination"], bool(row["to_queue"]), row["routing_key"],
                                   row["arguments"], bool(row.get("durable")), row.get("pattern", ""))
@@ -248,7 +269,23 @@ class Registry:
         for binding in [b for b in self.bindings.values() if b.to_queue and b.destination == name]:
             self.remove_binding(binding)
         self._queue_rows.delete(name)
+        if decl.delivered_mark:
+            self._delivered_rows.delete(name)
         self._drop_topic(decl.topic)
+
+    def delivered(self, decl: QueueDecl, offset: int) -> None:
+        """A delivery of `offset` is about to go out and is at or past the persisted mark: move the mark ahead
+        (written before the delivery is, so a crash never forgets that it may have been delivered)."""
+        decl.delivered_mark = offset + 1 + DELIVERED_MARK_LEAD
+        if decl.durable and decl.exclusive_owner is None:
+            self._delivered_rows.put(decl.name, decl.delivered_mark)
+
+    def save_delivered_marks(self) -> None:
+        """Clean shutdown: the exact marks, so that only messages really handed out say redelivered."""
+        for decl in self.queues.values():
+            if decl.delivered_mark and decl.durable and decl.exclusive_owner is None:
+                decl.delivered_mark = max(decl.redelivered_below, decl.delivered_end)
+                self._delivered_rows.put(decl.name, decl.delivered_mark)
 
     # ------------------------------------------------------------------ bindings
     def make_binding(self, source: ExchangeDecl, destination: str, to_queue: bool, routing_key: str,

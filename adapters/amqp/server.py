@@ -73,6 +73,7 @@ class AmqpServerFactory(AdapterFactory):
         if self._unsubscribe_alarms is not None:
             self._unsubscribe_alarms()
             self._unsubscribe_alarms = None
+        self.registry.save_delivered_marks()
         for queue in self.registry.queues.values():
             timer = queue.expiry_timer
             if timer is not None and timer.active():
