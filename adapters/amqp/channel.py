@@ -79,6 +79,7 @@ class _PendingPublish:
     messages: list[Message]
     sure: int  # queues reached for sure (default exchange, adapter-routed copies)
     seq: int  # publisher-confirm sequence number (0 without confirms)
+    rejected: bool = False  # a queue with x-overflow reject-publish refused it: basic.nack with confirms
 
 
 @dataclass(slots=True)
@@ -156,6 +157,9 @@ class Channel:
         self.publish_seq = 0
         self._confirm_pending_seq = 0  # last publish seq of this read, to be confirmed once durable
         self._confirm_pending_end = 0
+        self._confirm_nacks: list[int] = []  # sequence numbers of this read refused by a full queue
+        self._confirmed_through = 0  # highest sequence number acked or nacked
+        self._rejected_now = False  # set by _messages_for when a full reject-publish queue refused the message
         self.tx = False
         self._tx_publishes: list[tuple[commands.Basic.Publish, commands.Basic.Properties, bytes, bytes]] = []
         self._tx_acks: list[tuple[str, Any]] = []
@@ -319,6 +323,7 @@ class Channel:
                 queue = QueueDecl(name, bool(m.durable), self.connection if m.exclusive else None,
                                   bool(m.auto_delete), arguments)
                 registry.declare_queue(queue)
+                self.connection.factory.watch_limits(queue)
                 if m.exclusive:
                     self.connection.exclusive_queues.add(name)
             else:
@@ -373,6 +378,7 @@ class Channel:
         purged = 0
         while self.session.get(queue.topic, queue.topic, auto_ack=True, invisible_ms=0) is not None:
             purged += 1
+        queue.ready_bytes = 0
         if not m.nowait:
             self.send(commands.Queue.PurgeOk(purged))
 
@@ -407,10 +413,12 @@ class Channel:
         if self.tx:
             self._tx_publishes.append((m, properties, raw, body))
             return
+        self._rejected_now = False
         messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._now_ms())
         if not self._batch:
             self.connection.publish_batches.append(self)
-        self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq))
+        self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq,
+                                           self._rejected_now))
 
     def flush_publishes(self) -> None:
         """Store this read's publishes in one core call (one append batch, one write), then answer each: returns,
@@ -420,15 +428,22 @@ class Channel:
         if not batch or self.closing:
             return
         messages = [message for p in batch for message in p.messages]
+        factory = self.connection.factory
+        factory.rejected = rejected = []  # filled by admit() while the core appends to full queues
         try:
             results = self.session.publish(messages) if messages else []
         except TidegateError:
             for p in batch:
                 self._finish(p, self._store(p.messages))
             return
+        finally:
+            factory.rejected = None
+        refused = {id(message) for message in rejected} if rejected else None
         position = 0
         for p in batch:
             count = len(p.messages)
+            if refused is not None and any(id(message) in refused for message in p.messages):
+                p.rejected = True
             self._finish(p, results[position:position + count])
             position += count
 
@@ -464,6 +479,8 @@ class Channel:
         if self.confirm:
             self._confirm_pending_seq = p.seq
             self._confirm_pending_end = max(self._confirm_pending_end, end)
+            if p.rejected:
+                self._confirm_nacks.append(p.seq)
             self.connection.confirms_waiting.add(self)
         return end
 
@@ -477,7 +494,11 @@ class Channel:
             if queue is None:
                 return [], 0
             self.session.own(queue.topic)
-            return [message_from_publish(queue.topic, "", properties, raw, body, now)], 1
+            message = message_from_publish(queue.topic, "", properties, raw, body, now)
+            if queue.name in registry.bounded and not self.connection.factory.admit(queue, message):
+                self._rejected_now = True
+                return [], 1  # routed, then refused: basic.nack, not basic.return
+            return [message], 1
         topic, subject = publish_address(exchange.name, key, exchange.topic)
         messages = [message_from_publish(topic, subject, properties, raw, body, now)]
         sure = 0
@@ -489,8 +510,12 @@ class Channel:
                 queues, exchanges = registry.extra_routes(source, key, properties.headers)
                 for queue in queues:
                     self.session.own(queue.topic)
-                    messages.append(message_from_publish(queue.topic, "", properties, raw, body, now))
+                    copy = message_from_publish(queue.topic, "", properties, raw, body, now)
                     sure += 1
+                    if queue.name in registry.bounded and not self.connection.factory.admit(queue, copy):
+                        self._rejected_now = True
+                        continue
+                    messages.append(copy)
                 for target in exchanges:
                     if target.name in seen or len(seen) > MAX_ALTERNATE_HOPS:
                         continue
@@ -520,13 +545,22 @@ class Channel:
         seq, end = self._confirm_pending_seq, self._confirm_pending_end
         if not seq:
             return
+        nacks, self._confirm_nacks = self._confirm_nacks, []
         self._confirm_pending_seq, self._confirm_pending_end = 0, 0
-        self.session.when_durable(end, lambda: self._confirm_through(seq))
+        self.session.when_durable(end, lambda: self._confirm_through(seq, nacks))
 
-    def _confirm_through(self, seq: int) -> None:
+    def _confirm_through(self, seq: int, nacks: list[int]) -> None:
         if self.closing or self.number not in self.connection.channels or not self.connection.connected_:
             return
-        self.send(commands.Basic.Ack(delivery_tag=seq, multiple=True))
+        # acks with `multiple` never cover a nacked sequence number (RabbitMQ's order: ack up to it, nack it)
+        for nacked in nacks:
+            if nacked - 1 > self._confirmed_through:
+                self.send(commands.Basic.Ack(delivery_tag=nacked - 1, multiple=True))
+            self.send(commands.Basic.Nack(delivery_tag=nacked, multiple=False, requeue=False))
+            self._confirmed_through = nacked
+        if seq > self._confirmed_through:
+            self.send(commands.Basic.Ack(delivery_tag=seq, multiple=True))
+            self._confirmed_through = seq
 
     # ------------------------------------------------------------------ consuming
     def basic_qos(self, m: commands.Basic.Qos) -> None:
@@ -617,8 +651,11 @@ class Channel:
         chunks: list[bytes] = []
         sub = consumer.sub
         assert sub is not None
+        limited = queue.max_bytes is not None
         for d in deliveries:
             message = d.message
+            if limited:
+                connection.factory.taken(queue, message)
             gone = _gone(message, ttl, now, started)
             if gone:
                 if gone == "expired":
@@ -705,6 +742,7 @@ class Channel:
             break
         tag = self.next_tag
         self.next_tag = tag + 1
+        self.connection.factory.taken(queue, d.message)
         if not m.no_ack:
             self.unacked[tag] = Unacked(None, queue, d.receipt, d.message)
         offset = d.queue_offset
@@ -809,6 +847,8 @@ class Channel:
         consumer = u.consumer
         if verdict == "drop":
             self.connection.factory.dead_letter(u.queue, u.message, "rejected")
+        elif verdict == "requeue":
+            self.connection.factory.returned(u.queue, u.message)
         try:
             if consumer is not None:
                 consumer.unacked -= 1
@@ -896,7 +936,9 @@ class Channel:
             consumer = u.consumer
             if consumer is None:
                 self._settle(u, "requeue")
-            elif consumer.sub is not None and not consumer.sub.closed:
+                continue
+            self.connection.factory.returned(u.queue, u.message)
+            if consumer.sub is not None and not consumer.sub.closed:
                 consumer.sub.close()  # a cancelled consumer still holding messages: they come back
         self._tx_publishes, self._tx_acks = [], []
         self._batch = []

@@ -150,8 +150,6 @@ class AmqpConnection(AdapterConnection):
                 channel.flush_publishes()
             except ChannelError as error:
                 self.channel_exception(channel.number, error, commands.Basic.Publish())
-        if self.last_publish_end:
-            self.factory.published(self.last_publish_end)
 
     def run_batched(self, work: Any) -> None:
         """Run `work(None)` outside a read with its writes batched like a read's (timers, fsync callbacks)."""

@@ -84,6 +84,13 @@ class QueueDecl:
     redelivered_below: int = 0  # queue offsets below this may have been delivered by an earlier run
     delivered_mark: int = 0  # persisted: every offset delivered in this run is below it
     delivered_end: int = 0  # one past the highest offset delivered in this run
+    # length limits (x-max-length, x-max-length-bytes, x-overflow), see AmqpServerFactory.admit
+    max_length: int | None = None
+    max_bytes: int | None = None
+    overflow: str = "drop-head"
+    ready_bytes: int = 0  # body bytes of the ready messages (kept only with x-max-length-bytes)
+    pending: int = 0  # admitted messages not visible yet (counted against x-max-length by reject-publish)
+    visible_end: int = 0
 
     @property
     def single_active(self) -> bool:
@@ -247,7 +254,11 @@ class Registry:
         decl.topic = decl.topic or queue_topic(decl.name)
         self.queues[decl.name] = decl
         self.queue_of_topic[decl.topic] = decl.name
-        if decl.arguments.get("x-max-length") is not None:
+        arguments = decl.arguments
+        decl.max_length = arguments.get("x-max-length")
+        decl.max_bytes = arguments.get("x-max-length-bytes")
+        decl.overflow = str(arguments.get("x-overflow", "drop-head"))
+        if decl.max_length is not None or decl.max_bytes is not None:
             self.bounded.add(decl.name)
 
     def declare_queue(self, decl: QueueDecl) -> None:
