@@ -13,6 +13,8 @@ back when that happens, so delivery stops.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import secrets
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from tidegate.adapters.amqp.model import (
     exchange_topic,
     invalid_expiration,
     message_from_publish,
+    message_priority,
     properties_for_delivery,
     publish_address,
     queue_topic,
@@ -65,6 +68,9 @@ MAX_CREDIT_CHUNK = 256
 # AMQP queues redeliver for ever (RabbitMQ classic queues have no delivery limit); the core's dead-letter limit is
 # set out of reach.
 MAX_ATTEMPTS = 2**31 - 1
+# x-max-priority: a consumer of a priority queue takes up to this many messages beyond its prefetch from the core
+# and holds them, sending the highest priority first (a reorder window over the log-ordered queue)
+PRIORITY_WINDOW = 64
 MAX_ALTERNATE_HOPS = 8  # exchange-to-exchange and alternate-exchange routing depth (a cycle stops here)
 _TRANSIENT = int(MessageFlag.TRANSIENT)  # a plain int: IntFlag's & costs an enum call per message
 
@@ -94,7 +100,7 @@ class Consumer:
     """A basic.consume: the DeliverySink of its core subscription."""
 
     __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "sub", "unacked", "cancelled",
-                 "average_size")
+                 "average_size", "held", "held_order")
 
     def __init__(self, channel: Channel, tag: str, queue: QueueDecl, no_ack: bool, exclusive: bool,
                  prefetch: int) -> None:
@@ -110,6 +116,9 @@ class Consumer:
         # bytes per delivery, a running estimate for sizing credit chunks; starts high so that the first chunk
         # of large messages is small too (it halves towards the real size with every delivery)
         self.average_size = 64 * 1024
+        # x-max-priority: deliveries taken from the core but not sent yet, a heap by (-priority, arrival)
+        self.held: list[tuple[int, int, Delivered]] | None = [] if queue.max_priority else None
+        self.held_order = itertools.count()
 
     @property
     def chunk(self) -> int:
@@ -607,6 +616,7 @@ class Channel:
         client may still ack them), or closes now with `release` (they come back to the queue)."""
         consumer.cancelled = True
         self.consumers.pop(consumer.tag, None)
+        self._return_held(consumer)
         queue = consumer.queue
         was_active = queue.active_consumer is consumer
         queue.consumers.pop(consumer, None)
@@ -625,6 +635,19 @@ class Channel:
             successor.channel.replenish()  # type: ignore[union-attr]  # the next consumer takes over
         self.connection.factory.queue_used(queue)
 
+    def _return_held(self, consumer: Consumer) -> None:
+        """x-max-priority: deliveries held in the reorder window and never sent go back to the queue."""
+        held, sub = consumer.held, consumer.sub
+        if not held:
+            return
+        consumer.held = []
+        if sub is not None and not sub.closed:
+            for _, _, d in held:
+                try:
+                    sub.nack(d.receipt, True)
+                except InvalidReceipt:
+                    pass
+
     def consumer_cancelled_by_server(self, consumer: Consumer) -> None:
         """The queue was deleted: the consumer ends and the client is told (consumer_cancel_notify)."""
         if consumer.sub is not None and not consumer.sub.closed:
@@ -641,6 +664,28 @@ class Channel:
     def deliver(self, consumer: Consumer, deliveries: list[Delivered]) -> None:
         if consumer.cancelled or self.closing:
             return  # still in flight on the subscription: released when it closes
+        held = consumer.held
+        if held is not None:
+            # x-max-priority: everything the core handed over joins the window; the highest priorities go out
+            limit, order = consumer.queue.max_priority, consumer.held_order
+            for d in deliveries:
+                heapq.heappush(held, (-min(message_priority(d.message), limit), next(order), d))
+            deliveries = self._pop_held(consumer)
+        self._write_deliveries(consumer, deliveries)
+        self.replenish()  # the next chunk, unless the write just paused the transport or the prefetch is used up
+
+    def _pop_held(self, consumer: Consumer) -> list[Delivered]:
+        """The held deliveries there is room for now, highest priority first."""
+        held = consumer.held
+        assert held is not None
+        room = len(held) if consumer.no_ack else consumer.limit - consumer.unacked
+        out = []
+        while held and room > 0:
+            out.append(heapq.heappop(held)[2])
+            room -= 1
+        return out
+
+    def _write_deliveries(self, consumer: Consumer, deliveries: list[Delivered]) -> None:
         connection = self.connection
         codec = connection.codec
         queue = consumer.queue
@@ -684,7 +729,6 @@ class Channel:
             size = sum(map(len, chunks))
             consumer.average_size = (consumer.average_size + size // len(chunks)) // 2
         connection.write_chunks(chunks)
-        self.replenish()  # the next chunk, unless the write just paused the transport or the prefetch is used up
 
     def replenish(self) -> None:
         """Give each consumer the credit its prefetch (and the channel's) allows, unless delivery is stopped."""
@@ -693,17 +737,28 @@ class Channel:
         budget = -1
         if self.channel_prefetch:
             # basic.get deliveries do not count against prefetch (RabbitMQ); cancelled consumers' unacked do
-            outstanding = sum(c.unacked + (c.sub.credit if c.sub else 0) for c in self.consumers.values())
+            outstanding = sum(c.unacked + (c.sub.credit if c.sub else 0) + (len(c.held) if c.held else 0)
+                              for c in self.consumers.values())
             outstanding += sum(1 for u in self.unacked.values() if u.consumer is not None and u.consumer.cancelled)
             budget = max(0, self.channel_prefetch - outstanding)
-        for consumer in self.consumers.values():
+        for consumer in list(self.consumers.values()):
             sub = consumer.sub
             if sub is None or sub.closed:
                 continue
             queue = consumer.queue
             if queue.single_active and queue.active_consumer is not consumer:
                 continue  # x-single-active-consumer: only the oldest consumer of the queue gets messages
-            want = min(consumer.limit - consumer.unacked, consumer.chunk) - sub.credit
+            held = consumer.held
+            if held is not None:
+                if held:
+                    self._write_deliveries(consumer, self._pop_held(consumer))
+                    if self.connection.paused or consumer.cancelled:
+                        continue
+                # the reorder window: more than the prefetch allows, held until there is room
+                want = min(consumer.limit - consumer.unacked + PRIORITY_WINDOW - len(held),
+                           consumer.chunk) - sub.credit
+            else:
+                want = min(consumer.limit - consumer.unacked, consumer.chunk) - sub.credit
             if budget >= 0:
                 want = min(want, budget)
             if want > 0:

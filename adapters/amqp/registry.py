@@ -91,6 +91,7 @@ class QueueDecl:
     ready_bytes: int = 0  # body bytes of the ready messages (kept only with x-max-length-bytes)
     pending: int = 0  # admitted messages not visible yet (counted against x-max-length by reject-publish)
     visible_end: int = 0
+    max_priority: int = 0  # x-max-priority (0: not a priority queue)
 
     @property
     def single_active(self) -> bool:
@@ -258,6 +259,7 @@ class Registry:
         decl.max_length = arguments.get("x-max-length")
         decl.max_bytes = arguments.get("x-max-length-bytes")
         decl.overflow = str(arguments.get("x-overflow", "drop-head"))
+        decl.max_priority = int(arguments.get("x-max-priority") or 0)
         if decl.max_length is not None or decl.max_bytes is not None:
             self.bounded.add(decl.name)
 
