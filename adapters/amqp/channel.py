@@ -31,6 +31,7 @@ from tidegate.adapters.amqp.errors import (
     locked,
     not_found,
 )
+from tidegate.adapters.amqp.fastpath import short_string
 from tidegate.adapters.amqp.model import (
     EXCHANGE_TYPES,
     delivery_address,
@@ -100,7 +101,7 @@ class Consumer:
     """A basic.consume: the DeliverySink of its core subscription."""
 
     __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "sub", "unacked", "cancelled",
-                 "average_size", "held", "held_order")
+                 "average_size", "held", "held_order", "tag_bytes")
 
     def __init__(self, channel: Channel, tag: str, queue: QueueDecl, no_ack: bool, exclusive: bool,
                  prefetch: int) -> None:
@@ -119,6 +120,7 @@ class Consumer:
         # x-max-priority: deliveries taken from the core but not sent yet, a heap by (-priority, arrival)
         self.held: list[tuple[int, int, Delivered]] | None = [] if queue.max_priority else None
         self.held_order = itertools.count()
+        self.tag_bytes = short_string(tag)  # encoded once for every Basic.Deliver
 
     @property
     def chunk(self) -> int:
@@ -694,6 +696,8 @@ class Channel:
         ttl = queue.arguments.get("x-message-ttl")
         started = connection.factory.started_ms
         chunks: list[bytes] = []
+        send_deliver, address_of = codec.send_deliver, registry.delivery_address_bytes
+        number, tag_bytes = self.number, consumer.tag_bytes
         sub = consumer.sub
         assert sub is not None
         limited = queue.max_bytes is not None
@@ -714,12 +718,8 @@ class Channel:
                 registry.delivered(queue, offset)
             if offset >= queue.delivered_end:
                 queue.delivered_end = offset + 1
-            exchange, key = delivery_address(message, registry.exchange_of_topic, registry.queue_of_topic)
-            chunks.append(codec.send_content(
-                self.number,
-                commands.Basic.Deliver(consumer.tag, tag, d.attempt > 1 or offset < queue.redelivered_below,
-                                       exchange, key),
-                properties_for_delivery(message, now), message.body))
+            chunks.append(send_deliver(number, tag_bytes, tag, d.attempt > 1 or offset < queue.redelivered_below,
+                                       address_of(message), properties_for_delivery(message, now), message.body))
             if consumer.no_ack:
                 sub.ack(d.receipt)
             else:

@@ -18,9 +18,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tidegate.adapters.amqp.fastpath import short_string
 from tidegate.adapters.amqp.model import (
     DEFAULT_EXCHANGES,
     binding_pattern,
+    delivery_address,
     exchange_topic,
     headers_match,
     queue_topic,
@@ -42,6 +44,7 @@ DELIVERED_NAMESPACE = "amqp.delivered"
 # The mark is written ahead of deliveries by this many offsets, so one metadata write covers many deliveries; a
 # clean shutdown writes the exact mark (after kill -9 up to this many never-delivered messages say redelivered).
 DELIVERED_MARK_LEAD = 1024
+ADDRESS_CACHE_SIZE = 4096  # delivery addresses kept encoded (a cache, cleared when full)
 
 
 class QueueOwner(Protocol):
@@ -158,6 +161,9 @@ class Registry:
         # adapter-routed bindings by source exchange (headers exchanges, exchange-to-exchange)
         self._adapter_routed: dict[str, set[str]] = {}
         self._pattern_refs: dict[tuple[str, QueueRef], int] = {}  # one core binding may serve several AMQP ones
+        # (topic, subject) -> exchange and routing key of a delivery as encoded short strings; cleared whenever an
+        # exchange or queue comes or goes (the address depends on them)
+        self.address_cache: dict[tuple[str, str], bytes] = {}
         for name, kind in DEFAULT_EXCHANGES.items():
             self._add_exchange(ExchangeDecl(name, kind))
         self._load()
@@ -228,7 +234,21 @@ class Registry:
             log.warning("amqp queue %s: cannot set its start offset: %s", decl.name, exc)
 
     # ------------------------------------------------------------------ exchanges
+    def delivery_address_bytes(self, message: Any) -> bytes:
+        """`model.delivery_address` of `message` as the two short strings Basic.Deliver carries, cached."""
+        key = (message.topic, message.subject)
+        cache = self.address_cache
+        encoded = cache.get(key)
+        if encoded is None:
+            exchange, routing_key = delivery_address(message, self.exchange_of_topic, self.queue_of_topic)
+            encoded = short_string(exchange) + short_string(routing_key)
+            if len(cache) >= ADDRESS_CACHE_SIZE:
+                cache.clear()
+            cache[key] = encoded
+        return encoded
+
     def _add_exchange(self, decl: ExchangeDecl) -> None:
+        self.address_cache.clear()
         decl.topic = exchange_topic(decl.name) if decl.name else ""
         self.exchanges[decl.name] = decl
         if decl.name and decl.name != "amq.topic":
@@ -239,6 +259,7 @@ class Registry:
         self._exchange_rows.put(decl.name, decl.row())
 
     def delete_exchange(self, name: str) -> None:
+        self.address_cache.clear()
         decl = self.exchanges.pop(name)
         if self.exchange_of_topic.get(decl.topic) == name:
             del self.exchange_of_topic[decl.topic]
@@ -252,6 +273,7 @@ class Registry:
 
     # ------------------------------------------------------------------ queues
     def _add_queue(self, decl: QueueDecl) -> None:
+        self.address_cache.clear()
         decl.topic = decl.topic or queue_topic(decl.name)
         self.queues[decl.name] = decl
         self.queue_of_topic[decl.topic] = decl.name
@@ -271,6 +293,7 @@ class Registry:
         self._queue_rows.put(decl.name, decl.row())
 
     def delete_queue(self, name: str) -> None:
+        self.address_cache.clear()
         decl = self.queues.pop(name)
         self.queue_of_topic.pop(decl.topic, None)
         self.bounded.discard(name)
