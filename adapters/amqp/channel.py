@@ -175,6 +175,7 @@ class Channel:
         self._tx_publishes: list[tuple[commands.Basic.Publish, commands.Basic.Properties, bytes, bytes]] = []
         self._tx_acks: list[tuple[str, Any]] = []
         self._batch: list[_PendingPublish] = []  # this read's publishes, stored together by flush_publishes
+        self._batch_now = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             commands.Exchange.Declare: self.exchange_declare,
             commands.Exchange.Delete: self.exchange_delete,
@@ -425,9 +426,10 @@ class Channel:
             self._tx_publishes.append((m, properties, raw, body))
             return
         self._rejected_now = False
-        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._now_ms())
         if not self._batch:
             self.connection.publish_batches.append(self)
+            self._batch_now = self._now_ms()  # one clock reading for the publishes of one read
+        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._batch_now)
         self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq,
                                            self._rejected_now))
 
@@ -466,8 +468,12 @@ class Channel:
         return self._finish(pending, self._store(messages))
 
     def _finish(self, p: _PendingPublish, results: list[SendResult]) -> int:
-        end = max((r.commit_end for r in results), default=0)
-        routed = p.sure + sum(r.bound for r in results)
+        if len(results) == 1:  # the common case: one message, routed by the core
+            result = results[0]
+            end, routed = result.commit_end, p.sure + result.bound
+        else:
+            end = max((r.commit_end for r in results), default=0)
+            routed = p.sure + sum(r.bound for r in results)
         current, hops = p.exchange, 0
         while not routed and hops < MAX_ALTERNATE_HOPS:
             alternate = current.arguments.get("alternate-exchange")
