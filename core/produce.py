@@ -43,6 +43,10 @@ class Producer:
         self._validators: dict[str, Callable[[Message], None]] = schemas.validators if schemas is not None else {}
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+        # topic -> admission check of a length-limited destination (AMQP x-max-length with x-overflow
+        # reject-publish): asked before a binding appends a message there; False = not appended to that queue.
+        # The home queue is never asked (whoever publishes into a queue directly checks its limit first).
+        self.admission: dict[str, Callable[[Message], bool]] = {}
 
     def publish(self, messages: Sequence[Message], queue_id: int | None = None) -> list[SendResult]:
         """See Broker.publish."""
@@ -79,6 +83,9 @@ class Producer:
                 home = queues[qid]
             if router is not None:
                 extra = router.match(m.full_name)
+                if extra and self.admission:
+                    admission = self.admission
+                    extra = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
                 dests = [home, *sorted(d for d in extra if d != home)] if extra else [home]
             else:
                 dests = [home]
