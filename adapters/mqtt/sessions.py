@@ -18,6 +18,17 @@ is removed when its last member leaves.
 Expiry: a session whose connection is gone is removed after its expiry interval (a clock timer); on startup,
 sessions whose expiry passed while the broker was down are removed, as are session topics without a row
 (left behind by a crash).
+
+What touches the metadata store (SQLite), so that a reconnect storm is not a storm of small transactions:
+- A session that ends with its connection (expiry 0: CleanSession=1 in 3.1.1, Session Expiry 0 in v5) has nothing
+  to persist: it has no row, and its core topic is created only by its first SUBSCRIBE, so a client that only
+  publishes connects and disconnects without a single metadata write.
+- Rows of persistent sessions are written behind: every change of one reactor turn is committed in one
+  transaction at the end of that turn (`flush_rows`, a `callLater(0)`), before the reactor polls its sockets
+  again, which is when the CONNACK written meanwhile leaves the process. If the commit fails (disk full), the
+  connections of sessions created in that turn are aborted, which discards their unsent CONNACK, and the writes
+  are retried with backoff. See docs/performance.md "Reconnect storms" for why this keeps the promise that a
+  CONNACK of a persistent session follows its durable row.
 """
 
 from __future__ import annotations
@@ -46,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidegate.mqtt")
 
 SESSIONS_NAMESPACE = "mqtt.sessions"
+ROW_RETRY_FIRST_S = 0.5  # backoff of a failed session-row commit: 0.5 s, doubling up to 30 s
+ROW_RETRY_MAX_S = 30.0
 SHARES_NAMESPACE = "mqtt.shares"
 NEVER_EXPIRES = 0xFFFFFFFF
 
@@ -101,6 +114,8 @@ class Session:
     disconnected_at: int = 0  # ms; 0 while connected
     expiry_call: Any = None
     pending_will: PendingWill | None = None
+    has_queue: bool = True  # its core topic exists (a session with expiry 0 gets one at its first SUBSCRIBE)
+    persisted: bool = False  # it has a row in `mqtt.sessions` (written or about to be)
     # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
     # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
     # rarely repeat enough to pay for a cache's memory in each of thousands of sessions.
@@ -154,7 +169,21 @@ class Session:
         session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
                                     {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)
+        session.persisted = True
         return session
+
+
+def write_rows(rows: AdapterStateStore, changes: dict[str, Any]) -> None:
+    """Apply puts (value) and deletes (None) to a namespace, in one transaction where the store offers one."""
+    apply = getattr(rows, "apply", None)
+    if apply is not None:
+        apply(changes)
+        return
+    for key, value in changes.items():
+        if value is None:
+            rows.delete(key)
+        else:
+            rows.put(key, value)
 
 
 class SessionManager:
@@ -176,6 +205,11 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._shares: dict[str, dict[str, Any]] = dict(share_rows.items())
         self._client_log = ClientLog(log, clock.seconds)  # expiries follow what clients chose: rate-limited
+        # write-behind of session rows: client id -> row to put (None: delete), committed once per reactor turn
+        self._pending_rows: dict[str, dict[str, Any] | None] = {}
+        self._created_this_turn: list[Session] = []  # new persistent sessions whose CONNACK waits for the commit
+        self._flush_call: Any = None
+        self._flush_failures = 0
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -212,22 +246,78 @@ class SessionManager:
             if members != row.get("members"):
                 row["members"] = members
                 self._save_share(topic, row)
+        self.flush_rows()  # what loading changed, in one transaction
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def get(self, client_id: str) -> Session | None:
         return self.sessions.get(client_id)
 
     def create(self, client_id: str, protocol_level: int, expiry_interval: int, owner: CoreSession) -> Session:
-        """A new session whose queue `owner` (the connecting client's core session) creates and may consume."""
+        """A new session whose queue `owner` (the connecting client's core session) creates and may consume.
+
+        A session that ends with its connection (expiry 0) gets its queue at its first SUBSCRIBE
+        (`ensure_queue`) and no row: connecting it writes nothing to the metadata store."""
         topic = session_topic(client_id)
-        owner.claim_private(topic, queues=1)
-        session = Session(client_id, topic, protocol_level, expiry_interval)
+        session = Session(client_id, topic, protocol_level, expiry_interval, has_queue=expiry_interval != 0)
+        if session.has_queue:
+            owner.claim_private(topic, queues=1)
         self.sessions[client_id] = session
+        if session.expiry_interval:
+            self._created_this_turn.append(session)
         self.save(session)
         return session
 
+    def ensure_queue(self, session: Session, owner: CoreSession) -> None:
+        """Create the session's core topic if it has none yet (the first SUBSCRIBE of an expiry-0 session)."""
+        if not session.has_queue:
+            owner.claim_private(session.topic, queues=1)
+            session.has_queue = True
+
     def save(self, session: Session) -> None:
-        self.rows.put(session.client_id, session.to_row())
+        """Persist the session's row, written behind (committed at the end of this reactor turn). A session with
+        expiry 0 has nothing to persist (it ends with its connection): its row, if it had one, is deleted."""
+        if session.expiry_interval:
+            session.persisted = True
+            self._write_row(session.client_id, session.to_row())
+        elif session.persisted:
+            session.persisted = False
+            self._write_row(session.client_id, None)
+
+    def _write_row(self, client_id: str, row: dict[str, Any] | None) -> None:
+        self._pending_rows[client_id] = row
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush_rows)
+
+    def flush_rows(self) -> None:
+        """Commit every pending session row in one transaction. On failure (disk full, I/O error) the rows stay
+        pending and are retried with backoff, and connections of sessions created since the last commit are
+        aborted: their CONNACK, still in the transport's buffer, is discarded with them."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, created = self._pending_rows, self._created_this_turn
+        if not pending:
+            created.clear()
+            return
+        self._pending_rows, self._created_this_turn = {}, []
+        try:
+            write_rows(self.rows, pending)
+        except TidegateError as exc:
+            for client_id, row in pending.items():
+                self._pending_rows.setdefault(client_id, row)  # newer writes made meanwhile win
+            self._flush_failures += 1
+            delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (self._flush_failures - 1))
+            self._client_log.log(logging.ERROR, "session-rows-failed",
+                                 "writing %d MQTT session rows failed (%s); retrying in %.1fs", len(pending),
+                                 str(exc), delay)
+            for session in created:
+                connection = session.connection
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+            self._flush_call = self.clock.callLater(delay, self.flush_rows)
+            return
+        self._flush_failures = 0
 
     def attach(self, session: Session, connection: Any, owner: CoreSession) -> None:
         """A connection takes the session (its core session `owner` may use the session queue): stop the expiry
@@ -275,10 +365,13 @@ class SessionManager:
             if entry.share:
                 self.leave_share(session, entry)
         session.clear_subscriptions()
-        self._drop_core_state(session.topic, session.topic)
+        if session.has_queue:
+            self._drop_core_state(session.topic, session.topic)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        self.rows.delete(session.client_id)
+        if session.persisted:
+            session.persisted = False
+            self._write_row(session.client_id, None)
 
     def _drop_core_state(self, topic: str, group: str) -> None:
         try:
@@ -314,7 +407,12 @@ class SessionManager:
         setattr(session, attribute, None)
 
     def stop(self) -> None:
-        """Cancel timers (broker shutdown); persisted sessions are picked up again by `load` on the next start."""
+        """Cancel timers and commit pending rows (broker shutdown); persisted sessions are picked up again by `load`
+        on the next start."""
+        self.flush_rows()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()  # still failing: what is not on disk now is lost with the process
+        self._flush_call = None
         for session in self.sessions.values():
             self._cancel(session, "expiry_call")
             if session.pending_will is not None and session.pending_will.call is not None \
@@ -329,9 +427,11 @@ class SessionManager:
         `save=False` leaves writing the session row to the caller (once for a whole SUBSCRIBE packet)."""
         if entry.share:
             self.join_share(session, entry, owner)
-        elif not is_sys_name(entry.topic_filter):
-            # $SYS topics are generated by the adapter and never go through the core router
-            owner.bind(core_pattern(entry.topic_filter), session.queue)
+        else:
+            self.ensure_queue(session, owner)  # also for $SYS: the connection consumes its session queue
+            if not is_sys_name(entry.topic_filter):
+                # $SYS topics are generated by the adapter and never go through the core router
+                owner.bind(core_pattern(entry.topic_filter), session.queue)
         existed = session.put_subscription(entry)
         if save:
             self.save(session)

@@ -283,6 +283,27 @@ class SqliteMetadataStore:
     def kv_delete(self, namespace: str, key: str) -> None:
         self._run("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
 
+    def kv_apply(self, namespace: str, changes: dict[str, Any]) -> None:
+        """Put (value) and delete (None) many keys of one namespace in one transaction: all or nothing, so a
+        batch of session rows costs one commit instead of one per row."""
+        puts = [(namespace, key, to_json(value)) for key, value in changes.items() if value is not None]
+        deletes = [(namespace, key) for key, value in changes.items() if value is None]
+        if not puts and not deletes:
+            return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            if puts:
+                conn.executemany("INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?) "
+                                 "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value", puts)
+            if deletes:
+                conn.executemany("DELETE FROM kv WHERE namespace = ? AND key = ?", deletes)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"storing {namespace} rows failed: {exc}") from None
+
     def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
         rows = self._run("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))
         return [(k, json.loads(v)) for k, v in rows]
