@@ -118,9 +118,9 @@ class Session:
     persisted: bool = False  # it has a row in `mqtt.sessions` (written or about to be)
     # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
     # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
-    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions.
-    filter_trie: SubscriptionTrie[str] = field(default_factory=lambda: SubscriptionTrie(cache_size=0),
-                                               repr=False, compare=False)
+    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions. Made at the first
+    # subscription: a session that never subscribes (most of a reconnect storm) allocates none.
+    filter_trie: SubscriptionTrie[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def queue(self) -> QueueRef:
@@ -134,21 +134,25 @@ class Session:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
         self.subscriptions[entry.topic_filter] = entry
+        if self.filter_trie is None:
+            self.filter_trie = SubscriptionTrie(cache_size=0)
         self.filter_trie.add(entry.match_filter, entry.topic_filter)
         return existed
 
     def pop_subscription(self, topic_filter: str) -> SubscriptionEntry | None:
         entry = self.subscriptions.pop(topic_filter, None)
-        if entry is not None:
+        if entry is not None and self.filter_trie is not None:
             self.filter_trie.remove(entry.match_filter, topic_filter)
         return entry
 
     def clear_subscriptions(self) -> None:
         self.subscriptions.clear()
-        self.filter_trie = SubscriptionTrie(cache_size=0)
+        self.filter_trie = None
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
+        if self.filter_trie is None:
+            return []
         entries = [self.subscriptions[key] for key in self.filter_trie.match(topic_name)]
         if topic_name.startswith("$"):
             entries = [e for e in entries if not hidden_by_dollar_rule(e.match_filter, topic_name)]
