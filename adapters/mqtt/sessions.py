@@ -118,8 +118,8 @@ class Session:
     persisted: bool = False  # it has a row in `mqtt.sessions` (written or about to be)
     # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
     # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
-    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions. Made at the first
-    # subscription: a session that never subscribes (most of a reconnect storm) allocates none.
+    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions. Made when first needed
+    # (`_trie`): a session that never subscribes, or a stored one not resumed yet after a restart, has none.
     filter_trie: SubscriptionTrie[str] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -133,16 +133,17 @@ class Session:
     def put_subscription(self, entry: SubscriptionEntry) -> bool:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
+        trie = self._trie()
         self.subscriptions[entry.topic_filter] = entry
-        if self.filter_trie is None:
-            self.filter_trie = SubscriptionTrie(cache_size=0)
-        self.filter_trie.add(entry.match_filter, entry.topic_filter)
+        trie.add(entry.match_filter, entry.topic_filter)
         return existed
 
     def pop_subscription(self, topic_filter: str) -> SubscriptionEntry | None:
-        entry = self.subscriptions.pop(topic_filter, None)
-        if entry is not None and self.filter_trie is not None:
-            self.filter_trie.remove(entry.match_filter, topic_filter)
+        if topic_filter not in self.subscriptions:
+            return None
+        trie = self._trie()
+        entry = self.subscriptions.pop(topic_filter)
+        trie.remove(entry.match_filter, topic_filter)
         return entry
 
     def clear_subscriptions(self) -> None:
@@ -151,12 +152,20 @@ class Session:
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
-        if self.filter_trie is None:
+        if not self.subscriptions:
             return []
-        entries = [self.subscriptions[key] for key in self.filter_trie.match(topic_name)]
+        entries = [self.subscriptions[key] for key in self._trie().match(topic_name)]
         if topic_name.startswith("$"):
             entries = [e for e in entries if not hidden_by_dollar_rule(e.match_filter, topic_name)]
         return entries
+
+    def _trie(self) -> SubscriptionTrie[str]:
+        trie = self.filter_trie
+        if trie is None:
+            trie = self.filter_trie = SubscriptionTrie(cache_size=0)
+            for key, entry in self.subscriptions.items():
+                trie.add(entry.match_filter, key)
+        return trie
 
     def to_row(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
@@ -169,7 +178,8 @@ class Session:
     def from_row(cls, row: dict[str, Any]) -> Session:
         session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
         for sub in row.get("subs", []):
-            session.put_subscription(SubscriptionEntry.from_row(sub))
+            entry = SubscriptionEntry.from_row(sub)
+            session.subscriptions[entry.topic_filter] = entry  # the trie is built when first matched against
         session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
                                     {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)

@@ -244,6 +244,13 @@ class SqliteMetadataStore:
         rows = self._run('SELECT topic, queue_id, "offset" FROM offsets WHERE "group" = ?', (group,))
         return {(t, q): o for t, q, o in rows}
 
+    def all_offsets(self) -> dict[str, dict[tuple[str, int], int]]:
+        """Every committed offset, by group: one query instead of one per group (bulk load after a restart)."""
+        out: dict[str, dict[tuple[str, int], int]] = {}
+        for group, topic, queue_id, offset in self._run('SELECT "group", topic, queue_id, "offset" FROM offsets'):
+            out.setdefault(group, {})[(topic, queue_id)] = offset
+        return out
+
     def put_offsets(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
         checked = [normalize_offset_row(row) for row in rows]
         if not checked:
