@@ -23,12 +23,14 @@ What touches the metadata store (SQLite), so that a reconnect storm is not a sto
 - A session that ends with its connection (expiry 0: CleanSession=1 in 3.1.1, Session Expiry 0 in v5) has nothing
   to persist: it has no row, and its core topic is created only by its first SUBSCRIBE, so a client that only
   publishes connects and disconnects without a single metadata write.
-- Rows of persistent sessions are written behind: every change of one reactor turn is committed in one
-  transaction at the end of that turn (`flush_rows`, a `callLater(0)`), before the reactor polls its sockets
-  again, which is when the CONNACK written meanwhile leaves the process. If the commit fails (disk full), the
-  connections of sessions created in that turn are aborted, which discards their unsent CONNACK, and the writes
-  are retried with backoff. See docs/performance.md "Reconnect storms" for why this keeps the promise that a
-  CONNACK of a persistent session follows its durable row.
+- A new persistent session is committed before `create` returns, so its CONNACK always follows its durable row
+  (Session Present on the next connect is never a promise the disk does not hold). The commit takes every other
+  pending row along (group commit); a failure refuses the CONNECT (the core error's reason code) and forgets the
+  session.
+- Every other change of a row (a resumed session connecting, disconnecting, SUBSCRIBE, QoS 2 ids) is written
+  behind: all changes of one reactor turn are committed in one transaction (`flush_rows`, a `callLater(0)`).
+  Losing them in a crash costs no promise that was made (see docs/performance.md, "Reconnect storms"); a failed
+  commit is retried with backoff (0.5 s doubling to 30 s) and keeps the newest value of each row.
 """
 
 from __future__ import annotations
@@ -221,7 +223,6 @@ class SessionManager:
         self._client_log = ClientLog(log, clock.seconds)  # expiries follow what clients chose: rate-limited
         # write-behind of session rows: client id -> row to put (None: delete), committed once per reactor turn
         self._pending_rows: dict[str, dict[str, Any] | None] = {}
-        self._created_this_turn: list[Session] = []  # new persistent sessions whose CONNACK waits for the commit
         self._flush_call: Any = None
         self._flush_failures = 0
 
@@ -273,12 +274,20 @@ class SessionManager:
         (`ensure_queue`) and no row: connecting it writes nothing to the metadata store."""
         topic = session_topic(client_id)
         session = Session(client_id, topic, protocol_level, expiry_interval, has_queue=expiry_interval != 0)
-        if session.has_queue:
-            owner.claim_private(topic, queues=1)
+        if not session.expiry_interval:
+            self.sessions[client_id] = session
+            return session
+        owner.claim_private(topic, queues=1)
+        session.persisted = True
+        self._pending_rows[client_id] = session.to_row()
+        try:
+            self.flush_rows(raise_errors=True)  # durable before the CONNACK, with whatever else is pending
+        except TidegateError:
+            session.persisted = False
+            self._pending_rows[client_id] = None  # no session: also deletes a row an earlier one of the id left
+            self._drop_core_state(topic, topic)
+            raise
         self.sessions[client_id] = session
-        if session.expiry_interval:
-            self._created_this_turn.append(session)
-        self.save(session)
         return session
 
     def ensure_queue(self, session: Session, owner: CoreSession) -> None:
@@ -302,18 +311,16 @@ class SessionManager:
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self.flush_rows)
 
-    def flush_rows(self) -> None:
+    def flush_rows(self, raise_errors: bool = False) -> None:
         """Commit every pending session row in one transaction. On failure (disk full, I/O error) the rows stay
-        pending and are retried with backoff, and connections of sessions created since the last commit are
-        aborted: their CONNACK, still in the transport's buffer, is discarded with them."""
+        pending and are retried with backoff; `raise_errors` also raises the error (a CONNECT waiting for it)."""
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        pending, created = self._pending_rows, self._created_this_turn
+        pending = self._pending_rows
         if not pending:
-            created.clear()
             return
-        self._pending_rows, self._created_this_turn = {}, []
+        self._pending_rows = {}
         try:
             write_rows(self.rows, pending)
         except TidegateError as exc:
@@ -324,12 +331,9 @@ class SessionManager:
             self._client_log.log(logging.ERROR, "session-rows-failed",
                                  "writing %d MQTT session rows failed (%s); retrying in %.1fs", len(pending),
                                  str(exc), delay)
-            for session in created:
-                connection = session.connection
-                transport = getattr(connection, "transport", None)
-                if transport is not None:
-                    transport.abortConnection()
             self._flush_call = self.clock.callLater(delay, self.flush_rows)
+            if raise_errors:
+                raise
             return
         self._flush_failures = 0
 

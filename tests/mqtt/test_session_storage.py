@@ -103,29 +103,59 @@ def test_a_clean_session_gets_its_queue_at_its_first_subscribe_and_leaves_nothin
     assert env.stored_sessions() == {}
 
 
-def test_rows_of_persistent_sessions_connecting_in_one_turn_are_committed_in_one_transaction(tmp_path) -> None:
+def test_a_new_persistent_session_is_committed_before_its_connack(tmp_path) -> None:
     env = StorageEnv(tmp_path)
-    for i in range(25):
+    for i in range(3):
         client = env.client(5)
-        client.connect(f"keeper-{i}", clean=False, properties=Properties(session_expiry_interval=300))
-    assert "kv_apply" not in env.meta.writes  # written behind: nothing committed inside the turn
+        connack = client.connect(f"keeper-{i}", clean=False, properties=Properties(session_expiry_interval=300))
+        assert connack.reason_code == 0
+        assert f"keeper-{i}" in env.stored_sessions()  # on disk by the time the CONNACK was written
+
+
+def test_rows_of_sessions_resuming_in_one_turn_are_committed_in_one_transaction(tmp_path) -> None:
+    env = StorageEnv(tmp_path)
+    clients = [env.client(4) for _ in range(25)]
+    for i, client in enumerate(clients):
+        client.connect(f"keeper-{i}", clean=False)
+        client.send(Subscribe(1, (TopicSubscription(f"news/{i}", 1),)))
+        env.pump()
+        client.drop()
+    env.pump()
+    env.meta.writes.clear()
+    for i in range(25):
+        assert env.client(4).connect(f"keeper-{i}", clean=False).session_present
+    assert env.meta.writes == []  # written behind: nothing committed inside the turn
     env.clock.advance(0)  # the end of the reactor turn
-    assert env.meta.writes.count("kv_apply") == 1
-    assert sorted(env.stored_sessions()) == sorted(f"keeper-{i}" for i in range(25))
+    assert env.meta.writes == ["kv_apply"]
+    assert all(row["disconnected_at"] == 0 for row in env.stored_sessions().values())
 
 
-def test_a_failed_commit_aborts_the_new_sessions_connection_and_the_row_is_retried(tmp_path) -> None:
-    """The CONNACK of a new persistent session may only go out once its row is committed: when the commit fails
-    the connection is aborted (a real transport drops the unsent CONNACK with it); the row is written later."""
+def test_a_new_persistent_session_whose_row_cannot_be_committed_is_refused_and_retried(tmp_path) -> None:
+    """Disk full under the metadata database: the CONNECT is refused (v5 CONNACK with an error code), nothing of
+    the session stays; the client's next CONNECT works."""
     env = StorageEnv(tmp_path)
     env.meta.fail_kv_apply = 1
-    client = env.client(4)
-    client.send(Connect("late", protocol_level=4, clean_start=False))
-    env.clock.advance(0)
-    assert client.transport.disconnecting or client.transport.disconnected, "connection not aborted"
-    assert env.stored_sessions() == {}
-    env.clock.advance(ROW_RETRY_FIRST_S)
+    client = env.client(5)
+    connack = client.connect("late", clean=False, properties=Properties(session_expiry_interval=300))
+    assert connack.reason_code >= 0x80 and client.closed
+    assert env.factory.sessions.get("late") is None and "late" not in env.stored_sessions()
+    assert "%MQTT%late" not in [t.name for t in env.broker.list_topics(include_internal=True)]
+    again = env.client(5)
+    assert again.connect("late", clean=False, properties=Properties(session_expiry_interval=300)).reason_code == 0
     assert "late" in env.stored_sessions()
+
+
+def test_a_failed_write_behind_commit_is_retried_with_backoff(tmp_path) -> None:
+    env = StorageEnv(tmp_path)
+    client = env.client(4)
+    client.connect("keeper", clean=False)
+    env.meta.fail_kv_apply = 2
+    client.drop()  # the disconnect time is written behind
+    env.clock.advance(0)
+    env.clock.advance(ROW_RETRY_FIRST_S)
+    assert env.stored_sessions()["keeper"]["disconnected_at"] == 0  # two failures so far
+    env.clock.advance(ROW_RETRY_FIRST_S * 2)
+    assert env.stored_sessions()["keeper"]["disconnected_at"] > 0
 
 
 def test_shutdown_commits_pending_rows(tmp_path) -> None:
