@@ -51,6 +51,7 @@ from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.gate import AllowAllGate, Gate
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
+from tidegate.core.storage.encryption import load_keyring
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
@@ -103,11 +104,15 @@ def broker_config(config: Config) -> BrokerConfig:
 
 
 def open_message_store(config: Config, data_dir: Path) -> Any:
-    """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread."""
+    """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread.
+
+    Raises EncryptionKeyError (a StoreError with an operator-facing message) when the configured keyring is
+    unusable or does not open the encrypted records already stored."""
     return FileMessageStore(
         data_dir,
         segment_bytes=config.storage.segment_bytes,
         index_entries_per_file=config.storage.index_entries_per_file,
+        keyring=load_keyring(config.storage.encryption_key_file, config.storage.encryption_key_env),
     )
 
 

@@ -341,3 +341,57 @@ def record_current_key(uses: list[KeyUse], keyring: Keyring, end_offset: int) ->
         uses = uses[:-1]
     return [*uses, KeyUse(keyring.current, end_offset, _check_value(keyring, keyring.current))]
 
+
+
+# --- rotation
+def next_key_id(existing: Sequence[str]) -> str:
+    """`k<n>`, one above the highest `k<number>` id in the keyring (k1 for an empty one)."""
+    numbers = [int(key_id[1:]) for key_id in existing if re.fullmatch(r"k[0-9]{1,9}", key_id)]
+    n = max(numbers, default=0) + 1
+    while f"k{n}" in existing:
+        n += 1
+    return f"k{n}"
+
+
+def add_key_to_file(path: Path, key_id: str = "") -> str:
+    """Append a new random key to the keyring file (created, mode 0600, when missing), making it the current key;
+    return its id. The file is replaced atomically and keeps mode 0600; existing keys are kept (old records need
+    them). Raises EncryptionKeyError for a file that is too open, malformed, or an id already taken."""
+    existing: list[str] = []
+    text = ""
+    if path.exists():
+        check_key_file_mode(path)
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EncryptionKeyError(f"cannot read the encryption key file {path}: {exc}") from None
+        existing = list(Keyring.parse(text, f"encryption key file {path}").keys)
+    key_id = key_id or next_key_id(existing)
+    if not KEY_ID.fullmatch(key_id):
+        raise EncryptionKeyError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    if key_id in existing:
+        raise EncryptionKeyError(f"key id {key_id!r} is already in {path}")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    data = (text + format_key_line(key_id, generate_key()) + "\n").encode("ascii")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temporary file
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EncryptionKeyError(f"cannot write the encryption key file {path}: {exc.strerror or exc}") from None
+    return key_id
