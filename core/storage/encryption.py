@@ -224,7 +224,7 @@ def decode_sealed_record(buf: bytes, offset: int, keyring: Keyring) -> Message:
     if magic != ENCRYPTED_MAGIC or length != len(buf):
         raise CorruptRecord("expected one whole encrypted record")
     message = decode_record(buf, verify=False).message
-    envelope = message.body
+    envelope = bytes(message.body)  # no copy while decode_record returns bytes
     try:
         id_len = envelope[0]
         key_id = envelope[1:1 + id_len].decode("ascii")
@@ -316,7 +316,7 @@ def verify_keyring(uses: Sequence[KeyUse], keyring: Keyring | None, log_min_offs
     first offset (retention deleted everything below it) and the log is not empty beyond its since."""
     for i, use in enumerate(uses):
         end = uses[i + 1].since if i + 1 < len(uses) else log_end_offset
-        if end <= log_min_offset or use.since >= log_end_offset:
+        if end <= log_min_offset or use.since >= log_end_offset or end <= use.since:
             continue  # retention removed its records, or it never sealed one
         if keyring is None:
             raise EncryptionKeyError(

@@ -187,6 +187,19 @@ def test_a_key_that_never_sealed_a_record_is_not_required(open_store):
     store.close()
 
 
+def test_a_key_rotated_away_before_sealing_anything_is_not_required_later(open_store):
+    store = open_store(keyring=keyring("k1"))
+    store.append(Message("orders", b"sealed with k1"), [Q0])
+    store.close()
+    open_store(keyring=keyring("k1", "k2")).close()  # k2 current, seals nothing
+    store = open_store(keyring=keyring("k1", "k3"))  # k3 current; k2 is no longer needed
+    store.append(Message("orders", b"sealed with k3"), [Q0])
+    store.close()
+    store = open_store(keyring=Keyring({"k1": keyring("k1").keys["k1"], "k3": keyring("k1", "k3").keys["k3"]}, "k3"))
+    assert bodies(store) == [b"sealed with k1", b"sealed with k3"]
+    store.close()
+
+
 def test_turning_encryption_on_keeps_the_plain_records_readable(open_store):
     store = open_store()
     store.append(Message("orders", b"plain-before"), [Q0])
