@@ -339,6 +339,27 @@ def test_recovery_after_a_crash_with_encryption_on_rebuilds_indexes_without_read
     store.close()
 
 
+def test_recovery_resyncs_past_a_damaged_sealed_record_by_searching_for_the_sealed_magic(open_store):
+    """A record whose header is smashed in the middle of the log: the scan finds the next `TGE1` record and keeps
+    everything after it; only the damaged record is lost."""
+    store = open_store(keyring=keyring("k1"))
+    results = store.append_batch([(secret_message(n), [Q0]) for n in range(6)])
+    store.sync()
+    crash(store)
+    victim = results[2]
+    base = store._log.segment_of(victim.commit_offset)
+    path = store.layout.segment_path(base)
+    raw = bytearray(path.read_bytes())
+    raw[victim.commit_offset - base:victim.commit_offset - base + 12] = b"\xff" * 12  # length, magic and CRC gone
+    path.write_bytes(bytes(raw))
+    store = open_store(keyring=keyring("k1"))
+    assert store.recovery.dropped_ranges and store.recovery.truncated_bytes == 0
+    survivors = [r for n, r in enumerate(results) if n != 2]
+    assert [store.read_message(r.commit_offset, r.size).body for r in survivors] == \
+        [secret_message(n).body for n in (0, 1, 3, 4, 5)]
+    store.close()
+
+
 # --- keyring sources
 def _line(key_id: str, key: bytes) -> str:
     return f"{key_id}:{base64.b64encode(key).decode()}"
