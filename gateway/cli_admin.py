@@ -3,7 +3,8 @@ gateway/bench.py).
 
 Every command talks to a running broker over the native protocol through the blocking SDK (`tidegate.client`),
 except `admin tls-reload`, which asks the admin HTTP API (`POST /api/tls/reload`, HTTPS when `--admin` starts
-with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`).
+with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`), and
+`admin rotate-key`, which only edits the local encryption keyring file (docs/security.md, "Encryption at rest").
 Output is a human table by default and JSON with `--json`. Failures are one line on stderr and exit code 1:
 `error: <message> (<CODE NAME>)`; bad arguments exit 2 (argparse, or `UsageError` raised by a handler).
 """
@@ -171,11 +172,9 @@ def _register_message(commands: argparse._SubParsersAction, common: argparse.Arg
     query.set_defaults(handler=guarded(run_message_query))
 
 
-def _register_admin(commands: argparse._SubParsersAction) -> None:
+def _register_rotate_key(sub: argparse._SubParsersAction) -> None:
     from tidegate.gateway.cli import add_config_arguments
 
-    admin = commands.add_parser("admin", help="maintenance of the broker's own files (encryption keys)")
-    sub = _subcommands(admin, "admin_command", ["rotate-key"])
     rotate = sub.add_parser("rotate-key", help="add a new encryption-at-rest key to the keyring; it seals new "
                                                "records from the next start, old keys keep opening old records")
     add_config_arguments(rotate)
@@ -187,8 +186,10 @@ def _register_admin(commands: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ argument types
 def _register_admin(commands: argparse._SubParsersAction) -> None:
-    admin = commands.add_parser("admin", help="broker operations over the admin HTTP API (tls-reload)")
-    sub = _subcommands(admin, "admin_command", ["tls-reload"])
+    admin = commands.add_parser("admin", help="broker operations: tls-reload (over the admin HTTP API), rotate-key "
+                                              "(encryption-at-rest keyring file)")
+    sub = _subcommands(admin, "admin_command", ["tls-reload", "rotate-key"])
+    _register_rotate_key(sub)
     reload = sub.add_parser("tls-reload", help="re-read the TLS certificate, key and CA files (as SIGHUP does); "
                                                "open connections stay, new ones get the new certificate")
     reload.add_argument("--admin", metavar="[https://]HOST:PORT", default=None,
