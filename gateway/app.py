@@ -56,6 +56,7 @@ from tidegate.core.security.keyfiles import check_private_file
 from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
+from tidegate.core.storage.encryption import load_keyring
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
@@ -129,11 +130,15 @@ def resource_monitor(config: Config, data_dir: Path, alarms: ResourceAlarms, clo
 
 
 def open_message_store(config: Config, data_dir: Path) -> Any:
-    """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread."""
+    """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread.
+
+    Raises EncryptionKeyError (a StoreError with an operator-facing message) when the configured keyring is
+    unusable or does not open the encrypted records already stored."""
     return FileMessageStore(
         data_dir,
         segment_bytes=config.storage.segment_bytes,
         index_entries_per_file=config.storage.index_entries_per_file,
+        keyring=load_keyring(config.storage.encryption_key_file, config.storage.encryption_key_env),
     )
 
 

@@ -3,7 +3,8 @@ gateway/bench.py).
 
 Every command talks to a running broker over the native protocol through the blocking SDK (`tidegate.client`),
 except `admin tls-reload`, which asks the admin HTTP API (`POST /api/tls/reload`, HTTPS when `--admin` starts
-with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`).
+with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`), and
+`admin rotate-key`, which only edits the local encryption keyring file (docs/security.md, "Encryption at rest").
 Output is a human table by default and JSON with `--json`. Failures are one line on stderr and exit code 1:
 `error: <message> (<CODE NAME>)`; bad arguments exit 2 (argparse, or `UsageError` raised by a handler).
 """
@@ -175,10 +176,24 @@ def _register_message(commands: argparse._SubParsersAction, common: argparse.Arg
     query.set_defaults(handler=guarded(run_message_query))
 
 
+def _register_rotate_key(sub: argparse._SubParsersAction) -> None:
+    from tidegate.gateway.cli import add_config_arguments
+
+    rotate = sub.add_parser("rotate-key", help="add a new encryption-at-rest key to the keyring; it seals new "
+                                               "records from the next start, old keys keep opening old records")
+    add_config_arguments(rotate)
+    rotate.add_argument("--key-file", metavar="PATH",
+                        help="keyring file to extend or create (default: storage.encryption_key_file)")
+    rotate.add_argument("--key-id", metavar="ID", default="", help="id of the new key (default: k<n+1>)")
+    rotate.set_defaults(handler=run_admin_rotate_key)
+
+
 # ------------------------------------------------------------------------------------------ argument types
 def _register_admin(commands: argparse._SubParsersAction) -> None:
-    admin = commands.add_parser("admin", help="broker operations over the admin HTTP API (tls-reload)")
-    sub = _subcommands(admin, "admin_command", ["tls-reload"])
+    admin = commands.add_parser("admin", help="broker operations: tls-reload (over the admin HTTP API), rotate-key "
+                                              "(encryption-at-rest keyring file)")
+    sub = _subcommands(admin, "admin_command", ["tls-reload", "rotate-key"])
+    _register_rotate_key(sub)
     reload = sub.add_parser("tls-reload", help="re-read the TLS certificate, key and CA files (as SIGHUP does); "
                                                "open connections stay, new ones get the new certificate")
     reload.add_argument("--admin", metavar="[https://]HOST:PORT", default=None,
@@ -679,6 +694,51 @@ def run_group_reset_offset(args: argparse.Namespace) -> int:
         print(f"group {args.group} on {args.topic} reset to {args.to}")
         sys.stdout.write(format_table(("QUEUE", "OFFSET"), [(q.queue_id, o) for q, o in rows]))
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- admin
+def run_admin_rotate_key(args: argparse.Namespace) -> int:
+    """Extend the keyring file (or, for a keyring in an environment variable, print the entry to add to it)."""
+    from pathlib import Path
+
+    from tidegate.core.storage.encryption import (
+        KEY_ID,
+        EncryptionKeyError,
+        Keyring,
+        add_key_to_file,
+        format_key_line,
+        generate_key,
+        next_key_id,
+    )
+    from tidegate.gateway.cli import load_config_from_args
+
+    storage = load_config_from_args(args).config.storage
+    key_file = args.key_file or storage.encryption_key_file
+    try:
+        if key_file:
+            path = Path(os.path.expanduser(key_file))
+            key_id = add_key_to_file(path, args.key_id)
+            print(f"added key {key_id} to {path}; it becomes the current key when the broker restarts. Keep the "
+                  "older keys while records sealed with them are stored.", file=sys.stderr)
+            return EXIT_OK
+        if storage.encryption_key_env:
+            name = storage.encryption_key_env
+            current = os.environ.get(name, "")
+            existing = list(Keyring.parse(current, f"${name}").keys) if current else []
+            key_id = args.key_id or next_key_id(existing)
+            if not KEY_ID.fullmatch(key_id):
+                raise EncryptionKeyError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+            if key_id in existing:
+                raise EncryptionKeyError(f"key id {key_id!r} is already in ${name}")
+            print(format_key_line(key_id, generate_key()))
+            print(f"append this entry to ${name} (entries separated by commas) and restart the broker; keep the "
+                  "older entries while records sealed with them are stored.", file=sys.stderr)
+            return EXIT_OK
+    except EncryptionKeyError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    raise UsageError("no keyring configured: set storage.encryption_key_file or storage.encryption_key_env, or "
+                     "pass --key-file PATH to create one")
 
 
 # -------------------------------------------------------------------------------------------------- message

@@ -60,6 +60,10 @@ class StorageSection:
     retention_hours: int = 72  # 0 = no age limit
     retention_bytes: int = 0  # 0 = no size limit
     retention_check_s: int = 60
+    # Encryption at rest (docs/security.md): a keyring file (mode 0600, `id:base64key` lines, the last is current)
+    # or the name of an environment variable holding the same entries; both empty = records stored in clear.
+    encryption_key_file: str = ""
+    encryption_key_env: str = ""
 
 
 # Accept backlog of every listener: a reconnect storm of thousands of clients must not overflow the kernel's

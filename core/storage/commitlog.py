@@ -38,6 +38,7 @@ from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import DATA_FILE_MODE, StoreLayout, fsync_dir
 from tidegate.core.storage.record import (
+    ENCRYPTED_MAGIC,
     FILLER_MAGIC,
     FILLER_SIZE,
     MESSAGE_MAGIC,
@@ -56,6 +57,7 @@ logger = logging.getLogger("tidegate.storage")
 _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _len_unpack = STR_LEN.unpack
 _MESSAGE_MAGIC_BYTES = MESSAGE_MAGIC.to_bytes(4, "little")
+_ENCRYPTED_MAGIC_BYTES = ENCRYPTED_MAGIC.to_bytes(4, "little")
 
 
 @dataclass(slots=True)
@@ -81,7 +83,7 @@ def _count_records_best_effort(data: bytes | mmap.mmap, pos: int, end: int | Non
         if magic == FILLER_MAGIC:
             count -= 1  # a filler is padding, not a message
             break
-        if magic != MESSAGE_MAGIC or length < MIN_RECORD_SIZE or pos + length > size:
+        if (magic != MESSAGE_MAGIC and magic != ENCRYPTED_MAGIC) or length < MIN_RECORD_SIZE or pos + length > size:
             break
         pos += length
     return count
@@ -251,6 +253,28 @@ class CommitLog:
         self._active_last_ts = store_ts
         self._end = offset + length
         return offset
+
+    def placer(self) -> Callable[[int], int]:
+        """A function giving the commit offset where the next record of that length will land, for records that
+        are then appended in the order asked (one `append`, or one `append_batch` of all of them).
+
+        It mirrors the roll rule of `append`/`append_batch` (a record that would leave no room for the filler
+        starts the next segment). Encrypted records bind their commit offset, so they must know it before they
+        are written; nothing else needs this.
+        """
+        base, pos = self._active_base, self._pos
+        limit = self.segment_bytes - FILLER_SIZE
+
+        def place(length: int) -> int:
+            nonlocal base, pos
+            if pos + length > limit:
+                base += max(self.segment_bytes, pos + FILLER_SIZE)
+                pos = 0
+            offset = base + pos
+            pos += length
+            return offset
+
+        return place
 
     def append_batch(self, records: Sequence[bytes], store_ts: int) -> list[int]:
         """Write several records with one write per segment touched; all or nothing."""
@@ -444,7 +468,7 @@ class CommitLog:
                     magic, length = check_record(data, pos)
                 except CorruptRecord:
                     break
-                if magic != MESSAGE_MAGIC:
+                if magic == FILLER_MAGIC:
                     break
                 last_ts = record_store_ts(data[pos:pos + MIN_RECORD_SIZE])
                 pos += length
@@ -589,14 +613,20 @@ class CommitLog:
         # A damaged body behind an intact header: the record's own length says where the next one starts.
         if size - pos >= PREFIX_SIZE:
             length, magic, _crc = PREFIX.unpack_from(data, pos)
-            if magic == MESSAGE_MAGIC and length >= MIN_RECORD_SIZE and pos + length < size and good(pos + length,
-                                                                                                    False):
+            if ((magic == MESSAGE_MAGIC or magic == ENCRYPTED_MAGIC) and length >= MIN_RECORD_SIZE
+                    and pos + length < size and good(pos + length, False)):
                 return pos + length
-        # Otherwise search for the next record magic (it sits 4 bytes into a record) or the segment's filler.
+        # Otherwise search for the next record magic, plain or encrypted (it sits 4 bytes into a record), or the
+        # segment's filler. The next hit of each magic is remembered so each byte is searched once per magic.
         filler_at = size - FILLER_SIZE
         search = pos + 1 + 4
+        next_hit = {_MESSAGE_MAGIC_BYTES: -2, _ENCRYPTED_MAGIC_BYTES: -2}
         while True:
-            found = data.find(_MESSAGE_MAGIC_BYTES, search)
+            for magic_bytes, hit in next_hit.items():
+                if hit != -1 and hit < search:
+                    next_hit[magic_bytes] = data.find(magic_bytes, search)
+            hits = [hit for hit in next_hit.values() if hit >= 0]
+            found = min(hits) if hits else -1
             candidate = found - 4 if found >= 0 else -1
             if candidate < 0 or candidate >= filler_at:
                 break

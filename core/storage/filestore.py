@@ -44,11 +44,20 @@ from tidegate.core.errors import (
 from tidegate.core.model import AppendResult, IndexEntry, Message, QueueRef, tag_hash
 from tidegate.core.storage.api import QueueBounds, RecoveryReport, StoreStats
 from tidegate.core.storage.commitlog import CommitLog
+from tidegate.core.storage.encryption import (
+    Keyring,
+    decode_sealed_record,
+    encode_sealed_record,
+    key_uses_json,
+    read_key_uses,
+    record_current_key,
+    verify_keyring,
+)
 from tidegate.core.storage.fileio import OS_IO, FileIO
 from tidegate.core.storage.keyindex import KeyIndex, key_hash
 from tidegate.core.storage.layout import StoreLayout, fsync_dir, write_atomically
 from tidegate.core.storage.queueindex import IndexFiles, QueueIndex
-from tidegate.core.storage.record import decode_record, encode_record, find_by_id, make_msg_id
+from tidegate.core.storage.record import SealedRecord, decode_record, encode_record, find_by_id, make_msg_id
 from tidegate.core.storage.tombstones import Tombstones
 
 logger = logging.getLogger("tidegate.storage")
@@ -77,7 +86,10 @@ class FileMessageStore:
         index_flush_entries: int = 32_768,
         max_open_index_files: int = 256,
         io: FileIO | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
+        """`keyring` turns on encryption at rest (core/storage/encryption.py): new records are sealed with its
+        current key. Raises EncryptionKeyError when the log holds sealed records the keyring cannot open."""
         self.layout = StoreLayout(data_dir)
         fresh = not self.layout.commitlog_dir.exists()
         self.layout.create_dirs()
@@ -101,7 +113,17 @@ class FileMessageStore:
         self._last_ts = 0
         self._closed = False
         self._checkpoint = -1  # last value written; -1 forces the first write
+        self._keyring = keyring
+        key_uses = read_key_uses(self.layout.encryption_keys_path)
+        try:
+            verify_keyring(key_uses, keyring, self._log.min_offset, self._log.end_offset,
+                           self.layout.encryption_keys_path)
+        except StoreError:
+            self._log.release()  # nothing was written: refuse before recovery touches the data
+            raise
         self.recovery = self._open(fresh)
+        if keyring is not None:
+            self._start_sealing(key_uses, keyring)
 
     # --- opening and recovery
     def _read_checkpoint(self) -> tuple[int, int | None]:
@@ -309,6 +331,100 @@ class FileMessageStore:
             for key in message.keys:
                 self._keys.add(segment, key_hash(message.topic, key), offset)
         return added
+
+    # --- encryption at rest
+    def _start_sealing(self, key_uses: list, keyring: Keyring) -> None:
+        """Note the current key in the key check file (before it seals anything), then route appends through the
+        sealing twins; the plain `append`/`append_batch` stay untouched, so a store without a keyring pays
+        nothing for encryption."""
+        updated = record_current_key(key_uses, keyring, self._log.end_offset)
+        if updated is not None:
+            try:
+                write_atomically(self.layout.encryption_keys_path, key_uses_json(updated), io=self._io)
+            except OSError as exc:
+                raise StoreError(f"cannot write the key check file: {exc}") from None
+            logger.info("encryption at rest: new records are sealed with key %r", keyring.current)
+        self.append = self._append_sealed  # type: ignore[method-assign]
+        self.append_batch = self._append_batch_sealed  # type: ignore[method-assign]
+
+    def _open_sealed(self, data: bytes, commit_offset: int) -> Message:
+        if self._keyring is None:
+            raise MessageNotFound(f"no message at commit offset {commit_offset}: the record is encrypted and the "
+                                  "store has no encryption key")
+        try:
+            return decode_sealed_record(data, commit_offset, self._keyring)
+        except CorruptRecord as exc:
+            raise MessageNotFound(f"no message at commit offset {commit_offset}: {exc.message}") from None
+
+    def _append_sealed(self, message: Message, destinations: Sequence[QueueRef]) -> AppendResult:
+        return self._append_batch_sealed(((message, destinations),))[0]
+
+    def _append_batch_sealed(self, items: Sequence[tuple[Message, Sequence[QueueRef]]]) -> list[AppendResult]:
+        """append_batch with sealed records (mirrors it: keep the two in step). Each record binds the commit
+        offset the log's placer predicts for it; a different actual offset would make it unreadable, so it is
+        checked and fails the log (never an acknowledgement for a record that cannot be opened)."""
+        self._check_open()
+        if not items:
+            return []
+        now = self._clock()
+        store_ts = now if now > self._last_ts else self._last_ts
+        queues = self._queues
+        keyring = self._keyring
+        assert keyring is not None
+        place = self._log.placer()
+        planned: list[int] = []
+
+        def place_and_note(length: int) -> int:
+            offset = place(length)
+            planned.append(offset)
+            return offset
+
+        claimed: dict[QueueIndex, int] = {}
+        records = []
+        plans = []
+        for message, destinations in items:
+            targets = []
+            dests = []
+            for ref in destinations:
+                q = queues.get(ref) or self._new_queue(ref)
+                extra = claimed.get(q, 0)
+                claimed[q] = extra + 1
+                targets.append(q)
+                dests.append((ref.topic, ref.queue_id, q.max_offset + extra))
+            records.append(encode_sealed_record(message, store_ts, dests, keyring, place_and_note))
+            plans.append(targets)
+        try:
+            offsets = self._log.append_batch(records, store_ts)
+        except (StoreFull, StoreError) as exc:
+            self._append_failed(exc)
+            raise
+        if offsets != planned:
+            raise self._log._fail(f"sealed records landed at {offsets[:3]}, not at the planned {planned[:3]}")
+        if self._write_error is not None:
+            self._write_error = None
+        self._last_ts = store_ts
+        results = []
+        entries = 0
+        for i, offset in enumerate(offsets):
+            message = items[i][0]
+            size = len(records[i])
+            th = self._tag_hash(message.tag)
+            targets = plans[i]
+            queue_offsets = tuple([q.add(offset, size, th) for q in targets])
+            entries += len(targets)
+            if message.keys:
+                segment = self._log.segment_of(offset)
+                for key in message.keys:
+                    self._keys.add(segment, key_hash(message.topic, key), offset)
+            msg_id = make_msg_id(offset, store_ts)
+            message.msg_id = msg_id
+            message.store_ts = store_ts
+            results.append(AppendResult(msg_id, offset, size, store_ts, queue_offsets))
+        self._dirty.update(claimed)
+        self._pending_entries += entries
+        if self._pending_entries >= self._flush_threshold:
+            self._flush_quietly()
+        return results
 
     # --- helpers
     def _tag_hash(self, tag: str) -> int:
@@ -525,6 +641,8 @@ class FileMessageStore:
         try:
             data = self._log.read(commit_offset, size)
             message = decode_record(data).message
+        except SealedRecord:
+            message = self._open_sealed(data, commit_offset)
         except CorruptRecord as exc:
             raise MessageNotFound(f"no message at commit offset {commit_offset}: {exc.message}") from None
         message.msg_id = make_msg_id(commit_offset, message.store_ts)

@@ -111,6 +111,8 @@ class StoreLayout:
         self.clean_shutdown_path = self.root / "clean_shutdown"
         self.tombstones_path = self.root / "tombstones"
         self.meta_db_path = self.root / "meta.db"
+        # which encryption keys sealed records from which offset, with a check value each (no secrets)
+        self.encryption_keys_path = self.root / "encryption_keys.json"
 
     def create_dirs(self) -> None:
         for directory in (self.root, self.commitlog_dir, self.index_dir, self.keys_dir):

@@ -19,6 +19,11 @@ body
 The destinations live in the record so that queue indexes can be rebuilt from the log after a crash (RocketMQ's
 LMQ keeps them in the properties for the same reason).
 
+An encrypted record (ENCRYPTED_MAGIC, written only when the store has a keyring: core/storage/encryption.py)
+has the same layout with subject_len = props_len = 0 and, in place of the body, a sealed envelope holding the
+AES-256-GCM ciphertext of subject, properties and body. Plain records are unchanged, so logs written before
+encryption was turned on stay readable; the plain decoder refuses an encrypted record (SealedRecord).
+
 A filler record (FILLER_MAGIC) pads the end of a segment so that a record never spans two segments. Its length
 field covers the rest of the segment's logical space, but only FILLER_SIZE bytes are written: `length, magic, crc,
 last_store_ts`, the crc covering `last_store_ts` — the newest store time in the segment, which retention by age
@@ -39,6 +44,7 @@ from tidegate.core.model import Message
 
 MESSAGE_MAGIC = 0x314D4754  # b"TGM1"
 FILLER_MAGIC = 0x46464754  # b"TGFF"
+ENCRYPTED_MAGIC = 0x31454754  # b"TGE1": a message record whose subject, properties and body are sealed
 
 PREFIX = struct.Struct("<III")  # length, magic, crc
 HEADER = struct.Struct("<IqqqqHHHHIIHI")
@@ -63,6 +69,10 @@ _len_pack = STR_LEN.pack
 
 class TornRecord(CorruptRecord):
     """A record whose bytes end before its length says (a write cut short by a crash)."""
+
+
+class SealedRecord(CorruptRecord):
+    """An encrypted record reached the plain decoder: only a store with the keyring can open it."""
 
 
 Destination = tuple[str, int, int]  # topic, queue_id, queue_offset
@@ -165,7 +175,7 @@ def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
     if available < PREFIX_SIZE:
         raise TornRecord(f"record prefix cut short: {available} bytes")
     length, magic, crc = PREFIX.unpack_from(buf, pos)
-    if magic == MESSAGE_MAGIC:
+    if magic == MESSAGE_MAGIC or magic == ENCRYPTED_MAGIC:
         if length < MIN_RECORD_SIZE:
             raise CorruptRecord(f"record length {length} is below the minimum {MIN_RECORD_SIZE}")
         if length > available:
@@ -194,10 +204,17 @@ def _read_strings(buf: bytes, start: int, end: int) -> list[str]:
 
 
 def decode_record(buf: bytes, verify: bool = True) -> DecodedRecord:
-    """Decode one whole message record (exactly its bytes). Raises CorruptRecord on any inconsistency."""
+    """Decode one whole message record (exactly its bytes). Raises CorruptRecord on any inconsistency.
+
+    `verify=False` (recovery, which checked the record already) does not look at the magic: an encrypted record
+    then decodes to its clear fields with the sealed envelope as its body, which is all recovery needs. Anything
+    that delivers messages must verify (an encrypted record then raises SealedRecord).
+    """
     if verify:
         magic, length = check_record(buf)
         if magic != MESSAGE_MAGIC:
+            if magic == ENCRYPTED_MAGIC:
+                raise SealedRecord("the record is encrypted and the store has no encryption key")
             raise CorruptRecord("expected a message record, found a filler")
         if length != len(buf):
             raise CorruptRecord(f"record length {length} does not match the {len(buf)} bytes read")
