@@ -125,7 +125,8 @@ class Outbound:
     """The core-to-client half of one accepted connection."""
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
-                 "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session", "routes_count")
+                 "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session",
+                 "routes_count")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
