@@ -23,6 +23,8 @@ from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
 
+MAX_CACHED_FANOUTS = 4096
+
 
 class Producer:
     def __init__(self, store: MessageStore, durability: Durability, topics: TopicRegistry, bindings: Bindings,
@@ -39,11 +41,22 @@ class Producer:
         self._now_ms = now_ms
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+        # (home queue, queues the bindings matched) -> destinations in append order: the router returns the same
+        # frozenset for a name until the bindings change, so most publishes find their destinations here
+        self._fanouts: dict[tuple[QueueRef, frozenset[QueueRef]], tuple[QueueRef, ...]] = {}
+
+    def _fanout(self, home: QueueRef, extra: frozenset[QueueRef]) -> tuple[QueueRef, ...]:
+        dests = (home, *sorted(d for d in extra if d != home))
+        if len(self._fanouts) >= MAX_CACHED_FANOUTS:
+            self._fanouts.clear()
+        self._fanouts[(home, extra)] = dests
+        return dests
 
     def publish(self, messages: Sequence[Message], queue_id: int | None = None) -> list[SendResult]:
         """See Broker.publish."""
         now = self._now_ms()
-        items: list[tuple[Message, list[QueueRef]]] = []
+        items: list[tuple[Message, tuple[QueueRef, ...]]] = []
+        fanouts = self._fanouts
         router = self._router if len(self._router) else None
         topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
         for m in messages:
@@ -69,10 +82,15 @@ class Producer:
                 rr[m.topic] = (qid + 1) % cfg.queues
                 home = queues[qid]
             if router is not None:
-                extra = router.match(m.full_name)
-                dests = [home, *sorted(d for d in extra if d != home)] if extra else [home]
+                extra = router.match(f"{m.topic}/{m.subject}" if m.subject else m.topic)  # Message.full_name
+                if extra:
+                    dests = fanouts.get((home, extra))
+                    if dests is None:
+                        dests = self._fanout(home, extra)
+                else:
+                    dests = (home,)
             else:
-                dests = [home]
+                dests = (home,)
             if not m.born_ts:
                 m.born_ts = now
             items.append((m, dests))
@@ -122,3 +140,4 @@ class Producer:
     def forget_topic(self, topic: str) -> None:
         self._next_queue.pop(topic, None)
         self._queue_refs.pop(topic, None)
+        self._fanouts.clear()

@@ -57,8 +57,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.mqtt")
 
-_TRANSIENT = int(MessageFlag.TRANSIENT)  # plain ints: IntFlag operators cost a call each on the delivery path
+_TRANSIENT = int(MessageFlag.TRANSIENT)
 _QOS2 = int(QOS2_FLAG)
+# flags -> the QoS a message carries (mapping.message_qos): one dict lookup per delivery, where IntFlag's `&`
+# costs Python-level calls; messages carry few distinct flag values, and at most 256 are remembered
+_QOS_OF_FLAGS: dict[int, int] = {}
+
+
+def _message_qos(flags: int) -> int:
+    value = int(flags)
+    qos = 0 if value & _TRANSIENT else (2 if value & _QOS2 else 1)
+    if len(_QOS_OF_FLAGS) < 256:
+        _QOS_OF_FLAGS[value] = qos
+    return qos
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
 
 
@@ -276,8 +287,9 @@ class Outbound:
             if not route.matches:
                 self._finish(key, delivered)
                 return None
-        flags = message.flags
-        qos = 0 if flags & _TRANSIENT else (2 if flags & _QOS2 else 1)  # the message's QoS (mapping.message_qos)
+        qos = _QOS_OF_FLAGS.get(message.flags)  # the message's QoS (mapping.message_qos)
+        if qos is None:
+            qos = _message_qos(message.flags)
         if route.qos < qos:
             qos = route.qos
         if qos == 0 and self.settings.max_queued_messages and conn.mqtt_session.expiry_interval == 0:  # type: ignore[union-attr]
