@@ -570,6 +570,17 @@ def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: b
     return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable, payload))
 
 
+_puback_id_pack = UINT16.pack
+
+
+def encode_puback_success(packet_id: int) -> bytes:
+    """The bytes of `Puback(packet_id)` (reason Success, no properties) at any protocol level: the 4 bytes both
+    3.1.1 and v5 send for it, without a packet object (the durable acknowledgement of every QoS 1 publish)."""
+    if packet_id.__class__ is not int or not 0 < packet_id <= 0xFFFF:
+        raise MqttEncodeError(f"PUBACK packet identifier {packet_id!r} is not 1..65535", ReasonCode.PROTOCOL_ERROR)
+    return b"\x40\x02" + _puback_id_pack(packet_id)
+
+
 def _encode_acknowledgement(level: int, packet: _PublishAcknowledgement) -> bytes:
     first_byte = (packet.packet_type << 4) | (0b0010 if packet.packet_type == PacketType.PUBREL else 0)
     packet_id = UINT16.pack(packet.packet_id)

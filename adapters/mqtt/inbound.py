@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tidegate.core.errors import NotAuthorized, TidegateError
 from tidegate.core.model import Message
 
+from .codec import encode_puback_success
 from .errors import reason_for_core_error
 from .mapping import (
     PROP_PUBLISHER,
@@ -272,10 +273,11 @@ class Inbound:
         if conn.state != "connected":
             return  # the client resends after reconnecting; a QoS 2 resend is recognised by its packet id
         window = self.window
+        write = conn.write
         for packet_id, qos in acks:
             if qos == 1:
                 window.done(packet_id)
-                conn.send(Puback(packet_id))
+                write(encode_puback_success(packet_id))  # the bytes of conn.send(Puback(packet_id))
             else:
                 window.awaiting_durable.discard(packet_id)
                 conn.send(Pubrec(packet_id))
