@@ -137,7 +137,7 @@ class Outbound:
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
                  "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session",
-                 "routes_count")
+                 "routes_count", "credit_back")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
@@ -156,6 +156,8 @@ class Outbound:
         self.routes: dict[tuple[str, str, str], Route] | None = None
         self.routes_session: object = None
         self.routes_count = 0  # len(session.subscriptions) when the routes were cached: a safety net
+        # While a batch of deliveries is handled: credit to return per key at its end (one grant, one wake-up)
+        self.credit_back: dict[str, int] | None = None
 
     def subscriptions_changed(self) -> None:
         """The session's subscriptions changed (SUBSCRIBE, UNSUBSCRIBE): forget the cached routes."""
@@ -239,12 +241,18 @@ class Outbound:
     def on_deliveries(self, batch: tuple[str, list[Delivered]]) -> None:
         key, deliveries = batch
         conn = self.conn
-        for delivered in deliveries:
-            if conn.state != "connected":
-                return  # the core subscription was closed; the core redelivers unacked messages
-            outgoing = self._decide(key, delivered)
-            if outgoing is not None:
-                self.offer(outgoing)
+        self.credit_back = back = {}
+        try:
+            for delivered in deliveries:
+                if conn.state != "connected":
+                    return  # the core subscription was closed; the core redelivers unacked messages
+                outgoing = self._decide(key, delivered)
+                if outgoing is not None:
+                    self.offer(outgoing)
+        finally:
+            self.credit_back = None
+            for back_key, credit in back.items():
+                self._regrant(back_key, credit)
 
     def _route(self, key: str, message: Message) -> Route:
         """How this client's subscriptions of queue `key` take messages of the message's topic and subject."""
@@ -432,18 +440,23 @@ class Outbound:
             pass  # already released (subscription closed meanwhile): the core redelivers it
         self._regrant(key)
 
-    def _regrant(self, key: str | None) -> None:
-        """One message of subscription `key` left the connection's hands: its credit goes back to the core, or is
-        held while the transport is paused (returned by `resume`; never more than was granted)."""
+    def _regrant(self, key: str | None, credit: int = 1) -> None:
+        """Messages of subscription `key` left the connection's hands: their credit goes back to the core, or is
+        held while the transport is paused (returned by `resume`; never more than was granted). Inside a batch of
+        deliveries (QoS 0 writes, drops) it is summed and returned once at the end of the batch."""
         if key is None:
+            return
+        back = self.credit_back
+        if back is not None:
+            back[key] = back.get(key, 0) + credit
             return
         sub = self.subs.get(key)
         if sub is None or sub.closed:
             return
         if self.conn.paused:
-            self.held_credit[key] = self.held_credit.get(key, 0) + 1
+            self.held_credit[key] = self.held_credit.get(key, 0) + credit
         else:
-            sub.grant(1)
+            sub.grant(credit)
 
     def _ack_core(self, item: Inflight) -> None:
         if item.sub_key is None:
