@@ -100,27 +100,28 @@ class Producer:
         started = perf_counter()
         results = store.append_batch(items) if len(items) > 1 else [store.append(*items[0])]
         self._metrics.append_latency.observe(perf_counter() - started)
-        updates: list[tuple[QueueRef, int]] = []
+        # the new visible end of each destination queue: offsets grow within a batch, so the last one counts
+        ends: dict[QueueRef, int] = {}
         out: list[SendResult] = []
         remember, visible = self._remember, self._visibility.visible
+        new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
         body_bytes = 0
-        for (m, dests), r in zip(items, results, strict=True):
-            offsets = r.queue_offsets
-            fanout = len(dests)
-            if fanout == 1:
-                dest = dests[0]
-                if dest not in visible:
-                    visible[dest] = offsets[0]  # everything before this append is already visible
-                updates.append((dest, offsets[0] + 1))
+        for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
+            home = dests[0]
+            if len(dests) == 1:
+                if home not in visible:
+                    visible[home] = offsets[0]  # everything before this append is already visible
+                ends[home] = offsets[0] + 1
             else:
                 for dest, qoff in zip(dests, offsets, strict=True):
                     if dest not in visible:
                         visible[dest] = qoff
-                    updates.append((dest, qoff + 1))
-            remember(r.commit_offset, m, r.size)
+                    ends[dest] = qoff + 1
+            remember(commit_offset, m, size)
             body_bytes += len(m.body)
-            out.append(SendResult(r.msg_id, m.topic, dests[0].queue_id, offsets[0], r.commit_offset,
-                                  r.commit_offset + r.size, fanout - 1))
+            out.append(new_result(SendResult, (msg_id, m.topic, home.queue_id, offsets[0], commit_offset,
+                                               commit_offset + size, len(dests) - 1)))
+        updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
         if all(m.topic == topic for m, _ in items):
