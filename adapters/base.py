@@ -12,7 +12,12 @@
     forward registration), `paused` tells the adapter to stop delivering, `on_pause`/`on_resume` hooks;
   * an *authenticating* state: `authenticate(credentials)` asks the gate asynchronously; frames that were already
     parsed after CONNECT/HELLO (`hold_frames`) and bytes that arrive meanwhile wait, bounded, until the decision
-    fires; then `on_authenticated`/`on_authentication_failed` run and the held work resumes in order.
+    fires; then `on_authenticated`/`on_authentication_failed` run and the held work resumes in order;
+  * admission against the limits (core/security/limits.py, `ConnectionLimits.limiter`): connections and connection
+    rate per source address are counted when the TCP connection is made, connections per user once the gate has
+    named the principal. A refused connection is answered when its client first speaks: `authenticate` fails
+    with `QuotaExceeded`, which each adapter reports its way (MQTT CONNACK 0x97 / 3.1.1 return code 3, AMQP
+    connection.close 530, native error QUOTA_EXCEEDED).
 
 Subclasses implement `bytes_received(data)` (feed the codec, dispatch frames) and, if they authenticate,
 `frames_resumed(frames)` and the two authentication hooks.
@@ -23,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.tcp import Connection as TcpConnection
@@ -31,10 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tidegate.adapters.certificates import certificate_identity, peer_certificate
 from tidegate.adapters.transport import disable_nagle
+from tidegate.core.errors import QuotaExceeded
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.gate import Credentials, Gate, Principal
+from tidegate.core.security.limits import Limiter, SourceTicket, UserTicket
 from tidegate.core.session import CoreSession, system_session
 
 log = Logger(namespace="tidegate.adapters")
@@ -54,12 +62,15 @@ class ConnectionLimits:
 
     output_budget: int = DEFAULT_OUTPUT_BUDGET
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    limiter: Limiter | None = None  # limits against abuse, shared by every listener of the process (`[limits]`)
 
 
 class AdapterFactory(Factory):
     """Listener factory of one protocol: `Factory(core, gate, clock, settings, *, metrics, listener, limits)`."""
 
     protocol_label: ClassVar[str] = "adapter"
+    # Which field of a verified client certificate names the user ([tls] identity; set by gateway/listeners.py).
+    certificate_identity_rule: str = "cn"
 
     def __init__(self, core: Core, gate: Gate, clock: Any, settings: Any, *, metrics: CoreMetrics | None = None,
                  listener: str = "", limits: ConnectionLimits | None = None) -> None:
@@ -70,14 +81,17 @@ class AdapterFactory(Factory):
         self.metrics = metrics if metrics is not None else core.metrics
         self.listener = listener or self.protocol_label
         self.limits = limits or ConnectionLimits()
+        self.limiter = self.limits.limiter
         self.noisy = False
         # The broker acting for this adapter (housekeeping of its private topics, wills); never a client's.
         self.system = system_session(core, gate, self.listener)
 
     def open_session(self, principal: Principal, source: str, client_id: str = "") -> CoreSession:
         """The per-connection door into the core, opened once the connection has authenticated."""
+        limiter = self.limiter
+        quota = limiter.session_quota(self.listener, principal.name) if limiter is not None else None
         return CoreSession(self.core, self.gate, principal, source=source, listener=self.listener,
-                           client_id=client_id)
+                           client_id=client_id, quota=quota)
 
     def stop(self) -> None:
         """Broker shutdown: cancel timers the adapter owns (override)."""
@@ -138,6 +152,9 @@ class AdapterConnection(Protocol):
         self._idle_limit = 0.0
         self._written_while_paused = 0
         self.last_seen = 0.0
+        self._source_ticket: SourceTicket | None = None
+        self._user_ticket: UserTicket | None = None
+        self._admission_refused: QuotaExceeded | None = None
 
     # ------------------------------------------------------------------ transport events
     def connectionMade(self) -> None:
@@ -149,6 +166,11 @@ class AdapterConnection(Protocol):
         if limits.max_held_bytes != DEFAULT_MAX_HELD_BYTES:
             self.max_held_bytes = limits.max_held_bytes
         self.source = peer_host(self.transport)
+        if factory.limiter is not None:
+            try:
+                self._source_ticket = factory.limiter.admit_source(factory.listener, self.source)
+            except QuotaExceeded as refused:
+                self._admission_refused = refused  # answered at CONNECT/HELLO/start-ok, the protocol's way
         label = factory.protocol_label
         factory.metrics.connections[label] += 1
         factory.metrics.connections_total[label] += 1
@@ -167,6 +189,10 @@ class AdapterConnection(Protocol):
         self.factory.metrics.connections[self.factory.protocol_label] -= 1
         self.stop_idle_timer()
         self._held_frames, self._held_bytes = [], []
+        limiter = self.factory.limiter
+        if limiter is not None:
+            limiter.release_source(self._source_ticket)
+            limiter.release_user(self._user_ticket)
         self.connection_ended(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -177,6 +203,14 @@ class AdapterConnection(Protocol):
             self._hold_bytes(data)
             return
         self._run_batched(self.bytes_received, data)
+
+    def peer_certificate_identity(self) -> str:
+        """The user name the client's verified TLS certificate carries ('' on plain connections or without a
+        certificate): the one place every adapter reads it (MQTT/native without a user name, AMQP EXTERNAL)."""
+        certificate = peer_certificate(self.transport)
+        if certificate is None:
+            return ""
+        return certificate_identity(certificate, self.factory.certificate_identity_rule)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def connection_started(self) -> None:
@@ -273,7 +307,11 @@ class AdapterConnection(Protocol):
     def authenticate(self, credentials: Credentials) -> None:
         """Ask the gate; until it answers, later frames of this read (`hold_frames`) and new bytes wait."""
         self.authenticating = True
-        decision: Deferred[Principal] = self.factory.gate.authenticate(credentials)
+        decision: Deferred[Principal]
+        if self._admission_refused is not None:
+            decision = fail(self._admission_refused)
+        else:
+            decision = self.factory.gate.authenticate(credentials)
         decision.addCallbacks(self._authenticated, self._authentication_failed)
 
     def hold_frames(self, frames: list[Any]) -> None:
@@ -291,9 +329,19 @@ class AdapterConnection(Protocol):
         self._held_bytes.append(data)
 
     def _authenticated(self, principal: Principal) -> None:
-        self.authenticating = False
         if not self.connected_:
+            self.authenticating = False
             return
+        limiter = self.factory.limiter
+        if limiter is not None and not principal.system:
+            limiter.release_user(self._user_ticket)  # a re-authentication (AMQP) replaces the first login
+            self._user_ticket = None
+            try:
+                self._user_ticket = limiter.admit_user(self.factory.listener, principal.name)
+            except QuotaExceeded as refused:
+                self._authentication_failed(Failure(refused))
+                return
+        self.authenticating = False
         self._run_batched(self._resume_after_login, principal)
 
     def _resume_after_login(self, principal: Principal) -> None:

@@ -54,6 +54,7 @@ from tidegate.core.model import Message, QueueRef, TopicConfig, validate_group
 from tidegate.core.offsets import OffsetBook
 from tidegate.core.produce import Producer
 from tidegate.core.reader import MAX_SCAN_PER_PUMP, READ_BATCH, QueueReader
+from tidegate.core.schema import SchemaRegistry
 from tidegate.core.storage.api import MessageStore, MetadataStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
@@ -79,8 +80,9 @@ class Broker:
         self._reader = QueueReader(store, self.config.message_cache_bytes)
         self._offsets = OffsetBook(metadata, clock)
         self._groups = GroupRegistry(metadata, store, self._topics, self._offsets, self._visibility, self.now_ms)
+        self.schemas = SchemaRegistry(metadata)  # per-topic JSON Schema / content-type rules (core/schema.py)
         self._producer = Producer(store, durability, self._topics, self._bindings, self._visibility, self._reader,
-                                  self.metrics, self.config, self.now_ms)
+                                  self.metrics, self.config, self.now_ms, self.schemas)
         self._delivery = Delivery(store, clock, self.config, self.metrics, self._topics, self._visibility,
                                   self._reader, self._offsets, self._groups.states, self._producer.publish)
         # The method below documents publish; the instance calls the producer directly, one call less per send.

@@ -92,6 +92,19 @@ class NotAuthenticated(ClientError):
     """Credentials were missing, wrong, expired or refused."""
 
 
+class QuotaExceeded(ClientError):
+    """A limit against abuse was hit (core/security/limits.py): connections per user or source, connection rate,
+    publish rate or bandwidth, subscriptions, message or property size. `cause` names which, from a fixed set."""
+
+    def __init__(self, message: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class SchemaViolation(ClientError):
+    """A message does not satisfy its topic's JSON Schema or content-type rule (core/schema.py)."""
+
+
 # ---------------------------------------------------------------------------------------- the broker's fault
 class StoreFull(ServerError):
     """The disk (or the store's size budget) is full."""

@@ -13,11 +13,11 @@ from typing import Any
 
 from tidegate.core.api import AckMode, ConsumeMode, GroupInfo, QueueProgress
 from tidegate.core.consumers import GroupState
-from tidegate.core.errors import GroupNotFound, TidegateError
+from tidegate.core.errors import GroupNotFound, InvalidName, TidegateError
 from tidegate.core.model import QueueRef
 from tidegate.core.offsets import OffsetBook
 from tidegate.core.storage.api import MessageStore, MetadataStore
-from tidegate.core.topics import TopicRegistry
+from tidegate.core.topics import TopicRegistry, check_encoded_topic, dead_letter_topic
 from tidegate.core.visibility import Visibility
 
 
@@ -38,6 +38,7 @@ class GroupRegistry:
         consume in another mode. A group with nobody online takes the mode of whoever joins."""
         state = self.states.get(group)
         if state is None:
+            _check_dead_letter_name(group)
             state = self.states[group] = GroupState(group, mode, ack)
         elif state.subscriptions() and (state.mode, state.ack) != (mode, ack):
             raise TidegateError(f"group {group!r} is consuming in {state.mode.value}/{state.ack.value} mode; "
@@ -120,3 +121,13 @@ class GroupRegistry:
         self.states.pop(group, None)
         self._rows.pop(group, None)
         self._meta.delete_group(group)
+
+
+def _check_dead_letter_name(group: str) -> None:
+    """A consuming group may dead-letter: refuse it up front if its dead-letter topic could not be created (a name
+    dense in `%` escapes past the file system's limit), rather than failing at the first dead letter."""
+    try:
+        check_encoded_topic(dead_letter_topic(group))
+    except InvalidName:
+        raise InvalidName(f"invalid group name {group[:40]!r}...: its dead-letter topic would be too long once "
+                          "escaped for the store (every '%' takes 3 bytes)") from None

@@ -46,6 +46,38 @@ class LatencyHistogram:
         return float("inf")
 
 
+SECURITY_LABEL_PAIRS = 256  # distinct (listener, cause) pairs per security counter; more fold into "other"
+
+
+@dataclass(slots=True)
+class SecurityMetrics:
+    """Security counters by listener and a cause/action word: bounded label sets (never user names or client ids).
+
+    `failed_logins[(listener, cause)]`, `denials[(listener, action)]`, `limit_hits[(listener, cause)]`; each counter
+    keeps at most SECURITY_LABEL_PAIRS label pairs, later new pairs count under ("other", "other")."""
+
+    failed_logins: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    denials: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    limit_hits: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    @staticmethod
+    def _bump(counter: defaultdict[tuple[str, str], int], listener: str, word: str) -> None:
+        key = (listener or "unknown", word or "unknown")
+        if key not in counter and len(counter) >= SECURITY_LABEL_PAIRS:
+            key = ("other", "other")
+        counter[key] += 1
+
+    def login_failed(self, listener: str, cause: str) -> None:
+        self._bump(self.failed_logins, listener, cause)
+
+    def denied(self, listener: str, action: str) -> None:
+        self._bump(self.denials, listener, action)
+
+    def limit_hit(self, listener: str, cause: str) -> None:
+        """A limit refused something (message size, connection or publish rate, ...): `cause` names the limit."""
+        self._bump(self.limit_hits, listener, cause)
+
+
 @dataclass(slots=True)
 class CoreMetrics:
     messages_in: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # by topic
@@ -58,3 +90,4 @@ class CoreMetrics:
     fsync_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     redeliveries: int = 0
     dead_lettered: int = 0
+    security: SecurityMetrics = field(default_factory=SecurityMetrics)

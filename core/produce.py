@@ -19,6 +19,7 @@ from tidegate.core.interfaces_storage import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message, QueueRef
 from tidegate.core.reader import QueueReader
+from tidegate.core.schema import SchemaRegistry
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
@@ -29,7 +30,7 @@ MAX_CACHED_FANOUTS = 4096
 class Producer:
     def __init__(self, store: MessageStore, durability: Durability, topics: TopicRegistry, bindings: Bindings,
                  visibility: Visibility, reader: QueueReader, metrics: CoreMetrics, config: BrokerConfig,
-                 now_ms: Callable[[], int]) -> None:
+                 now_ms: Callable[[], int], schemas: SchemaRegistry | None = None) -> None:
         self._store = store
         self._durability = durability
         self._topics = topics
@@ -39,6 +40,9 @@ class Producer:
         self._metrics = metrics
         self._config = config
         self._now_ms = now_ms
+        # topic -> check of its JSON Schema / content-type rule (core/schema.py); read in place, never replaced
+        self._schemas = schemas
+        self._validators: dict[str, Callable[[Message], None]] = schemas.validators if schemas is not None else {}
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
         # (home queue, queues the bindings matched) -> destinations in append order: the router returns the same
@@ -59,9 +63,14 @@ class Producer:
         fanouts = self._fanouts
         router = self._router if len(self._router) else None
         topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
+        validators = self._validators
         for m in messages:
             cfg = topics.get(m.topic)
             m.validate(max_body, check_topic=cfg is None)
+            if validators:
+                check = validators.get(m.topic)
+                if check is not None:
+                    check(m)  # SchemaViolation: the whole batch is refused, nothing is stored
             if cfg is None:
                 if not self._config.auto_create_topics:
                     raise TopicNotFound(f"topic {m.topic!r} does not exist and auto-creation is off")
@@ -142,3 +151,5 @@ class Producer:
         self._next_queue.pop(topic, None)
         self._queue_refs.pop(topic, None)
         self._fanouts.clear()
+        if self._schemas is not None:
+            self._schemas.clear(topic)  # a deleted topic's rule goes with it

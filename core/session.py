@@ -10,6 +10,11 @@ by a system principal or by the session that owns them: adapter code claims them
 code, never on a client's say-so), so a client naming `%MQTT%victim` over the native port is refused before the
 gate is even asked. Decisions are cached per session until the gate's `version` moves (a policy or user change),
 so the publish hot path pays a dict lookup, not a policy evaluation, per message.
+
+Limits against abuse (core/security/limits.py) are the session's `quota`: message and property sizes and the
+user's publish rate and bandwidth are charged on `publish` (refused with `QuotaExceeded`, or taken into debt when
+the adapter throttles instead: `throttle_publishes`, `publish_wait`), subscriptions are counted on `subscribe` and
+`bind`. Messages refused by their topic's schema are counted as limit hits of cause `schema`.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tidegate.core.api import Delivered, GroupInfo, PullResult, SendResult
-from tidegate.core.errors import MessageNotFound, NotAuthorized, TopicNotFound
+from tidegate.core.errors import MessageNotFound, NotAuthorized, SchemaViolation, TopicNotFound
 from tidegate.core.filters import TagFilter
 from tidegate.core.interfaces import AdapterStateStore, Core, DeliverySink, Subscription
 from tidegate.core.model import Message, QueueRef, TopicConfig, is_private_topic, is_reserved_topic
 from tidegate.core.security.gate import CLUSTER, SYSTEM, Action, Gate, Principal, Resource
+from tidegate.core.security.limits import SCHEMA, SessionQuota
 
 DECISION_CACHE_ENTRIES = 1024  # per session; a client cycling through names only churns its own cache
 
@@ -31,10 +37,10 @@ class CoreSession:
     """One connection's view of the core, acting as `principal` from `source` on `listener`."""
 
     __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned", "_own_queues",
-                 "_decisions", "_gate_version")
+                 "_decisions", "_gate_version", "quota")
 
     def __init__(self, core: Core, gate: Gate, principal: Principal, *, source: str = "", listener: str = "",
-                 client_id: str = "") -> None:
+                 client_id: str = "", quota: SessionQuota | None = None) -> None:
         self.core = core
         self.gate = gate
         self.principal = principal
@@ -48,6 +54,8 @@ class CoreSession:
         self._own_queues: set[str] = set()
         self._decisions: dict[tuple[Action, Resource], bool] = {}
         self._gate_version = gate.version
+        # limits against abuse; None for the broker itself and where no limiter is configured (tests, tools)
+        self.quota = None if principal.system else quota
 
     def __repr__(self) -> str:
         return f"<CoreSession {self.principal} {self.listener} {self.source} {self.client_id!r}>"
@@ -67,6 +75,10 @@ class CoreSession:
             if len(self._decisions) >= DECISION_CACHE_ENTRIES:
                 self._decisions.clear()
             self._decisions[key] = allowed
+        if not allowed:
+            note_denial = getattr(self.gate, "note_denial", None)  # PolicyGate: audit line and metrics
+            if note_denial is not None:
+                note_denial(self.principal, action, resource, source=self.source, listener=self.listener)
         return allowed
 
     def authorize(self, action: Action, resource: Resource) -> None:
@@ -140,7 +152,28 @@ class CoreSession:
                 if not self.may(Action.PUB, Resource.topic(name)):
                     raise NotAuthorized(f"{self.principal} may not publish to {name!r}")
                 checked = name
-        return self.core.publish(messages, queue_id)
+        quota = self.quota
+        if quota is None:
+            return self.core.publish(messages, queue_id)
+        quota.charge(messages)
+        try:
+            return self.core.publish(messages, queue_id)
+        except Exception as exc:
+            quota.refund(messages)  # nothing was stored
+            if isinstance(exc, SchemaViolation):
+                quota.hit(SCHEMA)
+            raise
+
+    def throttle_publishes(self) -> None:
+        """Publishes over the user's rate are taken into debt instead of refused; the adapter then stops reading
+        for `publish_wait()` seconds (AMQP, as RabbitMQ's credit flow)."""
+        if self.quota is not None:
+            self.quota.throttle = True
+
+    def publish_wait(self) -> float:
+        """Seconds the connection should stop reading until its user's publish buckets are out of debt."""
+        quota = self.quota
+        return quota.publish_wait() if quota is not None else 0.0
 
     def when_durable(self, commit_end: int, callback: Callable[[], None]) -> None:
         self.core.when_durable(commit_end, callback)
@@ -149,7 +182,13 @@ class CoreSession:
                   **options: Any) -> Subscription:
         """Attach a push consumer (Sub on every name under `topic` and on `group`)."""
         self._check_read(topic, group)
-        return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
+        quota = self.quota
+        if quota is None or topic in self._own_queues:  # the own queue: its bound filters are what count
+            return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
+        quota.admit_subscription()
+        subscription = self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
+        quota.add_subscription(subscription)
+        return subscription
 
     def bind(self, pattern: str, destination: QueueRef) -> None:
         """Route names matching `pattern` into one of this session's own queues (Sub on the pattern)."""
@@ -157,11 +196,18 @@ class CoreSession:
         if not self._system and destination.topic not in self._owned:
             raise NotAuthorized(f"{destination.topic!r} is not a queue of this session")
         self.authorize(Action.SUB, Resource.topic_filter(pattern))
+        quota = self.quota
+        if quota is not None:
+            quota.admit_subscription((pattern, destination))
         self.core.bind(pattern, destination)
+        if quota is not None:
+            quota.add_subscription((pattern, destination))
 
     def unbind(self, pattern: str, destination: QueueRef) -> None:
         self._reachable(destination.topic)
         self.core.unbind(pattern, destination)
+        if self.quota is not None:
+            self.quota.remove_subscription((pattern, destination))
 
     def pull(self, queue: QueueRef, offset: int, max_count: int = 32,
              filter_expr: str | TagFilter = "*") -> PullResult:

@@ -1,15 +1,42 @@
-"""Topic configurations: the in-memory map every hot path reads, persisted to metadata on each change."""
+"""Topic configurations: the in-memory map every hot path reads, persisted to metadata on each change.
+
+Name bounds: a topic names a directory of the store (`index/<escaped topic>/`, core/storage/layout.py escapes `%`
+as `%25` and a leading `.` as `%2E`), and file systems refuse names over 255 bytes (ENAMETOOLONG). The topic-name
+rule allows 127 characters, so a name dense in `%` passes it and failed deep in the store, as an internal error,
+after its configuration was saved. `create` refuses such names (InvalidName) before anything is saved, and groups
+are refused where the name of their dead-letter topic would not fit.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
 
-from tidegate.core.errors import QueueNotFound, TidegateError, TopicExists, TopicNotFound
-from tidegate.core.model import QueueRef, TopicConfig, validate_topic
+from tidegate.core.errors import InvalidName, QueueNotFound, TidegateError, TopicExists, TopicNotFound
+from tidegate.core.model import DLQ_PREFIX, QueueRef, TopicConfig, validate_topic
 from tidegate.core.storage.api import MetadataStore
 
 MAX_QUEUES = 1024
+MAX_ENCODED_TOPIC_BYTES = 255  # NAME_MAX of ext4, xfs, btrfs, tmpfs and APFS
+
+
+def encoded_topic_length(name: str) -> int:
+    """Bytes of the directory name the store gives topic `name` (the topic alphabet is ASCII, one byte each)."""
+    return len(name) + 2 * name.count("%") + (2 if name.startswith(".") else 0)
+
+
+def check_encoded_topic(name: str) -> str:
+    """Raise InvalidName unless the store can name a directory after topic `name`."""
+    length = encoded_topic_length(name)
+    if length > MAX_ENCODED_TOPIC_BYTES:
+        raise InvalidName(f"invalid topic name {name[:40]!r}...: {length} bytes once escaped for the store "
+                          f"(every '%' takes 3), at most {MAX_ENCODED_TOPIC_BYTES}")
+    return name
+
+
+def dead_letter_topic(group: str) -> str:
+    """The dead-letter topic of a consumer group (core/acks.py writes to it)."""
+    return f"{DLQ_PREFIX}{group}"[:127]
 
 
 class TopicRegistry:
@@ -27,6 +54,7 @@ class TopicRegistry:
 
     def create(self, name: str, queues: int | None, perm: str, retention_ms: int, internal: bool) -> TopicConfig:
         validate_topic(name)
+        check_encoded_topic(name)
         if name in self.configs:
             raise TopicExists(f"topic {name!r} already exists")
         cfg = TopicConfig(name=name, queues=self._check_queues(queues), perm=_check_perm(perm),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tidegate.core.errors import TidegateError
+from tidegate.core.errors import TidegateError, TopicNotFound
 from tidegate.core.security.gate import Action, Credentials, Principal, ResourceType
 from tidegate.core.security.gate import Resource as GateResource
 from tidegate.core.security.policy import ALL_ACTIONS, PolicyEntry, PolicyError, parse_actions, parse_resource
@@ -176,6 +177,43 @@ def build_admin_site(registry: CollectorRegistry, readiness: Readiness, reactor:
 
 
 # ----------------------------------------------------------------------------------------------- /api/security
+def _audit_target(request: Request, body: dict[str, Any]) -> tuple[str, str] | None:
+    """What a mutating /api/security request changes, as (kind, name) with kind user, role or owner; None for reads
+    and `check`."""
+    if request.method not in (b"POST", b"DELETE"):
+        return None
+    path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+    if path == ["tls", "reload"]:
+        return ("tls", "certificates")
+    if path[:1] != ["security"]:
+        return None
+    route = path[1:]
+    if route[:1] == ["users"]:
+        return ("user", route[1] if len(route) > 1 else str(body.get("name", "")))
+    if route[:1] == ["roles"]:
+        if len(route) == 3:
+            return ("user", str(body.get("user", "")))
+        return ("role", route[1] if len(route) > 1 else str(body.get("name", "")))
+    if route[:1] == ["policies"]:
+        return ("owner", str(body.get("owner", "")))
+    return None
+
+
+def _audit_state(directory: Any, target: tuple[str, str]) -> Any:
+    """The target's state for the audit log: users without their hash, a role's entries, an owner's entries."""
+    kind, name = target
+    if kind == "tls":
+        return None  # the reload's answer (new not-after dates) is in the HTTP reply; the audit line says who and when
+    if kind == "user":
+        user = directory.user(name)
+        return None if user is None else user.to_dict()
+    if kind == "role":
+        if name not in directory.roles():
+            return None
+        return {"role": name, "policies": [p.to_dict() for p in directory.policies(f"role:{name}")]}
+    return [p.to_dict() for p in directory.policies(name)]
+
+
 def host_allowed(host_header: str, extra_hosts: frozenset[str] = frozenset()) -> bool:
     """Against DNS rebinding: a browser sends the attacker's name as Host, so only IP literals, `localhost` and
     names the operator listed are served."""
@@ -211,15 +249,28 @@ class SecurityApi(Resource):
         GET    policies[?owner=user:x]     POST policies {owner, resource, actions, decision, sources?}
         POST   policies/revoke {owner, resource, actions, decision, sources?} or {owner, id}
         POST   check {user, action, resource, source?, client_id?}  -> {"decision", "entry", "reason"}
+        GET    limits                      -> {"defaults": {...}, "users": {name: {...}}}
+        GET    users/<name>/limits         POST users/<name>/limits {field: int | null}   DELETE users/<name>/limits
+        POST   /api/tls/reload             re-read the TLS certificate files (as SIGHUP does)
+                                           -> {"reloaded": true, "not_after": {listener: ISO time}}; 500 keeps the old
+
+    and, under /api/topics (same authentication), the topics' message rules (core/schema.py):
+
+        GET    topics/schemas              GET topics/<name>/schema
+        POST   topics/<name>/schema {schema?, content_type?}                        DELETE topics/<name>/schema
     """
 
     isLeaf = True
     MAX_BODY = 64 * 1024
 
-    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset()) -> None:
+    def __init__(self, gate: Any, *, extra_hosts: frozenset[str] = frozenset(),
+                 tls_reload: Callable[[], Any] | None = None, limiter: Any = None, broker: Any = None) -> None:
         super().__init__()
         self.gate = gate
         self.extra_hosts = extra_hosts
+        self.tls_reload = tls_reload  # the process's certificate reload (gateway/app.py), None without TLS wiring
+        self.limiter = limiter  # core/security/limits.Limiter (per-user limits), or None
+        self.broker = broker  # for topic schemas (broker.schemas), or None
 
     def render(self, request: Request) -> Any:
         from twisted.web.server import NOT_DONE_YET
@@ -264,29 +315,44 @@ class SecurityApi(Resource):
             self._finish(request, 400, {"error": str(exc)})
             return
         if not password:
-            self._answer(request, directory, body, None)
+            self._answer(request, directory, body, None, principal)
             return
         # scrypt takes tens of milliseconds: hash in a thread, like logins, never on the reactor
         hashed = self.gate.run_in_thread(hash_password, password.encode())
-        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded),
-                            lambda failure: self._answer(request, directory, body, failure.value))
+        hashed.addCallbacks(lambda encoded: self._answer(request, directory, body, encoded, principal),
+                            lambda failure: self._answer(request, directory, body, failure.value, principal))
         hashed.addErrback(lambda failure: self._finish(request, 500, {"error": "internal error"}))
 
-    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> None:
-        """`password_hash` is the body's password hashed, None without one, or the error hashing raised."""
+    def _answer(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any,
+                principal: Any = None) -> None:
+        """`password_hash` is the body's password hashed, None without one, or the error hashing raised. Every
+        change (POST/DELETE but `check`) is audited with its state before and after, whatever its outcome."""
+        target = _audit_target(request, body)
+        before = _audit_state(directory, target) if target is not None else None
+        status, payload = self._apply(request, directory, body, password_hash)
+        audit = getattr(self.gate, "audit", None)
+        if target is not None and audit is not None:
+            client = request.getClientAddress()
+            audit.admin_change(who=getattr(principal, "name", ""), source=getattr(client, "host", ""),
+                               operation=f"{request.method.decode('ascii', 'replace')} {_request_path(request)}",
+                               target=f"{target[0]}:{target[1]}", before=before,
+                               after=_audit_state(directory, target), status=status)
+        self._finish(request, status, payload)
+
+    def _apply(self, request: Request, directory: Any, body: dict[str, Any], password_hash: Any) -> tuple[int, Any]:
         try:
             if isinstance(password_hash, Exception):
                 raise password_hash
             status, payload = self._dispatch(request, directory, body, password_hash)
         except DuplicateName as exc:
             status, payload = 409, {"error": exc.message}
-        except UnknownName as exc:
+        except (UnknownName, TopicNotFound) as exc:
             status, payload = 404, {"error": exc.message}
         except TidegateError as exc:
             status, payload = 400, {"error": exc.message}
         except (PolicyError, ValueError, KeyError, TypeError) as exc:
             status, payload = 400, {"error": str(exc) if not isinstance(exc, KeyError) else f"missing field {exc}"}
-        self._finish(request, status, payload)
+        return status, payload
 
     def _body(self, request: Request) -> dict[str, Any]:
         raw = request.content.read(self.MAX_BODY + 1) if request.content is not None else b""
@@ -301,9 +367,18 @@ class SecurityApi(Resource):
                   password_hash: str | None) -> tuple[int, Any]:
         method = request.method.decode("ascii", "replace")
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if path == ["tls", "reload"] and method == "POST" and self.tls_reload is not None:
+            try:
+                return 200, self.tls_reload()
+            except Exception as exc:  # a file that does not load: the old certificates stay; say why
+                return 500, {"error": f"TLS reload failed, the previous certificates stay in use: {exc}"}
+        if path[:1] == ["topics"]:
+            return self._topics(method, path[1:], body, request)
         if path[:1] != ["security"]:
             return 404, {"error": "not found", "path": _request_path(request)}
         route = path[1:]
+        if route == ["limits"] or (len(route) == 3 and route[0] == "users" and route[2] == "limits"):
+            return self._limits(method, route, body, directory)
         if method == "GET":
             if route == ["users"]:
                 return 200, [u.to_dict() for u in directory.users()]
@@ -315,6 +390,8 @@ class SecurityApi(Resource):
             return 404, {"error": "not found", "path": _request_path(request)}
         if method == "DELETE" and len(route) == 2 and route[0] in ("users", "roles"):
             (directory.delete_user if route[0] == "users" else directory.delete_role)(route[1])
+            if route[0] == "users" and self.limiter is not None:
+                self.limiter.clear_user_limits(route[1])  # a user of the same name later starts from defaults
             return 200, {"deleted": route[1]}
         if method != "POST":
             return 405, {"error": "method not allowed", "method": method}
@@ -357,6 +434,51 @@ class SecurityApi(Resource):
         if route == ["check"]:
             return 200, self._check(body, directory)
         return 404, {"error": "not found", "path": "/api/security/" + "/".join(route)}
+
+    def _limits(self, method: str, route: list[str], body: dict[str, Any], directory: Any) -> tuple[int, Any]:
+        limiter = self.limiter
+        if limiter is None:
+            return 404, {"error": "limits are not available on this endpoint"}
+        if route == ["limits"]:
+            if method != "GET":
+                return 405, {"error": "method not allowed", "method": method}
+            return 200, {"defaults": asdict(limiter.settings), "users": limiter.all_user_limits()}
+        name = route[1]
+        if directory.user(name) is None:
+            raise UnknownName(f"no user {name!r}")
+        if method == "POST":
+            limiter.set_user_limits(name, body)
+        elif method == "DELETE":
+            limiter.clear_user_limits(name)
+        elif method != "GET":
+            return 405, {"error": "method not allowed", "method": method}
+        return 200, {"user": name, "limits": limiter.user_limits(name),
+                     "effective": asdict(limiter.settings.merged(limiter.user_limits(name)))}
+
+    def _topics(self, method: str, route: list[str], body: dict[str, Any], request: Request) -> tuple[int, Any]:
+        broker = self.broker
+        if broker is None:
+            return 404, {"error": "topic rules are not available on this endpoint"}
+        schemas = broker.schemas
+        if route == ["schemas"] and method == "GET":
+            return 200, schemas.list()
+        if len(route) != 2 or route[1] != "schema":
+            return 404, {"error": "not found", "path": _request_path(request)}
+        topic = route[0]
+        if method == "GET":
+            rule = schemas.get(topic)
+            return (200, rule) if rule is not None else (404, {"error": f"topic {topic!r} has no schema"})
+        if method == "DELETE":
+            if not schemas.clear(topic):
+                return 404, {"error": f"topic {topic!r} has no schema"}
+            return 200, {"cleared": topic}
+        if method != "POST":
+            return 405, {"error": "method not allowed", "method": method}
+        broker.get_topic(topic)  # TopicNotFound (404): a rule belongs to an existing topic
+        content_type = body.get("content_type") or ""
+        if not isinstance(content_type, str):
+            raise ValueError("content_type must be a string")
+        return 200, schemas.set(topic, body.get("schema"), content_type)
 
     def _check(self, body: dict[str, Any], directory: Any) -> dict[str, Any]:
         name = body["user"]

@@ -17,6 +17,11 @@ Every protocol listener (native, MQTT, AMQP; plain TCP, TLS, WebSocket) is built
 gateway/listeners.py with the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`.
 Background tasks (index flush, retention) survive storage errors and retry with backoff; /readyz says why the broker
 is not ready (store health, durability after an fsync failure).
+
+TLS: every TLS endpoint (protocol listeners and the admin HTTPS port) gets its own reloadable context from
+gateway/tls.py. `reload_tls()` re-reads the certificate, key and CA files for all of them at once (all or nothing:
+a bad file keeps every listener on the old certificate); SIGHUP and `POST /api/tls/reload` call it. Connections
+already open keep the certificate they were accepted with; new connections get the new one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -37,22 +44,26 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from tidegate.core.adapter_state import MetadataNamespace
 from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
+from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
+from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
+from tidegate.core.security.keyfiles import check_private_file
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
-from tidegate.core.storage.layout import StoreLayout, write_atomically
+from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import Config
 from tidegate.gateway.listeners import ListenerBuilder
 from tidegate.gateway.metrics import TidegateCollector, build_registry
 from tidegate.gateway.reactor_lag import ReactorLagProbe
-from tidegate.gateway.tls import server_tls_options
+from tidegate.gateway.tls import TlsMetrics, TlsSettings, not_after_iso, server_tls_options
 
 log = logging.getLogger("tidegate.app")
 
@@ -95,6 +106,16 @@ def broker_config(config: Config) -> BrokerConfig:
     )
 
 
+def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics) -> Limiter:
+    """The process's limits against abuse from `[limits]` and `[limits.<listener>]`, with per-user overrides kept
+    in the metadata namespace `overrides`."""
+    limits = config.limits
+    listeners = {name: asdict(getattr(limits, name)) for name in ("native", "mqtt", "amqp")}
+    return Limiter(settings_from_mapping(asdict(limits)), clock, listeners=listeners, overrides=overrides,
+                   metrics=metrics, max_tracked_sources=limits.max_tracked_sources,
+                   max_tracked_users=limits.max_tracked_users)
+
+
 def open_message_store(config: Config, data_dir: Path) -> Any:
     """Open the commit log, recovering it after a crash. The calling thread becomes the store's writer thread."""
     return FileMessageStore(
@@ -127,11 +148,16 @@ class TidegateProcess(Service):
         self.admin_root: AdminRoot | None = None
         self.addresses: dict[str, str] = {}
         self._admin_port: IListeningPort | None = None
+        self._admin_tls_port: IListeningPort | None = None
         self._protocol_ports: dict[str, IListeningPort] = {}
         self._retention: LoopingCall | None = None
         self._index_flush: LoopingCall | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
-        self._tls: Any = None
+        self._tls_endpoints: dict[str, Any] = {}  # endpoint name -> its ServerTls (reloaded together)
+        self.tls_metrics = TlsMetrics()
+        self._previous_sighup: Any = None
+        self.limiter: Limiter | None = None  # limits against abuse, built with the broker
+        self.audit = AuditLog(None)  # opened in _start from [audit]
         self.gate: Gate = AllowAllGate()  # until the metadata store is open (_start); nothing listens before
         self.reactor_lag = ReactorLagProbe(reactor)
         self._backoff: dict[str, list[float]] = {}  # background task -> [failures in a row, next try time]
@@ -145,6 +171,7 @@ class TidegateProcess(Service):
             recovery=lambda: getattr(self.store, "recovery", None),
         )
         self.registry = build_registry(self.collector)
+        self.registry.register(self.tls_metrics)
         self.started: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
 
@@ -155,6 +182,7 @@ class TidegateProcess(Service):
     # --- lifecycle
     def startService(self) -> None:
         super().startService()
+        self._install_reload_signal()
         self.started = ensureDeferred(self._start())
 
     def stopService(self) -> Deferred[None]:
@@ -164,7 +192,14 @@ class TidegateProcess(Service):
         return self._stopping
 
     async def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets first: a key readable by other users fails start-up before anything listens or is written.
+        if self.config.tls.key_file:
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        secure_data_dir(self.data_dir)  # 0700, and files an older version left 0644 become 0600
+        audit = self.config.audit
+        if audit.file:
+            self.audit = AuditLog(Path(os.path.expanduser(audit.file)).absolute(), max_bytes=audit.max_bytes,
+                                  backup_count=audit.backup_count)
         listeners_file = self.data_dir / LISTENERS_FILE
         # A file left by a crashed run would point readers at ports nobody listens on.
         listeners_file.unlink(missing_ok=True)
@@ -172,9 +207,15 @@ class TidegateProcess(Service):
         listeners = self.config.listeners
 
         if listeners.admin.enabled:
+            admin = listeners.admin
             site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor)
-            self._admin_port = self.reactor.listenTCP(listeners.admin.port, site, interface=listeners.admin.host)
-            self.addresses["admin"] = format_address(self._admin_port)
+            if admin.plain_enabled:
+                self._admin_port = self.reactor.listenTCP(admin.port, site, interface=admin.host)
+                self.addresses["admin"] = format_address(self._admin_port)
+            if admin.tls_enabled:
+                self._admin_tls_port = self.reactor.listenSSL(admin.tls_port, site, self._tls_options("admin_tls"),
+                                                              interface=admin.host)
+                self.addresses["admin_tls"] = format_address(self._admin_tls_port)
 
         began = time.monotonic()
         self.store = open_message_store(self.config, self.data_dir)
@@ -185,9 +226,8 @@ class TidegateProcess(Service):
         self.metadata = open_metadata_store(self.data_dir)
         self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
-                                     run_in_thread=self.run_password_check)
-        if self.admin_root is not None:
-            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts))
+                                     run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
+                                     audit=self.audit, metrics=self.metrics.security)
         self.durability = Durability(
             self.store,
             self.reactor,
@@ -198,8 +238,15 @@ class TidegateProcess(Service):
         )
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
+        self.limiter = build_limiter(self.config, self.reactor,
+                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics)
+        if self.admin_root is not None:
+            self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
+                                                     tls_reload=self.reload_tls, limiter=self.limiter,
+                                                     broker=self.broker))
 
-        builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen)
+        builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen,
+                                  limiter=self.limiter)
         self._stoppables.extend(builder.build_all())
 
         # Readers (tests, scripts) poll for this file: they must see the whole JSON or nothing.
@@ -246,20 +293,63 @@ class TidegateProcess(Service):
                     if opened is not None:
                         opened.close()
         finally:
-            if self._admin_port is not None:
-                await maybeDeferred(self._admin_port.stopListening)
-                self._admin_port = None
+            for admin_port in (self._admin_port, self._admin_tls_port):
+                if admin_port is not None:
+                    await maybeDeferred(admin_port.stopListening)
+            self._admin_port = self._admin_tls_port = None
+            self._restore_reload_signal()
             if self._pool.started:
                 self._pool.stop()
             (self.data_dir / LISTENERS_FILE).unlink(missing_ok=True)
+            self.audit.close()
         log.info("tidegate stopped")
 
     # --- pieces
-    def _tls_options(self) -> Any:
-        if self._tls is None:
-            tls = self.config.tls
-            self._tls = server_tls_options(tls.cert_file, tls.key_file, tls.ca_file or None)
-        return self._tls
+    def _listener_hosts(self) -> dict[str, str]:
+        """Listener name (as adapters put it in Credentials.listener) -> bound host, for anonymous-per-listener."""
+        listeners = self.config.listeners
+        return {name: getattr(listeners, name).host for name in ("native", "mqtt", "amqp", "admin")}
+
+    def _tls_options(self, endpoint: str) -> Any:
+        """The TLS connection creator of one endpoint (`mqtt_tls`, `admin_tls`, ...), kept for `reload_tls`."""
+        creator = server_tls_options(TlsSettings.from_config(self.config.tls), endpoint, self.tls_metrics)
+        self._tls_endpoints[endpoint] = creator
+        return creator
+
+    def reload_tls(self) -> dict[str, Any]:
+        """Re-read the TLS files for every TLS endpoint; all or nothing (raises `TlsConfigError`, nothing changed).
+        Open connections keep their certificate; new ones get the new one."""
+        if self.config.tls.key_file:  # a key made readable by others since start is not loaded again
+            check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        prepared = [(creator, creator.prepare()) for creator in self._tls_endpoints.values()]
+        for creator, loaded in prepared:
+            creator.install(loaded)
+        self.tls_metrics.reloads += 1
+        listeners = {name: not_after_iso(creator.metrics.not_after[name])
+                     for name, creator in sorted(self._tls_endpoints.items())}
+        log.info("TLS certificates reloaded for %s", ", ".join(listeners) or "no TLS listener")
+        return {"reloaded": True, "not_after": listeners}
+
+    def _reload_tls_quietly(self) -> None:
+        try:
+            self.reload_tls()
+        except Exception as exc:  # a bad file must not take the broker down: keep serving the old certificate
+            log.error("TLS reload failed, still serving the previous certificates: %s", exc)
+
+    def _install_reload_signal(self) -> None:
+        """SIGHUP reloads the TLS certificates (only the main thread may set signal handlers)."""
+        if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._reload_tls_quietly)  # out of the signal handler, into the reactor
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+
+    def _restore_reload_signal(self) -> None:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
 
     def run_in_thread(self, fn: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, fn)
@@ -295,7 +385,8 @@ class TidegateProcess(Service):
                 backlog: int = 1024) -> None:
         factory.noisy = False  # one "listening" line per listener is ours; no per-connection factory chatter
         if tls:
-            listening = self.reactor.listenSSL(port, factory, self._tls_options(), backlog=backlog, interface=host)
+            listening = self.reactor.listenSSL(port, factory, self._tls_options(name), backlog=backlog,
+                                               interface=host)
         else:
             listening = self.reactor.listenTCP(port, factory, backlog=backlog, interface=host)
         self._protocol_ports[name] = listening

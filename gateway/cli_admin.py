@@ -1,6 +1,9 @@
-"""Operator commands of the `tidegate` CLI: topic, send, consume, group, message (and `bench`, see gateway/bench.py).
+"""Operator commands of the `tidegate` CLI: topic, send, consume, group, message, admin (and `bench`, see
+gateway/bench.py).
 
-Every command talks to a running broker over the native protocol through the blocking SDK (`tidegate.client`).
+Every command talks to a running broker over the native protocol through the blocking SDK (`tidegate.client`),
+except `admin tls-reload`, which asks the admin HTTP API (`POST /api/tls/reload`, HTTPS when `--admin` starts
+with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`).
 Output is a human table by default and JSON with `--json`. Failures are one line on stderr and exit code 1:
 `error: <message> (<CODE NAME>)`; bad arguments exit 2 (argparse, or `UsageError` raised by a handler).
 """
@@ -47,6 +50,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _register_consume(commands, common)
     _register_group(commands, common)
     _register_message(commands, common)
+    _register_admin(commands)
     # bench lives in its own module; registering it from here keeps cli.py's discovery (cli_* modules) the only hook.
     from tidegate.gateway import bench
 
@@ -69,7 +73,11 @@ def _subcommands(parser: argparse.ArgumentParser, dest: str, names: Sequence[str
 
 def _register_topic(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     topic = commands.add_parser("topic", help="create, update, list, describe and delete topics")
-    sub = _subcommands(topic, "topic_command", ["create", "update", "list", "describe", "delete"])
+    sub = _subcommands(topic, "topic_command", ["create", "update", "list", "describe", "delete", "schema"])
+    # `topic schema ...` calls the admin HTTP API (authenticated admin), not the native port
+    from tidegate.gateway.cli_security import register_topic_schema
+
+    register_topic_schema(sub)
 
     create = sub.add_parser("create", parents=[common], help="create a topic")
     create.add_argument("name")
@@ -168,6 +176,66 @@ def _register_message(commands: argparse._SubParsersAction, common: argparse.Arg
 
 
 # ------------------------------------------------------------------------------------------ argument types
+def _register_admin(commands: argparse._SubParsersAction) -> None:
+    admin = commands.add_parser("admin", help="broker operations over the admin HTTP API (tls-reload)")
+    sub = _subcommands(admin, "admin_command", ["tls-reload"])
+    reload = sub.add_parser("tls-reload", help="re-read the TLS certificate, key and CA files (as SIGHUP does); "
+                                               "open connections stay, new ones get the new certificate")
+    reload.add_argument("--admin", metavar="[https://]HOST:PORT", default=None,
+                        help="broker admin address (default: $TIDEGATE_ADMIN or 127.0.0.1:8080)")
+    reload.add_argument("--admin-user", default=None,
+                        help="administrator to act as (default: $TIDEGATE_USER; password from $TIDEGATE_PASSWORD "
+                             "or a prompt)")
+    reload.add_argument("--cafile", default=None, help="CA bundle that signs an https:// admin certificate")
+    reload.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    reload.set_defaults(handler=run_admin_tls_reload)
+
+
+def run_admin_tls_reload(args: argparse.Namespace) -> int:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from tidegate.gateway import cli_security
+
+    address = cli_security.admin_address(args)
+    base = address if address.startswith(("http://", "https://")) else f"http://{address}"
+    # client_for resolves the administrator and password (environment or prompt) as the other admin commands do.
+    credentials = cli_security.client_for(argparse.Namespace(admin=base, admin_user=args.admin_user))
+    context = ssl.create_default_context(cafile=args.cafile) if base.startswith("https://") else None
+    request = urllib.request.Request(base.rstrip("/") + "/api/tls/reload", data=b"{}", method="POST",
+                                     headers=credentials.headers)
+
+    def call() -> Any:
+        try:
+            with urllib.request.urlopen(request, timeout=cli_security.TIMEOUT_S, context=context) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", exc.reason)
+            except (ValueError, AttributeError):
+                message = exc.reason
+            raise cli_security.ApiError(exc.code, str(message)) from None
+
+    try:
+        answer = call()
+    except cli_security.ApiError as exc:
+        print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+        return EXIT_FAILURE
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"error: cannot reach the broker's admin API at {address}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print_json(answer)
+    else:
+        for listener, not_after in sorted(answer.get("not_after", {}).items()):
+            print(f"{listener}: certificate valid until {not_after}")
+        if not answer.get("not_after"):
+            print("reloaded (no TLS listener)")
+    return EXIT_OK
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -13,6 +13,9 @@ commands, as in `tidegate acl grant --user alice --allow Pub --resource 'Topic:t
     tidegate acl revoke (--user U | --role R) --id N
     tidegate acl list [--user U | --role R] [--json]
     tidegate acl check --user U --action A --resource R [--source IP] [--client-id C] [--json]
+    tidegate user limits [NAME] [--publish-rate N] [--bandwidth BYTES] [--max-connections N] ... [--unset F] [--clear]
+    tidegate topic schema set TOPIC --file schema.json [--content-type application/json]
+    tidegate topic schema show|clear TOPIC;  tidegate topic schema list
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class ApiError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- registration
-def register(commands: argparse._SubParsersAction) -> None:
+def admin_options() -> argparse.ArgumentParser:
+    """--admin, --admin-user and --json: a parent parser for every command that calls the admin API."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--admin", metavar="HOST:PORT", default=None,
                         help=f"broker admin HTTP address (default: ${ADMIN_ENV} or {DEFAULT_ADMIN})")
@@ -56,9 +60,28 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help=f"administrator to act as (default: ${USER_ENV}; password from ${PASSWORD_ENV} "
                              "or a prompt)")
     common.add_argument("--json", action="store_true", help="print JSON")
+    return common
+
+
+# `tidegate user limits` options: flag -> per-user limit field (core/security/limits.py USER_SETTING_NAMES)
+LIMIT_FLAGS = {
+    "--publish-rate": ("publish_rate", "messages per second over all the user's connections"),
+    "--publish-burst": ("publish_burst", "messages allowed at once above the rate (default: the rate)"),
+    "--bandwidth": ("publish_bytes_rate", "published body bytes per second"),
+    "--bandwidth-burst": ("publish_bytes_burst", "bytes allowed at once above the rate (default: the rate)"),
+    "--max-connections": ("max_connections_per_user", "connections at once, every protocol together"),
+    "--max-subscriptions": ("max_subscriptions_per_session", "subscriptions of one connection"),
+    "--max-message-bytes": ("max_message_bytes", "body bytes of one message"),
+    "--max-property-bytes": ("max_property_bytes", "property bytes of one message"),
+}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    common = admin_options()
 
     user = commands.add_parser("user", help="add, list, disable and delete users")
-    sub = user.add_subparsers(dest="user_command", metavar="{add,passwd,disable,enable,delete,list}", required=True)
+    sub = user.add_subparsers(dest="user_command", metavar="{add,passwd,disable,enable,delete,list,limits}",
+                              required=True)
     add = sub.add_parser("add", parents=[common], help="create a user")
     add.add_argument("name")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
@@ -74,6 +97,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         command.set_defaults(handler=guarded(functools.partial(run_user_simple, verb)))
     listing = sub.add_parser("list", parents=[common], help="list users")
     listing.set_defaults(handler=guarded(run_user_list))
+    limits = sub.add_parser("limits", parents=[common], help="show or set a user's limits (0 = unlimited); "
+                            "without a name: the defaults and every user's overrides")
+    limits.add_argument("name", nargs="?")
+    for flag, (field, text) in LIMIT_FLAGS.items():
+        limits.add_argument(flag, dest=field, type=int, default=None, metavar="N", help=text)
+    limits.add_argument("--unset", action="append", default=[], metavar="FIELD",
+                        help="remove one override (e.g. publish_rate): the [limits] default applies again")
+    limits.add_argument("--clear", action="store_true", help="remove every override of the user")
+    limits.set_defaults(handler=guarded(run_user_limits))
 
     role = commands.add_parser("role", help="add, list, assign and delete roles")
     sub = role.add_subparsers(dest="role_command", metavar="{add,delete,list,assign,unassign}", required=True)
@@ -131,10 +163,10 @@ def _owner(args: argparse.Namespace) -> str | None:
 
 # ----------------------------------------------------------------------------------------------- transport
 class AdminClient:
-    """JSON over HTTP Basic to /api/security on the broker's admin port."""
+    """JSON over HTTP Basic to /api/<section> (security, topics) on the broker's admin port."""
 
-    def __init__(self, address: str, user: str, password: str) -> None:
-        self.base = f"http://{address}/api/security/"
+    def __init__(self, address: str, user: str, password: str, section: str = "security") -> None:
+        self.base = f"http://{address}/api/{section}/"
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
 
@@ -156,14 +188,14 @@ def admin_address(args: argparse.Namespace) -> str:
     return args.admin or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN
 
 
-def client_for(args: argparse.Namespace) -> AdminClient:
+def client_for(args: argparse.Namespace, section: str = "security") -> AdminClient:
     user = args.admin_user or os.environ.get(USER_ENV)
     if not user:
         raise UsageError(f"who is the administrator? set ${USER_ENV} and ${PASSWORD_ENV}, or pass --admin-user")
     password = os.environ.get(PASSWORD_ENV) if not args.admin_user else None
     if password is None:
         password = getpass.getpass(f"password for {user}: ")
-    return AdminClient(admin_address(args), user, password)
+    return AdminClient(admin_address(args), user, password, section)
 
 
 def guarded(handler: Handler) -> Handler:
@@ -290,6 +322,83 @@ def run_acl_check(args: argparse.Namespace) -> int:
     entry = result.get("entry")
     because = f" by {entry['owner']}: {entry['decision']} {entry['resource']}" if entry else f" ({result['reason']})"
     return emit(args, result, f"{result['decision']}{because}")
+
+
+def run_user_limits(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    changes: dict[str, Any] = {field: getattr(args, field) for field, _ in LIMIT_FLAGS.values()
+                               if getattr(args, field) is not None}
+    for field in args.unset:
+        changes[field] = None
+    if args.name is None:
+        if changes or args.clear:
+            raise UsageError("name the user whose limits to change")
+        result = client.call("GET", "limits")
+        rows = [(name, ", ".join(f"{k}={v}" for k, v in sorted(values.items()))) for name, values in
+                result["users"].items()]
+        defaults = ", ".join(f"{k}={v}" for k, v in result["defaults"].items() if v) or "none (all unlimited)"
+        return emit(args, result, f"defaults: {defaults}\n" + table(("USER", "OVERRIDES"), rows))
+    path = f"users/{_quote(args.name)}/limits"
+    if args.clear:
+        client.call("DELETE", path)
+    if changes:
+        result = client.call("POST", path, changes)
+    else:
+        result = client.call("GET", path)
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(result["limits"].items())) or "none (the defaults apply)"
+    return emit(args, result, f"limits of {args.name}: {overrides}")
+
+
+# ----------------------------------------------------------------------------------------------- topic schemas
+def register_topic_schema(topic_commands: argparse._SubParsersAction) -> None:
+    """`tidegate topic schema set|show|clear|list` (called by gateway/cli_admin.py's `topic` parser)."""
+    common = admin_options()
+    schema = topic_commands.add_parser("schema", help="a topic's JSON Schema and content-type rule")
+    sub = schema.add_subparsers(dest="schema_command", metavar="{set,show,clear,list}", required=True)
+    setting = sub.add_parser("set", parents=[common], help="refuse messages that fail a JSON Schema and/or carry "
+                             "another content type")
+    setting.add_argument("topic")
+    setting.add_argument("--file", help="the JSON Schema ('-' = standard input)")
+    setting.add_argument("--content-type", default="", help="e.g. application/json")
+    setting.set_defaults(handler=guarded(run_schema_set))
+    for verb, text in (("show", "show a topic's rule"), ("clear", "remove a topic's rule")):
+        command = sub.add_parser(verb, parents=[common], help=text)
+        command.add_argument("topic")
+        command.set_defaults(handler=guarded(functools.partial(run_schema_simple, verb)))
+    listing = sub.add_parser("list", parents=[common], help="every topic with a rule")
+    listing.set_defaults(handler=guarded(run_schema_list))
+
+
+def run_schema_set(args: argparse.Namespace, stdin: Any = None) -> int:
+    if not args.file and not args.content_type:
+        raise UsageError("give --file SCHEMA.json, --content-type TYPE or both")
+    body: dict[str, Any] = {"content_type": args.content_type}
+    if args.file:
+        try:
+            text = (stdin or sys.stdin).read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+            body["schema"] = json.loads(text)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"{args.file} is not JSON: {exc}") from None
+    rule = client_for(args, "topics").call("POST", f"{_quote(args.topic)}/schema", body)
+    return emit(args, rule, f"topic {args.topic}: rule version {rule['version']} set")
+
+
+def run_schema_simple(verb: str, args: argparse.Namespace) -> int:
+    client = client_for(args, "topics")
+    path = f"{_quote(args.topic)}/schema"
+    if verb == "clear":
+        return emit(args, client.call("DELETE", path), f"topic {args.topic}: rule cleared")
+    rule = client.call("GET", path)
+    return emit(args, rule, json.dumps(rule, indent=2))
+
+
+def run_schema_list(args: argparse.Namespace) -> int:
+    rules = client_for(args, "topics").call("GET", "schemas")
+    rows = [(r["topic"], r["version"], r["content_type"] or "-", "yes" if r["schema"] is not None else "no")
+            for r in rules]
+    return emit(args, rules, table(("TOPIC", "VERSION", "CONTENT-TYPE", "SCHEMA"), rows))
 
 
 def _quote(name: str) -> str:

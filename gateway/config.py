@@ -21,6 +21,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from tidegate.gateway.tls import DEFAULT_CIPHERS, TLS_VERSIONS, VERIFY_MODES
+
+CERTIFICATE_IDENTITIES = ("cn", "san_dns", "san_email", "san_uri")
+
 ENV_PREFIX = "TIDEGATE_"
 ENV_CONFIG_FILE = "TIDEGATE_CONFIG"
 FLUSH_MODES = ("sync", "async")
@@ -68,6 +72,7 @@ class NativeListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 10911
+    plain_enabled: bool = True  # false: no plain-TCP port, only tls_port (TLS-only listener)
     tls_enabled: bool = False
     tls_port: int = 10912
     backlog: int = DEFAULT_BACKLOG
@@ -80,6 +85,9 @@ class AdminListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    plain_enabled: bool = True  # false: HTTPS only (needs tls_enabled)
+    tls_enabled: bool = False  # HTTPS on tls_port with the [tls] certificate
+    tls_port: int = 8443
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,6 +95,7 @@ class MqttListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 1883
+    plain_enabled: bool = True  # false: no plain-TCP port 1883 (ws_enabled switches plain WebSocket off)
     ws_enabled: bool = True
     ws_port: int = 8083
     ws_path: str = "/mqtt"
@@ -119,6 +128,10 @@ class MqttListener:
     max_subscriptions_per_session: int = 1024  # new filters beyond are refused the same way
     max_queued_retained_bytes: int = 8 * 1024 * 1024  # retained payload waiting for one connection; beyond: not sent
     max_outbound_topic_aliases: int = 256  # cap on the client's Topic Alias Maximum (topic names kept per connection)
+    client_id_binding: str = "user"  # "user": a session's client id belongs to the user that created it; "none"
+    max_sessions_per_user: int = 100_000  # beyond: CONNACK 0x97 (v5) / 3 (3.1.1); 0 = no limit
+    ws_allowed_origins: str = ""  # comma-separated Origins allowed cross-origin over WebSocket ("*" = any)
+    max_topics_created_per_user: int = 10_000  # topics one user's publishes may auto-create; beyond: 0x97
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,6 +139,7 @@ class AmqpListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 5672
+    plain_enabled: bool = True  # false: AMQPS only
     tls_enabled: bool = False
     tls_port: int = 5671
     # AMQP limits, offered in connection.tune; see docs/amqp.md
@@ -158,9 +172,20 @@ class ConnectionsSection:
 
 @dataclass(slots=True, frozen=True)
 class TlsSection:
-    cert_file: str = ""
-    key_file: str = ""
-    ca_file: str = ""  # when set, client certificates signed by this CA are requested (mTLS)
+    """Certificates and rules of every TLS listener (gateway/tls.py; docs/security.md)."""
+
+    cert_file: str = ""  # PEM: the server certificate first, then its intermediates (the whole chain is sent)
+    key_file: str = ""  # PEM private key of cert_file
+    ca_file: str = ""  # PEM bundle of the CAs that sign client certificates; set it to ask for them (mTLS)
+    # With ca_file: "required" (no verified certificate, no handshake), "optional" (clients without one may log in
+    # with a password), "none" (do not ask). Without ca_file only "required" (the default, unused) or "none".
+    verify: str = "required"
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    ciphers: str = DEFAULT_CIPHERS  # TLS 1.2 cipher list (OpenSSL syntax); default: ECDHE with AEAD only
+    # Which part of a verified client certificate names the user: "cn" (subject common name), "san_dns",
+    # "san_email" or "san_uri" (the first subject alternative name of that kind). The user must exist and be
+    # enabled; clients with a certificate and no user name log in as it (MQTT, native, AMQP SASL EXTERNAL).
+    identity: str = "cn"
 
 
 ANONYMOUS_POLICIES = ("loopback", "true", "false")
@@ -181,6 +206,62 @@ class SecuritySection:
     # Host names (comma-separated) the admin HTTP API answers to besides IP literals and localhost (against DNS
     # rebinding, any other Host header is refused).
     admin_hosts: str = ""
+    # JWT bearer tokens as the password (core/security/tokens.py): HS256 with the secret in jwt_secret_file (at least
+    # 32 bytes, mode 0600), RS256/ES256 with the public keys of jwt_jwks_file; off when both are empty. aud/iss are
+    # checked when set; exp is required; jwt_leeway_s of clock skew is forgiven; the claim jwt_username_claim names
+    # the user (who must exist and be enabled).
+    jwt_secret_file: str = ""
+    jwt_jwks_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_username_claim: str = "sub"
+    jwt_leeway_s: int = 30
+
+
+@dataclass(slots=True, frozen=True)
+class AuditSection:
+    """The audit log (core/security/audit.py): JSON lines, rotated by size; off while `file` is empty."""
+
+    file: str = ""
+    max_bytes: int = 50 * 1024 * 1024
+    backup_count: int = 5
+
+
+@dataclass(slots=True, frozen=True)
+class ListenerLimits:
+    """One listener's own limits (`[limits.mqtt]`, ...); -1 = as in `[limits]`. Publish rates are per user over
+    every protocol, so they are set in `[limits]` (and per user) only."""
+
+    max_message_bytes: int = -1
+    max_property_bytes: int = -1
+    max_connections_per_user: int = -1
+    max_connections_per_source: int = -1
+    connection_rate_per_source: int = -1
+    connection_burst_per_source: int = -1
+    max_subscriptions_per_session: int = -1
+
+
+@dataclass(slots=True, frozen=True)
+class LimitsSection:
+    """Limits against abuse (core/security/limits.py); 0 = unlimited, and every default is 0. Per-user values
+    override these (`tidegate user limits NAME ...`); see docs/security.md, "Limits"."""
+
+    max_message_bytes: int = 0  # body bytes of one message (broker.max_message_bytes still applies)
+    max_property_bytes: int = 0  # key + value bytes of one message's properties (64 KiB in the core regardless)
+    max_connections_per_user: int = 0  # over every listener
+    max_connections_per_source: int = 0  # per client IP address, per listener
+    connection_rate_per_source: int = 0  # new connections per second per IP address
+    connection_burst_per_source: int = 0  # 0 = the rate
+    publish_rate: int = 0  # messages per second per user, shared by all their connections in every protocol
+    publish_burst: int = 0  # 0 = the rate
+    publish_bytes_rate: int = 0  # body bytes per second per user
+    publish_bytes_burst: int = 0  # 0 = the rate
+    max_subscriptions_per_session: int = 0  # bound filters and consumers of one connection
+    max_tracked_sources: int = 100_000  # addresses remembered for the per-source limits (oldest forgotten)
+    max_tracked_users: int = 100_000
+    native: ListenerLimits = field(default_factory=ListenerLimits)
+    mqtt: ListenerLimits = field(default_factory=ListenerLimits)
+    amqp: ListenerLimits = field(default_factory=ListenerLimits)
 
 
 @dataclass(slots=True, frozen=True)
@@ -196,6 +277,8 @@ class Config:
     connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     tls: TlsSection = field(default_factory=TlsSection)
     security: SecuritySection = field(default_factory=SecuritySection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -446,6 +529,17 @@ def _validate(merger: _Merger) -> None:
     _validate_tls(values, sources)
     _validate_distinct_ports(values, sources)
     _validate_security(values, sources)
+    _validate_limits(values, sources)
+
+
+def _validate_limits(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    for key in (k for k in LEAF_KEYS if k.startswith("limits.")):
+        low = -1 if key.count(".") == 2 else 0  # a listener's -1 means "as [limits]"
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
+    for key in ("limits.max_tracked_sources", "limits.max_tracked_users"):
+        if values[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {values[key]} (from {sources[key]})")
 
 
 def _validate_security(values: dict[str, Any], sources: dict[str, Source]) -> None:
@@ -461,6 +555,15 @@ def _validate_security(values: dict[str, Any], sources: dict[str, Source]) -> No
     key = "security.login_delay_sources"
     if not 1 <= values[key] <= 10_000_000:
         raise ConfigError(f"{key} must be 1-10000000, got {values[key]} (from {sources[key]})")
+    key = "security.jwt_leeway_s"
+    if not 0 <= values[key] <= 3600:
+        raise ConfigError(f"{key} must be 0-3600, got {values[key]} (from {sources[key]})")
+    key = "security.jwt_username_claim"
+    if not values[key].strip():
+        raise ConfigError(f"{key} must not be empty (from {sources[key]})")
+    for key, low in (("audit.max_bytes", 4096), ("audit.backup_count", 0)):
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
 
 
 def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:
@@ -473,6 +576,21 @@ def _validate_tls(values: dict[str, Any], sources: dict[str, Source]) -> None:
         section = flag.rsplit(".", 1)[0]
         if values[section + ".enabled"] and values[flag] and not cert:
             raise ConfigError(f"{flag} is true (from {sources[flag]}) but tls.cert_file and tls.key_file are empty")
+    for key, choices in (("tls.verify", VERIFY_MODES), ("tls.min_version", tuple(TLS_VERSIONS)),
+                         ("tls.identity", CERTIFICATE_IDENTITIES)):
+        values[key] = values[key].strip().lower()
+        _check_choice(values, sources, key, choices)
+    if values["tls.verify"] == "optional" and not values["tls.ca_file"]:
+        raise ConfigError(f"tls.verify is \"optional\" (from {sources['tls.verify']}) but tls.ca_file is empty: "
+                          "client certificates need the CA bundle that signs them")
+    if not values["tls.ciphers"].strip():
+        raise ConfigError(f"tls.ciphers must not be empty (from {sources['tls.ciphers']})")
+    for key in (k for k in LEAF_KEYS if k.startswith("listeners.") and k.endswith(".plain_enabled")):
+        section = key.rsplit(".", 1)[0]
+        if values[section + ".enabled"] and not values[key] and not any(
+                values.get(f"{section}.{variant}_enabled") for variant in ("tls", "ws", "wss")):
+            raise ConfigError(f"{key} is false (from {sources[key]}) and {section} has no other port enabled; "
+                              f"set {section}.enabled = false to switch it off")
 
 
 def enabled_ports(values: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -482,7 +600,8 @@ def enabled_ports(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         section = f"listeners.{name}"
         if not values[f"{section}.enabled"]:
             continue
-        out.append((f"{section}.port", f"{section}.host"))
+        if values.get(f"{section}.plain_enabled", True):
+            out.append((f"{section}.port", f"{section}.host"))
         for variant in ("ws", "tls", "wss"):
             if values.get(f"{section}.{variant}_enabled"):
                 out.append((f"{section}.{variant}_port", f"{section}.host"))

@@ -3,9 +3,10 @@
 Every adapter has the one listener shape `Factory(core, gate, clock, settings, *, metrics, listener)`
 (adapters/base.py). A row of `PROTOCOLS` names the factory, how its settings come from the config section, and,
 for protocols that have one, how to wrap the factory as a WebSocket resource. The endpoints of a protocol follow from
-its config section's fields alone: `port`, then `tls_enabled`/`tls_port`, `ws_enabled`/`ws_port`/`ws_path` and
-`wss_enabled`/`wss_port` where the section has them; the bound addresses are named `native`, `mqtt_tls`, `mqtt_ws`,
-... in `listeners.json`.
+its config section's fields alone: `port` (unless `plain_enabled` is false), then `tls_enabled`/`tls_port`,
+`ws_enabled`/`ws_port`/`ws_path` and `wss_enabled`/`wss_port` where the section has them; the bound addresses are
+named `native`, `mqtt_tls`, `mqtt_ws`, ... in `listeners.json`. Every factory learns from `[tls] identity` which
+part of a verified client certificate names the user (`AdapterFactory.certificate_identity_rule`).
 
 A row whose adapter module is not part of the build is skipped with one log line.
 """
@@ -74,7 +75,7 @@ class Endpoint:
 
 def endpoints(name: str, section: Any) -> list[Endpoint]:
     """Where a protocol listens, read from its config section."""
-    out = [Endpoint(name, section.port)]
+    out = [Endpoint(name, section.port)] if getattr(section, "plain_enabled", True) else []
     if getattr(section, "tls_enabled", False):
         out.append(Endpoint(f"{name}_tls", section.tls_port, tls=True))
     if getattr(section, "ws_enabled", False):
@@ -112,8 +113,9 @@ class ListenerBuilder:
     """Builds and binds every enabled protocol's factory and endpoints; `listen` is the process's bind call."""
 
     def __init__(self, config: Config, core: Any, gate: Any, reactor: Any, metrics: Any,
-                 listen: Callable[[str, Any, str, int, bool, int], None]) -> None:
+                 listen: Callable[[str, Any, str, int, bool, int], None], *, limiter: Any = None) -> None:
         self.config = config
+        self.limiter = limiter  # core/security/limits.Limiter shared by every listener, or None
         self.core = core
         self.gate = gate
         self.reactor = reactor
@@ -139,9 +141,10 @@ class ListenerBuilder:
             return None
         connections = self.config.connections
         limits = ConnectionLimits(output_budget=connections.output_budget_bytes,
-                                  max_held_bytes=connections.login_hold_bytes)
+                                  max_held_bytes=connections.login_hold_bytes, limiter=self.limiter)
         factory = factory_class(self.core, self.gate, self.reactor, row.settings(self.config, section),
                                 metrics=self.metrics, listener=row.name, limits=limits)
+        factory.certificate_identity_rule = self.config.tls.identity
         backlog = effective_backlog(getattr(section, "backlog", DEFAULT_BACKLOG))
         site = None
         for endpoint in endpoints(row.name, section):

@@ -5,6 +5,13 @@ there knows about prometheus-client. This collector turns those values, the cons
 store's statistics into metric families at scrape time, so publishing a message never touches a Prometheus object.
 The collector lives on its own `CollectorRegistry`, never the process-global one, so several brokers (tests) can
 coexist in one interpreter.
+
+Bounded labels: topic and group names are chosen by clients (an MQTT client auto-creates a topic per first level,
+every MQTT session is a private `%MQTT%<client id>` topic and group), so labelling every name would put client ids
+in labels and grow the series without bound. Private names (the broker's `%KIND%` namespace) are summed under their
+kind (`%MQTT%`, `%AMQP%`, ...); other names get a label of their own up to `max_topic_labels` topics and
+`max_group_labels` groups, and the rest are summed under `other`. A name keeps its label once it has one (the
+busiest names are chosen first), so every series stays a monotonic counter for the life of the process.
 """
 
 from __future__ import annotations
@@ -16,12 +23,49 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tidegate.core.api import GroupInfo
-from tidegate.core.metrics import CoreMetrics, LatencyHistogram
+from tidegate.core.metrics import CoreMetrics, LatencyHistogram, SecurityMetrics
+from tidegate.core.model import RESERVED_TOPIC, is_private_topic
 from tidegate.core.storage.api import RecoveryReport, StoreStats
 
 log = logging.getLogger("tidegate.metrics")
 
 PREFIX = "tidegate"
+OTHER_LABEL = "other"
+DEFAULT_MAX_TOPIC_LABELS = 100
+DEFAULT_MAX_GROUP_LABELS = 100
+
+
+class LabelBudget:
+    """Which names get a label of their own: at most `limit`, kept once given; private names fold to their kind."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self.labelled: set[str] = set()
+
+    def assign(self, weights: dict[str, float]) -> None:
+        """Give free labels to the heaviest unlabelled public names in `weights`."""
+        free = self.limit - len(self.labelled)
+        if free <= 0:
+            return
+        candidates = [name for name in weights if name not in self.labelled and not is_private_topic(name)]
+        candidates.sort(key=lambda name: (-weights[name], name))
+        self.labelled.update(candidates[:free])
+
+    def label(self, name: str) -> str:
+        if name in self.labelled:
+            return name
+        if is_private_topic(name):
+            match = RESERVED_TOPIC.match(name)
+            return match.group(0) if match else OTHER_LABEL
+        return OTHER_LABEL
+
+    def fold(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` summed per label."""
+        out: dict[str, float] = {}
+        for name, value in values.items():
+            label = self.label(name)
+            out[label] = out.get(label, 0) + value
+        return out
 
 
 class TidegateCollector(Collector):
@@ -40,6 +84,8 @@ class TidegateCollector(Collector):
         store_stats: Callable[[], StoreStats | None] = lambda: None,
         reactor_lag: LatencyHistogram | None = None,
         recovery: Callable[[], RecoveryReport | None] = lambda: None,
+        max_topic_labels: int = DEFAULT_MAX_TOPIC_LABELS,
+        max_group_labels: int = DEFAULT_MAX_GROUP_LABELS,
     ) -> None:
         self.core = core
         self._uptime = uptime
@@ -47,6 +93,8 @@ class TidegateCollector(Collector):
         self._store_stats = store_stats
         self._reactor_lag = reactor_lag
         self._recovery = recovery
+        self.topic_labels = LabelBudget(max_topic_labels)
+        self.group_labels = LabelBudget(max_group_labels)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._traffic()
@@ -62,6 +110,7 @@ class TidegateCollector(Collector):
                                   value=self.core.redeliveries)
         yield CounterMetricFamily(f"{PREFIX}_dead_lettered", "Messages moved to a dead-letter topic.",
                                   value=self.core.dead_lettered)
+        yield from _security(self.core.security)
         # A broken source must not take the rest of the scrape down with it: log it and leave its families out.
         try:
             yield from self._consumer_groups(list(self._groups()))
@@ -85,15 +134,21 @@ class TidegateCollector(Collector):
                                 value=self._uptime())
 
     def _traffic(self) -> Iterator[Metric]:
-        for attr, name, doc in (
-            ("messages_in", "messages_in", "Messages accepted from producers, by topic."),
-            ("bytes_in", "bytes_in", "Message body bytes accepted from producers, by topic."),
-            ("messages_out", "messages_out", "Messages delivered to consumers, by topic."),
-            ("bytes_out", "bytes_out", "Message body bytes delivered to consumers, by topic."),
+        # Copy before iterating: an adapter may add a topic while this generator is suspended.
+        counters = {attr: dict(getattr(self.core, attr)) for attr in ("messages_in", "bytes_in", "messages_out",
+                                                                       "bytes_out")}
+        weights: dict[str, float] = dict(counters["messages_in"])
+        for topic, value in counters["messages_out"].items():
+            weights[topic] = weights.get(topic, 0) + value
+        self.topic_labels.assign(weights)
+        for attr, doc in (
+            ("messages_in", "Messages accepted from producers, by topic (bounded label set: see module doc)."),
+            ("bytes_in", "Message body bytes accepted from producers, by topic."),
+            ("messages_out", "Messages delivered to consumers, by topic."),
+            ("bytes_out", "Message body bytes delivered to consumers, by topic."),
         ):
-            family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["topic"])
-            # Copy before iterating: an adapter may add a topic while this generator is suspended.
-            for topic, value in sorted(dict(getattr(self.core, attr)).items()):
+            family = CounterMetricFamily(f"{PREFIX}_{attr}", doc, labels=["topic"])
+            for topic, value in sorted(self.topic_labels.fold(counters[attr]).items()):
                 family.add_metric([topic], value)
             yield family
 
@@ -119,15 +174,50 @@ class TidegateCollector(Collector):
         inflight = GaugeMetricFamily(f"{PREFIX}_consumer_inflight", "Messages delivered and not yet acknowledged "
                                      "(ack mode).", labels=["group"])
         members = GaugeMetricFamily(f"{PREFIX}_consumer_members", "Connected members of a group.", labels=["group"])
+        budget = self.group_labels
+        budget.assign({group.name: group.lag for group in groups})
+        # topics consumed by labelled groups may take free topic labels too (topics without traffic yet)
+        self.topic_labels.assign({p.queue.topic: p.lag for group in groups if group.name in budget.labelled
+                                  for p in group.progress})
+        totals: dict[str, list[float]] = {}  # label -> [lag, inflight, members]
         for group in sorted(groups, key=lambda g: g.name):
-            lag.add_metric([group.name], group.lag)
-            inflight.add_metric([group.name], group.inflight)
-            members.add_metric([group.name], len(group.members))
+            label = budget.label(group.name)
+            total = totals.setdefault(label, [0, 0, 0])
+            total[0] += group.lag
+            total[1] += group.inflight
+            total[2] += len(group.members)
+            if label != group.name:
+                continue  # per-queue series only for groups with a label of their own
             for progress in group.progress:
-                labels = [group.name, progress.queue.topic, str(progress.queue.queue_id)]
+                topic = self.topic_labels.label(progress.queue.topic)
+                if topic != progress.queue.topic:
+                    continue
+                labels = [group.name, topic, str(progress.queue.queue_id)]
                 queue_lag.add_metric(labels, progress.lag)
                 committed.add_metric(labels, progress.committed)
+        for label, (group_lag, group_inflight, group_members) in sorted(totals.items()):
+            lag.add_metric([label], group_lag)
+            inflight.add_metric([label], group_inflight)
+            members.add_metric([label], group_members)
         yield from (lag, queue_lag, committed, inflight, members)
+
+
+SECURITY_COUNTERS = (
+    ("failed_logins", "security_failed_logins", "cause", "Refused logins (bad password, refused token, anonymous "
+     "not allowed here, ...), by listener and cause."),
+    ("denials", "security_denials", "action", "Actions the gate refused, by listener and action."),
+    ("limit_hits", "security_limit_hits", "cause", "Requests a limit refused (size, rate, count), by listener and "
+     "cause."),
+)
+
+
+def _security(security: SecurityMetrics) -> Iterator[Metric]:
+    """Security counters: labels are listener names and fixed words only (never users or client ids)."""
+    for attr, name, label, doc in SECURITY_COUNTERS:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["listener", label])
+        for (listener, word), value in sorted(dict(getattr(security, attr)).items()):
+            family.add_metric([listener, word], value)
+        yield family
 
 
 def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:

@@ -52,6 +52,7 @@ def make_certificates_with_cryptography(directory: Path) -> tuple[Path, Path, Pa
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_file.chmod(0o600)  # the broker refuses a private key other users can read
     return ca_file, cert_file, key_file
 
 

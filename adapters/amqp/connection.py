@@ -27,7 +27,7 @@ from tidegate.adapters.amqp.codec import (
 from tidegate.adapters.amqp.errors import VHOST, AmqpError, ChannelError, ConnectionError_
 from tidegate.adapters.amqp.reply_codes import AmqpProtocolError, ProtocolHeaderMismatch, ReplyCode
 from tidegate.adapters.base import AdapterConnection
-from tidegate.core.errors import NotAuthorized, TidegateError
+from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError
 from tidegate.core.security.gate import Credentials, Principal
 
 if TYPE_CHECKING:
@@ -72,7 +72,9 @@ class AmqpConnection(AdapterConnection):
         self.last_publish_end = 0  # commit-log end of this connection's latest publish
         self._heartbeat_timer: Any = None
         self._close_timer: Any = None
+        self._throttle_timer: Any = None  # reads paused while the user's publish rate is in debt
         self._mechanism = ""
+        self._certificate_identity = ""  # from a verified client certificate; offers SASL EXTERNAL
 
     # ------------------------------------------------------------------ transport
     def connection_started(self) -> None:
@@ -133,6 +135,34 @@ class AmqpConnection(AdapterConnection):
             waiting, self.confirms_waiting = self.confirms_waiting, set()
             for channel in waiting:
                 channel.register_confirms()
+        if self._throttle_timer is None and self.session is not None and self.session.publish_wait() > 0:
+            self._throttle_reads()
+
+    # Longest single pause: reads resume (and the idle clock is reset, the silence being ours) at least this often.
+    THROTTLE_STEP_S = 1.0
+
+    def _throttle_reads(self) -> None:
+        """Publish rate or bandwidth of the user over its limit: stop reading from the socket until the debt is
+        paid, as RabbitMQ's credit flow blocks a publisher, instead of closing or buffering (TCP pushes back)."""
+        session = self.session
+        wait = session.publish_wait() if session is not None else 0.0
+        if wait <= 0 or not self.connected_ or self.closing:
+            if self._throttle_timer is not None:
+                self._throttle_timer = None
+                self._resume_reading()
+            return
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is None:
+            return
+        if self._throttle_timer is None:
+            pause()
+        self.last_seen = self.factory.clock.seconds()
+        self._throttle_timer = self.factory.clock.callLater(min(wait, self.THROTTLE_STEP_S), self._throttle_reads)
+
+    def _resume_reading(self) -> None:
+        resume = getattr(self.transport, "resumeProducing", None)
+        if resume is not None and self.connected_:
+            resume()
 
     def flush_publishes(self) -> None:
         batches, self.publish_batches = self.publish_batches, []
@@ -199,8 +229,12 @@ class AmqpConnection(AdapterConnection):
             "cluster_name": "tidegate",
             "capabilities": dict(SERVER_CAPABILITIES),
         }
+        # SASL EXTERNAL (RabbitMQ's rabbitmq_auth_mechanism_ssl) only where a verified client certificate names
+        # a user: a connection without one has nothing EXTERNAL could log in as.
+        self._certificate_identity = self.peer_certificate_identity()
+        mechanisms = "PLAIN AMQPLAIN EXTERNAL" if self._certificate_identity else "PLAIN AMQPLAIN"
         self.write(self.codec.send_method(0, commands.Connection.Start(
-            0, 9, properties, "PLAIN AMQPLAIN", "en_US")))
+            0, 9, properties, mechanisms, "en_US")))
 
     def _connection_method(self, method: Any) -> None:
         if isinstance(method, commands.Connection.StartOk) and self.state == "start":
@@ -245,6 +279,14 @@ class AmqpConnection(AdapterConnection):
                 return
             username = _as_bytes(table.get("LOGIN", b""))
             password = _as_bytes(table.get("PASSWORD", b""))
+        elif method.mechanism == "EXTERNAL" and self._certificate_identity:
+            # The response (an optional authorization id) is not a second claim: the certificate names the user.
+            identity = self._certificate_identity
+            self.state = "authenticating"
+            self.authenticate(Credentials("certificate", username=identity, certificate_identity=identity,
+                                          client_id=self.client_name, source=self.source,
+                                          listener=self.factory.listener))
+            return
         else:
             raise ConnectionError_(ReplyCode.COMMAND_INVALID,
                                    f"unknown authentication mechanism '{method.mechanism}'")
@@ -263,12 +305,19 @@ class AmqpConnection(AdapterConnection):
 
     def on_authenticated(self, principal: Principal) -> None:
         self.session = self.factory.open_session(principal, self.source, self.client_name)
+        self.session.throttle_publishes()  # over the publish rate: pause reads, never refuse (see _throttle_reads)
         settings = self.factory.settings
         self.state = "tune"
         self.write(self.codec.send_method(0, commands.Connection.Tune(
             settings.channel_max, settings.frame_max, settings.heartbeat)))
 
     def on_authentication_failed(self, failure: Failure) -> None:
+        if failure.check(QuotaExceeded):  # a connection limit: RabbitMQ answers those with 530 NOT_ALLOWED
+            log.info("amqp %s: connection refused: %s", self.source, failure.value)
+            self.write(self.codec.send_method(0, commands.Connection.Close(
+                ReplyCode.NOT_ALLOWED, f"NOT_ALLOWED - {failure.value.message}"[:255], 0, 0)))
+            self.close()
+            return
         self._refuse(failure.getErrorMessage())
 
     def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
@@ -368,10 +417,10 @@ class AmqpConnection(AdapterConnection):
         self.exclusive_queues.clear()
 
     def _stop_timers(self) -> None:
-        for timer in (self._heartbeat_timer, self._close_timer):
+        for timer in (self._heartbeat_timer, self._close_timer, self._throttle_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._heartbeat_timer = self._close_timer = None
+        self._heartbeat_timer = self._close_timer = self._throttle_timer = None
 
     # ------------------------------------------------------------------ back-pressure
     def on_pause(self) -> None:

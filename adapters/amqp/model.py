@@ -27,6 +27,7 @@ from typing import Any
 
 from pamqp import commands
 
+from tidegate.adapters.reserved_properties import is_reserved_property
 from tidegate.adapters.topic_names import decode_level, encode_level
 from tidegate.core.model import Message, MessageFlag
 
@@ -196,6 +197,8 @@ def message_from_publish(topic: str, subject: str, properties: commands.Basic.Pr
     headers = properties.headers
     if headers:
         for key, value in headers.items():
+            if is_reserved_property(key):
+                continue  # adapter bookkeeping (mqtt-publisher, amqp-properties) is never a publisher's to set
             if value.__class__ is str:
                 props[key] = value
             elif value.__class__ is bytes:

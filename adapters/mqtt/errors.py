@@ -14,6 +14,8 @@ from tidegate.core.errors import (
     NoPermission,
     NotAuthenticated,
     NotAuthorized,
+    QuotaExceeded,
+    SchemaViolation,
     StoreFull,
     TidegateError,
     TopicNotFound,
@@ -29,6 +31,8 @@ REASON_FOR_CORE_ERROR: dict[type[TidegateError], ReasonCode] = {
     TopicNotFound: ReasonCode.TOPIC_NAME_INVALID,  # auto-creation is off and the topic does not exist
     MessageTooLarge: ReasonCode.QUOTA_EXCEEDED,
     StoreFull: ReasonCode.QUOTA_EXCEEDED,
+    QuotaExceeded: ReasonCode.QUOTA_EXCEEDED,  # limits against abuse (CONNACK, PUBACK/PUBREC, SUBACK)
+    SchemaViolation: ReasonCode.PAYLOAD_FORMAT_INVALID,  # the topic's JSON Schema or content-type rule
 }
 
 

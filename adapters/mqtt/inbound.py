@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tidegate.core.errors import NotAuthorized, TidegateError
+from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError, TopicNotFound
 from tidegate.core.model import Message
+from tidegate.core.security.gate import Action, Resource
+from tidegate.core.session import CoreSession
 
 from .codec import encode_puback_success
 from .errors import reason_for_core_error
@@ -88,10 +90,19 @@ def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publi
     return Message(topic=address[0], subject=address[1], body=payload, properties=props, flags=_FLAGS_FOR_QOS[qos])
 
 
+def _topic_exists(core: CoreSession, topic: str) -> bool:
+    """Existence only, not a read of the topic: asked of the core directly (the publish itself is decided next)."""
+    try:
+        core.core.get_topic(topic)
+    except TopicNotFound:
+        return False
+    return True
+
+
 class Inbound:
     """The client-to-core half of one accepted connection."""
 
-    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids")
+    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic")
 
     def __init__(self, conn: MqttProtocol) -> None:
         self.conn = conn
@@ -101,6 +112,7 @@ class Inbound:
         # PUBLISHes of the current read checked but not stored yet; None when empty
         self.batch: list[Staged] | None = None
         self.batch_ids: set[int] | None = None  # their QoS 1/2 packet ids
+        self.known_topic = ""  # the core topic of the last publish that passed the topic creation quota
 
     # ------------------------------------------------------------------------------------------ PUBLISH
     def on_publish(self, packet: Publish) -> None:
@@ -173,12 +185,35 @@ class Inbound:
                 return
             self.reject(packet, ReasonCode.TOPIC_NAME_INVALID, str(exc))
             return
+        if message.topic != self.known_topic and not self._may_create(message.topic):
+            if batch is not None and self._publish_batch_now():
+                return
+            self.reject(packet, ReasonCode.QUOTA_EXCEEDED, "this user may not create more topics")
+            return
         if batch is None:
             self.batch = batch = []
             self.batch_ids = set()
         batch.append((packet, topic, message))
         if qos:
             self.batch_ids.add(packet_id)  # type: ignore[union-attr, arg-type]
+
+    def _may_create(self, topic: str) -> bool:
+        """Whether publishing to core topic `topic` stays within the user's topic creation quota (an existing
+        topic always does). Remembered for the next publish, which usually goes to the same topic."""
+        limit = self.settings.max_topics_created_per_user
+        core = self.conn.session
+        assert core is not None
+        if limit and not _topic_exists(core, topic):
+            created = self.conn.factory.topics_created.setdefault(core.principal.name, set())
+            if topic not in created:
+                if len(created) >= limit:
+                    self.conn.factory.client_log.info(
+                        "topics-quota", "mqtt %s: publish to new topic %s refused: the user created %d topics "
+                        "(max_topics_created_per_user)", self.conn.who(), topic, len(created))
+                    return False
+                created.add(topic)
+        self.known_topic = topic
+        return True
 
     def _publish_batch_now(self) -> bool:
         """Store the pending batch in the middle of checking a packet; True if that closed the connection."""
@@ -339,7 +374,9 @@ class Inbound:
         factory = conn.factory
         factory.sessions.save(session)  # once for the packet, however many filters it carried
         conn.send(Suback(packet.packet_id, tuple(codes)))
-        now = conn.session.now_ms()  # type: ignore[union-attr]
+        core = conn.session
+        assert core is not None
+        now = core.now_ms()
         for entry, existed in added:
             if is_sys_name(entry.topic_filter):
                 factory.sys.send_snapshot(conn, entry)
@@ -350,6 +387,8 @@ class Inbound:
                     entry.retain_handling == RetainHandling.SEND_ON_NEW_SUBSCRIBE and existed):
                 continue
             for name, message in factory.retained.matching(entry.topic_filter, now):
+                if not core.may(Action.SUB, Resource.topic(name)):
+                    continue  # retained messages do not pass the core: each is read-checked like a live one
                 conn.outbound.offer_retained(name, message, min(message_qos(message.flags), entry.qos),
                                              (entry.identifier,) if entry.identifier else ())
 
@@ -389,6 +428,8 @@ class Inbound:
             sessions.remove_subscription(session, wanted.topic_filter, core, save=False)
             if isinstance(exc, NotAuthorized):
                 return ReasonCode.NOT_AUTHORIZED, None, False  # 3.1.1: the codec sends 0x80
+            if isinstance(exc, QuotaExceeded):
+                return ReasonCode.QUOTA_EXCEEDED, None, False  # subscriptions per session (core limits)
             return ReasonCode.UNSPECIFIED_ERROR, None, False
         if is_sys_name(entry.topic_filter):
             conn.outbound.add_sys_filter(entry)

@@ -28,6 +28,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from tidegate.adapters.reserved_properties import is_reserved_property
 from tidegate.adapters.topic_names import EMPTY_LEVEL, encode_level
 from tidegate.adapters.topic_names import decode_level as decode_core_level
 from tidegate.core.model import Message, MessageFlag
@@ -38,6 +39,7 @@ MAX_CORE_TOPIC = 127
 MAX_CORE_SUBJECT_BYTES = 4096
 SESSION_TOPIC_PREFIX = "%MQTT%"
 SHARE_TOPIC_PREFIX = "%MQTTSHARE%"
+SHARE_GROUP_PREFIX = "%MQTTSHAREGROUP%"
 # An adapter-reserved message flag bit: "published at QoS 2, MQTT subscribers may receive it at QoS 2". The core
 # carries flags through storage untouched; the bit's value must never change (stored messages carry it).
 QOS2_FLAG = 4
@@ -124,8 +126,12 @@ def share_topic(share_name: str, topic_filter: str) -> str:
 
 
 def share_group(share_name: str) -> str:
-    """The core consumer group of a share name (clustering: each message to one member)."""
-    return _bounded_name("", encode_level(share_name), share_name)
+    """The core consumer group of a share name (clustering: each message to one member).
+
+    A private `%MQTTSHAREGROUP%` name, never the share name itself: consumer groups of native and AMQP clients
+    live in the public namespace, and an MQTT client must not be able to join, lock out or (on leaving) delete
+    them by naming one in `$share/<name>/...`."""
+    return _bounded_name(SHARE_GROUP_PREFIX, encode_level(share_name), share_name)
 
 
 # --------------------------------------------------------------------------------------------- messages
@@ -180,12 +186,16 @@ def message_from_publish(topic_name: str, payload: bytes, qos: int, retain: bool
                   publisher: str | None = None) -> Message:
     """The core message for an MQTT publish; raises UnmappableName.
 
-    User properties become properties; a repeated name keeps its last value (core properties are a map).
+    User properties become properties; a repeated name keeps its last value (core properties are a map); names the
+    adapters own (`ADAPTER_PROPERTIES`, `mqtt-*`, `amqp-properties`) are dropped, and `publisher` (the client id, set
+    by the server) is stamped after that.
     Correlation data that is not UTF-8 is stored base64-encoded with `mqtt-correlation-encoding=base64`.
     """
     topic, subject = core_address(topic_name)
     props: dict[str, str] = {}
     for key, value in fields.user_properties:
+        if key in ADAPTER_PROPERTIES or is_reserved_property(key):
+            continue  # adapter bookkeeping is never the client's to set (a forged mqtt-publisher hid messages)
         props[key] = value
     if fields.content_type is not None:
         props[PROP_CONTENT_TYPE] = fields.content_type

@@ -173,8 +173,13 @@ class Outbound:
     def open_share(self, entry: SubscriptionEntry) -> None:
         topic = entry.share_topic
         assert topic is not None
-        self.conn.session.own(topic, own_queue=True)  # type: ignore[union-attr]
-        self._open(topic, self.conn.factory.sessions.share_group_of(entry), topic, self.receive_maximum)
+        group = self.conn.factory.sessions.share_group_of(entry)
+        core = self.conn.session
+        assert core is not None
+        # the share's queue and its group are private to the adapter: only its members consume them
+        core.own(topic, own_queue=True)
+        core.own(group, own_queue=True)
+        self._open(topic, group, topic, self.receive_maximum)
 
     def _open(self, key: str, group: str, topic: str, credit: int) -> None:
         if key in self.subs:

@@ -28,11 +28,11 @@ from typing import Any
 from twisted.python.failure import Failure
 
 from tidegate.adapters.base import AdapterConnection, AdapterFactory, ConnectionLimits
-from tidegate.core.errors import NotAuthenticated, TidegateError
+from tidegate.core.errors import NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.ratelimit import ClientLog, clip
-from tidegate.core.security.gate import Credentials, Gate, Principal
+from tidegate.core.security.gate import Action, Credentials, Gate, Principal, Resource
 
 from .codec import (
     MQTT_5,
@@ -53,6 +53,7 @@ from .codec import (
     ReasonCode,
     Subscribe,
     Unsubscribe,
+    Will,
 )
 from .errors import reason_for_core_error
 from .inbound import Inbound
@@ -73,7 +74,7 @@ __all__ = ["MqttProtocol", "MqttServerFactory", "MqttSettings"]
 _V311_CONNACK_REFUSALS = frozenset({
     ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, ReasonCode.SERVER_UNAVAILABLE,
     ReasonCode.SERVER_SHUTTING_DOWN, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD,
-    ReasonCode.NOT_AUTHORIZED,
+    ReasonCode.NOT_AUTHORIZED, ReasonCode.QUOTA_EXCEEDED,  # 0x97 goes out as return code 3 (server unavailable)
 })
 
 
@@ -265,10 +266,17 @@ class MqttProtocol(AdapterConnection):
         self.negotiated = result
         self.client_id = result.client_id
         # Nothing of the session is touched before the gate answers (a take-over needs a valid login).
-        self.authenticate(Credentials(
-            mechanism="password" if packet.username else "anonymous", username=packet.username or "",
-            password=packet.password or b"", client_id=result.client_id, source=self.source,
-            listener=self.factory.listener))
+        # Without a user name, a verified client certificate names the user (Mosquitto's use_identity_as_username).
+        identity = "" if packet.username else self.peer_certificate_identity()
+        if identity:
+            credentials = Credentials(mechanism="certificate", username=identity, certificate_identity=identity,
+                                      client_id=result.client_id, source=self.source, listener=self.factory.listener)
+        else:
+            credentials = Credentials(
+                mechanism="password" if packet.username else "anonymous", username=packet.username or "",
+                password=packet.password or b"", client_id=result.client_id, source=self.source,
+                listener=self.factory.listener)
+        self.authenticate(credentials)
 
     def on_authenticated(self, principal: Principal) -> None:
         negotiated = self.negotiated
@@ -286,7 +294,7 @@ class MqttProtocol(AdapterConnection):
         error = failure.value
         if isinstance(error, TidegateError):
             reason = reason_for_core_error(error, ReasonCode.BAD_USER_NAME_OR_PASSWORD)
-            text = error.message if isinstance(error, NotAuthenticated) else "not authorized"
+            text = error.message if isinstance(error, NotAuthenticated | QuotaExceeded) else "not authorized"
         else:
             self.factory.client_log.log(logging.ERROR, "authentication-unavailable",
                                         "mqtt connection %s: authentication failed: %s", self.peer,
@@ -302,16 +310,36 @@ class MqttProtocol(AdapterConnection):
         assert core is not None
         client_id, level = negotiated.client_id, negotiated.level
         sessions = factory.sessions
+        user = core.principal.name
         existing = sessions.get(client_id)
+        # Every refusal comes before anything of an existing session is touched (no take-over, no wipe, no will).
+        if existing is not None and not sessions.may_use(existing, user):
+            factory.client_log.info("client-id-bound", "mqtt %s: refused: the client id belongs to another user",
+                                    self.who())
+            self._refuse(ReasonCode.NOT_AUTHORIZED, level, "the client identifier is in use by another user")
+            return
+        if existing is None and self.settings.max_sessions_per_user \
+                and sessions.sessions_owned(user) >= self.settings.max_sessions_per_user:
+            factory.client_log.info("sessions-quota", "mqtt %s: refused: user %s has %d sessions "
+                                    "(max_sessions_per_user)", self.who(), clip(user, 100),
+                                    sessions.sessions_owned(user))
+            self._refuse(ReasonCode.QUOTA_EXCEEDED if level == MQTT_5 else ReasonCode.SERVER_UNAVAILABLE, level,
+                         "too many sessions for this user")
+            return
+        if negotiated.will is not None and not self._will_allowed(negotiated.will):
+            return
+        # a take-over by another user (possible only with client_id_binding = "none") never fires the owner's will
+        foreign = existing is not None and existing.owner not in ("", user)
         if existing is not None and existing.connection is not None:
-            existing.connection.take_over()
+            existing.connection.take_over(send_will=not foreign)
             existing = sessions.get(client_id)  # ended if its expiry was 0
         if existing is not None and negotiated.clean_start:
-            sessions.destroy(existing)
+            sessions.destroy(existing, send_will=not foreign)
             existing = None
         session_present = existing is not None
         session = existing if existing is not None else sessions.create(client_id, level, negotiated.session_expiry,
                                                                          core)
+        sessions.set_owner(session, user)
         sessions.attach(session, self, core)
         session.protocol_level = level
         session.expiry_interval = negotiated.session_expiry
@@ -347,10 +375,36 @@ class MqttProtocol(AdapterConnection):
             factory.sys.listeners.add(self)
         log.debug("mqtt %s connected (level %d, session present %s)", self.who(), level, session_present)
 
-    def take_over(self) -> None:
-        """Another connection uses this client id: close this one (v5: DISCONNECT 0x8E) and release the session."""
+    def _will_allowed(self, will: Will) -> bool:
+        """A will is checked at CONNECT like the publish it will become (the gate, `$SYS`, the name's core
+        spelling); a refused will refuses the connection (v5 CONNACK 0x87/0x90, 3.1.1 return code 5)."""
+        core = self.session
+        assert core is not None
+        if is_sys_name(will.topic):
+            reason, text = ReasonCode.NOT_AUTHORIZED, "$SYS topics are written by the broker only"
+        else:
+            try:
+                message = message_from_publish(will.topic, will.payload, will.qos, will.retain,
+                                               PublishFields.from_properties(will.properties), core.now_ms())
+            except UnmappableName as exc:
+                reason, text = ReasonCode.TOPIC_NAME_INVALID, str(exc)
+            else:
+                if core.may(Action.PUB, Resource.topic(message.full_name)):
+                    return True
+                reason, text = ReasonCode.NOT_AUTHORIZED, "not authorized to publish the will message"
+        self.factory.client_log.info("will-refused", "mqtt %s: refused: will to %s: %s", self.who(),
+                                     clip(will.topic, 100), text)
+        if self.level != MQTT_5 and reason not in _V311_CONNACK_REFUSALS:
+            reason = ReasonCode.NOT_AUTHORIZED  # 3.1.1 return code 5
+        self._refuse(reason, self.level, text)
+        return False
+
+    def take_over(self, send_will: bool = True) -> None:
+        """Another connection uses this client id: close this one (v5: DISCONNECT 0x8E) and release the session;
+        `send_will=False` when another user took it over (its will is this client's, not theirs to trigger)."""
         self.factory.client_log.info("taken-over", "mqtt %s: session taken over by a new connection", self.who())
-        self._disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection uses this client identifier")
+        self._disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection uses this client identifier",
+                         send_will=send_will)
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None
@@ -475,6 +529,8 @@ class MqttServerFactory(AdapterFactory):
         self.sessions = SessionManager(self.system, clock, settings, self._publish_will,
                                        rows=core.adapter_state(SESSIONS_NAMESPACE),
                                        share_rows=core.adapter_state(SHARES_NAMESPACE))
+        # principal name -> core topics its publishes created (max_topics_created_per_user), for this process
+        self.topics_created: dict[str, set[str]] = {}
         self.sys = SysTopics(self)
         self.stats = self.sys.stats
         self.sessions.load()
@@ -493,6 +549,8 @@ class MqttServerFactory(AdapterFactory):
         """Publish a will as the client that set it (its core session: the gate decides as for its publishes)."""
         will = pending.will
         publisher = pending.publisher
+        if is_sys_name(will.topic):  # refused at CONNECT; kept here so no path writes a retained $SYS value
+            return
         try:
             message = message_from_publish(will.topic, will.payload, will.qos, will.retain,
                                     PublishFields.from_properties(will.properties), publisher.now_ms())

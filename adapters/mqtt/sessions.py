@@ -32,6 +32,7 @@ from tidegate.core.interfaces import AdapterStateStore
 from tidegate.core.model import QueueRef
 from tidegate.core.ratelimit import ClientLog
 from tidegate.core.routing import SubscriptionTrie
+from tidegate.core.security.gate import Action, Resource
 from tidegate.core.session import CoreSession
 
 from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
@@ -101,6 +102,9 @@ class Session:
     disconnected_at: int = 0  # ms; 0 while connected
     expiry_call: Any = None
     pending_will: PendingWill | None = None
+    # The principal name the session is bound to (`client_id_binding = "user"`): only that user may resume it,
+    # take it over or wipe it. Empty for rows written before binding existed: the next login claims them.
+    owner: str = ""
     # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
     # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
     # rarely repeat enough to pay for a cache's memory in each of thousands of sessions.
@@ -144,7 +148,7 @@ class Session:
                 "expiry": self.expiry_interval, "subs": [s.to_row() for s in self.subscriptions.values()],
                 "inbound_qos2": sorted(self.packets.inbound_qos2),
                 "released": [[pid, topic] for pid, topic in sorted(self.packets.released.items())],
-                "disconnected_at": self.disconnected_at}
+                "disconnected_at": self.disconnected_at, "owner": self.owner}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:
@@ -154,6 +158,7 @@ class Session:
         session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
                                     {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)
+        session.owner = str(row.get("owner") or "")
         return session
 
 
@@ -174,6 +179,7 @@ class SessionManager:
         self.settings = settings
         self._publish_will = publish_will
         self.sessions: dict[str, Session] = {}
+        self._owned_counts: dict[str, int] = {}  # principal name -> sessions it owns (max_sessions_per_user)
         self._shares: dict[str, dict[str, Any]] = dict(share_rows.items())
         self._client_log = ClientLog(log, clock.seconds)  # expiries follow what clients chose: rate-limited
 
@@ -192,6 +198,7 @@ class SessionManager:
                 self.rows.delete(client_id)
                 continue
             self.sessions[session.client_id] = session
+            self._count_owner(session.owner, 1)
             if not session.disconnected_at:
                 # the broker stopped while the client was connected: its expiry starts now
                 session.disconnected_at = now
@@ -209,19 +216,47 @@ class SessionManager:
                 self._drop_core_state(cfg.name, cfg.name)
         for topic, row in list(self._shares.items()):
             members = [m for m in row.get("members", []) if m in self.sessions]
-            if members != row.get("members"):
+            group = share_group(str(row.get("share", "")))
+            if members != row.get("members") or row.get("group") != group:
+                # rows written before shares had their own group namespace named a public group: move them to
+                # the private one (never deleting the public group, which may belong to a native application)
                 row["members"] = members
+                row["group"] = group
                 self._save_share(topic, row)
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def get(self, client_id: str) -> Session | None:
         return self.sessions.get(client_id)
 
+    def may_use(self, session: Session, principal_name: str) -> bool:
+        """Whether `principal_name` may resume, take over or wipe `session` (`client_id_binding`)."""
+        return self.settings.client_id_binding == "none" or session.owner in ("", principal_name)
+
+    def sessions_owned(self, principal_name: str) -> int:
+        return self._owned_counts.get(principal_name, 0)
+
+    def set_owner(self, session: Session, principal_name: str) -> None:
+        if session.owner != principal_name:
+            self._count_owner(session.owner, -1)
+            session.owner = principal_name
+            self._count_owner(principal_name, 1)
+
+    def _count_owner(self, principal_name: str, delta: int) -> None:
+        if not principal_name:
+            return
+        count = self._owned_counts.get(principal_name, 0) + delta
+        if count > 0:
+            self._owned_counts[principal_name] = count
+        else:
+            self._owned_counts.pop(principal_name, None)
+
     def create(self, client_id: str, protocol_level: int, expiry_interval: int, owner: CoreSession) -> Session:
-        """A new session whose queue `owner` (the connecting client's core session) creates and may consume."""
+        """A new session, bound to `owner`'s principal, whose queue `owner` (the connecting client's core session)
+        creates and may consume."""
         topic = session_topic(client_id)
         owner.claim_private(topic, queues=1)
         session = Session(client_id, topic, protocol_level, expiry_interval)
+        self.set_owner(session, owner.principal.name)
         self.sessions[client_id] = session
         self.save(session)
         return session
@@ -264,13 +299,16 @@ class SessionManager:
         if will is not None:
             self._publish_will(session, will)
 
-    def destroy(self, session: Session) -> None:
-        """Remove a session with everything it holds in the core; sends a will still waiting for its delay."""
+    def destroy(self, session: Session, *, send_will: bool = True) -> None:
+        """Remove a session with everything it holds in the core; sends a will still waiting for its delay unless
+        `send_will` is false (another user wiped the session: its owner's will is not theirs to trigger)."""
         self._cancel(session, "expiry_call")
         if session.pending_will is not None:
             if session.pending_will.call is not None and session.pending_will.call.active():
                 session.pending_will.call.cancel()
-            self._fire_will(session)
+            if send_will:
+                self._fire_will(session)
+            session.pending_will = None
         for entry in list(session.subscriptions.values()):
             if entry.share:
                 self.leave_share(session, entry)
@@ -278,6 +316,7 @@ class SessionManager:
         self._drop_core_state(session.topic, session.topic)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._count_owner(session.owner, -1)
         self.rows.delete(session.client_id)
 
     def _drop_core_state(self, topic: str, group: str) -> None:
@@ -330,8 +369,11 @@ class SessionManager:
         if entry.share:
             self.join_share(session, entry, owner)
         elif not is_sys_name(entry.topic_filter):
-            # $SYS topics are generated by the adapter and never go through the core router
             owner.bind(core_pattern(entry.topic_filter), session.queue)
+        else:
+            # $SYS topics are generated by the adapter and never go through the core router; reading them is a
+            # permission all the same (Sub on the filter as MQTT writes it)
+            owner.authorize(Action.SUB, Resource.topic_filter(entry.topic_filter))
         existed = session.put_subscription(entry)
         if save:
             self.save(session)

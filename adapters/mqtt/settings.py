@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 ONE_MIB = 1024 * 1024
+CLIENT_ID_BINDINGS = ("user", "none")
 
 
 @dataclass(slots=True)
@@ -56,6 +57,22 @@ class MqttSettings:
     max_queued_retained_bytes: int = 8 * ONE_MIB
     # Cap on a v5 client's own Topic Alias Maximum (it may announce 65535): topic names remembered per connection.
     max_outbound_topic_aliases: int = 256
+    # Who may use a client id whose session exists: "user" binds it to the user that created the session (another
+    # user's CONNECT is refused with CONNACK 0x87 / return code 5, the session untouched); "none" lets anyone
+    # take any session over (MQTT's own rule). Anonymous clients all act as the user `anonymous`, so they can take
+    # each other's sessions over either way.
+    client_id_binding: str = "user"
+    # Sessions (live and persisted) one user may own; a new one beyond is refused (CONNACK 0x97 Quota exceeded,
+    # 3.1.1 return code 3 Server unavailable). 0 = no limit. Anonymous clients share one count.
+    max_sessions_per_user: int = 100_000
+    # Origins (`scheme://host[:port]`, or `*`) whose web pages may open MQTT over WebSocket in a browser. A request
+    # without Origin (not a browser) and a same-origin request (Origin host:port = Host) are always accepted; any
+    # other Origin is refused with HTTP 403. The config file gives them comma-separated.
+    ws_allowed_origins: tuple[str, ...] = ()
+    # Core topics (first levels) one user's publishes may create by auto-creation while the broker runs; a publish
+    # that would create one more is refused (v5 PUBACK/PUBREC 0x97 Quota exceeded, 3.1.1 closes). 0 = no limit.
+    # Anonymous clients share one count.
+    max_topics_created_per_user: int = 10_000
 
     @classmethod
     def from_config(cls, section: Any) -> MqttSettings:
@@ -92,3 +109,12 @@ class MqttSettings:
             raise ValueError("max_queued_retained_bytes must not be negative")
         if not 0 <= self.max_outbound_topic_aliases <= 65535:
             raise ValueError("max_outbound_topic_aliases must be 0..65535")
+        if self.client_id_binding not in CLIENT_ID_BINDINGS:
+            raise ValueError(f"client_id_binding must be one of {', '.join(CLIENT_ID_BINDINGS)}")
+        if self.max_sessions_per_user < 0 or self.max_topics_created_per_user < 0:
+            raise ValueError("max_sessions_per_user and max_topics_created_per_user must not be negative "
+                             "(0 = no limit)")
+        origins = self.ws_allowed_origins
+        if isinstance(origins, str):
+            origins = origins.split(",")
+        self.ws_allowed_origins = tuple(o.strip().rstrip("/").lower() for o in origins if o.strip())

@@ -35,6 +35,8 @@ class ErrorCode(IntEnum):
     NO_PERMISSION = 20
     NOT_AUTHORIZED = 21
     NOT_AUTHENTICATED = 22
+    QUOTA_EXCEEDED = 23  # a limit against abuse: rate, bandwidth, connections, subscriptions, sizes
+    SCHEMA_VIOLATION = 24  # the message does not satisfy its topic's JSON Schema or content-type rule
     STORE_FULL = 30
     STORE_ERROR = 31
     SHUTTING_DOWN = 32
@@ -71,6 +73,8 @@ WIRE_CODES: dict[type[BaseException], ErrorCode] = {
     core.NoPermission: ErrorCode.NO_PERMISSION,
     core.NotAuthorized: ErrorCode.NOT_AUTHORIZED,
     core.NotAuthenticated: ErrorCode.NOT_AUTHENTICATED,
+    core.QuotaExceeded: ErrorCode.QUOTA_EXCEEDED,
+    core.SchemaViolation: ErrorCode.SCHEMA_VIOLATION,
     core.StoreFull: ErrorCode.STORE_FULL,
     core.StoreError: ErrorCode.STORE_ERROR,
     core.ShuttingDown: ErrorCode.SHUTTING_DOWN,

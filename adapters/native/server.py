@@ -39,8 +39,9 @@ from tidegate.adapters.native.codec import (
     encode_send_ok,
 )
 from tidegate.adapters.native.errors import ErrorCode, wire_code
+from tidegate.adapters.reserved_properties import strip_reserved_properties
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
-from tidegate.core.errors import BadRequest, NotAuthenticated, TidegateError
+from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import QueueRef, TopicConfig
@@ -314,8 +315,10 @@ class NativeProtocol(AdapterConnection):
             for frame in run:
                 self._dispatch(frame)
             return
+        messages = [frame.message for frame in run]
+        strip_reserved_properties(messages)
         try:
-            results = session.publish([frame.message for frame in run], None if queue_id < 0 else queue_id)
+            results = session.publish(messages, None if queue_id < 0 else queue_id)
         except Exception:
             for frame in run:
                 if self.closing:
@@ -341,9 +344,16 @@ class NativeProtocol(AdapterConnection):
         self.client_name = frame.client_name
         self._hello_request_id = frame.request_id
         username = frame.username
-        self.authenticate(Credentials(mechanism="password" if username else "anonymous", username=username,
+        # A HELLO without credentials on a connection with a verified client certificate logs in as its identity.
+        identity = "" if username or frame.password else self.peer_certificate_identity()
+        if identity:
+            credentials = Credentials(mechanism="certificate", username=identity, certificate_identity=identity,
+                                      client_id=self.client_id, source=self.source, listener=factory.listener)
+        else:
+            credentials = Credentials(mechanism="password" if username else "anonymous", username=username,
                                       password=frame.password, client_id=self.client_id,
-                                      source=self.source, listener=factory.listener))
+                                      source=self.source, listener=factory.listener)
+        self.authenticate(credentials)
 
     def on_authenticated(self, principal: Principal) -> None:
         factory = self.factory
@@ -354,6 +364,9 @@ class NativeProtocol(AdapterConnection):
                             heartbeat_ms=int(settings.heartbeat_s * 1000)))
 
     def on_authentication_failed(self, failure: Failure) -> None:
+        if failure.check(QuotaExceeded):  # a connection limit (core/security/limits.py)
+            self._close_with_error(self._hello_request_id, ErrorCode.QUOTA_EXCEEDED, failure.value.message)
+            return
         if failure.check(NotAuthenticated):
             message = failure.value.message or "authentication failed"
         else:  # the gate itself broke: our fault, logged, and the client learns only that it was refused
@@ -404,7 +417,9 @@ class NativeProtocol(AdapterConnection):
     def on_send(self, frame: f.Send) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
-        result = session.publish([frame.message], queue_id=queue_id)[0]
+        messages = [frame.message]
+        strip_reserved_properties(messages)  # adapter bookkeeping (mqtt-publisher, ...) is never a client's
+        result = session.publish(messages, queue_id=queue_id)[0]
         if frame.flags & ONEWAY:
             return
         data = encode_send_ok(frame.request_id, result.msg_id, result.topic, result.queue_id, result.queue_offset)
@@ -413,7 +428,9 @@ class NativeProtocol(AdapterConnection):
     def on_send_batch(self, frame: f.SendBatch) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
-        results = session.publish(list(frame.messages), queue_id=queue_id)
+        messages = list(frame.messages)
+        strip_reserved_properties(messages)
+        results = session.publish(messages, queue_id=queue_id)
         if frame.flags & ONEWAY:
             return
         data = encode_send_batch_ok(frame.request_id, results)
@@ -426,10 +443,11 @@ class NativeProtocol(AdapterConnection):
     def on_subscribe(self, frame: f.Subscribe) -> None:
         subscription_id = next(self._next_subscription)
         sink = SubscriptionSink(self, subscription_id)
-        # SUBSCRIBE may name its own client id (the SDK's consumers do); it is passed through the session so the
-        # gate issue can decide whether a principal may act under another client id (today: accepted as sent).
+        # The member id is the connection's own client id (the one its HELLO logged in with), never the frame's:
+        # a client naming another member's id would take over that member's broadcast offsets and identity in
+        # the group. The SDK sends its HELLO client id here anyway; a different one is ignored.
         sub = self.session.subscribe(
-            frame.group, frame.topic, sink, client_id=frame.client_id or self.client_id,
+            frame.group, frame.topic, sink, client_id=self.client_id,
             mode=MODE_TO_CORE[frame.mode], ack=ACK_TO_CORE[frame.ack], filter_expr=frame.filter_expr or "*",
             invisible_ms=frame.invisible_ms or None, max_attempts=frame.max_attempts or None,
             start=frame.start or None)

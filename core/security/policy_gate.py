@@ -3,8 +3,16 @@
 Authentication:
 - a user name and password: the scrypt check runs through `run_in_thread` (off the reactor in the broker;
   tests pass an inline runner), then the user must exist, be enabled and match;
-- no user name: the user `anonymous`, if `allow_anonymous` lets this source in (`"loopback"`, the default, means
-  127.0.0.0/8 and ::1 only; `True` everywhere; `False` never) and that user exists and is enabled;
+- a password shaped like a JWT (`header.payload.signature`) when JWT is configured: the token is verified
+  (core/security/tokens.py, also through `run_in_thread`) and its user name claim names the user, which must exist
+  and be enabled; a given user name must equal the claim. A refused token is a failed login like a bad password;
+- no user name: the user `anonymous`, if `allow_anonymous` lets this connection in (`"loopback"`, the default: the
+  listener is bound to a loopback address *and* the client comes from 127.0.0.0/8 or ::1; `True` everywhere;
+  `False` never) and that user exists and is enabled;
+- a verified client certificate (mechanism "certificate", the TLS layer checked it against the CA bundle): its
+  identity (`[tls] identity`: CN or a SAN) must name an existing, enabled user, exactly like a user name with the
+  right password; there is no separate mapping table (create the user, without a password if it only ever uses
+  its certificate). The reserved `anonymous` user cannot be claimed by a certificate;
 - `guest`/`guest` (AMQP clients' default) from loopback, when no real `guest` user exists: treated like an
   anonymous client, as RabbitMQ allows it from localhost only.
 Every failed attempt from a source address doubles the delay before that source's next answer (success or
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,8 +35,11 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tidegate.core.errors import NotAuthenticated
+from tidegate.core.metrics import SecurityMetrics
+from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import Action, Credentials, Decision, Principal, Resource
 from tidegate.core.security.policy import PolicyDecision, decide
+from tidegate.core.security.tokens import TokenError, TokenVerifier, VerifiedToken, looks_like_jwt, open_token_verifier
 from tidegate.core.security.users import ANONYMOUS_USER, SecurityDirectory, User
 
 log = Logger(namespace="tidegate.security")
@@ -46,6 +57,13 @@ def is_loopback(source: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def is_loopback_bind(host: str) -> bool:
+    """Whether a listener bound to `host` is reachable from this machine only (`localhost` or a loopback literal;
+    a wildcard or any other name is not)."""
+    host = host.strip().strip("[]").lower()
+    return host == "localhost" or is_loopback(host)
 
 
 def run_inline(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -99,7 +117,9 @@ class PolicyGate:
     """`Gate` over a `SecurityDirectory`."""
 
     def __init__(self, directory: SecurityDirectory, clock: Any, *, allow_anonymous: AnonymousPolicy = "loopback",
-                 run_in_thread: RunInThread = run_inline, throttle: LoginThrottle | None = None) -> None:
+                 run_in_thread: RunInThread = run_inline, throttle: LoginThrottle | None = None,
+                 tokens: TokenVerifier | None = None, listener_hosts: Mapping[str, str] | None = None,
+                 audit: AuditLog | None = None, metrics: SecurityMetrics | None = None) -> None:
         if allow_anonymous not in ("loopback", True, False):
             raise ValueError(f"allow_anonymous must be 'loopback', true or false, not {allow_anonymous!r}")
         self.directory = directory
@@ -107,6 +127,11 @@ class PolicyGate:
         self.allow_anonymous = allow_anonymous
         self.run_in_thread = run_in_thread
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self.tokens = tokens
+        # listener name (Credentials.listener) -> the host it is bound to, for anonymous-per-listener decisions
+        self.listener_hosts: dict[str, str] = dict(listener_hosts or {})
+        self.audit = audit if audit is not None else AuditLog(None)
+        self.metrics = metrics if metrics is not None else SecurityMetrics()
         self.admin_hosts: frozenset[str] = frozenset()  # Host names the admin API serves (gateway/admin.py)
 
     @property
@@ -114,8 +139,13 @@ class PolicyGate:
         return self.directory.version
 
     # ------------------------------------------------------------------ authentication
-    def anonymous_allowed_from(self, source: str) -> bool:
+    def anonymous_allowed_from(self, source: str, listener: str = "") -> bool:
+        """`"loopback"`: the listener must be bound to loopback (when the gate knows its address) and the client
+        must come from loopback too; the second check also covers listeners the gate was not told about."""
         if self.allow_anonymous == "loopback":
+            host = self.listener_hosts.get(listener)
+            if host is not None and not is_loopback_bind(host):
+                return False
             return is_loopback(source)
         return bool(self.allow_anonymous)
 
@@ -130,22 +160,53 @@ class PolicyGate:
 
     def _authenticate(self, credentials: Credentials) -> Deferred[Principal]:
         source = credentials.source
+        if credentials.mechanism == "certificate":
+            return self._settle(credentials, self._certificate_principal(credentials),
+                                "no enabled user for this client certificate", "certificate",
+                                user=credentials.certificate_identity)
+        if (self.tokens is not None and credentials.mechanism in ("password", "anonymous", "token")
+                and looks_like_jwt(credentials.password)):
+            return self._authenticate_token(credentials)
+        if credentials.mechanism == "token":
+            return self._settle(credentials, None, "bearer tokens are not enabled", "mechanism")
         if credentials.mechanism == "anonymous" or (not credentials.username and not credentials.password):
-            return self._settle(credentials, self._anonymous(credentials), "anonymous clients are not allowed here")
+            return self._settle(credentials, self._anonymous(credentials), "anonymous clients are not allowed here",
+                                "anonymous")
         if credentials.mechanism != "password":
-            return self._settle(credentials, None, f"authentication mechanism {credentials.mechanism!r} is not enabled")
+            return self._settle(credentials, None, f"authentication mechanism {credentials.mechanism!r} is not enabled",
+                                "mechanism")
         name, password = credentials.username, credentials.password
         if name == GUEST and password == b"guest" and self.directory.user(GUEST) is None:
             if is_loopback(source) and self.allow_anonymous is not False:
-                return self._settle(credentials, self._anonymous(credentials), "")
-            return self._settle(credentials, None, "the guest user may only connect from loopback")
+                return self._settle(credentials, self._anonymous(credentials), "", "guest")
+            return self._settle(credentials, None, "the guest user may only connect from loopback", "guest")
         checked: Deferred[User | None] = self.run_in_thread(self.directory.authenticate, name, password)
         return checked.addCallback(
             lambda user: self._settle(credentials, None if user is None else self._principal(user, credentials),
-                                      "bad user name or password"))
+                                      "bad user name or password", "password"))
+
+    def _authenticate_token(self, credentials: Credentials) -> Deferred[Principal]:
+        """Verify the bearer token off the reactor; its user must exist and be enabled (policies are the user's)."""
+        assert self.tokens is not None
+        checked: Deferred[VerifiedToken] = self.run_in_thread(self.tokens.verify, credentials.password,
+                                                              credentials.username)
+
+        def verified(token: VerifiedToken) -> Deferred[Principal]:
+            user = self.directory.user(token.username)
+            if user is None or not user.enabled:
+                return self._settle(credentials, None, "the token's user is unknown or disabled", "token",
+                                    cause="token_user", user=token.username)
+            return self._settle(credentials, self._principal(user, credentials), "", "token", user=token.username)
+
+        def refused(failure: Any) -> Deferred[Principal]:
+            failure.trap(TokenError)
+            error: TokenError = failure.value
+            return self._settle(credentials, None, str(error), "token", cause=f"token_{error.cause}")
+
+        return checked.addCallbacks(verified, refused)
 
     def _anonymous(self, credentials: Credentials) -> Principal | None:
-        if not self.anonymous_allowed_from(credentials.source):
+        if not self.anonymous_allowed_from(credentials.source, credentials.listener):
             return None
         user = self.directory.user(ANONYMOUS_USER)
         if user is None or not user.enabled:
@@ -153,18 +214,41 @@ class PolicyGate:
         return Principal(ANONYMOUS_USER, roles=frozenset(user.roles), anonymous=True,
                          client_id=credentials.client_id)
 
+    def _certificate_principal(self, credentials: Credentials) -> Principal | None:
+        name = credentials.certificate_identity
+        user = self.directory.user(name) if name and name != ANONYMOUS_USER else None
+        if user is None or not user.enabled:
+            return None
+        return self._principal(user, credentials)
+
     @staticmethod
     def _principal(user: User, credentials: Credentials) -> Principal:
         return Principal(user.name, roles=frozenset(user.roles), client_id=credentials.client_id)
 
-    def _settle(self, credentials: Credentials, principal: Principal | None, refusal: str) -> Deferred[Principal]:
+    def _settle(self, credentials: Credentials, principal: Principal | None, refusal: str, mechanism: str, *,
+                cause: str = "", user: str = "") -> Deferred[Principal]:
+        """Record the outcome (throttle, audit, metrics) and answer. `cause` is a bounded word for metrics."""
+        user = user or credentials.username
         if principal is None:
+            cause = cause or {"password": "bad_password", "anonymous": "anonymous_refused"}.get(mechanism, mechanism)
             self.throttle.failed(credentials.source)
-            log.info("login refused: {user!r} from {source} on {listener}: {why}", user=credentials.username,
+            self.metrics.login_failed(credentials.listener, cause)
+            self.audit.login(ok=False, user=user, source=credentials.source, mechanism=mechanism,
+                             listener=credentials.listener, client_id=credentials.client_id, reason=refusal)
+            log.info("login refused: {user!r} from {source} on {listener}: {why}", user=user,
                      source=credentials.source, listener=credentials.listener, why=refusal)
             return fail(NotAuthenticated(refusal))
         self.throttle.succeeded(credentials.source)
+        self.audit.login(ok=True, user=principal.name, source=credentials.source, mechanism=mechanism,
+                         listener=credentials.listener, client_id=credentials.client_id)
         return succeed(principal)
+
+    def note_denial(self, principal: Principal, action: Action, resource: Resource, *, source: str = "",
+                    listener: str = "", reason: str = "") -> None:
+        """A session refused an action (core/session.py): count it and write a (rate-limited) audit line."""
+        self.metrics.denied(listener, action.value)
+        self.audit.denial(user=principal.name, action=action.value, resource=str(resource), source=source,
+                          listener=listener, reason=reason)
 
     # ------------------------------------------------------------------ authorization
     def decide(self, principal: Principal, action: Action, resource: Resource, source: str) -> PolicyDecision:
@@ -187,17 +271,32 @@ class PolicyGate:
 
 def open_policy_gate(store: Any, clock: Any, *, allow_anonymous: str = "loopback", login_delay_ms: int = 200,
                      login_delay_max_ms: int = 10_000, login_delay_sources: int = 10_000, admin_hosts: str = "",
-                     admin_password: str | None = None, run_in_thread: RunInThread = run_inline) -> PolicyGate:
+                     admin_password: str | None = None, run_in_thread: RunInThread = run_inline,
+                     jwt_secret_file: str = "", jwt_jwks_file: str = "", jwt_audience: str = "",
+                     jwt_issuer: str = "", jwt_username_claim: str = "sub", jwt_leeway_s: int = 30,
+                     listener_hosts: Mapping[str, str] | None = None, audit: AuditLog | None = None,
+                     metrics: SecurityMetrics | None = None) -> PolicyGate:
     """The broker's gate over its metadata store: load users/roles/policies, create the first-start defaults
-    (and `admin` when `admin_password` is given), and warn when anonymous clients are accepted from anywhere."""
+    (and `admin` when `admin_password` is given), open the JWT verifier (a bad JWT setting raises
+    `TokenConfigError` or `InsecureKeyFile`), and warn about anonymous clients on non-loopback listeners."""
+    tokens = open_token_verifier(jwt_secret_file=jwt_secret_file, jwt_jwks_file=jwt_jwks_file,
+                                 jwt_audience=jwt_audience, jwt_issuer=jwt_issuer,
+                                 jwt_username_claim=jwt_username_claim, jwt_leeway_s=jwt_leeway_s)
     directory = SecurityDirectory(store)
     for created in directory.bootstrap(admin_password):
         log.info("security: first start created {what}", what=created)
     policy: AnonymousPolicy = {"loopback": "loopback", "true": True, "false": False}[allow_anonymous]
+    hosts = dict(listener_hosts or {})
+    exposed = sorted(name for name, host in hosts.items() if not is_loopback_bind(host))
     if policy is True:
-        log.warn("security: allow_anonymous = true: clients from any address may connect without a password")
+        log.warn("security: allow_anonymous = true: clients from any address may connect without a password"
+                 "{on}", on=f" (listeners on non-loopback addresses: {', '.join(exposed)})" if exposed else "")
+    elif policy == "loopback" and exposed:
+        log.info("security: anonymous clients are refused on {names} (bound to non-loopback addresses; "
+                 "allow_anonymous = true would admit them)", names=", ".join(exposed))
     throttle = LoginThrottle(clock, base_delay_s=login_delay_ms / 1000, max_delay_s=login_delay_max_ms / 1000,
                              max_sources=login_delay_sources)
-    gate = PolicyGate(directory, clock, allow_anonymous=policy, run_in_thread=run_in_thread, throttle=throttle)
+    gate = PolicyGate(directory, clock, allow_anonymous=policy, run_in_thread=run_in_thread, throttle=throttle,
+                      tokens=tokens, listener_hosts=hosts, audit=audit, metrics=metrics)
     gate.admin_hosts = frozenset(h.strip().lower() for h in admin_hosts.split(",") if h.strip())
     return gate

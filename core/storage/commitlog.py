@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge, StoreError, StoreFull
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
-from tidegate.core.storage.layout import StoreLayout, fsync_dir
+from tidegate.core.storage.layout import DATA_FILE_MODE, StoreLayout, fsync_dir
 from tidegate.core.storage.record import (
     FILLER_MAGIC,
     FILLER_SIZE,
@@ -162,7 +162,7 @@ class CommitLog:
     # --- writing
     def _create_segment_file(self, base: int) -> int:
         try:
-            return self._io.open(self.layout.segment_path(base), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            return self._io.open(self.layout.segment_path(base), os.O_RDWR | os.O_CREAT | os.O_APPEND, DATA_FILE_MODE)
         except OSError as exc:
             if exc.errno in _FULL_DISK_ERRNOS:
                 raise StoreFull(f"cannot create segment {base}: disk full") from None

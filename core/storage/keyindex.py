@@ -13,7 +13,7 @@ import struct
 from hashlib import blake2b
 
 from tidegate.core.storage.fileio import OS_IO, FileIO, write_all
-from tidegate.core.storage.layout import StoreLayout, fsync_file
+from tidegate.core.storage.layout import DATA_FILE_MODE, StoreLayout, fsync_file
 
 KEY_ENTRY = struct.Struct("<QQ")
 KEY_ENTRY_SIZE = KEY_ENTRY.size
@@ -48,7 +48,7 @@ class KeyIndex:
         for base in list(self._pending):
             buf = self._pending[base]
             if buf:
-                fd = io.open(self.layout.key_index_path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                fd = io.open(self.layout.key_index_path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, DATA_FILE_MODE)
                 try:
                     size = os.fstat(fd).st_size
                     whole = size - size % KEY_ENTRY_SIZE

@@ -25,6 +25,9 @@ from tidegate.core.model import QueueRef
 from tidegate.core.storage.fileio import OS_IO, FileIO, write_all
 
 DIGITS = 20
+# Message bodies, sessions and users live here: only the broker's own user may read them, whatever the umask.
+DATA_DIR_MODE = 0o700
+DATA_FILE_MODE = 0o600
 SEGMENT_SUFFIX = ".log"
 INDEX_SUFFIX = ".idx"
 KEYS_SUFFIX = ".keys"
@@ -58,6 +61,44 @@ def _numbered(directory: Path, suffix: str) -> list[int]:
     return out
 
 
+def make_private_dirs(path: Path) -> None:
+    """`mkdir -p` where every directory created is 0700 (Path.mkdir gives the parents it creates the umask's mode)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(DATA_DIR_MODE)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+
+
+def secure_data_dir(root: str | os.PathLike[str]) -> None:
+    """Create `root` 0700 (or tighten an existing one) and take group/other bits off everything already inside:
+    files 0600, directories 0700, so a data directory an older version wrote under umask 022 is closed too."""
+    path = Path(root)
+    make_private_dirs(path)
+    os.chmod(path, DATA_DIR_MODE)
+    for directory, dirnames, filenames in os.walk(path):
+        for name in dirnames:
+            _tighten(os.path.join(directory, name), DATA_DIR_MODE)
+        for name in filenames:
+            _tighten(os.path.join(directory, name), DATA_FILE_MODE)
+
+
+def _tighten(path: str, mode: int) -> None:
+    try:
+        st = os.lstat(path)
+        if st.st_mode & 0o077 and not os.path.islink(path):
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass  # removed meanwhile
+
+
 class StoreLayout:
     """Maps store objects to paths; creates the directories it owns."""
 
@@ -73,7 +114,7 @@ class StoreLayout:
 
     def create_dirs(self) -> None:
         for directory in (self.root, self.commitlog_dir, self.index_dir, self.keys_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(directory)
 
     # --- commit log
     def segment_path(self, base_offset: int) -> Path:
@@ -157,7 +198,7 @@ def write_atomically(path: Path, data: bytes, durable: bool = True, io: FileIO =
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DATA_FILE_MODE)
         try:
             write_all(io, fd, data)
             if durable:

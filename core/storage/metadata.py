@@ -167,9 +167,26 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _create_private(path: str) -> None:
+    """Create the database file 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database
+    file's permissions, so all three stay owner-only whatever the umask."""
+    if path == ":memory:" or not path:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # SQLite reports the real problem with its own message
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SqliteMetadataStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         try:
+            _create_private(os.fspath(path))
             self._conn = sqlite3.connect(os.fspath(path), isolation_level=None)
             self.db = sqlite_utils.Database(self._conn)
             self.db.enable_wal()

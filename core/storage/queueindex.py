@@ -26,7 +26,14 @@ from crc32c import crc32c
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
-from tidegate.core.storage.layout import StoreLayout, fsync_dir, fsync_file, write_atomically
+from tidegate.core.storage.layout import (
+    DATA_FILE_MODE,
+    StoreLayout,
+    fsync_dir,
+    fsync_file,
+    make_private_dirs,
+    write_atomically,
+)
 
 logger = logging.getLogger("tidegate.storage")
 
@@ -60,10 +67,10 @@ class IndexFiles:
             return fd
         path = self.layout.index_path(queue, base)
         try:
-            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, DATA_FILE_MODE)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            make_private_dirs(path.parent)
+            fd = self.io.open(path, os.O_RDWR | os.O_CREAT, DATA_FILE_MODE)
         self._fds[key] = fd
         if len(self._fds) > self._max_open:
             self.io.close(self._fds.popitem(last=False)[1])
@@ -106,7 +113,8 @@ class IndexFiles:
         # power failure only brings expired entries back until the next pass; fsync_all() makes it durable at close.
         data = LOW_WATER.pack(offset, crc32c(offset.to_bytes(8, "little")))
         path = self.layout.low_water_path(queue)
-        path.parent.mkdir(parents=True, exist_ok=True)  # a queue whose entries are all still buffered has no dir yet
+        # a queue whose entries are all still buffered has no dir yet
+        make_private_dirs(path.parent)
         write_atomically(path, data, durable=False, io=self.io)
         self.unsynced_low_water.add(queue)
 

@@ -25,7 +25,7 @@ from crc32c import crc32c
 
 from tidegate.core.model import QueueRef
 from tidegate.core.storage.fileio import OS_IO, FileIO, write_all
-from tidegate.core.storage.layout import write_atomically
+from tidegate.core.storage.layout import DATA_FILE_MODE, write_atomically
 
 logger = logging.getLogger("tidegate.storage")
 
@@ -117,7 +117,7 @@ class Tombstones:
 
     def _append_fd(self) -> int:
         if self._fd < 0:
-            self._fd = self._io.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = self._io.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, DATA_FILE_MODE)
             size = os.fstat(self._fd).st_size
             if size:  # a line torn by a crash: end it, so the next line parses
                 with open(self.path, "rb") as f:

@@ -153,7 +153,9 @@ def test_native_factory_gets_broker_clock_frame_limit_and_shared_metrics(tmp_pat
         assert factory.settings == NativeSettings(max_frame=2000)
         assert factory.kwargs == {"metrics": process.metrics, "listener": "native",
                                   "limits": ConnectionLimits(output_budget=8 * 1024 * 1024,
-                                                             max_held_bytes=1024 * 1024)}
+                                                             max_held_bytes=1024 * 1024,
+                                                             limiter=process.limiter)}
+        assert process.limiter is not None and not process.limiter.settings.any  # [limits]: nothing limited
         store, metadata, clock, durability, broker_config = RecordingBroker.instances[0].args
         assert (store, metadata, clock) == (stand_ins["store"], stand_ins["metadata"], reactor)
         assert durability.mode == "sync" and durability.metrics is process.metrics

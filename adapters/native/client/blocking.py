@@ -27,6 +27,7 @@ from tidegate.client.common import (
     send_result,
 )
 from tidegate.client.connection import Connection
+from tidegate.client.tls import ClientTls
 from tidegate.core.api import Delivered, PullResult
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message, MessageFlag, QueueRef
@@ -63,18 +64,20 @@ class _Client:
     """Owns one connection; `start()`/`close()` or use as a context manager."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
-                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "",
+                 tls: ClientTls | None = None) -> None:
         self.address = address
         self.client_id = client_id or f"{type(self).__name__.lower()}-{uuid.uuid4().hex[:12]}"
         self.timeout = timeout
         self.username = username  # sent in HELLO; empty = anonymous
         self._password = password
+        self.tls = tls  # None: plain TCP; ClientTls: TLS (see tidegate.client.tls)
         self._conn: Connection | None = None
 
     def start(self) -> Any:
         if self._conn is None:
             self._conn = Connection(self.address, client_id=self.client_id, timeout=self.timeout,
-                                    username=self.username, password=self._password).open()
+                                    username=self.username, password=self._password, tls=self.tls).open()
         return self
 
     def close(self) -> None:
@@ -212,8 +215,9 @@ class PullConsumer(_Client):
     """Reads queues at offsets the caller chooses; progress is committed explicitly."""
 
     def __init__(self, group: str, address: str = DEFAULT_ADDRESS, client_id: str | None = None, *,
-                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
-        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "",
+                 tls: ClientTls | None = None) -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password, tls=tls)
         self.group = group
 
     def pull(self, topic: str, queue_id: int, offset: int, max: int = 32, filter: str = "*") -> PullResult:
@@ -249,8 +253,8 @@ class PushConsumer(_Client):
                  address: str = DEFAULT_ADDRESS, mode: str = "clustering", ack: str = "offset",
                  filter: str = "*", start: str = "latest", credit: int = 64, client_id: str | None = None,
                  invisible_ms: int = 0, timeout: float = 10.0, username: str = "",
-                 password: str | bytes = "") -> None:
-        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
+                 password: str | bytes = "", tls: ClientTls | None = None) -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password, tls=tls)
         if credit < 1:
             raise ValueError("credit must be at least 1")
         self.group, self.topic, self.handler = group, topic, handler
@@ -370,8 +374,9 @@ class SimpleConsumer(_Client):
 
     def __init__(self, group: str, topic: str, *, address: str = DEFAULT_ADDRESS, filter: str = "*",
                  invisible_ms: int = 30_000, client_id: str | None = None, start: str = "",
-                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
-        super().__init__(address, client_id, timeout=timeout, username=username, password=password)
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "",
+                 tls: ClientTls | None = None) -> None:
+        super().__init__(address, client_id, timeout=timeout, username=username, password=password, tls=tls)
         self.group, self.topic, self.filter, self.invisible_ms = group, topic, filter, invisible_ms
         self.start_position = start
         self.subscription_id = 0

@@ -36,6 +36,7 @@ from tidegate.client.common import (
     error_from_frame,
     parse_address,
 )
+from tidegate.client.tls import ClientTls
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
 
@@ -53,8 +54,10 @@ class Connection:
     """One TCP connection to a broker. Thread-safe: any thread may call `request`/`send_frame`."""
 
     def __init__(self, address: str, *, client_id: str = "", client_name: str = "tidegate-python",
-                 timeout: float = 10.0, username: str = "", password: str | bytes = "") -> None:
+                 timeout: float = 10.0, username: str = "", password: str | bytes = "",
+                 tls: ClientTls | None = None) -> None:
         self.address = address
+        self.tls = tls  # None: plain TCP; else TLS with the broker's certificate and name checked
         self.client_id = client_id
         self.client_name = client_name
         self.username = username  # sent in HELLO; empty = anonymous
@@ -89,6 +92,10 @@ class Connection:
         host, port = parse_address(self.address)
         sock = socket.create_connection((host, port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            # A TLS socket is read by the reader thread while the writer thread sends: OpenSSL allows one reader
+            # and one writer at a time on a connection, and this class never has more of either.
+            sock = self.tls.wrap(sock, host)
         self._sock = sock
         # The handshake runs on the caller's thread before the reader starts, so errors surface here.
         sock.sendall(self.codec.encode(f.Hello(request_id=0, client_id=self.client_id,

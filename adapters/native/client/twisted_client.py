@@ -26,6 +26,7 @@ from tidegate.client.common import (
     pull_result,
     send_result,
 )
+from tidegate.client.tls import ClientTls
 from tidegate.core.api import Delivered, PullResult
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message, MessageFlag, QueueRef
@@ -251,8 +252,12 @@ class _ClientFactory(ClientFactory):
 
 
 def connect(reactor: Any, host: str = "127.0.0.1", port: int = 10911, *, client_id: str = "",
-            timeout: float = 10.0) -> Deferred[TwistedClient]:
-    """Connect and handshake; fires with a ready TwistedClient or fails with the broker's error."""
+            timeout: float = 10.0, tls: ClientTls | None = None) -> Deferred[TwistedClient]:
+    """Connect and handshake; fires with a ready TwistedClient or fails with the broker's error. With `tls`,
+    over TLS: the broker's certificate and its name (`host`, or `tls.server_hostname`) are verified."""
     factory = _ClientFactory(reactor, client_id)
-    reactor.connectTCP(host, port, factory, timeout=timeout)
+    if tls is None:
+        reactor.connectTCP(host, port, factory, timeout=timeout)
+    else:
+        reactor.connectSSL(host, port, factory, tls.twisted_options(host), timeout=timeout)
     return factory.result
