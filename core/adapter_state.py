@@ -27,3 +27,16 @@ class MetadataNamespace:
 
     def delete(self, key: str) -> None:
         self._meta.kv_delete(self.namespace, key)
+
+    def apply(self, changes: dict[str, Any]) -> None:
+        """Put (value) and delete (None) many rows at once: one transaction where the metadata store offers
+        `kv_apply` (SQLite), else one write each. Raises like `put` and writes nothing on error then."""
+        kv_apply = getattr(self._meta, "kv_apply", None)
+        if kv_apply is not None:
+            kv_apply(self.namespace, changes)
+            return
+        for key, value in changes.items():
+            if value is None:
+                self._meta.kv_delete(self.namespace, key)
+            else:
+                self._meta.kv_put(self.namespace, key, value)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet.interfaces import IReactorTime
 
 from tidegate.core.adapter_state import MetadataNamespace
+from tidegate.core.alarms import ResourceAlarms
 from tidegate.core.api import (
     AckMode,
     ConsumeMode,
@@ -89,6 +90,8 @@ class Broker:
         self.publish = self._producer.publish
         self._closed = False
         durability.on_durable(self._visibility.on_durable)
+        # Resource alarms (core/alarms.py): monitors started by the process raise them, adapters block publishers.
+        self.alarms = ResourceAlarms()
 
     # ------------------------------------------------------------------ time
     def now_ms(self) -> int:
@@ -165,6 +168,21 @@ class Broker:
 
     def bindings(self, destination_topic: str | None = None) -> list[tuple[str, QueueRef]]:
         return self._bindings.list(destination_topic)
+
+    def limit_queue(self, queue: QueueRef, admission: Callable[[Message], bool] | None,
+                    grown: Callable[[QueueRef, int], None] | None) -> None:
+        """Hooks for a queue whose length an adapter limits (AMQP x-max-length, x-max-length-bytes, x-overflow):
+        `admission(message)` is asked before a binding appends a message to the queue's topic (False: not appended
+        there; the home queue of a publish is never asked), `grown(queue, visible_end)` is called when new
+        messages become visible in it, whoever published them. None removes a hook."""
+        if admission is None:
+            self._producer.admission.pop(queue.topic, None)
+        else:
+            self._producer.admission[queue.topic] = admission
+        if grown is None:
+            self._visibility.growth_listeners.pop(queue, None)
+        else:
+            self._visibility.growth_listeners[queue] = grown
 
     def route(self, full_name: str) -> frozenset[QueueRef]:
         """Destinations bound to a full name (for tests and tools)."""

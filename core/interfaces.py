@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from tidegate.core.alarms import ResourceAlarms
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullResult, SendResult
 from tidegate.core.filters import TagFilter
 from tidegate.core.metrics import CoreMetrics
@@ -130,8 +131,10 @@ class AdminPlane(Protocol):
 
 
 class Core(DataPlane, AdminPlane, Protocol):
-    """What a listener factory is given: both planes, the core's counters and adapter state namespaces."""
+    """What a listener factory is given: both planes, the core's counters, resource alarms (core/alarms.py) and
+    adapter state namespaces."""
 
     metrics: CoreMetrics
+    alarms: ResourceAlarms
 
     def adapter_state(self, namespace: str) -> AdapterStateStore: ...

@@ -45,8 +45,13 @@ class Producer:
         self._validators: dict[str, Callable[[Message], None]] = schemas.validators if schemas is not None else {}
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+        # topic -> admission check of a length-limited destination (AMQP x-max-length with x-overflow
+        # reject-publish): asked before a binding appends a message there; False = not appended to that queue.
+        # The home queue is never asked (whoever publishes into a queue directly checks its limit first).
+        self.admission: dict[str, Callable[[Message], bool]] = {}
         # (home queue, queues the bindings matched) -> destinations in append order: the router returns the same
-        # frozenset for a name until the bindings change, so most publishes find their destinations here
+        # frozenset for a name until the bindings change, so most publishes find their destinations here (not
+        # while an admission check is registered: that one is asked per message)
         self._fanouts: dict[tuple[QueueRef, frozenset[QueueRef]], tuple[QueueRef, ...]] = {}
 
     def _fanout(self, home: QueueRef, extra: frozenset[QueueRef]) -> tuple[QueueRef, ...]:
@@ -92,12 +97,14 @@ class Producer:
                 home = queues[qid]
             if router is not None:
                 extra = router.match(f"{m.topic}/{m.subject}" if m.subject else m.topic)  # Message.full_name
-                if extra:
-                    dests = fanouts.get((home, extra))
-                    if dests is None:
-                        dests = self._fanout(home, extra)
-                else:
+                if not extra:
                     dests = (home,)
+                elif self.admission:
+                    admission = self.admission
+                    kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
+                    dests = (home, *sorted(d for d in kept if d != home))
+                else:
+                    dests = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
                 dests = (home,)
             if not m.born_ts:

@@ -27,6 +27,9 @@ class Visibility:
         self.pending: deque[tuple[int, list[tuple[QueueRef, int]]]] = deque()
         self._watchers: dict[QueueRef, set[Subscription]] = {}
         self._wake: Callable[[Subscription], None] = _no_waker
+        # queue -> listener(queue, new visible end) for queues whose length an adapter limits (AMQP x-max-length
+        # drop-head trims them once new messages are visible, whichever protocol published them)
+        self.growth_listeners: dict[QueueRef, Callable[[QueueRef, int], None]] = {}
 
     def set_waker(self, wake: Callable[[Subscription], None]) -> None:
         """Who is told that a watched queue grew (the delivery module, built after this)."""
@@ -43,7 +46,7 @@ class Visibility:
         self.make_visible(updates)
 
     def make_visible(self, updates: Iterable[tuple[QueueRef, int]]) -> None:
-        visible, watchers, wake = self.visible, self._watchers, self._wake
+        visible, watchers, wake, growth = self.visible, self._watchers, self._wake, self.growth_listeners
         for queue, end in updates:
             if end > visible.get(queue, 0):
                 visible[queue] = end
@@ -52,6 +55,10 @@ class Visibility:
                     for sub in subs:
                         if sub.credit > 0:
                             wake(sub)
+                if growth:
+                    listener = growth.get(queue)
+                    if listener is not None:
+                        listener(queue, end)
 
     def visible_max(self, queue: QueueRef) -> int:
         end = self.visible.get(queue)

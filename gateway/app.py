@@ -45,14 +45,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from tidegate.core.adapter_state import MetadataNamespace
+from tidegate.core.alarms import ResourceAlarms, ResourceMonitor, disk_check, memory_check, physical_memory_bytes
 from tidegate.core.broker import Broker, BrokerConfig
 from tidegate.core.errors import StoreError, StoreFull
 from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
-from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.keyfiles import check_private_file
+from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.filestore import FileMessageStore
@@ -114,6 +115,17 @@ def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetri
     return Limiter(settings_from_mapping(asdict(limits)), clock, listeners=listeners, overrides=overrides,
                    metrics=metrics, max_tracked_sources=limits.max_tracked_sources,
                    max_tracked_users=limits.max_tracked_users)
+def resource_monitor(config: Config, data_dir: Path, alarms: ResourceAlarms, clock: Any,
+                     storage_health: list[Callable[[], tuple[bool, str]]]) -> ResourceMonitor:
+    """The monitor that raises the resource alarms: storage (health, free disk) and memory (RSS watermark)."""
+    section = config.alarms
+    watermark = section.memory_high_watermark_bytes
+    if watermark == 0:
+        watermark = int(physical_memory_bytes() * 0.4)
+    return ResourceMonitor(alarms, clock, {
+        "storage": [*storage_health, disk_check(data_dir, section.disk_free_limit_bytes)],
+        "memory": [memory_check(watermark)],
+    }, section.check_interval_s)
 
 
 def open_message_store(config: Config, data_dir: Path) -> Any:
@@ -152,6 +164,7 @@ class TidegateProcess(Service):
         self._protocol_ports: dict[str, IListeningPort] = {}
         self._retention: LoopingCall | None = None
         self._index_flush: LoopingCall | None = None
+        self._resource_monitor: ResourceMonitor | None = None
         self._stoppables: list[Any] = []  # adapter factories with a stop() for shutdown
         self._tls_endpoints: dict[str, Any] = {}  # endpoint name -> its ServerTls (reloaded together)
         self.tls_metrics = TlsMetrics()
@@ -244,6 +257,9 @@ class TidegateProcess(Service):
             self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
                                                      tls_reload=self.reload_tls, limiter=self.limiter,
                                                      broker=self.broker))
+        self._resource_monitor = resource_monitor(self.config, self.data_dir, self.broker.alarms, self.reactor,
+                                                  [self.store.health, self.durability.health])
+        self._resource_monitor.start()
 
         builder = ListenerBuilder(self.config, self.broker, self.gate, self.reactor, self.metrics, self._listen,
                                   limiter=self.limiter)
@@ -275,6 +291,8 @@ class TidegateProcess(Service):
         if self._retention is not None and self._retention.running:
             self._retention.stop()
         self.reactor_lag.stop()
+        if self._resource_monitor is not None:
+            self._resource_monitor.stop()
         await DeferredList([maybeDeferred(port.stopListening) for port in self._protocol_ports.values()])
         self._protocol_ports.clear()
         if self._index_flush is not None and self._index_flush.running:

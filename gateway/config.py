@@ -171,6 +171,19 @@ class ConnectionsSection:
 
 
 @dataclass(slots=True, frozen=True)
+class AlarmsSection:
+    """Resource alarms (core/alarms.py): while one is raised, publishers are blocked (AMQP connection.blocked)."""
+
+    check_interval_s: float = 1.0
+    # Resident memory of the process at which publishers are blocked; 0 = 40 % of physical memory (RabbitMQ's
+    # vm_memory_high_watermark 0.4), -1 = off.
+    memory_high_watermark_bytes: int = 0
+    # Free space on the data directory's file system below which publishers are blocked (RabbitMQ's
+    # disk_free_limit, 50 MB by default); 0 = off. A full disk or a failed fsync blocks them regardless.
+    disk_free_limit_bytes: int = 50_000_000
+
+
+@dataclass(slots=True, frozen=True)
 class TlsSection:
     """Certificates and rules of every TLS listener (gateway/tls.py; docs/security.md)."""
 
@@ -275,6 +288,7 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     listeners: ListenersSection = field(default_factory=ListenersSection)
     connections: ConnectionsSection = field(default_factory=ConnectionsSection)
+    alarms: AlarmsSection = field(default_factory=AlarmsSection)
     tls: TlsSection = field(default_factory=TlsSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -513,6 +527,9 @@ def _validate(merger: _Merger) -> None:
                      ("listeners.native.heartbeat_s", 0)):
         if values[key] < low:
             raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
+    if values["alarms.check_interval_s"] <= 0:
+        raise ConfigError(f"alarms.check_interval_s must be above 0, got {values['alarms.check_interval_s']} "
+                          f"(from {sources['alarms.check_interval_s']})")
     for key in ("connections.output_budget_bytes", "connections.login_hold_bytes"):
         if values[key] < 4096:
             raise ConfigError(f"{key} must be at least 4096 bytes, got {values[key]} (from {sources[key]})")

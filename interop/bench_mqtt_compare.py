@@ -284,6 +284,15 @@ def ratio(a: Any, b: Any, higher_is_better: bool = True) -> str:
     return f"{a / b:.2f}x" if higher_is_better else f"{b / a:.2f}x"
 
 
+def storm_cpu_per_1000(report: dict[str, Any]) -> float | None:
+    """Broker CPU per 1,000 connections of a storm: measured by the bench from the common start until the last
+    CONNACK, else from the outside over the whole bench command."""
+    if report.get("broker_cpu_ms_per_1000") is not None:
+        return report["broker_cpu_ms_per_1000"]
+    connected, cpu = report.get("connected"), report.get("broker_cpu_s")
+    return round(cpu * 1e6 / connected, 1) if connected and cpu is not None else None
+
+
 def per_message(report: dict[str, Any], count: str) -> float | None:
     n, cpu = report.get(count), report.get("broker_cpu_s")
     return round(cpu * 1e6 / n, 1) if n and cpu is not None else None
@@ -341,6 +350,10 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
             {b: runs[b].get("connack_ms", {}).get("p50") for b in brokers}, False, 1)
         row(label, "per connection p99 ms (lower is better)",
             {b: runs[b].get("connack_ms", {}).get("p99") for b in brokers}, False, 1)
+        row(label, "broker CPU ms per 1,000 connections (lower is better)",
+            {b: storm_cpu_per_1000(runs[b]) for b in brokers}, False, 1)
+        row(label, "load generator CPU s, busiest process (lower is better)",
+            {b: max(runs[b].get("client_cpu_seconds") or [0]) or None for b in brokers}, False, 2)
         if key.startswith("storm_resume_"):
             row(label, "Session Present", {b: runs[b].get("sessions_present") for b in brokers}, True)
     errors = [f"- {scenario} / {broker}: {'; '.join(r['errors'])}"

@@ -13,6 +13,8 @@ back when that happens, so delivery stops.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import secrets
 from collections.abc import Callable
@@ -29,12 +31,14 @@ from tidegate.adapters.amqp.errors import (
     locked,
     not_found,
 )
+from tidegate.adapters.amqp.fastpath import short_string
 from tidegate.adapters.amqp.model import (
     EXCHANGE_TYPES,
     delivery_address,
     exchange_topic,
     invalid_expiration,
     message_from_publish,
+    message_priority,
     properties_for_delivery,
     publish_address,
     queue_topic,
@@ -65,6 +69,9 @@ MAX_CREDIT_CHUNK = 256
 # AMQP queues redeliver for ever (RabbitMQ classic queues have no delivery limit); the core's dead-letter limit is
 # set out of reach.
 MAX_ATTEMPTS = 2**31 - 1
+# x-max-priority: a consumer of a priority queue takes up to this many messages beyond its prefetch from the core
+# and holds them, sending the highest priority first (a reorder window over the log-ordered queue)
+PRIORITY_WINDOW = 64
 MAX_ALTERNATE_HOPS = 8  # exchange-to-exchange and alternate-exchange routing depth (a cycle stops here)
 _TRANSIENT = int(MessageFlag.TRANSIENT)  # a plain int: IntFlag's & costs an enum call per message
 
@@ -79,6 +86,7 @@ class _PendingPublish:
     messages: list[Message]
     sure: int  # queues reached for sure (default exchange, adapter-routed copies)
     seq: int  # publisher-confirm sequence number (0 without confirms)
+    rejected: bool = False  # a queue with x-overflow reject-publish refused it: basic.nack with confirms
 
 
 @dataclass(slots=True)
@@ -93,7 +101,7 @@ class Consumer:
     """A basic.consume: the DeliverySink of its core subscription."""
 
     __slots__ = ("channel", "tag", "queue", "no_ack", "exclusive", "prefetch", "sub", "unacked", "cancelled",
-                 "average_size")
+                 "average_size", "held", "held_order", "tag_bytes")
 
     def __init__(self, channel: Channel, tag: str, queue: QueueDecl, no_ack: bool, exclusive: bool,
                  prefetch: int) -> None:
@@ -109,6 +117,10 @@ class Consumer:
         # bytes per delivery, a running estimate for sizing credit chunks; starts high so that the first chunk
         # of large messages is small too (it halves towards the real size with every delivery)
         self.average_size = 64 * 1024
+        # x-max-priority: deliveries taken from the core but not sent yet, a heap by (-priority, arrival)
+        self.held: list[tuple[int, int, Delivered]] | None = [] if queue.max_priority else None
+        self.held_order = itertools.count()
+        self.tag_bytes = short_string(tag)  # encoded once for every Basic.Deliver
 
     @property
     def chunk(self) -> int:
@@ -156,10 +168,14 @@ class Channel:
         self.publish_seq = 0
         self._confirm_pending_seq = 0  # last publish seq of this read, to be confirmed once durable
         self._confirm_pending_end = 0
+        self._confirm_nacks: list[int] = []  # sequence numbers of this read refused by a full queue
+        self._confirmed_through = 0  # highest sequence number acked or nacked
+        self._rejected_now = False  # set by _messages_for when a full reject-publish queue refused the message
         self.tx = False
         self._tx_publishes: list[tuple[commands.Basic.Publish, commands.Basic.Properties, bytes, bytes]] = []
         self._tx_acks: list[tuple[str, Any]] = []
         self._batch: list[_PendingPublish] = []  # this read's publishes, stored together by flush_publishes
+        self._batch_now = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             commands.Exchange.Declare: self.exchange_declare,
             commands.Exchange.Delete: self.exchange_delete,
@@ -319,6 +335,7 @@ class Channel:
                 queue = QueueDecl(name, bool(m.durable), self.connection if m.exclusive else None,
                                   bool(m.auto_delete), arguments)
                 registry.declare_queue(queue)
+                self.connection.factory.watch_limits(queue)
                 if m.exclusive:
                     self.connection.exclusive_queues.add(name)
             else:
@@ -373,6 +390,7 @@ class Channel:
         purged = 0
         while self.session.get(queue.topic, queue.topic, auto_ack=True, invisible_ms=0) is not None:
             purged += 1
+        queue.ready_bytes = 0
         if not m.nowait:
             self.send(commands.Queue.PurgeOk(purged))
 
@@ -407,10 +425,13 @@ class Channel:
         if self.tx:
             self._tx_publishes.append((m, properties, raw, body))
             return
-        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._now_ms())
+        self._rejected_now = False
         if not self._batch:
             self.connection.publish_batches.append(self)
-        self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq))
+            self._batch_now = self._now_ms()  # one clock reading for the publishes of one read
+        messages, sure = self._messages_for(exchange, m.routing_key, properties, raw, body, self._batch_now)
+        self._batch.append(_PendingPublish(exchange, m, properties, raw, body, messages, sure, self.publish_seq,
+                                           self._rejected_now))
 
     def flush_publishes(self) -> None:
         """Store this read's publishes in one core call (one append batch, one write), then answer each: returns,
@@ -420,15 +441,22 @@ class Channel:
         if not batch or self.closing:
             return
         messages = [message for p in batch for message in p.messages]
+        factory = self.connection.factory
+        factory.rejected = rejected = []  # filled by admit() while the core appends to full queues
         try:
             results = self.session.publish(messages) if messages else []
         except TidegateError:
             for p in batch:
                 self._finish(p, self._store(p.messages))
             return
+        finally:
+            factory.rejected = None
+        refused = {id(message) for message in rejected} if rejected else None
         position = 0
         for p in batch:
             count = len(p.messages)
+            if refused is not None and any(id(message) in refused for message in p.messages):
+                p.rejected = True
             self._finish(p, results[position:position + count])
             position += count
 
@@ -440,8 +468,12 @@ class Channel:
         return self._finish(pending, self._store(messages))
 
     def _finish(self, p: _PendingPublish, results: list[SendResult]) -> int:
-        end = max((r.commit_end for r in results), default=0)
-        routed = p.sure + sum(r.bound for r in results)
+        if len(results) == 1:  # the common case: one message, routed by the core
+            result = results[0]
+            end, routed = result.commit_end, p.sure + result.bound
+        else:
+            end = max((r.commit_end for r in results), default=0)
+            routed = p.sure + sum(r.bound for r in results)
         current, hops = p.exchange, 0
         while not routed and hops < MAX_ALTERNATE_HOPS:
             alternate = current.arguments.get("alternate-exchange")
@@ -464,6 +496,8 @@ class Channel:
         if self.confirm:
             self._confirm_pending_seq = p.seq
             self._confirm_pending_end = max(self._confirm_pending_end, end)
+            if p.rejected:
+                self._confirm_nacks.append(p.seq)
             self.connection.confirms_waiting.add(self)
         return end
 
@@ -477,7 +511,11 @@ class Channel:
             if queue is None:
                 return [], 0
             self.session.own(queue.topic)
-            return [message_from_publish(queue.topic, "", properties, raw, body, now)], 1
+            message = message_from_publish(queue.topic, "", properties, raw, body, now)
+            if queue.name in registry.bounded and not self.connection.factory.admit(queue, message):
+                self._rejected_now = True
+                return [], 1  # routed, then refused: basic.nack, not basic.return
+            return [message], 1
         topic, subject = publish_address(exchange.name, key, exchange.topic)
         messages = [message_from_publish(topic, subject, properties, raw, body, now)]
         sure = 0
@@ -489,8 +527,12 @@ class Channel:
                 queues, exchanges = registry.extra_routes(source, key, properties.headers)
                 for queue in queues:
                     self.session.own(queue.topic)
-                    messages.append(message_from_publish(queue.topic, "", properties, raw, body, now))
+                    copy = message_from_publish(queue.topic, "", properties, raw, body, now)
                     sure += 1
+                    if queue.name in registry.bounded and not self.connection.factory.admit(queue, copy):
+                        self._rejected_now = True
+                        continue
+                    messages.append(copy)
                 for target in exchanges:
                     if target.name in seen or len(seen) > MAX_ALTERNATE_HOPS:
                         continue
@@ -520,13 +562,22 @@ class Channel:
         seq, end = self._confirm_pending_seq, self._confirm_pending_end
         if not seq:
             return
+        nacks, self._confirm_nacks = self._confirm_nacks, []
         self._confirm_pending_seq, self._confirm_pending_end = 0, 0
-        self.session.when_durable(end, lambda: self._confirm_through(seq))
+        self.session.when_durable(end, lambda: self._confirm_through(seq, nacks))
 
-    def _confirm_through(self, seq: int) -> None:
+    def _confirm_through(self, seq: int, nacks: list[int]) -> None:
         if self.closing or self.number not in self.connection.channels or not self.connection.connected_:
             return
-        self.send(commands.Basic.Ack(delivery_tag=seq, multiple=True))
+        # acks with `multiple` never cover a nacked sequence number (RabbitMQ's order: ack up to it, nack it)
+        for nacked in nacks:
+            if nacked - 1 > self._confirmed_through:
+                self.send(commands.Basic.Ack(delivery_tag=nacked - 1, multiple=True))
+            self.send(commands.Basic.Nack(delivery_tag=nacked, multiple=False, requeue=False))
+            self._confirmed_through = nacked
+        if seq > self._confirmed_through:
+            self.send(commands.Basic.Ack(delivery_tag=seq, multiple=True))
+            self._confirmed_through = seq
 
     # ------------------------------------------------------------------ consuming
     def basic_qos(self, m: commands.Basic.Qos) -> None:
@@ -573,6 +624,7 @@ class Channel:
         client may still ack them), or closes now with `release` (they come back to the queue)."""
         consumer.cancelled = True
         self.consumers.pop(consumer.tag, None)
+        self._return_held(consumer)
         queue = consumer.queue
         was_active = queue.active_consumer is consumer
         queue.consumers.pop(consumer, None)
@@ -591,6 +643,19 @@ class Channel:
             successor.channel.replenish()  # type: ignore[union-attr]  # the next consumer takes over
         self.connection.factory.queue_used(queue)
 
+    def _return_held(self, consumer: Consumer) -> None:
+        """x-max-priority: deliveries held in the reorder window and never sent go back to the queue."""
+        held, sub = consumer.held, consumer.sub
+        if not held:
+            return
+        consumer.held = []
+        if sub is not None and not sub.closed:
+            for _, _, d in held:
+                try:
+                    sub.nack(d.receipt, True)
+                except InvalidReceipt:
+                    pass
+
     def consumer_cancelled_by_server(self, consumer: Consumer) -> None:
         """The queue was deleted: the consumer ends and the client is told (consumer_cancel_notify)."""
         if consumer.sub is not None and not consumer.sub.closed:
@@ -607,6 +672,28 @@ class Channel:
     def deliver(self, consumer: Consumer, deliveries: list[Delivered]) -> None:
         if consumer.cancelled or self.closing:
             return  # still in flight on the subscription: released when it closes
+        held = consumer.held
+        if held is not None:
+            # x-max-priority: everything the core handed over joins the window; the highest priorities go out
+            limit, order = consumer.queue.max_priority, consumer.held_order
+            for d in deliveries:
+                heapq.heappush(held, (-min(message_priority(d.message), limit), next(order), d))
+            deliveries = self._pop_held(consumer)
+        self._write_deliveries(consumer, deliveries)
+        self.replenish()  # the next chunk, unless the write just paused the transport or the prefetch is used up
+
+    def _pop_held(self, consumer: Consumer) -> list[Delivered]:
+        """The held deliveries there is room for now, highest priority first."""
+        held = consumer.held
+        assert held is not None
+        room = len(held) if consumer.no_ack else consumer.limit - consumer.unacked
+        out = []
+        while held and room > 0:
+            out.append(heapq.heappop(held)[2])
+            room -= 1
+        return out
+
+    def _write_deliveries(self, consumer: Consumer, deliveries: list[Delivered]) -> None:
         connection = self.connection
         codec = connection.codec
         queue = consumer.queue
@@ -615,10 +702,15 @@ class Channel:
         ttl = queue.arguments.get("x-message-ttl")
         started = connection.factory.started_ms
         chunks: list[bytes] = []
+        send_deliver, address_of = codec.send_deliver, registry.delivery_address_bytes
+        number, tag_bytes = self.number, consumer.tag_bytes
         sub = consumer.sub
         assert sub is not None
+        limited = queue.max_bytes is not None
         for d in deliveries:
             message = d.message
+            if limited:
+                connection.factory.taken(queue, message)
             gone = _gone(message, ttl, now, started)
             if gone:
                 if gone == "expired":
@@ -627,10 +719,13 @@ class Channel:
                 continue
             tag = self.next_tag
             self.next_tag = tag + 1
-            exchange, key = delivery_address(message, registry.exchange_of_topic, registry.queue_of_topic)
-            chunks.append(codec.send_content(
-                self.number, commands.Basic.Deliver(consumer.tag, tag, d.attempt > 1, exchange, key),
-                properties_for_delivery(message, now), message.body))
+            offset = d.queue_offset
+            if offset >= queue.delivered_mark:
+                registry.delivered(queue, offset)
+            if offset >= queue.delivered_end:
+                queue.delivered_end = offset + 1
+            chunks.append(send_deliver(number, tag_bytes, tag, d.attempt > 1 or offset < queue.redelivered_below,
+                                       address_of(message), properties_for_delivery(message, now), message.body))
             if consumer.no_ack:
                 sub.ack(d.receipt)
             else:
@@ -640,7 +735,6 @@ class Channel:
             size = sum(map(len, chunks))
             consumer.average_size = (consumer.average_size + size // len(chunks)) // 2
         connection.write_chunks(chunks)
-        self.replenish()  # the next chunk, unless the write just paused the transport or the prefetch is used up
 
     def replenish(self) -> None:
         """Give each consumer the credit its prefetch (and the channel's) allows, unless delivery is stopped."""
@@ -649,17 +743,28 @@ class Channel:
         budget = -1
         if self.channel_prefetch:
             # basic.get deliveries do not count against prefetch (RabbitMQ); cancelled consumers' unacked do
-            outstanding = sum(c.unacked + (c.sub.credit if c.sub else 0) for c in self.consumers.values())
+            outstanding = sum(c.unacked + (c.sub.credit if c.sub else 0) + (len(c.held) if c.held else 0)
+                              for c in self.consumers.values())
             outstanding += sum(1 for u in self.unacked.values() if u.consumer is not None and u.consumer.cancelled)
             budget = max(0, self.channel_prefetch - outstanding)
-        for consumer in self.consumers.values():
+        for consumer in list(self.consumers.values()):
             sub = consumer.sub
             if sub is None or sub.closed:
                 continue
             queue = consumer.queue
             if queue.single_active and queue.active_consumer is not consumer:
                 continue  # x-single-active-consumer: only the oldest consumer of the queue gets messages
-            want = min(consumer.limit - consumer.unacked, consumer.chunk) - sub.credit
+            held = consumer.held
+            if held is not None:
+                if held:
+                    self._write_deliveries(consumer, self._pop_held(consumer))
+                    if self.connection.paused or consumer.cancelled:
+                        continue
+                # the reorder window: more than the prefetch allows, held until there is room
+                want = min(consumer.limit - consumer.unacked + PRIORITY_WINDOW - len(held),
+                           consumer.chunk) - sub.credit
+            else:
+                want = min(consumer.limit - consumer.unacked, consumer.chunk) - sub.credit
             if budget >= 0:
                 want = min(want, budget)
             if want > 0:
@@ -698,12 +803,18 @@ class Channel:
             break
         tag = self.next_tag
         self.next_tag = tag + 1
+        self.connection.factory.taken(queue, d.message)
         if not m.no_ack:
             self.unacked[tag] = Unacked(None, queue, d.receipt, d.message)
+        offset = d.queue_offset
+        if offset >= queue.delivered_mark:
+            self.registry.delivered(queue, offset)
+        queue.delivered_end = max(queue.delivered_end, offset + 1)
         exchange, key = delivery_address(d.message, self.registry.exchange_of_topic, self.registry.queue_of_topic)
+        redelivered = d.attempt > 1 or offset < queue.redelivered_below
         self.connection.write(self.connection.codec.send_content(
             self.number,
-            commands.Basic.GetOk(tag, d.attempt > 1, exchange, key, self.connection.factory.ready_count(queue)),
+            commands.Basic.GetOk(tag, redelivered, exchange, key, self.connection.factory.ready_count(queue)),
             properties_for_delivery(d.message, now), d.message.body))
 
     def _get_after_own_publish(self, m: commands.Basic.Get, queue: QueueDecl) -> bool:
@@ -797,6 +908,8 @@ class Channel:
         consumer = u.consumer
         if verdict == "drop":
             self.connection.factory.dead_letter(u.queue, u.message, "rejected")
+        elif verdict == "requeue":
+            self.connection.factory.returned(u.queue, u.message)
         try:
             if consumer is not None:
                 consumer.unacked -= 1
@@ -884,7 +997,9 @@ class Channel:
             consumer = u.consumer
             if consumer is None:
                 self._settle(u, "requeue")
-            elif consumer.sub is not None and not consumer.sub.closed:
+                continue
+            self.connection.factory.returned(u.queue, u.message)
+            if consumer.sub is not None and not consumer.sub.closed:
                 consumer.sub.close()  # a cancelled consumer still holding messages: they come back
         self._tx_publishes, self._tx_acks = [], []
         self._batch = []

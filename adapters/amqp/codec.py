@@ -45,6 +45,7 @@ from .fastpath import (
     decode_basic_publish,
     encode_basic_deliver_frame,
     encode_basic_properties,
+    encode_deliver_frame,
 )
 from .reply_codes import (
     PROTOCOL_HEADER,
@@ -500,7 +501,6 @@ class _AmqpCodec:
             frame_max = self.frame_max
         elif frame_max < FRAME_MIN_SIZE:
             raise AmqpEncodeError(f"frame_max {frame_max} is below the protocol minimum {FRAME_MIN_SIZE}")
-        max_payload = frame_max - FRAME_OVERHEAD
         if method.index == BASIC_DELIVER_INDEX:
             try:
                 method_frame = encode_basic_deliver_frame(channel, method)
@@ -510,6 +510,22 @@ class _AmqpCodec:
             method_frame = _method_frame(channel, method)
         if len(method_frame) > frame_max:
             raise AmqpEncodeError(f"{method.name} frame of {len(method_frame)} octets is over frame-max {frame_max}")
+        return self._content(channel, method_frame, properties, body, frame_max)
+
+    def send_deliver(self, channel: int, consumer_tag: bytes, delivery_tag: int, redelivered: bool, address: bytes,
+                     properties: commands.Basic.Properties | bytes, body: bytes) -> bytes:
+        """Basic.Deliver with its content, the hot path of `send_content`: `consumer_tag` and `address` (exchange
+        and routing key) are pre-encoded short strings (`fastpath.short_string`), the channel is one the adapter
+        opened. Raises AmqpEncodeError."""
+        method_frame = encode_deliver_frame(channel, consumer_tag, delivery_tag, redelivered, address)
+        frame_max = self.frame_max
+        if len(method_frame) > frame_max:
+            raise AmqpEncodeError(f"Basic.Deliver frame of {len(method_frame)} octets is over frame-max {frame_max}")
+        return self._content(channel, method_frame, properties, body, frame_max)
+
+    def _content(self, channel: int, method_frame: bytes, properties: commands.Basic.Properties | bytes,
+                 body: bytes, frame_max: int) -> bytes:
+        max_payload = frame_max - FRAME_OVERHEAD
         if properties.__class__ is bytes:
             raw_properties = properties
         else:

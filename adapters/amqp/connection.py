@@ -75,15 +75,24 @@ class AmqpConnection(AdapterConnection):
         self._throttle_timer: Any = None  # reads paused while the user's publish rate is in debt
         self._mechanism = ""
         self._certificate_identity = ""  # from a verified client certificate; offers SASL EXTERNAL
+        # Resource alarms (core/alarms.py), as RabbitMQ: a connection that publishes while an alarm is raised is no
+        # longer read until the alarm clears; clients that announced the `connection.blocked` capability hear
+        # connection.blocked / connection.unblocked.
+        self.blocked_capable = False
+        self.has_published = False
+        self.blocked_sent = False  # connection.blocked went out, connection.unblocked did not yet
+        self.reading_blocked = False  # the transport is paused because of an alarm
 
     # ------------------------------------------------------------------ transport
     def connection_started(self) -> None:
+        self.factory.connections.add(self)
         settings = self.factory.settings
         self.codec = AmqpServerCodec(max_body_size=settings.max_message_bytes)
         # Until the handshake is through, a silent peer is dropped (RabbitMQ's handshake_timeout).
         self.start_idle_timer(settings.handshake_timeout_s)
 
     def connection_ended(self, reason: Failure) -> None:
+        self.factory.connections.discard(self)
         self.state = "closed"
         self._stop_timers()
         self._release_all()
@@ -171,8 +180,6 @@ class AmqpConnection(AdapterConnection):
                 channel.flush_publishes()
             except ChannelError as error:
                 self.channel_exception(channel.number, error, commands.Basic.Publish())
-        if self.last_publish_end:
-            self.factory.published(self.last_publish_end)
 
     def run_batched(self, work: Any) -> None:
         """Run `work(None)` outside a read with its writes batched like a read's (timers, fsync callbacks)."""
@@ -262,6 +269,7 @@ class AmqpConnection(AdapterConnection):
         client = method.client_properties or {}
         capabilities = client.get("capabilities") or {}
         self.cancel_notify = bool(capabilities.get("consumer_cancel_notify"))
+        self.blocked_capable = bool(capabilities.get("connection.blocked"))
         self.client_name = str(client.get("connection_name") or "")
         self._mechanism = method.mechanism
         response = method.response.encode("utf-8") if isinstance(method.response, str) else method.response
@@ -391,6 +399,10 @@ class AmqpConnection(AdapterConnection):
         if isinstance(event, ContentEvent):
             if not isinstance(event.method, commands.Basic.Publish):
                 raise ConnectionError_(ReplyCode.COMMAND_INVALID, f"method {event.method.name} is not allowed here")
+            if not self.has_published:
+                self.has_published = True
+            if self.factory.alarmed and not self.reading_blocked:
+                self.block_reading()
             channel.basic_publish(event.method, event.properties, event.raw_properties, event.body)
 
     def send_connection_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
@@ -421,6 +433,44 @@ class AmqpConnection(AdapterConnection):
             if timer is not None and timer.active():
                 timer.cancel()
         self._heartbeat_timer = self._close_timer = self._throttle_timer = None
+
+    # ------------------------------------------------------------------ resource alarms
+    def alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """An alarm was raised or cleared (AmqpServerFactory fans the core's alarms out to every connection).
+        Raised: publishers that already published hear connection.blocked now (their next publish stops the
+        reading); cleared: connection.unblocked, and a connection no longer read is read again."""
+        if not self.connected_ or self.closing or self.close_sent:
+            return
+        if alarmed:
+            if self.has_published:
+                self._send_blocked(reason)
+            return
+        if self.blocked_sent:
+            self.blocked_sent = False
+            self.write(self.codec.send_method(0, commands.Connection.Unblocked()))
+        if self.reading_blocked:
+            self.reading_blocked = False
+            log.info("amqp %s: resource alarm cleared; reading again", self.source)
+            if self.heartbeat:
+                self.last_seen = self.factory.clock.seconds()
+                self.start_idle_timer(2 * self.heartbeat)
+            self.transport.resumeProducing()
+
+    def block_reading(self) -> None:
+        """A publish arrived while an alarm is raised: what this read holds is handled, then nothing more is read
+        until the alarm clears (RabbitMQ blocks publishing connections the same way). The heartbeat check stops
+        meanwhile: the client's heartbeats are not read either."""
+        self.reading_blocked = True
+        self._send_blocked(self.factory.alarm_reason)
+        log.info("amqp %s: publishing while a resource alarm is raised (%s); not reading until it clears",
+                 self.source, self.factory.alarm_reason)
+        self.stop_idle_timer()
+        self.transport.pauseProducing()
+
+    def _send_blocked(self, reason: str) -> None:
+        if self.blocked_capable and not self.blocked_sent and self.state == "open":
+            self.blocked_sent = True
+            self.write(self.codec.send_method(0, commands.Connection.Blocked(reason[:255])))
 
     # ------------------------------------------------------------------ back-pressure
     def on_pause(self) -> None:

@@ -83,6 +83,21 @@ def _short_string(value: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
+def short_string(value: str) -> bytes:
+    """An AMQP short string (length octet + UTF-8), for callers that encode a value once and reuse it.
+    Raises FastPathError over 255 bytes."""
+    return _short_string(value)
+
+
+def encode_deliver_frame(channel: int, consumer_tag: bytes, delivery_tag: int, redelivered: bool,
+                         address: bytes) -> bytes:
+    """A Basic.Deliver method frame from pre-encoded parts: `consumer_tag` and `address` (exchange + routing key)
+    are short strings already, so a delivery builds no pamqp object and encodes no string."""
+    return b"".join((FRAME_HEADER_STRUCT.pack(FRAME_METHOD, channel, 13 + len(consumer_tag) + len(address)),
+                     _BASIC_DELIVER_ID, consumer_tag, _DELIVERY_TAG_AND_FLAGS.pack(delivery_tag, redelivered),
+                     address, FRAME_END_BYTE))
+
+
 def encode_basic_deliver_frame(channel: int, method: commands.Basic.Deliver) -> bytes:
     """The complete method frame (header, payload, frame-end) for one Basic.Deliver. Raises FastPathError."""
     try:

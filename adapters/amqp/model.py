@@ -291,3 +291,29 @@ def delivery_address(message: Message, exchange_of_topic: Mapping[str, str], que
         first = topic
     first = first.replace(".", "/")
     return TOPIC_EXCHANGE, f"{first}.{subject_key(message.subject)}" if message.subject else first
+
+
+def message_priority(message: Message) -> int:
+    """The AMQP priority of a stored message (0 when it has none, e.g. from MQTT or native publishers). Read from
+    the publisher's raw property list (priorities always keep it, see `_rebuildable`) without decoding the rest:
+    flags, then content-type and content-encoding (short strings), headers (a table), delivery-mode, priority."""
+    props = message.properties
+    raw = props.get(PROP_RAW) if props else None
+    if raw is None:
+        return 0
+    try:
+        data = base64.b64decode(raw)
+        flags = int.from_bytes(data[:2], "big")
+        if not flags & 0x0800:
+            return 0
+        position = 2
+        for bit in (0x8000, 0x4000):  # content-type, content-encoding
+            if flags & bit:
+                position += 1 + data[position]
+        if flags & 0x2000:  # headers
+            position += 4 + int.from_bytes(data[position:position + 4], "big")
+        if flags & 0x1000:  # delivery-mode
+            position += 1
+        return data[position]
+    except (ValueError, IndexError):
+        return 0

@@ -18,9 +18,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tidegate.adapters.amqp.fastpath import short_string
 from tidegate.adapters.amqp.model import (
     DEFAULT_EXCHANGES,
     binding_pattern,
+    delivery_address,
     exchange_topic,
     headers_match,
     queue_topic,
@@ -36,6 +38,13 @@ log = logging.getLogger("tidegate.amqp")
 EXCHANGES_NAMESPACE = "amqp.exchanges"
 QUEUES_NAMESPACE = "amqp.queues"
 BINDINGS_NAMESPACE = "amqp.bindings"
+# Per queue, a queue offset below which every message may have been delivered already: after a restart such a
+# message comes back with redelivered=true (RabbitMQ's promise: redelivered=false means "never delivered").
+DELIVERED_NAMESPACE = "amqp.delivered"
+# The mark is written ahead of deliveries by this many offsets, so one metadata write covers many deliveries; a
+# clean shutdown writes the exact mark (after kill -9 up to this many never-delivered messages say redelivered).
+DELIVERED_MARK_LEAD = 1024
+ADDRESS_CACHE_SIZE = 4096  # delivery addresses kept encoded (a cache, cleared when full)
 
 
 class QueueOwner(Protocol):
@@ -75,6 +84,17 @@ class QueueDecl:
     consumers: dict[ConsumerHandle, None] = field(default_factory=dict)  # in arrival order (single active consumer)
     had_consumer: bool = False
     expiry_timer: Any = None  # x-expires: deletes the queue once unused for that long
+    redelivered_below: int = 0  # queue offsets below this may have been delivered by an earlier run
+    delivered_mark: int = 0  # persisted: every offset delivered in this run is below it
+    delivered_end: int = 0  # one past the highest offset delivered in this run
+    # length limits (x-max-length, x-max-length-bytes, x-overflow), see AmqpServerFactory.admit
+    max_length: int | None = None
+    max_bytes: int | None = None
+    overflow: str = "drop-head"
+    ready_bytes: int = 0  # body bytes of the ready messages (kept only with x-max-length-bytes)
+    pending: int = 0  # admitted messages not visible yet (counted against x-max-length by reject-publish)
+    visible_end: int = 0
+    max_priority: int = 0  # x-max-priority (0: not a priority queue)
 
     @property
     def single_active(self) -> bool:
@@ -131,6 +151,7 @@ class Registry:
         self._exchange_rows: AdapterStateStore = system.adapter_state(EXCHANGES_NAMESPACE)
         self._queue_rows: AdapterStateStore = system.adapter_state(QUEUES_NAMESPACE)
         self._binding_rows: AdapterStateStore = system.adapter_state(BINDINGS_NAMESPACE)
+        self._delivered_rows: AdapterStateStore = system.adapter_state(DELIVERED_NAMESPACE)
         self.exchanges: dict[str, ExchangeDecl] = {}
         self.queues: dict[str, QueueDecl] = {}
         self.bindings: dict[str, BindingDecl] = {}
@@ -140,6 +161,9 @@ class Registry:
         # adapter-routed bindings by source exchange (headers exchanges, exchange-to-exchange)
         self._adapter_routed: dict[str, set[str]] = {}
         self._pattern_refs: dict[tuple[str, QueueRef], int] = {}  # one core binding may serve several AMQP ones
+        # (topic, subject) -> exchange and routing key of a delivery as encoded short strings; cleared whenever an
+        # exchange or queue comes or goes (the address depends on them)
+        self.address_cache: dict[tuple[str, str], bytes] = {}
         for name, kind in DEFAULT_EXCHANGES.items():
             self._add_exchange(ExchangeDecl(name, kind))
         self._load()
@@ -162,6 +186,17 @@ class Registry:
                              topic)
             self._add_queue(decl)
             self._start_at_earliest(decl)
+        for name, mark in self._delivered_rows.items():
+            decl = self.queues.get(name)
+            if decl is None or not isinstance(mark, int):
+                self._delivered_rows.delete(name)
+                continue
+            try:
+                _, end = self.system.queue_offsets(decl.ref)
+            except TidegateError:
+                end = mark
+            # messages stored from now on were never delivered, whatever lead the mark of a crashed run had
+            decl.redelivered_below = decl.delivered_mark = decl.delivered_end = min(mark, end)
         for key, row in self._binding_rows.items():
             binding = BindingDecl(row["source"], row["destination"], bool(row["to_queue"]), row["routing_key"],
                                   row["arguments"], bool(row.get("durable")), row.get("pattern", ""))
@@ -199,7 +234,21 @@ class Registry:
             log.warning("amqp queue %s: cannot set its start offset: %s", decl.name, exc)
 
     # ------------------------------------------------------------------ exchanges
+    def delivery_address_bytes(self, message: Any) -> bytes:
+        """`model.delivery_address` of `message` as the two short strings Basic.Deliver carries, cached."""
+        key = (message.topic, message.subject)
+        cache = self.address_cache
+        encoded = cache.get(key)
+        if encoded is None:
+            exchange, routing_key = delivery_address(message, self.exchange_of_topic, self.queue_of_topic)
+            encoded = short_string(exchange) + short_string(routing_key)
+            if len(cache) >= ADDRESS_CACHE_SIZE:
+                cache.clear()
+            cache[key] = encoded
+        return encoded
+
     def _add_exchange(self, decl: ExchangeDecl) -> None:
+        self.address_cache.clear()
         decl.topic = exchange_topic(decl.name) if decl.name else ""
         self.exchanges[decl.name] = decl
         if decl.name and decl.name != "amq.topic":
@@ -210,6 +259,7 @@ class Registry:
         self._exchange_rows.put(decl.name, decl.row())
 
     def delete_exchange(self, name: str) -> None:
+        self.address_cache.clear()
         decl = self.exchanges.pop(name)
         if self.exchange_of_topic.get(decl.topic) == name:
             del self.exchange_of_topic[decl.topic]
@@ -223,10 +273,16 @@ class Registry:
 
     # ------------------------------------------------------------------ queues
     def _add_queue(self, decl: QueueDecl) -> None:
+        self.address_cache.clear()
         decl.topic = decl.topic or queue_topic(decl.name)
         self.queues[decl.name] = decl
         self.queue_of_topic[decl.topic] = decl.name
-        if decl.arguments.get("x-max-length") is not None:
+        arguments = decl.arguments
+        decl.max_length = arguments.get("x-max-length")
+        decl.max_bytes = arguments.get("x-max-length-bytes")
+        decl.overflow = str(arguments.get("x-overflow", "drop-head"))
+        decl.max_priority = int(arguments.get("x-max-priority") or 0)
+        if decl.max_length is not None or decl.max_bytes is not None:
             self.bounded.add(decl.name)
 
     def declare_queue(self, decl: QueueDecl) -> None:
@@ -237,6 +293,7 @@ class Registry:
         self._queue_rows.put(decl.name, decl.row())
 
     def delete_queue(self, name: str) -> None:
+        self.address_cache.clear()
         decl = self.queues.pop(name)
         self.queue_of_topic.pop(decl.topic, None)
         self.bounded.discard(name)
@@ -248,7 +305,23 @@ class Registry:
         for binding in [b for b in self.bindings.values() if b.to_queue and b.destination == name]:
             self.remove_binding(binding)
         self._queue_rows.delete(name)
+        if decl.delivered_mark:
+            self._delivered_rows.delete(name)
         self._drop_topic(decl.topic)
+
+    def delivered(self, decl: QueueDecl, offset: int) -> None:
+        """A delivery of `offset` is about to go out and is at or past the persisted mark: move the mark ahead
+        (written before the delivery is, so a crash never forgets that it may have been delivered)."""
+        decl.delivered_mark = offset + 1 + DELIVERED_MARK_LEAD
+        if decl.durable and decl.exclusive_owner is None:
+            self._delivered_rows.put(decl.name, decl.delivered_mark)
+
+    def save_delivered_marks(self) -> None:
+        """Clean shutdown: the exact marks, so that only messages really handed out say redelivered."""
+        for decl in self.queues.values():
+            if decl.delivered_mark and decl.durable and decl.exclusive_owner is None:
+                decl.delivered_mark = max(decl.redelivered_below, decl.delivered_end)
+                self._delivered_rows.put(decl.name, decl.delivered_mark)
 
     # ------------------------------------------------------------------ bindings
     def make_binding(self, source: ExchangeDecl, destination: str, to_queue: bool, routing_key: str,

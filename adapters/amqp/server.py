@@ -53,8 +53,17 @@ class AmqpServerFactory(AdapterFactory):
                          limits=limits)
         self.registry = Registry(self.system)
         self._trim_scheduled = False
+        self._to_trim: set[str] = set()
+        self.rejected: list[Message] | None = None  # messages admit() refused while a channel publishes
+        self.connections: set[AmqpConnection] = set()
+        # Resource alarms (core/alarms.py): plain attributes, read on every publish
+        alarms = getattr(core, "alarms", None)
+        self.alarmed = bool(alarms is not None and alarms.alarmed)
+        self.alarm_reason = alarms.reason if alarms is not None else ""
+        self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
         for queue in self.registry.queues.values():
             self.queue_used(queue)  # x-expires counts from the start of this run
+            self.watch_limits(queue)
         # Transient messages stored before this moment belong to an earlier run: not delivered (see channel._gone).
         self.started_ms = core.now_ms()
         try:
@@ -64,11 +73,22 @@ class AmqpServerFactory(AdapterFactory):
 
     def stop(self) -> None:
         """Broker shutdown: cancel the x-expires timers (the queues' countdowns restart with the next run)."""
+        if self._unsubscribe_alarms is not None:
+            self._unsubscribe_alarms()
+            self._unsubscribe_alarms = None
+        self.registry.save_delivered_marks()
         for queue in self.registry.queues.values():
             timer = queue.expiry_timer
             if timer is not None and timer.active():
                 timer.cancel()
             queue.expiry_timer = None
+
+    def alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """A resource alarm was raised or cleared: every connection hears it (blocked / unblocked)."""
+        self.alarmed = alarmed
+        self.alarm_reason = reason
+        for connection in list(self.connections):
+            connection.run_batched(lambda _, c=connection: c.alarm_changed(alarmed, reason))
 
     def ready_count(self, queue: QueueDecl) -> int:
         """Messages ready in `queue` (stored, not in flight); an estimate when acks came out of order."""
@@ -103,45 +123,132 @@ class AmqpServerFactory(AdapterFactory):
             log.info("amqp queue %s expired (x-expires %s ms)", queue.name, queue.arguments.get("x-expires"))
             self.delete_queue(queue)
 
-    def trim(self, queue: QueueDecl) -> None:
-        """x-max-length with x-overflow drop-head (the default): the oldest ready messages are dropped
-        (dead-lettered with reason maxlen when the queue has a dead-letter exchange) until the queue fits."""
-        max_length = queue.arguments.get("x-max-length")
-        if max_length is None or queue.arguments.get("x-overflow", "drop-head") != "drop-head":
+    # ------------------------------------------------------------------ length limits
+    def watch_limits(self, queue: QueueDecl) -> None:
+        """x-max-length / x-max-length-bytes: hook the queue into the core (Broker.limit_queue), so the limits
+        hold for messages of every protocol. drop-head trims the oldest once new messages are visible;
+        reject-publish(-dlx) refuses a message before it is appended (`admit`)."""
+        if queue.max_length is None and queue.max_bytes is None:
             return
-        excess = self.ready_count(queue) - int(max_length)
-        while excess > 0:
+        limit_queue = getattr(self.core, "limit_queue", None)
+        if limit_queue is None:
+            return
+        try:
+            low, end = self.system.queue_offsets(queue.ref)
+        except TidegateError:
+            low = end = 0
+        queue.visible_end, queue.pending = end, 0
+        if queue.max_bytes is not None:
+            queue.ready_bytes = self._ready_bytes(queue, low, end)
+        needs_admission = queue.overflow != "drop-head" or queue.max_bytes is not None
+        limit_queue(queue.ref, (lambda message: self.admit(queue, message)) if needs_admission else None,
+                    lambda ref, visible_end: self._grown(queue, visible_end))
+        if queue.overflow == "drop-head":
+            self._schedule_trim(queue)  # a lowered limit after a restart, messages from an earlier run
+
+    def unwatch_limits(self, queue: QueueDecl) -> None:
+        limit_queue = getattr(self.core, "limit_queue", None)
+        if limit_queue is not None and (queue.max_length is not None or queue.max_bytes is not None):
+            limit_queue(queue.ref, None, None)
+
+    def _ready_bytes(self, queue: QueueDecl, low: int, end: int) -> int:
+        """Body bytes of the messages ready in `queue` (start-up and declaration: read once from the log)."""
+        try:
+            committed = self.core.committed_offsets(queue.topic).get(queue.ref, low)
+        except (TidegateError, AttributeError):
+            committed = low
+        total, offset = 0, max(low, committed)
+        while offset < end:
+            try:
+                result = self.core.pull(queue.ref, offset, 1024)
+            except TidegateError:
+                break
+            if not result.messages:
+                break
+            total += sum(len(d.message.body) for d in result.messages)
+            offset = result.next_offset
+        return total
+
+    def is_full(self, queue: QueueDecl, size: int) -> bool:
+        """Would a message of `size` body bytes overflow `queue` (counting what is stored but not visible yet)?"""
+        max_length, max_bytes = queue.max_length, queue.max_bytes
+        if max_length is not None and self.ready_count(queue) + queue.pending >= max_length:
+            return True
+        return max_bytes is not None and queue.ready_bytes + size > max_bytes
+
+    def admit(self, queue: QueueDecl, message: Message) -> bool:
+        """May `message` be appended to `queue`? reject-publish(-dlx) says no when the queue is full (the AMQP
+        publisher gets basic.nack with confirms, others lose it silently, as on RabbitMQ; -dlx dead-letters it);
+        drop-head always says yes (the oldest go later). Counts what it admits."""
+        size = len(message.body)
+        if queue.overflow != "drop-head" and self.is_full(queue, size):
+            if self.rejected is not None:
+                self.rejected.append(message)
+            if queue.overflow == "reject-publish-dlx":
+                # not from inside the core's publish that asked: dead-lettering publishes
+                self.clock.callLater(0, self.dead_letter, queue, message, "maxlen")
+            return False
+        queue.pending += 1
+        if queue.max_bytes is not None:
+            queue.ready_bytes += size
+        return True
+
+    def _grown(self, queue: QueueDecl, visible_end: int) -> None:
+        queue.pending = max(0, queue.pending - (visible_end - queue.visible_end))
+        queue.visible_end = visible_end
+        if queue.overflow == "drop-head":
+            self._schedule_trim(queue)
+
+    def _schedule_trim(self, queue: QueueDecl) -> None:
+        self._to_trim.add(queue.name)
+        if not self._trim_scheduled:
+            self._trim_scheduled = True
+            self.clock.callLater(0, self._trim_all)
+
+    def _trim_all(self) -> None:
+        self._trim_scheduled = False
+        names, self._to_trim = self._to_trim, set()
+        for name in sorted(names):
+            queue = self.registry.queues.get(name)
+            if queue is not None:
+                self.trim(queue)
+
+    def trim(self, queue: QueueDecl) -> None:
+        """x-overflow drop-head (the default): the oldest ready messages are dropped (dead-lettered with reason
+        maxlen when the queue has a dead-letter exchange) until the queue fits x-max-length and
+        x-max-length-bytes."""
+        max_length, max_bytes = queue.max_length, queue.max_bytes
+        if queue.overflow != "drop-head":
+            return
+        while ((max_length is not None and self.ready_count(queue) > max_length)
+               or (max_bytes is not None and queue.ready_bytes > max_bytes)):
             try:
                 taken = self.system.get(queue.topic, queue.topic, auto_ack=False, invisible_ms=0)
             except TidegateError:
                 return
             if taken is None:
+                queue.ready_bytes = 0
                 return
+            self.taken(queue, taken.message)
             self.dead_letter(queue, taken.message, "maxlen")
             self.system.ack(queue.topic, taken.receipt)
-            excess -= 1
 
-    def trim_bounded(self) -> None:
-        """Trim every queue with x-max-length (run once this turn's publishes are visible)."""
-        self._trim_scheduled = False
-        for name in list(self.registry.bounded):
-            queue = self.registry.queues.get(name)
-            if queue is not None:
-                self.trim(queue)
+    def taken(self, queue: QueueDecl, message: Message) -> None:
+        """A ready message left the queue (delivered, got, dropped): x-max-length-bytes counts it out."""
+        if queue.max_bytes is not None:
+            queue.ready_bytes = max(0, queue.ready_bytes - len(message.body))
 
-    def published(self, commit_end: int) -> None:
-        """A connection stored messages up to `commit_end`: queues with a length limit are trimmed once they are
-        visible (after the fsync, then after the core made them visible at the end of that turn)."""
-        if not self.registry.bounded or self._trim_scheduled:
-            return
-        self._trim_scheduled = True
-        self.system.when_durable(commit_end, lambda: self.clock.callLater(0, self.trim_bounded))
+    def returned(self, queue: QueueDecl, message: Message) -> None:
+        """An unacknowledged message went back to the queue (requeue, recover, its channel closed)."""
+        if queue.max_bytes is not None:
+            queue.ready_bytes += len(message.body)
 
     def delete_queue(self, queue: QueueDecl) -> None:
         """Delete a queue: its consumers are cancelled (basic.cancel to clients that asked for it), its bindings
         and its core topic and group go."""
         if self.registry.queues.get(queue.name) is not queue:
             return
+        self.unwatch_limits(queue)
         self.registry.delete_queue(queue.name)
 
     def dead_letter(self, queue: QueueDecl, message: Message, reason: str) -> None:
@@ -170,7 +277,7 @@ class AmqpServerFactory(AdapterFactory):
         raw = _marshal_properties(properties)
         if exchange.name == "":
             target = self.registry.queues.get(key)
-            if target is None:
+            if target is None or not self.admit(target, message):
                 return
             topic, subject = target.topic, ""
         else:

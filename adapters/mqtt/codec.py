@@ -701,6 +701,11 @@ def _remaining_length(buffer: Buffer, position: int, available: int) -> tuple[in
 # --- the codec --------------------------------------------------------------------------------------------------
 
 
+def _connect_placeholder(flags: int, buffer: Buffer, start: int, end: int) -> Packet:
+    """The CONNECT slot of a shared pre-CONNECT table; every codec replaces it with its own bound decoder."""
+    raise AssertionError("the shared pre-CONNECT table is used only through a codec's copy")
+
+
 class MqttCodec:
     """One connection's MQTT byte stream, as seen from the server (default) or the client side.
 
@@ -742,16 +747,20 @@ class MqttCodec:
         return len(self._buffer)
 
     def _rebuild_dispatch(self) -> None:
-        if self.server_side and not self._connect_received:
-            # the CONNECT entry is bound to this codec (it records the level): built per connection, briefly
-            self._dispatch = [self._dispatch_entry(packet_type) for packet_type in range(16)]
-            return
-        # Every other table depends only on (side, level, CONNECT seen): share one per state, since thousands of
-        # idle connections would otherwise each hold sixteen closures (about 6 KiB).
+        # Every table depends only on (side, level, CONNECT seen): one per state is shared by all connections, since
+        # building sixteen closures per connection was a visible share of a reconnect storm's CPU and thousands of
+        # idle connections would each hold them (about 6 KiB).
         key = (self.server_side, self._protocol_level, self._connect_received)
         table = _SHARED_DISPATCH.get(key)
         if table is None:
-            table = _SHARED_DISPATCH[key] = [self._dispatch_entry(packet_type) for packet_type in range(16)]
+            table = [self._dispatch_entry(packet_type) for packet_type in range(16)]
+            if self.server_side and not self._connect_received:
+                table[PacketType.CONNECT] = _connect_placeholder  # never shared bound to one codec
+            table = _SHARED_DISPATCH[key] = table
+        if self.server_side and not self._connect_received:
+            # the CONNECT entry is bound to this codec (it records the level): a copy of the shared table with it
+            table = table.copy()
+            table[PacketType.CONNECT] = self._receive_connect
         self._dispatch = table
 
     def _dispatch_entry(self, packet_type: int) -> _StateDecoder:

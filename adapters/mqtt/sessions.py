@@ -18,6 +18,19 @@ is removed when its last member leaves.
 Expiry: a session whose connection is gone is removed after its expiry interval (a clock timer); on startup,
 sessions whose expiry passed while the broker was down are removed, as are session topics without a row
 (left behind by a crash).
+
+What touches the metadata store (SQLite), so that a reconnect storm is not a storm of small transactions:
+- A session that ends with its connection (expiry 0: CleanSession=1 in 3.1.1, Session Expiry 0 in v5) has nothing
+  to persist: it has no row, and its core topic is created only by its first SUBSCRIBE, so a client that only
+  publishes connects and disconnects without a single metadata write.
+- A new persistent session is committed before `create` returns, so its CONNACK always follows its durable row
+  (Session Present on the next connect is never a promise the disk does not hold). The commit takes every other
+  pending row along (group commit); a failure refuses the CONNECT (the core error's reason code) and forgets the
+  session.
+- Every other change of a row (a resumed session connecting, disconnecting, SUBSCRIBE, QoS 2 ids) is written
+  behind: all changes of one reactor turn are committed in one transaction (`flush_rows`, a `callLater(0)`).
+  Losing them in a crash costs no promise that was made (see docs/performance.md, "Reconnect storms"); a failed
+  commit is retried with backoff (0.5 s doubling to 30 s) and keeps the newest value of each row.
 """
 
 from __future__ import annotations
@@ -47,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidegate.mqtt")
 
 SESSIONS_NAMESPACE = "mqtt.sessions"
+ROW_RETRY_FIRST_S = 0.5  # backoff of a failed session-row commit: 0.5 s, doubling up to 30 s
+ROW_RETRY_MAX_S = 30.0
 SHARES_NAMESPACE = "mqtt.shares"
 NEVER_EXPIRES = 0xFFFFFFFF
 
@@ -105,11 +120,13 @@ class Session:
     # The principal name the session is bound to (`client_id_binding = "user"`): only that user may resume it,
     # take it over or wipe it. Empty for rows written before binding existed: the next login claims them.
     owner: str = ""
+    has_queue: bool = True  # its core topic exists (a session with expiry 0 gets one at its first SUBSCRIBE)
+    persisted: bool = False  # it has a row in `mqtt.sessions` (written or about to be)
     # The subscriptions' filters (the inner filter of a shared one) → their keys in `subscriptions`, in a core
     # routing trie, so deliveries are re-matched by the same matcher that routed them. No cache: a session's names
-    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions.
-    filter_trie: SubscriptionTrie[str] = field(default_factory=lambda: SubscriptionTrie(cache_size=0),
-                                               repr=False, compare=False)
+    # rarely repeat enough to pay for a cache's memory in each of thousands of sessions. Made when first needed
+    # (`_trie`): a session that never subscribes, or a stored one not resumed yet after a restart, has none.
+    filter_trie: SubscriptionTrie[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def queue(self) -> QueueRef:
@@ -122,26 +139,39 @@ class Session:
     def put_subscription(self, entry: SubscriptionEntry) -> bool:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
+        trie = self._trie()
         self.subscriptions[entry.topic_filter] = entry
-        self.filter_trie.add(entry.match_filter, entry.topic_filter)
+        trie.add(entry.match_filter, entry.topic_filter)
         return existed
 
     def pop_subscription(self, topic_filter: str) -> SubscriptionEntry | None:
-        entry = self.subscriptions.pop(topic_filter, None)
-        if entry is not None:
-            self.filter_trie.remove(entry.match_filter, topic_filter)
+        if topic_filter not in self.subscriptions:
+            return None
+        trie = self._trie()
+        entry = self.subscriptions.pop(topic_filter)
+        trie.remove(entry.match_filter, topic_filter)
         return entry
 
     def clear_subscriptions(self) -> None:
         self.subscriptions.clear()
-        self.filter_trie = SubscriptionTrie(cache_size=0)
+        self.filter_trie = None
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
-        entries = [self.subscriptions[key] for key in self.filter_trie.match(topic_name)]
+        if not self.subscriptions:
+            return []
+        entries = [self.subscriptions[key] for key in self._trie().match(topic_name)]
         if topic_name.startswith("$"):
             entries = [e for e in entries if not hidden_by_dollar_rule(e.match_filter, topic_name)]
         return entries
+
+    def _trie(self) -> SubscriptionTrie[str]:
+        trie = self.filter_trie
+        if trie is None:
+            trie = self.filter_trie = SubscriptionTrie(cache_size=0)
+            for key, entry in self.subscriptions.items():
+                trie.add(entry.match_filter, key)
+        return trie
 
     def to_row(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
@@ -154,12 +184,27 @@ class Session:
     def from_row(cls, row: dict[str, Any]) -> Session:
         session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
         for sub in row.get("subs", []):
-            session.put_subscription(SubscriptionEntry.from_row(sub))
+            entry = SubscriptionEntry.from_row(sub)
+            session.subscriptions[entry.topic_filter] = entry  # the trie is built when first matched against
         session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
                                     {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)
         session.owner = str(row.get("owner") or "")
+        session.persisted = True
         return session
+
+
+def write_rows(rows: AdapterStateStore, changes: dict[str, Any]) -> None:
+    """Apply puts (value) and deletes (None) to a namespace, in one transaction where the store offers one."""
+    apply = getattr(rows, "apply", None)
+    if apply is not None:
+        apply(changes)
+        return
+    for key, value in changes.items():
+        if value is None:
+            rows.delete(key)
+        else:
+            rows.put(key, value)
 
 
 class SessionManager:
@@ -182,6 +227,10 @@ class SessionManager:
         self._owned_counts: dict[str, int] = {}  # principal name -> sessions it owns (max_sessions_per_user)
         self._shares: dict[str, dict[str, Any]] = dict(share_rows.items())
         self._client_log = ClientLog(log, clock.seconds)  # expiries follow what clients chose: rate-limited
+        # write-behind of session rows: client id -> row to put (None: delete), committed once per reactor turn
+        self._pending_rows: dict[str, dict[str, Any] | None] = {}
+        self._flush_call: Any = None
+        self._flush_failures = 0
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -223,6 +272,7 @@ class SessionManager:
                 row["members"] = members
                 row["group"] = group
                 self._save_share(topic, row)
+        self.flush_rows()  # what loading changed, in one transaction
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def get(self, client_id: str) -> Session | None:
@@ -252,17 +302,76 @@ class SessionManager:
 
     def create(self, client_id: str, protocol_level: int, expiry_interval: int, owner: CoreSession) -> Session:
         """A new session, bound to `owner`'s principal, whose queue `owner` (the connecting client's core session)
-        creates and may consume."""
+        creates and may consume.
+
+        A session that ends with its connection (expiry 0) gets its queue at its first SUBSCRIBE
+        (`ensure_queue`) and no row: connecting it writes nothing to the metadata store."""
         topic = session_topic(client_id)
-        owner.claim_private(topic, queues=1)
-        session = Session(client_id, topic, protocol_level, expiry_interval)
+        session = Session(client_id, topic, protocol_level, expiry_interval, has_queue=expiry_interval != 0)
         self.set_owner(session, owner.principal.name)
+        if not session.expiry_interval:
+            self.sessions[client_id] = session
+            return session
+        owner.claim_private(topic, queues=1)
+        session.persisted = True
+        self._pending_rows[client_id] = session.to_row()
+        try:
+            self.flush_rows(raise_errors=True)  # durable before the CONNACK, with whatever else is pending
+        except TidegateError:
+            session.persisted = False
+            self._pending_rows[client_id] = None  # no session: also deletes a row an earlier one of the id left
+            self._drop_core_state(topic, topic)
+            self.set_owner(session, "")
+            raise
         self.sessions[client_id] = session
-        self.save(session)
         return session
 
+    def ensure_queue(self, session: Session, owner: CoreSession) -> None:
+        """Create the session's core topic if it has none yet (the first SUBSCRIBE of an expiry-0 session)."""
+        if not session.has_queue:
+            owner.claim_private(session.topic, queues=1)
+            session.has_queue = True
+
     def save(self, session: Session) -> None:
-        self.rows.put(session.client_id, session.to_row())
+        """Persist the session's row, written behind (committed at the end of this reactor turn). A session with
+        expiry 0 has nothing to persist (it ends with its connection): its row, if it had one, is deleted."""
+        if session.expiry_interval:
+            session.persisted = True
+            self._write_row(session.client_id, session.to_row())
+        elif session.persisted:
+            session.persisted = False
+            self._write_row(session.client_id, None)
+
+    def _write_row(self, client_id: str, row: dict[str, Any] | None) -> None:
+        self._pending_rows[client_id] = row
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush_rows)
+
+    def flush_rows(self, raise_errors: bool = False) -> None:
+        """Commit every pending session row in one transaction. On failure (disk full, I/O error) the rows stay
+        pending and are retried with backoff; `raise_errors` also raises the error (a CONNECT waiting for it)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending = self._pending_rows
+        if not pending:
+            return
+        self._pending_rows = {}
+        try:
+            write_rows(self.rows, pending)
+        except TidegateError as exc:
+            for client_id, row in pending.items():
+                self._pending_rows.setdefault(client_id, row)  # newer writes made meanwhile win
+            self._flush_failures += 1
+            delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (self._flush_failures - 1))
+            self._client_log.log(logging.ERROR, "session-rows-failed",
+                                 "writing %d MQTT session rows failed (%s); retrying in %.1fs", len(pending),
+                                 str(exc), delay)
+            self._flush_call = self.clock.callLater(delay, self.flush_rows)
+            if raise_errors:
+                raise
+            return
+        self._flush_failures = 0
 
     def attach(self, session: Session, connection: Any, owner: CoreSession) -> None:
         """A connection takes the session (its core session `owner` may use the session queue): stop the expiry
@@ -313,11 +422,14 @@ class SessionManager:
             if entry.share:
                 self.leave_share(session, entry)
         session.clear_subscriptions()
-        self._drop_core_state(session.topic, session.topic)
+        if session.has_queue:
+            self._drop_core_state(session.topic, session.topic)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
             self._count_owner(session.owner, -1)
-        self.rows.delete(session.client_id)
+        if session.persisted:
+            session.persisted = False
+            self._write_row(session.client_id, None)
 
     def _drop_core_state(self, topic: str, group: str) -> None:
         try:
@@ -353,7 +465,12 @@ class SessionManager:
         setattr(session, attribute, None)
 
     def stop(self) -> None:
-        """Cancel timers (broker shutdown); persisted sessions are picked up again by `load` on the next start."""
+        """Cancel timers and commit pending rows (broker shutdown); persisted sessions are picked up again by `load`
+        on the next start."""
+        self.flush_rows()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()  # still failing: what is not on disk now is lost with the process
+        self._flush_call = None
         for session in self.sessions.values():
             self._cancel(session, "expiry_call")
             if session.pending_will is not None and session.pending_will.call is not None \
@@ -368,12 +485,14 @@ class SessionManager:
         `save=False` leaves writing the session row to the caller (once for a whole SUBSCRIBE packet)."""
         if entry.share:
             self.join_share(session, entry, owner)
-        elif not is_sys_name(entry.topic_filter):
-            owner.bind(core_pattern(entry.topic_filter), session.queue)
         else:
-            # $SYS topics are generated by the adapter and never go through the core router; reading them is a
-            # permission all the same (Sub on the filter as MQTT writes it)
-            owner.authorize(Action.SUB, Resource.topic_filter(entry.topic_filter))
+            self.ensure_queue(session, owner)  # also for $SYS: the connection consumes its session queue
+            if not is_sys_name(entry.topic_filter):
+                owner.bind(core_pattern(entry.topic_filter), session.queue)
+            else:
+                # $SYS topics are generated by the adapter and never go through the core router; reading them is
+                # a permission all the same (Sub on the filter as MQTT writes it)
+                owner.authorize(Action.SUB, Resource.topic_filter(entry.topic_filter))
         existed = session.put_subscription(entry)
         if save:
             self.save(session)

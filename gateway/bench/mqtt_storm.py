@@ -44,6 +44,17 @@ MAX_ERRORS_KEPT = 5
 CONNECTING, WAIT_CONNACK, WAIT_SUBACK, DONE = range(4)
 
 
+def read_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far (0.0 if unknown): on a shared machine the broker's CPU per
+    connection is steadier than wall time."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def storm_filter(client_id: str) -> str:
     return f"bench/storm/{client_id}"
 
@@ -169,7 +180,9 @@ def _storm_worker(server: str, level: int, client_ids: list[str], clean: bool, s
     ready.put(len(packets))
     go.wait(STORM_TIMEOUT_S)
     start = start_at.value
+    cpu_before = time.process_time()
     report = _storm(split_address(server), packets, start, subscribe, start + STORM_TIMEOUT_S)
+    report["cpu_seconds"] = time.process_time() - cpu_before  # is the load generator the bottleneck?
     socks = report.pop("socks")
     results.put(report)
     release.wait(STORM_TIMEOUT_S)
@@ -212,6 +225,7 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
             ready.get(timeout=STORM_TIMEOUT_S)  # every worker has its packets built: the storm starts together
         rss_before = read_rss_kib(broker_pid) if broker_pid else 0
         load_before = os.getloadavg()[0]
+        cpu_before = read_cpu_seconds(broker_pid) if broker_pid else 0.0
         start_at.value = start = time.monotonic()
         go.set()
         while len(reports) < processes:
@@ -220,6 +234,7 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
             except Exception:  # queue.Empty
                 if not any(w.is_alive() for w in workers) or time.monotonic() > start + 2 * STORM_TIMEOUT_S:
                     raise BenchError("storm workers ended without reporting") from None
+        broker_cpu = read_cpu_seconds(broker_pid) - cpu_before if broker_pid else None
         if hold:
             time.sleep(hold)  # let the broker settle before reading its memory
         rss_after = read_rss_kib(broker_pid) if broker_pid else 0
@@ -236,6 +251,9 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
         "client_prefix": prefix, "sessions_present": sum(r["sessions_present"] for r in reports),
         "all_connacked_seconds": round(total_s, 3), "connack_ms": latency.summary_ms(),
         "broker_pid": broker_pid or None,
+        "broker_cpu_seconds": None if broker_cpu is None else round(broker_cpu, 3),
+        "broker_cpu_ms_per_1000": None if broker_cpu is None else round(broker_cpu * 1e6 / max(1, connected), 1),
+        "client_cpu_seconds": [round(r["cpu_seconds"], 3) for r in reports],
         "broker_rss_kib_before": rss_before or None, "broker_rss_kib_after": rss_after or None,
         "errors": errors,
         "machine": {"cpus": os.cpu_count(), "loadavg_before": round(load_before, 2),
@@ -294,6 +312,9 @@ def run_storm_command(args: argparse.Namespace) -> int:
             f"tidegate bench mqtt-storm: {report['connected']}/{report['count']} CONNACKed in "
             f"{report['all_connacked_seconds']}s from a common start ({report['processes']} client processes"
             f"{sessions})\n  time to CONNACK ms: p50 {lat['p50']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}\n"
+            + (f"  broker CPU {report['broker_cpu_seconds']}s ({report['broker_cpu_ms_per_1000']} ms per 1,000 "
+               f"connections); client processes' CPU {report['client_cpu_seconds']}s\n"
+               if report["broker_cpu_seconds"] is not None else "")
             + "".join(f"  error: {e}\n" for e in report["errors"]))
     failed = report["errors"] or report["connected"] < report["count"]
     return EXIT_FAILURE if failed else EXIT_OK

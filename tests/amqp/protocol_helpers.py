@@ -29,10 +29,10 @@ class World:
         gate = gate if gate is not None else open_policy_gate(self.broker.meta, self.clock)
         self.factory = AmqpServerFactory(self.broker, gate, self.clock, AmqpSettings(**settings))
 
-    def client(self, host: str = "127.0.0.1", *, handshake: bool = True) -> Client:
+    def client(self, host: str = "127.0.0.1", *, handshake: bool = True, **handshake_options: Any) -> Client:
         client = Client(self, host)
         if handshake:
-            client.handshake()
+            client.handshake(**handshake_options)
         return client
 
     def turn(self) -> None:
@@ -95,10 +95,11 @@ class Client:
 
     # ------------------------------------------------------------------ scripted steps
     def handshake(self, response: str | None = None, mechanism: str = "PLAIN", vhost: str = "/",
-                  heartbeat: int = 0) -> None:
+                  heartbeat: int = 0, capabilities: dict[str, bool] | None = None) -> None:
         self.raw(PROTOCOL_HEADER)
         self.expect(commands.Connection.Start)
-        self.send(0, commands.Connection.StartOk(client_properties={"capabilities": {"consumer_cancel_notify": True}},
+        announced = {"consumer_cancel_notify": True, **(capabilities or {})}
+        self.send(0, commands.Connection.StartOk(client_properties={"capabilities": announced},
                                                  mechanism=mechanism, response=response or plain()))
         tune = self.expect(commands.Connection.Tune)[0]
         self.send(0, commands.Connection.TuneOk(channel_max=tune.channel_max, frame_max=tune.frame_max,

@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.adapters.base import ConnectionLimits
 from tidegate.adapters.native.server import NativeSettings
+from tidegate.core.alarms import ResourceAlarms
 from tidegate.core.security.policy_gate import PolicyGate
 from tidegate.core.storage.memory import MemoryMetadataStore
 from tidegate.gateway import app, listeners
@@ -69,6 +70,7 @@ class RecordingBroker:
     def __init__(self, store: Any, metadata: Any, clock: Any, durability: Any, config: Any) -> None:
         self.args = (store, metadata, clock, durability, config)
         self.closed = False
+        self.alarms = ResourceAlarms()  # part of the Core protocol: the process feeds it from its resource monitor
         RecordingBroker.instances.append(self)
 
     def list_groups(self) -> list:

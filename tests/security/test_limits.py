@@ -199,7 +199,7 @@ def test_publish_rate_is_shared_by_all_connections_of_a_user(broker, clock):
     other.publish([Message("t", b"bob is not alice")])
     clock.now += 1.0
     mqtt.publish([Message("t", b"5")])
-    assert metrics.limit_hits == {("mqtt", PUBLISH_RATE): 1}
+    assert metrics.security.limit_hits == {("mqtt", PUBLISH_RATE): 1}
 
 
 def test_a_refused_batch_stores_nothing_and_costs_nothing(broker, clock):
@@ -242,7 +242,7 @@ def test_message_and_property_sizes(broker, clock):
         session.publish([Message("t", b"x" * 11)])
     with pytest.raises(QuotaExceeded, match="properties are 9 bytes"):
         session.publish([Message("t", b"x", properties={"k": "v" * 8})])
-    assert metrics.limit_hits == {("native", MESSAGE_SIZE): 1, ("native", PROPERTY_SIZE): 1}
+    assert metrics.security.limit_hits == {("native", MESSAGE_SIZE): 1, ("native", PROPERTY_SIZE): 1}
 
 
 def test_user_override_applies_to_a_live_session(broker, clock):
@@ -283,7 +283,7 @@ def test_schema_refusals_are_counted_as_limit_hits(broker, clock):
     broker.schemas.set("orders", {"type": "object"})
     with pytest.raises(SchemaViolation):
         session.publish([Message("orders", b"[1]")])
-    assert metrics.limit_hits == {("native", SCHEMA): 1}
+    assert metrics.security.limit_hits == {("native", SCHEMA): 1}
     session.publish([Message("orders", b"{}")] * 5)  # the refused message gave its token back
 
 
