@@ -52,7 +52,7 @@ from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
-from tidegate.core.security.keyfiles import check_private_file
+from tidegate.core.security.keyfiles import InsecureKeyFile, check_private_file, read_private_file
 from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
@@ -213,6 +213,12 @@ class TidegateProcess(Service):
         # Secrets first: a key readable by other users fails start-up before anything listens or is written.
         if self.config.tls.key_file:
             check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        metrics_token = b""
+        if self.config.security.metrics_token_file:
+            metrics_token = read_private_file(os.path.expanduser(self.config.security.metrics_token_file),
+                                              "security.metrics_token_file").strip()
+            if len(metrics_token) < 16:
+                raise InsecureKeyFile("security.metrics_token_file: the token must be at least 16 characters")
         secure_data_dir(self.data_dir)  # 0700, and files an older version left 0644 become 0600
         audit = self.config.audit
         if audit.file:
@@ -226,7 +232,8 @@ class TidegateProcess(Service):
 
         if listeners.admin.enabled:
             admin = listeners.admin
-            site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor)
+            site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor,
+                                                     metrics_token=metrics_token)
             if admin.plain_enabled:
                 self._admin_port = self.reactor.listenTCP(admin.port, site, interface=admin.host)
                 self.addresses["admin"] = format_address(self._admin_port)
@@ -242,7 +249,8 @@ class TidegateProcess(Service):
         self.readiness.add_check("storage", self.store.health)
 
         self.metadata = open_metadata_store(self.data_dir)
-        self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
+        gate_settings = {k: v for k, v in asdict(self.config.security).items() if k != "metrics_token_file"}
+        self.gate = open_policy_gate(self.metadata, self.reactor, **gate_settings,
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
                                      run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
                                      audit=self.audit, metrics=self.metrics.security)

@@ -233,6 +233,9 @@ class SecuritySection:
     jwt_issuer: str = ""
     jwt_username_claim: str = "sub"
     jwt_leeway_s: int = 30
+    # A bearer token (at least 16 characters, file mode 0600) that GET /metrics then requires; empty: /metrics is
+    # open to whoever reaches the admin port (bound to 127.0.0.1 by default). /healthz and /readyz stay open.
+    metrics_token_file: str = ""
 
 
 @dataclass(slots=True, frozen=True)
