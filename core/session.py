@@ -56,6 +56,8 @@ class CoreSession:
         self._gate_version = gate.version
         # limits against abuse; None for the broker itself and where no limiter is configured (tests, tools)
         self.quota = None if principal.system else quota
+        if self.quota is not None and not self.quota.source:
+            self.quota.source = source  # named in the audit line of a refusal
 
     def __repr__(self) -> str:
         return f"<CoreSession {self.principal} {self.listener} {self.source} {self.client_id!r}>"
@@ -161,7 +163,7 @@ class CoreSession:
         except Exception as exc:
             quota.refund(messages)  # nothing was stored
             if isinstance(exc, SchemaViolation):
-                quota.hit(SCHEMA)
+                quota.hit(SCHEMA, str(exc))
             raise
 
     def throttle_publishes(self) -> None:

@@ -108,14 +108,15 @@ def broker_config(config: Config) -> BrokerConfig:
     )
 
 
-def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics) -> Limiter:
+def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics,
+                  audit: AuditLog | None = None) -> Limiter:
     """The process's limits against abuse from `[limits]` and `[limits.<listener>]`, with per-user overrides kept
     in the metadata namespace `overrides`."""
     limits = config.limits
     listeners = {name: asdict(getattr(limits, name)) for name in ("native", "mqtt", "amqp")}
     return Limiter(settings_from_mapping(asdict(limits)), clock, listeners=listeners, overrides=overrides,
                    metrics=metrics, max_tracked_sources=limits.max_tracked_sources,
-                   max_tracked_users=limits.max_tracked_users)
+                   max_tracked_users=limits.max_tracked_users, audit=audit)
 def resource_monitor(config: Config, data_dir: Path, alarms: ResourceAlarms, clock: Any,
                      storage_health: list[Callable[[], tuple[bool, str]]]) -> ResourceMonitor:
     """The monitor that raises the resource alarms: storage (health, free disk) and memory (RSS watermark)."""
@@ -218,6 +219,7 @@ class TidegateProcess(Service):
         if audit.file:
             self.audit = AuditLog(Path(os.path.expanduser(audit.file)).absolute(), max_bytes=audit.max_bytes,
                                   backup_count=audit.backup_count)
+        self.tls_metrics.audit = self.audit  # failed TLS handshakes are audited
         listeners_file = self.data_dir / LISTENERS_FILE
         # A file left by a crashed run would point readers at ports nobody listens on.
         listeners_file.unlink(missing_ok=True)
@@ -257,7 +259,8 @@ class TidegateProcess(Service):
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
         self.limiter = build_limiter(self.config, self.reactor,
-                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics)
+                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics,
+                                     self.audit)
         if self.admin_root is not None:
             self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
                                                      tls_reload=self.reload_tls, limiter=self.limiter,

@@ -18,7 +18,8 @@ Tables are bounded: sources and idle users beyond `max_tracked_sources` / `max_t
 first (a forgotten source or user starts again with a full bucket, never with a refusal).
 
 Refusals raise `QuotaExceeded` with a `cause` from `CAUSES` (the bounded label set of
-`tidegate_security_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.security`.
+`tidegate_security_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.security` and reported
+to the audit log (`AuditLog.limit_hit`, one line per listener and cause per interval with a repeat count).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 from tidegate.core.errors import BadRequest, QuotaExceeded
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message
+from tidegate.core.security.audit import AuditLog
 
 # The causes a limit hit is counted under (metric label values: a fixed set, never client data).
 MESSAGE_SIZE = "message_size"
@@ -203,10 +205,11 @@ class Limiter:
     def __init__(self, settings: LimitSettings, clock: Clock, *,
                  listeners: Mapping[str, Mapping[str, int]] | None = None, overrides: KeyValue | None = None,
                  metrics: CoreMetrics | None = None, max_tracked_sources: int = DEFAULT_MAX_TRACKED,
-                 max_tracked_users: int = DEFAULT_MAX_TRACKED) -> None:
+                 max_tracked_users: int = DEFAULT_MAX_TRACKED, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
+        self.audit = audit  # limit refusals are audited (rate-limited per listener and cause)
         self.max_tracked_sources = max_tracked_sources
         self.max_tracked_users = max_tracked_users
         self._listeners = {name: settings.merged(values) for name, values in (listeners or {}).items()}
@@ -276,12 +279,15 @@ class Limiter:
         self.version += 1
 
     # ------------------------------------------------------------------ counting
-    def hit(self, listener: str, cause: str) -> None:
+    def hit(self, listener: str, cause: str, *, user: str = "", source: str = "", reason: str = "") -> None:
+        """Count a refusal by a limit and write its (rate-limited) audit line."""
         if self.metrics is not None:
             self.metrics.security.limit_hit(listener, cause)
+        if self.audit is not None:
+            self.audit.limit_hit(listener=listener, cause=cause, user=user, source=source, reason=reason)
 
-    def refuse(self, listener: str, cause: str, text: str) -> QuotaExceeded:
-        self.hit(listener, cause)
+    def refuse(self, listener: str, cause: str, text: str, *, user: str = "", source: str = "") -> QuotaExceeded:
+        self.hit(listener, cause, user=user, source=source, reason=text)
         return QuotaExceeded(text, cause)
 
     # ------------------------------------------------------------------ admission
@@ -303,10 +309,10 @@ class Limiter:
             assert entry.bucket is not None
             if not entry.bucket.try_take(1, self.clock.seconds()):
                 raise self.refuse(listener, CONNECTION_RATE,
-                                  f"too many new connections from {source} (limit {rate} per second)")
+                                  f"too many new connections from {source} (limit {rate} per second)", source=source)
         if most and entry.connections >= most:
             raise self.refuse(listener, CONNECTIONS_PER_SOURCE,
-                              f"{source} already has {entry.connections} connections (limit {most})")
+                              f"{source} already has {entry.connections} connections (limit {most})", source=source)
         entry.connections += 1
         return SourceTicket(source)
 
@@ -340,7 +346,7 @@ class Limiter:
         most = self.effective(listener, user).max_connections_per_user
         if most and state.connections >= most:
             raise self.refuse(listener, CONNECTIONS_PER_USER,
-                              f"user {user!r} already has {state.connections} connections (limit {most})")
+                              f"user {user!r} already has {state.connections} connections (limit {most})", user=user)
         state.connections += 1
         self._users.move_to_end(user)
         return UserTicket(state)
@@ -352,8 +358,8 @@ class Limiter:
         if ticket.user.connections > 0:
             ticket.user.connections -= 1
 
-    def session_quota(self, listener: str, user: str) -> SessionQuota:
-        return SessionQuota(self, listener, user)
+    def session_quota(self, listener: str, user: str, source: str = "") -> SessionQuota:
+        return SessionQuota(self, listener, user, source)
 
     def snapshot(self) -> dict[str, Any]:
         """What the tables hold (admin API, tests)."""
@@ -366,13 +372,14 @@ class SessionQuota:
     `throttle` (AMQP): a publish over the user's rate is not refused but taken into debt, and the adapter stops
     reading for `publish_wait()` seconds, as RabbitMQ's credit flow does."""
 
-    __slots__ = ("limiter", "listener", "user", "settings", "state", "version", "throttle", "subscriptions",
-                 "_sizes", "_buckets")
+    __slots__ = ("limiter", "listener", "user", "source", "settings", "state", "version", "throttle",
+                 "subscriptions", "_sizes", "_buckets")
 
-    def __init__(self, limiter: Limiter, listener: str, user: str) -> None:
+    def __init__(self, limiter: Limiter, listener: str, user: str, source: str = "") -> None:
         self.limiter = limiter
         self.listener = listener
         self.user = user
+        self.source = source  # for the audit line of a refusal
         self.state = limiter.user_state(user)
         self.throttle = False
         self.subscriptions: set[Any] = set()  # bound patterns and live subscriptions of this session
@@ -411,13 +418,13 @@ class SessionQuota:
                 bytes_bucket.take(size, now)
             return
         if messages_bucket is not None and not messages_bucket.try_take(count, now):
-            raise self.limiter.refuse(self.listener, PUBLISH_RATE,
+            raise self._refuse(PUBLISH_RATE,
                                       f"publish rate of user {self.user!r} over {self.settings.publish_rate} "
                                       "messages per second")
         if bytes_bucket is not None and not bytes_bucket.try_take(size, now):
             if messages_bucket is not None:
                 messages_bucket.give_back(count)
-            raise self.limiter.refuse(self.listener, PUBLISH_BANDWIDTH,
+            raise self._refuse(PUBLISH_BANDWIDTH,
                                       f"publish bandwidth of user {self.user!r} over "
                                       f"{self.settings.publish_bytes_rate} bytes per second")
 
@@ -447,12 +454,12 @@ class SessionQuota:
         body_limit, property_limit = settings.max_message_bytes, settings.max_property_bytes
         for m in messages:
             if body_limit and len(m.body) > body_limit:
-                raise self.limiter.refuse(self.listener, MESSAGE_SIZE,
+                raise self._refuse(MESSAGE_SIZE,
                                           f"message body is {len(m.body)} bytes; the limit is {body_limit}")
             if property_limit and m.properties:
                 size = sum(len(k.encode()) + len(v.encode()) for k, v in m.properties.items())
                 if size > property_limit:
-                    raise self.limiter.refuse(self.listener, PROPERTY_SIZE,
+                    raise self._refuse(PROPERTY_SIZE,
                                               f"message properties are {size} bytes; the limit is {property_limit}")
 
     def admit_subscription(self, key: Any = None) -> None:
@@ -467,7 +474,7 @@ class SessionQuota:
         if len(subscriptions) >= most:
             subscriptions.difference_update([s for s in subscriptions if getattr(s, "closed", False)])
         if len(subscriptions) >= most:
-            raise self.limiter.refuse(self.listener, SUBSCRIPTIONS,
+            raise self._refuse(SUBSCRIPTIONS,
                                       f"the session already has {len(subscriptions)} subscriptions (limit {most})")
 
     def add_subscription(self, key: Any) -> None:
@@ -479,8 +486,12 @@ class SessionQuota:
     def remove_subscription(self, key: Any) -> None:
         self.subscriptions.discard(key)
 
-    def hit(self, cause: str) -> None:
-        self.limiter.hit(self.listener, cause)
+    def _refuse(self, cause: str, text: str) -> QuotaExceeded:
+        return self.limiter.refuse(self.listener, cause, text, user=self.user, source=self.source)
+
+    def hit(self, cause: str, reason: str = "") -> None:
+        """Count (and audit) a refusal the core made for this session (a schema violation)."""
+        self.limiter.hit(self.listener, cause, user=self.user, source=self.source, reason=reason)
 
 
 def settings_from_mapping(values: Mapping[str, Any]) -> LimitSettings:
