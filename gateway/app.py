@@ -188,6 +188,8 @@ class TidegateProcess(Service):
             store_stats=lambda: self.store.stats() if self.store is not None else None,
             reactor_lag=self.reactor_lag.histogram,
             recovery=lambda: getattr(self.store, "recovery", None),
+            max_topic_labels=config.listeners.admin.metrics_max_topic_labels,
+            max_group_labels=config.listeners.admin.metrics_max_group_labels,
         )
         self.registry = build_registry(self.collector)
         self.registry.register(self.tls_metrics)

@@ -92,6 +92,10 @@ class AdminListener:
     plain_enabled: bool = True  # false: HTTPS only (needs tls_enabled)
     tls_enabled: bool = False  # HTTPS on tls_port with the [tls] certificate
     tls_port: int = 8443
+    # /metrics (served here): topics and consumer groups with a label of their own (the busiest first); the
+    # rest are summed under "other", private ones under their %KIND%. Bounds the series a scrape returns.
+    metrics_max_topic_labels: int = 100
+    metrics_max_group_labels: int = 100
 
 
 @dataclass(slots=True, frozen=True)
@@ -554,6 +558,9 @@ def _validate(merger: _Merger) -> None:
 
 
 def _validate_limits(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    for key in ("listeners.admin.metrics_max_topic_labels", "listeners.admin.metrics_max_group_labels"):
+        if not 0 <= values[key] <= 100_000:
+            raise ConfigError(f"{key} must be 0-100000, got {values[key]} (from {sources[key]})")
     for key in (k for k in LEAF_KEYS if k.startswith("limits.")):
         low = -1 if key.count(".") == 2 else 0  # a listener's -1 means "as [limits]"
         if values[key] < low:
