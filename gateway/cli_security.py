@@ -73,6 +73,7 @@ LIMIT_FLAGS = {
     "--max-subscriptions": ("max_subscriptions_per_session", "subscriptions of one connection"),
     "--max-message-bytes": ("max_message_bytes", "body bytes of one message"),
     "--max-property-bytes": ("max_property_bytes", "property bytes of one message"),
+    "--max-topics-created": ("max_topics_created_per_user", "topics the user may have created (that still exist)"),
 }
 
 

@@ -139,7 +139,9 @@ class MqttListener:
     client_id_binding: str = "user"  # "user": a session's client id belongs to the user that created it; "none"
     max_sessions_per_user: int = 100_000  # beyond: CONNACK 0x97 (v5) / 3 (3.1.1); 0 = no limit
     ws_allowed_origins: str = ""  # comma-separated Origins allowed cross-origin over WebSocket ("*" = any)
-    max_topics_created_per_user: int = 10_000  # topics one user's publishes may auto-create; beyond: 0x97
+    # the MQTT listener's value of the core limit `[limits.mqtt] max_topics_created_per_user` when that is unset
+    # (-1): topics one user may have created (every protocol counts); beyond, a publish creating one gets 0x97
+    max_topics_created_per_user: int = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -260,6 +262,8 @@ class ListenerLimits:
     connection_rate_per_source: int = -1
     connection_burst_per_source: int = -1
     max_subscriptions_per_session: int = -1
+    # -1 = as [limits]; for mqtt, -1 = `[listeners.mqtt] max_topics_created_per_user` (10,000 by default)
+    max_topics_created_per_user: int = -1
 
 
 @dataclass(slots=True, frozen=True)
@@ -278,6 +282,7 @@ class LimitsSection:
     publish_bytes_rate: int = 0  # body bytes per second per user
     publish_bytes_burst: int = 0  # 0 = the rate
     max_subscriptions_per_session: int = 0  # bound filters and consumers of one connection
+    max_topics_created_per_user: int = 0  # topics one user's actions created that still exist, every protocol
     max_tracked_sources: int = 100_000  # addresses remembered for the per-source limits (oldest forgotten)
     max_tracked_users: int = 100_000
     native: ListenerLimits = field(default_factory=ListenerLimits)

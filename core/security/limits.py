@@ -7,7 +7,11 @@ Pure bookkeeping with an injected clock (`clock.seconds()`), shared by every lis
 - per user: concurrent connections (`admit_user`, once the gate has named the principal) and two token buckets,
   messages per second and bytes per second, shared by all of that user's connections in every protocol;
 - per connection (`SessionQuota`, held by the CoreSession): message and property size, the user's buckets, and
-  the number of subscriptions.
+  the number of subscriptions;
+- per user, over every protocol: the topics the user's actions created (auto-created by a publish or subscribe,
+  created or declared explicitly, AMQP queues), `max_topics_created_per_user`. Who created which topic is kept
+  in the metadata store (`TOPIC_CREATORS_NAMESPACE`), so a restart does not reset the count; topics deleted since
+  are not counted (checked when the limit is reached).
 
 Settings come from the `[limits]` config section (process defaults), `[limits.<listener>]` (a listener's own
 values, -1 = as `[limits]`) and per-user overrides stored in the metadata store (`set_user_limits`); 0 means
@@ -25,7 +29,7 @@ to the audit log (`AuditLog.limit_hit`, one line per listener and cause per inte
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
@@ -44,11 +48,14 @@ PUBLISH_RATE = "publish_rate"
 PUBLISH_BANDWIDTH = "publish_bandwidth"
 SUBSCRIPTIONS = "subscriptions"
 SCHEMA = "schema"
+TOPICS_CREATED = "topics_created"
 CAUSES = (MESSAGE_SIZE, PROPERTY_SIZE, CONNECTIONS_PER_USER, CONNECTIONS_PER_SOURCE, CONNECTION_RATE, PUBLISH_RATE,
-          PUBLISH_BANDWIDTH, SUBSCRIPTIONS, SCHEMA)
+          PUBLISH_BANDWIDTH, SUBSCRIPTIONS, SCHEMA, TOPICS_CREATED)
 
 USER_LIMITS_NAMESPACE = "security.limits"  # metadata key/value rows: user name -> {field: value}
+TOPIC_CREATORS_NAMESPACE = "security.topic_creators"  # metadata key/value rows: topic name -> the user who made it
 DEFAULT_MAX_TRACKED = 100_000
+CREATION_GRACE_S = 10.0  # a topic admitted this recently counts even if it does not exist yet (batched publish)
 
 
 class Clock(Protocol):
@@ -80,6 +87,7 @@ class LimitSettings:
     publish_bytes_rate: int = 0  # body + property bytes per second, per user
     publish_bytes_burst: int = 0
     max_subscriptions_per_session: int = 0
+    max_topics_created_per_user: int = 0  # topics one user may have created (that still exist), every protocol
 
     def merged(self, overrides: Mapping[str, int]) -> LimitSettings:
         """These settings with `overrides` (a listener's or a user's) applied; negative values mean 'inherit'."""
@@ -205,7 +213,8 @@ class Limiter:
     def __init__(self, settings: LimitSettings, clock: Clock, *,
                  listeners: Mapping[str, Mapping[str, int]] | None = None, overrides: KeyValue | None = None,
                  metrics: CoreMetrics | None = None, max_tracked_sources: int = DEFAULT_MAX_TRACKED,
-                 max_tracked_users: int = DEFAULT_MAX_TRACKED, audit: AuditLog | None = None) -> None:
+                 max_tracked_users: int = DEFAULT_MAX_TRACKED, audit: AuditLog | None = None,
+                 creators: KeyValue | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
@@ -220,6 +229,14 @@ class Limiter:
                 if isinstance(values, dict):
                     self._user_overrides[name] = {k: int(v) for k, v in values.items() if k in USER_SETTING_NAMES}
         self._effective: dict[tuple[str, str], LimitSettings] = {}
+        # user -> topics its actions created (that may still exist), persisted in `creators` (topic -> user)
+        self._creators_store = creators
+        # (topic -> when it was admitted; 0 for those loaded at start)
+        self._created: dict[str, dict[str, float]] = {}
+        if creators is not None:
+            for topic, user in creators.items():
+                if isinstance(user, str):
+                    self._created.setdefault(user, {})[topic] = 0.0
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self._users: OrderedDict[str, UserState] = OrderedDict()
         self.version = 0  # moves when per-user overrides change: sessions re-read their settings
@@ -358,6 +375,42 @@ class Limiter:
         if ticket.user.connections > 0:
             ticket.user.connections -= 1
 
+    # ------------------------------------------------------------------ topics created per user
+    def topics_created(self, user: str) -> int:
+        return len(self._created.get(user, ()))
+
+    def admit_topic(self, listener: str, user: str, topic: str, exists: Callable[[str], bool], *,
+                    source: str = "") -> None:
+        """`user` is about to create `topic`: record it, or raise `QuotaExceeded` when the user already created
+        `max_topics_created_per_user` topics that still exist (0: unlimited, nothing recorded)."""
+        most = self.effective(listener, user).max_topics_created_per_user
+        if not most:
+            return
+        created = self._created.setdefault(user, {})
+        if topic in created:
+            return
+        now = self.clock.seconds()
+        if len(created) >= most:
+            # Topics deleted since no longer count. Recently admitted ones may not exist *yet* (a publish batch
+            # not stored so far): they are kept.
+            self._forget_created(user, [t for t, when in created.items()
+                                        if now - when > CREATION_GRACE_S and not exists(t)])
+            if len(created) >= most:
+                raise self.refuse(listener, TOPICS_CREATED,
+                                  f"user {user!r} has created {len(created)} topics (limit {most}); "
+                                  f"topic {topic!r} is not created", user=user, source=source)
+        created[topic] = now
+        if self._creators_store is not None:
+            self._creators_store.put(topic, user)
+
+    def _forget_created(self, user: str, topics: Sequence[str]) -> None:
+        created = self._created.get(user)
+        for topic in topics:
+            if created is not None:
+                created.pop(topic, None)
+            if self._creators_store is not None:
+                self._creators_store.delete(topic)
+
     def session_quota(self, listener: str, user: str, source: str = "") -> SessionQuota:
         return SessionQuota(self, listener, user, source)
 
@@ -485,6 +538,19 @@ class SessionQuota:
 
     def remove_subscription(self, key: Any) -> None:
         self.subscriptions.discard(key)
+
+    def admit_topic(self, topic: str, exists: Callable[[str], bool]) -> None:
+        """This session is about to create `topic` (Limiter.admit_topic for its user)."""
+        if self.version != self.limiter.version:
+            self._refresh()
+        if self.settings.max_topics_created_per_user:
+            self.limiter.admit_topic(self.listener, self.user, topic, exists, source=self.source)
+
+    @property
+    def limits_topic_creation(self) -> bool:
+        if self.version != self.limiter.version:
+            self._refresh()
+        return bool(self.settings.max_topics_created_per_user)
 
     def _refuse(self, cause: str, text: str) -> QuotaExceeded:
         return self.limiter.refuse(self.listener, cause, text, user=self.user, source=self.source)
