@@ -371,3 +371,4 @@ def test_handshake_failures_write_rate_limited_audit_lines_with_the_source(serve
         ("tls_handshake_failed", "untrusted_certificate", 1), ("tls_handshake_failed", "no_certificate", 1),
         ("tls_handshake_failed", "untrusted_certificate", 2)]
     assert lines[0]["listener"] == "test_tls" and lines[0]["source"] == "127.0.0.1"
+
