@@ -87,7 +87,7 @@ class MqttProtocol(AdapterConnection):
         super().__init__()
         self.factory = factory
         self.settings = factory.settings
-        self.peer = str(addr) if addr is not None else "?"
+        self._addr = addr  # its text (`peer`) is made only when a log line needs it
         self.codec = MqttCodec(max_packet_size=self.settings.max_packet_size)
         self.state = "new"  # new -> connected -> closed
         self.level = 4
@@ -98,6 +98,11 @@ class MqttProtocol(AdapterConnection):
         self.inbound: Inbound | None = None  # both halves exist once the connection is accepted
         self.outbound: Outbound | None = None
         self._will: PendingWill | None = None
+
+    @property
+    def peer(self) -> str:
+        """The client's address as log lines show it."""
+        return str(self._addr) if self._addr is not None else "?"
 
     # ------------------------------------------------------------------------------------------ transport
     def connection_started(self) -> None:
@@ -368,7 +373,8 @@ class MqttProtocol(AdapterConnection):
                 outbound.sys_filters.append(entry)
         if outbound.sys_filters:
             factory.sys.listeners.add(self)
-        log.debug("mqtt %s connected (level %d, session present %s)", self.who(), level, session_present)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("mqtt %s connected (level %d, session present %s)", self.who(), level, session_present)
 
     def _will_allowed(self, will: Will) -> bool:
         """A will is checked at CONNECT like the publish it will become (the gate, `$SYS`, the name's core
