@@ -186,6 +186,12 @@ class QueueIndex:
         self.max_offset = offset + 1
         return offset
 
+    def add_block(self, entries: bytes, count: int) -> None:
+        """Buffer `count` packed entries at once (a batch's entries of this queue, in queue-offset order); the
+        caller assigned them the queue offsets from max_offset on."""
+        self.pending += entries
+        self.max_offset += count
+
     def start_at(self, queue_offset: int) -> None:
         """Begin an empty queue at `queue_offset` (its older entries were lost with retained-away records)."""
         if self.max_offset != self.min_offset:

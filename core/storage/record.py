@@ -143,7 +143,80 @@ def encode_record(message: Message, store_ts: int, destinations: Sequence[Destin
             tail = b"".join(parts)
     except struct.error as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
-    return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail)) + tail
+    return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail, 0)) + tail
+
+
+_plain_heads: dict[tuple[str, str], tuple[Callable[..., bytes], bytes, int, bytes, int]] = {}
+
+
+def _plain_head(topic: str, dest_topic: str) -> tuple[Callable[..., bytes], bytes, int, bytes, int]:
+    """The packer of a plain record's head (header, topic, one destination) for this (topic, destination topic):
+    one struct with both names as fixed-width fields, so the head is one `pack` call. Bounded cache."""
+    topic_bytes = _encoded_names.get(topic) or _encode_name(topic)
+    dest_bytes = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
+    packer = struct.Struct(f"<{HEADER.format[1:]}{len(topic_bytes)}s{DESTINATION.format[1:]}{len(dest_bytes)}s")
+    if len(_plain_heads) >= 4096:
+        _plain_heads.clear()
+    entry = _plain_heads[topic, dest_topic] = (packer.pack, topic_bytes, len(topic_bytes), dest_bytes,
+                                               len(dest_bytes))
+    return entry
+
+
+def encode_record_parts(out: list, message: Message, store_ts: int, destinations: Sequence[Destination]) -> int:
+    """Append one message record to `out` as three pieces, prefix, head and body, whose concatenation is exactly
+    `encode_record`'s result; return the record's length. Raises MessageTooLarge as `encode_record` does (then
+    nothing was appended).
+
+    Why pieces: a batch is then written with one join of all pieces, so the body is copied once (into the write
+    buffer) instead of three times (record tail, prefixed record, batch), and the CRC runs over the head and the
+    body without assembling them first. A plain message (no subject, tag, group, keys or properties; one
+    destination) packs its whole head with one cached struct.
+    """
+    body = message.body
+    try:
+        if len(destinations) == 1 and not (message.subject or message.tag or message.group or message.keys
+                                           or message.properties):
+            dest_topic, queue_id, queue_offset = destinations[0]
+            plain = _plain_heads.get((message.topic, dest_topic)) or _plain_head(message.topic, dest_topic)
+            pack, topic_bytes, topic_len, dest_bytes, dest_len = plain
+            head = pack(message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
+                        topic_len, 0, 0, 0, 0, 0, 1, len(body), topic_bytes, dest_len, queue_id, queue_offset,
+                        dest_bytes)
+        else:
+            head = _general_head(message, store_ts, destinations, len(body))
+        # The CRC runs over head and body in place (two C calls, no concatenation). The start value is passed
+        # positionally: crc32c's one-argument call measured ~1.5x slower than the checksum of a small record.
+        length = PREFIX_SIZE + len(head) + len(body)
+        out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(body, crc32c(head, 0))), head, body)
+        return length
+    except struct.error as exc:
+        raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
+
+
+def _general_head(message: Message, store_ts: int, destinations: Sequence[Destination], body_len: int) -> bytes:
+    """Everything of a record between its prefix and its body (any message). Raises struct.error on overflow."""
+    topic = _encoded_names.get(message.topic) or _encode_name(message.topic)
+    subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
+    tag = message.tag.encode(_ENCODING, _ERRORS) if message.tag else b""
+    group = message.group.encode(_ENCODING, _ERRORS) if message.group else b""
+    keys = _strings(message.keys) if message.keys else b""
+    if message.properties:
+        flat = []
+        for k, v in message.properties.items():
+            flat.append(k)
+            flat.append(v)
+        props = _strings(flat)
+    else:
+        props = b""
+    parts = [_header_pack(message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
+                          len(topic), len(subject), len(tag), len(group), len(keys), len(props), len(destinations),
+                          body_len),
+             topic, subject, tag, group, keys, props]
+    for dest_topic, queue_id, queue_offset in destinations:
+        encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
+        parts.append(_dest_pack(len(encoded), queue_id, queue_offset))
+        parts.append(encoded)
+    return b"".join(parts)
 
 
 def encode_filler(length: int, last_store_ts: int) -> bytes:
@@ -180,7 +253,7 @@ def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
             raise CorruptRecord(f"record length {length} is below the minimum {MIN_RECORD_SIZE}")
         if length > available:
             raise TornRecord(f"record of {length} bytes cut short at {available} bytes")
-        if crc32c(memoryview(buf)[pos + PREFIX_SIZE:pos + length]) != crc:
+        if crc32c(memoryview(buf)[pos + PREFIX_SIZE:pos + length], 0) != crc:
             raise CorruptRecord("record CRC mismatch")
         return magic, length
     if magic == FILLER_MAGIC:
@@ -266,6 +339,12 @@ def record_store_ts(buf: bytes | memoryview) -> int:
 def make_msg_id(commit_offset: int, store_ts: int) -> str:
     """24 uppercase hex chars: commit offset (16) + store time in seconds, low 32 bits (8)."""
     return ((commit_offset << 32) | ((store_ts // 1000) & 0xFFFFFFFF)).to_bytes(12, "big").hex().upper()
+
+
+def msg_id_suffix(store_ts: int) -> str:
+    """The last 8 characters of every message id of a batch stored at `store_ts` (its seconds, low 32 bits):
+    `f"{commit_offset:016X}{suffix}"` is then `make_msg_id(commit_offset, store_ts)` in one format operation."""
+    return f"{(store_ts // 1000) & 0xFFFFFFFF:08X}"
 
 
 def parse_msg_id(msg_id: str) -> tuple[int, int] | None:
