@@ -500,6 +500,20 @@ class FileMessageStore:
                 sizes.append(encode(parts, message, store_ts, ((ref.topic, ref.queue_id, queue_offset),)))
                 plans.append(((q,), (queue_offset,)))
                 continue
+            if len(destinations) == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                r0, r1 = destinations
+                q0 = queues.get(r0) or self._new_queue(r0)
+                q1 = queues.get(r1) or self._new_queue(r1)
+                extra = claimed.get(q0, 0)
+                claimed[q0] = extra + 1
+                o0 = q0.max_offset + extra
+                extra = claimed.get(q1, 0)  # after q0's claim: the same queue twice gets consecutive offsets
+                claimed[q1] = extra + 1
+                o1 = q1.max_offset + extra
+                sizes.append(encode(parts, message, store_ts,
+                                    ((r0.topic, r0.queue_id, o0), (r1.topic, r1.queue_id, o1))))
+                plans.append(((q0, q1), (o0, o1)))
+                continue
             targets, dests, queue_offsets = self._plan(destinations, claimed)
             sizes.append(encode(parts, message, store_ts, dests))
             plans.append((targets, queue_offsets))

@@ -146,19 +146,34 @@ def encode_record(message: Message, store_ts: int, destinations: Sequence[Destin
     return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail, 0)) + tail
 
 
-_plain_heads: dict[tuple[str, str], tuple[Callable[..., bytes], bytes, int, bytes, int]] = {}
+_topic_heads: dict[str, tuple[Callable[..., bytes], bytes, int]] = {}
+_dest_heads: dict[str | tuple[str, str], tuple] = {}
 
 
-def _plain_head(topic: str, dest_topic: str) -> tuple[Callable[..., bytes], bytes, int, bytes, int]:
-    """The packer of a plain record's head (header, topic, one destination) for this (topic, destination topic):
-    one struct with both names as fixed-width fields, so the head is one `pack` call. Bounded cache."""
-    topic_bytes = _encoded_names.get(topic) or _encode_name(topic)
-    dest_bytes = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
-    packer = struct.Struct(f"<{HEADER.format[1:]}{len(topic_bytes)}s{DESTINATION.format[1:]}{len(dest_bytes)}s")
-    if len(_plain_heads) >= 4096:
-        _plain_heads.clear()
-    entry = _plain_heads[topic, dest_topic] = (packer.pack, topic_bytes, len(topic_bytes), dest_bytes,
-                                               len(dest_bytes))
+def _topic_head(topic: str) -> tuple[Callable[..., bytes], bytes, int]:
+    """The packer of a record's header followed by this topic name (one struct, the name a fixed-width field),
+    the name's bytes and length. Bounded cache."""
+    encoded = _encoded_names.get(topic) or _encode_name(topic)
+    packer = struct.Struct(f"<{HEADER.format[1:]}{len(encoded)}s")
+    if len(_topic_heads) >= 4096:
+        _topic_heads.clear()
+    entry = _topic_heads[topic] = (packer.pack, encoded, len(encoded))
+    return entry
+
+
+def _dest_head(key: str | tuple[str, str]) -> tuple:
+    """The packer of one destination entry (`key` a queue's topic) or two (`key` a pair), with the topics as
+    fixed-width fields, and the topics' lengths and bytes in packing order. Bounded cache."""
+    names = (key,) if isinstance(key, str) else key
+    fmt = "<"
+    fields: list[int | bytes] = []
+    for name in names:
+        encoded = _encoded_names.get(name) or _encode_name(name)
+        fmt += f"{DESTINATION.format[1:]}{len(encoded)}s"
+        fields += (len(encoded), encoded)
+    if len(_dest_heads) >= 4096:
+        _dest_heads.clear()
+    entry = _dest_heads[key] = (struct.Struct(fmt).pack, *fields)
     return entry
 
 
@@ -169,19 +184,28 @@ def encode_record_parts(out: list, message: Message, store_ts: int, destinations
 
     Why pieces: a batch is then written with one join of all pieces, so the body is copied once (into the write
     buffer) instead of three times (record tail, prefixed record, batch), and the CRC runs over the head and the
-    body without assembling them first. A plain message (no subject, tag, group, keys or properties; one
-    destination) packs its whole head with one cached struct.
+    body without assembling them first. The common message (no tag, group, keys or properties; one or two
+    destinations, as a plain publish or an MQTT publish to its home queue and one subscriber queue) packs its
+    header and topic with one cached struct and its destinations with another.
     """
     body = message.body
     try:
-        if len(destinations) == 1 and not (message.subject or message.tag or message.group or message.keys
-                                           or message.properties):
-            dest_topic, queue_id, queue_offset = destinations[0]
-            plain = _plain_heads.get((message.topic, dest_topic)) or _plain_head(message.topic, dest_topic)
-            pack, topic_bytes, topic_len, dest_bytes, dest_len = plain
+        if not (message.tag or message.group or message.keys or message.properties) and len(destinations) <= 2:
+            pack, topic_bytes, topic_len = _topic_heads.get(message.topic) or _topic_head(message.topic)
+            subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
             head = pack(message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
-                        topic_len, 0, 0, 0, 0, 0, 1, len(body), topic_bytes, dest_len, queue_id, queue_offset,
-                        dest_bytes)
+                        topic_len, len(subject), 0, 0, 0, 0, len(destinations), len(body), topic_bytes)
+            if len(destinations) == 1:
+                dest_topic, queue_id, queue_offset = destinations[0]
+                dest_pack, n0, b0 = _dest_heads.get(dest_topic) or _dest_head(dest_topic)
+                dests = dest_pack(n0, queue_id, queue_offset, b0)
+            elif destinations:
+                (t0, q0, o0), (t1, q1, o1) = destinations
+                dest_pack, n0, b0, n1, b1 = _dest_heads.get((t0, t1)) or _dest_head((t0, t1))
+                dests = dest_pack(n0, q0, o0, b0, n1, q1, o1, b1)
+            else:
+                dests = b""
+            head = b"".join((head, subject, dests)) if subject else head + dests
         else:
             head = _general_head(message, store_ts, destinations, len(body))
         # The CRC runs over head and body in place (two C calls, no concatenation). The start value is passed

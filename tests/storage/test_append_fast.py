@@ -41,7 +41,9 @@ _messages = st.builds(
     group=st.one_of(st.just(""), _text),
     flags=_u32,
 )
-_plain_messages = st.builds(Message, topic=_text, body=st.binary(max_size=300), born_ts=_i64, flags=_u32)
+# the fast path's messages: no tag, group, keys or properties (a subject or not)
+_plain_messages = st.builds(Message, topic=_text, body=st.binary(max_size=300), born_ts=_i64, flags=_u32,
+                            subject=st.one_of(st.just(""), _text))
 
 
 @settings(max_examples=300, deadline=None)
@@ -57,24 +59,25 @@ def test_record_pieces_join_to_the_reference_encoding(message: Message, store_ts
 
 
 @settings(max_examples=200, deadline=None)
-@given(message=_plain_messages, store_ts=_i64, dest_topic=_text, queue_id=_u32,
-       queue_offset=st.integers(0, 2**64 - 1))
-def test_plain_record_fast_path_matches_reference(message: Message, store_ts: int, dest_topic: str, queue_id: int,
-                                                  queue_offset: int) -> None:
-    """The cached one-struct head of a plain message (one destination) gives the reference bytes, and decodes."""
-    destinations = ((dest_topic, queue_id, queue_offset),)
+@given(message=_plain_messages, store_ts=_i64,
+       destinations=st.lists(st.tuples(_text, _u32, st.integers(0, 2**64 - 1)), min_size=1, max_size=2))
+def test_fast_path_records_match_reference_and_decode(message: Message, store_ts: int, destinations: list) -> None:
+    """The cached-struct heads (header + topic, one or two destinations) give the reference bytes, and decode."""
     out: list[bytes] = []
-    encode_record_parts(out, message, 1_700_000_000_000 if store_ts < 0 else store_ts, destinations)
+    encode_record_parts(out, message, store_ts, destinations)
     data = b"".join(out)
-    assert data == encode_record(message, 1_700_000_000_000 if store_ts < 0 else store_ts, destinations)
+    assert data == encode_record(message, store_ts, destinations)
     decoded = decode_record(data)
-    assert decoded.message.body == message.body
-    assert decoded.destinations == [destinations[0]]
+    assert (decoded.message.topic, decoded.message.subject, decoded.message.body) == (
+        message.topic, message.subject, message.body)
+    assert decoded.destinations == [tuple(d) for d in destinations]
 
 
 @pytest.mark.parametrize("message, destinations", [
     (Message(topic="t", body=b"x", flags=2**32), (("t", 0, 0),)),  # plain fast path
-    (Message(topic="t", body=b"x", subject="s", flags=-1), (("t", 0, 0),)),  # general path
+    (Message(topic="t", body=b"x", subject="s", flags=-1), (("t", 0, 0),)),
+    (Message(topic="t", body=b"x", tag="g", flags=-1), (("t", 0, 0),)),  # general path
+    (Message(topic="t", body=b"x", subject="s" * 70000), (("t", 0, 0),)),
     (Message(topic="t", body=b"x"), (("t", 0, 2**64),)),
     (Message(topic="t", body=b"x"), (("t", 2**32, 0), ("u", 0, 0))),
 ])
