@@ -263,8 +263,9 @@ class QueueIndex:
         end = min(self.max_offset, offset + max(0, max_entries))
         if end <= offset:
             return []
+        new = tuple.__new__  # IndexEntry(...) without NamedTuple's Python-level __new__ (delivery reads every entry)
         return [
-            IndexEntry(offset + i, commit, size, tag)
+            new(IndexEntry, (offset + i, commit, size, tag))
             for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(self._raw(offset, end)))
             if size
         ]
