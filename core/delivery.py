@@ -311,6 +311,7 @@ class Delivery:
                 out.append(Delivered(msg, q, offset, make_receipt(q, offset, attempt), attempt))
                 budget -= 1
             end = self._visibility.visible_max(q)
+            receipt_head = f"{q.topic}|{q.queue_id}|"  # make_receipt(q, offset, 1) == f"{receipt_head}{offset}|1"
             while pq.next_fetch < end and budget > 0:
                 if scanned >= MAX_SCAN_PER_PUMP:
                     more = True
@@ -338,7 +339,7 @@ class Delivery:
                         ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
                         continue
                     take(sub, state.name, key, pq, q, offset, 1, deadline)
-                    out.append(Delivered(msg, q, offset, make_receipt(q, offset, 1), 1))
+                    out.append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
                     budget -= 1
         sub.cursor = (sub.cursor + 1) % max(1, n)
         self._deliver(sub, out)
