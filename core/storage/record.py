@@ -146,6 +146,7 @@ def encode_record(message: Message, store_ts: int, destinations: Sequence[Destin
     return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail, 0)) + tail
 
 
+_SMALL_BODY = 4096  # bodies up to this size are copied next to their head to be checksummed in one call
 _topic_heads: dict[str, tuple[Callable[..., bytes], bytes, int]] = {}
 _dest_heads: dict[str | tuple[str, str], tuple] = {}
 
@@ -178,15 +179,15 @@ def _dest_head(key: str | tuple[str, str]) -> tuple:
 
 
 def encode_record_parts(out: list, message: Message, store_ts: int, destinations: Sequence[Destination]) -> int:
-    """Append one message record to `out` as three pieces, prefix, head and body, whose concatenation is exactly
-    `encode_record`'s result; return the record's length. Raises MessageTooLarge as `encode_record` does (then
-    nothing was appended).
+    """Append one message record to `out` as three pieces (prefix, head, body; or prefix, head + body, b"" for
+    a small body) whose concatenation is exactly `encode_record`'s result; return the record's length. Raises
+    MessageTooLarge as `encode_record` does (then nothing was appended).
 
-    Why pieces: a batch is then written with one join of all pieces, so the body is copied once (into the write
-    buffer) instead of three times (record tail, prefixed record, batch), and the CRC runs over the head and the
-    body without assembling them first. The common message (no tag, group, keys or properties; one or two
-    destinations, as a plain publish or an MQTT publish to its home queue and one subscriber queue) packs its
-    header and topic with one cached struct and its destinations with another.
+    Why pieces: a batch is then written with one join of all pieces, so a large body is copied once (into the
+    write buffer) instead of three times (record tail, prefixed record, batch), a small one twice. The common
+    message (no tag, group, keys or properties; one or two destinations, as a plain publish or an MQTT publish
+    to its home queue and one subscriber queue) packs its header and topic with one cached struct and its
+    destinations with another.
     """
     body = message.body
     try:
@@ -208,10 +209,15 @@ def encode_record_parts(out: list, message: Message, store_ts: int, destinations
             head = b"".join((head, subject, dests)) if subject else head + dests
         else:
             head = _general_head(message, store_ts, destinations, len(body))
-        # The CRC runs over head and body in place (two C calls, no concatenation). The start value is passed
-        # positionally: crc32c's one-argument call measured ~1.5x slower than the checksum of a small record.
         length = PREFIX_SIZE + len(head) + len(body)
-        out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(body, crc32c(head, 0))), head, body)
+        if len(body) <= _SMALL_BODY:
+            # One crc32c call over head + body: a call (its argument parsing) costs more instructions than
+            # copying a small body once more (callgrind: ~1,300 vs ~500 for 256 bytes).
+            tail = head + body
+            out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(tail, 0)), tail, b"")
+        else:
+            # A large body is not copied to be checksummed: the CRC continues from the head's over the body.
+            out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(body, crc32c(head, 0))), head, body)
         return length
     except struct.error as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
