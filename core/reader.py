@@ -96,6 +96,8 @@ class QueueReader:
         out: list[Delivered] = []
         looked = 0
         read_index, wanted = self._store.read_index, self.wanted
+        # No tag filter (the common case): the message cache is asked here, without two calls per entry.
+        cache = self.cache if tag_filter.tags is None and tag_filter.hashes is None else None
         while pos < end and len(out) < want and looked < scan_limit:
             window = min(READ_BATCH, end - pos)
             entries = read_index(q, pos, window)
@@ -108,6 +110,12 @@ class QueueReader:
                     break
                 pos = e.queue_offset + 1
                 looked += 1
+                if cache is not None:
+                    msg = cache.get(e.commit_offset) or self.read(e)
+                    if msg.expires_at and msg.expires_at <= now_ms:
+                        continue
+                    out.append(Delivered(msg, q, e.queue_offset))
+                    continue
                 msg = wanted(e, tag_filter, now_ms)
                 if msg is not None:
                     out.append(Delivered(msg, q, e.queue_offset))

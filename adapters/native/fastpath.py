@@ -18,6 +18,8 @@ tests/native/test_native_fastpath.py and test_native_codec.py hold them to that.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from tidegate.adapters.native.errors import FrameValueError, Truncated
 from tidegate.core.model import Message
@@ -198,3 +200,38 @@ def _read_message(view: memoryview, pos: int, end: int) -> tuple[Message, int]:
     # msg_id, store_ts (core.model.Message field order)
     return Message(topic, body, subject, tag, keys, props, born_ts, deliver_at, expires_at, group, flags, msg_id,
                    store_ts), stop
+
+
+_send_ok_packs: dict[tuple[int, str], tuple[Callable[..., bytes], bytes, int]] = {}
+
+
+def _send_ok_pack(id_len: int, topic: str) -> tuple[Callable[..., bytes], bytes, int]:
+    """The packer of a whole SEND_OK frame for a msg_id of `id_len` bytes and this topic (the topic's wire bytes a
+    fixed-width field), the topic's wire bytes and the frame's length field. Bounded cache."""
+    topic_wire = wire_name(topic)
+    # header (length, type, flags, request_id), msg_id (u16 length + bytes), topic, queue_id u32, queue_offset i64
+    packer = struct.Struct(f">IBBIH{id_len}s{len(topic_wire)}sIq")
+    if len(_send_ok_packs) >= 4096:
+        _send_ok_packs.clear()
+    entry = _send_ok_packs[id_len, topic] = (packer.pack, topic_wire, packer.size - 4)
+    return entry
+
+
+def encode_send_oks(frame_type: int, requests: Sequence[Any], results: Sequence[Any], skip_flags: int) -> bytes:
+    """The SEND_OK frames answering a run of SENDs, joined: one per request whose flags have none of `skip_flags`
+    (ONEWAY), for core results with msg_id/topic/queue_id/queue_offset. Byte for byte what `encode_send_ok`
+    gives one at a time, with one cached struct `pack` per frame instead of four encodes and two joins."""
+    out = []
+    packs = _send_ok_packs
+    try:
+        for request, r in zip(requests, results, strict=True):
+            if request.flags & skip_flags:
+                continue
+            msg_id = r.msg_id.encode("utf-8")
+            entry = packs.get((len(msg_id), r.topic)) or _send_ok_pack(len(msg_id), r.topic)
+            pack, topic_wire, frame_len = entry
+            out.append(pack(frame_len, frame_type, 0, request.request_id, len(msg_id), msg_id, topic_wire,
+                            r.queue_id, r.queue_offset))
+    except struct.error as exc:
+        raise FrameValueError(f"SendOk: value out of range for its wire type: {exc}") from None
+    return b"".join(out)

@@ -29,6 +29,7 @@ from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
     DEFAULT_MAX_FRAME,
     LENGTH_SIZE,
+    SEND_OK_TYPE,
     FrameTooLarge,
     NativeCodec,
     ProtocolError,
@@ -39,6 +40,7 @@ from tidegate.adapters.native.codec import (
     encode_send_ok,
 )
 from tidegate.adapters.native.errors import ErrorCode, wire_code
+from tidegate.adapters.native.fastpath import encode_send_oks
 from tidegate.adapters.reserved_properties import strip_reserved_properties
 from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
 from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
@@ -325,11 +327,8 @@ class NativeProtocol(AdapterConnection):
                     return
                 self._dispatch(frame)
             return
-        ok = encode_send_ok
-        acks = [ok(frame.request_id, r.msg_id, r.topic, r.queue_id, r.queue_offset)
-                for frame, r in zip(run, results, strict=True) if not frame.flags & ONEWAY]
-        if acks:
-            data = b"".join(acks)
+        data = encode_send_oks(SEND_OK_TYPE, run, results, ONEWAY)
+        if data:
             session.when_durable(results[-1].commit_end, lambda: self.write(data))
 
     def _reply(self, request: f.Frame, response: f.Frame) -> None:

@@ -33,6 +33,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge, StoreError, StoreFull
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
@@ -310,6 +311,25 @@ class CommitLog:
         if offsets:
             self._active_last_ts = store_ts
             self._end = self._active_base + self._pos
+        return offsets
+
+    def append_parts(self, parts: list, sizes: list[int], total: int, store_ts: int) -> list[int]:
+        """`append_batch` for records given as pieces, three per record in order (as `encode_record_parts` makes
+        them), `sizes` their lengths and `total` their sum; return their commit offsets. All or nothing.
+
+        A batch that fits the active segment (the common case) is one join and one write, and the offsets follow
+        from the sizes. One that would roll the segment goes through `append_batch` record by record.
+        """
+        if self._failed is not None:
+            raise self._fail(self._failed)
+        pos = self._pos
+        if pos + total + FILLER_SIZE > self.segment_bytes:
+            return self.append_batch([b"".join(parts[i:i + 3]) for i in range(0, len(parts), 3)], store_ts)
+        offsets = list(accumulate(sizes, initial=self._active_base + pos))
+        self._write_fully(b"".join(parts))  # cut back by itself if it fails: nothing else changed yet
+        self._pos = pos + total
+        self._active_last_ts = store_ts
+        self._end = offsets.pop()
         return offsets
 
     def _rollback(self, base: int, pos: int, last_ts: int) -> None:

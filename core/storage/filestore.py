@@ -56,8 +56,15 @@ from tidegate.core.storage.encryption import (
 from tidegate.core.storage.fileio import OS_IO, FileIO
 from tidegate.core.storage.keyindex import KeyIndex, key_hash
 from tidegate.core.storage.layout import StoreLayout, fsync_dir, write_atomically
-from tidegate.core.storage.queueindex import IndexFiles, QueueIndex
-from tidegate.core.storage.record import SealedRecord, decode_record, encode_record, find_by_id, make_msg_id
+from tidegate.core.storage.queueindex import IndexFiles, QueueIndex, entry_pack
+from tidegate.core.storage.record import (
+    SealedRecord,
+    decode_record,
+    encode_record_parts,
+    find_by_id,
+    make_msg_id,
+    msg_id_suffix,
+)
 from tidegate.core.storage.tombstones import Tombstones
 
 logger = logging.getLogger("tidegate.storage")
@@ -368,7 +375,6 @@ class FileMessageStore:
             return []
         now = self._clock()
         store_ts = now if now > self._last_ts else self._last_ts
-        queues = self._queues
         keyring = self._keyring
         assert keyring is not None
         place = self._log.placer()
@@ -381,18 +387,11 @@ class FileMessageStore:
 
         claimed: dict[QueueIndex, int] = {}
         records = []
-        plans = []
+        plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
         for message, destinations in items:
-            targets = []
-            dests = []
-            for ref in destinations:
-                q = queues.get(ref) or self._new_queue(ref)
-                extra = claimed.get(q, 0)
-                claimed[q] = extra + 1
-                targets.append(q)
-                dests.append((ref.topic, ref.queue_id, q.max_offset + extra))
+            targets, dests, queue_offsets = self._plan(destinations, claimed)
             records.append(encode_sealed_record(message, store_ts, dests, keyring, place_and_note))
-            plans.append(targets)
+            plans.append((targets, queue_offsets))
         try:
             offsets = self._log.append_batch(records, store_ts)
         except (StoreFull, StoreError) as exc:
@@ -400,31 +399,7 @@ class FileMessageStore:
             raise
         if offsets != planned:
             raise self._log._fail(f"sealed records landed at {offsets[:3]}, not at the planned {planned[:3]}")
-        if self._write_error is not None:
-            self._write_error = None
-        self._last_ts = store_ts
-        results = []
-        entries = 0
-        for i, offset in enumerate(offsets):
-            message = items[i][0]
-            size = len(records[i])
-            th = self._tag_hash(message.tag)
-            targets = plans[i]
-            queue_offsets = tuple([q.add(offset, size, th) for q in targets])
-            entries += len(targets)
-            if message.keys:
-                segment = self._log.segment_of(offset)
-                for key in message.keys:
-                    self._keys.add(segment, key_hash(message.topic, key), offset)
-            msg_id = make_msg_id(offset, store_ts)
-            message.msg_id = msg_id
-            message.store_ts = store_ts
-            results.append(AppendResult(msg_id, offset, size, store_ts, queue_offsets))
-        self._dirty.update(claimed)
-        self._pending_entries += entries
-        if self._pending_entries >= self._flush_threshold:
-            self._flush_quietly()
-        return results
+        return self._commit_batch(items, plans, claimed, offsets, [len(record) for record in records], store_ts)
 
     # --- helpers
     def _tag_hash(self, tag: str) -> int:
@@ -466,7 +441,9 @@ class FileMessageStore:
                 q = queues.get(ref) or self._new_queue(ref)
                 dests.append((ref.topic, ref.queue_id, q.max_offset + targets.count(q)))
                 targets.append(q)
-        record = encode_record(message, store_ts, dests)
+        parts: list[bytes] = []
+        encode_record_parts(parts, message, store_ts, dests)
+        record = b"".join(parts)
         try:
             offset = self._log.append(record, store_ts)
         except (StoreFull, StoreError) as exc:
@@ -499,6 +476,9 @@ class FileMessageStore:
         return AppendResult(msg_id, offset, size, store_ts, queue_offsets)
 
     def append_batch(self, items: Sequence[tuple[Message, Sequence[QueueRef]]]) -> list[AppendResult]:
+        """Append a batch: its records are encoded as pieces into one list and written with one join and one
+        write (`CommitLog.append_parts`); `_commit_batch` then adds their index entries as one block per queue.
+        `_append_batch_sealed` is its twin for encrypted stores: keep the two in step."""
         self._check_open()
         if not items:
             return []
@@ -506,57 +486,111 @@ class FileMessageStore:
         store_ts = now if now > self._last_ts else self._last_ts
         queues = self._queues
         claimed: dict[QueueIndex, int] = {}
-        records = []
-        plans = []
+        parts: list[bytes] = []
+        sizes: list[int] = []
+        plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
+        encode = encode_record_parts
         for message, destinations in items:
             if len(destinations) == 1:
                 ref = destinations[0]
                 q = queues.get(ref) or self._new_queue(ref)
                 extra = claimed.get(q, 0)
                 claimed[q] = extra + 1
-                records.append(encode_record(message, store_ts, ((ref.topic, ref.queue_id, q.max_offset + extra),)))
-                plans.append((q,))
+                queue_offset = q.max_offset + extra
+                sizes.append(encode(parts, message, store_ts, ((ref.topic, ref.queue_id, queue_offset),)))
+                plans.append(((q,), (queue_offset,)))
                 continue
-            targets = []
-            dests = []
-            for ref in destinations:
-                q = queues.get(ref) or self._new_queue(ref)
-                extra = claimed.get(q, 0)
-                claimed[q] = extra + 1
-                targets.append(q)
-                dests.append((ref.topic, ref.queue_id, q.max_offset + extra))
-            records.append(encode_record(message, store_ts, dests))
-            plans.append(targets)
+            if len(destinations) == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                r0, r1 = destinations
+                q0 = queues.get(r0) or self._new_queue(r0)
+                q1 = queues.get(r1) or self._new_queue(r1)
+                extra = claimed.get(q0, 0)
+                claimed[q0] = extra + 1
+                o0 = q0.max_offset + extra
+                extra = claimed.get(q1, 0)  # after q0's claim: the same queue twice gets consecutive offsets
+                claimed[q1] = extra + 1
+                o1 = q1.max_offset + extra
+                sizes.append(encode(parts, message, store_ts,
+                                    ((r0.topic, r0.queue_id, o0), (r1.topic, r1.queue_id, o1))))
+                plans.append(((q0, q1), (o0, o1)))
+                continue
+            targets, dests, queue_offsets = self._plan(destinations, claimed)
+            sizes.append(encode(parts, message, store_ts, dests))
+            plans.append((targets, queue_offsets))
         try:
-            offsets = self._log.append_batch(records, store_ts)
+            offsets = self._log.append_parts(parts, sizes, sum(sizes), store_ts)
         except (StoreFull, StoreError) as exc:
             self._append_failed(exc)
             raise
+        return self._commit_batch(items, plans, claimed, offsets, sizes, store_ts)
+
+    def _plan(self, destinations: Sequence[QueueRef], claimed: dict[QueueIndex, int]
+              ) -> tuple[tuple[QueueIndex, ...], list[tuple[str, int, int]], tuple[int, ...]]:
+        """Queues, record destinations and queue offsets of one message, claiming its offsets in `claimed` (the
+        entries of this batch per queue so far; a queue named twice gets two consecutive offsets)."""
+        queues = self._queues
+        targets: list[QueueIndex] = []
+        dests = []
+        queue_offsets = []
+        for ref in destinations:
+            q = queues.get(ref) or self._new_queue(ref)
+            extra = claimed.get(q, 0)
+            claimed[q] = extra + 1
+            queue_offset = q.max_offset + extra
+            targets.append(q)
+            dests.append((ref.topic, ref.queue_id, queue_offset))
+            queue_offsets.append(queue_offset)
+        return tuple(targets), dests, tuple(queue_offsets)
+
+    def _commit_batch(self, items: Sequence[tuple[Message, Sequence[QueueRef]]],
+                      plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]], claimed: dict[QueueIndex, int],
+                      offsets: list[int], sizes: list[int], store_ts: int) -> list[AppendResult]:
+        """After a batch's records are written: stamp the messages, buffer the index entries (one bytes block per
+        queue) and the key entries, and build the results. Shared by the plain and the sealed append."""
         if self._write_error is not None:
             self._write_error = None
         self._last_ts = store_ts
-        results = []
         tag_hashes = self._tag_hashes
-        entries = 0
+        suffix = msg_id_suffix(store_ts)
+        new_result = tuple.__new__  # AppendResult(...) without NamedTuple's Python-level __new__
+        results = []
+        single = len(claimed) == 1
+        if single:
+            entries: list[bytes] = []
+            add_entry = entries.append
+        else:
+            per_queue: dict[QueueIndex, list[bytes]] = {q: [] for q in claimed}
         for i, offset in enumerate(offsets):
             message = items[i][0]
-            size = len(records[i])
-            th = tag_hashes.get(message.tag)
+            size = sizes[i]
+            tag = message.tag
+            th = tag_hashes.get(tag)
             if th is None:
-                th = self._tag_hash(message.tag)
-            targets = plans[i]
-            queue_offsets = tuple([q.add(offset, size, th) for q in targets])
-            entries += len(targets)
+                th = self._tag_hash(tag)
+            targets, queue_offsets = plans[i]
+            entry = entry_pack(offset, size, th)
+            if single:
+                for _ in targets:
+                    add_entry(entry)
+            else:
+                for q in targets:
+                    per_queue[q].append(entry)
             if message.keys:
                 segment = self._log.segment_of(offset)
                 for key in message.keys:
                     self._keys.add(segment, key_hash(message.topic, key), offset)
-            msg_id = make_msg_id(offset, store_ts)
+            msg_id = f"{offset:016X}{suffix}"
             message.msg_id = msg_id
             message.store_ts = store_ts
-            results.append(AppendResult(msg_id, offset, size, store_ts, queue_offsets))
+            results.append(new_result(AppendResult, (msg_id, offset, size, store_ts, queue_offsets)))
+        if single:
+            for q in claimed:
+                q.add_block(b"".join(entries), len(entries))
+        else:
+            for q, block in per_queue.items():
+                q.add_block(b"".join(block), len(block))
         self._dirty.update(claimed)
-        self._pending_entries += entries
+        self._pending_entries += sum(claimed.values())
         if self._pending_entries >= self._flush_threshold:
             self._flush_quietly()
         return results

@@ -186,6 +186,12 @@ class QueueIndex:
         self.max_offset = offset + 1
         return offset
 
+    def add_block(self, entries: bytes, count: int) -> None:
+        """Buffer `count` packed entries at once (a batch's entries of this queue, in queue-offset order); the
+        caller assigned them the queue offsets from max_offset on."""
+        self.pending += entries
+        self.max_offset += count
+
     def start_at(self, queue_offset: int) -> None:
         """Begin an empty queue at `queue_offset` (its older entries were lost with retained-away records)."""
         if self.max_offset != self.min_offset:
@@ -257,8 +263,9 @@ class QueueIndex:
         end = min(self.max_offset, offset + max(0, max_entries))
         if end <= offset:
             return []
+        new = tuple.__new__  # IndexEntry(...) without NamedTuple's Python-level __new__ (delivery reads every entry)
         return [
-            IndexEntry(offset + i, commit, size, tag)
+            new(IndexEntry, (offset + i, commit, size, tag))
             for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(self._raw(offset, end)))
             if size
         ]

@@ -143,7 +143,110 @@ def encode_record(message: Message, store_ts: int, destinations: Sequence[Destin
             tail = b"".join(parts)
     except struct.error as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
-    return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail)) + tail
+    return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail, 0)) + tail
+
+
+_SMALL_BODY = 4096  # bodies up to this size are copied next to their head to be checksummed in one call
+_topic_heads: dict[str, tuple[Callable[..., bytes], bytes, int]] = {}
+_dest_heads: dict[str | tuple[str, str], tuple] = {}
+
+
+def _topic_head(topic: str) -> tuple[Callable[..., bytes], bytes, int]:
+    """The packer of a record's header followed by this topic name (one struct, the name a fixed-width field),
+    the name's bytes and length. Bounded cache."""
+    encoded = _encoded_names.get(topic) or _encode_name(topic)
+    packer = struct.Struct(f"<{HEADER.format[1:]}{len(encoded)}s")
+    if len(_topic_heads) >= 4096:
+        _topic_heads.clear()
+    entry = _topic_heads[topic] = (packer.pack, encoded, len(encoded))
+    return entry
+
+
+def _dest_head(key: str | tuple[str, str]) -> tuple:
+    """The packer of one destination entry (`key` a queue's topic) or two (`key` a pair), with the topics as
+    fixed-width fields, and the topics' lengths and bytes in packing order. Bounded cache."""
+    names = (key,) if isinstance(key, str) else key
+    fmt = "<"
+    fields: list[int | bytes] = []
+    for name in names:
+        encoded = _encoded_names.get(name) or _encode_name(name)
+        fmt += f"{DESTINATION.format[1:]}{len(encoded)}s"
+        fields += (len(encoded), encoded)
+    if len(_dest_heads) >= 4096:
+        _dest_heads.clear()
+    entry = _dest_heads[key] = (struct.Struct(fmt).pack, *fields)
+    return entry
+
+
+def encode_record_parts(out: list, message: Message, store_ts: int, destinations: Sequence[Destination]) -> int:
+    """Append one message record to `out` as three pieces (prefix, head, body; or prefix, head + body, b"" for
+    a small body) whose concatenation is exactly `encode_record`'s result; return the record's length. Raises
+    MessageTooLarge as `encode_record` does (then nothing was appended).
+
+    Why pieces: a batch is then written with one join of all pieces, so a large body is copied once (into the
+    write buffer) instead of three times (record tail, prefixed record, batch), a small one twice. The common
+    message (no tag, group, keys or properties; one or two destinations, as a plain publish or an MQTT publish
+    to its home queue and one subscriber queue) packs its header and topic with one cached struct and its
+    destinations with another.
+    """
+    body = message.body
+    try:
+        if not (message.tag or message.group or message.keys or message.properties) and len(destinations) <= 2:
+            pack, topic_bytes, topic_len = _topic_heads.get(message.topic) or _topic_head(message.topic)
+            subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
+            head = pack(message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
+                        topic_len, len(subject), 0, 0, 0, 0, len(destinations), len(body), topic_bytes)
+            if len(destinations) == 1:
+                dest_topic, queue_id, queue_offset = destinations[0]
+                dest_pack, n0, b0 = _dest_heads.get(dest_topic) or _dest_head(dest_topic)
+                dests = dest_pack(n0, queue_id, queue_offset, b0)
+            elif destinations:
+                (t0, q0, o0), (t1, q1, o1) = destinations
+                dest_pack, n0, b0, n1, b1 = _dest_heads.get((t0, t1)) or _dest_head((t0, t1))
+                dests = dest_pack(n0, q0, o0, b0, n1, q1, o1, b1)
+            else:
+                dests = b""
+            head = b"".join((head, subject, dests)) if subject else head + dests
+        else:
+            head = _general_head(message, store_ts, destinations, len(body))
+        length = PREFIX_SIZE + len(head) + len(body)
+        if len(body) <= _SMALL_BODY:
+            # One crc32c call over head + body: a call (its argument parsing) costs more instructions than
+            # copying a small body once more (callgrind: ~1,300 vs ~500 for 256 bytes).
+            tail = head + body
+            out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(tail, 0)), tail, b"")
+        else:
+            # A large body is not copied to be checksummed: the CRC continues from the head's over the body.
+            out += (_prefix_pack(length, MESSAGE_MAGIC, crc32c(body, crc32c(head, 0))), head, body)
+        return length
+    except struct.error as exc:
+        raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
+
+
+def _general_head(message: Message, store_ts: int, destinations: Sequence[Destination], body_len: int) -> bytes:
+    """Everything of a record between its prefix and its body (any message). Raises struct.error on overflow."""
+    topic = _encoded_names.get(message.topic) or _encode_name(message.topic)
+    subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
+    tag = message.tag.encode(_ENCODING, _ERRORS) if message.tag else b""
+    group = message.group.encode(_ENCODING, _ERRORS) if message.group else b""
+    keys = _strings(message.keys) if message.keys else b""
+    if message.properties:
+        flat = []
+        for k, v in message.properties.items():
+            flat.append(k)
+            flat.append(v)
+        props = _strings(flat)
+    else:
+        props = b""
+    parts = [_header_pack(message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
+                          len(topic), len(subject), len(tag), len(group), len(keys), len(props), len(destinations),
+                          body_len),
+             topic, subject, tag, group, keys, props]
+    for dest_topic, queue_id, queue_offset in destinations:
+        encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
+        parts.append(_dest_pack(len(encoded), queue_id, queue_offset))
+        parts.append(encoded)
+    return b"".join(parts)
 
 
 def encode_filler(length: int, last_store_ts: int) -> bytes:
@@ -180,7 +283,7 @@ def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
             raise CorruptRecord(f"record length {length} is below the minimum {MIN_RECORD_SIZE}")
         if length > available:
             raise TornRecord(f"record of {length} bytes cut short at {available} bytes")
-        if crc32c(memoryview(buf)[pos + PREFIX_SIZE:pos + length]) != crc:
+        if crc32c(memoryview(buf)[pos + PREFIX_SIZE:pos + length], 0) != crc:
             raise CorruptRecord("record CRC mismatch")
         return magic, length
     if magic == FILLER_MAGIC:
@@ -266,6 +369,12 @@ def record_store_ts(buf: bytes | memoryview) -> int:
 def make_msg_id(commit_offset: int, store_ts: int) -> str:
     """24 uppercase hex chars: commit offset (16) + store time in seconds, low 32 bits (8)."""
     return ((commit_offset << 32) | ((store_ts // 1000) & 0xFFFFFFFF)).to_bytes(12, "big").hex().upper()
+
+
+def msg_id_suffix(store_ts: int) -> str:
+    """The last 8 characters of every message id of a batch stored at `store_ts` (its seconds, low 32 bits):
+    `f"{commit_offset:016X}{suffix}"` is then `make_msg_id(commit_offset, store_ts)` in one format operation."""
+    return f"{(store_ts // 1000) & 0xFFFFFFFF:08X}"
 
 
 def parse_msg_id(msg_id: str) -> tuple[int, int] | None:
