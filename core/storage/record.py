@@ -108,39 +108,11 @@ def _encode_name(name: str) -> bytes:
 
 
 def encode_record(message: Message, store_ts: int, destinations: Sequence[Destination]) -> bytes:
-    """The bytes of one message record. Raises MessageTooLarge when a field exceeds its length field."""
-    topic = _encoded_names.get(message.topic) or _encode_name(message.topic)
-    subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
-    tag = message.tag.encode(_ENCODING, _ERRORS) if message.tag else b""
-    group = message.group.encode(_ENCODING, _ERRORS) if message.group else b""
-    keys = _strings(message.keys) if message.keys else b""
-    if message.properties:
-        flat = []
-        for k, v in message.properties.items():
-            flat.append(k)
-            flat.append(v)
-        props = _strings(flat)
-    else:
-        props = b""
+    """The bytes of one message record (the reference encoder; batches use `encode_record_parts`). Raises
+    MessageTooLarge when a field exceeds its length field."""
     body = message.body
     try:
-        header = _header_pack(
-            message.flags, message.born_ts, store_ts, message.deliver_at, message.expires_at,
-            len(topic), len(subject), len(tag), len(group), len(keys), len(props), len(destinations), len(body),
-        )
-        if len(destinations) == 1:
-            dest_topic, queue_id, queue_offset = destinations[0]
-            encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
-            tail = b"".join((header, topic, subject, tag, group, keys, props,
-                             _dest_pack(len(encoded), queue_id, queue_offset), encoded, body))
-        else:
-            parts = [header, topic, subject, tag, group, keys, props]
-            for dest_topic, queue_id, queue_offset in destinations:
-                encoded = _encoded_names.get(dest_topic) or _encode_name(dest_topic)
-                parts.append(_dest_pack(len(encoded), queue_id, queue_offset))
-                parts.append(encoded)
-            parts.append(body)
-            tail = b"".join(parts)
+        tail = _general_head(message, store_ts, destinations, len(body)) + body
     except struct.error as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
     return _prefix_pack(PREFIX_SIZE + len(tail), MESSAGE_MAGIC, crc32c(tail, 0)) + tail
