@@ -27,27 +27,7 @@ from tidegate.core.security.limits import (
 from tidegate.core.session import CoreSession
 from tidegate.core.testing import make_broker
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def seconds(self) -> float:
-        return self.now
-
-
-class MemoryKV:
-    def __init__(self) -> None:
-        self.rows: dict[str, object] = {}
-
-    def items(self):
-        return list(self.rows.items())
-
-    def put(self, key, value):
-        self.rows[key] = value
-
-    def delete(self, key):
-        self.rows.pop(key, None)
+from .limit_helpers import FakeClock, MemoryKV
 
 
 @pytest.fixture

@@ -23,28 +23,7 @@ from tidegate.gateway.app import build_limiter
 from tidegate.gateway.config import load_config, parse_set_option
 
 from ..mqtt.conftest import FakeClient
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def seconds(self) -> float:
-        return self.now
-
-
-class MemoryKV:
-    def __init__(self) -> None:
-        self.rows: dict[str, object] = {}
-
-    def items(self):
-        return list(self.rows.items())
-
-    def put(self, key, value):
-        self.rows[key] = value
-
-    def delete(self, key):
-        self.rows.pop(key, None)
+from .limit_helpers import FakeClock, MemoryKV
 
 
 @pytest.fixture
