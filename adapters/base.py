@@ -3,8 +3,10 @@
 - `AdapterFactory(core, gate, clock, settings, *, metrics, listener)`: the one listener shape every protocol uses,
   so gateway/app.py builds native, MQTT and AMQP listeners (plain TCP, TLS, WebSocket) from one table.
 - `AdapterConnection`: a Twisted protocol with
-  * one outbound write point (`write`/`write_chunks`): inside `dataReceived` everything a read caused goes out in
-    one `writeSequence`, outside it straight to the transport;
+  * one outbound write point (`write`/`write_chunks`): inside `dataReceived` (or a core callback run through
+    `_run_batched`) everything caused goes out as one write, outside it straight to the transport; a write that
+    finds a plain TCP transport's buffer empty is sent on the socket at once (`send_now`), so paced traffic does not
+    pay Twisted's epoll register/unregister and an extra reactor turn per write;
   * connection metrics by protocol label, TCP_NODELAY, an idle timer;
   * back-pressure: registered as a streaming producer on its transport (TCP, TLS, and WebSocket wrappers that
     forward registration), `paused` tells the adapter to stop delivering, `on_pause`/`on_resume` hooks;
@@ -42,6 +44,7 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.tcp import Connection as TcpConnection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -137,6 +140,31 @@ def peer_host(transport: Any) -> str:
 
 
 @implementer(IPushProducer)
+def send_now(transport: Any, chunks: list[bytes]) -> None:
+    """Write `chunks` (in order, as one write) to `transport`, straight on the socket when that is safe.
+
+    Twisted's `write` only buffers: the bytes leave on the next reactor turn, after an `epoll_ctl` that registers
+    the socket for writing and another that unregisters it once drained. When the transport is plain TCP, open,
+    and has nothing buffered, a non-blocking `send` now keeps the order and skips both; whatever the kernel does not
+    take (a full socket buffer) and every other case go through `transport.write`/`writeSequence`, which keep
+    back-pressure (producer pause) and error handling as they were.
+    """
+    if (isinstance(transport, TcpConnection) and transport.connected and not transport.disconnecting
+            and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)
+            and not transport._writeDisconnected):
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN: Twisted waits for the socket; other errors: Twisted meets them and closes its way
+        if sent < len(data):
+            transport.write(data[sent:])
+    elif len(chunks) == 1:
+        transport.write(chunks[0])
+    else:
+        transport.writeSequence(chunks)
+
+
 class AdapterConnection(Protocol):
     factory: AdapterFactory
     max_held_bytes = DEFAULT_MAX_HELD_BYTES
@@ -267,7 +295,7 @@ class AdapterConnection(Protocol):
         if self._batch is not None:
             self._batch.append(data)
         else:
-            self.transport.write(data)
+            send_now(self.transport, [data])
 
     def write_chunks(self, chunks: list[bytes]) -> None:
         """The one write point: inside a read the chunks join that read's batch, else go out now."""
@@ -277,10 +305,8 @@ class AdapterConnection(Protocol):
             return
         if self._batch is not None:
             self._batch.extend(chunks)
-        elif len(chunks) == 1:
-            self.transport.write(chunks[0])
         else:
-            self.transport.writeSequence(chunks)
+            send_now(self.transport, chunks)
 
     def _over_budget(self, size: int) -> bool:
         self._written_while_paused += size
@@ -310,7 +336,7 @@ class AdapterConnection(Protocol):
         finally:
             self._batch = None
             if batch and self.connected_:
-                self.transport.writeSequence(batch)
+                send_now(self.transport, batch)
             if self.closing and self.connected_:
                 self.transport.loseConnection()
 

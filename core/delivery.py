@@ -205,9 +205,18 @@ class Delivery:
             return
         sub.credit -= len(out)
         metrics = self._metrics
+        topic = out[0].queue.topic
+        size = 0
         for d in out:
-            metrics.messages_out[d.queue.topic] += 1
-            metrics.bytes_out[d.queue.topic] += len(d.message.body)
+            if d.queue.topic != topic:  # several topics (a wildcard subscription): count each on its own
+                for each in out:
+                    metrics.messages_out[each.queue.topic] += 1
+                    metrics.bytes_out[each.queue.topic] += len(each.message.body)
+                break
+            size += len(d.message.body)
+        else:
+            metrics.messages_out[topic] += len(out)
+            metrics.bytes_out[topic] += size
         sub.sink.deliver(out)
 
     def _pump_offset(self, sub: Subscription) -> None:

@@ -24,6 +24,8 @@ from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
 
+MAX_CACHED_FANOUTS = 4096
+
 
 class Producer:
     def __init__(self, store: MessageStore, durability: Durability, topics: TopicRegistry, bindings: Bindings,
@@ -47,11 +49,23 @@ class Producer:
         # reject-publish): asked before a binding appends a message there; False = not appended to that queue.
         # The home queue is never asked (whoever publishes into a queue directly checks its limit first).
         self.admission: dict[str, Callable[[Message], bool]] = {}
+        # (home queue, queues the bindings matched) -> destinations in append order: the router returns the same
+        # frozenset for a name until the bindings change, so most publishes find their destinations here (not
+        # while an admission check is registered: that one is asked per message)
+        self._fanouts: dict[tuple[QueueRef, frozenset[QueueRef]], tuple[QueueRef, ...]] = {}
+
+    def _fanout(self, home: QueueRef, extra: frozenset[QueueRef]) -> tuple[QueueRef, ...]:
+        dests = (home, *sorted(d for d in extra if d != home))
+        if len(self._fanouts) >= MAX_CACHED_FANOUTS:
+            self._fanouts.clear()
+        self._fanouts[(home, extra)] = dests
+        return dests
 
     def publish(self, messages: Sequence[Message], queue_id: int | None = None) -> list[SendResult]:
         """See Broker.publish."""
         now = self._now_ms()
-        items: list[tuple[Message, list[QueueRef]]] = []
+        items: list[tuple[Message, tuple[QueueRef, ...]]] = []
+        fanouts = self._fanouts
         router = self._router if len(self._router) else None
         topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
         validators = self._validators
@@ -82,13 +96,17 @@ class Producer:
                 rr[m.topic] = (qid + 1) % cfg.queues
                 home = queues[qid]
             if router is not None:
-                extra = router.match(m.full_name)
-                if extra and self.admission:
+                extra = router.match(f"{m.topic}/{m.subject}" if m.subject else m.topic)  # Message.full_name
+                if not extra:
+                    dests = (home,)
+                elif self.admission:
                     admission = self.admission
-                    extra = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
-                dests = [home, *sorted(d for d in extra if d != home)] if extra else [home]
+                    kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
+                    dests = (home, *sorted(d for d in kept if d != home))
+                else:
+                    dests = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
-                dests = [home]
+                dests = (home,)
             if not m.born_ts:
                 m.born_ts = now
             items.append((m, dests))
@@ -98,27 +116,28 @@ class Producer:
         started = perf_counter()
         results = store.append_batch(items) if len(items) > 1 else [store.append(*items[0])]
         self._metrics.append_latency.observe(perf_counter() - started)
-        updates: list[tuple[QueueRef, int]] = []
+        # the new visible end of each destination queue: offsets grow within a batch, so the last one counts
+        ends: dict[QueueRef, int] = {}
         out: list[SendResult] = []
         remember, visible = self._remember, self._visibility.visible
+        new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
         body_bytes = 0
-        for (m, dests), r in zip(items, results, strict=True):
-            offsets = r.queue_offsets
-            fanout = len(dests)
-            if fanout == 1:
-                dest = dests[0]
-                if dest not in visible:
-                    visible[dest] = offsets[0]  # everything before this append is already visible
-                updates.append((dest, offsets[0] + 1))
+        for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
+            home = dests[0]
+            if len(dests) == 1:
+                if home not in visible:
+                    visible[home] = offsets[0]  # everything before this append is already visible
+                ends[home] = offsets[0] + 1
             else:
                 for dest, qoff in zip(dests, offsets, strict=True):
                     if dest not in visible:
                         visible[dest] = qoff
-                    updates.append((dest, qoff + 1))
-            remember(r.commit_offset, m, r.size)
+                    ends[dest] = qoff + 1
+            remember(commit_offset, m, size)
             body_bytes += len(m.body)
-            out.append(SendResult(r.msg_id, m.topic, dests[0].queue_id, offsets[0], r.commit_offset,
-                                  r.commit_offset + r.size, fanout - 1))
+            out.append(new_result(SendResult, (msg_id, m.topic, home.queue_id, offsets[0], commit_offset,
+                                               commit_offset + size, len(dests) - 1)))
+        updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
         if all(m.topic == topic for m, _ in items):
@@ -138,5 +157,6 @@ class Producer:
     def forget_topic(self, topic: str) -> None:
         self._next_queue.pop(topic, None)
         self._queue_refs.pop(topic, None)
+        self._fanouts.clear()
         if self._schemas is not None:
             self._schemas.clear(topic)  # a deleted topic's rule goes with it

@@ -117,6 +117,20 @@ def row(name: str, tidegate: dict[str, Any], rabbit: dict[str, Any]) -> str:
     return f"| {name} | {cell(tidegate)} | {cell(rabbit)} |"
 
 
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """throughput.svg (deliveries per second per scenario, Tidegate beside RabbitMQ) and latency.svg (p50/p99 of
+    each scenario) next to results.json."""
+    from tidegate.gateway.bench.plot import bar_chart_svg, write_svg
+
+    names = list(results)
+    brokers = ("tidegate", "rabbitmq")
+    rates = {b: [results[n][b].get("deliveries_per_s") for n in names] for b in brokers}
+    latency = {f"{b} {p}": [results[n][b].get("latency_ms", {}).get(p) for n in names]
+               for b in brokers for p in ("p50", "p99")}
+    return [write_svg(out / "throughput.svg", bar_chart_svg("AMQP: deliveries per second", "msg/s", names, rates)),
+            write_svg(out / "latency.svg", bar_chart_svg("AMQP: end-to-end latency", "ms", names, latency))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
@@ -144,6 +158,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (out / "results.md").write_text(table)
+        write_plots(results, out)
     return 0
 
 

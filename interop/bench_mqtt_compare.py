@@ -363,6 +363,27 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_plots(results: dict[str, Any], brokers: list[str], out: Path) -> list[Path]:
+    """throughput.svg (messages received per second per scenario and broker) and latency.svg (QoS 1 at 1,000
+    msg/s: p50/p99 per broker) next to results.json."""
+    from tidegate.gateway.bench.plot import bar_chart_svg, write_svg
+
+    rate_keys = [(key, label) for key, label, _args, metric, _higher in SCENARIOS
+                 if metric == "receive_msgs_per_s" and key in results["scenarios"]]
+    written = []
+    if rate_keys:
+        series = {b: [results["scenarios"][key].get(b, {}).get("receive_msgs_per_s") for key, _ in rate_keys]
+                  for b in brokers}
+        written.append(write_svg(out / "throughput.svg", bar_chart_svg(
+            "MQTT: messages received per second", "msg/s", [label for _, label in rate_keys], series)))
+    runs = results["scenarios"].get("qos1_latency")
+    if runs:
+        series = {b: [runs.get(b, {}).get("latency_ms", {}).get(p) for p in ("p50", "p99")] for b in brokers}
+        written.append(write_svg(out / "latency.svg", bar_chart_svg(
+            "MQTT QoS 1 at 1,000 msg/s: end-to-end latency", "ms", ["p50", "p99"], series)))
+    return written
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of publishing per scenario (6)")
@@ -382,7 +403,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
-        print(markdown(results, [b for b in BROKERS if all(b in runs for runs in results["scenarios"].values())]))
+        brokers = [b for b in BROKERS if all(b in runs for runs in results["scenarios"].values())]
+        print(markdown(results, brokers))
+        write_plots(results, brokers, Path(args.from_json).parent)
         return 0
     brokers = [b for b in args.brokers.split(",") if b]
     wanted = set(filter(None, args.scenarios.split(",")))
@@ -441,9 +464,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     (out / "results.md").write_text(table)
+    plots = write_plots(results, brokers, out)
     print()
     print(table)
-    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    print("written: " + ", ".join(str(p) for p in [out / "results.json", out / "results.md", *plots]))
     return 0
 
 

@@ -534,6 +534,53 @@ def _encode_publish(level: int, packet: Publish) -> bytes:
     return b"".join((header, variable_header, payload))
 
 
+def publish_topic_header(topic_name: str) -> bytes:
+    """The length-prefixed topic name of a PUBLISH variable header, checked as `Publish` checks it.
+
+    Deliveries cache it per topic name, so a PUBLISH to a 3.1.1 client is built by `encode_publish_v311` without a
+    `Publish` object or re-encoding the name. Raises what `Publish(topic_name)` raises for an invalid name.
+    """
+    Publish(topic_name)  # the same validation as a packet built one at a time
+    topic = topic_name.encode("utf-8")
+    return UINT16.pack(len(topic)) + topic
+
+
+def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: bool, dup: bool,
+                        packet_id: int | None) -> bytes:
+    """The bytes `MqttCodec.encode(Publish(...))` gives at protocol level 3.1/3.1.1 (no properties), from a topic
+    header made by `publish_topic_header`; the payload is joined once, never re-encoded."""
+    first_byte = 0x30 | (qos << 1)
+    if retain:
+        first_byte |= 0x01
+    if dup:
+        first_byte |= _DUP_FLAG
+    if qos:
+        if packet_id.__class__ is not int or not 0 < packet_id <= 0xFFFF:  # type: ignore[operator]
+            raise MqttEncodeError(f"PUBLISH packet identifier {packet_id!r} is not 1..65535",
+                                  ReasonCode.PROTOCOL_ERROR)
+        remaining = len(topic_header) + 2 + len(payload)
+        variable = topic_header + UINT16.pack(packet_id)
+    else:
+        remaining = len(topic_header) + len(payload)
+        variable = topic_header
+    if remaining < 0x80:
+        return b"".join((_SINGLE_BYTE[first_byte], _SINGLE_BYTE[remaining], variable, payload))
+    if remaining > MAX_VARIABLE_BYTE_INTEGER:
+        raise MqttEncodeError(f"PUBLISH of {remaining} bytes exceeds the MQTT maximum", ReasonCode.PACKET_TOO_LARGE)
+    return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable, payload))
+
+
+_puback_id_pack = UINT16.pack
+
+
+def encode_puback_success(packet_id: int) -> bytes:
+    """The bytes of `Puback(packet_id)` (reason Success, no properties) at any protocol level: the 4 bytes both
+    3.1.1 and v5 send for it, without a packet object (the durable acknowledgement of every QoS 1 publish)."""
+    if packet_id.__class__ is not int or not 0 < packet_id <= 0xFFFF:
+        raise MqttEncodeError(f"PUBACK packet identifier {packet_id!r} is not 1..65535", ReasonCode.PROTOCOL_ERROR)
+    return b"\x40\x02" + _puback_id_pack(packet_id)
+
+
 def _encode_acknowledgement(level: int, packet: _PublishAcknowledgement) -> bytes:
     first_byte = (packet.packet_type << 4) | (0b0010 if packet.packet_type == PacketType.PUBREL else 0)
     packet_id = UINT16.pack(packet.packet_id)

@@ -26,8 +26,19 @@ from tidegate.core.model import Message
 from tidegate.core.security.gate import Action, Resource
 from tidegate.core.session import CoreSession
 
+from .codec import encode_puback_success
 from .errors import reason_for_core_error
-from .mapping import PublishFields, UnmappableName, is_sys_name, message_from_publish, message_qos
+from .mapping import (
+    PROP_PUBLISHER,
+    PROP_RETAIN,
+    PublishFields,
+    UnmappableName,
+    core_address,
+    flags_for_qos,
+    is_sys_name,
+    message_from_publish,
+    message_qos,
+)
 from .packets import (
     MQTT_5,
     Puback,
@@ -41,7 +52,7 @@ from .packets import (
     Unsuback,
     Unsubscribe,
 )
-from .properties import Properties
+from .properties import NO_PROPERTIES, Properties
 from .reason_codes import MqttProtocolError, ReasonCode
 from .sessions import Session, SubscriptionEntry
 from .state import InboundAliases, ReceiveWindow
@@ -52,6 +63,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidegate.mqtt")
 
 Staged = tuple[Publish, str, Message]  # (packet, topic name, core message)
+
+_FLAGS_FOR_QOS = (flags_for_qos(0), flags_for_qos(1), flags_for_qos(2))
+# MQTT topic name -> (core topic, subject): publishers repeat their names, and the level encoding is a loop per
+# character. Bounded in entries and in the length of the names kept, so it cannot grow with hostile names.
+_ADDRESSES: dict[str, tuple[str, str]] = {}
+MAX_CACHED_ADDRESSES = 4096
+MAX_CACHED_NAME = 256
+
+
+def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publisher: str | None) -> Message:
+    """`message_from_publish` for a PUBLISH without properties (every 3.1.1 publish, most v5 ones), with the
+    name's core address cached; raises UnmappableName as it does."""
+    address = _ADDRESSES.get(topic_name)
+    if address is None:
+        address = core_address(topic_name)
+        if len(topic_name) <= MAX_CACHED_NAME:
+            if len(_ADDRESSES) >= MAX_CACHED_ADDRESSES:
+                _ADDRESSES.clear()
+            _ADDRESSES[topic_name] = address
+    props: dict[str, str] = {}
+    if retain:
+        props[PROP_RETAIN] = "1"
+    if publisher is not None:
+        props[PROP_PUBLISHER] = publisher
+    return Message(topic=address[0], subject=address[1], body=payload, properties=props, flags=_FLAGS_FOR_QOS[qos])
 
 
 def _topic_exists(core: CoreSession, topic: str) -> bool:
@@ -137,11 +173,13 @@ class Inbound:
             self.reject(packet, ReasonCode.NOT_AUTHORIZED, "$SYS topics are written by the broker only")
             return
         try:
-            fields = PublishFields.from_properties(props)
-            message = message_from_publish(topic, packet.payload, qos, packet.retain, fields,
-                                           conn.session.now_ms(),  # type: ignore[union-attr]
-                                           publisher=conn.client_id if conn.mqtt_session.has_no_local  # type: ignore[union-attr]
-                                           else None)
+            publisher = conn.client_id if conn.mqtt_session.has_no_local else None  # type: ignore[union-attr]
+            if props is NO_PROPERTIES:
+                message = plain_message(topic, packet.payload, qos, packet.retain, publisher)
+            else:
+                message = message_from_publish(topic, packet.payload, qos, packet.retain,
+                                               PublishFields.from_properties(props),
+                                               conn.session.now_ms(), publisher=publisher)  # type: ignore[union-attr]
         except UnmappableName as exc:
             if batch is not None and self._publish_batch_now():
                 return
@@ -270,10 +308,11 @@ class Inbound:
         if conn.state != "connected":
             return  # the client resends after reconnecting; a QoS 2 resend is recognised by its packet id
         window = self.window
+        write = conn.write
         for packet_id, qos in acks:
             if qos == 1:
                 window.done(packet_id)
-                conn.send(Puback(packet_id))
+                write(encode_puback_success(packet_id))  # the bytes of conn.send(Puback(packet_id))
             else:
                 window.awaiting_durable.discard(packet_id)
                 conn.send(Pubrec(packet_id))
@@ -326,6 +365,7 @@ class Inbound:
             codes.append(code)
             if entry is not None:
                 added.append((entry, existed))
+        conn.outbound.subscriptions_changed()
         if len(packet.subscriptions) > limit:
             conn.factory.client_log.info(
                 "subscribe-filters-quota", "mqtt %s: %d filters in one SUBSCRIBE; the %d beyond "
@@ -413,6 +453,7 @@ class Inbound:
                 conn.outbound.close_subscription(entry.share_topic)
             if is_sys_name(topic_filter):
                 conn.outbound.remove_sys_filter(topic_filter)
+        conn.outbound.subscriptions_changed()
         if removed:
             conn.factory.sessions.save(session)  # once for the packet
         conn.send(Unsuback(packet.packet_id, tuple(codes) if conn.level == MQTT_5 else ()))

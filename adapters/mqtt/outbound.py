@@ -35,9 +35,17 @@ from typing import TYPE_CHECKING
 from tidegate.core.api import Delivered
 from tidegate.core.errors import TidegateError
 from tidegate.core.interfaces import Subscription
-from tidegate.core.model import Message, QueueRef
+from tidegate.core.model import Message, MessageFlag, QueueRef
 
-from .mapping import PROP_PUBLISHER, PROP_RETAIN, PublishFields, message_qos, mqtt_topic_name, publish_fields
+from .codec import encode_publish_v311, publish_topic_header
+from .mapping import (
+    PROP_PUBLISHER,
+    PROP_RETAIN,
+    QOS2_FLAG,
+    PublishFields,
+    mqtt_topic_name,
+    publish_fields,
+)
 from .packets import MQTT_5, Puback, Pubcomp, Publish, Pubrec, Pubrel, topic_matches
 from .properties import Properties
 from .reason_codes import MqttProtocolError, ReasonCode
@@ -48,6 +56,47 @@ if TYPE_CHECKING:
     from .server import MqttProtocol
 
 log = logging.getLogger("tidegate.mqtt")
+
+_TRANSIENT = int(MessageFlag.TRANSIENT)
+_QOS2 = int(QOS2_FLAG)
+# flags -> the QoS a message carries (mapping.message_qos): one dict lookup per delivery, where IntFlag's `&`
+# costs Python-level calls; messages carry few distinct flag values, and at most 256 are remembered
+_QOS_OF_FLAGS: dict[int, int] = {}
+
+
+def _message_qos(flags: int) -> int:
+    value = int(flags)
+    qos = 0 if value & _TRANSIENT else (2 if value & _QOS2 else 1)
+    if len(_QOS_OF_FLAGS) < 256:
+        _QOS_OF_FLAGS[value] = qos
+    return qos
+MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
+
+
+@dataclass(slots=True)
+class Route:
+    """What a client's subscriptions make of every message of one core topic and subject, from one queue key:
+    computed once and reused while the session's subscriptions stay the same (`Outbound.subscriptions_changed`)."""
+
+    name: str | None  # the MQTT topic name; None if MQTT cannot see the topic
+    matches: list[SubscriptionEntry]  # the subscriptions of this key that match it (before No Local)
+    qos: int  # the highest QoS among them
+    retain_as_published: bool
+    subscription_ids: tuple[int, ...]
+    no_local: bool  # some match is No Local: check the publisher per message
+    topic_header: bytes | None  # the PUBLISH topic header for 3.1.1 clients; None: encode through the codec
+
+
+def _summarise(name: str | None, matches: list[SubscriptionEntry], v311: bool) -> Route:
+    header = None
+    if name is not None and matches and v311:
+        try:
+            header = publish_topic_header(name)
+        except MqttProtocolError:
+            header = None  # not a valid PUBLISH name: the codec path raises for it as it always did
+    return Route(name, matches, max((e.qos for e in matches), default=0), any(e.retain_as_published for e in matches),
+                 tuple(sorted({e.identifier for e in matches if e.identifier})), any(e.no_local for e in matches),
+                 header)
 
 
 @dataclass(slots=True)
@@ -61,6 +110,7 @@ class Outgoing:
     subscription_ids: tuple[int, ...]
     sub_key: str | None  # queue topic of the core subscription it came from; None for retained messages
     delivered: Delivered | None
+    topic_header: bytes | None = None  # cached PUBLISH topic header (3.1.1 deliveries); None: encode the name
 
 
 class CoreSink:
@@ -86,7 +136,8 @@ class Outbound:
     """The core-to-client half of one accepted connection."""
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
-                 "maximum_packet_size", "sys_filters", "queued_retained_bytes")
+                 "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session",
+                 "routes_count", "credit_back")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
@@ -100,6 +151,17 @@ class Outbound:
         self.maximum_packet_size = maximum_packet_size  # the client's
         self.sys_filters: list[SubscriptionEntry] = []
         self.queued_retained_bytes = 0  # payload bytes of retained messages waiting in `pending`
+        # Route per (queue key, core topic, subject); None until the first delivery (idle connections stay small).
+        # Valid for `routes_session` while its subscriptions do not change.
+        self.routes: dict[tuple[str, str, str], Route] | None = None
+        self.routes_session: object = None
+        self.routes_count = 0  # len(session.subscriptions) when the routes were cached: a safety net
+        # While a batch of deliveries is handled: credit to return per key at its end (one grant, one wake-up)
+        self.credit_back: dict[str, int] | None = None
+
+    def subscriptions_changed(self) -> None:
+        """The session's subscriptions changed (SUBSCRIBE, UNSUBSCRIBE): forget the cached routes."""
+        self.routes = None
 
     # ------------------------------------------------------------------------------------------ core subscriptions
     def open_session_queue(self) -> None:
@@ -184,19 +246,32 @@ class Outbound:
     def on_deliveries(self, batch: tuple[str, list[Delivered]]) -> None:
         key, deliveries = batch
         conn = self.conn
-        for delivered in deliveries:
-            if conn.state != "connected":
-                return  # the core subscription was closed; the core redelivers unacked messages
-            outgoing = self._decide(key, delivered)
-            if outgoing is not None:
-                self.offer(outgoing)
+        self.credit_back = back = {}
+        try:
+            for delivered in deliveries:
+                if conn.state != "connected":
+                    return  # the core subscription was closed; the core redelivers unacked messages
+                outgoing = self._decide(key, delivered)
+                if outgoing is not None:
+                    self.offer(outgoing)
+        finally:
+            self.credit_back = None
+            for back_key, credit in back.items():
+                self._regrant(back_key, credit)
 
-    def _decide(self, key: str, delivered: Delivered) -> Outgoing | None:
-        """Which of this client's subscriptions want the message and how; None (and acked) if none does."""
-        conn = self.conn
-        session = conn.mqtt_session
+    def _route(self, key: str, message: Message) -> Route:
+        """How this client's subscriptions of queue `key` take messages of the message's topic and subject."""
+        session = self.conn.mqtt_session
         assert session is not None
-        message = delivered.message
+        routes = self.routes
+        if routes is None or self.routes_session is not session or self.routes_count != len(session.subscriptions):
+            routes = self.routes = {}
+            self.routes_session = session
+            self.routes_count = len(session.subscriptions)
+        cache_key = (key, message.topic, message.subject)
+        route = routes.get(cache_key)
+        if route is not None:
+            return route
         name = mqtt_topic_name(message.topic, message.subject)
         matches: list[SubscriptionEntry] = []
         if name is not None:
@@ -205,22 +280,39 @@ class Outbound:
                 matches = [e for e in candidates if e.share is None]
             else:
                 matches = [e for e in candidates if e.share is not None and e.share_topic == key]
-            publisher = message.properties.get(PROP_PUBLISHER) if message.properties else None
-            if publisher is not None and publisher == conn.client_id:
-                matches = [e for e in matches if not e.no_local]
-        if not matches:
+        route = _summarise(name, matches, self.conn.level != MQTT_5)
+        if len(routes) >= MAX_CACHED_ROUTES:
+            routes.clear()
+        routes[cache_key] = route
+        return route
+
+    def _decide(self, key: str, delivered: Delivered) -> Outgoing | None:
+        """Which of this client's subscriptions want the message and how; None (and acked) if none does."""
+        conn = self.conn
+        message = delivered.message
+        route = self._route(key, message)
+        if not route.matches:
             self._finish(key, delivered)
             return None
-        qos = min(message_qos(message.flags), max(e.qos for e in matches))
-        if qos == 0 and session.expiry_interval == 0 and self.settings.max_queued_messages:
+        props = message.properties
+        if route.no_local and props and props.get(PROP_PUBLISHER) == conn.client_id:
+            route = _summarise(route.name, [e for e in route.matches if not e.no_local], False)
+            if not route.matches:
+                self._finish(key, delivered)
+                return None
+        qos = _QOS_OF_FLAGS.get(message.flags)  # the message's QoS (mapping.message_qos)
+        if qos is None:
+            qos = _message_qos(message.flags)
+        if route.qos < qos:
+            qos = route.qos
+        if qos == 0 and self.settings.max_queued_messages and conn.mqtt_session.expiry_interval == 0:  # type: ignore[union-attr]
             backlog = conn.session.queue_offsets(delivered.queue)[1] - delivered.queue_offset - 1  # type: ignore[union-attr]
             if backlog > self.settings.max_queued_messages:
                 self._finish(key, delivered)
                 return None
-        retain = bool(message.properties) and PROP_RETAIN in message.properties \
-            and any(e.retain_as_published for e in matches)
-        ids = tuple(sorted({e.identifier for e in matches if e.identifier}))
-        return Outgoing(name, message, qos, retain, ids, key, delivered)  # type: ignore[arg-type]
+        retain = route.retain_as_published and bool(props) and PROP_RETAIN in props
+        return Outgoing(route.name, message, qos, retain, route.subscription_ids, key, delivered,  # type: ignore[arg-type]
+                        route.topic_header)
 
     def offer_retained(self, name: str, message: Message, qos: int, ids: tuple[int, ...]) -> None:
         """A retained message for a new subscription: sent now, or queued like a delivery within
@@ -271,10 +363,19 @@ class Outbound:
         conn = self.conn
         session = conn.mqtt_session
         assert session is not None
-        fields = publish_fields(outgoing.message, conn.session.now_ms())  # type: ignore[union-attr]
-        if fields is None:  # expired while queued
-            self._release(outgoing)
-            return
+        message = outgoing.message
+        header = outgoing.topic_header
+        if header is not None:
+            # 3.1.1 delivery with a cached topic header: only the expiry matters of the message's fields
+            fields = None
+            if message.expires_at and message.expires_at - conn.session.now_ms() <= 0:  # type: ignore[union-attr]
+                self._release(outgoing)  # expired while queued
+                return
+        else:
+            fields = publish_fields(message, conn.session.now_ms())  # type: ignore[union-attr]
+            if fields is None:  # expired while queued
+                self._release(outgoing)
+                return
         qos = outgoing.qos
         packets = session.packets
         packet_id = None
@@ -288,7 +389,10 @@ class Outbound:
                 dup = packet_id is not None or delivered.attempt > 1
             if packet_id is None:
                 packet_id = packets.allocate()
-        data = self._encode(outgoing, fields, packet_id, dup)
+        if header is not None:
+            data: bytes | None = encode_publish_v311(header, message.body, qos, outgoing.retain, dup, packet_id)
+        else:
+            data = self._encode(outgoing, fields, packet_id, dup)  # type: ignore[arg-type]
         if data is None:
             conn.factory.client_log.info(
                 "too-large-for-client", "mqtt %s: dropped a %d-byte message on %s: larger than the client's Maximum "
@@ -341,18 +445,23 @@ class Outbound:
             pass  # already released (subscription closed meanwhile): the core redelivers it
         self._regrant(key)
 
-    def _regrant(self, key: str | None) -> None:
-        """One message of subscription `key` left the connection's hands: its credit goes back to the core, or is
-        held while the transport is paused (returned by `resume`; never more than was granted)."""
+    def _regrant(self, key: str | None, credit: int = 1) -> None:
+        """Messages of subscription `key` left the connection's hands: their credit goes back to the core, or is
+        held while the transport is paused (returned by `resume`; never more than was granted). Inside a batch of
+        deliveries (QoS 0 writes, drops) it is summed and returned once at the end of the batch."""
         if key is None:
+            return
+        back = self.credit_back
+        if back is not None:
+            back[key] = back.get(key, 0) + credit
             return
         sub = self.subs.get(key)
         if sub is None or sub.closed:
             return
         if self.conn.paused:
-            self.held_credit[key] = self.held_credit.get(key, 0) + 1
+            self.held_credit[key] = self.held_credit.get(key, 0) + credit
         else:
-            sub.grant(1)
+            sub.grant(credit)
 
     def _ack_core(self, item: Inflight) -> None:
         if item.sub_key is None:

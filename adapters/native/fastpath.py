@@ -59,6 +59,8 @@ def wire_name(value: str) -> bytes:
 
 _PLAIN_TAIL = struct.Struct(">16xI")  # subject, tag, group, msg_id all "", no keys, no properties; body length
 _plain_tail_pack = _PLAIN_TAIL.pack
+_id_head_pack = struct.Struct(">6xH").pack  # subject, tag, group all ""; the msg_id's length
+_id_tail_pack = struct.Struct(">8xI").pack  # no keys, no properties; body length
 
 
 def message_bytes(m: Message) -> bytes:
@@ -71,8 +73,14 @@ def message_bytes(m: Message) -> bytes:
     topic = _wire_strings.get(m.topic) or wire_name(m.topic)
     keys = m.keys
     props = m.properties
-    if not (m.subject or m.tag or m.group or m.msg_id or keys or props):
-        return b"".join((fixed, topic, _plain_tail_pack(len(body)), body))
+    if not (m.subject or m.tag or m.group or keys or props):
+        msg_id = m.msg_id
+        if not msg_id:
+            return b"".join((fixed, topic, _plain_tail_pack(len(body)), body))
+        # a stored message (DELIVER, PULL_OK): only its id besides topic and body; ids are short ASCII
+        data = msg_id.encode("utf-8")
+        if len(data) <= 0xFFFF:
+            return b"".join((fixed, topic, _id_head_pack(len(data)), data, _id_tail_pack(len(body)), body))
     if keys or props:
         parts = [_u32_pack(len(keys))]
         parts += [wire_string(key) for key in keys]

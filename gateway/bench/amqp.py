@@ -28,6 +28,7 @@ from .delivery import MIN_SIZE, PAYLOAD_HEADER, PAYLOAD_MAGIC, ConsumerTally, Pr
 from .driver import SEND_DRAIN_TIMEOUT_S, BenchError, BenchOptions, Driver, RateLimiter, WorkerContext
 from .engine import run_bench
 from .latency import latency_line
+from .plot import add_plot_option, plot_report
 
 AMQP_PORT = 5672
 CONNECT_TIMEOUT_S = 10.0
@@ -339,6 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                         help="after publishing, wait this long without progress for consumers to catch up (10)")
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
+    add_plot_option(parser)
 
 
 def amqp_options(args: argparse.Namespace, server: str) -> BenchOptions:
@@ -372,6 +374,7 @@ def run_amqp_command(args: argparse.Namespace) -> int:
     if report["lost"]:
         errors.append(f"{report['lost']} acknowledged deliveries lost")
     report["errors"] = errors
+    plot_report(args.plot, report, "tidegate bench amqp: latency")
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

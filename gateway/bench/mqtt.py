@@ -29,6 +29,7 @@ from .driver import SEND_DRAIN_TIMEOUT_S, BenchError, BenchOptions, Driver, Rate
 from .engine import run_bench
 from .latency import latency_line
 from .mqtt_client import IDLE_KEEP_ALIVE, PUBACK, PUBCOMP, PUBREC, PUBREL, MqttClient, ack_packets
+from .plot import add_plot_option, plot_report
 
 # With --rate 0, a QoS 0 publisher writes this many PUBLISHes per send (TCP backpressure is its only flow control).
 QOS0_BURST = 128
@@ -269,6 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                         help="after publishing, wait this long without progress for subscribers to catch up (10)")
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
+    add_plot_option(parser)
     parser.set_defaults(protocol="mqtt")
 
 
@@ -292,6 +294,7 @@ def run_mqtt_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     report = mqtt_report(report)
+    plot_report(args.plot, report, f"tidegate bench mqtt (QoS {args.qos}): latency")
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

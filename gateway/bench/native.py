@@ -32,6 +32,7 @@ from .delivery import MIN_SIZE, ConsumerTally, ProducerTally, encode_payload
 from .driver import SEND_DRAIN_TIMEOUT_S, BenchError, BenchOptions, Driver, RateLimiter, WorkerContext
 from .engine import run_bench
 from .latency import latency_line
+from .plot import add_plot_option, plot_report
 
 # Messages the broker may push ahead to one bench consumer: enough to cover a reactor turn at full rate.
 CONSUMER_CREDIT = 2048
@@ -154,6 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run producers and consumers as processes (default; sidesteps the GIL) or threads")
     add_spawn_broker_options(parser)
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
+    add_plot_option(parser)
     parser.add_argument("--batch", type=at_least(1), default=1, metavar="K",
                         help="send batches of K messages (one SEND_BATCH frame each); default 1")
     parser.set_defaults(protocol="native")
@@ -198,6 +200,7 @@ def run_native_command(args: argparse.Namespace) -> int:
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    plot_report(args.plot, report, "tidegate bench native: latency")
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

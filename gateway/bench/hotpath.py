@@ -1,0 +1,242 @@
+"""Broker CPU per message on the hot path, in one process, without sockets or a load generator.
+
+`python -m tidegate.gateway.bench.hotpath SCENARIO [--messages N] [--batch K]` builds a broker over a real
+`FileMessageStore` (temp dir, fsync inline: sync flush) on a `MemoryReactorClock`, connects a publisher and a
+subscriber over in-memory transports, and moves N messages of 256 bytes through it in reads of K messages
+(publisher reads, durable acknowledgement, delivery, subscriber acknowledgements), the way `tidegate bench` loads a
+real broker. It reports the CPU time (`time.process_time`) spent inside the broker's entry points per message:
+client-side encoding and decoding happen outside the measured sections.
+
+Why: the 2-core machine is shared, so throughput and even per-process CPU of the socket benchmarks move ±20% from
+run to run. This harness is deterministic in what it does, so before/after comparisons of the hot path are fair,
+and it runs under `valgrind --tool=callgrind` (small N) for instruction counts. It leaves out the reactor, the
+kernel and the thread hop of the group commit, which `tidegate bench` includes.
+
+Scenarios: `mqtt1` (QoS 1 1→1, PUBACK after the fsync, subscriber PUBACKs), `mqtt0` (QoS 0 1→1), `native`
+(pipelined SENDs, one subscriber in offset mode that returns credit per DELIVER).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+PAYLOAD = bytes(range(256))
+
+
+class _Timer:
+    """CPU time accumulated inside the broker's entry points."""
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+
+    def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        started = time.process_time()
+        try:
+            return work(*args)
+        finally:
+            self.cpu += time.process_time() - started
+
+
+def _broker(data_dir: str, clock: Any) -> Any:
+    """A Broker over a FileMessageStore whose fsync runs on a worker thread, as `tidegate serve` runs it (on the
+    reactor thread the store would also write its index files and checkpoint at every sync)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from twisted.internet.defer import fail, succeed
+
+    from tidegate.core.broker import Broker, BrokerConfig
+    from tidegate.core.flush import Durability
+    from tidegate.core.storage.filestore import FileMessageStore
+    from tidegate.core.storage.memory import MemoryMetadataStore
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hotpath-flush")
+
+    def run_in_thread(work: Callable[[], int]) -> Any:
+        try:
+            return succeed(pool.submit(work).result())
+        except Exception as exc:  # noqa: BLE001 - handed to the Durability's errback, as deferToThread would
+            return fail(exc)
+
+    store = FileMessageStore(data_dir, clock_ms=lambda: int(clock.seconds() * 1000))
+    durability = Durability(store, clock, run_in_thread=run_in_thread, mode="sync")
+    return Broker(store, MemoryMetadataStore(), clock, durability, BrokerConfig())
+
+
+def run_mqtt(messages: int, batch: int, qos: int, data_dir: str) -> float:
+    """Broker CPU seconds for `messages` MQTT publishes at `qos`, 1 publisher → 1 subscriber (3.1.1)."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from tidegate.adapters.mqtt.codec import Connect, MqttCodec
+    from tidegate.adapters.mqtt.packets import Puback, Publish, Subscribe, TopicSubscription
+    from tidegate.adapters.mqtt.server import MqttServerFactory
+    from tidegate.adapters.mqtt.settings import MqttSettings
+    from tidegate.core.security import AllowAllGate
+
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000.0)
+    broker = _broker(data_dir, clock)
+    factory = MqttServerFactory(broker, AllowAllGate(), clock, MqttSettings(sys_interval=0))
+    timer = _Timer()
+
+    def connection(client_id: str, port: int) -> tuple[Any, StringTransport, MqttCodec]:
+        protocol = factory.buildProtocol(("127.0.0.1", port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        codec = MqttCodec(server_side=False)
+        codec.protocol_level = 4
+        protocol.dataReceived(codec.encode(Connect(client_id, protocol_level=4, clean_start=True)))
+        codec.receive_data(transport.value())
+        transport.clear()
+        return protocol, transport, codec
+
+    pub, pub_out, pub_codec = connection("hot-pub", 40001)
+    sub, sub_out, sub_codec = connection("hot-sub", 40002)
+    sub.dataReceived(sub_codec.encode(Subscribe(1, (TopicSubscription("hot/#", qos),))))
+    clock.advance(0)
+    sub_codec.receive_data(sub_out.value())
+    sub_out.clear()
+    reads = []
+    packet_id = 0
+    for start in range(0, messages, batch):
+        chunk = []
+        for _ in range(min(batch, messages - start)):
+            packet_id = packet_id % 65535 + 1
+            chunk.append(pub_codec.encode(Publish("hot/a", PAYLOAD, qos, packet_id=packet_id if qos else None)))
+        reads.append(b"".join(chunk))
+    received = 0
+    for data in reads:
+        timer.run(pub.dataReceived, data)
+        for _ in range(3):  # fsync + PUBACKs, wake-up, delivery: each one reactor turn
+            timer.run(clock.advance, 0)
+        pub_out.clear()
+        packets = sub_codec.receive_data(sub_out.value())
+        sub_out.clear()
+        received += len(packets)
+        if qos:
+            acks = b"".join(sub_codec.encode(Puback(p.packet_id)) for p in packets)
+            timer.run(sub.dataReceived, acks)
+            timer.run(clock.advance, 0)
+            packets = sub_codec.receive_data(sub_out.value())  # deliveries the returned credit let through
+            sub_out.clear()
+            received += len(packets)
+            if packets:
+                timer.run(sub.dataReceived, b"".join(sub_codec.encode(Puback(p.packet_id)) for p in packets))
+    for _ in range(5):
+        timer.run(clock.advance, 0)
+        packets = sub_codec.receive_data(sub_out.value())
+        sub_out.clear()
+        received += len(packets)
+        if qos and packets:
+            timer.run(sub.dataReceived, b"".join(sub_codec.encode(Puback(p.packet_id)) for p in packets))
+    if received != messages:
+        raise SystemExit(f"the subscriber got {received} of {messages} messages")
+    broker.close()
+    return timer.cpu
+
+
+def run_native(messages: int, batch: int, data_dir: str) -> float:
+    """Broker CPU seconds for `messages` native SENDs (K per read), one consumer returning credit per DELIVER."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from tidegate.adapters.native import frames as f
+    from tidegate.adapters.native.codec import NativeCodec, Role, encode_frame, encode_send
+    from tidegate.adapters.native.server import NativeServerFactory
+    from tidegate.core.model import Message
+    from tidegate.core.security import AllowAllGate
+
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000.0)
+    broker = _broker(data_dir, clock)
+    factory = NativeServerFactory(broker, AllowAllGate(), clock)
+    timer = _Timer()
+
+    def connection(client_id: str, port: int) -> tuple[Any, StringTransport, NativeCodec]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        codec = NativeCodec(Role.CLIENT)
+        protocol.dataReceived(encode_frame(f.Hello(request_id=1, client_id=client_id)))
+        clock.advance(0)
+        codec.receive_data(transport.value())
+        transport.clear()
+        return protocol, transport, codec
+
+    producer, producer_out, _ = connection("hot-producer", 40001)
+    consumer, consumer_out, consumer_codec = connection("hot-consumer", 40002)
+    producer.dataReceived(encode_frame(f.TopicCreate(request_id=2, name="hot", queues=8)))
+    clock.advance(0)
+    producer_out.clear()
+    consumer.dataReceived(encode_frame(f.Subscribe(request_id=3, group="hot-group", topic="hot", start="earliest",
+                                                   credit=1024)))
+    clock.advance(0)
+    frames = consumer_codec.receive_data(consumer_out.value())
+    consumer_out.clear()
+    subscription_id = next(x.subscription_id for x in frames if isinstance(x, f.SubscribeOk))
+    reads = []
+    request_id = 10
+    message = Message(topic="hot", body=PAYLOAD)
+    for start in range(0, messages, batch):
+        chunk = []
+        for _ in range(min(batch, messages - start)):
+            request_id += 1
+            chunk.append(encode_send(request_id, 0, -1, message))
+        reads.append(b"".join(chunk))
+    received = 0
+
+    def take_deliveries() -> None:
+        nonlocal received
+        frames = consumer_codec.receive_data(consumer_out.value())
+        consumer_out.clear()
+        got = sum(len(x.messages) for x in frames if isinstance(x, f.Deliver))
+        received += got
+        if got:
+            timer.run(consumer.dataReceived, encode_frame(f.Credit(request_id=0, subscription_id=subscription_id,
+                                                                   credit=got)))
+
+    for data in reads:
+        timer.run(producer.dataReceived, data)
+        for _ in range(3):
+            timer.run(clock.advance, 0)
+        producer_out.clear()
+        take_deliveries()
+    for _ in range(10):
+        timer.run(clock.advance, 0)
+        take_deliveries()
+    if received != messages:
+        raise SystemExit(f"the consumer got {received} of {messages} messages")
+    broker.close()
+    return timer.cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tidegate.gateway.bench.hotpath",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("scenario", choices=("mqtt1", "mqtt0", "native"))
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=64, help="messages per publisher read (64)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the report gives min and median (3)")
+    args = parser.parse_args(argv)
+    results = []
+    for _ in range(args.repeat):
+        data_dir = tempfile.mkdtemp(prefix="tidegate-hotpath-")
+        try:
+            if args.scenario == "native":
+                cpu = run_native(args.messages, args.batch, data_dir)
+            else:
+                cpu = run_mqtt(args.messages, args.batch, int(args.scenario[-1]), data_dir)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        results.append(cpu * 1e6 / args.messages)
+    results.sort()
+    print(f"{args.scenario}: broker CPU per message {results[0]:.1f} µs (min), {results[len(results) // 2]:.1f} µs "
+          f"(median) over {args.repeat} runs of {args.messages} messages, {args.batch} per read")
+
+
+if __name__ == "__main__":
+    main()
