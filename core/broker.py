@@ -125,6 +125,7 @@ class Broker:
         self._bindings.unbind_topic(name)
         self._producer.forget_topic(name)
         self._topics.forget(name)
+        self.metrics.forget_topic(name)  # no counters kept under the names of deleted topics
 
     def get_topic(self, name: str) -> TopicConfig:
         return self._topics.get(name)

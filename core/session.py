@@ -14,7 +14,9 @@ so the publish hot path pays a dict lookup, not a policy evaluation, per message
 Limits against abuse (core/security/limits.py) are the session's `quota`: message and property sizes and the
 user's publish rate and bandwidth are charged on `publish` (refused with `QuotaExceeded`, or taken into debt when
 the adapter throttles instead: `throttle_publishes`, `publish_wait`), subscriptions are counted on `subscribe` and
-`bind`. Messages refused by their topic's schema are counted as limit hits of cause `schema`.
+`bind`. Messages refused by their topic's schema are counted as limit hits of cause `schema`. Topics the session's
+actions create (auto-created by publish, subscribe or get, created or declared explicitly, AMQP queues through
+`admit_new_topic`) count against the user's `max_topics_created_per_user`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class CoreSession:
     """One connection's view of the core, acting as `principal` from `source` on `listener`."""
 
     __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned", "_own_queues",
-                 "_decisions", "_gate_version", "quota")
+                 "_decisions", "_gate_version", "quota", "_known_topic")
 
     def __init__(self, core: Core, gate: Gate, principal: Principal, *, source: str = "", listener: str = "",
                  client_id: str = "", quota: SessionQuota | None = None) -> None:
@@ -56,6 +58,9 @@ class CoreSession:
         self._gate_version = gate.version
         # limits against abuse; None for the broker itself and where no limiter is configured (tests, tools)
         self.quota = None if principal.system else quota
+        if self.quota is not None and not self.quota.source:
+            self.quota.source = source  # named in the audit line of a refusal
+        self._known_topic = ""  # the last topic this session published to that was checked to exist (or admitted)
 
     def __repr__(self) -> str:
         return f"<CoreSession {self.principal} {self.listener} {self.source} {self.client_id!r}>"
@@ -155,14 +160,42 @@ class CoreSession:
         quota = self.quota
         if quota is None:
             return self.core.publish(messages, queue_id)
+        if quota.limits_topic_creation:
+            self._admit_published_topics(messages, quota)
         quota.charge(messages)
         try:
             return self.core.publish(messages, queue_id)
         except Exception as exc:
             quota.refund(messages)  # nothing was stored
             if isinstance(exc, SchemaViolation):
-                quota.hit(SCHEMA)
+                quota.hit(SCHEMA, str(exc))
             raise
+
+    def _topic_exists(self, name: str) -> bool:
+        try:
+            self.core.get_topic(name)
+        except TopicNotFound:
+            return False
+        return True
+
+    def _admit_published_topics(self, messages: Sequence[Message], quota: SessionQuota) -> None:
+        """Topics a publish would auto-create count against the user's max_topics_created_per_user."""
+        known = self._known_topic
+        for m in messages:
+            topic = m.topic
+            if topic == known:
+                continue
+            if not self._topic_exists(topic):
+                quota.admit_topic(topic, self._topic_exists)
+            known = topic
+        self._known_topic = known
+
+    def admit_new_topic(self, name: str) -> None:
+        """This session's action is about to create topic `name` (a topic that does not exist yet: a declare, an
+        AMQP queue): count it against the user's max_topics_created_per_user, or raise `QuotaExceeded`."""
+        quota = self.quota
+        if quota is not None and quota.limits_topic_creation and not self._topic_exists(name):
+            quota.admit_topic(name, self._topic_exists)
 
     def throttle_publishes(self) -> None:
         """Publishes over the user's rate are taken into debt instead of refused; the adapter then stops reading
@@ -185,6 +218,7 @@ class CoreSession:
         quota = self.quota
         if quota is None or topic in self._own_queues:  # the own queue: its bound filters are what count
             return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
+        self.admit_new_topic(topic)  # subscribing auto-creates the topic
         quota.admit_subscription()
         subscription = self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
         quota.add_subscription(subscription)
@@ -217,6 +251,8 @@ class CoreSession:
     def get(self, group: str, topic: str, *, auto_ack: bool, invisible_ms: int | None = None) -> Delivered | None:
         """Take the next ready message of `group` on `topic` without a subscription (AMQP basic.get)."""
         self._check_read(topic, group)
+        if topic not in self._own_queues:
+            self.admit_new_topic(topic)
         return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)
 
     def ack(self, group: str, receipt: str) -> None:
@@ -244,12 +280,14 @@ class CoreSession:
             return self.core.get_topic(name)
         except TopicNotFound:
             self.authorize(Action.CREATE, Resource.topic(name))
+            self.admit_new_topic(name)
             return self.core.ensure_topic(name, queues)
 
     def create_topic(self, name: str, queues: int | None = None, perm: str = "rw",
                      retention_ms: int = 0) -> TopicConfig:
         self._writable_name(name)
         self.authorize(Action.CREATE, Resource.topic(name))
+        self.admit_new_topic(name)
         return self.core.create_topic(name, queues, perm=perm, retention_ms=retention_ms)
 
     def update_topic(self, name: str, queues: int | None = None, perm: str | None = None,

@@ -10,6 +10,7 @@ Every response this module writes itself is JSON, including 404 and 405, so scri
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 from collections.abc import Callable
@@ -112,11 +113,21 @@ class _Endpoint(Resource):
 
 
 class MetricsResource(_Endpoint):
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """Prometheus exposition; with a token (`[security] metrics_token_file`) only for `Authorization: Bearer
+    <token>`, so topic names and traffic are not open to whoever reaches the admin port."""
+
+    def __init__(self, registry: CollectorRegistry, token: bytes = b"") -> None:
         super().__init__()
         self.registry = registry
+        self.token = token
 
     def render_GET(self, request: Request) -> bytes:
+        if self.token:
+            scheme, _, given = (request.getHeader(b"authorization") or b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+                request.setHeader(b"www-authenticate", b'Bearer realm="tidegate metrics"')
+                return write_json(request, 401, {"error": "/metrics needs the bearer token "
+                                                          "(security.metrics_token_file)"})
         body = generate_latest(self.registry)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return body
@@ -141,9 +152,9 @@ class ReadyResource(_Endpoint):
 
 
 class AdminRoot(Resource):
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness, metrics_token: bytes = b"") -> None:
         super().__init__()
-        self.putChild(b"metrics", MetricsResource(registry))
+        self.putChild(b"metrics", MetricsResource(registry, metrics_token))
         self.putChild(b"healthz", HealthResource())
         self.putChild(b"readyz", ReadyResource(readiness))
 
@@ -170,9 +181,10 @@ class AdminSite(Site):
         return None
 
 
-def build_admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: Any) -> tuple[AdminSite, AdminRoot]:
+def build_admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: Any, *,
+                     metrics_token: bytes = b"") -> tuple[AdminSite, AdminRoot]:
     """The site to listen with and its root (to `mount` more resources on). `reactor` drives HTTP timeouts."""
-    root = AdminRoot(registry, readiness)
+    root = AdminRoot(registry, readiness, metrics_token)
     return AdminSite(root, reactor=reactor), root
 
 

@@ -52,8 +52,13 @@ from tidegate.core.flush import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.security.audit import AuditLog
 from tidegate.core.security.gate import AllowAllGate, Gate
-from tidegate.core.security.keyfiles import check_private_file
-from tidegate.core.security.limits import USER_LIMITS_NAMESPACE, Limiter, settings_from_mapping
+from tidegate.core.security.keyfiles import InsecureKeyFile, check_private_file, read_private_file
+from tidegate.core.security.limits import (
+    TOPIC_CREATORS_NAMESPACE,
+    USER_LIMITS_NAMESPACE,
+    Limiter,
+    settings_from_mapping,
+)
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
 from tidegate.core.storage.encryption import load_keyring
@@ -108,14 +113,17 @@ def broker_config(config: Config) -> BrokerConfig:
     )
 
 
-def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics) -> Limiter:
+def build_limiter(config: Config, clock: Any, overrides: Any, metrics: CoreMetrics,
+                  audit: AuditLog | None = None, creators: Any = None) -> Limiter:
     """The process's limits against abuse from `[limits]` and `[limits.<listener>]`, with per-user overrides kept
     in the metadata namespace `overrides`."""
     limits = config.limits
     listeners = {name: asdict(getattr(limits, name)) for name in ("native", "mqtt", "amqp")}
+    if listeners["mqtt"]["max_topics_created_per_user"] < 0:  # the older MQTT-only key keeps working
+        listeners["mqtt"]["max_topics_created_per_user"] = config.listeners.mqtt.max_topics_created_per_user
     return Limiter(settings_from_mapping(asdict(limits)), clock, listeners=listeners, overrides=overrides,
                    metrics=metrics, max_tracked_sources=limits.max_tracked_sources,
-                   max_tracked_users=limits.max_tracked_users)
+                   max_tracked_users=limits.max_tracked_users, audit=audit, creators=creators)
 def resource_monitor(config: Config, data_dir: Path, alarms: ResourceAlarms, clock: Any,
                      storage_health: list[Callable[[], tuple[bool, str]]]) -> ResourceMonitor:
     """The monitor that raises the resource alarms: storage (health, free disk) and memory (RSS watermark)."""
@@ -187,6 +195,8 @@ class TidegateProcess(Service):
             store_stats=lambda: self.store.stats() if self.store is not None else None,
             reactor_lag=self.reactor_lag.histogram,
             recovery=lambda: getattr(self.store, "recovery", None),
+            max_topic_labels=config.listeners.admin.metrics_max_topic_labels,
+            max_group_labels=config.listeners.admin.metrics_max_group_labels,
         )
         self.registry = build_registry(self.collector)
         self.registry.register(self.tls_metrics)
@@ -213,11 +223,18 @@ class TidegateProcess(Service):
         # Secrets first: a key readable by other users fails start-up before anything listens or is written.
         if self.config.tls.key_file:
             check_private_file(self.config.tls.key_file, "tls.key_file", missing_ok=True)
+        metrics_token = b""
+        if self.config.security.metrics_token_file:
+            metrics_token = read_private_file(os.path.expanduser(self.config.security.metrics_token_file),
+                                              "security.metrics_token_file").strip()
+            if len(metrics_token) < 16:
+                raise InsecureKeyFile("security.metrics_token_file: the token must be at least 16 characters")
         secure_data_dir(self.data_dir)  # 0700, and files an older version left 0644 become 0600
         audit = self.config.audit
         if audit.file:
             self.audit = AuditLog(Path(os.path.expanduser(audit.file)).absolute(), max_bytes=audit.max_bytes,
                                   backup_count=audit.backup_count)
+        self.tls_metrics.audit = self.audit  # failed TLS handshakes are audited
         listeners_file = self.data_dir / LISTENERS_FILE
         # A file left by a crashed run would point readers at ports nobody listens on.
         listeners_file.unlink(missing_ok=True)
@@ -226,7 +243,8 @@ class TidegateProcess(Service):
 
         if listeners.admin.enabled:
             admin = listeners.admin
-            site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor)
+            site, self.admin_root = build_admin_site(self.registry, self.readiness, self.reactor,
+                                                     metrics_token=metrics_token)
             if admin.plain_enabled:
                 self._admin_port = self.reactor.listenTCP(admin.port, site, interface=admin.host)
                 self.addresses["admin"] = format_address(self._admin_port)
@@ -242,7 +260,8 @@ class TidegateProcess(Service):
         self.readiness.add_check("storage", self.store.health)
 
         self.metadata = open_metadata_store(self.data_dir)
-        self.gate = open_policy_gate(self.metadata, self.reactor, **asdict(self.config.security),
+        gate_settings = {k: v for k, v in asdict(self.config.security).items() if k != "metrics_token_file"}
+        self.gate = open_policy_gate(self.metadata, self.reactor, **gate_settings,
                                      admin_password=os.environ.get(ADMIN_PASSWORD_ENV) or None,
                                      run_in_thread=self.run_password_check, listener_hosts=self._listener_hosts(),
                                      audit=self.audit, metrics=self.metrics.security)
@@ -257,7 +276,8 @@ class TidegateProcess(Service):
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))
         self.limiter = build_limiter(self.config, self.reactor,
-                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics)
+                                     MetadataNamespace(self.metadata, USER_LIMITS_NAMESPACE), self.metrics,
+                                     self.audit, MetadataNamespace(self.metadata, TOPIC_CREATORS_NAMESPACE))
         if self.admin_root is not None:
             self.admin_root.mount("api", SecurityApi(self.gate, extra_hosts=self.gate.admin_hosts,
                                                      tls_reload=self.reload_tls, limiter=self.limiter,

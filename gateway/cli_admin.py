@@ -3,7 +3,8 @@ gateway/bench.py).
 
 Every command talks to a running broker over the native protocol through the blocking SDK (`tidegate.client`),
 except `admin tls-reload`, which asks the admin HTTP API (`POST /api/tls/reload`, HTTPS when `--admin` starts
-with https://, verified against `--cafile`) as an administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`), and
+with https://, verified against `--cafile`; gateway/admin_client.py, as the `user|role|acl` commands) as an
+administrator (`TIDEGATE_USER`/`TIDEGATE_PASSWORD`), and
 `admin rotate-key`, which only edits the local encryption keyring file (docs/security.md, "Encryption at rest").
 Output is a human table by default and JSON with `--json`. Failures are one line on stderr and exit code 1:
 `error: <message> (<CODE NAME>)`; bad arguments exit 2 (argparse, or `UsageError` raised by a handler).
@@ -194,53 +195,18 @@ def _register_admin(commands: argparse._SubParsersAction) -> None:
                                               "(encryption-at-rest keyring file)")
     sub = _subcommands(admin, "admin_command", ["tls-reload", "rotate-key"])
     _register_rotate_key(sub)
-    reload = sub.add_parser("tls-reload", help="re-read the TLS certificate, key and CA files (as SIGHUP does); "
-                                               "open connections stay, new ones get the new certificate")
-    reload.add_argument("--admin", metavar="[https://]HOST:PORT", default=None,
-                        help="broker admin address (default: $TIDEGATE_ADMIN or 127.0.0.1:8080)")
-    reload.add_argument("--admin-user", default=None,
-                        help="administrator to act as (default: $TIDEGATE_USER; password from $TIDEGATE_PASSWORD "
-                             "or a prompt)")
-    reload.add_argument("--cafile", default=None, help="CA bundle that signs an https:// admin certificate")
-    reload.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    reload.set_defaults(handler=run_admin_tls_reload)
+    from tidegate.gateway.admin_client import admin_options, guarded
+
+    reload = sub.add_parser("tls-reload", parents=[admin_options()],
+                            help="re-read the TLS certificate, key and CA files (as SIGHUP does); open connections "
+                                 "stay, new ones get the new certificate")
+    reload.set_defaults(handler=guarded(run_admin_tls_reload))
 
 
 def run_admin_tls_reload(args: argparse.Namespace) -> int:
-    import ssl
-    import urllib.error
-    import urllib.request
+    from tidegate.gateway.admin_client import client_for
 
-    from tidegate.gateway import cli_security
-
-    address = cli_security.admin_address(args)
-    base = address if address.startswith(("http://", "https://")) else f"http://{address}"
-    # client_for resolves the administrator and password (environment or prompt) as the other admin commands do.
-    credentials = cli_security.client_for(argparse.Namespace(admin=base, admin_user=args.admin_user))
-    context = ssl.create_default_context(cafile=args.cafile) if base.startswith("https://") else None
-    request = urllib.request.Request(base.rstrip("/") + "/api/tls/reload", data=b"{}", method="POST",
-                                     headers=credentials.headers)
-
-    def call() -> Any:
-        try:
-            with urllib.request.urlopen(request, timeout=cli_security.TIMEOUT_S, context=context) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, AttributeError):
-                message = exc.reason
-            raise cli_security.ApiError(exc.code, str(message)) from None
-
-    try:
-        answer = call()
-    except cli_security.ApiError as exc:
-        print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
-        return EXIT_FAILURE
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"error: cannot reach the broker's admin API at {address}: {reason}", file=sys.stderr)
-        return EXIT_FAILURE
+    answer = client_for(args, "tls").call("POST", "reload", {})
     if args.json:
         print_json(answer)
     else:

@@ -16,53 +16,45 @@ commands, as in `tidegate acl grant --user alice --allow Pub --resource 'Topic:t
     tidegate user limits [NAME] [--publish-rate N] [--bandwidth BYTES] [--max-connections N] ... [--unset F] [--clear]
     tidegate topic schema set TOPIC --file schema.json [--content-type application/json]
     tidegate topic schema show|clear TOPIC;  tidegate topic schema list
+
+The admin port may be plain http or https (`--admin https://host:8443 --cafile ca.pem`, or `TIDEGATE_ADMIN_URL` and
+`TIDEGATE_ADMIN_CAFILE`): gateway/admin_client.py, shared with `tidegate admin tls-reload`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import getpass
 import json
-import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from tidegate.gateway.cli import EXIT_FAILURE, EXIT_OK, UsageError
+from tidegate.gateway.admin_client import (
+    ADMIN_CAFILE_ENV,
+    ADMIN_ENV,
+    ADMIN_URL_ENV,
+    DEFAULT_ADMIN,
+    PASSWORD_ENV,
+    TIMEOUT_S,
+    USER_ENV,
+    AdminClient,
+    ApiError,
+    admin_address,
+    admin_options,
+    client_for,
+    guarded,
+)
+from tidegate.gateway.cli import EXIT_OK, UsageError
 
-ADMIN_ENV = "TIDEGATE_ADMIN"
-USER_ENV = "TIDEGATE_USER"
-PASSWORD_ENV = "TIDEGATE_PASSWORD"
-DEFAULT_ADMIN = "127.0.0.1:8080"
-TIMEOUT_S = 30.0
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
+__all__ = ["ADMIN_CAFILE_ENV", "ADMIN_ENV", "ADMIN_URL_ENV", "DEFAULT_ADMIN", "PASSWORD_ENV", "TIMEOUT_S", "USER_ENV",
+           "AdminClient", "ApiError", "admin_address", "admin_options", "client_for", "guarded", "register"]
 
 # ----------------------------------------------------------------------------------------------- registration
-def admin_options() -> argparse.ArgumentParser:
-    """--admin, --admin-user and --json: a parent parser for every command that calls the admin API."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--admin", metavar="HOST:PORT", default=None,
-                        help=f"broker admin HTTP address (default: ${ADMIN_ENV} or {DEFAULT_ADMIN})")
-    common.add_argument("--admin-user", default=None,
-                        help=f"administrator to act as (default: ${USER_ENV}; password from ${PASSWORD_ENV} "
-                             "or a prompt)")
-    common.add_argument("--json", action="store_true", help="print JSON")
-    return common
-
-
 # `tidegate user limits` options: flag -> per-user limit field (core/security/limits.py USER_SETTING_NAMES)
 LIMIT_FLAGS = {
     "--publish-rate": ("publish_rate", "messages per second over all the user's connections"),
@@ -73,6 +65,7 @@ LIMIT_FLAGS = {
     "--max-subscriptions": ("max_subscriptions_per_session", "subscriptions of one connection"),
     "--max-message-bytes": ("max_message_bytes", "body bytes of one message"),
     "--max-property-bytes": ("max_property_bytes", "property bytes of one message"),
+    "--max-topics-created": ("max_topics_created_per_user", "topics the user may have created (that still exist)"),
 }
 
 
@@ -162,59 +155,7 @@ def _owner(args: argparse.Namespace) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- transport
-class AdminClient:
-    """JSON over HTTP Basic to /api/<section> (security, topics) on the broker's admin port."""
-
-    def __init__(self, address: str, user: str, password: str, section: str = "security") -> None:
-        self.base = f"http://{address}/api/{section}/"
-        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 (http to our broker)
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, AttributeError):
-                message = exc.reason
-            raise ApiError(exc.code, str(message)) from None
-
-
-def admin_address(args: argparse.Namespace) -> str:
-    return args.admin or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN
-
-
-def client_for(args: argparse.Namespace, section: str = "security") -> AdminClient:
-    user = args.admin_user or os.environ.get(USER_ENV)
-    if not user:
-        raise UsageError(f"who is the administrator? set ${USER_ENV} and ${PASSWORD_ENV}, or pass --admin-user")
-    password = os.environ.get(PASSWORD_ENV) if not args.admin_user else None
-    if password is None:
-        password = getpass.getpass(f"password for {user}: ")
-    return AdminClient(admin_address(args), user, password, section)
-
-
-def guarded(handler: Handler) -> Handler:
-    """API errors and an unreachable broker become one stderr line and exit code 1."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except ApiError as exc:
-            print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
-        except urllib.error.URLError as exc:
-            print(f"error: cannot reach the broker's admin API at {admin_address(args)}: {exc.reason} "
-                  f"(point --admin or ${ADMIN_ENV} at it)", file=sys.stderr)
-        except (TimeoutError, OSError) as exc:
-            print(f"error: cannot reach the broker's admin API at {admin_address(args)}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-
-    return run
+# (gateway/admin_client.py: AdminClient, client_for, guarded, ApiError, admin_options, shared with `admin tls-reload`)
 
 
 def read_password(args: argparse.Namespace, stdin: Any = None) -> str:

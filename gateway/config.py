@@ -92,6 +92,10 @@ class AdminListener:
     plain_enabled: bool = True  # false: HTTPS only (needs tls_enabled)
     tls_enabled: bool = False  # HTTPS on tls_port with the [tls] certificate
     tls_port: int = 8443
+    # /metrics (served here): topics and consumer groups with a label of their own (the busiest first); the
+    # rest are summed under "other", private ones under their %KIND%. Bounds the series a scrape returns.
+    metrics_max_topic_labels: int = 100
+    metrics_max_group_labels: int = 100
 
 
 @dataclass(slots=True, frozen=True)
@@ -135,7 +139,9 @@ class MqttListener:
     client_id_binding: str = "user"  # "user": a session's client id belongs to the user that created it; "none"
     max_sessions_per_user: int = 100_000  # beyond: CONNACK 0x97 (v5) / 3 (3.1.1); 0 = no limit
     ws_allowed_origins: str = ""  # comma-separated Origins allowed cross-origin over WebSocket ("*" = any)
-    max_topics_created_per_user: int = 10_000  # topics one user's publishes may auto-create; beyond: 0x97
+    # the MQTT listener's value of the core limit `[limits.mqtt] max_topics_created_per_user` when that is unset
+    # (-1): topics one user may have created (every protocol counts); beyond, a publish creating one gets 0x97
+    max_topics_created_per_user: int = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,6 +239,9 @@ class SecuritySection:
     jwt_issuer: str = ""
     jwt_username_claim: str = "sub"
     jwt_leeway_s: int = 30
+    # A bearer token (at least 16 characters, file mode 0600) that GET /metrics then requires; empty: /metrics is
+    # open to whoever reaches the admin port (bound to 127.0.0.1 by default). /healthz and /readyz stay open.
+    metrics_token_file: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -256,6 +265,8 @@ class ListenerLimits:
     connection_rate_per_source: int = -1
     connection_burst_per_source: int = -1
     max_subscriptions_per_session: int = -1
+    # -1 = as [limits]; for mqtt, -1 = `[listeners.mqtt] max_topics_created_per_user` (10,000 by default)
+    max_topics_created_per_user: int = -1
 
 
 @dataclass(slots=True, frozen=True)
@@ -274,6 +285,7 @@ class LimitsSection:
     publish_bytes_rate: int = 0  # body bytes per second per user
     publish_bytes_burst: int = 0  # 0 = the rate
     max_subscriptions_per_session: int = 0  # bound filters and consumers of one connection
+    max_topics_created_per_user: int = 0  # topics one user's actions created that still exist, every protocol
     max_tracked_sources: int = 100_000  # addresses remembered for the per-source limits (oldest forgotten)
     max_tracked_users: int = 100_000
     native: ListenerLimits = field(default_factory=ListenerLimits)
@@ -554,6 +566,9 @@ def _validate(merger: _Merger) -> None:
 
 
 def _validate_limits(values: dict[str, Any], sources: dict[str, Source]) -> None:
+    for key in ("listeners.admin.metrics_max_topic_labels", "listeners.admin.metrics_max_group_labels"):
+        if not 0 <= values[key] <= 100_000:
+            raise ConfigError(f"{key} must be 0-100000, got {values[key]} (from {sources[key]})")
     for key in (k for k in LEAF_KEYS if k.startswith("limits.")):
         low = -1 if key.count(".") == 2 else 0  # a listener's -1 means "as [limits]"
         if values[key] < low:

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tidegate.core.api import GroupInfo
-from tidegate.core.metrics import CoreMetrics, LatencyHistogram, SecurityMetrics
+from tidegate.core.metrics import DELETED_TOPICS, CoreMetrics, LatencyHistogram, SecurityMetrics
 from tidegate.core.model import RESERVED_TOPIC, is_private_topic
 from tidegate.core.storage.api import RecoveryReport, StoreStats
 
@@ -47,14 +47,15 @@ class LabelBudget:
         free = self.limit - len(self.labelled)
         if free <= 0:
             return
-        candidates = [name for name in weights if name not in self.labelled and not is_private_topic(name)]
+        candidates = [name for name in weights
+                      if name not in self.labelled and name != DELETED_TOPICS and not is_private_topic(name)]
         candidates.sort(key=lambda name: (-weights[name], name))
         self.labelled.update(candidates[:free])
 
     def label(self, name: str) -> str:
         if name in self.labelled:
             return name
-        if is_private_topic(name):
+        if is_private_topic(name) and name != DELETED_TOPICS:
             match = RESERVED_TOPIC.match(name)
             return match.group(0) if match else OTHER_LABEL
         return OTHER_LABEL
@@ -134,6 +135,8 @@ class TidegateCollector(Collector):
                                 value=self._uptime())
 
     def _traffic(self) -> Iterator[Metric]:
+        # Deleted topics give their label back (their counts went to DELETED_TOPICS, summed under "other").
+        self.topic_labels.labelled.difference_update(self.core.take_deleted_topics())
         # Copy before iterating: an adapter may add a topic while this generator is suspended.
         counters = {attr: dict(getattr(self.core, attr)) for attr in ("messages_in", "bytes_in", "messages_out",
                                                                        "bytes_out")}

@@ -13,7 +13,9 @@ What a context enforces, from `[tls]` (gateway/config.py):
 
 `ServerTls` is what `listenSSL` gets: it hands every new connection the *current* context, so `reload` (SIGHUP,
 admin API) swaps certificates for new connections while existing ones keep the context they were accepted with.
-`TlsMetrics` counts failed handshakes and exposes each listener's certificate not-after as Prometheus series.
+`TlsMetrics` counts failed handshakes by listener and cause (`HANDSHAKE_FAILURE_CAUSES`, read from the fatal TLS
+alert), writes a rate-limited audit line for them, and exposes each listener's certificate not-after as Prometheus
+series.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
+from tidegate.core.security.audit import AuditLog
+
 # Mozilla's "intermediate" TLS 1.2 list without the finite-field DHE suites: ECDHE only, AEAD only.
 DEFAULT_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -40,6 +44,42 @@ DEFAULT_CIPHERS = ":".join((
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 VERIFY_MODES = ("none", "optional", "required")
 FATAL_ALERT_LEVEL = 2
+
+# Why a handshake failed: the label set of tidegate_tls_handshake_failures_total{listener,cause} (fixed, small).
+NO_CERTIFICATE = "no_certificate"  # a client certificate is required and none was sent
+UNTRUSTED_CERTIFICATE = "untrusted_certificate"  # not signed by a CA of tls.ca_file (or otherwise unverifiable)
+EXPIRED_CERTIFICATE = "expired_certificate"  # the client certificate is expired (or not yet valid)
+PROTOCOL_VERSION = "protocol_version"  # no TLS version in common (a client below min_version), or no TLS at all
+NO_SHARED_CIPHER = "no_shared_cipher"
+CLIENT_ALERT = "client_alert"  # the client gave up: typically it does not trust our certificate or host name
+OTHER = "other"
+HANDSHAKE_FAILURE_CAUSES = (NO_CERTIFICATE, UNTRUSTED_CERTIFICATE, EXPIRED_CERTIFICATE, PROTOCOL_VERSION,
+                            NO_SHARED_CIPHER, CLIENT_ALERT, OTHER)
+# TLS alert descriptions (RFC 8446 section 6) the server sends, by what they say about the client.
+_ALERT_CAUSES = {
+    40: "",  # handshake_failure: no shared cipher, or (TLS 1.2) no client certificate: told apart below
+    42: UNTRUSTED_CERTIFICATE,  # bad_certificate
+    43: UNTRUSTED_CERTIFICATE,  # unsupported_certificate
+    44: UNTRUSTED_CERTIFICATE,  # certificate_revoked
+    45: EXPIRED_CERTIFICATE,  # certificate_expired
+    46: UNTRUSTED_CERTIFICATE,  # certificate_unknown
+    48: UNTRUSTED_CERTIFICATE,  # unknown_ca
+    70: PROTOCOL_VERSION,  # protocol_version
+    71: NO_SHARED_CIPHER,  # insufficient_security
+    116: NO_CERTIFICATE,  # certificate_required (TLS 1.3)
+}
+
+
+def handshake_failure_cause(where: int, ret: int, *, server_hello_sent: bool) -> str:
+    """The cause of a fatal alert before the handshake finished (`where`/`ret` of the info callback)."""
+    if not where & SSL.SSL_CB_WRITE:
+        return CLIENT_ALERT  # the alert came from the client
+    cause = _ALERT_CAUSES.get(ret & 0xFF, OTHER)
+    if cause == "":
+        # TLS 1.2 answers a missing required certificate with handshake_failure too, but only after the server
+        # hello (a cipher was agreed); no shared cipher is found before it.
+        cause = NO_CERTIFICATE if server_hello_sent else NO_SHARED_CIPHER
+    return cause
 
 
 class TlsConfigError(Exception):
@@ -149,22 +189,32 @@ def build_server_context(settings: TlsSettings, *, session_id: bytes = b"tidegat
 
 
 class TlsMetrics:
-    """Prometheus collector: failed TLS handshakes and the server certificate's not-after, by listener."""
+    """Prometheus collector: failed TLS handshakes by listener and cause, and the server certificate's not-after.
 
-    def __init__(self) -> None:
-        self.handshake_failures: dict[str, int] = {}
+    `audit` (the broker's AuditLog, set once it is open) gets a rate-limited line per failure."""
+
+    def __init__(self, audit: AuditLog | None = None) -> None:
+        self.handshake_failures: dict[tuple[str, str], int] = {}  # (listener, cause) -> count
         self.not_after: dict[str, float] = {}
         self.reloads = 0
+        self.audit = audit
 
-    def failed(self, listener: str) -> None:
-        self.handshake_failures[listener] = self.handshake_failures.get(listener, 0) + 1
+    def failed(self, listener: str, cause: str = OTHER, source: str = "") -> None:
+        key = (listener, cause if cause in HANDSHAKE_FAILURE_CAUSES else OTHER)
+        self.handshake_failures[key] = self.handshake_failures.get(key, 0) + 1
+        if self.audit is not None:
+            self.audit.tls_failure(listener=listener, cause=key[1], source=source)
+
+    def failures(self, listener: str) -> int:
+        """Every failed handshake of `listener`, whatever the cause."""
+        return sum(n for (name, _), n in self.handshake_failures.items() if name == listener)
 
     def collect(self) -> Iterator[Any]:
         failures = CounterMetricFamily("tidegate_tls_handshake_failures",
-                                       "TLS handshakes that ended in a fatal alert (either side), by listener",
-                                       labels=["listener"])
-        for listener in sorted(set(self.handshake_failures) | set(self.not_after)):
-            failures.add_metric([listener], self.handshake_failures.get(listener, 0))
+                                       "TLS handshakes that ended in a fatal alert (either side), by listener and "
+                                       "cause", labels=["listener", "cause"])
+        for (listener, cause), count in sorted(self.handshake_failures.items()):
+            failures.add_metric([listener, cause], count)
         yield failures
         expiry = GaugeMetricFamily("tidegate_tls_certificate_not_after_seconds",
                                    "notAfter of the server certificate a TLS listener presents (unix seconds)",
@@ -184,6 +234,7 @@ class ServerTls:
         self.listener = listener
         self.metrics = metrics if metrics is not None else TlsMetrics()
         self._handshaken: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
+        self._hello_sent: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()  # past the server hello
         self._current = self.prepare()
         self.install(self._current)
 
@@ -207,15 +258,28 @@ class ServerTls:
         return self._current.context
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803 (Twisted interface)
-        return SSL.Connection(self._current.context, None)
+        return SSL.Connection(self._current.context, None)  # Twisted sets the protocol as its app data
 
     def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
         # A fatal alert, sent or received, before the handshake finished is a failed handshake: an untrusted or
         # missing client certificate, no shared cipher or version, a client refusing our certificate, garbage.
         if where & SSL.SSL_CB_HANDSHAKE_DONE:
             self._handshaken.add(connection)
+            self._hello_sent.discard(connection)
+        elif where & SSL.SSL_CB_ACCEPT_LOOP:
+            if connection.get_state_string().endswith(b"write server hello"):
+                self._hello_sent.add(connection)
         elif where & SSL.SSL_CB_ALERT and (ret >> 8) == FATAL_ALERT_LEVEL and connection not in self._handshaken:
-            self.metrics.failed(self.listener)
+            cause = handshake_failure_cause(where, ret, server_hello_sent=connection in self._hello_sent)
+            self.metrics.failed(self.listener, cause, _peer_host(connection))
+
+
+def _peer_host(connection: SSL.Connection) -> str:
+    transport = getattr(connection.get_app_data(), "transport", None)  # the TLSMemoryBIOProtocol's TCP transport
+    try:
+        return str(transport.getPeer().host) if transport is not None else ""
+    except Exception:  # a transport without an IP peer (tests, pipes): the line goes without a source
+        return ""
 
 
 def not_after_iso(timestamp: float) -> str:

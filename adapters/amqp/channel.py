@@ -332,6 +332,7 @@ class Channel:
             queue = registry.queues.get(name)
             if queue is None:
                 self._authorize(Action.CREATE, Resource.topic(queue_topic(name)))
+                self.session.admit_new_topic(queue_topic(name))  # max_topics_created_per_user: 406 when over
                 queue = QueueDecl(name, bool(m.durable), self.connection if m.exclusive else None,
                                   bool(m.auto_delete), arguments)
                 registry.declare_queue(queue)

@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError, TopicNotFound
+from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError
 from tidegate.core.model import Message
 from tidegate.core.security.gate import Action, Resource
-from tidegate.core.session import CoreSession
 
 from .codec import encode_puback_success
 from .errors import reason_for_core_error
@@ -88,15 +87,6 @@ def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publi
     if publisher is not None:
         props[PROP_PUBLISHER] = publisher
     return Message(topic=address[0], subject=address[1], body=payload, properties=props, flags=_FLAGS_FOR_QOS[qos])
-
-
-def _topic_exists(core: CoreSession, topic: str) -> bool:
-    """Existence only, not a read of the topic: asked of the core directly (the publish itself is decided next)."""
-    try:
-        core.core.get_topic(topic)
-    except TopicNotFound:
-        return False
-    return True
 
 
 class Inbound:
@@ -198,20 +188,17 @@ class Inbound:
             self.batch_ids.add(packet_id)  # type: ignore[union-attr, arg-type]
 
     def _may_create(self, topic: str) -> bool:
-        """Whether publishing to core topic `topic` stays within the user's topic creation quota (an existing
-        topic always does). Remembered for the next publish, which usually goes to the same topic."""
-        limit = self.settings.max_topics_created_per_user
+        """Whether publishing to core topic `topic` stays within the user's topic creation limit (the core's
+        max_topics_created_per_user, shared with every protocol; an existing topic always does). Remembered for
+        the next publish, which usually goes to the same topic."""
         core = self.conn.session
         assert core is not None
-        if limit and not _topic_exists(core, topic):
-            created = self.conn.factory.topics_created.setdefault(core.principal.name, set())
-            if topic not in created:
-                if len(created) >= limit:
-                    self.conn.factory.client_log.info(
-                        "topics-quota", "mqtt %s: publish to new topic %s refused: the user created %d topics "
-                        "(max_topics_created_per_user)", self.conn.who(), topic, len(created))
-                    return False
-                created.add(topic)
+        try:
+            core.admit_new_topic(topic)
+        except QuotaExceeded as refused:
+            self.conn.factory.client_log.info("topics-quota", "mqtt %s: publish to new topic %s refused: %s",
+                                              self.conn.who(), topic, refused.message)
+            return False
         self.known_topic = topic
         return True
 

@@ -535,8 +535,6 @@ class MqttServerFactory(AdapterFactory):
         self.sessions = SessionManager(self.system, clock, settings, self._publish_will,
                                        rows=core.adapter_state(SESSIONS_NAMESPACE),
                                        share_rows=core.adapter_state(SHARES_NAMESPACE))
-        # principal name -> core topics its publishes created (max_topics_created_per_user), for this process
-        self.topics_created: dict[str, set[str]] = {}
         self.sys = SysTopics(self)
         self.stats = self.sys.stats
         self.sessions.load()

@@ -69,10 +69,8 @@ class MqttSettings:
     # without Origin (not a browser) and a same-origin request (Origin host:port = Host) are always accepted; any
     # other Origin is refused with HTTP 403. The config file gives them comma-separated.
     ws_allowed_origins: tuple[str, ...] = ()
-    # Core topics (first levels) one user's publishes may create by auto-creation while the broker runs; a publish
-    # that would create one more is refused (v5 PUBACK/PUBREC 0x97 Quota exceeded, 3.1.1 closes). 0 = no limit.
-    # Anonymous clients share one count.
-    max_topics_created_per_user: int = 10_000
+    # (Topic auto-creation per user is a core limit now: `[limits] max_topics_created_per_user`, which the gateway
+    # feeds `[listeners.mqtt] max_topics_created_per_user` as the MQTT listener's value; core/security/limits.py.)
 
     @classmethod
     def from_config(cls, section: Any) -> MqttSettings:
@@ -111,9 +109,8 @@ class MqttSettings:
             raise ValueError("max_outbound_topic_aliases must be 0..65535")
         if self.client_id_binding not in CLIENT_ID_BINDINGS:
             raise ValueError(f"client_id_binding must be one of {', '.join(CLIENT_ID_BINDINGS)}")
-        if self.max_sessions_per_user < 0 or self.max_topics_created_per_user < 0:
-            raise ValueError("max_sessions_per_user and max_topics_created_per_user must not be negative "
-                             "(0 = no limit)")
+        if self.max_sessions_per_user < 0:
+            raise ValueError("max_sessions_per_user must not be negative (0 = no limit)")
         origins = self.ws_allowed_origins
         if isinstance(origins, str):
             origins = origins.split(",")

@@ -8,7 +8,11 @@ Events (`"event"` field):
   `"repeats"` (denials since the previous line, itself included), so a client hammering a forbidden topic costs one
   line per interval, not one per message. The table of keys is bounded (oldest forgotten first);
 - `admin`: every change made through the admin HTTP API (and so the CLI): who, from where, the operation, the
-  target and its state before and after.
+  target and its state before and after;
+- `limit`: a request a limit against abuse refused (core/security/limits.py): listener, cause (the metric's label),
+  user and source address when known, and the refusal's text. Rate-limited per (listener, cause) like denials;
+- `tls_handshake_failed`: a TLS handshake that ended in a fatal alert (gateway/tls.py): listener, cause (the
+  metric's label) and source address. Rate-limited per (listener, cause) like denials.
 
 Never written: passwords, password hashes, tokens, message bodies or properties. Callers pass only names and states
 (`User.to_dict()` has no hash); `AuditLog` drops any field named like a secret as a second line of defence.
@@ -62,8 +66,8 @@ class AuditLog:
         self._clock = clock
         self.denial_interval_s = denial_interval_s
         self.max_denial_keys = max_denial_keys
-        # key -> [time of the last line written, denials since then not yet written]
-        self._denials: OrderedDict[tuple[str, str, str], list[float]] = OrderedDict()
+        # (event, key...) -> [time of the last line written, events since then not yet written]
+        self._throttled: OrderedDict[tuple[str, ...], list[float]] = OrderedDict()
         self._handler: logging.Handler | None = None
         if self.path is not None:
             directory = os.path.dirname(os.path.abspath(self.path))
@@ -94,23 +98,52 @@ class AuditLog:
             fields["reason"] = reason
         self.write("login", **fields)
 
+    def _admit(self, key: tuple[str, ...]) -> int:
+        """Rate limiting of repeated events: 0 when this one is only counted, else the `repeats` its line carries
+        (itself plus those counted since the previous line of `key`)."""
+        now = self._clock()
+        state = self._throttled.get(key)
+        if state is not None and now - state[0] < self.denial_interval_s:
+            state[1] += 1
+            self._throttled.move_to_end(key)
+            return 0
+        repeats = 1 + (int(state[1]) if state is not None else 0)
+        self._throttled[key] = [now, 0]
+        self._throttled.move_to_end(key)
+        while len(self._throttled) > self.max_denial_keys:
+            self._throttled.popitem(last=False)
+        return repeats
+
     def denial(self, *, user: str, action: str, resource: str, source: str, listener: str, reason: str = "") -> None:
         if self._handler is None:
             return
-        key = (user, action, resource.split(":", 1)[0])  # resource type, not name: a bounded number of keys per user
-        now = self._clock()
-        state = self._denials.get(key)
-        if state is not None and now - state[0] < self.denial_interval_s:
-            state[1] += 1
-            self._denials.move_to_end(key)
+        # resource type, not name: a bounded number of keys per user
+        repeats = self._admit(("denied", user, action, resource.split(":", 1)[0]))
+        if repeats:
+            self.write("denied", user=user, action=action, resource=resource, source=source, listener=listener,
+                       reason=reason, repeats=repeats)
+
+    def limit_hit(self, *, listener: str, cause: str, user: str = "", source: str = "", reason: str = "") -> None:
+        """A limit refused a request. One line per (listener, cause) and interval: a flood against a limit (the
+        very thing limits are for) must not become a flood of audit lines."""
+        if self._handler is None:
             return
-        repeats = 1 + (int(state[1]) if state is not None else 0)
-        self._denials[key] = [now, 0]
-        self._denials.move_to_end(key)
-        while len(self._denials) > self.max_denial_keys:
-            self._denials.popitem(last=False)
-        self.write("denied", user=user, action=action, resource=resource, source=source, listener=listener,
-                   reason=reason, repeats=repeats)
+        repeats = self._admit(("limit", listener, cause))
+        if repeats:
+            fields: dict[str, Any] = {"listener": listener, "cause": cause}
+            if user:
+                fields["user"] = user
+            if source:
+                fields["source"] = source
+            self.write("limit", **fields, reason=reason, repeats=repeats)
+
+    def tls_failure(self, *, listener: str, cause: str, source: str = "") -> None:
+        """A TLS handshake failed (untrusted, expired or missing client certificate, no shared version or cipher)."""
+        if self._handler is None:
+            return
+        repeats = self._admit(("tls_handshake_failed", listener, cause))
+        if repeats:
+            self.write("tls_handshake_failed", listener=listener, cause=cause, source=source, repeats=repeats)
 
     def admin_change(self, *, who: str, source: str, operation: str, target: str, before: Any, after: Any,
                      status: int) -> None:
@@ -118,14 +151,21 @@ class AuditLog:
                    status=status)
 
     def flush_denials(self) -> None:
-        """Write the counts of denials still waiting for their next line (at shutdown)."""
+        """Write the counts of rate-limited events still waiting for their next line (at shutdown)."""
         if self._handler is None:
             return
-        for (user, action, resource_type), (_, pending) in list(self._denials.items()):
-            if pending:
+        for key, (_, pending) in list(self._throttled.items()):
+            if not pending:
+                continue
+            event = key[0]
+            if event == "denied":
+                _, user, action, resource_type = key
                 self.write("denied", user=user, action=action, resource=f"{resource_type}:*", source="",
                            listener="", reason="summary at shutdown", repeats=int(pending))
-        self._denials.clear()
+            else:
+                _, listener, cause = key
+                self.write(event, listener=listener, cause=cause, reason="summary at shutdown", repeats=int(pending))
+        self._throttled.clear()
 
     def close(self) -> None:
         if self._handler is not None:

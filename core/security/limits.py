@@ -7,7 +7,11 @@ Pure bookkeeping with an injected clock (`clock.seconds()`), shared by every lis
 - per user: concurrent connections (`admit_user`, once the gate has named the principal) and two token buckets,
   messages per second and bytes per second, shared by all of that user's connections in every protocol;
 - per connection (`SessionQuota`, held by the CoreSession): message and property size, the user's buckets, and
-  the number of subscriptions.
+  the number of subscriptions;
+- per user, over every protocol: the topics the user's actions created (auto-created by a publish or subscribe,
+  created or declared explicitly, AMQP queues), `max_topics_created_per_user`. Who created which topic is kept
+  in the metadata store (`TOPIC_CREATORS_NAMESPACE`), so a restart does not reset the count; topics deleted since
+  are not counted (checked when the limit is reached).
 
 Settings come from the `[limits]` config section (process defaults), `[limits.<listener>]` (a listener's own
 values, -1 = as `[limits]`) and per-user overrides stored in the metadata store (`set_user_limits`); 0 means
@@ -18,19 +22,21 @@ Tables are bounded: sources and idle users beyond `max_tracked_sources` / `max_t
 first (a forgotten source or user starts again with a full bucket, never with a refusal).
 
 Refusals raise `QuotaExceeded` with a `cause` from `CAUSES` (the bounded label set of
-`tidegate_security_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.security`.
+`tidegate_security_limit_hits_total{listener,cause}`); each is counted once in `CoreMetrics.security` and reported
+to the audit log (`AuditLog.limit_hit`, one line per listener and cause per interval with a repeat count).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
 from tidegate.core.errors import BadRequest, QuotaExceeded
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message
+from tidegate.core.security.audit import AuditLog
 
 # The causes a limit hit is counted under (metric label values: a fixed set, never client data).
 MESSAGE_SIZE = "message_size"
@@ -42,11 +48,14 @@ PUBLISH_RATE = "publish_rate"
 PUBLISH_BANDWIDTH = "publish_bandwidth"
 SUBSCRIPTIONS = "subscriptions"
 SCHEMA = "schema"
+TOPICS_CREATED = "topics_created"
 CAUSES = (MESSAGE_SIZE, PROPERTY_SIZE, CONNECTIONS_PER_USER, CONNECTIONS_PER_SOURCE, CONNECTION_RATE, PUBLISH_RATE,
-          PUBLISH_BANDWIDTH, SUBSCRIPTIONS, SCHEMA)
+          PUBLISH_BANDWIDTH, SUBSCRIPTIONS, SCHEMA, TOPICS_CREATED)
 
 USER_LIMITS_NAMESPACE = "security.limits"  # metadata key/value rows: user name -> {field: value}
+TOPIC_CREATORS_NAMESPACE = "security.topic_creators"  # metadata key/value rows: topic name -> the user who made it
 DEFAULT_MAX_TRACKED = 100_000
+CREATION_GRACE_S = 10.0  # a topic admitted this recently counts even if it does not exist yet (batched publish)
 
 
 class Clock(Protocol):
@@ -78,6 +87,7 @@ class LimitSettings:
     publish_bytes_rate: int = 0  # body + property bytes per second, per user
     publish_bytes_burst: int = 0
     max_subscriptions_per_session: int = 0
+    max_topics_created_per_user: int = 0  # topics one user may have created (that still exist), every protocol
 
     def merged(self, overrides: Mapping[str, int]) -> LimitSettings:
         """These settings with `overrides` (a listener's or a user's) applied; negative values mean 'inherit'."""
@@ -203,10 +213,12 @@ class Limiter:
     def __init__(self, settings: LimitSettings, clock: Clock, *,
                  listeners: Mapping[str, Mapping[str, int]] | None = None, overrides: KeyValue | None = None,
                  metrics: CoreMetrics | None = None, max_tracked_sources: int = DEFAULT_MAX_TRACKED,
-                 max_tracked_users: int = DEFAULT_MAX_TRACKED) -> None:
+                 max_tracked_users: int = DEFAULT_MAX_TRACKED, audit: AuditLog | None = None,
+                 creators: KeyValue | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
+        self.audit = audit  # limit refusals are audited (rate-limited per listener and cause)
         self.max_tracked_sources = max_tracked_sources
         self.max_tracked_users = max_tracked_users
         self._listeners = {name: settings.merged(values) for name, values in (listeners or {}).items()}
@@ -217,6 +229,14 @@ class Limiter:
                 if isinstance(values, dict):
                     self._user_overrides[name] = {k: int(v) for k, v in values.items() if k in USER_SETTING_NAMES}
         self._effective: dict[tuple[str, str], LimitSettings] = {}
+        # user -> topics its actions created (that may still exist), persisted in `creators` (topic -> user)
+        self._creators_store = creators
+        # (topic -> when it was admitted; 0 for those loaded at start)
+        self._created: dict[str, dict[str, float]] = {}
+        if creators is not None:
+            for topic, user in creators.items():
+                if isinstance(user, str):
+                    self._created.setdefault(user, {})[topic] = 0.0
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self._users: OrderedDict[str, UserState] = OrderedDict()
         self.version = 0  # moves when per-user overrides change: sessions re-read their settings
@@ -276,12 +296,15 @@ class Limiter:
         self.version += 1
 
     # ------------------------------------------------------------------ counting
-    def hit(self, listener: str, cause: str) -> None:
+    def hit(self, listener: str, cause: str, *, user: str = "", source: str = "", reason: str = "") -> None:
+        """Count a refusal by a limit and write its (rate-limited) audit line."""
         if self.metrics is not None:
             self.metrics.security.limit_hit(listener, cause)
+        if self.audit is not None:
+            self.audit.limit_hit(listener=listener, cause=cause, user=user, source=source, reason=reason)
 
-    def refuse(self, listener: str, cause: str, text: str) -> QuotaExceeded:
-        self.hit(listener, cause)
+    def refuse(self, listener: str, cause: str, text: str, *, user: str = "", source: str = "") -> QuotaExceeded:
+        self.hit(listener, cause, user=user, source=source, reason=text)
         return QuotaExceeded(text, cause)
 
     # ------------------------------------------------------------------ admission
@@ -303,10 +326,10 @@ class Limiter:
             assert entry.bucket is not None
             if not entry.bucket.try_take(1, self.clock.seconds()):
                 raise self.refuse(listener, CONNECTION_RATE,
-                                  f"too many new connections from {source} (limit {rate} per second)")
+                                  f"too many new connections from {source} (limit {rate} per second)", source=source)
         if most and entry.connections >= most:
             raise self.refuse(listener, CONNECTIONS_PER_SOURCE,
-                              f"{source} already has {entry.connections} connections (limit {most})")
+                              f"{source} already has {entry.connections} connections (limit {most})", source=source)
         entry.connections += 1
         return SourceTicket(source)
 
@@ -340,7 +363,7 @@ class Limiter:
         most = self.effective(listener, user).max_connections_per_user
         if most and state.connections >= most:
             raise self.refuse(listener, CONNECTIONS_PER_USER,
-                              f"user {user!r} already has {state.connections} connections (limit {most})")
+                              f"user {user!r} already has {state.connections} connections (limit {most})", user=user)
         state.connections += 1
         self._users.move_to_end(user)
         return UserTicket(state)
@@ -352,8 +375,44 @@ class Limiter:
         if ticket.user.connections > 0:
             ticket.user.connections -= 1
 
-    def session_quota(self, listener: str, user: str) -> SessionQuota:
-        return SessionQuota(self, listener, user)
+    # ------------------------------------------------------------------ topics created per user
+    def topics_created(self, user: str) -> int:
+        return len(self._created.get(user, ()))
+
+    def admit_topic(self, listener: str, user: str, topic: str, exists: Callable[[str], bool], *,
+                    source: str = "") -> None:
+        """`user` is about to create `topic`: record it, or raise `QuotaExceeded` when the user already created
+        `max_topics_created_per_user` topics that still exist (0: unlimited, nothing recorded)."""
+        most = self.effective(listener, user).max_topics_created_per_user
+        if not most:
+            return
+        created = self._created.setdefault(user, {})
+        if topic in created:
+            return
+        now = self.clock.seconds()
+        if len(created) >= most:
+            # Topics deleted since no longer count. Recently admitted ones may not exist *yet* (a publish batch
+            # not stored so far): they are kept.
+            self._forget_created(user, [t for t, when in created.items()
+                                        if now - when > CREATION_GRACE_S and not exists(t)])
+            if len(created) >= most:
+                raise self.refuse(listener, TOPICS_CREATED,
+                                  f"user {user!r} has created {len(created)} topics (limit {most}); "
+                                  f"topic {topic!r} is not created", user=user, source=source)
+        created[topic] = now
+        if self._creators_store is not None:
+            self._creators_store.put(topic, user)
+
+    def _forget_created(self, user: str, topics: Sequence[str]) -> None:
+        created = self._created.get(user)
+        for topic in topics:
+            if created is not None:
+                created.pop(topic, None)
+            if self._creators_store is not None:
+                self._creators_store.delete(topic)
+
+    def session_quota(self, listener: str, user: str, source: str = "") -> SessionQuota:
+        return SessionQuota(self, listener, user, source)
 
     def snapshot(self) -> dict[str, Any]:
         """What the tables hold (admin API, tests)."""
@@ -366,13 +425,14 @@ class SessionQuota:
     `throttle` (AMQP): a publish over the user's rate is not refused but taken into debt, and the adapter stops
     reading for `publish_wait()` seconds, as RabbitMQ's credit flow does."""
 
-    __slots__ = ("limiter", "listener", "user", "settings", "state", "version", "throttle", "subscriptions",
-                 "_sizes", "_buckets")
+    __slots__ = ("limiter", "listener", "user", "source", "settings", "state", "version", "throttle",
+                 "subscriptions", "_sizes", "_buckets")
 
-    def __init__(self, limiter: Limiter, listener: str, user: str) -> None:
+    def __init__(self, limiter: Limiter, listener: str, user: str, source: str = "") -> None:
         self.limiter = limiter
         self.listener = listener
         self.user = user
+        self.source = source  # for the audit line of a refusal
         self.state = limiter.user_state(user)
         self.throttle = False
         self.subscriptions: set[Any] = set()  # bound patterns and live subscriptions of this session
@@ -411,13 +471,13 @@ class SessionQuota:
                 bytes_bucket.take(size, now)
             return
         if messages_bucket is not None and not messages_bucket.try_take(count, now):
-            raise self.limiter.refuse(self.listener, PUBLISH_RATE,
+            raise self._refuse(PUBLISH_RATE,
                                       f"publish rate of user {self.user!r} over {self.settings.publish_rate} "
                                       "messages per second")
         if bytes_bucket is not None and not bytes_bucket.try_take(size, now):
             if messages_bucket is not None:
                 messages_bucket.give_back(count)
-            raise self.limiter.refuse(self.listener, PUBLISH_BANDWIDTH,
+            raise self._refuse(PUBLISH_BANDWIDTH,
                                       f"publish bandwidth of user {self.user!r} over "
                                       f"{self.settings.publish_bytes_rate} bytes per second")
 
@@ -447,12 +507,12 @@ class SessionQuota:
         body_limit, property_limit = settings.max_message_bytes, settings.max_property_bytes
         for m in messages:
             if body_limit and len(m.body) > body_limit:
-                raise self.limiter.refuse(self.listener, MESSAGE_SIZE,
+                raise self._refuse(MESSAGE_SIZE,
                                           f"message body is {len(m.body)} bytes; the limit is {body_limit}")
             if property_limit and m.properties:
                 size = sum(len(k.encode()) + len(v.encode()) for k, v in m.properties.items())
                 if size > property_limit:
-                    raise self.limiter.refuse(self.listener, PROPERTY_SIZE,
+                    raise self._refuse(PROPERTY_SIZE,
                                               f"message properties are {size} bytes; the limit is {property_limit}")
 
     def admit_subscription(self, key: Any = None) -> None:
@@ -467,7 +527,7 @@ class SessionQuota:
         if len(subscriptions) >= most:
             subscriptions.difference_update([s for s in subscriptions if getattr(s, "closed", False)])
         if len(subscriptions) >= most:
-            raise self.limiter.refuse(self.listener, SUBSCRIPTIONS,
+            raise self._refuse(SUBSCRIPTIONS,
                                       f"the session already has {len(subscriptions)} subscriptions (limit {most})")
 
     def add_subscription(self, key: Any) -> None:
@@ -479,8 +539,25 @@ class SessionQuota:
     def remove_subscription(self, key: Any) -> None:
         self.subscriptions.discard(key)
 
-    def hit(self, cause: str) -> None:
-        self.limiter.hit(self.listener, cause)
+    def admit_topic(self, topic: str, exists: Callable[[str], bool]) -> None:
+        """This session is about to create `topic` (Limiter.admit_topic for its user)."""
+        if self.version != self.limiter.version:
+            self._refresh()
+        if self.settings.max_topics_created_per_user:
+            self.limiter.admit_topic(self.listener, self.user, topic, exists, source=self.source)
+
+    @property
+    def limits_topic_creation(self) -> bool:
+        if self.version != self.limiter.version:
+            self._refresh()
+        return bool(self.settings.max_topics_created_per_user)
+
+    def _refuse(self, cause: str, text: str) -> QuotaExceeded:
+        return self.limiter.refuse(self.listener, cause, text, user=self.user, source=self.source)
+
+    def hit(self, cause: str, reason: str = "") -> None:
+        """Count (and audit) a refusal the core made for this session (a schema violation)."""
+        self.limiter.hit(self.listener, cause, user=self.user, source=self.source, reason=reason)
 
 
 def settings_from_mapping(values: Mapping[str, Any]) -> LimitSettings:

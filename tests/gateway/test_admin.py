@@ -28,11 +28,12 @@ class Response:
         return json.loads(self.body)
 
 
-def request(site, path: str, method: str = "GET") -> Response:
+def request(site, path: str, method: str = "GET", headers: str = "") -> Response:
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
-    channel.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    channel.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
+                         .encode())
     raw = transport.value()
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -44,9 +45,9 @@ def request(site, path: str, method: str = "GET") -> Response:
     return Response(int(status_line.split()[1]), headers, body)
 
 
-def make_site(readiness: Readiness | None = None, metrics: CoreMetrics | None = None):
+def make_site(readiness: Readiness | None = None, metrics: CoreMetrics | None = None, metrics_token: bytes = b""):
     registry = build_registry(TidegateCollector(metrics or CoreMetrics(), uptime=lambda: 3.0))
-    return build_admin_site(registry, readiness or Readiness(), MemoryReactorClock())
+    return build_admin_site(registry, readiness or Readiness(), MemoryReactorClock(), metrics_token=metrics_token)
 
 
 def test_healthz_answers_200_while_the_process_is_up_even_before_it_is_ready() -> None:
@@ -91,6 +92,19 @@ def test_metrics_serves_prometheus_text_with_core_counters() -> None:
     assert response.headers["content-type"].startswith("text/plain; version=")
     assert b'tidegate_messages_in_total{topic="orders"} 9.0' in response.body
     assert b"tidegate_uptime_seconds 3.0" in response.body
+
+
+def test_metrics_behind_a_token_answers_401_without_it_and_the_scrape_with_it() -> None:
+    site, _ = make_site(metrics_token=b"scrape-token-0123456789")
+    for headers in ("", "Authorization: Bearer wrong-token-0123456789\r\n",
+                    "Authorization: Basic c2NyYXBlOnRva2Vu\r\n"):
+        refused = request(site, "/metrics", headers=headers)
+        assert refused.status == 401, headers
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert b"tidegate_" not in refused.body and b"metrics_token_file" in refused.body
+    allowed = request(site, "/metrics", headers="Authorization: Bearer scrape-token-0123456789\r\n")
+    assert allowed.status == 200 and b"tidegate_uptime_seconds" in allowed.body
+    assert request(site, "/healthz").status == 200 and request(site, "/readyz").status in (200, 503)  # stay open
 
 
 def test_unknown_paths_get_a_json_404() -> None:

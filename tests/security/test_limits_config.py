@@ -16,9 +16,14 @@ def config_with(*settings: str, environ: dict[str, str] | None = None):
 
 
 def test_defaults_limit_nothing():
+    """Nothing but the MQTT listener's topic creation per user (10,000: `[listeners.mqtt]
+    max_topics_created_per_user`, as before that limit moved into the core)."""
+    from tidegate.core.security.limits import LimitSettings
+
     limiter = build_limiter(config_with(), MemoryReactorClock(), None, CoreMetrics())
     assert not limiter.settings.any
-    assert all(not limiter.for_listener(name).any for name in ("native", "mqtt", "amqp"))
+    assert all(not limiter.for_listener(name).any for name in ("native", "amqp"))
+    assert limiter.for_listener("mqtt") == LimitSettings(max_topics_created_per_user=10_000)
 
 
 def test_section_listener_values_and_environment_reach_the_limiter():

@@ -62,7 +62,7 @@ def run_cli(broker: BrokerProcess, *argv: str, stdin: str = "") -> int:
 @pytest.fixture(scope="module")
 def users(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Users with the allow-all role and their limits, and the topic `orders` with a schema, all through the CLI."""
-    passwords = {name: f"{name}-pw" for name in ("nat", "mq", "am", "mqconn", "amconn")}
+    passwords = {name: f"{name}-pw" for name in ("nat", "mq", "am", "mqconn", "amconn", "maker")}
     for name, password in passwords.items():
         assert run_cli(broker, "user", "add", name, "--password-stdin", "--role", "allow-all", stdin=password) == 0
     assert run_cli(broker, "user", "limits", "nat", "--publish-rate", "2") == 0
@@ -70,6 +70,7 @@ def users(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> di
     assert run_cli(broker, "user", "limits", "am", "--publish-rate", "20") == 0
     assert run_cli(broker, "user", "limits", "mqconn", "--max-connections", "1") == 0
     assert run_cli(broker, "user", "limits", "amconn", "--max-connections", "1") == 0
+    assert run_cli(broker, "user", "limits", "maker", "--max-topics-created", "2") == 0
     assert run_cli(broker, "topic", "create", "orders") == 0
     schema_file = tmp_path_factory.mktemp("schema") / "order.json"
     schema_file.write_text(json.dumps(ORDER_SCHEMA))
@@ -258,3 +259,34 @@ def test_amqp_schema_violation_closes_the_channel_406_with_the_reason(broker, us
     finally:
         connection.close()
     assert limit_hits(broker, "amqp", "schema") >= 1
+
+
+# ---------------------------------------------------------------------------------------------- topic creation
+def test_topic_creation_limit_is_shared_by_native_amqp_and_mqtt(broker, users):
+    """maker may have created 2 topics, over every protocol together: native publishes create two, then the native
+    publish, an AMQP queue.declare and an MQTT 5 publish that would create a third are each refused their way
+    (QUOTA_EXCEEDED, channel close 406 as RabbitMQ answers a queue limit, PUBACK 0x97)."""
+    with Producer(broker.address("native"), username="maker", password=users["maker"]) as producer:
+        producer.send("made-1", b"x")
+        producer.send("made-2", b"x")
+        producer.send("made-1", b"an existing topic is fine")
+        with pytest.raises(QuotaExceeded, match="user 'maker' has created 2 topics"):
+            producer.send("made-3", b"x")
+    connection = pika.BlockingConnection(amqp_parameters(broker, "maker", users["maker"]))
+    try:
+        with pytest.raises(ChannelClosedByBroker) as closed:
+            connection.channel().queue_declare("made-queue")
+        assert closed.value.reply_code == 406 and "has created 2 topics" in closed.value.reply_text
+        assert connection.is_open  # the channel is closed, not the connection
+    finally:
+        connection.close()
+    client = Mqtt(paho.MQTTv5, "maker-mqtt")
+    try:
+        assert client.connect(broker.host_port("mqtt")[1], "maker", users["maker"]).value == 0
+        assert client.publish("made-4/x").value == 0x97
+        assert client.publish("made-2/x").value == 0
+    finally:
+        client.close()
+    assert limit_hits(broker, "native", "topics_created") >= 1
+    assert limit_hits(broker, "amqp", "topics_created") >= 1
+    assert limit_hits(broker, "mqtt", "topics_created") >= 1

@@ -102,7 +102,7 @@ def test_the_denial_table_is_bounded(tmp_path):
     audit = AuditLog(tmp_path / "a.jsonl", max_denial_keys=10)
     for i in range(100):
         audit.denial(user=f"u{i}", action="Pub", resource="Topic:t", source="", listener="native")
-    assert len(audit._denials) == 10
+    assert len(audit._throttled) == 10
     audit.close()
 
 

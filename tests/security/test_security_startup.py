@@ -153,3 +153,17 @@ def test_security_and_audit_keys_reach_the_gate(tmp_path):
 def test_bad_security_and_audit_settings_are_config_errors(tmp_path, setting, words):
     with pytest.raises(ConfigError, match=words):
         config(tmp_path, setting)
+
+
+@pytest.mark.parametrize(("content", "mode", "expected"), [
+    (b"scrape-token-0123456789\n", 0o644, "chmod 600"),
+    (b"short\n", 0o600, "at least 16 characters"),
+])
+def test_a_loose_or_short_metrics_token_stops_start_up(tmp_path, content, mode, expected):
+    token = tmp_path / "metrics.token"
+    token.write_bytes(content)
+    os.chmod(token, mode)
+    process, failures = start(config(tmp_path, f"security.metrics_token_file={token}"))
+    assert failures and failures[0].check(InsecureKeyFile)
+    assert "metrics_token_file" in failures[0].getErrorMessage() and expected in failures[0].getErrorMessage()
+    assert not process.addresses  # nothing listened

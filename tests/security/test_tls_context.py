@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import blockingCallFromThread
 
 from tidegate.adapters.certificates import certificate_identity, peer_certificate
+from tidegate.gateway.testing import wait_until
 from tidegate.gateway.tls import ServerTls, TlsConfigError, TlsMetrics, TlsSettings, build_server_context
 
 from .certs import ClientIdentity, Pki, make_pki
@@ -65,7 +66,11 @@ class Server:
 
     @property
     def failures(self) -> int:
-        return self.metrics.handshake_failures.get("test_tls", 0)
+        return self.metrics.failures("test_tls")
+
+    def causes(self) -> list[str]:
+        return sorted(cause for (listener, cause), n in self.metrics.handshake_failures.items()
+                      for _ in range(n) if listener == "test_tls")
 
 
 @pytest.fixture
@@ -290,7 +295,7 @@ def test_metrics_expose_failures_and_not_after_by_listener(serve, pki: Pki) -> N
     registry = CollectorRegistry(auto_describe=False)
     registry.register(server.metrics)
     text = generate_latest(registry).decode()
-    assert 'tidegate_tls_handshake_failures_total{listener="test_tls"} 1.0' in text
+    assert 'tidegate_tls_handshake_failures_total{cause="no_certificate",listener="test_tls"} 1.0' in text
     leaf = x509.load_pem_x509_certificates(pki.server_chain.read_bytes())[0]
     value = float(text.split('tidegate_tls_certificate_not_after_seconds{listener="test_tls"} ')[1].split()[0])
     assert value == leaf.not_valid_after_utc.timestamp()
@@ -312,3 +317,58 @@ def test_peer_certificate_is_found_under_a_websocket_wrapper(pki: Pki) -> None:
     found = peer_certificate(WebSocketWrapper())
     assert found is not None and certificate_identity(found, "cn") == "alice"
     assert peer_certificate(object()) is None
+
+
+# ------------------------------------------------------------------------------------------------ failure causes
+@pytest.mark.parametrize(("who", "version", "cause"), [
+    ("none", ssl.TLSVersion.TLSv1_3, "no_certificate"),
+    ("none", ssl.TLSVersion.TLSv1_2, "no_certificate"),
+    ("mallory", ssl.TLSVersion.TLSv1_3, "untrusted_certificate"),
+    ("mallory", ssl.TLSVersion.TLSv1_2, "untrusted_certificate"),
+    ("expired", ssl.TLSVersion.TLSv1_3, "expired_certificate"),
+    ("expired", ssl.TLSVersion.TLSv1_2, "expired_certificate"),
+])
+def test_a_refused_client_certificate_is_counted_under_its_cause(serve, pki: Pki, who: str,
+                                                                  version: ssl.TLSVersion, cause: str) -> None:
+    server = serve(ca_file=str(pki.client_ca_bundle), verify="required")
+    identity = None if who == "none" else getattr(pki, who)
+    assert refused(server, client_context(pki, identity=identity, max_version=version))
+    assert server.causes() == [cause]
+
+
+def test_no_common_version_or_cipher_is_counted_under_its_cause(serve, pki: Pki) -> None:
+    server = serve(min_version="1.3")
+    assert refused(server, client_context(pki, max_version=ssl.TLSVersion.TLSv1_2))
+    assert server.causes() == ["protocol_version"]
+    server = serve()
+    assert refused(server, client_context(pki, ciphers="AES128-SHA", max_version=ssl.TLSVersion.TLSv1_2))
+    assert server.causes() == ["no_shared_cipher"]
+
+
+def test_a_client_refusing_our_certificate_is_a_client_alert(serve, pki: Pki) -> None:
+    """A client that does not trust the server's certificate ends the handshake with its own alert."""
+    server = serve()
+    assert refused(server, client_context(pki, ca=pki.mallory.cert_file))
+    wait_until(lambda: server.causes() == ["client_alert"], TIMEOUT, "the client's alert to be counted")
+
+
+def test_handshake_failures_write_rate_limited_audit_lines_with_the_source(serve, pki: Pki, tmp_path: Path) -> None:
+    """One audit line per (listener, cause) and interval, naming the client's address; later ones are counted in
+    the next line's repeats (here: the summary written at close)."""
+    import json
+
+    from tidegate.core.security.audit import AuditLog
+
+    audit_file = tmp_path / "audit.jsonl"
+    server = serve(ca_file=str(pki.client_ca_bundle), verify="required")
+    server.metrics.audit = AuditLog(audit_file)
+    for _ in range(3):
+        assert refused(server, client_context(pki, identity=pki.mallory))
+    assert refused(server, client_context(pki))
+    server.metrics.audit.close()
+    lines = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert [(e["event"], e["cause"], e["repeats"]) for e in lines] == [
+        ("tls_handshake_failed", "untrusted_certificate", 1), ("tls_handshake_failed", "no_certificate", 1),
+        ("tls_handshake_failed", "untrusted_certificate", 2)]
+    assert lines[0]["listener"] == "test_tls" and lines[0]["source"] == "127.0.0.1"
+

@@ -285,12 +285,21 @@ def install_new_certificate(pki: Pki, served_files: tuple[Path, Path]) -> x509.C
     return certificate
 
 
-def metric(broker: BrokerProcess, pki: Pki, name: str, listener: str) -> float:
+def metric(broker: BrokerProcess, pki: Pki, name: str, listener: str, **labels: str) -> float:
+    """The sum of the series of `name` with these labels (a counter without any series yet is 0)."""
     text = admin_call(broker, pki, "GET", "/metrics")
+    wanted = {"listener": listener, **labels}
+    total, found = 0.0, False
     for line in text.splitlines():
-        if line.startswith(f'{name}{{listener="{listener}"}} '):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} for {listener} not in /metrics")
+        if not line.startswith(name + "{"):
+            continue
+        pairs = dict(pair.split("=", 1) for pair in line[len(name) + 1:line.index("}")].split(","))
+        if all(pairs.get(key) == f'"{value}"' for key, value in wanted.items()):
+            total += float(line.split()[-1])
+            found = True
+    if not found and not name.endswith("_total"):
+        raise AssertionError(f"{name} for {wanted} not in /metrics")
+    return total
 
 
 def test_reload_by_sighup_and_admin_command_keeps_connected_clients(
@@ -346,7 +355,8 @@ def test_a_reload_with_a_broken_file_keeps_the_old_certificate(broker: BrokerPro
 
 
 def test_handshake_failures_are_counted_by_listener(broker: BrokerProcess, pki: Pki) -> None:
-    before = metric(broker, pki, "tidegate_tls_handshake_failures_total", "native_tls")
+    """An untrusted client certificate: counted under its listener with cause untrusted_certificate."""
+    before = metric(broker, pki, "tidegate_tls_handshake_failures_total", "native_tls", cause="untrusted_certificate")
     context = ssl.create_default_context(cafile=str(pki.root_ca))
     context.load_cert_chain(str(pki.mallory.cert_file), str(pki.mallory.key_file))
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -355,5 +365,6 @@ def test_handshake_failures_are_counted_by_listener(broker: BrokerProcess, pki: 
             tls.sendall(b"\x00")
             if not tls.recv(16):
                 raise ConnectionError("closed")
-    wait_until(lambda: metric(broker, pki, "tidegate_tls_handshake_failures_total", "native_tls") == before + 1,
+    wait_until(lambda: metric(broker, pki, "tidegate_tls_handshake_failures_total", "native_tls",
+                              cause="untrusted_certificate") == before + 1,
                TIMEOUT, "the failed handshake to be counted")
