@@ -26,6 +26,7 @@ already open keep the certificate they were accepted with; new connections get t
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -66,8 +67,8 @@ from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
-from tidegate.gateway.config import Config
-from tidegate.gateway.listeners import ListenerBuilder
+from tidegate.gateway.config import DEFAULT_BACKLOG, Config, ProcessSection
+from tidegate.gateway.listeners import ListenerBuilder, listen_tcp
 from tidegate.gateway.metrics import TidegateCollector, build_registry
 from tidegate.gateway.reactor_lag import ReactorLagProbe
 from tidegate.gateway.tls import TlsMetrics, TlsSettings, not_after_iso, server_tls_options
@@ -80,6 +81,31 @@ FLUSH_POOL_THREADS = 1
 
 INDEX_FLUSH_S = 1.0
 BACKGROUND_MAX_BACKOFF_S = 60.0
+
+
+# Generations 1 and 2 run after this many collections of the generation below (Python's default is 10 and 10).
+# Kept with the gen-0 threshold of `process.gc_threshold`: the pair measured in docs/performance.md.
+GC_OLDER_GENERATIONS = (20, 100)
+
+
+def tune_garbage_collector(settings: ProcessSection) -> tuple[int, int, int]:
+    """Apply `process.gc_threshold` to this interpreter; returns the thresholds now in force. Called by
+    `tidegate serve` only: a library user (or a test) keeps its interpreter's own settings."""
+    if settings.gc_threshold > 0:
+        gc.set_threshold(settings.gc_threshold, *GC_OLDER_GENERATIONS)
+    return gc.get_threshold()
+
+
+def freeze_startup_objects(settings: ProcessSection) -> int:
+    """With `process.gc_freeze`, collect once and move every object alive now (modules, configuration, sessions
+    recovered from disk) into the permanent generation, so later full collections never walk them again; returns
+    how many objects were frozen (0 when off). Objects frozen here are still freed by reference counting; only a
+    reference cycle among them would stay until exit."""
+    if not settings.gc_freeze:
+        return 0
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def format_address(port: IListeningPort) -> str:
@@ -425,13 +451,10 @@ class TidegateProcess(Service):
         state[0], state[1] = 0, 0.0
 
     def _listen(self, name: str, factory: Any, host: str, port: int, tls: bool = False,
-                backlog: int = 1024) -> None:
+                backlog: int = DEFAULT_BACKLOG) -> None:
         factory.noisy = False  # one "listening" line per listener is ours; no per-connection factory chatter
-        if tls:
-            listening = self.reactor.listenSSL(port, factory, self._tls_options(name), backlog=backlog,
-                                               interface=host)
-        else:
-            listening = self.reactor.listenTCP(port, factory, backlog=backlog, interface=host)
+        listening = listen_tcp(self.reactor, port, factory, backlog=backlog, interface=host,
+                               tls_options=self._tls_options(name) if tls else None)
         self._protocol_ports[name] = listening
         self.addresses[name] = format_address(listening)
 

@@ -123,18 +123,23 @@ def serve(loaded: LoadedConfig) -> int:
     """Run the broker until SIGINT/SIGTERM; 0 after a clean stop, 1 if start-up or shutdown failed."""
     from twisted.internet import reactor
 
-    from tidegate.gateway.app import TidegateProcess
+    from tidegate.gateway.app import TidegateProcess, freeze_startup_objects, tune_garbage_collector
 
     log = logging.getLogger("tidegate.serve")
     if loaded.config_file is not None:
         log.info("config file %s", loaded.config_file)
+    thresholds = tune_garbage_collector(loaded.config.process)
     process = TidegateProcess(loaded.config, reactor)
     start_failure: list[str] = []
 
     def start() -> None:
         process.startService()
         assert process.started is not None
-        process.started.addErrback(failed)
+        process.started.addCallbacks(started, failed)
+
+    def started(_: Any) -> None:
+        frozen = freeze_startup_objects(loaded.config.process)
+        log.info("garbage collector: thresholds %s, %d start-up objects frozen", thresholds, frozen)
 
     def failed(failure: Any) -> None:
         start_failure.append(failure.getErrorMessage() or failure.type.__name__)

@@ -67,8 +67,9 @@ class StorageSection:
 
 
 # Accept backlog of every listener: a reconnect storm of thousands of clients must not overflow the kernel's
-# queue of half-open connections (Twisted's default is 50). The kernel caps it at net.core.somaxconn.
-DEFAULT_BACKLOG = 1024
+# queue of connections waiting for accept() (Twisted's default is 50). The default asks for the most there is: the
+# kernel caps any request at net.core.somaxconn, and gateway/listeners.py asks for exactly that when it can read it.
+DEFAULT_BACKLOG = 65535
 
 
 @dataclass(slots=True, frozen=True)
@@ -299,6 +300,18 @@ class LogSection:
 
 
 @dataclass(slots=True, frozen=True)
+class ProcessSection:
+    """Interpreter settings `tidegate serve` applies to its own process (gateway/app.py `tune_garbage_collector`)."""
+
+    # CPython's cyclic garbage collector: with 10,000 live connections every full collection walks all of their
+    # objects, and a connection storm allocates fast enough to trigger many. A higher first-generation threshold
+    # makes collections rarer; 0 keeps Python's default (700). `gc_freeze` moves everything alive after start-up
+    # (modules, config, recovered state) out of the collector's reach for good.
+    gc_threshold: int = 50_000
+    gc_freeze: bool = True
+
+
+@dataclass(slots=True, frozen=True)
 class Config:
     broker: BrokerSection = field(default_factory=BrokerSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -310,6 +323,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
+    process: ProcessSection = field(default_factory=ProcessSection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -543,6 +557,9 @@ def _validate(merger: _Merger) -> None:
                      ("listeners.native.heartbeat_s", 0)):
         if values[key] < low:
             raise ConfigError(f"{key} must be at least {low}, got {values[key]} (from {sources[key]})")
+    if values["process.gc_threshold"] < 0:
+        raise ConfigError(f"process.gc_threshold must be 0 (Python's default) or more, got "
+                          f"{values['process.gc_threshold']} (from {sources['process.gc_threshold']})")
     if values["alarms.check_interval_s"] <= 0:
         raise ConfigError(f"alarms.check_interval_s must be above 0, got {values['alarms.check_interval_s']} "
                           f"(from {sources['alarms.check_interval_s']})")

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import tcp
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.posixbase import PosixReactorBase
+
 from tidegate.adapters.base import ConnectionLimits
-from tidegate.gateway.config import Config
+from tidegate.gateway.config import DEFAULT_BACKLOG, Config
 
 log = logging.getLogger("tidegate.app")
 
 # A native frame carries one message plus its properties, or a batch: allow twice the largest body.
 NATIVE_FRAME_TO_BODY_RATIO = 2
-DEFAULT_BACKLOG = 1024
 SOMAXCONN_PATH = Path("/proc/sys/net/core/somaxconn")
 
 
@@ -85,17 +88,53 @@ def endpoints(name: str, section: Any) -> list[Endpoint]:
     return out
 
 
-def effective_backlog(requested: int, somaxconn_path: Path = SOMAXCONN_PATH) -> int:
-    """The accept backlog to ask for: the kernel caps it at net.core.somaxconn anyway, so say so once."""
+def effective_backlog(requested: int = DEFAULT_BACKLOG, somaxconn_path: Path = SOMAXCONN_PATH) -> int:
+    """The accept backlog to ask for: the kernel caps it at net.core.somaxconn anyway. The default asks for all of
+    it, silently; an explicit larger request is capped with one log line saying how to raise the cap."""
     try:
         cap = int(somaxconn_path.read_text().strip())
     except (OSError, ValueError):
-        return requested
+        return requested  # not Linux (or no /proc): the kernel still caps it at its own maximum
     if requested > cap:
-        log.info("listener backlog %d is capped by net.core.somaxconn=%d (raise it with sysctl for larger "
-                 "reconnect storms)", requested, cap)
+        if requested != DEFAULT_BACKLOG:
+            log.info("listener backlog %d is capped by net.core.somaxconn=%d (raise it with sysctl for larger "
+                     "reconnect storms)", requested, cap)
         return cap
     return requested
+
+
+class EagerAcceptPort(tcp.Port):
+    """A listening TCP port that accepts every queued connection at each wake-up.
+
+    Twisted's `tcp.Port` accepts at most `numberAccepts` connections per readiness event and then sets it to how
+    many it just accepted (plus 20 when it hit the limit). After a quiet spell that is 1, so the first wake-ups of a
+    reconnect storm accept 1, 21, 41, ... connections while the kernel's accept queue overflows and drops SYNs that
+    clients retry only after 1 s, 3 s, 7 s. Here each wake-up may accept up to the backlog (the accept queue's
+    size): the loop still stops as soon as `accept()` says nothing is queued, so a quiet listener pays nothing.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = max(self.numberAccepts, self.backlog)
+        super().doRead()
+
+
+def listen_tcp(reactor: Any, port: int, factory: Any, *, backlog: int, interface: str,
+               tls_options: Any = None) -> IListeningPort:
+    """`reactor.listenTCP`/`listenSSL` with an `EagerAcceptPort` on the real (POSIX) reactors; any other reactor
+    (tests' memory reactors) gets its own listen call unchanged."""
+    if not isinstance(reactor, PosixReactorBase):
+        if tls_options is not None:
+            return reactor.listenSSL(port, factory, tls_options, backlog=backlog, interface=interface)
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    if tls_options is not None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+    listening = EagerAcceptPort(port, factory, backlog, interface, reactor)
+    if tls_options is not None:
+        listening._type = "TLS"  # what Twisted's listenSSL names it in its log lines
+    listening.startListening()
+    return listening
 
 
 def resolve(target: str) -> Any | None:

@@ -49,6 +49,8 @@ AMQTT = str(Path(sys.executable).with_name("amqtt"))
 RUN_TIMEOUT_S = 180
 START_TIMEOUT_S = 30
 
+# Mosquitto 2.0.x listens with a fixed backlog of 100 (no setting raises it; `ss -ltn` shows Send-Q 100), so in a
+# storm its accept queue overflows whatever net.core.somaxconn is; max_connections is unlimited by default.
 # Mosquitto: in memory (persistence off: it would only snapshot every autosave_interval anyway, never per message),
 # the same outbound window as Tidegate's 3.1.1 credit (receive_maximum 32), and no queue limit, because Tidegate never
 # drops QoS 1/2 either (mosquitto's default of 1000 queued messages per client would drop messages in fan-in).
@@ -354,6 +356,12 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
             {b: storm_cpu_per_1000(runs[b]) for b in brokers}, False, 1)
         row(label, "load generator CPU s, busiest process (lower is better)",
             {b: max(runs[b].get("client_cpu_seconds") or [0]) or None for b in brokers}, False, 2)
+        row(label, "kernel accept-queue overflows (lower is better)",
+            {b: runs[b].get("listen_overflows") for b in brokers}, False)
+        row(label, "listener accept queue (backlog the kernel granted)",
+            {b: runs[b].get("listen_backlog") for b in brokers}, True)
+        row(label, "1-minute load average before the storm",
+            {b: runs[b].get("loadavg_1m_before") for b in brokers}, False, 2)
         if key.startswith("storm_resume_"):
             row(label, "Session Present", {b: runs[b].get("sessions_present") for b in brokers}, True)
     errors = [f"- {scenario} / {broker}: {'; '.join(r['errors'])}"

@@ -87,7 +87,7 @@ class MqttProtocol(AdapterConnection):
         super().__init__()
         self.factory = factory
         self.settings = factory.settings
-        self.peer = str(addr) if addr is not None else "?"
+        self._addr = addr  # its text (`peer`) is made only when a log line needs it
         self.codec = MqttCodec(max_packet_size=self.settings.max_packet_size)
         self.state = "new"  # new -> connected -> closed
         self.level = 4
@@ -98,14 +98,16 @@ class MqttProtocol(AdapterConnection):
         self.inbound: Inbound | None = None  # both halves exist once the connection is accepted
         self.outbound: Outbound | None = None
         self._will: PendingWill | None = None
-        self._connect_timer: Any = None
+
+    @property
+    def peer(self) -> str:
+        """The client's address as log lines show it."""
+        return str(self._addr) if self._addr is not None else "?"
 
     # ------------------------------------------------------------------------------------------ transport
     def connection_started(self) -> None:
         self.factory.connections.add(self)
-        if self.settings.connect_timeout > 0:
-            self._connect_timer = self.factory.clock.callLater(self.settings.connect_timeout,
-                                                               self._connect_timed_out)
+        self.factory.connect_deadlines.add(self)
 
     def connection_ended(self, reason: Failure) -> None:
         self.factory.connections.discard(self)
@@ -354,9 +356,7 @@ class MqttProtocol(AdapterConnection):
 
         self.send(negotiated.connack(self.settings, session_present))
         self.state = "connected"
-        if self._connect_timer is not None and self._connect_timer.active():
-            self._connect_timer.cancel()
-        self._connect_timer = None
+        factory.connect_deadlines.discard(self)
         if negotiated.keep_alive:
             self.start_idle_timer(negotiated.keep_alive * 1.5)
         factory.stats.clients_total += 1
@@ -373,7 +373,8 @@ class MqttProtocol(AdapterConnection):
                 outbound.sys_filters.append(entry)
         if outbound.sys_filters:
             factory.sys.listeners.add(self)
-        log.debug("mqtt %s connected (level %d, session present %s)", self.who(), level, session_present)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("mqtt %s connected (level %d, session present %s)", self.who(), level, session_present)
 
     def _will_allowed(self, will: Will) -> bool:
         """A will is checked at CONNECT like the publish it will become (the gate, `$SYS`, the name's core
@@ -406,8 +407,8 @@ class MqttProtocol(AdapterConnection):
         self._disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection uses this client identifier",
                          send_will=send_will)
 
-    def _connect_timed_out(self) -> None:
-        self._connect_timer = None
+    def connect_timed_out(self) -> None:
+        """No CONNECT was accepted within `connect_timeout` (called by the factory's `ConnectDeadlines`)."""
         if self.state == "new":
             self.factory.client_log.info("connect-timeout", "mqtt connection %s: no CONNECT within %ss; closing",
                                          self.peer, self.settings.connect_timeout)
@@ -424,9 +425,7 @@ class MqttProtocol(AdapterConnection):
 
     def _cancel_timers(self) -> None:
         self.stop_idle_timer()
-        if self._connect_timer is not None and self._connect_timer.active():
-            self._connect_timer.cancel()
-        self._connect_timer = None
+        self.factory.connect_deadlines.discard(self)
 
     def _end(self, send_will: bool) -> None:
         """Leave the session: close core subscriptions (releasing in-flight messages) and hand it back."""
@@ -509,6 +508,61 @@ _HANDLERS: dict[type, Any] = {
 }
 
 
+class ConnectDeadlines:
+    """Connections still waiting for their CONNECT to be accepted, watched by one timer for the whole listener.
+
+    A timer per connection (scheduled at accept, cancelled at CONNACK) costs a heap insertion and a cancellation
+    among the reactor's other timers for every connection, which a reconnect storm pays 10,000 times. Every
+    connection of a listener gets the same timeout, so arrival order is deadline order: an insertion-ordered dict
+    gives O(1) add and discard, and the one timer always points at the oldest entry's deadline.
+    """
+
+    __slots__ = ("_clock", "_timeout", "_waiting", "_call")
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self._clock = clock
+        self._timeout = timeout  # 0 or less: never time out
+        self._waiting: dict[MqttProtocol, float] = {}
+        self._call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, connection: MqttProtocol) -> None:
+        if self._timeout <= 0:
+            return
+        self._waiting[connection] = self._clock.seconds() + self._timeout
+        if self._call is None:
+            self._call = self._clock.callLater(self._timeout, self._expire)
+
+    def discard(self, connection: MqttProtocol) -> None:
+        self._waiting.pop(connection, None)
+
+    def _expire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        expired: list[MqttProtocol] = []
+        next_deadline = None
+        # one pass from the oldest entry: stop at the first that still has time (every later one has more)
+        for connection, deadline in self._waiting.items():
+            if deadline > now:
+                next_deadline = deadline
+                break
+            expired.append(connection)
+        for connection in expired:
+            del self._waiting[connection]
+        if next_deadline is not None:
+            self._call = self._clock.callLater(next_deadline - now, self._expire)
+        for connection in expired:
+            connection.connect_timed_out()
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._waiting.clear()
+
+
 class MqttServerFactory(AdapterFactory):
     """The MQTT listener: builds one `MqttProtocol` per connection; owns the state shared by all connections.
 
@@ -529,6 +583,7 @@ class MqttServerFactory(AdapterFactory):
                          limits=limits)
         self.settings: MqttSettings = settings
         self.connections: set[MqttProtocol] = set()
+        self.connect_deadlines = ConnectDeadlines(clock, settings.connect_timeout)
         # every log line a client can cause goes through here: rate-limited per cause, client data clipped
         self.client_log = ClientLog(log, clock.seconds)
         self.retained = RetainedStore(core.adapter_state(RETAINED_NAMESPACE))
@@ -570,6 +625,7 @@ class MqttServerFactory(AdapterFactory):
     def stop(self) -> None:
         """Shutdown: tell v5 clients (DISCONNECT 0x8B), close every connection, stop timers."""
         self.sys.stop()
+        self.connect_deadlines.stop()
         for connection in list(self.connections):
             if connection.state == "connected":
                 connection._disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down", send_will=False)

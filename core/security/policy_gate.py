@@ -25,6 +25,7 @@ session's cache drops when `version` moves), then the super-user role bypasses, 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -49,6 +50,12 @@ RunInThread = Callable[..., Deferred[Any]]
 GUEST = "guest"
 
 
+# Source addresses whose loopback-ness is remembered: every anonymous login asks, and parsing an address costs
+# more than the rest of the decision; a reconnect storm comes from few addresses. Bounded (least recently used go).
+SOURCE_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=SOURCE_CACHE_SIZE)
 def is_loopback(source: str) -> bool:
     try:
         address = ipaddress.ip_address(source.split("%", 1)[0])
@@ -59,6 +66,7 @@ def is_loopback(source: str) -> bool:
     return address.is_loopback
 
 
+@functools.lru_cache(maxsize=64)
 def is_loopback_bind(host: str) -> bool:
     """Whether a listener bound to `host` is reachable from this machine only (`localhost` or a loopback literal;
     a wildcard or any other name is not)."""

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import selectors
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -226,6 +227,7 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
         rss_before = read_rss_kib(broker_pid) if broker_pid else 0
         load_before = os.getloadavg()[0]
         cpu_before = read_cpu_seconds(broker_pid) if broker_pid else 0.0
+        overflows_before = listen_overflows()
         start_at.value = start = time.monotonic()
         go.set()
         while len(reports) < processes:
@@ -235,6 +237,7 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
                 if not any(w.is_alive() for w in workers) or time.monotonic() > start + 2 * STORM_TIMEOUT_S:
                     raise BenchError("storm workers ended without reporting") from None
         broker_cpu = read_cpu_seconds(broker_pid) - cpu_before if broker_pid else None
+        overflows_after = listen_overflows()
         if hold:
             time.sleep(hold)  # let the broker settle before reading its memory
         rss_after = read_rss_kib(broker_pid) if broker_pid else 0
@@ -257,16 +260,51 @@ def run_storm(server: str, count: int, *, broker_pid: int = 0, processes: int = 
         "broker_rss_kib_before": rss_before or None, "broker_rss_kib_after": rss_after or None,
         "errors": errors,
         "machine": {"cpus": os.cpu_count(), "loadavg_before": round(load_before, 2),
-                    "somaxconn": _somaxconn()},
+                    "somaxconn": _read_int("/proc/sys/net/core/somaxconn"),
+                    "tcp_max_syn_backlog": _read_int("/proc/sys/net/ipv4/tcp_max_syn_backlog")},
+        # SYNs the kernel dropped because an accept queue was full, during the storm (machine-wide counter, so
+        # other traffic on a shared machine counts too); each drop costs its client a retransmission 1 s later
+        "listen_overflows": None if overflows_before is None or overflows_after is None
+        else overflows_after - overflows_before,
+        "listen_backlog": listen_backlog(server),
     }
 
 
-def _somaxconn() -> int | None:
+def _read_int(path: str) -> int | None:
     try:
-        with open("/proc/sys/net/core/somaxconn") as f:
+        with open(path) as f:
             return int(f.read())
     except (OSError, ValueError):
         return None
+
+
+def listen_overflows() -> int | None:
+    """The kernel's `TcpExt ListenOverflows` counter (`nstat`'s TcpExtListenOverflows), or None off Linux."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table["ListenOverflows"]) if "ListenOverflows" in table else None
+    return None
+
+
+def listen_backlog(server: str) -> int | None:
+    """The accept-queue size the kernel gave the socket listening on `server`'s port (`ss -ltn`'s Send-Q: the
+    requested backlog capped by net.core.somaxconn), or None when `ss` cannot tell."""
+    port = split_address(server)[1]
+    try:
+        done = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in done.stdout.splitlines():
+        fields = line.split()  # State Recv-Q Send-Q Local Peer
+        if len(fields) >= 3 and fields[2].isdigit():
+            return int(fields[2])
+    return None
 
 
 def run_storm_command(args: argparse.Namespace) -> int:
@@ -315,6 +353,9 @@ def run_storm_command(args: argparse.Namespace) -> int:
             + (f"  broker CPU {report['broker_cpu_seconds']}s ({report['broker_cpu_ms_per_1000']} ms per 1,000 "
                f"connections); client processes' CPU {report['client_cpu_seconds']}s\n"
                if report["broker_cpu_seconds"] is not None else "")
+            + (f"  kernel: {report['listen_overflows']} accept-queue overflows during the storm (listen backlog "
+               f"{report['listen_backlog']}, net.core.somaxconn {report['machine']['somaxconn']})\n"
+               if report["listen_overflows"] is not None else "")
             + "".join(f"  error: {e}\n" for e in report["errors"]))
     failed = report["errors"] or report["connected"] < report["count"]
     return EXIT_FAILURE if failed else EXIT_OK

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 RUN_TIMEOUT_S = 90
 
 
@@ -27,6 +29,19 @@ def test_storm_connects_every_client_and_reports_time_to_connack() -> None:
     assert report["all_connacked_seconds"] >= latency["max"] / 1000 - 0.01  # the total covers the slowest
     assert report["sessions_present"] == 0 and not report["persistent"]
     assert report["broker_rss_kib_after"] > 0
+
+
+def test_storm_reports_the_kernels_accept_queue_counters() -> None:
+    """The report says how many SYNs the kernel dropped for a full accept queue during the storm, and the accept
+    queue the broker's listener got (its backlog capped by net.core.somaxconn), where the machine can tell."""
+    code, report, stderr = bench("mqtt-storm", "--spawn-broker", "--count", "50", "--hold", "0")
+    assert code == 0, stderr
+    somaxconn = report["machine"]["somaxconn"]
+    if somaxconn is None:
+        pytest.skip("no /proc/sys/net/core/somaxconn here")
+    assert report["listen_overflows"] >= 0
+    if report["listen_backlog"] is not None:  # `ss` is installed
+        assert report["listen_backlog"] == somaxconn  # the default backlog asks for all the kernel allows
 
 
 def test_storm_after_a_restart_resumes_every_persistent_session() -> None:

@@ -448,6 +448,28 @@ def test_no_connect_within_timeout_closes(env):
     assert c.closed
 
 
+def test_connect_timeout_counts_from_each_connections_own_arrival_with_one_timer(env):
+    """The connect timeout is watched by one timer per listener (not one per connection): each connection still
+    gets exactly `connect_timeout` from its own arrival, and one that CONNECTed in time is never closed."""
+    timeout = env.settings.connect_timeout
+    early = env.client(4)
+    env.clock.advance(timeout / 2)
+    answered = env.client(4)
+    late = env.client(4)
+    timers_before = len(env.clock.getDelayedCalls())
+    more = [env.client(4) for _ in range(20)]
+    assert len(env.clock.getDelayedCalls()) == timers_before  # no timer per new connection
+    assert answered.connect("in-time").reason_code == ReasonCode.SUCCESS
+    env.clock.advance(timeout / 2 - 0.001)
+    assert not early.closed
+    env.clock.advance(0.002)
+    assert early.closed and not late.closed
+    env.clock.advance(timeout / 2)
+    assert late.closed and all(c.closed for c in more)
+    assert not answered.closed
+    assert len(env.factory.connect_deadlines) == 0
+
+
 # ---------------------------------------------------------------------------------------------- will
 
 

@@ -204,3 +204,17 @@ def test_session_cache_follows_the_gate_version(directory, clock):
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("10.0.0.1")
     assert not is_loopback("localhost") and not is_loopback("")
+
+
+def test_is_loopback_remembers_sources_within_a_bound():
+    """Anonymous logins ask `is_loopback` per CONNECT: answers are cached per source address, and the cache is
+    bounded so a flood of distinct addresses cannot grow it."""
+    from tidegate.core.security.policy_gate import SOURCE_CACHE_SIZE
+
+    is_loopback.cache_clear()
+    assert is_loopback("127.0.0.1") and is_loopback("127.0.0.1")
+    assert is_loopback.cache_info().hits == 1
+    for index in range(SOURCE_CACHE_SIZE + 10):
+        is_loopback(f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}")
+    assert is_loopback.cache_info().currsize == SOURCE_CACHE_SIZE
+    assert is_loopback("::ffff:127.0.0.1") and not is_loopback("10.0.0.1")
