@@ -21,6 +21,19 @@
 
 Subclasses implement `bytes_received(data)` (feed the codec, dispatch frames) and, if they authenticate,
 `frames_resumed(frames)` and the two authentication hooks.
+
+Reading is paused and resumed by reason (`pause_reading(reason)`/`resume_reading(reason)`): a resource alarm
+(`ALARM`), a publish-rate throttle, ...; the transport is read again only once every reason is lifted, and the idle
+(keepalive/heartbeat) check is suspended meanwhile, since the client's keepalives wait unread in the socket. This is
+separate from `paused`, which is about our output (the transport's buffer is full).
+
+Resource alarms (core/alarms.py): the factory follows the core's `ResourceAlarms` (`alarmed`, `alarm_reason`) and
+tells every connection that has published (`publish_seen()` marks it) when the state changes (`alarm_changed`).
+While an alarm is raised, a connection that publishes is no longer read after the read that held the publish (what
+that read held is still handled), as RabbitMQ does; connections that only consume are read and served as usual.
+When the alarm clears, reading resumes. Protocol hooks: `on_alarm_changed` (AMQP: connection.blocked/unblocked)
+and `on_alarm_block`; `block_at_alarm` says whether a connection that published before the alarm stops being read
+at once (MQTT, native, as RabbitMQ's MQTT plugin) or only at its next publish (AMQP, as RabbitMQ's AMQP reader).
 """
 
 from __future__ import annotations
@@ -54,6 +67,8 @@ DEFAULT_MAX_HELD_BYTES = 1024 * 1024
 # does not read) before the connection is closed. Delivery stops on pause, so only replies and what was already
 # decided pile up here; a client that keeps asking without reading hits this.
 DEFAULT_OUTPUT_BUDGET = 8 * 1024 * 1024
+# Why reading is paused (`AdapterConnection.pause_reading`): a resource alarm is raised and the connection publishes.
+ALARM = "alarm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +100,13 @@ class AdapterFactory(Factory):
         self.noisy = False
         # The broker acting for this adapter (housekeeping of its private topics, wills); never a client's.
         self.system = system_session(core, gate, self.listener)
+        # Resource alarms (core/alarms.py): plain attributes, read on every publish; only connections that have
+        # published are told of changes (a consumer-only connection is never blocked).
+        alarms = getattr(core, "alarms", None)
+        self.alarmed = bool(alarms is not None and alarms.alarmed)
+        self.alarm_reason = alarms.reason if alarms is not None else ""
+        self.publishers: set[AdapterConnection] = set()
+        self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
 
     def open_session(self, principal: Principal, source: str, client_id: str = "") -> CoreSession:
         """The per-connection door into the core, opened once the connection has authenticated."""
@@ -94,7 +116,18 @@ class AdapterFactory(Factory):
                            client_id=client_id, quota=quota)
 
     def stop(self) -> None:
-        """Broker shutdown: cancel timers the adapter owns (override)."""
+        """Broker shutdown: cancel timers the adapter owns (override, and call `super().stop()`)."""
+        if self._unsubscribe_alarms is not None:
+            self._unsubscribe_alarms()
+            self._unsubscribe_alarms = None
+
+    def alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """A resource alarm was raised or cleared (or the reason changed): every connection that has published
+        hears it, each with its writes batched as in a read."""
+        self.alarmed = alarmed
+        self.alarm_reason = reason
+        for connection in list(self.publishers):
+            connection._run_batched(lambda _, c=connection: c.alarm_changed(alarmed, reason), None)
 
 
 def peer_host(transport: Any) -> str:
@@ -155,6 +188,8 @@ class AdapterConnection(Protocol):
         self._source_ticket: SourceTicket | None = None
         self._user_ticket: UserTicket | None = None
         self._admission_refused: QuotaExceeded | None = None
+        self.has_published = False  # set by `publish_seen`: the connection is one the resource alarms block
+        self._reading_paused_for: set[str] = set()  # why the transport is not read (`pause_reading`)
 
     # ------------------------------------------------------------------ transport events
     def connectionMade(self) -> None:
@@ -188,6 +223,8 @@ class AdapterConnection(Protocol):
         self.connected_ = False
         self.factory.metrics.connections[self.factory.protocol_label] -= 1
         self.stop_idle_timer()
+        if self.has_published:
+            self.factory.publishers.discard(self)
         self._held_frames, self._held_bytes = [], []
         limiter = self.factory.limiter
         if limiter is not None:
@@ -377,12 +414,94 @@ class AdapterConnection(Protocol):
 
     def _check_idle(self) -> None:
         # One timer per connection that re-arms for the remaining time, instead of a reset on every read.
+        if self._reading_paused_for:
+            # We do not read: the client's keepalives wait in the socket. Judged again once reading resumes
+            # (`resume_reading` restarts the count).
+            self._idle_timer = self.factory.clock.callLater(self._idle_limit, self._check_idle)
+            return
         idle = self.factory.clock.seconds() - self.last_seen
         if idle >= self._idle_limit:
             self._idle_timer = None
             self._run_batched(self.idle_timed_out, idle)
             return
         self._idle_timer = self.factory.clock.callLater(self._idle_limit - idle, self._check_idle)
+
+    # ------------------------------------------------------------------ reading: paused by reason
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._reading_paused_for)
+
+    def reading_paused_for(self, reason: str) -> bool:
+        return reason in self._reading_paused_for
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the transport because of `reason` (`ALARM`, a throttle, ...). The transport stays
+        paused until every reason is lifted; meanwhile the idle check does not count the silence against the
+        client. Our output (`paused`, deliveries) is not affected."""
+        reasons = self._reading_paused_for
+        if reason in reasons:
+            return
+        reasons.add(reason)
+        if len(reasons) == 1 and self.connected_:
+            pause = _reading_control(self.transport, "pauseProducing")
+            if pause is not None:
+                pause()
+
+    def resume_reading(self, reason: str) -> None:
+        """Lift `reason`; the transport is read again once no reason is left, and the idle check counts from now
+        (the silence was ours)."""
+        reasons = self._reading_paused_for
+        if reason not in reasons:
+            return
+        reasons.discard(reason)
+        if reasons or not self.connected_:
+            return
+        self.last_seen = self.factory.clock.seconds()
+        resume = _reading_control(self.transport, "resumeProducing")
+        if resume is not None:
+            resume()
+
+    # ------------------------------------------------------------------ resource alarms
+    # Whether a connection that published before the alarm was raised stops being read at once (MQTT, native) or
+    # only when it publishes again (AMQP: it is told with connection.blocked first, as RabbitMQ does).
+    block_at_alarm: ClassVar[bool] = True
+
+    def publish_seen(self) -> None:
+        """The client publishes. Adapters call it for a publish when `not self.has_published or
+        self.factory.alarmed` (two attribute reads on the hot path): the first publish makes the connection one the
+        alarms block; one during an alarm stops the reading after the current read."""
+        if not self.has_published:
+            self.has_published = True
+            self.factory.publishers.add(self)
+        factory = self.factory
+        if factory.alarmed and ALARM not in self._reading_paused_for and self.connected_ and not self.closing:
+            self._block_for_alarm(factory.alarm_reason)
+
+    def alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """The factory's alarm state changed (only connections that published hear it): raised, a connection that
+        blocks at once is no longer read (`block_at_alarm`); cleared, reading resumes."""
+        if not self.connected_ or self.closing:
+            return
+        self.on_alarm_changed(alarmed, reason)
+        if alarmed:
+            if self.block_at_alarm and ALARM not in self._reading_paused_for:
+                self._block_for_alarm(reason)
+        elif ALARM in self._reading_paused_for:
+            log.debug("{label}: {source}: resource alarms cleared; reading again",
+                      label=self.factory.protocol_label, source=self.source)
+            self.resume_reading(ALARM)
+
+    def _block_for_alarm(self, reason: str) -> None:
+        log.debug("{label}: {source} publishes while a resource alarm is raised ({reason}); not reading until it "
+                  "clears", label=self.factory.protocol_label, source=self.source, reason=reason)
+        self.pause_reading(ALARM)
+        self.on_alarm_block(reason)
+
+    def on_alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """Hook: an alarm was raised or cleared, this connection has published (AMQP: connection.blocked/unblocked)."""
+
+    def on_alarm_block(self, reason: str) -> None:
+        """Hook: the connection is no longer read because of a resource alarm."""
 
     # ------------------------------------------------------------------ IPushProducer
     def pauseProducing(self) -> None:
@@ -396,3 +515,13 @@ class AdapterConnection(Protocol):
 
     def stopProducing(self) -> None:
         pass
+
+
+def _reading_control(transport: Any, name: str) -> Any:
+    """The transport's `pauseProducing`/`resumeProducing` (the reading side of TCP and TLS transports), or that of
+    the transport under a wrapper without them (MQTT over WebSocket: autobahn's protocol wraps the TCP or TLS
+    transport); None if neither has one."""
+    control = getattr(transport, name, None)
+    if control is None:
+        control = getattr(getattr(transport, "transport", None), name, None)
+    return control

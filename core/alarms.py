@@ -1,8 +1,9 @@
 """Resource alarms: conditions under which the broker should stop taking in messages (RabbitMQ's alarms).
 
 `ResourceAlarms` is the protocol-free hub: monitors raise and clear named alarms (`storage`, `memory`), adapters
-subscribe and hear every change of the overall state, and decide how their protocol says "stop publishing" (AMQP:
-connection.blocked and no more reading from publishing connections; MQTT and native may follow later).
+subscribe and hear every change of the overall state. Every adapter factory follows it (adapters/base.py): while an
+alarm is raised, connections that publish are no longer read (MQTT, native and AMQP alike) and each protocol says
+so its own way where it has a way (AMQP: connection.blocked / connection.unblocked).
 
 `ResourceMonitor` polls a list of checks on the clock and feeds the alarms. The checks gateway/app.py gives it:
 

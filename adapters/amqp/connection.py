@@ -38,6 +38,7 @@ log = logging.getLogger("tidegate.amqp")
 _connection_ids = itertools.count(1)
 CLOSE_OK_TIMEOUT_S = 10.0  # after our connection.close, how long the peer has to answer before the socket drops
 MAX_HELD_EVENTS = 10_000  # commands a client may pipeline on a channel whose basic.get waits for an fsync
+THROTTLE = "throttle"  # why reading is paused (adapters/base.py pause_reading): the user's publish rate is in debt
 
 SERVER_CAPABILITIES = {
     "publisher_confirms": True,
@@ -75,13 +76,11 @@ class AmqpConnection(AdapterConnection):
         self._throttle_timer: Any = None  # reads paused while the user's publish rate is in debt
         self._mechanism = ""
         self._certificate_identity = ""  # from a verified client certificate; offers SASL EXTERNAL
-        # Resource alarms (core/alarms.py), as RabbitMQ: a connection that publishes while an alarm is raised is no
-        # longer read until the alarm clears; clients that announced the `connection.blocked` capability hear
-        # connection.blocked / connection.unblocked.
+        # Resource alarms (core/alarms.py; reading paused by the base class, as RabbitMQ: a connection that
+        # publishes while an alarm is raised is no longer read until it clears): clients that announced the
+        # `connection.blocked` capability hear connection.blocked / connection.unblocked.
         self.blocked_capable = False
-        self.has_published = False
         self.blocked_sent = False  # connection.blocked went out, connection.unblocked did not yet
-        self.reading_blocked = False  # the transport is paused because of an alarm
 
     # ------------------------------------------------------------------ transport
     def connection_started(self) -> None:
@@ -160,18 +159,12 @@ class AmqpConnection(AdapterConnection):
                 self._throttle_timer = None
                 self._resume_reading()
             return
-        pause = getattr(self.transport, "pauseProducing", None)
-        if pause is None:
-            return
-        if self._throttle_timer is None:
-            pause()
-        self.last_seen = self.factory.clock.seconds()
+        # Paused by reason (adapters/base.py): a resource alarm may hold the reading too, and outlasts this pause.
+        self.pause_reading(THROTTLE)
         self._throttle_timer = self.factory.clock.callLater(min(wait, self.THROTTLE_STEP_S), self._throttle_reads)
 
     def _resume_reading(self) -> None:
-        resume = getattr(self.transport, "resumeProducing", None)
-        if resume is not None and self.connected_:
-            resume()
+        self.resume_reading(THROTTLE)
 
     def flush_publishes(self) -> None:
         batches, self.publish_batches = self.publish_batches, []
@@ -399,10 +392,8 @@ class AmqpConnection(AdapterConnection):
         if isinstance(event, ContentEvent):
             if not isinstance(event.method, commands.Basic.Publish):
                 raise ConnectionError_(ReplyCode.COMMAND_INVALID, f"method {event.method.name} is not allowed here")
-            if not self.has_published:
-                self.has_published = True
-            if self.factory.alarmed and not self.reading_blocked:
-                self.block_reading()
+            if not self.has_published or self.factory.alarmed:
+                self.publish_seen()  # during a resource alarm: the reading stops after this read
             channel.basic_publish(event.method, event.properties, event.raw_properties, event.body)
 
     def send_connection_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
@@ -435,37 +426,24 @@ class AmqpConnection(AdapterConnection):
         self._heartbeat_timer = self._close_timer = self._throttle_timer = None
 
     # ------------------------------------------------------------------ resource alarms
-    def alarm_changed(self, alarmed: bool, reason: str) -> None:
-        """An alarm was raised or cleared (AmqpServerFactory fans the core's alarms out to every connection).
-        Raised: publishers that already published hear connection.blocked now (their next publish stops the
-        reading); cleared: connection.unblocked, and a connection no longer read is read again."""
-        if not self.connected_ or self.closing or self.close_sent:
+    # The base class pauses and resumes the reading (adapters/base.py); AMQP adds what RabbitMQ says. A connection
+    # that published before the alarm is told at once but read until its next publish, as RabbitMQ's reader does.
+    block_at_alarm = False
+
+    def on_alarm_changed(self, alarmed: bool, reason: str) -> None:
+        """Raised: a connection that has published hears connection.blocked now; cleared: connection.unblocked."""
+        if self.close_sent:
             return
         if alarmed:
-            if self.has_published:
-                self._send_blocked(reason)
-            return
-        if self.blocked_sent:
+            self._send_blocked(reason)
+        elif self.blocked_sent:
             self.blocked_sent = False
             self.write(self.codec.send_method(0, commands.Connection.Unblocked()))
-        if self.reading_blocked:
-            self.reading_blocked = False
-            log.info("amqp %s: resource alarm cleared; reading again", self.source)
-            if self.heartbeat:
-                self.last_seen = self.factory.clock.seconds()
-                self.start_idle_timer(2 * self.heartbeat)
-            self.transport.resumeProducing()
 
-    def block_reading(self) -> None:
-        """A publish arrived while an alarm is raised: what this read holds is handled, then nothing more is read
-        until the alarm clears (RabbitMQ blocks publishing connections the same way). The heartbeat check stops
-        meanwhile: the client's heartbeats are not read either."""
-        self.reading_blocked = True
-        self._send_blocked(self.factory.alarm_reason)
-        log.info("amqp %s: publishing while a resource alarm is raised (%s); not reading until it clears",
-                 self.source, self.factory.alarm_reason)
-        self.stop_idle_timer()
-        self.transport.pauseProducing()
+    def on_alarm_block(self, reason: str) -> None:
+        """A publish arrived while an alarm is raised and the reading stopped: say so if not said yet."""
+        if not self.close_sent:
+            self._send_blocked(reason)
 
     def _send_blocked(self, reason: str) -> None:
         if self.blocked_capable and not self.blocked_sent and self.state == "open":

@@ -56,11 +56,6 @@ class AmqpServerFactory(AdapterFactory):
         self._to_trim: set[str] = set()
         self.rejected: list[Message] | None = None  # messages admit() refused while a channel publishes
         self.connections: set[AmqpConnection] = set()
-        # Resource alarms (core/alarms.py): plain attributes, read on every publish
-        alarms = getattr(core, "alarms", None)
-        self.alarmed = bool(alarms is not None and alarms.alarmed)
-        self.alarm_reason = alarms.reason if alarms is not None else ""
-        self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
         for queue in self.registry.queues.values():
             self.queue_used(queue)  # x-expires counts from the start of this run
             self.watch_limits(queue)
@@ -73,22 +68,13 @@ class AmqpServerFactory(AdapterFactory):
 
     def stop(self) -> None:
         """Broker shutdown: cancel the x-expires timers (the queues' countdowns restart with the next run)."""
-        if self._unsubscribe_alarms is not None:
-            self._unsubscribe_alarms()
-            self._unsubscribe_alarms = None
+        super().stop()  # stops following the resource alarms
         self.registry.save_delivered_marks()
         for queue in self.registry.queues.values():
             timer = queue.expiry_timer
             if timer is not None and timer.active():
                 timer.cancel()
             queue.expiry_timer = None
-
-    def alarm_changed(self, alarmed: bool, reason: str) -> None:
-        """A resource alarm was raised or cleared: every connection hears it (blocked / unblocked)."""
-        self.alarmed = alarmed
-        self.alarm_reason = reason
-        for connection in list(self.connections):
-            connection.run_batched(lambda _, c=connection: c.alarm_changed(alarmed, reason))
 
     def ready_count(self, queue: QueueDecl) -> int:
         """Messages ready in `queue` (stored, not in flight); an estimate when acks came out of order."""

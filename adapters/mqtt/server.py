@@ -476,6 +476,12 @@ def _on_auth(conn: MqttProtocol, packet: Auth) -> None:
     raise MqttProtocolError("AUTH without enhanced authentication (none is configured)", ReasonCode.PROTOCOL_ERROR)
 
 
+def _on_publish(conn: MqttProtocol, packet: Publish) -> None:
+    if not conn.has_published or conn.factory.alarmed:
+        conn.publish_seen()  # during a resource alarm the connection is not read after this read (adapters/base.py)
+    conn.inbound.on_publish(packet)  # type: ignore[union-attr]
+
+
 def _connected(handler: Any) -> Any:
     """A handler for packets that only an accepted connection may send."""
 
@@ -489,7 +495,7 @@ def _connected(handler: Any) -> Any:
 
 _HANDLERS: dict[type, Any] = {
     Connect: _on_connect,
-    Publish: _connected(lambda conn, packet: conn.inbound.on_publish(packet)),
+    Publish: _connected(_on_publish),
     Puback: _connected(lambda conn, packet: conn.outbound.on_puback(packet)),
     Pubrec: _connected(lambda conn, packet: conn.outbound.on_pubrec(packet)),
     Pubrel: _connected(lambda conn, packet: conn.inbound.on_pubrel(packet)),
@@ -627,3 +633,4 @@ class MqttServerFactory(AdapterFactory):
                 connection.state = "closed"
                 connection.close()
         self.sessions.stop()
+        super().stop()  # stops following the resource alarms

@@ -317,6 +317,8 @@ class NativeProtocol(AdapterConnection):
             for frame in run:
                 self._dispatch(frame)
             return
+        if not self.has_published or self.factory.alarmed:
+            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
         messages = [frame.message for frame in run]
         strip_reserved_properties(messages)
         try:
@@ -414,6 +416,8 @@ class NativeProtocol(AdapterConnection):
 
     # --- produce
     def on_send(self, frame: f.Send) -> None:
+        if not self.has_published or self.factory.alarmed:
+            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
         messages = [frame.message]
@@ -425,6 +429,8 @@ class NativeProtocol(AdapterConnection):
         session.when_durable(result.commit_end, lambda: self.write(data))
 
     def on_send_batch(self, frame: f.SendBatch) -> None:
+        if not self.has_published or self.factory.alarmed:
+            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
         messages = list(frame.messages)
