@@ -139,7 +139,6 @@ def peer_host(transport: Any) -> str:
     return str(getattr(peer, "host", "") or "")
 
 
-@implementer(IPushProducer)
 def send_now(transport: Any, chunks: list[bytes]) -> None:
     """Write `chunks` (in order, as one write) to `transport`, straight on the socket when that is safe.
 
@@ -165,6 +164,7 @@ def send_now(transport: Any, chunks: list[bytes]) -> None:
         transport.writeSequence(chunks)
 
 
+@implementer(IPushProducer)
 class AdapterConnection(Protocol):
     factory: AdapterFactory
     max_held_bytes = DEFAULT_MAX_HELD_BYTES

@@ -413,6 +413,15 @@ def _coerce(key: str, raw: Any, kind: type, source: Source) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{key} must be an integer, got {_describe(raw)} (from {source})")
+    if kind is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if from_text and isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {_describe(raw)} (from {source})")
     if kind is str:
         if key == "security.allow_anonymous" and isinstance(raw, bool):
             return "true" if raw else "false"  # the one key that is a word or a boolean

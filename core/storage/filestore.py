@@ -184,7 +184,8 @@ class FileMessageStore:
             st = os.statvfs(self.layout.root)
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize >= _SPACE_BACK_BYTES
+        # 16 MiB back, or a quarter of a small file system (which may never have 16 MiB free at all)
+        return st.f_bavail * st.f_frsize >= min(_SPACE_BACK_BYTES, st.f_blocks * st.f_frsize // 4)
 
     def _background_failed(self, task: str, exc: BaseException) -> StoreError:
         """Remember why `task` failed (health) and return the StoreError its caller gets."""

@@ -206,3 +206,14 @@ def test_rendered_json_can_include_sources() -> None:
     with_sources = json.loads(render_json(loaded, with_sources=True))
     assert with_sources["config"] == plain
     assert with_sources["sources"]["listeners.native.port"] == "cli --native-port"
+
+
+def test_seconds_with_a_fraction_are_read_from_file_environment_and_command_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[alarms]\ncheck_interval_s = 2\n")
+    assert load_config(path).config.alarms.check_interval_s == 2.0
+    loaded = load_config(path, environ={"TIDEGATE_ALARMS__CHECK_INTERVAL_S": "0.25"},
+                         overrides=[parse_set_option("listeners.amqp.handshake_timeout_s=7.5")])
+    assert loaded.config.alarms.check_interval_s == 0.25
+    assert loaded.config.listeners.amqp.handshake_timeout_s == 7.5
+    with pytest.raises(ConfigError, match=r'alarms.check_interval_s must be a number, got string "soon"'):
+        load_config(environ={"TIDEGATE_ALARMS__CHECK_INTERVAL_S": "soon"})
