@@ -10,18 +10,17 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tidegate.gateway import cli
-from tidegate.gateway.testing import BrokerProcess, wait_until
+from tidegate.gateway.testing import BrokerProcess
 
 from ..security.certs import Pki, make_pki
+from ..security.mqtt_helpers import Mqtt
 
 TIMEOUT = 10.0
 ADMIN_PASSWORD = "adminpw-cli-tls"
@@ -72,38 +71,6 @@ def sh(line: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
-class Mqtt:
-    """A paho MQTT 5 client whose publishes wait for their PUBACK (or the connection's end)."""
-
-    def __init__(self, client_id: str) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-        self.connack = threading.Event()
-        self.disconnected = threading.Event()
-        self.reason: object = None
-        self.acks: dict[int, object] = {}
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.set()
-        self.client.on_publish = lambda c, u, mid, rc, props: self.acks.__setitem__(mid, rc)
-
-    def _on_connect(self, client, userdata, flags, reason, props) -> None:
-        self.reason = reason
-        self.connack.set()
-
-    def connect(self, port: int, user: str, password: str) -> object:
-        self.client.username_pw_set(user, password)
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.loop_start()
-        assert self.connack.wait(TIMEOUT), "no CONNACK"
-        return self.reason
-
-    def publish(self, topic: str) -> object:
-        info = self.client.publish(topic, b"x", qos=1)
-        wait_until(lambda: info.mid in self.acks or self.disconnected.is_set(), TIMEOUT, f"PUBACK for {topic}")
-        return self.acks.get(info.mid, "disconnected")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_the_issue_block_works_as_written_over_an_https_admin_port(broker: BrokerProcess, pki: Pki) -> None:
@@ -113,7 +80,7 @@ def test_the_issue_block_works_as_written_over_an_https_admin_port(broker: Broke
     env = shell_env(broker, pki)
     lines = ISSUE_BLOCK.strip().splitlines()
     outputs = {}
-    alice = Mqtt("alice-device")
+    alice = Mqtt(paho.MQTTv5, "alice-device")
     try:
         for line in lines:
             if line == "tidegate user disable alice":
@@ -134,7 +101,7 @@ def test_the_issue_block_works_as_written_over_an_https_admin_port(broker: Broke
     assert {("user:alice", "Allow", "Topic:telemetry/${username}/#", ("Pub",)),
             ("user:alice", "Allow", "Topic:commands/${username}/#", ("Sub",)),
             ("user:anonymous", "Deny", "Topic:private/#", ("Sub",))} <= entries
-    again = Mqtt("alice-again")
+    again = Mqtt(paho.MQTTv5, "alice-again")
     try:
         assert again.connect(broker.host_port("mqtt")[1], "alice", "s3cret").value == 0x86  # disabled: no login
     finally:

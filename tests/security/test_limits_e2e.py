@@ -7,7 +7,6 @@ import io
 import json
 import os
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,13 +14,14 @@ from collections.abc import Iterator
 import paho.mqtt.client as paho
 import pika
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker
 
 from tidegate.adapters.native.client.blocking import Producer
 from tidegate.core.errors import QuotaExceeded, SchemaViolation
 from tidegate.gateway import cli
-from tidegate.gateway.testing import BrokerProcess, wait_until
+from tidegate.gateway.testing import BrokerProcess
+
+from .mqtt_helpers import Mqtt
 
 TIMEOUT = 10.0
 ADMIN_PASSWORD = "adminpw-limits"
@@ -128,37 +128,6 @@ def test_native_schema_violation_carries_the_validators_reason(broker, users):
 
 
 # ---------------------------------------------------------------------------------------------- MQTT
-class Mqtt:
-    def __init__(self, protocol: int, client_id: str) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        self.connack = threading.Event()
-        self.reason: object = None
-        self.disconnected = threading.Event()
-        self.acks: dict[int, object] = {}
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.set()
-        self.client.on_publish = lambda c, u, mid, rc, props: self.acks.__setitem__(mid, rc)
-
-    def _on_connect(self, client, userdata, flags, reason, props) -> None:
-        self.reason = reason
-        self.connack.set()
-
-    def connect(self, port: int, user: str | None = None, password: str | None = None) -> object:
-        if user is not None:
-            self.client.username_pw_set(user, password)
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.loop_start()
-        assert self.connack.wait(TIMEOUT), "no CONNACK"
-        return self.reason
-
-    def publish(self, topic: str, payload: bytes = b"x") -> object:
-        info = self.client.publish(topic, payload, qos=1)
-        wait_until(lambda: info.mid in self.acks or self.disconnected.is_set(), TIMEOUT, f"PUBACK for {topic}")
-        return self.acks.get(info.mid, "disconnected")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_mqtt5_connection_limit_per_user_is_connack_quota_exceeded(broker, users):
