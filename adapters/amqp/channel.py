@@ -31,7 +31,7 @@ from tidegate.adapters.amqp.errors import (
     locked,
     not_found,
 )
-from tidegate.adapters.amqp.fastpath import short_string
+from tidegate.adapters.amqp.fastpath import FastPathError, short_string
 from tidegate.adapters.amqp.model import (
     EXCHANGE_TYPES,
     delivery_address,
@@ -48,7 +48,7 @@ from tidegate.adapters.amqp.registry import (
     QueueDecl,
     canonical_arguments,
 )
-from tidegate.adapters.amqp.reply_codes import ReplyCode
+from tidegate.adapters.amqp.reply_codes import AmqpEncodeError, ReplyCode
 from tidegate.core.api import Delivered, SendResult
 from tidegate.core.errors import InvalidReceipt, MessageTooLarge, NotAuthorized, TidegateError
 from tidegate.core.interfaces import Subscription
@@ -719,14 +719,20 @@ class Channel:
                 sub.ack(d.receipt)
                 continue
             tag = self.next_tag
-            self.next_tag = tag + 1
             offset = d.queue_offset
+            try:
+                frame = send_deliver(number, tag_bytes, tag, d.attempt > 1 or offset < queue.redelivered_below,
+                                     address_of(message), properties_for_delivery(message, now), message.body)
+            except (FastPathError, AmqpEncodeError) as exc:
+                self._undeliverable(queue, message, exc)
+                sub.ack(d.receipt)
+                continue
+            self.next_tag = tag + 1
             if offset >= queue.delivered_mark:
                 registry.delivered(queue, offset)
             if offset >= queue.delivered_end:
                 queue.delivered_end = offset + 1
-            chunks.append(send_deliver(number, tag_bytes, tag, d.attempt > 1 or offset < queue.redelivered_below,
-                                       address_of(message), properties_for_delivery(message, now), message.body))
+            chunks.append(frame)
             if consumer.no_ack:
                 sub.ack(d.receipt)
             else:
@@ -736,6 +742,14 @@ class Channel:
             size = sum(map(len, chunks))
             consumer.average_size = (consumer.average_size + size // len(chunks)) // 2
         connection.write_chunks(chunks)
+
+    def _undeliverable(self, queue: QueueDecl, message: Message, exc: Exception) -> None:
+        """A message AMQP cannot carry to this client (a routing key over 255 bytes, from a long MQTT or native
+        subject; a frame over frame-max): dropped for this queue like MQTT drops what a client's Maximum Packet
+        Size refuses, with a rate-limited log line instead of a broken channel."""
+        self.connection.factory.client_log.info(
+            "undeliverable", "amqp %s: dropped a message of topic %s from queue %s: %s", self.connection.source,
+            message.topic, queue.name, exc)
 
     def replenish(self) -> None:
         """Give each consumer the credit its prefetch (and the channel's) allows, unless delivery is stopped."""
@@ -803,20 +817,28 @@ class Channel:
                 continue
             break
         tag = self.next_tag
-        self.next_tag = tag + 1
         self.connection.factory.taken(queue, d.message)
+        offset = d.queue_offset
+        exchange, key = delivery_address(d.message, self.registry.exchange_of_topic, self.registry.queue_of_topic)
+        redelivered = d.attempt > 1 or offset < queue.redelivered_below
+        try:
+            frame = self.connection.codec.send_content(
+                self.number,
+                commands.Basic.GetOk(tag, redelivered, exchange, key, self.connection.factory.ready_count(queue)),
+                properties_for_delivery(d.message, now), d.message.body)
+        except AmqpEncodeError as exc:
+            self._undeliverable(queue, d.message, exc)
+            if not m.no_ack:
+                self.session.ack(queue.topic, d.receipt)
+            self.send(commands.Basic.GetEmpty())
+            return
+        self.next_tag = tag + 1
         if not m.no_ack:
             self.unacked[tag] = Unacked(None, queue, d.receipt, d.message)
-        offset = d.queue_offset
         if offset >= queue.delivered_mark:
             self.registry.delivered(queue, offset)
         queue.delivered_end = max(queue.delivered_end, offset + 1)
-        exchange, key = delivery_address(d.message, self.registry.exchange_of_topic, self.registry.queue_of_topic)
-        redelivered = d.attempt > 1 or offset < queue.redelivered_below
-        self.connection.write(self.connection.codec.send_content(
-            self.number,
-            commands.Basic.GetOk(tag, redelivered, exchange, key, self.connection.factory.ready_count(queue)),
-            properties_for_delivery(d.message, now), d.message.body))
+        self.connection.write(frame)
 
     def _get_after_own_publish(self, m: commands.Basic.Get, queue: QueueDecl) -> bool:
         """A get right after this connection published may find the queue empty only because the publish is not

@@ -84,14 +84,12 @@ class AmqpConnection(AdapterConnection):
 
     # ------------------------------------------------------------------ transport
     def connection_started(self) -> None:
-        self.factory.connections.add(self)
         settings = self.factory.settings
         self.codec = AmqpServerCodec(max_body_size=settings.max_message_bytes)
         # Until the handshake is through, a silent peer is dropped (RabbitMQ's handshake_timeout).
         self.start_idle_timer(settings.handshake_timeout_s)
 
     def connection_ended(self, reason: Failure) -> None:
-        self.factory.connections.discard(self)
         self.state = "closed"
         self._stop_timers()
         self._release_all()

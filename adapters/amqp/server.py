@@ -26,6 +26,7 @@ from tidegate.core.errors import TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message
+from tidegate.core.ratelimit import ClientLog
 from tidegate.core.security.gate import Gate
 
 log = logging.getLogger("tidegate.amqp")
@@ -55,7 +56,9 @@ class AmqpServerFactory(AdapterFactory):
         self._trim_scheduled = False
         self._to_trim: set[str] = set()
         self.rejected: list[Message] | None = None  # messages admit() refused while a channel publishes
-        self.connections: set[AmqpConnection] = set()
+        # deliveries AMQP cannot carry (a routing key over 255 bytes from a long MQTT/native subject) are logged
+        # at most once per interval
+        self.client_log = ClientLog(log, clock.seconds)
         for queue in self.registry.queues.values():
             self.queue_used(queue)  # x-expires counts from the start of this run
             self.watch_limits(queue)

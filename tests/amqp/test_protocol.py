@@ -772,3 +772,29 @@ def test_deleting_a_queue_whose_cancelled_consumer_still_holds_messages_leaves_n
     assert "%AMQP%q" not in {g.name for g in world.broker.list_groups()}
     client.send(1, Basic.Ack(delivery_tag=1))  # acking it afterwards is harmless
     assert client.methods() == []
+
+
+def test_a_subject_too_long_for_an_amqp_routing_key_is_dropped_and_the_channel_goes_on():
+    """A native or MQTT subject may be up to 4 KiB; a routing key only 255 bytes. Such a message cannot be carried
+    to an AMQP consumer or basic.get: it is dropped for that queue (logged), and later messages still arrive."""
+    world = World()
+    client = world.client()
+    client.open_channel()
+    client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
+    client.call(1, Queue.Bind(queue="q", exchange="amq.topic", routing_key="sensors.#"), Queue.BindOk)
+    long_subject = "/".join(["level"] * 60)  # 359 characters: a 367-byte routing key
+    world.broker.publish([Message(topic="sensors", subject=long_subject, body=b"long")])
+    world.broker.publish([Message(topic="sensors", subject="hall/temp", body=b"short")])
+    world.turn()
+    client.send(1, Basic.Get(queue="q", no_ack=False))
+    assert [type(m) for m in client.methods()] == [Basic.GetEmpty]  # the long one is gone, answered as an empty get
+    client.send(1, Basic.Get(queue="q", no_ack=False))
+    events = client.received()
+    assert [(e.method.routing_key, e.body) for e in events] == [("sensors.hall.temp", b"short")]
+    assert events[0].method.delivery_tag == 1  # no delivery tag was spent on the dropped message
+    world.broker.publish([Message(topic="sensors", subject=long_subject, body=b"long again")])
+    world.broker.publish([Message(topic="sensors", subject="hall/temp", body=b"after")])
+    world.turn()
+    deliveries = client.consume(1, queue="q")
+    assert [(d.method.routing_key, d.body) for d in deliveries] == [("sensors.hall.temp", b"after")]
+    assert deliveries[0].method.delivery_tag == 2 and not client.closed
