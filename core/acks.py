@@ -29,11 +29,11 @@ from tidegate.core.consumers import (
 from tidegate.core.errors import InvalidReceipt, OffsetOutOfRange
 from tidegate.core.filters import parse_tag_filter
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import DLQ_PREFIX, Message, QueueRef
+from tidegate.core.model import Message, QueueRef
 from tidegate.core.offsets import OffsetBook
 from tidegate.core.reader import MAX_SCAN_PER_PUMP, READ_BATCH, QueueReader
 from tidegate.core.storage.api import MessageStore
-from tidegate.core.topics import TopicRegistry
+from tidegate.core.topics import TopicRegistry, dead_letter_topic
 from tidegate.core.visibility import Visibility
 
 log = logging.getLogger("tidegate.broker")
@@ -273,7 +273,7 @@ class MessageAcks:
             self._wake_group(self._groups[group], topic)
 
     def _dead_letter(self, state: GroupState, msg: Message, attempts: int) -> None:
-        name = f"{DLQ_PREFIX}{state.name}"[:127]
+        name = dead_letter_topic(state.name)
         if name not in self._topics.configs:
             self._topics.create(name, 1, "rw", 0, True)
         props = dict(msg.properties)

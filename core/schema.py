@@ -119,26 +119,16 @@ class SchemaRegistry:
         self._meta = metadata
         self.validators: dict[str, Validator] = {}
         self._rules: dict[str, dict[str, Any]] = {}
-        self._compiled: dict[tuple[str, int], Validator] = {}
         for topic, rule in metadata.kv_items(SCHEMA_NAMESPACE):
             if not isinstance(rule, dict):
                 continue
             self._rules[topic] = rule
             try:
-                self._install(topic, rule)
+                self.validators[topic] = make_validator(topic, rule.get("schema"), str(rule.get("content_type") or ""))
             except BadRequest:
                 # accepted when it was set, so only a validator upgrade can break it: refuse its messages loudly
                 # rather than let unchecked data through
                 self.validators[topic] = _broken(topic)
-
-    def _install(self, topic: str, rule: dict[str, Any]) -> None:
-        key = (topic, int(rule.get("version", 0)))
-        validator = self._compiled.get(key)
-        if validator is None:
-            validator = make_validator(topic, rule.get("schema"), str(rule.get("content_type") or ""))
-            self._compiled = {k: v for k, v in self._compiled.items() if k[0] != topic}
-            self._compiled[key] = validator
-        self.validators[topic] = validator
 
     def get(self, topic: str) -> dict[str, Any] | None:
         rule = self._rules.get(topic)
@@ -159,8 +149,6 @@ class SchemaRegistry:
         validator = make_validator(topic, schema, rule["content_type"])  # raises before anything changes
         self._meta.kv_put(SCHEMA_NAMESPACE, topic, rule)
         self._rules[topic] = rule
-        self._compiled = {k: v for k, v in self._compiled.items() if k[0] != topic}
-        self._compiled[(topic, rule["version"])] = validator
         self.validators[topic] = validator
         return {"topic": topic, **rule}
 
@@ -170,7 +158,6 @@ class SchemaRegistry:
             return False
         del self._rules[topic]
         self.validators.pop(topic, None)
-        self._compiled = {k: v for k, v in self._compiled.items() if k[0] != topic}
         self._meta.kv_delete(SCHEMA_NAMESPACE, topic)
         return True
 

@@ -351,9 +351,15 @@ class Limiter:
         state = users.get(name)
         if state is None:
             state = users[name] = UserState(name)
-            if len(users) > self.max_tracked_users:
-                for old_name in [n for n, s in users.items() if s.connections == 0][:len(users) -
-                                                                                      self.max_tracked_users]:
+            excess = len(users) - self.max_tracked_users
+            if excess > 0:
+                idle: list[str] = []
+                for old_name, old in users.items():  # oldest first; stop as soon as enough idle users are found
+                    if old.connections == 0 and old is not state:
+                        idle.append(old_name)
+                        if len(idle) == excess:
+                            break
+                for old_name in idle:
                     del users[old_name]
         return state
 

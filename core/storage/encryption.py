@@ -49,18 +49,19 @@ from crc32c import crc32c
 
 from tidegate.core.errors import CorruptRecord, MessageTooLarge, StoreError
 from tidegate.core.model import Message
+from tidegate.core.storage.layout import write_atomically
 from tidegate.core.storage.record import (
     _ENCODING,
     _ERRORS,
     ENCRYPTED_MAGIC,
-    HEADER,
     PREFIX,
     PREFIX_SIZE,
     Destination,
+    _general_head,
     _read_strings,
+    _strings,
     check_record,
     decode_record,
-    encode_record,
 )
 
 KEY_BYTES = 32
@@ -184,29 +185,17 @@ def encode_sealed_record(message: Message, store_ts: int, destinations: Sequence
     clear_message = Message(topic=message.topic, body=b"", tag=message.tag, keys=message.keys,
                             born_ts=message.born_ts, deliver_at=message.deliver_at, expires_at=message.expires_at,
                             group=message.group, flags=message.flags)
-    clear = encode_record(clear_message, store_ts, destinations)[PREFIX_SIZE:]
     subject = message.subject.encode(_ENCODING, _ERRORS) if message.subject else b""
-    props = b""
-    if message.properties:
-        parts = []
-        for k, v in message.properties.items():
-            for text in (k, v):
-                data = text.encode(_ENCODING, _ERRORS)
-                parts.append(struct.pack("<I", len(data)))
-                parts.append(data)
-        props = b"".join(parts)
+    props = _strings([text for pair in message.properties.items() for text in pair]) if message.properties else b""
     plaintext = b"".join((_SPLIT.pack(len(subject), len(props)), subject, props, message.body))
     key_id = keyring.current.encode("ascii")
     nonce = os.urandom(NONCE_BYTES)
     envelope_head = bytes((len(key_id),)) + key_id + nonce
     envelope_len = len(envelope_head) + len(plaintext) + TAG_BYTES
-    fields = list(HEADER.unpack_from(clear, 0))
-    fields[-1] = envelope_len
     try:
-        header = HEADER.pack(*fields)
+        head = _general_head(clear_message, store_ts, destinations, envelope_len) + envelope_head
     except struct.error as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
-    head = header + clear[HEADER.size:] + envelope_head
     length = PREFIX_SIZE + len(head) - len(envelope_head) + envelope_len
     offset = place(length)
     sealed = keyring.cipher(keyring.current).encrypt(  # type: ignore[attr-defined]
@@ -374,24 +363,10 @@ def add_key_to_file(path: Path, key_id: str = "") -> str:
     if text and not text.endswith("\n"):
         text += "\n"
     data = (text + format_key_line(key_id, generate_key()) + "\n").encode("ascii")
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temporary file
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # O_CREAT's mode (0600) does not apply to a temporary file a crash left behind: start from none
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        write_atomically(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EncryptionKeyError(f"cannot write the encryption key file {path}: {exc.strerror or exc}") from None
     return key_id
