@@ -13,6 +13,7 @@ import argparse
 import base64
 import functools
 import getpass
+import http.client
 import json
 import os
 import ssl
@@ -80,7 +81,12 @@ class AdminClient:
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         # https: the chain and the host name are checked (never switched off); cafile adds a private CA
-        self.context = ssl.create_default_context(cafile=cafile or None) if url.startswith("https://") else None
+        self.context = None
+        if url.startswith("https://"):
+            try:
+                self.context = ssl.create_default_context(cafile=cafile or None)
+            except (OSError, ValueError) as exc:  # missing file, or no certificate in it
+                raise UsageError(f"--cafile {cafile}: {exc}") from None
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -123,6 +129,8 @@ def guarded(handler: Handler) -> Handler:
                   f"(point --admin or ${ADMIN_URL_ENV} at it; --cafile for an https:// port)", file=sys.stderr)
         except (TimeoutError, OSError) as exc:
             print(f"error: cannot reach the broker's admin API at {admin_address(args)}: {exc}", file=sys.stderr)
+        except (ValueError, http.client.InvalidURL) as exc:  # a malformed --admin address, before any I/O
+            raise UsageError(f"--admin {admin_address(args)}: {exc}") from None
         return EXIT_FAILURE
 
     return run

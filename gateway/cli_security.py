@@ -28,31 +28,13 @@ import functools
 import getpass
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from tidegate.gateway.admin_client import (
-    ADMIN_CAFILE_ENV,
-    ADMIN_ENV,
-    ADMIN_URL_ENV,
-    DEFAULT_ADMIN,
-    PASSWORD_ENV,
-    TIMEOUT_S,
-    USER_ENV,
-    AdminClient,
-    ApiError,
-    admin_address,
-    admin_options,
-    client_for,
-    guarded,
-)
+from tidegate.gateway.admin_client import admin_options, client_for, guarded
 from tidegate.gateway.cli import EXIT_OK, UsageError
-
-__all__ = ["ADMIN_CAFILE_ENV", "ADMIN_ENV", "ADMIN_URL_ENV", "DEFAULT_ADMIN", "PASSWORD_ENV", "TIMEOUT_S", "USER_ENV",
-           "AdminClient", "ApiError", "admin_address", "admin_options", "client_for", "guarded", "register"]
 
 # ----------------------------------------------------------------------------------------------- registration
 # `tidegate user limits` options: flag -> per-user limit field (core/security/limits.py USER_SETTING_NAMES)
@@ -155,7 +137,6 @@ def _owner(args: argparse.Namespace) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- transport
-# (gateway/admin_client.py: AdminClient, client_for, guarded, ApiError, admin_options, shared with `admin tls-reload`)
 
 
 def read_password(args: argparse.Namespace, stdin: Any = None) -> str:
@@ -316,7 +297,7 @@ def run_schema_set(args: argparse.Namespace, stdin: Any = None) -> int:
     body: dict[str, Any] = {"content_type": args.content_type}
     if args.file:
         try:
-            text = (stdin or sys.stdin).read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+            text = (stdin or sys.stdin).read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
             body["schema"] = json.loads(text)
         except OSError as exc:
             raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None

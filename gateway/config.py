@@ -15,6 +15,7 @@ Port 0 means "pick an ephemeral port"; the bound addresses are written to ``<dat
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -414,13 +415,16 @@ def _coerce(key: str, raw: Any, kind: type, source: Source) -> Any:
                 pass
         raise ConfigError(f"{key} must be an integer, got {_describe(raw)} (from {source})")
     if kind is float:
+        value: float | None = None
         if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        if from_text and isinstance(raw, str):
+            value = float(raw)
+        elif from_text and isinstance(raw, str):
             try:
-                return float(raw.strip())
+                value = float(raw.strip())
             except ValueError:
                 pass
+        if value is not None and math.isfinite(value):  # nan and inf would silently switch timers off
+            return value
         raise ConfigError(f"{key} must be a number, got {_describe(raw)} (from {source})")
     if kind is str:
         if key == "security.allow_anonymous" and isinstance(raw, bool):

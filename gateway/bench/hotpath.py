@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tidegate.gateway.bench.arguments import at_least
+
 PAYLOAD = bytes(range(256))
 
 
@@ -218,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tidegate.gateway.bench.hotpath",
                                      description=(__doc__ or "").split("\n")[0])
     parser.add_argument("scenario", choices=("mqtt1", "mqtt0", "native"))
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=64, help="messages per publisher read (64)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs; the report gives min and median (3)")
+    parser.add_argument("--messages", type=at_least(1), default=20_000)
+    parser.add_argument("--batch", type=at_least(1), default=64, help="messages per publisher read (64)")
+    parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the report gives min and median (3)")
     args = parser.parse_args(argv)
     results = []
     for _ in range(args.repeat):

@@ -174,3 +174,15 @@ def test_tls_reload_uses_the_same_client_and_environment(broker: BrokerProcess, 
     capsys.readouterr()
     assert cli.main(["admin", "tls-reload", "--json"]) == 0
     assert "admin_tls" in json.loads(capsys.readouterr().out)["not_after"]
+
+
+@pytest.mark.parametrize(("admin", "extra", "expected"), [
+    ("localhost:notaport", [], "--admin"),
+    ("https://127.0.0.1:1", ["--cafile", "/nonexistent/ca.pem"], "--cafile /nonexistent/ca.pem"),
+])
+def test_a_malformed_admin_address_or_ca_file_is_one_usage_error(monkeypatch, capsys, admin, extra, expected):
+    monkeypatch.setenv("TIDEGATE_USER", "admin")
+    monkeypatch.setenv("TIDEGATE_PASSWORD", "pw")
+    assert cli.main(["user", "list", "--admin", admin, *extra]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -111,7 +111,10 @@ class Mqtt5Publisher:
 
     def _next(self):
         while True:
-            packets = self.codec.receive_data(self.sock.recv(65536) or b"")
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("the broker closed the MQTT connection")
+            packets = self.codec.receive_data(data)
             if packets:
                 assert len(packets) == 1, packets
                 return packets[0]

@@ -217,3 +217,9 @@ def test_seconds_with_a_fraction_are_read_from_file_environment_and_command_line
     assert loaded.config.listeners.amqp.handshake_timeout_s == 7.5
     with pytest.raises(ConfigError, match=r'alarms.check_interval_s must be a number, got string "soon"'):
         load_config(environ={"TIDEGATE_ALARMS__CHECK_INTERVAL_S": "soon"})
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_seconds_that_are_not_finite_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="alarms.check_interval_s must be a number"):
+        load_config(environ={"TIDEGATE_ALARMS__CHECK_INTERVAL_S": text})
