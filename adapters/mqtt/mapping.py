@@ -137,13 +137,14 @@ def share_group(share_name: str) -> str:
 # --------------------------------------------------------------------------------------------- messages
 
 
+_TRANSIENT = int(MessageFlag.TRANSIENT)
+_QOS2 = int(QOS2_FLAG)
+
+
 def message_qos(flags: int) -> int:
     """The QoS a message carries towards MQTT subscribers (capped later by each subscription's QoS)."""
-    if flags & MessageFlag.TRANSIENT:
-        return 0
-    if flags & QOS2_FLAG:
-        return 2
-    return 1
+    value = int(flags)  # on ints: IntFlag's `&` costs Python-level calls
+    return 0 if value & _TRANSIENT else (2 if value & _QOS2 else 1)
 
 
 def flags_for_qos(qos: int) -> int:

@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING
 from tidegate.core.api import Delivered
 from tidegate.core.errors import TidegateError
 from tidegate.core.interfaces import Subscription
-from tidegate.core.model import Message, MessageFlag, QueueRef
+from tidegate.core.model import Message, QueueRef
 
 from .codec import encode_publish_v311, publish_topic_header
 from .mapping import (
     PROP_PUBLISHER,
     PROP_RETAIN,
-    QOS2_FLAG,
     PublishFields,
+    message_qos,
     mqtt_topic_name,
     publish_fields,
 )
@@ -57,18 +57,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.mqtt")
 
-_TRANSIENT = int(MessageFlag.TRANSIENT)
-_QOS2 = int(QOS2_FLAG)
-# flags -> the QoS a message carries (mapping.message_qos): one dict lookup per delivery, where IntFlag's `&`
-# costs Python-level calls; messages carry few distinct flag values, and at most 256 are remembered
+# flags -> the QoS a message carries (mapping.message_qos): one dict lookup per delivery instead of a call;
+# messages carry few distinct flag values, and at most 256 are remembered
 _QOS_OF_FLAGS: dict[int, int] = {}
 
 
 def _message_qos(flags: int) -> int:
-    value = int(flags)
-    qos = 0 if value & _TRANSIENT else (2 if value & _QOS2 else 1)
+    qos = message_qos(flags)
     if len(_QOS_OF_FLAGS) < 256:
-        _QOS_OF_FLAGS[value] = qos
+        _QOS_OF_FLAGS[int(flags)] = qos
     return qos
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
 

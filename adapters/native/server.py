@@ -46,7 +46,7 @@ from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullSt
 from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import QueueRef, TopicConfig
+from tidegate.core.model import Message, QueueRef, TopicConfig
 from tidegate.core.security.gate import Credentials, Gate, Principal
 
 SERVER_VERSION = "tidegate-native/0.1.0"
@@ -317,10 +317,7 @@ class NativeProtocol(AdapterConnection):
             for frame in run:
                 self._dispatch(frame)
             return
-        if not self.has_published or self.factory.alarmed:
-            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
-        messages = [frame.message for frame in run]
-        strip_reserved_properties(messages)
+        messages = self._client_messages([frame.message for frame in run])
         try:
             results = session.publish(messages, None if queue_id < 0 else queue_id)
         except Exception:
@@ -415,13 +412,18 @@ class NativeProtocol(AdapterConnection):
         self._reply(frame, f.TopicDescribeOk(request_id=frame.request_id, topic=topic_info(cfg), queues=ranges))
 
     # --- produce
-    def on_send(self, frame: f.Send) -> None:
+    def _client_messages(self, messages: list[Message]) -> list[Message]:
+        """What every publish path does first: note the publish (during a resource alarm the connection is not read
+        after this read, base.py) and strip adapter bookkeeping (mqtt-publisher, ...), never a client's to set."""
         if not self.has_published or self.factory.alarmed:
-            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
+            self.publish_seen()
+        strip_reserved_properties(messages)
+        return messages
+
+    def on_send(self, frame: f.Send) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
-        messages = [frame.message]
-        strip_reserved_properties(messages)  # adapter bookkeeping (mqtt-publisher, ...) is never a client's
+        messages = self._client_messages([frame.message])
         result = session.publish(messages, queue_id=queue_id)[0]
         if frame.flags & ONEWAY:
             return
@@ -429,12 +431,9 @@ class NativeProtocol(AdapterConnection):
         session.when_durable(result.commit_end, lambda: self.write(data))
 
     def on_send_batch(self, frame: f.SendBatch) -> None:
-        if not self.has_published or self.factory.alarmed:
-            self.publish_seen()  # during a resource alarm the connection is not read after this read (base.py)
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
-        messages = list(frame.messages)
-        strip_reserved_properties(messages)
+        messages = self._client_messages(list(frame.messages))
         results = session.publish(messages, queue_id=queue_id)
         if frame.flags & ONEWAY:
             return
