@@ -668,13 +668,12 @@ def run_admin_rotate_key(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tidegate.core.storage.encryption import (
-        KEY_ID,
         EncryptionKeyError,
         Keyring,
         add_key_to_file,
+        choose_key_id,
         format_key_line,
         generate_key,
-        next_key_id,
     )
     from tidegate.gateway.cli import load_config_from_args
 
@@ -691,11 +690,7 @@ def run_admin_rotate_key(args: argparse.Namespace) -> int:
             name = storage.encryption_key_env
             current = os.environ.get(name, "")
             existing = list(Keyring.parse(current, f"${name}").keys) if current else []
-            key_id = args.key_id or next_key_id(existing)
-            if not KEY_ID.fullmatch(key_id):
-                raise EncryptionKeyError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
-            if key_id in existing:
-                raise EncryptionKeyError(f"key id {key_id!r} is already in ${name}")
+            key_id = choose_key_id(existing, args.key_id, f"${name}")
             print(format_key_line(key_id, generate_key()))
             print(f"append this entry to ${name} (entries separated by commas) and restart the broker; keep the "
                   "older entries while records sealed with them are stored.", file=sys.stderr)

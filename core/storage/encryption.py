@@ -342,6 +342,16 @@ def next_key_id(existing: Sequence[str]) -> str:
     return f"k{n}"
 
 
+def choose_key_id(existing: Sequence[str], wanted: str, where: str) -> str:
+    """The id of a new key: `wanted`, or the next free `k<n>`; refused when malformed or already in `where`."""
+    key_id = wanted or next_key_id(list(existing))
+    if not KEY_ID.fullmatch(key_id):
+        raise EncryptionKeyError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    if key_id in existing:
+        raise EncryptionKeyError(f"key id {key_id!r} is already in {where}")
+    return key_id
+
+
 def add_key_to_file(path: Path, key_id: str = "") -> str:
     """Append a new random key to the keyring file (created, mode 0600, when missing), making it the current key;
     return its id. The file is replaced atomically and keeps mode 0600; existing keys are kept (old records need
@@ -355,11 +365,7 @@ def add_key_to_file(path: Path, key_id: str = "") -> str:
         except (OSError, UnicodeDecodeError) as exc:
             raise EncryptionKeyError(f"cannot read the encryption key file {path}: {exc}") from None
         existing = list(Keyring.parse(text, f"encryption key file {path}").keys)
-    key_id = key_id or next_key_id(existing)
-    if not KEY_ID.fullmatch(key_id):
-        raise EncryptionKeyError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
-    if key_id in existing:
-        raise EncryptionKeyError(f"key id {key_id!r} is already in {path}")
+    key_id = choose_key_id(existing, key_id, str(path))
     if text and not text.endswith("\n"):
         text += "\n"
     data = (text + format_key_line(key_id, generate_key()) + "\n").encode("ascii")
