@@ -28,8 +28,6 @@ from tidegate.core.security.gate import Action, Resource
 from .codec import encode_puback_success
 from .errors import reason_for_core_error
 from .mapping import (
-    PROP_PUBLISHER,
-    PROP_RETAIN,
     PublishFields,
     UnmappableName,
     core_address,
@@ -37,6 +35,7 @@ from .mapping import (
     is_sys_name,
     message_from_publish,
     message_qos,
+    stamp_publish,
 )
 from .packets import (
     MQTT_5,
@@ -81,12 +80,8 @@ def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publi
             if len(_ADDRESSES) >= MAX_CACHED_ADDRESSES:
                 _ADDRESSES.clear()
             _ADDRESSES[topic_name] = address
-    props: dict[str, str] = {}
-    if retain:
-        props[PROP_RETAIN] = "1"
-    if publisher is not None:
-        props[PROP_PUBLISHER] = publisher
-    return Message(topic=address[0], subject=address[1], body=payload, properties=props, flags=_FLAGS_FOR_QOS[qos])
+    return Message(topic=address[0], subject=address[1], body=payload, properties=stamp_publish({}, retain, publisher),
+                   flags=_FLAGS_FOR_QOS[qos])
 
 
 class Inbound:

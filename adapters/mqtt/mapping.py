@@ -183,6 +183,15 @@ class PublishFields:
                           user_properties=self.user_properties)
 
 
+def stamp_publish(props: dict[str, str], retain: bool, publisher: str | None) -> dict[str, str]:
+    """The properties the MQTT adapter itself puts on every published message (after the client's own)."""
+    if retain:
+        props[PROP_RETAIN] = "1"
+    if publisher is not None:
+        props[PROP_PUBLISHER] = publisher
+    return props
+
+
 def message_from_publish(topic_name: str, payload: bytes, qos: int, retain: bool, fields: PublishFields, now_ms: int,
                   publisher: str | None = None) -> Message:
     """The core message for an MQTT publish; raises UnmappableName.
@@ -211,10 +220,7 @@ def message_from_publish(topic_name: str, payload: bytes, qos: int, retain: bool
             props[PROP_CORRELATION_ENCODING] = "base64"
     if fields.payload_format_indicator is not None:
         props[PROP_PAYLOAD_FORMAT] = str(fields.payload_format_indicator)
-    if retain:
-        props[PROP_RETAIN] = "1"
-    if publisher is not None:
-        props[PROP_PUBLISHER] = publisher
+    stamp_publish(props, retain, publisher)
     expires_at = 0
     if fields.message_expiry_interval is not None:
         expires_at = now_ms + fields.message_expiry_interval * 1000
