@@ -11,7 +11,9 @@ every MQTT session is a private `%MQTT%<client id>` topic and group), so labelli
 in labels and grow the series without bound. Private names (the broker's `%KIND%` namespace) are summed under their
 kind (`%MQTT%`, `%AMQP%`, ...); other names get a label of their own up to `max_topic_labels` topics and
 `max_group_labels` groups, and the rest are summed under `other`. A name keeps its label once it has one (the
-busiest names are chosen first), so every series stays a monotonic counter for the life of the process.
+busiest names are chosen first), and a name once summed under `other` stays there (a label freed by a deleted topic
+goes to a name not seen yet): promoting it would take its count out of `other`, and Prometheus reads a counter that
+goes down as a reset. So every series stays a monotonic counter for the life of the process.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class LabelBudget:
     def __init__(self, limit: int) -> None:
         self.limit = max(0, limit)
         self.labelled: set[str] = set()
+        self.folded: set[str] = set()  # public names already summed under OTHER_LABEL: never promoted
+
+    def release(self, names: set[str]) -> None:
+        """Forget deleted names: their labels are free again (their counts moved to DELETED_TOPICS)."""
+        self.labelled.difference_update(names)
+        self.folded.difference_update(names)
 
     def assign(self, weights: dict[str, float]) -> None:
         """Give free labels to the heaviest unlabelled public names in `weights`."""
@@ -48,7 +56,8 @@ class LabelBudget:
         if free <= 0:
             return
         candidates = [name for name in weights
-                      if name not in self.labelled and name != DELETED_TOPICS and not is_private_topic(name)]
+                      if name not in self.labelled and name not in self.folded and name != DELETED_TOPICS
+                      and not is_private_topic(name)]
         candidates.sort(key=lambda name: (-weights[name], name))
         self.labelled.update(candidates[:free])
 
@@ -61,10 +70,12 @@ class LabelBudget:
         return OTHER_LABEL
 
     def fold(self, values: dict[str, float]) -> dict[str, float]:
-        """`values` summed per label."""
+        """`values` summed per label; public names summed under `other` are remembered as folded."""
         out: dict[str, float] = {}
         for name, value in values.items():
             label = self.label(name)
+            if label == OTHER_LABEL and name != DELETED_TOPICS:
+                self.folded.add(name)
             out[label] = out.get(label, 0) + value
         return out
 
@@ -136,7 +147,7 @@ class TidegateCollector(Collector):
 
     def _traffic(self) -> Iterator[Metric]:
         # Deleted topics give their label back (their counts went to DELETED_TOPICS, summed under "other").
-        self.topic_labels.labelled.difference_update(self.core.take_deleted_topics())
+        self.topic_labels.release(self.core.take_deleted_topics())
         # Copy before iterating: an adapter may add a topic while this generator is suspended.
         counters = {attr: dict(getattr(self.core, attr)) for attr in ("messages_in", "bytes_in", "messages_out",
                                                                        "bytes_out")}

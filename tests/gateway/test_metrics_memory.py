@@ -58,11 +58,38 @@ def test_a_deleted_topic_gives_its_label_back_and_is_summed_under_other() -> Non
     text = generate_latest(registry).decode()
     assert 'tidegate_messages_in_total{topic="a"} 5.0' in text
     metrics.forget_topic("a")
+    metrics.messages_in["c"] += 1
     text = generate_latest(registry).decode()
     assert 'topic="a"' not in text
-    assert 'tidegate_messages_in_total{topic="b"} 3.0' in text  # the freed label went to b
-    assert 'tidegate_messages_in_total{topic="other"} 5.0' in text
+    assert 'tidegate_messages_in_total{topic="c"} 1.0' in text  # the freed label went to a name not seen before
+    assert 'tidegate_messages_in_total{topic="other"} 8.0' in text  # b (3) and the deleted a (5)
     assert DELETED_TOPICS not in text
+
+
+def test_the_other_series_never_decreases_when_a_label_is_freed() -> None:
+    """A name once summed under `other` is never promoted: its count leaving `other` would read as a reset."""
+    metrics = CoreMetrics()
+    metrics.messages_in["small"] += 1
+    metrics.messages_in["big"] += 100
+    metrics.messages_in["tiny"] += 1
+    collector = TidegateCollector(metrics, uptime=lambda: 1.0, max_topic_labels=1)
+    registry = build_registry(collector)
+
+    def other() -> float:
+        value = registry.get_sample_value("tidegate_messages_in_total", {"topic": "other"})
+        return 0.0 if value is None else value
+
+    generate_latest(registry)
+    assert registry.get_sample_value("tidegate_messages_in_total", {"topic": "big"}) == 100
+    seen = [other()]
+    metrics.forget_topic("big")
+    metrics.messages_in["small"] += 50  # heavier now, but already folded: stays under other
+    seen.append(other())
+    metrics.messages_in["fresh"] += 1
+    seen.append(other())
+    assert seen == sorted(seen) and seen[-1] == 152
+    assert registry.get_sample_value("tidegate_messages_in_total", {"topic": "small"}) is None
+    assert registry.get_sample_value("tidegate_messages_in_total", {"topic": "fresh"}) == 1
 
 
 def test_label_limits_come_from_the_admin_listener_section() -> None:
