@@ -85,8 +85,40 @@ SCENARIOS: list[tuple[str, str, list[str], str, bool]] = [
     ("qos1_fan_in", "10→1 fan-in QoS 1, max rate", ["--qos", "1", "--publishers", "10"], "receive_msgs_per_s", True),
     ("qos1_fan_out", "1→10 fan-out QoS 1, max rate", ["--qos", "1", "--subscribers", "10"],
      "receive_msgs_per_s", True),
+    ("qos0_fan_in", "10→1 fan-in QoS 0, max rate", ["--qos", "0", "--publishers", "10", "--drain-timeout", "3"],
+     "receive_msgs_per_s", True),
+    ("qos0_fan_out", "1→10 fan-out QoS 0, max rate", ["--qos", "0", "--subscribers", "10", "--drain-timeout", "3"],
+     "receive_msgs_per_s", True),
+    ("qos1_64k", "1→1 QoS 1, 64 KiB payloads", ["--qos", "1", "--size", "65536"], "receive_msgs_per_s", True),
     ("qos1_latency", "QoS 1 at 1,000 msg/s", ["--qos", "1", "--rate", "1000"], "latency", False),
 ]
+DD_BLOCKS = 8000  # 8000 x 64 KiB = 500 MiB written with conv=fdatasync: the disk's sequential bandwidth
+
+
+def disk_write_mb_s(directory: str) -> float | None:
+    """Sequential write bandwidth of the disk under `directory` in MB/s, as `dd bs=64k conv=fdatasync` reports it
+    (the yardstick of the 64 KiB scenario: issue 10 asks for 70 % of it)."""
+    target = Path(tempfile.mkdtemp(dir=directory, prefix="bench-dd-")) / "dd.out"
+    try:
+        done = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=64k", f"count={DD_BLOCKS}",
+                               "conv=fdatasync"], capture_output=True, text=True, timeout=120)
+        seconds = float(done.stderr.strip().splitlines()[-1].split(" copied, ")[1].split(" s")[0])
+        return round(DD_BLOCKS * 65536 / seconds / 1e6, 1)
+    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        shutil.rmtree(target.parent, ignore_errors=True)
+
+
+def median_run(reports: list[dict[str, Any]], metric: str, higher: bool) -> dict[str, Any]:
+    """The run with the median headline value, annotated with every run's value (min/median/max in the table)."""
+    valued = [r for r in reports if isinstance(headline(r, metric), (int, float))]
+    if not valued:
+        return reports[-1]
+    valued.sort(key=lambda r: headline(r, metric), reverse=higher)
+    chosen = dict(valued[len(valued) // 2])
+    chosen["repeats"] = [headline(r, metric) for r in reports]
+    return chosen
 
 
 def free_port() -> int:
@@ -295,6 +327,20 @@ def storm_cpu_per_1000(report: dict[str, Any]) -> float | None:
     return round(cpu * 1e6 / connected, 1) if connected and cpu is not None else None
 
 
+def spread(values: list[Any] | None) -> str | None:
+    numbers = [v for v in values or () if isinstance(v, (int, float))]
+    return f"{fmt(min(numbers))}–{fmt(max(numbers))}" if numbers else None
+
+
+def mb_per_s(report: dict[str, Any]) -> float | None:
+    received = report.get("receive_msgs_per_s")
+    return round(received * 65536 / 1e6, 1) if isinstance(received, (int, float)) else None
+
+
+def share(value: float | None, whole: float | None) -> str | None:
+    return f"{value / whole:.0%}" if value and whole else None
+
+
 def per_message(report: dict[str, Any], count: str) -> float | None:
     n, cpu = report.get(count), report.get("broker_cpu_s")
     return round(cpu * 1e6 / n, 1) if n and cpu is not None else None
@@ -326,6 +372,15 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
         else:
             row(label, "publish msg/s", {b: runs[b].get("publish_msgs_per_s") for b in brokers}, True)
             row(label, "receive msg/s (all subscribers)", {b: headline(runs[b], metric) for b in brokers}, True)
+            if any(len(runs[b].get("repeats") or ()) > 1 for b in brokers):
+                row(label, "receive msg/s, every run (min–max)", {b: spread(runs[b].get("repeats")) for b in brokers},
+                    True)
+            if key == "qos1_64k":
+                disk = results["machine"].get("disk_write_mb_s")
+                row(label, f"MB/s received (disk: {fmt(disk)} MB/s by dd)",
+                    {b: mb_per_s(runs[b]) for b in brokers}, True)
+                row(label, "share of the disk's sequential bandwidth",
+                    {b: share(mb_per_s(runs[b]), disk) for b in brokers}, True)
         row(label, "broker CPU µs / published msg (lower is better)",
             {b: per_message(runs[b], "acked") for b in brokers}, False, 1)
         row(label, "broker CPU µs / delivery (lower is better)",
@@ -406,6 +461,9 @@ def main() -> int:
     parser.add_argument("--scenarios", default="", help="comma-separated subset of scenario keys (default all)")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tidegate-bench-mqtt-compare"),
                         help="directory for results.json and results.md")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per broker and scenario, brokers interleaved; the table shows the median run "
+                        "and every run's rate (1)")
     parser.add_argument("--from-json", metavar="FILE", default="",
                         help="do not run anything: print the table of an earlier results.json")
     args = parser.parse_args()
@@ -427,21 +485,32 @@ def main() -> int:
                     "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "nofile": hard},
         "duration_s": args.duration, "mosquitto_conf": MOSQUITTO_CONF, "amqtt_yaml": AMQTT_YAML,
         "mosquitto_version": subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.split("\n")[0],
-        "scenarios": {},
+        "scenarios": {}, "repeat": args.repeat,
     }
-    for key, label, bench_args, _metric, _higher in SCENARIOS:
+    if not wanted or "qos1_64k" in wanted:
+        results["machine"]["disk_write_mb_s"] = disk_write_mb_s(tempfile.gettempdir())
+        print(f"disk: {results['machine']['disk_write_mb_s']} MB/s sequential (dd bs=64k conv=fdatasync)", flush=True)
+    for key, label, bench_args, metric, higher in SCENARIOS:
         if wanted and key not in wanted:
             continue
         runs = results["scenarios"][key] = {}
+        every: dict[str, list[dict[str, Any]]] = {broker: [] for broker in brokers}
+        for _attempt in range(max(1, args.repeat)):
+            for broker in brokers:
+                command = ["mqtt", "--duration", str(args.duration), *bench_args]
+                report = one_run(broker, command)
+                report["command"] = "tidegate bench " + " ".join(command) + " --server <broker> --json"
+                every[broker].append(report)
+                print(f"{label:32} {broker:15} publish {report.get('publish_msgs_per_s')} msg/s  receive "
+                      f"{report.get('receive_msgs_per_s')} msg/s  p50/p99 {report.get('latency_ms', {}).get('p50')}/"
+                      f"{report.get('latency_ms', {}).get('p99')} ms  broker cpu "
+                      f"{report.get('broker_cpu_us_per_delivery')} µs/msg  lost {report.get('lost')} dup "
+                      f"{report.get('duplicated')}  load {report.get('loadavg_1m_before')}  "
+                      f"{'; '.join(report.get('errors', []))}", flush=True)
         for broker in brokers:
-            command = ["mqtt", "--duration", str(args.duration), *bench_args]
-            runs[broker] = report = one_run(broker, command)
-            report["command"] = "tidegate bench " + " ".join(command) + " --server <broker> --json"
-            print(f"{label:32} {broker:15} publish {report.get('publish_msgs_per_s')} msg/s  receive "
-                  f"{report.get('receive_msgs_per_s')} msg/s  p50/p99 {report.get('latency_ms', {}).get('p50')}/"
-                  f"{report.get('latency_ms', {}).get('p99')} ms  broker cpu {report.get('broker_cpu_us_per_delivery')}"
-                  f" µs/msg  lost {report.get('lost')} dup {report.get('duplicated')}  load "
-                  f"{report.get('loadavg_1m_before')}  {'; '.join(report.get('errors', []))}", flush=True)
+            runs[broker] = report = median_run(every[broker], metric, higher)
+            if len(every[broker]) > 1:
+                report["repeat_reports"] = every[broker]
     if args.conns and (not wanted or "idle_connections" in wanted):
         runs = results["scenarios"]["idle_connections"] = {}
         for broker in brokers:
