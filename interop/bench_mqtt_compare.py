@@ -54,6 +54,8 @@ START_TIMEOUT_S = 30
 # Mosquitto: in memory (persistence off: it would only snapshot every autosave_interval anyway, never per message),
 # the same outbound window as Tidegate's 3.1.1 credit (receive_maximum 32), and no queue limit, because Tidegate never
 # drops QoS 1/2 either (mosquitto's default of 1000 queued messages per client would drop messages in fan-in).
+# Tidegate gets the same "no queue limit" for QoS 0 (TIDEGATE_SETTINGS: its default drops QoS 0 beyond a backlog of
+# 10,000 for clean sessions, which the max-rate QoS 0 fan-in would hit while Mosquitto buffers in memory).
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
 allow_anonymous true
@@ -215,8 +217,7 @@ class TidegateBroker:
     def start(self) -> tuple[str, int]:
         from tidegate.gateway.bench.broker import SpawnedBroker
 
-        self.spawned = SpawnedBroker(self.flush, listeners=("mqtt",),
-                                     extra_settings=("listeners.mqtt.ws_enabled=false",)).__enter__()
+        self.spawned = SpawnedBroker(self.flush, listeners=("mqtt",), extra_settings=TIDEGATE_SETTINGS).__enter__()
         return self.spawned.addresses["mqtt"], self.spawned.process.pid
 
     def stop(self) -> None:
@@ -224,6 +225,7 @@ class TidegateBroker:
             self.spawned.__exit__()
 
 
+TIDEGATE_SETTINGS = ("listeners.mqtt.ws_enabled=false", "listeners.mqtt.max_queued_messages=0")
 BROKERS = {"tidegate-sync": lambda: TidegateBroker("sync"), "tidegate-async": lambda: TidegateBroker("async"),
            "mosquitto": lambda: ExternalBroker("mosquitto"), "amqtt": lambda: ExternalBroker("amqtt")}
 
