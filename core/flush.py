@@ -1,8 +1,11 @@
 """Durability: when an appended message counts as on disk, and group commit of fsyncs.
 
 `sync` mode (the default): an acknowledgement waits for an fsync that covers the message. fsync runs in a thread
-(`run_in_thread`) so the reactor keeps serving; while one fsync runs, new appends pile up and the next fsync covers
-all of them at once (group commit), so throughput grows with concurrency instead of being one fsync per message.
+(`run_in_thread`) so the reactor keeps serving. An idle flusher starts the fsync as soon as a record is appended
+(no batching window: at low rates a message waits for one fsync and nothing else); while one fsync runs, new appends
+pile up and the next fsync, started in the reactor turn that learns the previous one finished, covers all of them at
+once (group commit), so throughput grows with concurrency instead of being one fsync per message. The waiters an
+fsync covers (acknowledgements) and the durable listeners (visibility, which wakes deliveries) run in that same turn.
 
 `async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
 """
@@ -73,9 +76,20 @@ class Durability:
         self.request_flush()
 
     def request_flush(self) -> None:
-        """Ask for an fsync soon: at the end of this reactor turn, so every append of the turn shares it."""
+        """Ask for an fsync covering everything appended so far.
+
+        Idle (no fsync running or scheduled) with a thread to run it in: the fsync starts now, so the first record
+        of a quiet period waits for its own fsync and nothing else (no batching window). Appends made while it runs
+        pile up and share the next fsync, which `_flush_done` starts in the reactor turn that learns this one
+        finished: group commit at high rates comes from the fsync itself being busy, not from waiting.
+        Without a thread (tests, tools) the fsync would block the caller inside its append, so it runs at the end
+        of the reactor turn instead and every append of the turn shares it.
+        """
         if (self.mode == "async" or self._flushing or self._scheduled is not None or self._closed
                 or self.failed is not None):
+            return
+        if self._run_in_thread is not None:
+            self._start_flush()
             return
         self._scheduled = self.clock.callLater(0, self._start_flush)
 
@@ -122,7 +136,7 @@ class Durability:
         for listener in self._listeners:
             listener(durable)
         if self.store.durable_offset < self.store.end_offset and not self._closed:
-            self.request_flush()
+            self.request_flush()  # what piled up during this fsync: the next one starts in this same turn
 
     def _flush_failed_failure(self, failure: Any) -> None:
         self._flush_failed(failure.value)
