@@ -1,11 +1,12 @@
 """Durability: when an appended message counts as on disk, and group commit of fsyncs.
 
 `sync` mode (the default): an acknowledgement waits for an fsync that covers the message. fsync runs in a thread
-(`run_in_thread`) so the reactor keeps serving. An idle flusher starts the fsync as soon as a record is appended
-(no batching window: at low rates a message waits for one fsync and nothing else); while one fsync runs, new appends
-pile up and the next fsync, started in the reactor turn that learns the previous one finished, covers all of them at
-once (group commit), so throughput grows with concurrency instead of being one fsync per message. The waiters an
-fsync covers (acknowledgements) and the durable listeners (visibility, which wakes deliveries) run in that same turn.
+(`run_in_thread`) so the reactor keeps serving. An idle flusher starts the fsync at the end of the reactor turn that
+appended the first record (no timer, no batching window: at low rates a message waits for one fsync and nothing
+else); while one fsync runs, new appends pile up and the next fsync, started in the reactor turn that learns the
+previous one finished, covers all of them at once (group commit), so throughput grows with concurrency instead of
+being one fsync per message. The waiters an fsync covers (acknowledgements) and the durable listeners (visibility,
+which wakes deliveries) run in the turn that learns it finished.
 
 `async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
 """
@@ -76,20 +77,19 @@ class Durability:
         self.request_flush()
 
     def request_flush(self) -> None:
-        """Ask for an fsync covering everything appended so far.
+        """Ask for an fsync covering everything appended so far, at the end of this reactor turn.
 
-        Idle (no fsync running or scheduled) with a thread to run it in: the fsync starts now, so the first record
-        of a quiet period waits for its own fsync and nothing else (no batching window). Appends made while it runs
-        pile up and share the next fsync, which `_flush_done` starts in the reactor turn that learns this one
-        finished: group commit at high rates comes from the fsync itself being busy, not from waiting.
-        Without a thread (tests, tools) the fsync would block the caller inside its append, so it runs at the end
-        of the reactor turn instead and every append of the turn shares it.
+        On an idle flusher this is the turn that appended the first record of a quiet period: no timer, no batching
+        window; only the rest of the turn (the other events of the same poll) joins the fsync. Starting it in the
+        middle of the turn gains nothing: the flush thread needs the GIL, which the reactor holds for the rest of
+        the turn except inside its own system calls (where the two then trade it back and forth), and
+        measured at 1,000 msg/s the mid-turn start cost 0.85 extra context switches per message for the same
+        latency (docs/performance.md, "Latency at low rate"). While an fsync runs, appends pile up and
+        `_flush_done` asks for the next one; its zero-delay call runs in the same `runUntilCurrent` as the
+        thread's result (Twisted runs the thread-call queue, then every timed call that is due).
         """
         if (self.mode == "async" or self._flushing or self._scheduled is not None or self._closed
                 or self.failed is not None):
-            return
-        if self._run_in_thread is not None:
-            self._start_flush()
             return
         self._scheduled = self.clock.callLater(0, self._start_flush)
 

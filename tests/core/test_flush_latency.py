@@ -1,5 +1,11 @@
-"""Sync flush at low rate: an idle flusher starts the fsync for the first record at once (no batching window), and
-what the fsync covers (acknowledgements, visibility) is released in the reactor turn that learns it finished.
+"""Sync flush at low rate: an idle flusher starts the fsync for the first record in the reactor turn that appended it
+(a zero-delay call: no timer, no batching window), and what the fsync covers (acknowledgements, visibility) is
+released in the reactor turn that learns it finished.
+
+In Twisted's reactor a zero-delay call made while handling a poll's events runs right after them, before the next
+poll; one made while handling a thread's result (`callFromThread`) runs in the same `runUntilCurrent`. With a
+MemoryReactorClock both are `clock.advance(0)`, so "no clock.advance" below means "in the same turn" and
+"advance(0)" means "at the end of this turn, no time passing".
 
 The fsync thread is a fake executor: the work runs when submitted (an fsync covers what was written before it
 started) and its result arrives only when the test says the thread finished, as `callFromThread` would deliver it.
@@ -61,12 +67,18 @@ def append(store: MemoryMessageStore) -> int:
     return result.commit_offset + result.size
 
 
-def test_an_idle_flusher_starts_the_fsync_for_the_first_record_without_waiting_for_a_turn():
+def zero_delay_only(clock: MemoryReactorClock) -> bool:
+    return all(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls())
+
+
+def test_an_idle_flusher_starts_the_fsync_for_the_first_record_at_the_end_of_its_turn_without_a_timer():
     clock, store, thread = setup()
     durability = Durability(store, clock, run_in_thread=thread)
     durability.when_durable(append(store), lambda: None)
-    assert thread.started == 1  # no clock.advance: the fsync did not wait for the end of the turn
-    assert clock.getDelayedCalls() == []  # nor for any timer
+    assert thread.started == 0 and len(clock.getDelayedCalls()) == 1 and zero_delay_only(clock)
+    clock.advance(0)  # the end of the append's turn: no time passes
+    assert thread.started == 1
+    assert clock.getDelayedCalls() == []
 
 
 def test_the_ack_is_released_in_the_same_turn_the_fsync_completes():
@@ -77,22 +89,27 @@ def test_the_ack_is_released_in_the_same_turn_the_fsync_completes():
     acked: list[str] = []
     end = append(store)
     durability.when_durable(end, lambda: acked.append("m1"))
+    clock.advance(0)
     assert acked == []
     thread.finish()
     assert acked == ["m1"] and durable_seen == [end]  # no clock.advance between the fsync's end and the ack
     assert clock.getDelayedCalls() == []
 
 
-def test_appends_during_an_fsync_share_the_next_one_which_starts_when_the_first_finishes():
+def test_appends_during_an_fsync_share_the_next_one_which_starts_in_the_turn_the_first_finishes():
     clock, store, thread = setup()
     durability = Durability(store, clock, run_in_thread=thread)
     acked: list[int] = []
     durability.when_durable(append(store), lambda: acked.append(1))
-    for n in (2, 3, 4):  # arrive while the first fsync runs: group commit, no fsync each
+    clock.advance(0)
+    for n in (2, 3, 4):  # arrive while the first fsync runs: group commit, not an fsync each
         durability.when_durable(append(store), lambda n=n: acked.append(n))
+        clock.advance(0)
     assert thread.started == 1
     thread.finish()
-    assert acked == [1] and thread.started == 2  # the second fsync started in the turn the first one ended
+    assert acked == [1] and zero_delay_only(clock)  # the next fsync is due in the same runUntilCurrent
+    clock.advance(0)
+    assert thread.started == 2
     thread.finish()
     assert acked == [1, 2, 3, 4] and thread.started == 2
 
@@ -110,6 +127,7 @@ def test_a_publish_on_an_idle_broker_is_made_visible_and_delivered_in_the_turn_i
     broker.subscribe("g", "t", sink, client_id="c").grant(10)
     clock.advance(0)
     [result] = broker.publish([Message("t", b"hello")])
+    clock.advance(0)
     assert thread.started == 1 and sink.bodies == []
     acked: list[bool] = []
     broker.when_durable(result.commit_end, lambda: acked.append(True))
@@ -139,7 +157,8 @@ def test_an_mqtt_qos1_publish_gets_its_puback_in_the_turn_its_fsync_completes():
     codec.receive_data(transport.value())
     transport.clear()
     protocol.dataReceived(codec.encode(Publish("a/b", b"payload", 1, packet_id=7)))
-    assert thread.started == 1  # the fsync began while the PUBLISH's read was handled
+    clock.advance(0)
+    assert thread.started == 1  # the fsync began at the end of the PUBLISH's turn
     assert codec.receive_data(transport.value()) == []
     thread.finish()
     assert codec.receive_data(transport.value()) == [Puback(7)]  # written by the callback, no clock.advance
