@@ -40,6 +40,11 @@ POLL_S = 0.05
 
 
 # ============================================================================================== the driver
+def _until_next_slot(limiter: RateLimiter, now: float) -> float:
+    """Seconds until a paced publisher may send again (0 when due or not started)."""
+    return 0.0 if limiter.next_at is None else max(0.0, limiter.next_at - now)
+
+
 class _Publisher:
     __slots__ = ("client", "head", "tail", "window", "inflight", "next_pid")
 
@@ -102,6 +107,7 @@ class MqttDriver(Driver):
         by_socket = {p.client.sock: p for p in publishers}
         sockets = list(by_socket)
         seq = 0
+        turn = 0  # paced: the publisher whose turn the next slot is
         tally.first_ns = time_ns()
         producing = True
         drain_deadline = 0.0
@@ -115,13 +121,20 @@ class MqttDriver(Driver):
                 if monotonic() >= drain_deadline:
                     raise TimeoutError(f"publishes still unacknowledged {SEND_DRAIN_TIMEOUT_S}s after the run")
             room_left = False
-            if producing:
-                for p in publishers:
+            window_full = paced  # paced: stays True if a due slot found no publisher with room
+            # Paced: send one message when its slot is due; until then wait in select below, so each PUBACK is read
+            # (and timed) when it arrives, not after a sleep in the limiter, and sends stay evenly spaced.
+            if producing and (not paced or _until_next_slot(limiter, monotonic()) <= 0.0):
+                for p in publishers[turn:] + publishers[:turn] if paced else publishers:
                     room = p.window - len(p.inflight) if qos else QOS0_BURST
                     if room <= 0:
                         continue
                     if paced:
+                        if _until_next_slot(limiter, monotonic()) > 0.0:
+                            break  # the next publisher's turn comes at the next slot, after reading answers
                         limiter.acquire(1)
+                        turn = (publishers.index(p) + 1) % len(publishers)
+                        window_full = False
                         n = 1
                     else:
                         n = min(room, MAX_BURST)
@@ -152,16 +165,23 @@ class MqttDriver(Driver):
                     if room > n:
                         room_left = True
                 if paced:
-                    room_left = False  # the limiter sleeps between messages; only look for answers
+                    room_left = False  # only look for answers until the next slot
+            if room_left:
+                timeout = 0.0
+            elif paced and producing:
+                wait = _until_next_slot(limiter, monotonic())
+                timeout = min(POLL_S, wait) if wait > 0.0 or not window_full else POLL_S  # full: wait for an ack
+            else:
+                timeout = POLL_S
             if not qos:
                 if not producing:
                     break
                 # Nothing comes back at QoS 0; just notice a closed connection now and then.
-                readable = select.select(sockets, [], [], 0)[0]
+                readable = select.select(sockets, [], [], timeout if paced else 0)[0]
                 for sock in readable:
                     by_socket[sock].client.read()
                 continue
-            readable = select.select(sockets, [], [], 0 if (room_left or paced) else POLL_S)[0]
+            readable = select.select(sockets, [], [], timeout)[0]
             for sock in readable:
                 p = by_socket[sock]
                 inflight = p.inflight
