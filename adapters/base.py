@@ -27,6 +27,12 @@ Reading is paused and resumed by reason (`pause_reading(reason)`/`resume_reading
 (keepalive/heartbeat) check is suspended meanwhile, since the client's keepalives wait unread in the socket. This is
 separate from `paused`, which is about our output (the transport's buffer is full).
 
+Read sizes: Twisted reads at most `bufferSize` bytes (64 KiB) per wake-up, so a 64 KiB message never arrived in
+one read and each one cost a read, a batch, an append and an fsync round of its own. On plain TCP a connection's
+reads grow (doubling, up to `MAX_READ_BYTES`) while they come back full and shrink back to `MIN_READ_BYTES` once
+the stream slows (`_adapt_read_size`): a stream of large messages is handled many per read, an idle or paced
+connection keeps the default.
+
 Resource alarms (core/alarms.py): the factory follows the core's `ResourceAlarms` (`alarmed`, `alarm_reason`) and
 tells every connection that has published (`publish_seen()` marks it) when the state changes (`alarm_changed`).
 While an alarm is raised, a connection that publishes is no longer read after the read that held the publish (what
@@ -67,6 +73,14 @@ DEFAULT_MAX_HELD_BYTES = 1024 * 1024
 # does not read) before the connection is closed. Delivery stops on pause, so only replies and what was already
 # decided pile up here; a client that keeps asking without reading hits this.
 DEFAULT_OUTPUT_BUDGET = 8 * 1024 * 1024
+# Bytes read per wake-up on plain TCP: Twisted's default, and the most a fast stream grows it to (see above).
+MIN_READ_BYTES = 64 * 1024
+MAX_READ_BYTES = 1024 * 1024
+# A multi-chunk write this large is handed to the kernel as its pieces (`sendmsg`) instead of being joined first:
+# joining would copy every payload once more; below it the join is cheaper than the per-piece work.
+SCATTER_MIN_BYTES = 64 * 1024
+# Linux's IOV_MAX: more pieces than this are joined.
+MAX_SCATTER_PIECES = 1024
 # Why reading is paused (`AdapterConnection.pause_reading`): a resource alarm is raised and the connection publishes.
 ALARM = "alarm"
 
@@ -151,6 +165,11 @@ def send_now(transport: Any, chunks: list[bytes]) -> None:
     if (isinstance(transport, TcpConnection) and transport.connected and not transport.disconnecting
             and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)
             and not transport._writeDisconnected):
+        if len(chunks) > 1 and len(chunks) <= MAX_SCATTER_PIECES:
+            total = sum(map(len, chunks))
+            if total >= SCATTER_MIN_BYTES:
+                _send_pieces(transport, chunks, total)
+                return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
             sent = transport.socket.send(data)
@@ -164,11 +183,31 @@ def send_now(transport: Any, chunks: list[bytes]) -> None:
         transport.writeSequence(chunks)
 
 
+def _send_pieces(transport: TcpConnection, chunks: list[bytes], total: int) -> None:
+    """`send_now` of a large multi-chunk write: the pieces go to the kernel as they are (one `sendmsg`, no join);
+    what it does not take is handed to Twisted as the remaining pieces (only a piece cut in two is copied)."""
+    try:
+        sent = transport.socket.sendmsg(chunks)
+    except OSError:
+        sent = 0
+    if sent >= total:
+        return
+    index = 0
+    while sent >= len(chunks[index]):
+        sent -= len(chunks[index])
+        index += 1
+    rest = chunks[index:]
+    if sent:
+        rest[0] = rest[0][sent:]
+    transport.writeSequence(rest)
+
+
 @implementer(IPushProducer)
 class AdapterConnection(Protocol):
     factory: AdapterFactory
     max_held_bytes = DEFAULT_MAX_HELD_BYTES
     output_budget = DEFAULT_OUTPUT_BUDGET
+    _reads_grown = False  # set on the instance while its transport reads more than MIN_READ_BYTES at a time
 
     def __init__(self) -> None:
         self.session: CoreSession | None = None
@@ -233,6 +272,8 @@ class AdapterConnection(Protocol):
         self.connection_ended(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        if len(data) >= MIN_READ_BYTES or self._reads_grown:
+            self._adapt_read_size(len(data))
         if self.closing:
             return
         self.last_seen = self.factory.clock.seconds()
@@ -240,6 +281,23 @@ class AdapterConnection(Protocol):
             self._hold_bytes(data)
             return
         self._run_batched(self.bytes_received, data)
+
+    def _adapt_read_size(self, received: int) -> None:
+        """Double a plain TCP transport's read size after a full read (up to MAX_READ_BYTES), halve it after a
+        read of at most an eighth of it (down to MIN_READ_BYTES). Only connections that streamed get the
+        instance attribute; the rest keep the class defaults (idle connections stay small)."""
+        transport = self.transport
+        if not isinstance(transport, TcpConnection):
+            return
+        size = transport.bufferSize
+        if received >= size:
+            if size < MAX_READ_BYTES:
+                transport.bufferSize = min(size * 2, MAX_READ_BYTES)
+                self._reads_grown = True
+        elif received <= size >> 3 and size > MIN_READ_BYTES:
+            size = max(size >> 1, MIN_READ_BYTES)
+            transport.bufferSize = size
+            self._reads_grown = size > MIN_READ_BYTES
 
     def peer_certificate_identity(self) -> str:
         """The user name the client's verified TLS certificate carries ('' on plain connections or without a

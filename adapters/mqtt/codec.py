@@ -719,7 +719,11 @@ class MqttCodec:
             raise ValueError("max_packet_size must allow at least a 2-byte packet")
         self.max_packet_size = max_packet_size
         self.server_side = server_side
-        self._buffer = bytearray()
+        # The start of a packet that has not fully arrived: the received chunks as they came (bytes, or a view of
+        # the end of a larger read), their total, and the packet's full size once its fixed header is readable.
+        self._pending: list[Buffer] = []
+        self._pending_size = 0
+        self._pending_needed = 0
         self._receivable = _FROM_CLIENT if server_side else _FROM_SERVER
         self._sendable = _FROM_SERVER if server_side else _FROM_CLIENT
         self._connect_received = False
@@ -744,7 +748,7 @@ class MqttCodec:
     @property
     def buffered(self) -> int:
         """Bytes held back waiting for the rest of a packet."""
-        return len(self._buffer)
+        return self._pending_size
 
     def _rebuild_dispatch(self) -> None:
         # Every table depends only on (side, level, CONNECT seen): one per state is shared by all connections, since
@@ -815,37 +819,97 @@ class MqttCodec:
         """Feed received bytes; return every packet they complete, in order.
 
         Raises `MqttProtocolError` on the first fault; the codec then stays failed.
+
+        Cost is linear in the bytes received, however a packet is split: the chunks of a packet that spans reads
+        are kept as they arrive (no re-concatenation per chunk) and joined once, when its last byte is here, into
+        exactly that packet; the packets after it are decoded from the read in place. A payload is therefore copied
+        once when its packet arrived within one read (the slice the PUBLISH decoder takes) and twice when it
+        spanned reads (the join, then that slice).
         """
         if self._error is not None:
             raise MqttProtocolError(f"stream already failed: {self._error.message}", self._error.reason_code,
                                     protocol_level=self._protocol_level)  # fmt: skip
         if data.__class__ is not bytes:
             data = bytes(data)  # payloads are sliced from the input and must come out as immutable bytes
-        if self._buffer:
-            self._buffer += data
-            buffer: Buffer = memoryview(self._buffer)
-        else:
-            # Common case: no partial packet pending, so decode straight from the caller's bytes.
-            buffer = data
         packets: list[Packet] = []
+        buffer: Buffer = data
         position = 0
         try:
-            position = self._decode_all(buffer, packets)
+            if self._pending_size:
+                start = self._complete_pending(data, packets)
+                if start < 0:
+                    return packets  # the pending packet is still incomplete: the chunk was only kept
+                if start:
+                    buffer = memoryview(data)[start:]
+            if buffer:
+                position = self._decode_all(buffer, packets)
         except MqttProtocolError as error:
             if error.protocol_level is None:
                 error.protocol_level = self._protocol_level
             error.packets_before_error = list(packets)
             self._error = error
             raise
-        finally:
-            if buffer is not data:
-                buffer.release()  # type: ignore[union-attr]  # a bytearray cannot be resized while viewed
-        if buffer is data:
-            if position < len(data):
-                self._buffer += data[position:]
-        elif position:
-            del self._buffer[:position]
+        if position < len(buffer):
+            self._keep_tail(data, len(data) - len(buffer) + position)
         return packets
+
+    def _complete_pending(self, data: bytes, packets: list[Packet]) -> int:
+        """Add `data` to the pending packet. Once it is complete, decode it (joined once) into `packets` and return
+        where the rest of `data` starts; while it is not, return -1."""
+        pending = self._pending
+        needed = self._pending_needed
+        if not needed:
+            needed = self._pending_needed = self._pending_packet_size(data)
+            if not needed:  # its fixed header is still incomplete (at most 4 bytes are pending)
+                pending.append(data)
+                self._pending_size += len(data)
+                return -1
+        missing = needed - self._pending_size
+        if missing > len(data):
+            pending.append(data)
+            self._pending_size += len(data)
+            return -1
+        pending.append(data if missing == len(data) else memoryview(data)[:missing])
+        packet = b"".join(pending)
+        pending.clear()
+        self._pending_size = self._pending_needed = 0
+        self._decode_all(packet, packets)  # exactly one packet: it consumes all of `packet`
+        return missing
+
+    def _pending_packet_size(self, data: bytes) -> int:
+        """The whole size of the pending packet once its fixed header is readable from the pending bytes and `data`
+        (0 before that); raises as `_decode_all` would for a bad length or a packet over the maximum size."""
+        head = b""
+        for chunk in self._pending:  # the fixed header is at most 5 bytes: never join more than those
+            head += bytes(chunk[:5 - len(head)])
+            if len(head) >= 5:
+                break
+        else:
+            head += data[:5 - len(head)]
+        parsed = _remaining_length(head, 1, len(head))
+        if parsed is None:
+            return 0
+        remaining, header_length = parsed
+        packet_size = header_length + remaining
+        if packet_size > self.max_packet_size:
+            raise MqttProtocolError(
+                f"packet of {packet_size} bytes exceeds the maximum packet size {self.max_packet_size}",
+                ReasonCode.PACKET_TOO_LARGE,
+            )
+        return packet_size
+
+    def _keep_tail(self, data: bytes, position: int) -> None:
+        """Keep `data[position:]`, the start of a packet still arriving. A view keeps all of `data` alive, so it is
+        taken only when the tail is at least half of `data`; a shorter tail is copied (each byte at most once)."""
+        tail_size = len(data) - position
+        if not position:
+            tail: Buffer = data
+        elif tail_size * 2 >= len(data):
+            tail = memoryview(data)[position:]
+        else:
+            tail = data[position:]
+        self._pending.append(tail)
+        self._pending_size = tail_size  # its size is read from its fixed header when the next chunk comes
 
     def _decode_all(self, buffer: Buffer, packets: list[Packet]) -> int:
         available = len(buffer)

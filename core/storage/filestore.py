@@ -43,7 +43,7 @@ from tidegate.core.errors import (
 )
 from tidegate.core.model import AppendResult, IndexEntry, Message, QueueRef, tag_hash
 from tidegate.core.storage.api import QueueBounds, RecoveryReport, StoreStats
-from tidegate.core.storage.commitlog import CommitLog
+from tidegate.core.storage.commitlog import SCATTER_MIN_PIECE_BYTES, CommitLog
 from tidegate.core.storage.encryption import (
     Keyring,
     decode_sealed_record,
@@ -74,6 +74,8 @@ CHECKPOINT_MAGIC = 0x50434754  # b"TGCP"
 CHECKPOINT_VERSION = 1
 _CRC = struct.Struct("<I")
 _MAX_QUEUE_ID = 0xFFFFFFFF
+# A single record this large is appended as its pieces (CommitLog.append_parts: writev when the pieces are large).
+_SCATTER_RECORD_BYTES = 3 * SCATTER_MIN_PIECE_BYTES
 _SPACE_BACK_BYTES = 16 << 20  # free space at which health() stops reporting a full disk seen by an append
 
 
@@ -443,17 +445,18 @@ class FileMessageStore:
                 dests.append((ref.topic, ref.queue_id, q.max_offset + targets.count(q)))
                 targets.append(q)
         parts: list[bytes] = []
-        encode_record_parts(parts, message, store_ts, dests)
-        record = b"".join(parts)
+        size = encode_record_parts(parts, message, store_ts, dests)
         try:
-            offset = self._log.append(record, store_ts)
+            if size >= _SCATTER_RECORD_BYTES:  # a large body is written as its own piece, never joined
+                offset = self._log.append_parts(parts, [size], size, store_ts)[0]
+            else:
+                offset = self._log.append(b"".join(parts), store_ts)
         except (StoreFull, StoreError) as exc:
             self._append_failed(exc)
             raise
         if self._write_error is not None:
             self._write_error = None
         self._last_ts = store_ts
-        size = len(record)
         th = self._tag_hashes.get(message.tag)
         if th is None:
             th = self._tag_hash(message.tag)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import select
+import socket
 import sys
 import time
 import uuid
@@ -28,7 +29,7 @@ from .delivery import MIN_SIZE, PAYLOAD_HEADER, PAYLOAD_MAGIC, ConsumerTally, Pr
 from .driver import SEND_DRAIN_TIMEOUT_S, BenchError, BenchOptions, Driver, RateLimiter, WorkerContext
 from .engine import run_bench
 from .latency import latency_line
-from .mqtt_client import IDLE_KEEP_ALIVE, PUBACK, PUBCOMP, PUBREC, PUBREL, MqttClient, ack_packets
+from .mqtt_client import IDLE_KEEP_ALIVE, PUBACK, PUBCOMP, PUBREC, PUBREL, RECV_BYTES, MqttClient, ack_packets
 from .plot import add_plot_option, plot_report
 
 # With --rate 0, a QoS 0 publisher writes this many PUBLISHes per send (TCP backpressure is its only flow control).
@@ -37,6 +38,31 @@ QOS0_BURST = 128
 MAX_BURST = 256
 SUBSCRIBER_KEEP_ALIVE = 60
 POLL_S = 0.05
+# Payloads at least this large are sent as pieces (a small per-message head, then the shared padding) with
+# sendmsg, never concatenated: at 64 KiB, building each PUBLISH and joining the burst copied every payload twice in
+# the publisher. Smaller ones are joined (cheaper than the per-piece work).
+SCATTER_MIN_SIZE = 4096
+MAX_SCATTER_PIECES = 1024  # Linux's IOV_MAX
+# The subscriber reads up to this much at a time, so that a stream of large PUBLISHes is decoded many per read.
+SUBSCRIBER_RECV_BYTES = 1 << 20
+
+
+def send_pieces(sock: socket.socket, pieces: list[bytes]) -> None:
+    """`sock.sendall(b"".join(pieces))` without the join: sendmsg of up to MAX_SCATTER_PIECES pieces at a time,
+    continuing after a partial send (only a piece cut in two is sliced)."""
+    start = 0
+    while start < len(pieces):
+        batch = pieces[start:start + MAX_SCATTER_PIECES]
+        start += len(batch)
+        sent = sock.sendmsg(batch)
+        for i, piece in enumerate(batch):
+            if sent >= len(piece):
+                sent -= len(piece)
+                continue
+            sock.sendall(memoryview(piece)[sent:])
+            for rest in batch[i + 1:]:
+                sock.sendall(rest)
+            break
 
 
 # ============================================================================================== the driver
@@ -97,6 +123,7 @@ class MqttDriver(Driver):
         limiter = RateLimiter(options.rate / options.producers if options.rate else 0)
         paced = bool(options.rate)
         padding = b"\x00" * (options.size - MIN_SIZE)
+        scatter = options.size >= SCATTER_MIN_SIZE
         pack = PAYLOAD_HEADER.pack
         magic = PAYLOAD_MAGIC
         index = ctx.index
@@ -148,18 +175,22 @@ class MqttDriver(Driver):
                             while pid in inflight:
                                 pid = pid % 65535 + 1
                             inflight[pid] = [seq, perf_ns(), 0]
-                            parts.append(head + pid.to_bytes(2, "big") + tail
-                                         + pack(magic, index, seq, time_ns()) + padding)
+                            parts.append(head + pid.to_bytes(2, "big") + tail + pack(magic, index, seq, time_ns()))
+                            parts.append(padding)
                             seq += 1
                         p.next_pid = pid
-                        p.client.sock.sendall(b"".join(parts))
                     else:
                         started = perf_ns()
                         head = p.head + p.tail
                         for _ in range(n):
-                            parts.append(head + pack(magic, index, seq, time_ns()) + padding)
+                            parts.append(head + pack(magic, index, seq, time_ns()))
+                            parts.append(padding)
                             seq += 1
+                    if scatter:
+                        send_pieces(p.client.sock, parts)
+                    else:
                         p.client.sock.sendall(b"".join(parts))
+                    if not qos:
                         tally.on_acked(seq - n, n, started)  # QoS 0: "acknowledged" once written
                     tally.sent = seq
                     if room > n:
@@ -227,6 +258,8 @@ class MqttDriver(Driver):
             puback, pubrec, pubcomp = ack_packets(PUBACK), ack_packets(PUBREC), ack_packets(PUBCOMP)
             pingreq = bytes((0xC0, 0))
             sock = client.sock
+            receive = client.codec.receive_data
+            recv_bytes = SUBSCRIBER_RECV_BYTES if options.size >= SCATTER_MIN_SIZE else RECV_BYTES
             record = tally.record
             stop = ctx.shared.stop
             monotonic = time.monotonic
@@ -244,8 +277,11 @@ class MqttDriver(Driver):
                             sock.sendall(pingreq)
                             last_write = now
                         continue
+                    data = sock.recv(recv_bytes)
+                    if not data:
+                        raise ConnectionError("the broker closed the connection")
                     acks = []
-                    for packet in client.read():
+                    for packet in receive(data):
                         cls = packet.__class__
                         if cls is Publish:
                             record(packet.payload)

@@ -73,3 +73,45 @@ def test_a_closing_transport_is_left_to_twisted():
     transport.disconnecting = True
     send_now(transport, [b"late"])
     assert transport._tempDataBuffer == [b"late"]
+
+
+def test_a_large_multi_chunk_write_goes_to_the_socket_as_its_pieces_without_a_join():
+    transport, peer, reactor = tcp_pair()
+    pieces = [b"head", bytes(range(256)) * 256, b"tail"]  # 64 KiB and more: scattered
+    sent = []
+    real_socket = transport.socket
+
+    class RecordingSocket:
+        def sendmsg(self, buffers):
+            sent.append(list(buffers))
+            return real_socket.sendmsg(buffers)
+
+        def __getattr__(self, name):
+            return getattr(real_socket, name)
+
+    transport.socket = RecordingSocket()
+    send_now(transport, pieces)
+    assert len(sent) == 1 and sent[0][1] is pieces[1]  # the payload object itself reached sendmsg
+    received = b""
+    while len(received) < sum(map(len, pieces)):
+        received += peer.recv(1 << 17)
+    assert received == b"".join(pieces)
+    assert transport not in reactor.getWriters()
+
+
+def test_what_the_socket_does_not_take_of_a_scattered_write_is_buffered_by_twisted_in_order():
+    transport, peer, reactor = tcp_pair()
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pieces = [bytes([n]) * 100_000 for n in range(12)]  # 1.2 MB: more than the socket buffers hold
+    send_now(transport, pieces)
+    assert transport in reactor.getWriters()
+    expected = b"".join(pieces)
+    received = bytearray()
+    while len(received) < len(expected):
+        try:
+            received += peer.recv(1 << 16)
+        except TimeoutError:
+            break
+        if transport.dataBuffer or transport._tempDataBuffer:
+            transport.doWrite()
+    assert bytes(received) == expected
