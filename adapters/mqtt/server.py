@@ -82,6 +82,9 @@ class MqttProtocol(AdapterConnection):
     """One MQTT connection: new -> (authenticating) -> connected -> closed."""
 
     factory: MqttServerFactory
+    # what every connection sets (see AdapterConnection's slots: one connection's memory stays small)
+    __slots__ = ("settings", "_addr", "codec", "state", "level", "client_id", "problem_information", "negotiated",
+                 "mqtt_session", "inbound", "outbound", "_will")
 
     def __init__(self, factory: MqttServerFactory, addr: Any = None) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ inbound.py and outbound.py drive these; server.py owns one of each per connectio
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 from .packets import MQTT_5, Connack, Connect, Will
@@ -22,6 +23,9 @@ from .settings import MqttSettings
 
 UNLIMITED_PACKET_SIZE = 1 << 30  # a client that announces no Maximum Packet Size
 MAX_PACKET_ID = 65535
+# The packet-id sets of a session or connection that has none (an idle one): shared and read-only, replaced by a set
+# of its own on the first id, since every empty set costs 216 bytes.
+NO_IDS: frozenset[int] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------- CONNECT
@@ -150,12 +154,12 @@ class PacketIds:
     __slots__ = ("inbound_qos2", "released", "sent", "sent_ids", "inflight", "_next")
 
     def __init__(self, inbound_qos2: set[int] | None = None, released: dict[int, str] | None = None) -> None:
-        self.inbound_qos2: set[int] = inbound_qos2 if inbound_qos2 is not None else set()  # PUBLISH in, no PUBREL
+        self.inbound_qos2: Set[int] = inbound_qos2 if inbound_qos2 else NO_IDS  # PUBLISH in, no PUBREL
         self.released: dict[int, str] = released if released is not None else {}  # PUBREL out, no PUBCOMP: id->key
         # (queue topic, queue offset) -> id of QoS 1/2 messages sent and not acknowledged, so a resumed connection
         # redelivers with the original packet id (MQTT-4.4.0-1); `sent_ids` keeps those ids reserved.
         self.sent: dict[tuple[str, int], int] = {}
-        self.sent_ids: set[int] = set()
+        self.sent_ids: Set[int] = NO_IDS
         self.inflight: dict[int, Inflight] = {}  # of the current connection
         self._next = 1
 
@@ -165,12 +169,14 @@ class PacketIds:
         return packet_id in self.inbound_qos2
 
     def qos2_stored(self, packet_id: int) -> None:
-        self.inbound_qos2.add(packet_id)
+        if self.inbound_qos2 is NO_IDS:
+            self.inbound_qos2 = set()
+        self.inbound_qos2.add(packet_id)  # type: ignore[attr-defined]
 
     def qos2_released(self, packet_id: int) -> bool:
         """PUBREL: forget the id; False if it was unknown (v5 answers PUBCOMP 0x92)."""
         if packet_id in self.inbound_qos2:
-            self.inbound_qos2.discard(packet_id)
+            self.inbound_qos2.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
             return True
         return False
 
@@ -196,7 +202,9 @@ class PacketIds:
         self.inflight[packet_id] = item
         if item.sent_key is not None:
             self.sent[item.sent_key] = packet_id
-            self.sent_ids.add(packet_id)
+            if self.sent_ids is NO_IDS:
+                self.sent_ids = set()
+            self.sent_ids.add(packet_id)  # type: ignore[attr-defined]
 
     def acknowledged(self, packet_id: int, qos: int) -> Inflight | None:
         """PUBACK (qos 1) or PUBREC (qos 2) of a message in flight: remove and return it; None if unknown."""
@@ -206,7 +214,8 @@ class PacketIds:
         del self.inflight[packet_id]
         if item.sent_key is not None:
             self.sent.pop(item.sent_key, None)
-            self.sent_ids.discard(packet_id)
+            if self.sent_ids:
+                self.sent_ids.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
         return item
 
     def release(self, packet_id: int, sub_key: str | None) -> None:
@@ -228,26 +237,37 @@ class PacketIds:
 class ReceiveWindow:
     """Our Receive Maximum: QoS 1/2 publishes of the client not fully acknowledged (PUBACK, or PUBCOMP)."""
 
-    __slots__ = ("limit", "enforced", "open", "awaiting_durable")
+    __slots__ = ("limit", "enforced", "open", "_awaiting_durable")
 
     def __init__(self, limit: int, enforced: bool) -> None:
         self.limit = limit
         self.enforced = enforced  # MQTT 5 (3.1.1 has no Receive Maximum to exceed)
-        self.open: set[int] = set()
-        self.awaiting_durable: set[int] = set()  # QoS 2 ids whose PUBREC waits for the disk
+        self.open: Set[int] = NO_IDS  # a set of its own from the first QoS 1/2 publish
+        self._awaiting_durable: set[int] | None = None  # made on first use: only QoS 2 publishes need it
+
+    @property
+    def awaiting_durable(self) -> set[int]:
+        """QoS 2 ids whose PUBREC waits for the disk."""
+        waiting = self._awaiting_durable
+        if waiting is None:
+            waiting = self._awaiting_durable = set()
+        return waiting
 
     def full_for(self, packet_id: int) -> bool:
         """Whether admitting `packet_id` would exceed the limit (a v5 client over it is disconnected)."""
         return self.enforced and packet_id not in self.open and len(self.open) >= self.limit
 
     def admit(self, packet_id: int) -> None:
-        self.open.add(packet_id)
+        if self.open is NO_IDS:
+            self.open = set()
+        self.open.add(packet_id)  # type: ignore[attr-defined]
         if self.enforced and len(self.open) > self.limit:
             raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
                                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
     def done(self, packet_id: int) -> None:
-        self.open.discard(packet_id)
+        if self.open:
+            self.open.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
 
 
 # --------------------------------------------------------------------------------------------- topic aliases
