@@ -5,11 +5,12 @@
 Starts `tidegate serve` (MQTT listener only, as `tidegate bench mqtt-conns --spawn-broker` does) under tracemalloc,
 opens `--count` idle MQTT 3.1.1 clean-session connections (keep alive 600) with the bench's connection workers,
 and reads what the broker allocated (and still holds) between two SIGUSR1 signals: tracing starts just before the
-connections, the snapshot is taken while they are held. Prints the heap bytes per connection, then the largest sums grouped by allocation site (`--group lineno`)
-or by whole traceback (`--group traceback`, innermost frames first), each as bytes per connection.
+connections, the snapshot is taken while they are held. Prints the heap bytes per connection, then the largest sums
+grouped by allocation site (`--group lineno`) or by whole traceback (`--group traceback`, innermost frames first),
+each as bytes per connection.
 
 `--no-trace` runs the same broker without tracemalloc and prints only its VmRSS growth per connection (tracemalloc
-adds about 32 bytes per traced block of its own to RSS, so the two are measured apart).
+keeps a record of its own for every traced block, which inflates RSS, so the two are measured apart).
 """
 
 from __future__ import annotations
