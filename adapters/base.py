@@ -180,7 +180,7 @@ class AdapterConnection(Protocol):
 
     # Slots for what every connection sets: Twisted's Protocol has no __slots__, so instances keep a __dict__ (for
     # `transport`, `factory`, subclasses' own attributes, tests' monkeypatches), but once an instance dict holds more
-    # than 30 keys CPython gives up key sharing and each connection pays a 1.5 KB private dict. Subclasses with
+    # than 30 keys CPython gives up key sharing and each connection pays a 1.6 KB private dict. Subclasses with
     # many attributes of their own (MQTT) declare slots too.
     __slots__ = ("session", "source", "connected_", "closing", "paused", "authenticating", "_batch", "_held_frames",
                  "_held_bytes", "_held_size", "_idle_timer", "_idle_limit", "_written_while_paused", "last_seen",
