@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tidegate.adapters.certificates import certificate_identity, peer_certificate
+from tidegate.adapters.idle_timers import IdleTimers
 from tidegate.adapters.transport import disable_nagle
 from tidegate.core.errors import QuotaExceeded
 from tidegate.core.interfaces import Core
@@ -83,6 +84,10 @@ SCATTER_MIN_BYTES = 64 * 1024
 MAX_SCATTER_PIECES = 1024
 # Why reading is paused (`AdapterConnection.pause_reading`): a resource alarm is raised and the connection publishes.
 ALARM = "alarm"
+# The reasons of a connection that is read (nearly all of them): shared, since an empty set costs 216 bytes.
+NOT_PAUSED: frozenset[str] = frozenset()
+# What a connection holds while its login is decided, when it holds nothing (every connection, nearly always).
+_NOTHING_HELD: tuple[()] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ class AdapterFactory(Factory):
         self.alarmed = bool(alarms is not None and alarms.alarmed)
         self.alarm_reason = alarms.reason if alarms is not None else ""
         self.publishers: set[AdapterConnection] = set()
+        # every connection's idle (keepalive/heartbeat) deadline, behind one reactor timer
+        self.idle_timers = IdleTimers(clock)
         self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
 
     def open_session(self, principal: Principal, source: str, client_id: str = "") -> CoreSession:
@@ -131,6 +138,7 @@ class AdapterFactory(Factory):
 
     def stop(self) -> None:
         """Broker shutdown: cancel timers the adapter owns (override, and call `super().stop()`)."""
+        self.idle_timers.stop()
         if self._unsubscribe_alarms is not None:
             self._unsubscribe_alarms()
             self._unsubscribe_alarms = None
@@ -209,6 +217,14 @@ class AdapterConnection(Protocol):
     output_budget = DEFAULT_OUTPUT_BUDGET
     _reads_grown = False  # set on the instance while its transport reads more than MIN_READ_BYTES at a time
 
+    # Slots for what every connection sets: Twisted's Protocol has no __slots__, so instances keep a __dict__ (for
+    # `transport`, `factory`, subclasses' own attributes, tests' monkeypatches), but once an instance dict holds more
+    # than 30 keys CPython gives up key sharing and each connection pays a 1.6 KB private dict. Subclasses with
+    # many attributes of their own (MQTT) declare slots too.
+    __slots__ = ("session", "source", "connected_", "closing", "paused", "authenticating", "_batch", "_held_frames",
+                 "_held_bytes", "_held_size", "_idle_timer", "_idle_limit", "_written_while_paused", "last_seen",
+                 "_source_ticket", "_user_ticket", "_admission_refused", "has_published", "_reading_paused_for")
+
     def __init__(self) -> None:
         self.session: CoreSession | None = None
         self.source = ""
@@ -217,10 +233,11 @@ class AdapterConnection(Protocol):
         self.paused = False
         self.authenticating = False
         self._batch: list[bytes] | None = None
-        self._held_frames: list[Any] = []
-        self._held_bytes: list[bytes] = []
+        # frames and bytes held while a login is decided: lists only while there is something to hold
+        self._held_frames: list[Any] | tuple[()] = _NOTHING_HELD
+        self._held_bytes: list[bytes] | tuple[()] = _NOTHING_HELD
         self._held_size = 0
-        self._idle_timer: Any = None
+        self._idle_timer: Any = None  # this connection's entry in `factory.idle_timers`, None when not armed
         self._idle_limit = 0.0
         self._written_while_paused = 0
         self.last_seen = 0.0
@@ -228,7 +245,7 @@ class AdapterConnection(Protocol):
         self._user_ticket: UserTicket | None = None
         self._admission_refused: QuotaExceeded | None = None
         self.has_published = False  # set by `publish_seen`: the connection is one the resource alarms block
-        self._reading_paused_for: set[str] = set()  # why the transport is not read (`pause_reading`)
+        self._reading_paused_for: frozenset[str] = NOT_PAUSED  # why the transport is not read (`pause_reading`)
 
     # ------------------------------------------------------------------ transport events
     def connectionMade(self) -> None:
@@ -264,7 +281,7 @@ class AdapterConnection(Protocol):
         self.stop_idle_timer()
         if self.has_published:
             self.factory.publishers.discard(self)
-        self._held_frames, self._held_bytes = [], []
+        self._held_frames = self._held_bytes = _NOTHING_HELD
         limiter = self.factory.limiter
         if limiter is not None:
             limiter.release_source(self._source_ticket)
@@ -410,18 +427,24 @@ class AdapterConnection(Protocol):
         decision.addCallbacks(self._authenticated, self._authentication_failed)
 
     def hold_frames(self, frames: list[Any]) -> None:
-        self._held_frames.extend(frames)
+        if self._held_frames is _NOTHING_HELD:
+            self._held_frames = list(frames)
+        else:
+            self._held_frames.extend(frames)  # type: ignore[union-attr]
 
     def _hold_bytes(self, data: bytes) -> None:
         self._held_size += len(data)
         if self._held_size > self.max_held_bytes:
             log.info("{label}: {source} sent {n} bytes before its login was decided; closing",
                      label=self.factory.protocol_label, source=self.source, n=self._held_size)
-            self._held_bytes = []
+            self._held_bytes = _NOTHING_HELD
             self.closing = True
             self.transport.abortConnection()
             return
-        self._held_bytes.append(data)
+        if self._held_bytes is _NOTHING_HELD:
+            self._held_bytes = [data]
+        else:
+            self._held_bytes.append(data)  # type: ignore[union-attr]
 
     def _authenticated(self, principal: Principal) -> None:
         if not self.connected_:
@@ -441,10 +464,10 @@ class AdapterConnection(Protocol):
 
     def _resume_after_login(self, principal: Principal) -> None:
         self.on_authenticated(principal)
-        frames, self._held_frames = self._held_frames, []
+        frames, self._held_frames = self._held_frames, _NOTHING_HELD
         if frames and not self.closing:
-            self.frames_resumed(frames)
-        data, self._held_bytes, self._held_size = b"".join(self._held_bytes), [], 0
+            self.frames_resumed(frames)  # type: ignore[arg-type]
+        data, self._held_bytes, self._held_size = b"".join(self._held_bytes), _NOTHING_HELD, 0
         if data and not self.closing:
             if self.authenticating:  # a frame resumed above started another authentication (AMQP re-auth)
                 self._hold_bytes(data)
@@ -453,7 +476,7 @@ class AdapterConnection(Protocol):
 
     def _authentication_failed(self, failure: Failure) -> None:
         self.authenticating = False
-        self._held_frames, self._held_bytes, self._held_size = [], [], 0
+        self._held_frames, self._held_bytes, self._held_size = _NOTHING_HELD, _NOTHING_HELD, 0
         if self.connected_:
             self._run_batched(self.on_authentication_failed, failure)
 
@@ -463,26 +486,26 @@ class AdapterConnection(Protocol):
         self.stop_idle_timer()
         self._idle_limit = seconds
         if seconds > 0:
-            self._idle_timer = self.factory.clock.callLater(seconds, self._check_idle)
+            self.factory.idle_timers.arm(self, seconds)
 
     def stop_idle_timer(self) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        if self._idle_timer is not None:
+            self.factory.idle_timers.cancel(self)
 
     def _check_idle(self) -> None:
-        # One timer per connection that re-arms for the remaining time, instead of a reset on every read.
+        # Called by the listener's `IdleTimers` at the deadline: one deadline per connection that re-arms for the
+        # remaining time, instead of a reset on every read.
+        timers = self.factory.idle_timers
         if self._reading_paused_for:
             # We do not read: the client's keepalives wait in the socket. Judged again once reading resumes
             # (`resume_reading` restarts the count).
-            self._idle_timer = self.factory.clock.callLater(self._idle_limit, self._check_idle)
+            timers.arm(self, self._idle_limit)
             return
         idle = self.factory.clock.seconds() - self.last_seen
         if idle >= self._idle_limit:
-            self._idle_timer = None
             self._run_batched(self.idle_timed_out, idle)
             return
-        self._idle_timer = self.factory.clock.callLater(self._idle_limit - idle, self._check_idle)
+        timers.arm(self, self._idle_limit - idle)
 
     # ------------------------------------------------------------------ reading: paused by reason
     @property
@@ -499,7 +522,7 @@ class AdapterConnection(Protocol):
         reasons = self._reading_paused_for
         if reason in reasons:
             return
-        reasons.add(reason)
+        self._reading_paused_for = reasons = reasons | {reason}
         if len(reasons) == 1 and self.connected_:
             pause = _reading_control(self.transport, "pauseProducing")
             if pause is not None:
@@ -511,7 +534,7 @@ class AdapterConnection(Protocol):
         reasons = self._reading_paused_for
         if reason not in reasons:
             return
-        reasons.discard(reason)
+        self._reading_paused_for = reasons = (reasons - {reason}) or NOT_PAUSED
         if reasons or not self.connected_:
             return
         self.last_seen = self.factory.clock.seconds()

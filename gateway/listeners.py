@@ -103,6 +103,19 @@ def effective_backlog(requested: int = DEFAULT_BACKLOG, somaxconn_path: Path = S
     return requested
 
 
+class LeanServer(tcp.Server):
+    """Twisted's accepted TCP connection without the repr text it formats for every connection at accept (about 80
+    bytes each, read only by `repr()`): made when asked instead."""
+
+    @property  # type: ignore[override]
+    def repstr(self) -> str:
+        return f"<{self.protocol.__class__.__name__} #{self.sessionno} on {self.server._realPortNumber}>"
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        pass  # tcp.Server.__init__ assigns it; the property above computes the same text
+
+
 class EagerAcceptPort(tcp.Port):
     """A listening TCP port that accepts every queued connection at each wake-up.
 
@@ -111,7 +124,10 @@ class EagerAcceptPort(tcp.Port):
     reconnect storm accept 1, 21, 41, ... connections while the kernel's accept queue overflows and drops SYNs that
     clients retry only after 1 s, 3 s, 7 s. Here each wake-up may accept up to the backlog (the accept queue's
     size): the loop still stops as soon as `accept()` says nothing is queued, so a quiet listener pays nothing.
+    Accepted connections are `LeanServer`s.
     """
+
+    transport = LeanServer
 
     def doRead(self) -> None:
         self.numberAccepts = max(self.numberAccepts, self.backlog)

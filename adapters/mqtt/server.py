@@ -82,6 +82,9 @@ class MqttProtocol(AdapterConnection):
     """One MQTT connection: new -> (authenticating) -> connected -> closed."""
 
     factory: MqttServerFactory
+    # what every connection sets (see AdapterConnection's slots: one connection's memory stays small)
+    __slots__ = ("settings", "_addr", "codec", "state", "level", "client_id", "problem_information", "negotiated",
+                 "mqtt_session", "inbound", "outbound", "_will")
 
     def __init__(self, factory: MqttServerFactory, addr: Any = None) -> None:
         super().__init__()
@@ -95,7 +98,9 @@ class MqttProtocol(AdapterConnection):
         self.problem_information = True  # v5 clients may ask for reason strings to be left out
         self.negotiated: Negotiated | None = None
         self.mqtt_session: Session | None = None
-        self.inbound: Inbound | None = None  # both halves exist once the connection is accepted
+        # `outbound` exists once the connection is accepted, `inbound` from the client's first PUBLISH, PUBREL,
+        # SUBSCRIBE or UNSUBSCRIBE (`open_inbound`): a connection that never sends one stays smaller
+        self.inbound: Inbound | None = None
         self.outbound: Outbound | None = None
         self._will: PendingWill | None = None
 
@@ -174,6 +179,14 @@ class MqttProtocol(AdapterConnection):
         super().output_budget_exceeded()
 
     # ------------------------------------------------------------------------------------------ output
+    def open_inbound(self) -> Inbound:
+        """The inbound half, made on the first packet that needs it (the same state it would have had from CONNACK:
+        it depends only on the negotiated level and the settings)."""
+        inbound = self.inbound
+        if inbound is None:
+            inbound = self.inbound = Inbound(self)
+        return inbound
+
     def send(self, packet: Any) -> None:
         self.write(self.codec.encode(packet))
 
@@ -349,13 +362,14 @@ class MqttProtocol(AdapterConnection):
         self.mqtt_session = session
         if negotiated.will is not None:
             self._will = PendingWill(negotiated.will, level, core)
-        self.inbound = Inbound(self)
         self.outbound = outbound = Outbound(self, negotiated.client_receive_maximum,
                                             negotiated.client_maximum_packet_size,
                                             negotiated.client_topic_alias_maximum)
 
         self.send(negotiated.connack(self.settings, session_present))
         self.state = "connected"
+        if negotiated.will is None:
+            self.negotiated = None  # `_end` needs it only for the will delay: an idle connection drops 144 bytes
         factory.connect_deadlines.discard(self)
         if negotiated.keep_alive:
             self.start_idle_timer(negotiated.keep_alive * 1.5)
@@ -479,7 +493,7 @@ def _on_auth(conn: MqttProtocol, packet: Auth) -> None:
 def _on_publish(conn: MqttProtocol, packet: Publish) -> None:
     if not conn.has_published or conn.factory.alarmed:
         conn.publish_seen()  # during a resource alarm the connection is not read after this read (adapters/base.py)
-    conn.inbound.on_publish(packet)  # type: ignore[union-attr]
+    (conn.inbound or conn.open_inbound()).on_publish(packet)
 
 
 def _connected(handler: Any) -> Any:
@@ -498,10 +512,10 @@ _HANDLERS: dict[type, Any] = {
     Publish: _connected(_on_publish),
     Puback: _connected(lambda conn, packet: conn.outbound.on_puback(packet)),
     Pubrec: _connected(lambda conn, packet: conn.outbound.on_pubrec(packet)),
-    Pubrel: _connected(lambda conn, packet: conn.inbound.on_pubrel(packet)),
+    Pubrel: _connected(lambda conn, packet: conn.open_inbound().on_pubrel(packet)),
     Pubcomp: _connected(lambda conn, packet: conn.outbound.on_pubcomp(packet)),
-    Subscribe: _connected(lambda conn, packet: conn.inbound.on_subscribe(packet)),
-    Unsubscribe: _connected(lambda conn, packet: conn.inbound.on_unsubscribe(packet)),
+    Subscribe: _connected(lambda conn, packet: conn.open_inbound().on_subscribe(packet)),
+    Unsubscribe: _connected(lambda conn, packet: conn.open_inbound().on_unsubscribe(packet)),
     Pingreq: _connected(lambda conn, packet: conn.send(Pingresp())),
     Disconnect: _connected(MqttProtocol._on_disconnect),
     Auth: _on_auth,

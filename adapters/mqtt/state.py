@@ -13,7 +13,9 @@ inbound.py and outbound.py drive these; server.py owns one of each per connectio
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .packets import MQTT_5, Connack, Connect, Will
 from .properties import Properties
@@ -22,6 +24,12 @@ from .settings import MqttSettings
 
 UNLIMITED_PACKET_SIZE = 1 << 30  # a client that announces no Maximum Packet Size
 MAX_PACKET_ID = 65535
+# The packet-id sets of a session or connection that has none (an idle one): shared and read-only, replaced by a set
+# of its own on the first id, since every empty set costs 216 bytes.
+NO_IDS: frozenset[int] = frozenset()
+# The same for the tables of packet ids and topic aliases (an empty dict costs 64 bytes): read-only until the first
+# entry, then a dict of its own.
+NO_ENTRIES: Mapping[object, object] = MappingProxyType({})
 
 
 # --------------------------------------------------------------------------------------------- CONNECT
@@ -150,13 +158,14 @@ class PacketIds:
     __slots__ = ("inbound_qos2", "released", "sent", "sent_ids", "inflight", "_next")
 
     def __init__(self, inbound_qos2: set[int] | None = None, released: dict[int, str] | None = None) -> None:
-        self.inbound_qos2: set[int] = inbound_qos2 if inbound_qos2 is not None else set()  # PUBLISH in, no PUBREL
-        self.released: dict[int, str] = released if released is not None else {}  # PUBREL out, no PUBCOMP: id->key
+        self.inbound_qos2: Set[int] = inbound_qos2 if inbound_qos2 else NO_IDS  # PUBLISH in, no PUBREL
+        # PUBREL out, no PUBCOMP: id -> key
+        self.released: Mapping[int, str] = released if released else NO_ENTRIES  # type: ignore[assignment]
         # (queue topic, queue offset) -> id of QoS 1/2 messages sent and not acknowledged, so a resumed connection
         # redelivers with the original packet id (MQTT-4.4.0-1); `sent_ids` keeps those ids reserved.
-        self.sent: dict[tuple[str, int], int] = {}
-        self.sent_ids: set[int] = set()
-        self.inflight: dict[int, Inflight] = {}  # of the current connection
+        self.sent: Mapping[tuple[str, int], int] = NO_ENTRIES  # type: ignore[assignment]
+        self.sent_ids: Set[int] = NO_IDS
+        self.inflight: Mapping[int, Inflight] = NO_ENTRIES  # type: ignore[assignment]  (of the current connection)
         self._next = 1
 
     # inbound QoS 2 ------------------------------------------------------------------------------------------
@@ -165,12 +174,14 @@ class PacketIds:
         return packet_id in self.inbound_qos2
 
     def qos2_stored(self, packet_id: int) -> None:
-        self.inbound_qos2.add(packet_id)
+        if self.inbound_qos2 is NO_IDS:
+            self.inbound_qos2 = set()
+        self.inbound_qos2.add(packet_id)  # type: ignore[attr-defined]
 
     def qos2_released(self, packet_id: int) -> bool:
         """PUBREL: forget the id; False if it was unknown (v5 answers PUBCOMP 0x92)."""
         if packet_id in self.inbound_qos2:
-            self.inbound_qos2.discard(packet_id)
+            self.inbound_qos2.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
             return True
         return False
 
@@ -193,33 +204,45 @@ class PacketIds:
         raise MqttProtocolError("no free packet identifier", ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR)
 
     def sent_out(self, packet_id: int, item: Inflight) -> None:
-        self.inflight[packet_id] = item
+        if self.inflight is NO_ENTRIES:
+            self.inflight = {}
+        self.inflight[packet_id] = item  # type: ignore[index]
         if item.sent_key is not None:
-            self.sent[item.sent_key] = packet_id
-            self.sent_ids.add(packet_id)
+            if self.sent is NO_ENTRIES:
+                self.sent = {}
+            self.sent[item.sent_key] = packet_id  # type: ignore[index]
+            if self.sent_ids is NO_IDS:
+                self.sent_ids = set()
+            self.sent_ids.add(packet_id)  # type: ignore[attr-defined]
 
     def acknowledged(self, packet_id: int, qos: int) -> Inflight | None:
         """PUBACK (qos 1) or PUBREC (qos 2) of a message in flight: remove and return it; None if unknown."""
         item = self.inflight.get(packet_id)
         if item is None or item.qos != qos:
             return None
-        del self.inflight[packet_id]
+        del self.inflight[packet_id]  # type: ignore[attr-defined]  (holding an item: a dict)
         if item.sent_key is not None:
-            self.sent.pop(item.sent_key, None)
-            self.sent_ids.discard(packet_id)
+            self.sent.pop(item.sent_key, None)  # type: ignore[attr-defined]  (sent_out made it a dict)
+            if self.sent_ids:
+                self.sent_ids.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
         return item
 
     def release(self, packet_id: int, sub_key: str | None) -> None:
         """PUBREL sent: the id stays in use (and counts as in flight) until PUBCOMP."""
-        self.released[packet_id] = sub_key or ""
+        if self.released is NO_ENTRIES:
+            self.released = {}
+        self.released[packet_id] = sub_key or ""  # type: ignore[index]
 
     def completed(self, packet_id: int) -> str | None:
         """PUBCOMP: the subscription key of the released message ('' for none), or None if the id is unknown."""
-        return self.released.pop(packet_id, None)
+        if not self.released:
+            return None
+        return self.released.pop(packet_id, None)  # type: ignore[attr-defined]  (holding an id: a dict)
 
     def connection_ended(self) -> None:
         """The connection's core subscriptions closed: the core redelivers what was in flight."""
-        self.inflight.clear()
+        if self.inflight:
+            self.inflight.clear()  # type: ignore[attr-defined]  (holding an item: a dict)
 
 
 # --------------------------------------------------------------------------------------------- Receive Maximum
@@ -228,26 +251,37 @@ class PacketIds:
 class ReceiveWindow:
     """Our Receive Maximum: QoS 1/2 publishes of the client not fully acknowledged (PUBACK, or PUBCOMP)."""
 
-    __slots__ = ("limit", "enforced", "open", "awaiting_durable")
+    __slots__ = ("limit", "enforced", "open", "_awaiting_durable")
 
     def __init__(self, limit: int, enforced: bool) -> None:
         self.limit = limit
         self.enforced = enforced  # MQTT 5 (3.1.1 has no Receive Maximum to exceed)
-        self.open: set[int] = set()
-        self.awaiting_durable: set[int] = set()  # QoS 2 ids whose PUBREC waits for the disk
+        self.open: Set[int] = NO_IDS  # a set of its own from the first QoS 1/2 publish
+        self._awaiting_durable: set[int] | None = None  # made on first use: only QoS 2 publishes need it
+
+    @property
+    def awaiting_durable(self) -> set[int]:
+        """QoS 2 ids whose PUBREC waits for the disk."""
+        waiting = self._awaiting_durable
+        if waiting is None:
+            waiting = self._awaiting_durable = set()
+        return waiting
 
     def full_for(self, packet_id: int) -> bool:
         """Whether admitting `packet_id` would exceed the limit (a v5 client over it is disconnected)."""
         return self.enforced and packet_id not in self.open and len(self.open) >= self.limit
 
     def admit(self, packet_id: int) -> None:
-        self.open.add(packet_id)
+        if self.open is NO_IDS:
+            self.open = set()
+        self.open.add(packet_id)  # type: ignore[attr-defined]
         if self.enforced and len(self.open) > self.limit:
             raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
                                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
     def done(self, packet_id: int) -> None:
-        self.open.discard(packet_id)
+        if self.open:
+            self.open.discard(packet_id)  # type: ignore[attr-defined]  (holding an id: a set)
 
 
 # --------------------------------------------------------------------------------------------- topic aliases
@@ -260,7 +294,7 @@ class InboundAliases:
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
-        self._topics: dict[int, str] = {}
+        self._topics: Mapping[int, str] = NO_ENTRIES  # type: ignore[assignment]  (a dict from the first alias)
 
     def resolve(self, topic: str, alias: int | None) -> str:
         """The topic name of a PUBLISH: sets the alias when both are given, looks it up when the topic is empty."""
@@ -269,7 +303,9 @@ class InboundAliases:
         if alias > self.maximum:
             raise MqttProtocolError(f"topic alias {alias} above the maximum", ReasonCode.TOPIC_ALIAS_INVALID)
         if topic:
-            self._topics[alias] = topic
+            if self._topics is NO_ENTRIES:
+                self._topics = {}
+            self._topics[alias] = topic  # type: ignore[index]
             return topic
         known = self._topics.get(alias)
         if known is None:
@@ -284,7 +320,7 @@ class OutboundAliases:
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
-        self._aliases: dict[str, int] = {}
+        self._aliases: Mapping[str, int] = NO_ENTRIES  # type: ignore[assignment]  (a dict from the first alias)
 
     def choose(self, topic: str) -> tuple[int | None, bool]:
         """(alias, new): the alias to send `topic` with, and whether it is new (then the topic name goes along and
@@ -297,4 +333,6 @@ class OutboundAliases:
         return None, False
 
     def confirm(self, topic: str, alias: int) -> None:
-        self._aliases[topic] = alias
+        if self._aliases is NO_ENTRIES:
+            self._aliases = {}
+        self._aliases[topic] = alias  # type: ignore[index]

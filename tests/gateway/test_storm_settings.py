@@ -114,6 +114,26 @@ def test_one_wake_up_accepts_every_queued_connection(port_class, accepted) -> No
         reactor._poller.close()
 
 
+def test_accepted_connections_format_their_repr_only_when_asked() -> None:
+    """`LeanServer` does not keep Twisted's per-connection repr text (about 80 bytes each), and says the same."""
+    reactor = epollreactor.EPollReactor()
+    port = listeners.EagerAcceptPort(0, _Counting(), 64, "127.0.0.1", reactor)
+    port.startListening()
+    client = socket.create_connection((port.getHost().host, port.getHost().port), timeout=5)
+    try:
+        port.doRead()
+        (server,) = [r for r in reactor.getReaders() if isinstance(r, listeners.tcp.Server)]
+        assert isinstance(server, listeners.LeanServer) and "repstr" not in vars(server)
+        assert repr(server) == f"<Protocol #{server.sessionno} on {port.getHost().port}>"
+    finally:
+        client.close()
+        for reader in reactor.getReaders():
+            if isinstance(reader, listeners.tcp.Server):
+                reader.socket.close()
+        port.socket.close()
+        reactor._poller.close()
+
+
 def test_listen_tcp_keeps_a_test_reactors_own_calls() -> None:
     reactor = MemoryReactorClock()
     factory = _Counting()
