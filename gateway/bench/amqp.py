@@ -178,6 +178,7 @@ class AmqpDriver(Driver):
         by_socket = {p.client.sock: p for p in publishers}
         sockets = list(by_socket)
         seq = 0
+        turn = 0  # paced: the publisher whose turn the next slot is
         tally.first_ns = time_ns()
         producing = True
         drain_deadline = 0.0
@@ -191,13 +192,20 @@ class AmqpDriver(Driver):
                 if monotonic() >= drain_deadline:
                     raise TimeoutError(f"publishes still unconfirmed {SEND_DRAIN_TIMEOUT_S}s after the run")
             room_left = False
-            if producing:
-                for p in publishers:
+            window_full = paced  # paced: stays True if a due slot found no publisher with room
+            # Paced: one message when its slot is due; until then wait in select below, so each confirm is read
+            # (and timed) when it arrives, not after a sleep in the limiter (the MQTT bench does the same).
+            if producing and (not paced or limiter.until_next_slot(monotonic()) <= 0.0):
+                for p in publishers[turn:] + publishers[:turn] if paced else publishers:
                     room = p.window - len(p.inflight) if confirm else MAX_BURST
                     if room <= 0:
                         continue
                     if paced:
+                        if limiter.until_next_slot(monotonic()) > 0.0:
+                            break  # the next publisher's turn comes at the next slot, after reading answers
                         limiter.acquire(1)
+                        turn = (publishers.index(p) + 1) % len(publishers)
+                        window_full = False
                         n = 1
                     else:
                         n = min(room, MAX_BURST)
@@ -218,14 +226,21 @@ class AmqpDriver(Driver):
                     if room > n:
                         room_left = True
                 if paced:
-                    room_left = False
+                    room_left = False  # only look for answers until the next slot
+            if room_left:
+                timeout = 0.0
+            elif paced and producing:
+                wait = limiter.until_next_slot(monotonic())
+                timeout = min(POLL_S, wait) if wait > 0.0 or not window_full else POLL_S  # full: wait for a confirm
+            else:
+                timeout = POLL_S
             if not confirm:
                 if not producing:
                     break
-                for sock in select.select(sockets, [], [], 0)[0]:
+                for sock in select.select(sockets, [], [], timeout if paced else 0)[0]:
                     by_socket[sock].client.read()  # nothing is expected; notice a channel or connection close
                 continue
-            for sock in select.select(sockets, [], [], 0 if (room_left or paced) else POLL_S)[0]:
+            for sock in select.select(sockets, [], [], timeout)[0]:
                 p = by_socket[sock]
                 inflight = p.inflight
                 for event in p.client.read():

@@ -52,6 +52,11 @@ class RateLimiter:
             self.sleep(ahead)
         self.next_at += units * self.interval
 
+    def until_next_slot(self, now: float) -> float:
+        """Seconds until the next unit is due (0 when due or not started): a paced sender waits this long in
+        `select` for answers instead of sleeping in `acquire`, so answers are read (and timed) when they arrive."""
+        return 0.0 if self.next_at is None else max(0.0, self.next_at - now)
+
 
 @dataclass(slots=True)
 class BenchOptions:

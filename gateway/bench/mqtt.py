@@ -66,11 +66,6 @@ def send_pieces(sock: socket.socket, pieces: list[bytes]) -> None:
 
 
 # ============================================================================================== the driver
-def _until_next_slot(limiter: RateLimiter, now: float) -> float:
-    """Seconds until a paced publisher may send again (0 when due or not started)."""
-    return 0.0 if limiter.next_at is None else max(0.0, limiter.next_at - now)
-
-
 class _Publisher:
     __slots__ = ("client", "head", "tail", "window", "inflight", "next_pid")
 
@@ -151,13 +146,13 @@ class MqttDriver(Driver):
             window_full = paced  # paced: stays True if a due slot found no publisher with room
             # Paced: send one message when its slot is due; until then wait in select below, so each PUBACK is read
             # (and timed) when it arrives, not after a sleep in the limiter, and sends stay evenly spaced.
-            if producing and (not paced or _until_next_slot(limiter, monotonic()) <= 0.0):
+            if producing and (not paced or limiter.until_next_slot(monotonic()) <= 0.0):
                 for p in publishers[turn:] + publishers[:turn] if paced else publishers:
                     room = p.window - len(p.inflight) if qos else QOS0_BURST
                     if room <= 0:
                         continue
                     if paced:
-                        if _until_next_slot(limiter, monotonic()) > 0.0:
+                        if limiter.until_next_slot(monotonic()) > 0.0:
                             break  # the next publisher's turn comes at the next slot, after reading answers
                         limiter.acquire(1)
                         turn = (publishers.index(p) + 1) % len(publishers)
@@ -200,7 +195,7 @@ class MqttDriver(Driver):
             if room_left:
                 timeout = 0.0
             elif paced and producing:
-                wait = _until_next_slot(limiter, monotonic())
+                wait = limiter.until_next_slot(monotonic())
                 timeout = min(POLL_S, wait) if wait > 0.0 or not window_full else POLL_S  # full: wait for an ack
             else:
                 timeout = POLL_S
