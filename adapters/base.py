@@ -423,7 +423,14 @@ class AdapterConnection(Protocol):
         if self._admission_refused is not None:
             decision = fail(self._admission_refused)
         else:
-            decision = self.factory.gate.authenticate(credentials)
+            gate = self.factory.gate
+            # a login the gate admits on the spot (anonymous, certificate) skips the Deferred chain
+            login_now = getattr(gate, "login_now", None)
+            principal = login_now(credentials) if login_now is not None else None
+            if principal is not None:
+                self._authenticated(principal)
+                return
+            decision = gate.authenticate(credentials)
         decision.addCallbacks(self._authenticated, self._authentication_failed)
 
     def hold_frames(self, frames: list[Any]) -> None:

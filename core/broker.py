@@ -64,6 +64,10 @@ __all__ = ["Broker", "BrokerConfig", "Subscription"]
 
 log = logging.getLogger("tidegate.broker")
 
+# Mode names and members to members, without an Enum call per subscribe (StrEnum members hash as their values).
+_CONSUME_MODES: dict[str, ConsumeMode] = {m.value: m for m in ConsumeMode}
+_ACK_MODES: dict[str, AckMode] = {m.value: m for m in AckMode}
+
 
 class Broker:
     def __init__(self, store: MessageStore, metadata: MetadataStore, clock: IReactorTime, durability: Durability,
@@ -199,11 +203,13 @@ class Broker:
         `invisible_ms` = 0 in MESSAGE mode means in-flight messages never time out; they come back only when nacked
         or when the subscription closes (what MQTT sessions want).
         """
-        validate_group(group)
-        mode, ack = ConsumeMode(mode), AckMode(ack)
+        groups = self._groups
+        if not groups.known(group):  # a known group's name was validated when it was first stored
+            validate_group(group)
+        mode, ack = _CONSUME_MODES.get(mode) or ConsumeMode(mode), _ACK_MODES.get(ack) or AckMode(ack)
         tag_filter = parse_tag_filter(filter_expr)
         self._readable_topic(topic)
-        state = self._groups.join(group, topic, mode, ack)
+        state = groups.join(group, topic, mode, ack)
         return self._delivery.attach(
             state, topic, sink, client_id, tag_filter,
             self.config.invisible_ms if invisible_ms is None else max(0, int(invisible_ms)),

@@ -33,6 +33,10 @@ class GroupRegistry:
         self.states: dict[str, GroupState] = {}
         self._rows: dict[str, dict[str, Any]] = {row["name"]: row for row in metadata.get_groups()}
 
+    def known(self, group: str) -> bool:
+        """Whether `group` is consuming in this process or was ever stored (its name was validated then)."""
+        return group in self.states or group in self._rows
+
     def join(self, group: str, topic: str, mode: ConsumeMode, ack: AckMode) -> GroupState:
         """The state of `group` consuming `topic` in `mode`/`ack` (created if new); raises if members online
         consume in another mode. A group with nobody online takes the mode of whoever joins."""
@@ -67,9 +71,13 @@ class GroupRegistry:
 
     def _persist(self, group: str, mode: ConsumeMode, ack: AckMode, topics: set[str]) -> None:
         old = self._rows.get(group)
+        if old is not None and old["mode"] == mode.value and old["ack"] == ack.value:
+            stored = (old.get("extra") or {}).get("topics")
+            if stored is not None and len(stored) == len(topics) and topics.issuperset(stored):
+                return  # unchanged: members coming and going (and every get) cost no metadata write
         extra = {"topics": sorted(topics)}
         if old is not None and (old["mode"], old["ack"], old.get("extra")) == (mode.value, ack.value, extra):
-            return  # unchanged: members coming and going (and every get) cost no metadata write
+            return
         row = {"name": group, "mode": mode.value, "ack": ack.value,
                "created_ts": old["created_ts"] if old is not None else self._now_ms(), "extra": extra}
         self._meta.put_group(row)

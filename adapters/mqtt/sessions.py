@@ -127,6 +127,9 @@ class Session:
     # rarely repeat enough to pay for a cache's memory in each of thousands of sessions. Made when first needed
     # (`_trie`): a session that never subscribes, or a stored one not resumed yet after a restart, has none.
     filter_trie: SubscriptionTrie[str] | None = field(default=None, repr=False, compare=False)
+    # The subscriptions as their row stores them, kept until they change: a resume rewrites the session's row
+    # (its disconnect time) but never its subscriptions.
+    subs_row: list[list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def queue(self) -> QueueRef:
@@ -140,6 +143,7 @@ class Session:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
         trie = self._trie()
+        self.subs_row = None
         self.subscriptions[entry.topic_filter] = entry
         trie.add(entry.match_filter, entry.topic_filter)
         return existed
@@ -148,6 +152,7 @@ class Session:
         if topic_filter not in self.subscriptions:
             return None
         trie = self._trie()
+        self.subs_row = None
         entry = self.subscriptions.pop(topic_filter)
         trie.remove(entry.match_filter, topic_filter)
         return entry
@@ -155,6 +160,7 @@ class Session:
     def clear_subscriptions(self) -> None:
         self.subscriptions.clear()
         self.filter_trie = None
+        self.subs_row = None
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
@@ -174,18 +180,25 @@ class Session:
         return trie
 
     def to_row(self) -> dict[str, Any]:
+        subs = self.subs_row
+        if subs is None:
+            subs = self.subs_row = [s.to_row() for s in self.subscriptions.values()]
+        packets = self.packets
         return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
-                "expiry": self.expiry_interval, "subs": [s.to_row() for s in self.subscriptions.values()],
-                "inbound_qos2": sorted(self.packets.inbound_qos2),
-                "released": [[pid, topic] for pid, topic in sorted(self.packets.released.items())],
+                "expiry": self.expiry_interval, "subs": subs,
+                "inbound_qos2": sorted(packets.inbound_qos2) if packets.inbound_qos2 else [],
+                "released": [[pid, topic] for pid, topic in sorted(packets.released.items())]
+                if packets.released else [],
                 "disconnected_at": self.disconnected_at, "owner": self.owner}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:
         session = cls(row["client_id"], row["topic"], int(row["level"]), int(row["expiry"]))
-        for sub in row.get("subs", []):
+        subs = row.get("subs", [])
+        for sub in subs:
             entry = SubscriptionEntry.from_row(sub)
             session.subscriptions[entry.topic_filter] = entry  # the trie is built when first matched against
+        session.subs_row = subs if len(subs) == len(session.subscriptions) else None  # as stored, unless duplicated
         session.packets = PacketIds({int(pid) for pid in row.get("inbound_qos2", [])},
                                     {int(pid): topic for pid, topic in row.get("released", [])})
         session.disconnected_at = int(row.get("disconnected_at") or 0)
@@ -227,8 +240,9 @@ class SessionManager:
         self._owned_counts: dict[str, int] = {}  # principal name -> sessions it owns (max_sessions_per_user)
         self._shares: dict[str, dict[str, Any]] = dict(share_rows.items())
         self._client_log = ClientLog(log, clock.seconds)  # expiries follow what clients chose: rate-limited
-        # write-behind of session rows: client id -> row to put (None: delete), committed once per reactor turn
-        self._pending_rows: dict[str, dict[str, Any] | None] = {}
+        # write-behind of session rows: client id -> the session whose row to put (None: delete), committed once
+        # per reactor turn; the row is made at the commit, once however often the session changed in the turn
+        self._pending_rows: dict[str, Session | None] = {}
         self._flush_call: Any = None
         self._flush_failures = 0
 
@@ -314,7 +328,7 @@ class SessionManager:
             return session
         owner.claim_private(topic, queues=1)
         session.persisted = True
-        self._pending_rows[client_id] = session.to_row()
+        self._pending_rows[client_id] = session
         try:
             self.flush_rows(raise_errors=True)  # durable before the CONNACK, with whatever else is pending
         except TidegateError:
@@ -337,13 +351,13 @@ class SessionManager:
         expiry 0 has nothing to persist (it ends with its connection): its row, if it had one, is deleted."""
         if session.expiry_interval:
             session.persisted = True
-            self._write_row(session.client_id, session.to_row())
+            self._write_row(session.client_id, session)
         elif session.persisted:
             session.persisted = False
             self._write_row(session.client_id, None)
 
-    def _write_row(self, client_id: str, row: dict[str, Any] | None) -> None:
-        self._pending_rows[client_id] = row
+    def _write_row(self, client_id: str, session: Session | None) -> None:
+        self._pending_rows[client_id] = session
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self.flush_rows)
 
@@ -358,10 +372,11 @@ class SessionManager:
             return
         self._pending_rows = {}
         try:
-            write_rows(self.rows, pending)
+            write_rows(self.rows, {client_id: None if session is None else session.to_row()
+                                   for client_id, session in pending.items()})
         except TidegateError as exc:
-            for client_id, row in pending.items():
-                self._pending_rows.setdefault(client_id, row)  # newer writes made meanwhile win
+            for client_id, session in pending.items():
+                self._pending_rows.setdefault(client_id, session)  # newer writes made meanwhile win
             self._flush_failures += 1
             delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (self._flush_failures - 1))
             self._client_log.log(logging.ERROR, "session-rows-failed",
@@ -379,7 +394,11 @@ class SessionManager:
         owner.own(session.topic, own_queue=True)
         session.connection = connection
         session.disconnected_at = 0
-        self._cancel(session, "expiry_call")
+        expiry_call = session.expiry_call
+        if expiry_call is not None:
+            if expiry_call.active():
+                expiry_call.cancel()
+            session.expiry_call = None
         if session.pending_will is not None:
             if session.pending_will.call is not None and session.pending_will.call.active():
                 session.pending_will.call.cancel()

@@ -90,6 +90,8 @@ class AuditLog:
 
     def login(self, *, ok: bool, user: str, source: str, mechanism: str, listener: str, client_id: str = "",
               reason: str = "") -> None:
+        if self._handler is None:
+            return  # off (the default): a reconnect storm's logins build no record
         fields: dict[str, Any] = {"ok": ok, "user": user, "source": source, "mechanism": mechanism,
                                   "listener": listener}
         if client_id:

@@ -3,7 +3,10 @@
 Authorization is one pure decision `gate.check(principal, action, resource, source) -> Decision` (RocketMQ ACL 2.0
 style: resource types Topic/Group/Cluster, actions Pub/Sub/Create/Update/Delete/Get/List). Authentication is
 `gate.authenticate(credentials) -> Deferred[Principal]`, asynchronous so that a password hash or a token check can
-run off the reactor thread; adapters hold a connection's later frames until it fires (adapters/base.py).
+run off the reactor thread; adapters hold a connection's later frames until it fires (adapters/base.py). A gate
+may also offer `login_now(credentials) -> Principal | None`: the principal of a login it admits on the spot (no
+thread, no delay), recorded like a success of `authenticate`, or None to take the asynchronous path; adapters use it
+to skip the Deferred chain per login (a reconnect storm of anonymous or certificate clients).
 
 `AllowAllGate` is the policy of a broker without users: every authenticated connection may do everything except
 reach adapter-private topics, which the session refuses before the gate is asked.
@@ -120,10 +123,17 @@ class AllowAllGate:
 
     version = 0
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "authenticate" in cls.__dict__ and "login_now" not in cls.__dict__:
+            cls.login_now = None  # type: ignore[assignment]  # its own authenticate is the only way in
+
     def authenticate(self, credentials: Credentials) -> Deferred[Principal]:
-        if credentials.username:
-            return succeed(Principal(credentials.username))
-        return succeed(ANONYMOUS)
+        return succeed(AllowAllGate.login_now(self, credentials))
+
+    def login_now(self, credentials: Credentials) -> Principal:
+        """Every login is admitted on the spot."""
+        return Principal(credentials.username) if credentials.username else ANONYMOUS
 
     def check(self, principal: Principal, action: Action, resource: Resource, source: str) -> Decision:
         return ALLOW

@@ -166,28 +166,49 @@ class PolicyGate:
             return later.addCallback(lambda _: self._authenticate(credentials))
         return self._authenticate(credentials)
 
-    def _authenticate(self, credentials: Credentials) -> Deferred[Principal]:
-        source = credentials.source
+    def login_now(self, credentials: Credentials) -> Principal | None:
+        """The principal of a login this gate admits on the spot (anonymous, certificate, loopback guest: no
+        thread, no throttle delay), recorded exactly as `authenticate` records a success (throttle, audit); None
+        when the answer needs `authenticate` (a password or token check, a throttled source, any refusal), which
+        has then recorded nothing. Adapters skip the Deferred chain of a reconnect storm's logins with it."""
+        if self.throttle.delay(credentials.source) > 0:
+            return None
+        decided = self._decide_now(credentials)
+        if decided is None or decided[0] is None:
+            return None
+        principal, _refusal, mechanism, _user = decided
+        self._record_success(credentials, principal, mechanism)
+        return principal
+
+    def _decide_now(self, credentials: Credentials) -> tuple[Principal | None, str, str, str] | None:
+        """(principal or None, refusal, mechanism, audited user) of a login decided without a thread, or None when
+        it needs one (a password, a token). Records nothing."""
         if credentials.mechanism == "certificate":
-            return self._settle(credentials, self._certificate_principal(credentials),
-                                "no enabled user for this client certificate", "certificate",
-                                user=credentials.certificate_identity)
+            return (self._certificate_principal(credentials), "no enabled user for this client certificate",
+                    "certificate", credentials.certificate_identity)
         if (self.tokens is not None and credentials.mechanism in ("password", "anonymous", "token")
                 and looks_like_jwt(credentials.password)):
-            return self._authenticate_token(credentials)
+            return None
         if credentials.mechanism == "token":
-            return self._settle(credentials, None, "bearer tokens are not enabled", "mechanism")
+            return None, "bearer tokens are not enabled", "mechanism", ""
         if credentials.mechanism == "anonymous" or (not credentials.username and not credentials.password):
-            return self._settle(credentials, self._anonymous(credentials), "anonymous clients are not allowed here",
-                                "anonymous")
+            return self._anonymous(credentials), "anonymous clients are not allowed here", "anonymous", ""
         if credentials.mechanism != "password":
-            return self._settle(credentials, None, f"authentication mechanism {credentials.mechanism!r} is not enabled",
-                                "mechanism")
+            return None, f"authentication mechanism {credentials.mechanism!r} is not enabled", "mechanism", ""
+        if credentials.username == GUEST and credentials.password == b"guest" and self.directory.user(GUEST) is None:
+            if is_loopback(credentials.source) and self.allow_anonymous is not False:
+                return self._anonymous(credentials), "", "guest", ""
+            return None, "the guest user may only connect from loopback", "guest", ""
+        return None
+
+    def _authenticate(self, credentials: Credentials) -> Deferred[Principal]:
+        decided = self._decide_now(credentials)
+        if decided is not None:
+            principal, refusal, mechanism, user = decided
+            return self._settle(credentials, principal, refusal, mechanism, user=user)
+        if self.tokens is not None and looks_like_jwt(credentials.password):
+            return self._authenticate_token(credentials)
         name, password = credentials.username, credentials.password
-        if name == GUEST and password == b"guest" and self.directory.user(GUEST) is None:
-            if is_loopback(source) and self.allow_anonymous is not False:
-                return self._settle(credentials, self._anonymous(credentials), "", "guest")
-            return self._settle(credentials, None, "the guest user may only connect from loopback", "guest")
         checked: Deferred[User | None] = self.run_in_thread(self.directory.authenticate, name, password)
         return checked.addCallback(
             lambda user: self._settle(credentials, None if user is None else self._principal(user, credentials),
@@ -246,10 +267,13 @@ class PolicyGate:
             log.info("login refused: {user!r} from {source} on {listener}: {why}", user=user,
                      source=credentials.source, listener=credentials.listener, why=refusal)
             return fail(NotAuthenticated(refusal))
+        self._record_success(credentials, principal, mechanism)
+        return succeed(principal)
+
+    def _record_success(self, credentials: Credentials, principal: Principal, mechanism: str) -> None:
         self.throttle.succeeded(credentials.source)
         self.audit.login(ok=True, user=principal.name, source=credentials.source, mechanism=mechanism,
                          listener=credentials.listener, client_id=credentials.client_id)
-        return succeed(principal)
 
     def note_denial(self, principal: Principal, action: Action, resource: Resource, *, source: str = "",
                     listener: str = "", reason: str = "") -> None:

@@ -132,9 +132,14 @@ def normalize_policy_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# One encoder for every row: `json.dumps` with non-default options builds a new encoder per call, which costs as
+# much as encoding a small row (a reconnect storm writes thousands of session rows per flush).
+_ENCODE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def to_json(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return _ENCODE_JSON(value)
     except (TypeError, ValueError) as exc:
         raise InvalidMetadata(f"value is not JSON-serialisable: {exc}") from None
 
