@@ -38,7 +38,7 @@ DECISION_CACHE_ENTRIES = 1024  # per session; a client cycling through names onl
 class CoreSession:
     """One connection's view of the core, acting as `principal` from `source` on `listener`."""
 
-    __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned", "_own_queues",
+    __slots__ = ("core", "gate", "principal", "source", "listener", "client_id", "_system", "_owned",
                  "_decisions", "_gate_version", "quota", "_known_topic")
 
     def __init__(self, core: Core, gate: Gate, principal: Principal, *, source: str = "", listener: str = "",
@@ -50,10 +50,10 @@ class CoreSession:
         self.listener = listener
         self.client_id = client_id
         self._system = principal.system
-        self._owned: set[str] = set()  # private topic and group names this session may use
-        # private names that are this connection's own queues (an MQTT session queue): what fills them was
-        # authorized when it was bound, so reading them is not put to the gate again
-        self._own_queues: set[str] = set()
+        # private topic and group names this session may use -> whether the name is this connection's own queue
+        # (an MQTT session queue): what fills those was authorized when bound, so reading them is not put to the
+        # gate again. One dict rather than two sets: every MQTT connection holds its session topic in both.
+        self._owned: dict[str, bool] = {}
         self._decisions: dict[tuple[Action, Resource], bool] = {}
         self._gate_version = gate.version
         # limits against abuse; None for the broker itself and where no limiter is configured (tests, tools)
@@ -102,16 +102,16 @@ class CoreSession:
     def _check_read(self, topic: str, group: str | None = None) -> None:
         """Sub on everything under `topic` and on `group`; a queue of the connection's own (`claim_private`,
         `own(..., own_queue=True)`) is not put to the gate: the filters that fill it were checked when bound."""
-        owned = self._own_queues
-        if topic not in owned:
+        owned = self._owned
+        if not owned.get(topic):
             self._reachable(topic)
             self.authorize(Action.SUB, Resource.topic_filter(f"{topic}/#"))
-        if group is not None and group not in owned:
+        if group is not None and not owned.get(group):
             self._reachable(group)
             self.authorize(Action.SUB, Resource.group(group))
 
     def _check_group(self, group: str) -> None:
-        if group not in self._own_queues:
+        if not self._owned.get(group):
             self._reachable(group)
             self.authorize(Action.SUB, Resource.group(group))
 
@@ -123,21 +123,17 @@ class CoreSession:
         """Create (or reuse) a private topic for this session's own use and allow the session to use it.
 
         Adapter code only: an MQTT session queue. Never called with a name a client chose."""
-        self._owned.add(topic)
-        self._own_queues.add(topic)
+        self._owned[topic] = True
         return self.core.ensure_topic(topic, queues=queues, internal=True)
 
     def own(self, name: str, *, own_queue: bool = False) -> None:
         """Let this session use an existing private topic or group (adapter code only). Reading it is still put
         to the gate (an AMQP queue others share) unless `own_queue`: the connection's own queue, filled only
         through filters that were authorized when bound (an MQTT session queue or share queue)."""
-        self._owned.add(name)
-        if own_queue:
-            self._own_queues.add(name)
+        self._owned[name] = own_queue or self._owned.get(name, False)
 
     def disown(self, name: str) -> None:
-        self._owned.discard(name)
-        self._own_queues.discard(name)
+        self._owned.pop(name, None)
 
     # ------------------------------------------------------------------ data plane
     def now_ms(self) -> int:
@@ -216,7 +212,7 @@ class CoreSession:
         """Attach a push consumer (Sub on every name under `topic` and on `group`)."""
         self._check_read(topic, group)
         quota = self.quota
-        if quota is None or topic in self._own_queues:  # the own queue: its bound filters are what count
+        if quota is None or self._owned.get(topic):  # the own queue: its bound filters are what count
             return self.core.subscribe(group, topic, sink, client_id=client_id or self.client_id, **options)
         self.admit_new_topic(topic)  # subscribing auto-creates the topic
         quota.admit_subscription()
@@ -251,7 +247,7 @@ class CoreSession:
     def get(self, group: str, topic: str, *, auto_ack: bool, invisible_ms: int | None = None) -> Delivered | None:
         """Take the next ready message of `group` on `topic` without a subscription (AMQP basic.get)."""
         self._check_read(topic, group)
-        if topic not in self._own_queues:
+        if not self._owned.get(topic):
             self.admit_new_topic(topic)
         return self.core.get(group, topic, auto_ack=auto_ack, invisible_ms=invisible_ms)
 

@@ -47,6 +47,7 @@ CONNECTION_RATE = "connection_rate"
 PUBLISH_RATE = "publish_rate"
 PUBLISH_BANDWIDTH = "publish_bandwidth"
 SUBSCRIPTIONS = "subscriptions"
+NO_SUBSCRIPTIONS: frozenset[Any] = frozenset()
 SCHEMA = "schema"
 TOPICS_CREATED = "topics_created"
 CAUSES = (MESSAGE_SIZE, PROPERTY_SIZE, CONNECTIONS_PER_USER, CONNECTIONS_PER_SOURCE, CONNECTION_RATE, PUBLISH_RATE,
@@ -441,7 +442,9 @@ class SessionQuota:
         self.source = source  # for the audit line of a refusal
         self.state = limiter.user_state(user)
         self.throttle = False
-        self.subscriptions: set[Any] = set()  # bound patterns and live subscriptions of this session
+        # bound patterns and live subscriptions of this session; a shared empty placeholder until the first one
+        # (an idle connection's quota holds no set)
+        self.subscriptions: set[Any] | frozenset[Any] = NO_SUBSCRIPTIONS
         self.version = -1
         self.settings = limiter.settings
         self._sizes = False
@@ -530,7 +533,7 @@ class SessionQuota:
         subscriptions = self.subscriptions
         if not most or (key is not None and key in subscriptions):
             return
-        if len(subscriptions) >= most:
+        if len(subscriptions) >= most and isinstance(subscriptions, set):
             subscriptions.difference_update([s for s in subscriptions if getattr(s, "closed", False)])
         if len(subscriptions) >= most:
             raise self._refuse(SUBSCRIPTIONS,
@@ -538,12 +541,16 @@ class SessionQuota:
 
     def add_subscription(self, key: Any) -> None:
         subscriptions = self.subscriptions
+        if not isinstance(subscriptions, set):
+            subscriptions = self.subscriptions = set()
         subscriptions.add(key)
         if len(subscriptions) > 64 and len(subscriptions) & 63 == 0:  # without a limit, closed ones still go
             subscriptions.difference_update([s for s in subscriptions if getattr(s, "closed", False)])
 
     def remove_subscription(self, key: Any) -> None:
-        self.subscriptions.discard(key)
+        subscriptions = self.subscriptions
+        if isinstance(subscriptions, set):
+            subscriptions.discard(key)
 
     def admit_topic(self, topic: str, exists: Callable[[str], bool]) -> None:
         """This session is about to create `topic` (Limiter.admit_topic for its user)."""

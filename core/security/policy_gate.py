@@ -85,6 +85,13 @@ class _Failures:
     last: float
 
 
+
+@functools.lru_cache(maxsize=1024)
+def role_set(roles: tuple[str, ...]) -> frozenset[str]:
+    """One shared frozenset per distinct role list: every login of a user would otherwise build its own (~200 B per
+    connection)."""
+    return frozenset(roles)
+
 class LoginThrottle:
     """Per-source exponential delay after failed logins: `base_delay_s * 2**(failures - 1)`, capped."""
 
@@ -240,7 +247,7 @@ class PolicyGate:
         user = self.directory.user(ANONYMOUS_USER)
         if user is None or not user.enabled:
             return None
-        return Principal(ANONYMOUS_USER, roles=frozenset(user.roles), anonymous=True,
+        return Principal(ANONYMOUS_USER, roles=role_set(user.roles), anonymous=True,
                          client_id=credentials.client_id)
 
     def _certificate_principal(self, credentials: Credentials) -> Principal | None:
@@ -252,7 +259,7 @@ class PolicyGate:
 
     @staticmethod
     def _principal(user: User, credentials: Credentials) -> Principal:
-        return Principal(user.name, roles=frozenset(user.roles), client_id=credentials.client_id)
+        return Principal(user.name, roles=role_set(user.roles), client_id=credentials.client_id)
 
     def _settle(self, credentials: Credentials, principal: Principal | None, refusal: str, mechanism: str, *,
                 cause: str = "", user: str = "") -> Deferred[Principal]:
