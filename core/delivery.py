@@ -15,7 +15,7 @@ core/acks.py, which `Delivery` owns as `acks`. `Delivery` is the `SubscriptionOw
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -356,6 +356,9 @@ class Delivery:
     # ------------------------------------------------------------------ settling (core/acks.py does the work)
     def ack(self, sub: Subscription, receipt: str) -> None:
         self.acks.ack_receipt(sub.state, sub.progress_key, receipt)
+
+    def ack_delivered(self, sub: Subscription, deliveries: Sequence[Delivered]) -> int:
+        return self.acks.ack_delivered(sub.state, sub.progress_key, deliveries)
 
     def nack(self, sub: Subscription, receipt: str, requeue: bool, delay_ms: int) -> None:
         self.acks.nack_receipt(sub.state, sub.progress_key, receipt, requeue, delay_ms)

@@ -141,6 +141,8 @@ class Inflight:
     receipt: str  # the core receipt to ack once the client has it
     qos: int
     sent_key: tuple[str, int] | None  # (queue topic, queue offset) of the stored message
+    # the core's Delivered it came from (opaque here): PUBACKs of one read settle in one core call with it
+    delivered: object = None
 
 
 class PacketIds:
