@@ -98,7 +98,7 @@ def _packet_of(item: Staged) -> Publish:
 class Inbound:
     """The client-to-core half of one accepted connection."""
 
-    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic")
+    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic", "batch_properties")
 
     def __init__(self, conn: MqttProtocol) -> None:
         self.conn = conn
@@ -109,6 +109,9 @@ class Inbound:
         self.batch: list[Staged] | None = None
         self.batch_ids: set[int] | None = None  # their QoS 1/2 packet ids
         self.known_topic = ""  # the core topic of the last publish that passed the topic creation quota
+        # the adapter's properties of a plain publish while this batch lasts (the publisher when the session has a
+        # No Local subscription): subscriptions change only through a SUBSCRIBE, which stores the batch first
+        self.batch_properties: dict[str, str] | None = None
 
     # ------------------------------------------------------------------------------------------ PUBLISH
     def on_publish(self, packet: Publish) -> None:
@@ -141,12 +144,14 @@ class Inbound:
                     self.publish_batch()
                 raise
         conn.factory.stats.messages_received += 1
-        properties = {PROP_PUBLISHER: conn.client_id} if conn.mqtt_session.has_no_local else {}  # type: ignore[union-attr]
-        message = Message(topic=address[0], subject=address[1], body=payload, properties=properties,
-                          flags=_TRANSIENT if packet_id is None else _PERSISTENT)
         if batch is None:
             self.batch = batch = []
             self.batch_ids = set()
+            self.batch_properties = {PROP_PUBLISHER: conn.client_id} if conn.mqtt_session.has_no_local else None  # type: ignore[union-attr]
+        properties = self.batch_properties
+        message = Message(topic=address[0], subject=address[1], body=payload,
+                          properties={} if properties is None else properties.copy(),
+                          flags=_TRANSIENT if packet_id is None else _PERSISTENT)
         if packet_id is None:
             batch.append((None, topic, message, 0, None))
         else:

@@ -294,9 +294,11 @@ class Outbound:
         queue_ends: dict[QueueRef, int] = {}
         settled = self.acks_back[1] if self.acks_back is not None else None
         back = self.credit_back
-        route = self._route(key, deliveries[0].message)
+        first = deliveries[0].message
+        route = self._route(key, first)
         routes = self.routes
         assert routes is not None
+        route_topic, route_subject = first.topic, first.subject  # of `route`: most batches are one name
         chunks: list[bytes] = []
         append = chunks.append
         qos_of_flags = _QOS_OF_FLAGS
@@ -304,7 +306,9 @@ class Outbound:
         released_count = 0
         for delivered in deliveries:
             message = delivered.message
-            route = routes.get((key, message.topic, message.subject)) or self._route(key, message)
+            if message.topic != route_topic or message.subject != route_subject:
+                route = routes.get((key, message.topic, message.subject)) or self._route(key, message)
+                route_topic, route_subject = message.topic, message.subject
             header = route.topic_header
             if header is None or route.no_local or message.expires_at:
                 break
