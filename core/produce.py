@@ -74,9 +74,13 @@ class Producer:
         prev_topic: str | None = None
         prev_subject: str | None = None
         cfg = queues = extra = None  # of prev_topic / prev_subject
+        run_dests: list[tuple[QueueRef, ...] | None] = []  # destinations by home queue id, for `extra`
+        admission = self.admission
+        topic_runs = 0  # 1 at the end: every message has the same topic
         for m in messages:
             topic = m.topic
             if topic != prev_topic:
+                topic_runs += 1
                 cfg = topics.get(topic)
                 m.validate(max_body, check_topic=cfg is None)
                 if validators:
@@ -117,14 +121,16 @@ class Producer:
                 if extra is None:  # the first message of this topic and subject
                     subject = m.subject
                     extra = router.match(f"{topic}/{subject}" if subject else topic)  # Message.full_name
+                    run_dests = [None] * len(queues)  # type: ignore[arg-type]
                 if not extra:
                     dests = (home,)
-                elif self.admission:
-                    admission = self.admission
+                elif admission:
                     kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
                     dests = (home, *sorted(d for d in kept if d != home))
                 else:
-                    dests = fanouts.get((home, extra)) or self._fanout(home, extra)
+                    dests = run_dests[home.queue_id]  # type: ignore[assignment]
+                    if dests is None:
+                        dests = run_dests[home.queue_id] = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
                 dests = (home,)
             if not m.born_ts:
@@ -160,7 +166,7 @@ class Producer:
         updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
-        if all(m.topic == topic for m, _ in items):
+        if topic_runs == 1:  # every message has this topic
             messages_in[topic] += len(items)
             bytes_in[topic] += body_bytes
         else:

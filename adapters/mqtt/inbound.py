@@ -25,7 +25,6 @@ from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError
 from tidegate.core.model import Message
 from tidegate.core.security.gate import Action, Resource
 
-from .codec import PlainPublish
 from .errors import reason_for_core_error
 from .mapping import (
     PROP_PUBLISHER,
@@ -122,41 +121,58 @@ class Inbound:
                 self.publish_batch()  # what came before the fault is stored before the connection closes
             raise
 
-    def stage_plain(self, item: PlainPublish) -> None:
-        """A plain PUBLISH from `MqttCodec.receive_batch` (QoS 0/1, no retain, no DUP, no properties): `on_publish`
-        without the `Publish` object, for a name whose core address is cached and whose topic passed the topic
-        quota last time. Anything else this one publish would meet (a packet id already staged, a full window, the
-        server's maximum QoS, a name not seen yet) goes through `on_publish` unchanged."""
-        topic, packet_id, payload = item
+    def stage_plain(self, items: list[Any], start: int, stop: int) -> None:
+        """The plain PUBLISHes `items[start:stop]` from `MqttCodec.receive_batch` (QoS 0/1, no retain, no DUP, no
+        properties), each as `on_publish` would take its `Publish`, without building one: for a name whose core
+        address is cached and whose topic passed the topic quota last time. Anything else one of them would meet
+        (a packet id already staged, a full window, the server's maximum QoS, a name not seen yet) goes through
+        `on_publish` unchanged. A failure is handled as the connection handles a packet's (`handle_error`); the
+        rest of the run is dropped once the connection is closed."""
         conn = self.conn
-        batch = self.batch
-        address = _ADDRESSES.get(topic)
-        if address is None or address[0] != self.known_topic or (packet_id is not None and (
-                self.settings.maximum_qos == 0
-                or (batch is not None and (packet_id in self.batch_ids or self.window.full_for(packet_id))))):  # type: ignore[operator]
-            self.on_publish(Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id))
-            return
-        if packet_id is not None:
+        stats = conn.factory.stats
+        window = self.window
+        open_ids = window.open
+        limit = window.limit if window.enforced else 0
+        maximum_qos = self.settings.maximum_qos
+        addresses = _ADDRESSES
+        for index in range(start, stop):
+            topic, packet_id, payload = items[index]
+            batch = self.batch
+            address = addresses.get(topic)
             try:
-                self.window.admit(packet_id)
-            except Exception:
-                if batch is not None:
-                    self.publish_batch()
-                raise
-        conn.factory.stats.messages_received += 1
-        if batch is None:
-            self.batch = batch = []
-            self.batch_ids = set()
-            self.batch_properties = {PROP_PUBLISHER: conn.client_id} if conn.mqtt_session.has_no_local else None  # type: ignore[union-attr]
-        properties = self.batch_properties
-        message = Message(topic=address[0], subject=address[1], body=payload,
-                          properties={} if properties is None else properties.copy(),
-                          flags=_TRANSIENT if packet_id is None else _PERSISTENT)
-        if packet_id is None:
-            batch.append((None, topic, message, 0, None))
-        else:
-            batch.append((None, topic, message, 1, packet_id))
-            self.batch_ids.add(packet_id)  # type: ignore[union-attr]
+                if address is None or address[0] != self.known_topic or (packet_id is not None and (
+                        maximum_qos == 0 or (batch is not None and (
+                            packet_id in self.batch_ids or window.full_for(packet_id))))):  # type: ignore[operator]
+                    self.on_publish(Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id))
+                else:
+                    if packet_id is not None:
+                        open_ids.add(packet_id)  # ReceiveWindow.admit
+                        if limit and len(open_ids) > limit:
+                            if batch is not None:
+                                self.publish_batch()
+                            raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
+                                                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+                    stats.messages_received += 1
+                    if batch is None:
+                        self.batch = batch = []
+                        self.batch_ids = set()
+                        self.batch_properties = ({PROP_PUBLISHER: conn.client_id}
+                                                 if conn.mqtt_session.has_no_local else None)  # type: ignore[union-attr]
+                    properties = self.batch_properties
+                    if packet_id is None:
+                        batch.append((None, topic, Message(
+                            topic=address[0], subject=address[1], body=payload,
+                            properties={} if properties is None else properties.copy(), flags=_TRANSIENT), 0, None))
+                    else:
+                        batch.append((None, topic, Message(
+                            topic=address[0], subject=address[1], body=payload,
+                            properties={} if properties is None else properties.copy(), flags=_PERSISTENT), 1,
+                            packet_id))
+                        self.batch_ids.add(packet_id)  # type: ignore[union-attr]
+            except Exception as error:
+                conn.handle_error(error)
+            if conn.state == "closed":
+                return
 
     def _stage(self, packet: Publish) -> None:
         """Check one PUBLISH and add it to the batch of this read (stored by `publish_batch`).

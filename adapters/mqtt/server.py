@@ -157,12 +157,12 @@ class MqttProtocol(AdapterConnection):
                     packet = kind = _as_packet(packet)
                 elif kind is tuple:
                     if not self.has_published or self.factory.alarmed:
-                        self.publish_seen()  # as _on_publish
-                    try:
-                        inbound.stage_plain(packet)
-                    except Exception as error:
-                        self.handle_error(error)
-                    index += 1
+                        self.publish_seen()  # as _on_publish (once for the run: it only marks and blocks)
+                    stop = index + 1
+                    while stop < count and packets[stop].__class__ is tuple:
+                        stop += 1
+                    inbound.stage_plain(packets, index, stop)  # handles its own errors, as _handle does
+                    index = stop
                     if self.state == "closed":
                         inbound.drop_batch()
                         return True
