@@ -142,7 +142,8 @@ class Inbound:
             try:
                 if address is None or address[0] != self.known_topic or (packet_id is not None and (
                         maximum_qos == 0 or (batch is not None and (
-                            packet_id in self.batch_ids or window.full_for(packet_id))))):  # type: ignore[operator]
+                            packet_id in self.batch_ids  # type: ignore[operator]
+                            or (limit and packet_id not in open_ids and len(open_ids) >= limit))))):  # full_for
                     self.on_publish(Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id))
                 else:
                     if packet_id is not None:

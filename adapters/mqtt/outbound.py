@@ -68,6 +68,17 @@ def _message_qos(flags: int) -> int:
         _QOS_OF_FLAGS[int(flags)] = qos
     return qos
 _pack_packet_id = UINT16.pack
+# (first byte << 16 | remaining length) -> the PUBLISH fixed header, for remaining lengths below 16 KiB: a
+# subscriber's messages come in few sizes. At most 1,024 are kept.
+_FIXED_HEADERS: dict[int, bytes] = {}
+
+
+def _fixed_header(first_byte: int, remaining: int) -> bytes:
+    header = (bytes((first_byte, remaining)) if remaining < 0x80
+              else bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7)))
+    if len(_FIXED_HEADERS) < 1024:
+        _FIXED_HEADERS[(first_byte << 16) | remaining] = header
+    return header
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
 
 
@@ -302,6 +313,7 @@ class Outbound:
         chunks: list[bytes] = []
         append = chunks.append
         qos_of_flags = _QOS_OF_FLAGS
+        fixed_headers = _FIXED_HEADERS
         taken = 0
         released_count = 0
         for delivered in deliveries:
@@ -314,7 +326,7 @@ class Outbound:
                 break
             qos = qos_of_flags.get(message.flags)
             if qos is None:
-                break
+                qos = _message_qos(message.flags)
             if route.qos < qos:
                 qos = route.qos
             body = message.body
@@ -347,13 +359,11 @@ class Outbound:
                 inflight[packet_id] = Inflight(key, delivered.receipt, qos, sent_key, delivered)
                 sent[sent_key] = packet_id
                 sent_ids.add(packet_id)
-                append(bytes((first_byte, remaining)) if remaining < 0x80
-                       else bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7)))
+                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 append(_pack_packet_id(packet_id))
             else:
-                append(bytes((first_byte, remaining)) if remaining < 0x80
-                       else bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7)))
+                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 if settled is not None:
                     settled.append(delivered)

@@ -140,3 +140,33 @@ def test_qos0_deliveries_in_one_pass_are_acked_in_the_core(env):
     again.connect("sub0", clean=False)
     env.pump()
     assert publishes(again.received() + again.after_connack) == []
+
+
+def _subscriber_bytes(env, sizes):
+    sub, pub = env.client(4), env.client(4)
+    sub.connect("sub")
+    pub.connect("pub")
+    sub.send(Subscribe(1, (TopicSubscription("f/#", 1), TopicSubscription("g", 0))))
+    env.pump()
+    sub.received()
+    packets = []
+    for i, size in enumerate(sizes):
+        packets.append(Publish("f/x" if i % 3 else "g", bytes([i % 251]) * size, i % 2, packet_id=i + 1 if i % 2
+                               else None))
+    pub.send(*packets)
+    env.pump()
+    data = sub.transport.value()
+    sub.transport.clear()
+    return data
+
+
+def test_one_pass_deliveries_are_byte_for_byte_the_general_path(make_env, monkeypatch):
+    """The 3.1.1 one-pass writer against the general path (`_decide` + `_transmit`): the same bytes for QoS 0 and
+    1, two names, payloads in every remaining-length size class up to past 16 KiB (where it hands over)."""
+    from tidegate.adapters.mqtt.outbound import Outbound
+
+    sizes = [0, 1, 100, 125, 126, 127, 200, 256, 16_370, 16_380, 16_400, 20_000, 3, 256]
+    fast = _subscriber_bytes(make_env(), sizes)
+    monkeypatch.setattr(Outbound, "_deliver_v311", lambda self, key, deliveries: 0)
+    general = _subscriber_bytes(make_env(), sizes)
+    assert fast == general and len(fast) > sum(sizes)
