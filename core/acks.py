@@ -10,7 +10,7 @@ key is the lowest offset not yet acked.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -212,6 +212,44 @@ class MessageAcks:
             self._offsets.set(key, q, offset + 1)
             return
         self.ack_offset(key, pq, q, offset)
+
+    def ack_delivered(self, state: GroupState, key: str, deliveries: Sequence[Delivered]) -> int:
+        """Settle many deliveries at once (`Subscription.ack_delivered`): each one still in flight under its attempt
+        is acked as `ack_receipt` would ack it, stale ones are skipped, and each queue's committed offset is
+        written once at the end. Returns how many were settled."""
+        if state.ack is not AckMode.MESSAGE:
+            raise InvalidReceipt(f"group {state.name!r} commits offsets; it does not ack messages")
+        pop = state.pop
+        moved: dict[QueueRef, tuple[PopQueue, int]] = {}  # queue -> (its progress, committed before the batch)
+        settled = 0
+        last_queue: QueueRef | None = None
+        pq: PopQueue | None = None
+        for delivered in deliveries:
+            queue = delivered.queue
+            if queue is not last_queue:
+                last_queue = queue
+                pq = pop.get((key, queue))
+                if pq is not None and queue not in moved:
+                    moved[queue] = (pq, pq.committed)
+            if pq is None:
+                continue
+            offset = delivered.queue_offset
+            inflight = pq.inflight
+            item = inflight.get(offset)
+            if item is None or item.attempt != delivered.attempt:
+                continue
+            del inflight[offset]
+            settled += 1
+            if offset == pq.committed and not pq.acked:
+                pq.committed = offset + 1  # acks in delivery order: no set round trip
+            else:
+                pq.acked.add(offset)
+                pq.advance()
+        offsets = self._offsets
+        for queue, (pq, before) in moved.items():
+            if pq.committed != before:
+                offsets.set(key, queue, pq.committed)
+        return settled
 
     def nack_receipt(self, state: GroupState, key: str, receipt: str, requeue: bool, delay_ms: int) -> None:
         pq, q, offset, item = self._find_inflight(state, key, receipt)

@@ -16,13 +16,13 @@ The logic that moves these values lives in core/delivery.py; a Subscription reac
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from tidegate.core.api import AckMode, ConsumeMode, DeliverySink
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
 from tidegate.core.errors import InvalidReceipt, TidegateError
 from tidegate.core.filters import TagFilter
 from tidegate.core.model import QueueRef
@@ -36,6 +36,10 @@ class SubscriptionOwner(Protocol):
 
     def ack(self, sub: Subscription, receipt: str) -> None:
         """MESSAGE mode: the message of `receipt` is done for the subscription's progress key."""
+
+    def ack_delivered(self, sub: Subscription, deliveries: Sequence[Delivered]) -> int:
+        """MESSAGE mode: settle every delivery still in flight under its attempt, at once; the others are stale
+        (redelivered, released) and skipped. Returns how many were settled."""
 
     def nack(self, sub: Subscription, receipt: str, requeue: bool, delay_ms: int) -> None:
         """MESSAGE mode: give the message back (after `delay_ms`), or dead-letter it when not `requeue`."""
@@ -124,6 +128,14 @@ class Subscription:
 
     def ack(self, receipt: str) -> None:
         self.owner.ack(self, receipt)
+
+    def ack_delivered(self, deliveries: Sequence[Delivered]) -> int:
+        """Ack many deliveries of this subscription in one call (MESSAGE mode), e.g. every PUBACK of one read:
+        one committed-offset update per queue instead of one receipt parse and update per message. Deliveries no
+        longer in flight under their attempt (redelivered meanwhile, released when a member left) are skipped
+        rather than refused, as a per-message `ack` of them would raise InvalidReceipt; returns how many were
+        settled. A group that commits offsets raises InvalidReceipt, as `ack` does."""
+        return self.owner.ack_delivered(self, deliveries)
 
     def nack(self, receipt: str, requeue: bool = True, delay_ms: int = 0) -> None:
         self.owner.nack(self, receipt, requeue, delay_ms)

@@ -15,7 +15,7 @@ core/acks.py, which `Delivery` owns as `acks`. `Delivery` is the `SubscriptionOw
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -24,6 +24,7 @@ from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
 from tidegate.core.config import BrokerConfig
 from tidegate.core.consumers import (
     GroupState,
+    Inflight,
     PopQueue,
     Subscription,
     allocate_averagely,
@@ -313,6 +314,7 @@ class Delivery:
                 out.append(Delivered(msg, q, offset, make_receipt(q, offset, attempt), attempt))
                 budget -= 1
             end = self._visibility.visible_max(q)
+            inflight = pq.inflight
             receipt_head = f"{q.topic}|{q.queue_id}|"  # make_receipt(q, offset, 1) == f"{receipt_head}{offset}|1"
             while pq.next_fetch < end and budget > 0:
                 if scanned >= MAX_SCAN_PER_PUMP:
@@ -345,7 +347,10 @@ class Delivery:
                     if msg is None:
                         ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
                         continue
-                    take(sub, state.name, key, pq, q, offset, 1, deadline)
+                    if deadline:
+                        take(sub, state.name, key, pq, q, offset, 1, deadline)
+                    else:
+                        inflight[offset] = Inflight(1, 0.0, sub)  # take() without a timer or a redelivery
                     out.append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
                     budget -= 1
         sub.cursor = (sub.cursor + 1) % max(1, n)
@@ -356,6 +361,9 @@ class Delivery:
     # ------------------------------------------------------------------ settling (core/acks.py does the work)
     def ack(self, sub: Subscription, receipt: str) -> None:
         self.acks.ack_receipt(sub.state, sub.progress_key, receipt)
+
+    def ack_delivered(self, sub: Subscription, deliveries: Sequence[Delivered]) -> int:
+        return self.acks.ack_delivered(sub.state, sub.progress_key, deliveries)
 
     def nack(self, sub: Subscription, receipt: str, requeue: bool, delay_ms: int) -> None:
         self.acks.nack_receipt(sub.state, sub.progress_key, receipt, requeue, delay_ms)

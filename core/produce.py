@@ -69,42 +69,68 @@ class Producer:
         router = self._router if len(self._router) else None
         topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
         validators = self._validators
+        # A batch is usually one topic and one name (an MQTT read, a native SEND_BATCH): what depends only on
+        # them (topic config, queues, the subject's validity, the router's match) is looked up once per run.
+        prev_topic: str | None = None
+        prev_subject: str | None = None
+        cfg = queues = extra = None  # of prev_topic / prev_subject
+        run_dests: list[tuple[QueueRef, ...] | None] = []  # destinations by home queue id, for `extra`
+        admission = self.admission
+        topic_runs = 0  # 1 at the end: every message has the same topic
         for m in messages:
-            cfg = topics.get(m.topic)
-            m.validate(max_body, check_topic=cfg is None)
-            if validators:
-                check = validators.get(m.topic)
-                if check is not None:
-                    check(m)  # SchemaViolation: the whole batch is refused, nothing is stored
-            if cfg is None:
-                if not self._config.auto_create_topics:
-                    raise TopicNotFound(f"topic {m.topic!r} does not exist and auto-creation is off")
-                cfg = self._topics.create(m.topic, None, "rw", 0, False)
-            if "w" not in cfg.perm:
-                raise NoPermission(f"topic {m.topic!r} is not writable")
-            queues = refs.get(m.topic)
-            if queues is None or len(queues) != cfg.queues:
-                queues = refs[m.topic] = [QueueRef(m.topic, i) for i in range(cfg.queues)]
-            if queue_id is not None:
-                if not 0 <= queue_id < cfg.queues:
-                    raise QueueNotFound(f"topic {m.topic!r} has no queue {queue_id} (it has {cfg.queues})")
-                home = queues[queue_id]
-            elif m.group:
-                home = queues[zlib.crc32(m.group.encode()) % cfg.queues]
+            topic = m.topic
+            if topic != prev_topic:
+                topic_runs += 1
+                cfg = topics.get(topic)
+                m.validate(max_body, check_topic=cfg is None)
+                if validators:
+                    check = validators.get(topic)
+                    if check is not None:
+                        check(m)  # SchemaViolation: the whole batch is refused, nothing is stored
+                if cfg is None:
+                    if not self._config.auto_create_topics:
+                        raise TopicNotFound(f"topic {topic!r} does not exist and auto-creation is off")
+                    cfg = self._topics.create(topic, None, "rw", 0, False)
+                if "w" not in cfg.perm:
+                    raise NoPermission(f"topic {topic!r} is not writable")
+                queues = refs.get(topic)
+                if queues is None or len(queues) != cfg.queues:
+                    queues = refs[topic] = [QueueRef(topic, i) for i in range(cfg.queues)]
+                prev_topic, prev_subject, extra = topic, m.subject, None
             else:
-                qid = rr.get(m.topic, 0)
-                rr[m.topic] = (qid + 1) % cfg.queues
-                home = queues[qid]
+                body = m.body
+                if (m.subject != prev_subject or m.properties or m.tag or m.keys or body.__class__ is not bytes
+                        or len(body) > max_body):
+                    m.validate(max_body, check_topic=False)  # else: what validate checks is known to pass
+                    prev_subject, extra = m.subject, None
+                if validators:
+                    check = validators.get(topic)
+                    if check is not None:
+                        check(m)
+            if queue_id is not None:
+                if not 0 <= queue_id < cfg.queues:  # type: ignore[union-attr]
+                    raise QueueNotFound(f"topic {topic!r} has no queue {queue_id} (it has {cfg.queues})")  # type: ignore[union-attr]
+                home = queues[queue_id]  # type: ignore[index]
+            elif m.group:
+                home = queues[zlib.crc32(m.group.encode()) % cfg.queues]  # type: ignore[index, union-attr]
+            else:
+                qid = rr.get(topic, 0)
+                rr[topic] = (qid + 1) % cfg.queues  # type: ignore[union-attr]
+                home = queues[qid]  # type: ignore[index]
             if router is not None:
-                extra = router.match(f"{m.topic}/{m.subject}" if m.subject else m.topic)  # Message.full_name
+                if extra is None:  # the first message of this topic and subject
+                    subject = m.subject
+                    extra = router.match(f"{topic}/{subject}" if subject else topic)  # Message.full_name
+                    run_dests = [None] * len(queues)  # type: ignore[arg-type]
                 if not extra:
                     dests = (home,)
-                elif self.admission:
-                    admission = self.admission
+                elif admission:
                     kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
                     dests = (home, *sorted(d for d in kept if d != home))
                 else:
-                    dests = fanouts.get((home, extra)) or self._fanout(home, extra)
+                    dests = run_dests[home.queue_id]  # type: ignore[assignment]
+                    if dests is None:
+                        dests = run_dests[home.queue_id] = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
                 dests = (home,)
             if not m.born_ts:
@@ -140,7 +166,7 @@ class Producer:
         updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
-        if all(m.topic == topic for m, _ in items):
+        if topic_runs == 1:  # every message has this topic
             messages_in[topic] += len(items)
             bytes_in[topic] += body_bytes
         else:

@@ -112,6 +112,7 @@ __all__ = [
     "TopicSubscription",
     "Unsuback",
     "Unsubscribe",
+    "PlainPublish",
     "Will",
     "connack_return_code",
     "parse_shared_subscription",
@@ -698,6 +699,29 @@ def _remaining_length(buffer: Buffer, position: int, available: int) -> tuple[in
     raise malformed("remaining length has a fifth byte")
 
 
+# --- the hot path's plain PUBLISH (MqttCodec.receive_batch) -------------------------------------------------------
+
+PlainPublish = tuple[str, int | None, bytes]  # (topic name, packet id or None at QoS 0, payload)
+# topic name bytes -> the name, for names `Publish` accepts as they are (ASCII, no wildcard, no NUL, not empty):
+# publishers repeat their names, so most PUBLISHes cost one dict lookup here. Bounded in entries and name length.
+_PLAIN_TOPICS: dict[bytes, str] = {}
+MAX_PLAIN_TOPICS = 4096
+MAX_PLAIN_TOPIC_BYTES = 256
+
+
+def _plain_topic(raw: bytes) -> str | None:
+    """The name of a PUBLISH topic `raw` when the fast path may take it as it is; None: the general decoder
+    decides (non-ASCII names, names `Publish` refuses, which then raise exactly as they always did)."""
+    if not raw or not raw.isascii() or b"+" in raw or b"#" in raw or b"\x00" in raw:
+        return None
+    topic = raw.decode("ascii")
+    if len(raw) <= MAX_PLAIN_TOPIC_BYTES:
+        if len(_PLAIN_TOPICS) >= MAX_PLAIN_TOPICS:
+            _PLAIN_TOPICS.clear()
+        _PLAIN_TOPICS[raw] = topic
+    return topic
+
+
 # --- the codec --------------------------------------------------------------------------------------------------
 
 
@@ -826,6 +850,22 @@ class MqttCodec:
         once when its packet arrived within one read (the slice the PUBLISH decoder takes) and twice when it
         spanned reads (the join, then that slice).
         """
+        return self._receive(data, self._decode_all)
+
+    def receive_batch(self, data: bytes) -> list[Packet | PlainPublish | int]:
+        """`receive_data` for the broker's hot path: the same packets, except that a PUBLISH at QoS 0 or 1 without
+        retain, DUP or properties, whose topic is an ASCII name, comes out as a `PlainPublish` tuple
+        `(topic, packet_id, payload)` (packet id None at QoS 0), and a 2-byte PUBACK (reason Success) as its packet
+        id (an int). Those are exactly the packets `receive_data` would return as `Publish(topic, payload, qos,
+        packet_id=...)` and `Puback(packet_id)`; everything else (and every fault, with the same error and reason
+        code) goes through the general decoders. Only after CONNECT on a server-side codec; before, it is
+        `receive_data`.
+        """
+        if not self._connect_received:
+            return self._receive(data, self._decode_all)  # type: ignore[return-value]
+        return self._receive(data, self._decode_fast)  # type: ignore[return-value]
+
+    def _receive(self, data: bytes, decode: Callable[[Buffer, list[Packet]], int]) -> list[Packet]:
         if self._error is not None:
             raise MqttProtocolError(f"stream already failed: {self._error.message}", self._error.reason_code,
                                     protocol_level=self._protocol_level)  # fmt: skip
@@ -836,13 +876,13 @@ class MqttCodec:
         position = 0
         try:
             if self._pending_size:
-                start = self._complete_pending(data, packets)
+                start = self._complete_pending(data, packets, decode)
                 if start < 0:
                     return packets  # the pending packet is still incomplete: the chunk was only kept
                 if start:
                     buffer = memoryview(data)[start:]
             if buffer:
-                position = self._decode_all(buffer, packets)
+                position = decode(buffer, packets)
         except MqttProtocolError as error:
             if error.protocol_level is None:
                 error.protocol_level = self._protocol_level
@@ -853,7 +893,8 @@ class MqttCodec:
             self._keep_tail(data, len(data) - len(buffer) + position)
         return packets
 
-    def _complete_pending(self, data: bytes, packets: list[Packet]) -> int:
+    def _complete_pending(self, data: bytes, packets: list[Packet],
+                          decode: Callable[[Buffer, list[Packet]], int]) -> int:
         """Add `data` to the pending packet. Once it is complete, decode it (joined once) into `packets` and return
         where the rest of `data` starts; while it is not, return -1."""
         pending = self._pending
@@ -873,7 +914,7 @@ class MqttCodec:
         packet = b"".join(pending)
         pending.clear()
         self._pending_size = self._pending_needed = 0
-        self._decode_all(packet, packets)  # exactly one packet: it consumes all of `packet`
+        decode(packet, packets)  # exactly one packet: it consumes all of `packet`
         return missing
 
     def _pending_packet_size(self, data: bytes) -> int:
@@ -939,6 +980,65 @@ class MqttCodec:
             packets.append(dispatch[first_byte >> 4](first_byte & 0x0F, buffer, position + header_length, end))
             position = end
             # CONNECT changes the state; later packets in this chunk must use the new table.
+            dispatch = self._dispatch
+        return position
+
+    def _decode_fast(self, buffer: Buffer, packets: list[Packet]) -> int:
+        """`_decode_all` with the plain PUBLISH and PUBACK fast paths of `receive_batch` (after CONNECT)."""
+        available = len(buffer)
+        position = 0
+        max_packet_size = self.max_packet_size
+        dispatch = self._dispatch
+        append = packets.append
+        topics = _PLAIN_TOPICS
+        v5 = self._protocol_level == MQTT_5
+        while available - position >= 2:
+            first_byte = buffer[position]
+            length_byte = buffer[position + 1]
+            if length_byte < 0x80:
+                remaining = length_byte
+                header_length = 2
+            else:
+                parsed = _remaining_length(buffer, position + 1, available)
+                if parsed is None:
+                    break
+                remaining, header_length = parsed
+            packet_size = header_length + remaining
+            if packet_size > max_packet_size:
+                raise MqttProtocolError(
+                    f"packet of {packet_size} bytes exceeds the maximum packet size {max_packet_size}",
+                    ReasonCode.PACKET_TOO_LARGE,
+                )
+            end = position + packet_size
+            if end > available:
+                break
+            start = position + header_length
+            if first_byte == 0x32 or first_byte == 0x30:  # PUBLISH QoS 1 / QoS 0, no DUP, no retain
+                topic_end = start + 2 + ((buffer[start] << 8) | buffer[start + 1]) if remaining >= 2 else end + 1
+                body = topic_end + 2 if first_byte == 0x32 else topic_end
+                if body + v5 <= end and (not v5 or buffer[body] == 0):
+                    raw = buffer[start + 2:topic_end]
+                    if raw.__class__ is not bytes:
+                        raw = bytes(raw)
+                    topic = topics.get(raw)
+                    if topic is None:
+                        topic = _plain_topic(raw)
+                    packet_id = (buffer[topic_end] << 8) | buffer[topic_end + 1] if first_byte == 0x32 else None
+                    if topic is not None and packet_id != 0:
+                        payload = buffer[body + v5:end]
+                        if payload.__class__ is not bytes:
+                            payload = bytes(payload)
+                        append((topic, packet_id, payload))
+                        position = end
+                        continue
+            elif first_byte == 0x40 and remaining == 2:  # PUBACK, reason Success
+                packet_id = (buffer[start] << 8) | buffer[start + 1]
+                if packet_id:
+                    append(packet_id)
+                    position = end
+                    continue
+            append(dispatch[first_byte >> 4](first_byte & 0x0F, buffer, start, end))
+            position = end
             dispatch = self._dispatch
         return position
 

@@ -25,9 +25,9 @@ from tidegate.core.errors import NotAuthorized, QuotaExceeded, TidegateError
 from tidegate.core.model import Message
 from tidegate.core.security.gate import Action, Resource
 
-from .codec import encode_puback_success
 from .errors import reason_for_core_error
 from .mapping import (
+    PROP_PUBLISHER,
     PublishFields,
     UnmappableName,
     core_address,
@@ -50,7 +50,7 @@ from .packets import (
     Unsuback,
     Unsubscribe,
 )
-from .properties import NO_PROPERTIES, Properties
+from .properties import NO_PROPERTIES, UINT16, Properties
 from .reason_codes import MqttProtocolError, ReasonCode
 from .sessions import Session, SubscriptionEntry
 from .state import InboundAliases, ReceiveWindow
@@ -60,9 +60,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.mqtt")
 
-Staged = tuple[Publish, str, Message]  # (packet, topic name, core message)
+# (packet, topic name, core message, QoS, packet id); packet None for a plain publish taken by `stage_plain`
+# (QoS 0/1, no retain, no properties), whose Publish is only built if it has to be refused
+Staged = tuple[Publish | None, str, Message, int, int | None]
 
 _FLAGS_FOR_QOS = (flags_for_qos(0), flags_for_qos(1), flags_for_qos(2))
+_TRANSIENT, _PERSISTENT = _FLAGS_FOR_QOS[0], _FLAGS_FOR_QOS[1]
+_pack_packet_id = UINT16.pack
 # MQTT topic name -> (core topic, subject): publishers repeat their names, and the level encoding is a loop per
 # character. Bounded in entries and in the length of the names kept, so it cannot grow with hostile names.
 _ADDRESSES: dict[str, tuple[str, str]] = {}
@@ -84,10 +88,16 @@ def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publi
                    flags=_FLAGS_FOR_QOS[qos])
 
 
+def _packet_of(item: Staged) -> Publish:
+    """The PUBLISH a staged item came from (built for a plain publish, which has none, only when refused)."""
+    packet, topic, message, qos, packet_id = item
+    return packet if packet is not None else Publish(topic, message.body, qos, packet_id=packet_id)
+
+
 class Inbound:
     """The client-to-core half of one accepted connection."""
 
-    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic")
+    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic", "batch_properties")
 
     def __init__(self, conn: MqttProtocol) -> None:
         self.conn = conn
@@ -98,6 +108,9 @@ class Inbound:
         self.batch: list[Staged] | None = None
         self.batch_ids: set[int] | None = None  # their QoS 1/2 packet ids
         self.known_topic = ""  # the core topic of the last publish that passed the topic creation quota
+        # the adapter's properties of a plain publish while this batch lasts (the publisher when the session has a
+        # No Local subscription): subscriptions change only through a SUBSCRIBE, which stores the batch first
+        self.batch_properties: dict[str, str] | None = None
 
     # ------------------------------------------------------------------------------------------ PUBLISH
     def on_publish(self, packet: Publish) -> None:
@@ -107,6 +120,60 @@ class Inbound:
             if self.batch is not None:
                 self.publish_batch()  # what came before the fault is stored before the connection closes
             raise
+
+    def stage_plain(self, items: list[Any], start: int, stop: int) -> None:
+        """The plain PUBLISHes `items[start:stop]` from `MqttCodec.receive_batch` (QoS 0/1, no retain, no DUP, no
+        properties), each as `on_publish` would take its `Publish`, without building one: for a name whose core
+        address is cached and whose topic passed the topic quota last time. Anything else one of them would meet
+        (a packet id already staged, a full window, the server's maximum QoS, a name not seen yet) goes through
+        `on_publish` unchanged. A failure is handled as the connection handles a packet's (`handle_error`); the
+        rest of the run is dropped once the connection is closed."""
+        conn = self.conn
+        stats = conn.factory.stats
+        window = self.window
+        open_ids = window.open_ids()
+        limit = window.limit if window.enforced else 0
+        maximum_qos = self.settings.maximum_qos
+        addresses = _ADDRESSES
+        for index in range(start, stop):
+            topic, packet_id, payload = items[index]
+            batch = self.batch
+            address = addresses.get(topic)
+            try:
+                if address is None or address[0] != self.known_topic or (packet_id is not None and (
+                        maximum_qos == 0 or (batch is not None and (
+                            packet_id in self.batch_ids  # type: ignore[operator]
+                            or (limit and packet_id not in open_ids and len(open_ids) >= limit))))):  # full_for
+                    self.on_publish(Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id))
+                else:
+                    if packet_id is not None:
+                        open_ids.add(packet_id)  # ReceiveWindow.admit
+                        if limit and len(open_ids) > limit:
+                            if batch is not None:
+                                self.publish_batch()
+                            raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
+                                                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+                    stats.messages_received += 1
+                    if batch is None:
+                        self.batch = batch = []
+                        self.batch_ids = set()
+                        self.batch_properties = ({PROP_PUBLISHER: conn.client_id}
+                                                 if conn.mqtt_session.has_no_local else None)  # type: ignore[union-attr]
+                    properties = self.batch_properties
+                    if packet_id is None:
+                        batch.append((None, topic, Message(
+                            topic=address[0], subject=address[1], body=payload,
+                            properties={} if properties is None else properties.copy(), flags=_TRANSIENT), 0, None))
+                    else:
+                        batch.append((None, topic, Message(
+                            topic=address[0], subject=address[1], body=payload,
+                            properties={} if properties is None else properties.copy(), flags=_PERSISTENT), 1,
+                            packet_id))
+                        self.batch_ids.add(packet_id)  # type: ignore[union-attr]
+            except Exception as error:
+                conn.handle_error(error)
+            if conn.state == "closed":
+                return
 
     def _stage(self, packet: Publish) -> None:
         """Check one PUBLISH and add it to the batch of this read (stored by `publish_batch`).
@@ -178,7 +245,7 @@ class Inbound:
         if batch is None:
             self.batch = batch = []
             self.batch_ids = set()
-        batch.append((packet, topic, message))
+        batch.append((packet, topic, message, qos, packet_id))
         if qos:
             self.batch_ids.add(packet_id)  # type: ignore[union-attr, arg-type]
 
@@ -241,10 +308,10 @@ class Inbound:
 
         def stored(item: Staged, result: Any) -> None:
             nonlocal commit_end, qos2
-            packet = item[0]
             if self._stored(item):
-                acks.append((packet.packet_id, packet.qos))  # type: ignore[arg-type]
-                qos2 = qos2 or packet.qos == 2
+                qos = item[3]
+                acks.append((item[4], qos))  # type: ignore[arg-type]
+                qos2 = qos2 or qos == 2
                 commit_end = max(commit_end, result.commit_end)
 
         try:
@@ -261,25 +328,30 @@ class Inbound:
                         result = core.publish([item[2]])[0]
                     except TidegateError as exc:
                         settle()
-                        self.reject(item[0], reason_for_core_error(exc), exc.message)
+                        self.reject(_packet_of(item), reason_for_core_error(exc), exc.message)
                         continue
                     stored(item, result)
                 return
             for item, result in zip(batch, results, strict=True):
-                stored(item, result)
+                if item[0] is None:  # plain publish (stage_plain): QoS 0 needs nothing more, QoS 1 a PUBACK
+                    if item[3]:
+                        acks.append((item[4], 1))  # type: ignore[arg-type]
+                        end = result[5]  # SendResult.commit_end
+                        if end > commit_end:
+                            commit_end = end
+                else:
+                    stored(item, result)
         finally:
             settle()
 
     def _stored(self, item: Staged) -> bool:
         """Bookkeeping of one stored publish; True if it is to be acknowledged once durable."""
-        packet, topic, message = item
-        if packet.retain:
+        packet, topic, message, qos, packet_id = item
+        if packet is not None and packet.retain:
             self.conn.factory.retained.set(topic, message)
-        qos = packet.qos
         if qos == 0:
             return False
         if qos == 2:
-            packet_id = packet.packet_id
             self.conn.mqtt_session.packets.qos2_stored(packet_id)  # type: ignore[union-attr, arg-type]
             self.window.awaiting_durable.add(packet_id)  # type: ignore[arg-type]
         return True
@@ -290,14 +362,16 @@ class Inbound:
         if conn.state != "connected":
             return  # the client resends after reconnecting; a QoS 2 resend is recognised by its packet id
         window = self.window
-        write = conn.write
+        done = window.open.discard  # ReceiveWindow.done
+        chunks: list[bytes] = []
         for packet_id, qos in acks:
             if qos == 1:
-                window.done(packet_id)
-                write(encode_puback_success(packet_id))  # the bytes of conn.send(Puback(packet_id))
+                done(packet_id)
+                chunks.append(b"\x40\x02" + _pack_packet_id(packet_id))  # encode_puback_success(packet_id)
             else:
                 window.awaiting_durable.discard(packet_id)
-                conn.send(Pubrec(packet_id))
+                chunks.append(conn.codec.encode(Pubrec(packet_id)))
+        conn.write_chunks(chunks)  # one write for the batch
 
     def reject(self, packet: Publish, reason: ReasonCode, text: str) -> None:
         """A publish the broker will not take: v5 says why in PUBACK/PUBREC; 3.1.1 cannot, so it is closed."""

@@ -47,7 +47,7 @@ from .mapping import (
     publish_fields,
 )
 from .packets import MQTT_5, Puback, Pubcomp, Publish, Pubrec, Pubrel, topic_matches
-from .properties import Properties
+from .properties import UINT16, Properties
 from .reason_codes import MqttProtocolError, ReasonCode
 from .sessions import SubscriptionEntry
 from .state import Inflight, OutboundAliases
@@ -67,6 +67,18 @@ def _message_qos(flags: int) -> int:
     if len(_QOS_OF_FLAGS) < 256:
         _QOS_OF_FLAGS[int(flags)] = qos
     return qos
+_pack_packet_id = UINT16.pack
+# (first byte << 16 | remaining length) -> the PUBLISH fixed header, for remaining lengths below 16 KiB: a
+# subscriber's messages come in few sizes. At most 1,024 are kept.
+_FIXED_HEADERS: dict[int, bytes] = {}
+
+
+def _fixed_header(first_byte: int, remaining: int) -> bytes:
+    header = (bytes((first_byte, remaining)) if remaining < 0x80
+              else bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7)))
+    if len(_FIXED_HEADERS) < 1024:
+        _FIXED_HEADERS[(first_byte << 16) | remaining] = header
+    return header
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
 
 
@@ -134,7 +146,7 @@ class Outbound:
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
                  "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session",
-                 "routes_count", "credit_back")
+                 "routes_count", "credit_back", "acks_back")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
@@ -155,6 +167,8 @@ class Outbound:
         self.routes_count = 0  # len(session.subscriptions) when the routes were cached: a safety net
         # While a batch of deliveries is handled: credit to return per key at its end (one grant, one wake-up)
         self.credit_back: dict[str, int] | None = None
+        # ... and the deliveries of its key done with at once (QoS 0 writes, drops): acked to the core in one call
+        self.acks_back: list[Delivered] | None = None
 
     def subscriptions_changed(self) -> None:
         """The session's subscriptions changed (SUBSCRIBE, UNSUBSCRIBE): forget the cached routes."""
@@ -196,6 +210,7 @@ class Outbound:
 
     def close(self) -> None:
         """The connection ends: close core subscriptions (the core releases what was in flight)."""
+        self._settle_acks_back()  # what was written before the close (in this batch of deliveries) is done
         subs, self.subs = self.subs, {}
         for sub in subs.values():
             sub.close()
@@ -244,17 +259,124 @@ class Outbound:
         key, deliveries = batch
         conn = self.conn
         self.credit_back = back = {}
+        self.acks_back = (key, [])
         try:
-            for delivered in deliveries:
+            # 3.1.1 clients: the common deliveries in one pass; from the first one it does not take, one at a time
+            start = self._deliver_v311(key, deliveries) if conn.level != MQTT_5 else 0
+            for index in range(start, len(deliveries)):
                 if conn.state != "connected":
                     return  # the core subscription was closed; the core redelivers unacked messages
-                outgoing = self._decide(key, delivered)
+                outgoing = self._decide(key, deliveries[index])
                 if outgoing is not None:
                     self.offer(outgoing)
         finally:
             self.credit_back = None
+            self._settle_acks_back()
             for back_key, credit in back.items():
                 self._regrant(back_key, credit)
+
+    def _settle_acks_back(self) -> None:
+        """Ack the deliveries a batch was done with (one core call for all of them)."""
+        back, self.acks_back = self.acks_back, None
+        if back is None or not back[1]:
+            return
+        sub = self.subs.get(back[0])
+        if sub is None or sub.closed:
+            return
+        try:
+            sub.ack_delivered(back[1])
+        except TidegateError:
+            pass  # not a per-message group (cannot happen for MQTT's own subscriptions): the core keeps them
+
+    def _deliver_v311(self, key: str, deliveries: list[Delivered]) -> int:
+        """Write the leading deliveries of a batch that need nothing but a cached 3.1.1 route (no No Local, no
+        expiry, the window open, a PUBLISH under 16 KiB of remaining length), as one write; returns how many it
+        took. Byte for byte what `_decide` + `_transmit` + `encode_publish_v311` send for each, with the same
+        packet ids, in-flight entries, credit and acks."""
+        conn = self.conn
+        if self.pending or conn.paused or conn.state != "connected" or not deliveries:
+            return 0
+        session = conn.mqtt_session
+        assert session is not None
+        packets = session.packets
+        inflight, sent, sent_ids = packets.outbound_tables()
+        released = packets.released
+        receive_maximum = self.receive_maximum
+        max_queued = self.settings.max_queued_messages if session.expiry_interval == 0 else 0
+        queue_ends: dict[QueueRef, int] = {}
+        settled = self.acks_back[1] if self.acks_back is not None else None
+        back = self.credit_back
+        first = deliveries[0].message
+        route = self._route(key, first)
+        routes = self.routes
+        assert routes is not None
+        route_topic, route_subject = first.topic, first.subject  # of `route`: most batches are one name
+        chunks: list[bytes] = []
+        append = chunks.append
+        qos_of_flags = _QOS_OF_FLAGS
+        fixed_headers = _FIXED_HEADERS
+        taken = 0
+        released_count = 0
+        for delivered in deliveries:
+            message = delivered.message
+            if message.topic != route_topic or message.subject != route_subject:
+                route = routes.get((key, message.topic, message.subject)) or self._route(key, message)
+                route_topic, route_subject = message.topic, message.subject
+            header = route.topic_header
+            if header is None or route.no_local or message.expires_at:
+                break
+            qos = qos_of_flags.get(message.flags)
+            if qos is None:
+                qos = _message_qos(message.flags)
+            if route.qos < qos:
+                qos = route.qos
+            body = message.body
+            remaining = len(header) + len(body)
+            if qos:
+                remaining += 2
+                if len(inflight) + len(released) >= receive_maximum:
+                    break  # the general path queues it in `pending`
+            else:
+                if max_queued:
+                    queue = delivered.queue
+                    end = queue_ends.get(queue)
+                    if end is None:
+                        end = queue_ends[queue] = conn.session.queue_offsets(queue)[1]  # type: ignore[union-attr]
+                    if end - delivered.queue_offset - 1 > max_queued:
+                        break  # dropped by the general path
+            if remaining >= 0x4000:
+                break
+            props = message.properties
+            first_byte = 0x30 | (qos << 1)
+            if route.retain_as_published and props and PROP_RETAIN in props:
+                first_byte |= 0x01
+            if qos:
+                sent_key = (delivered.queue.topic, delivered.queue_offset)
+                packet_id = sent.get(sent_key)
+                if packet_id is not None or delivered.attempt > 1:
+                    first_byte |= 0x08  # DUP
+                if packet_id is None:
+                    packet_id = packets.allocate()
+                inflight[packet_id] = Inflight(key, delivered.receipt, qos, sent_key, delivered)
+                sent[sent_key] = packet_id
+                sent_ids.add(packet_id)
+                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(header)
+                append(_pack_packet_id(packet_id))
+            else:
+                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(header)
+                if settled is not None:
+                    settled.append(delivered)
+                released_count += 1
+            append(body)
+            taken += 1
+        if chunks:
+            conn.write_chunks(chunks)
+            conn.factory.stats.messages_sent += taken
+        if released_count and back is not None:
+            back[key] = back.get(key, 0) + released_count
+        return taken
 
     def _route(self, key: str, message: Message) -> Route:
         """How this client's subscriptions of queue `key` take messages of the message's topic and subject."""
@@ -402,7 +524,8 @@ class Outbound:
             self._release(outgoing)
             return
         assert packet_id is not None
-        packets.sent_out(packet_id, Inflight(outgoing.sub_key, delivered.receipt if delivered else "", qos, sent_key))
+        packets.sent_out(packet_id, Inflight(outgoing.sub_key, delivered.receipt if delivered else "", qos, sent_key,
+                                             delivered))
 
     def _encode(self, outgoing: Outgoing, fields: PublishFields, packet_id: int | None, dup: bool) -> bytes | None:
         """The PUBLISH bytes, or None if they exceed the client's Maximum Packet Size."""
@@ -435,6 +558,11 @@ class Outbound:
     def _finish(self, key: str, delivered: Delivered) -> None:
         sub = self.subs.get(key)
         if sub is None or sub.closed:
+            return
+        back = self.acks_back
+        if back is not None and back[0] == key:
+            back[1].append(delivered)  # acked with the rest of the batch (on_deliveries)
+            self._regrant(key)
             return
         try:
             sub.ack(delivered.receipt)
@@ -477,6 +605,41 @@ class Outbound:
             return  # unknown or duplicate acknowledgement: nothing to do
         self._ack_core(item)
         self._regrant(item.sub_key)
+        self._drain_pending()
+
+    def on_pubacks(self, packet_ids: list[int]) -> None:
+        """The PUBACKs (reason Success) of one read: what `on_puback` does for each, with one core ack per
+        subscription, one credit grant per subscription and one drain of `pending` for all of them."""
+        packets = self.conn.mqtt_session.packets  # type: ignore[union-attr]
+        inflight, sent, sent_ids = packets.inflight, packets.sent, packets.sent_ids
+        done: dict[str, list[Inflight]] = {}
+        for packet_id in packet_ids:
+            item = inflight.get(packet_id)
+            if item is None or item.qos != 1:
+                continue  # unknown or duplicate acknowledgement: nothing to do (PacketIds.acknowledged)
+            del inflight[packet_id]
+            if item.sent_key is not None:
+                sent.pop(item.sent_key, None)
+                sent_ids.discard(packet_id)
+            key = item.sub_key
+            if key is not None:
+                items = done.get(key)
+                if items is None:
+                    done[key] = [item]
+                else:
+                    items.append(item)
+        for key, items in done.items():
+            sub = self.subs.get(key)
+            if sub is not None and not sub.closed:
+                deliveries = [item.delivered for item in items if item.delivered is not None]
+                try:
+                    sub.ack_delivered(deliveries)  # type: ignore[arg-type]
+                except TidegateError:
+                    pass
+                for item in items:
+                    if item.delivered is None:
+                        self._ack_core(item)
+            self._regrant(key, len(items))
         self._drain_pending()
 
     def on_pubrec(self, packet: Pubrec) -> None:

@@ -123,7 +123,7 @@ class MqttProtocol(AdapterConnection):
         if self.state == "closed":
             return
         try:
-            packets = self.codec.receive_data(data)
+            packets = self.codec.receive_batch(data)  # plain PUBLISHes and PUBACKs as tuples and ints
         except MqttProtocolError as error:
             if self._handle_all(error.packets_before_error):
                 return
@@ -142,18 +142,59 @@ class MqttProtocol(AdapterConnection):
 
     def _handle_all(self, packets: list[Any]) -> bool:
         """Handle the packets of one read in order, storing staged PUBLISHes before any other packet and at the end;
-        packets after a CONNECT whose authentication is pending wait for it. True if the connection was closed."""
+        packets after a CONNECT whose authentication is pending wait for it. True if the connection was closed.
+
+        `MqttCodec.receive_batch` gives plain PUBLISHes as tuples (staged by `Inbound.stage_plain`) and Success
+        PUBACKs as ints (a run of them is settled by one `Outbound.on_pubacks`); before the connection is
+        accepted they become packets again, so the general handlers refuse them as always."""
         publish = Publish
-        for index, packet in enumerate(packets):
+        count = len(packets)
+        index = 0
+        while index < count:
+            packet = packets[index]
             if self.authenticating:
                 self.hold_frames(packets[index:])
                 return False
             inbound = self.inbound
-            if inbound is not None and inbound.batch is not None and type(packet) is not publish:
+            kind = packet.__class__
+            if kind is tuple or kind is int:
+                if self.state != "connected" or inbound is None:
+                    packet = kind = _as_packet(packet)
+                elif kind is tuple:
+                    if not self.has_published or self.factory.alarmed:
+                        self.publish_seen()  # as _on_publish (once for the run: it only marks and blocks)
+                    stop = index + 1
+                    while stop < count and packets[stop].__class__ is tuple:
+                        stop += 1
+                    inbound.stage_plain(packets, index, stop)  # handles its own errors, as _handle does
+                    index = stop
+                    if self.state == "closed":
+                        inbound.drop_batch()
+                        return True
+                    continue
+                else:
+                    if inbound.batch is not None:
+                        inbound.publish_batch()
+                        if self.state == "closed":
+                            return True
+                    stop = index + 1
+                    while stop < count and packets[stop].__class__ is int:
+                        stop += 1
+                    try:
+                        self.outbound.on_pubacks(packets[index:stop])  # type: ignore[union-attr]
+                    except Exception as error:
+                        self.handle_error(error)
+                    index = stop
+                    if self.state == "closed":
+                        inbound.drop_batch()
+                        return True
+                    continue
+            if inbound is not None and inbound.batch is not None and kind is not publish:
                 inbound.publish_batch()
                 if self.state == "closed":
                     return True
             self._handle(packet)
+            index += 1
             if self.state == "closed":
                 if self.inbound is not None:
                     self.inbound.drop_batch()  # packets after a close are not acted on
@@ -475,6 +516,14 @@ class MqttProtocol(AdapterConnection):
         send_will = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL_MESSAGE
         self._end(send_will=send_will)
         self.close()
+
+
+def _as_packet(item: tuple[str, int | None, bytes] | int) -> Publish | Puback:
+    """The packet `MqttCodec.receive_data` gives for an item of `receive_batch`."""
+    if item.__class__ is int:
+        return Puback(item)  # type: ignore[arg-type]
+    topic, packet_id, payload = item  # type: ignore[misc]
+    return Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id)
 
 
 def _on_connect(conn: MqttProtocol, packet: Connect) -> None:

@@ -149,6 +149,8 @@ class Inflight:
     receipt: str  # the core receipt to ack once the client has it
     qos: int
     sent_key: tuple[str, int] | None  # (queue topic, queue offset) of the stored message
+    # the core's Delivered it came from (opaque here): PUBACKs of one read settle in one core call with it
+    delivered: object = None
 
 
 class PacketIds:
@@ -202,6 +204,17 @@ class PacketIds:
             if packet_id not in self.inflight and packet_id not in self.released and packet_id not in self.sent_ids:
                 return packet_id
         raise MqttProtocolError("no free packet identifier", ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR)
+
+    def outbound_tables(self) -> tuple[dict[int, Inflight], dict[tuple[str, int], int], set[int]]:
+        """`inflight`, `sent` and `sent_ids` as tables of their own (placeholders replaced), for a writer that fills
+        them for a whole batch of deliveries in one pass (`Outbound` on 3.1.1 connections)."""
+        if self.inflight is NO_ENTRIES:
+            self.inflight = {}
+        if self.sent is NO_ENTRIES:
+            self.sent = {}
+        if self.sent_ids is NO_IDS:
+            self.sent_ids = set()
+        return self.inflight, self.sent, self.sent_ids  # type: ignore[return-value]
 
     def sent_out(self, packet_id: int, item: Inflight) -> None:
         if self.inflight is NO_ENTRIES:
@@ -270,6 +283,13 @@ class ReceiveWindow:
     def full_for(self, packet_id: int) -> bool:
         """Whether admitting `packet_id` would exceed the limit (a v5 client over it is disconnected)."""
         return self.enforced and packet_id not in self.open and len(self.open) >= self.limit
+
+    def open_ids(self) -> set[int]:
+        """`open` as a set of its own (the placeholder replaced), for a reader that admits a whole run of
+        publishes in one pass (`Inbound.stage_plain`)."""
+        if self.open is NO_IDS:
+            self.open = set()
+        return self.open  # type: ignore[return-value]
 
     def admit(self, packet_id: int) -> None:
         if self.open is NO_IDS:
