@@ -338,13 +338,15 @@ def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id
             if stop + 4 > end:
                 raise Truncated(f"field needs 4 bytes, {end - stop} left")
             raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
-        topic_bytes = view[start:stop]
+        # Compared as bytes, never kept as a memoryview slice: a slice alive in a traceback would pin the codec's
+        # buffer (it could not be resized after an error).
+        topic_bytes = bytes(view[start:stop])
         if topic_bytes != last_topic_bytes:
             try:
                 last_topic = str(topic_bytes, "utf-8")
             except UnicodeDecodeError as exc:
                 raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
-            last_topic_bytes = bytes(topic_bytes)
+            last_topic_bytes = topic_bytes
         queue_id, queue_offset = _send_ok_tail_unpack(view, stop)
         pos = stop + 12
         if pos + 2 <= end and view[pos] == 0 and view[pos + 1] == 0:  # no receipt (offset mode)
