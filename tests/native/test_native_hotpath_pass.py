@@ -201,3 +201,21 @@ def test_send_window_admits_size_requests_and_waits_for_an_answer() -> None:
     assert window.acquire(10)
     answered.join()
     assert (window.taken, window.returned) == (3, 1)
+
+
+def test_push_consumer_commits_a_large_deliver_in_slices_of_commit_every() -> None:
+    """A DELIVER larger than COMMIT_EVERY is committed and credited slice by slice, so a slow handler still makes
+    progress visible to the broker while it works through the frame."""
+    consumer = PushConsumer("g", "orders", lambda d: None, credit=100)
+    consumer.COMMIT_EVERY = 2
+    conn = RecordingConnection()
+    consumer._conn = conn  # type: ignore[assignment]
+    consumer.subscription_id = 3
+    consumer._on_push(f.Deliver(subscription_id=3, messages=[
+        f.DeliveryRecord(topic="orders", queue_id=0, queue_offset=o, message=Message("orders", b"x"))
+        for o in range(5)]))
+    consumer._inbox.put(_STOP)
+    consumer._work()
+    commits = [fields["offsets"][0].offset for cls, fields in conn.sent if cls is f.Commit]  # type: ignore[index]
+    assert commits == [2, 4]  # after each full slice; the last message waits for the next flush (or close)
+    assert consumer.processed == 5

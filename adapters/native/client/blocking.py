@@ -319,10 +319,14 @@ class PushConsumer(_Client):
                 continue
             if item is _STOP:
                 return
-            self._process_batch(item)
-            if inbox.empty() or self._since_commit >= self.COMMIT_EVERY or \
-                    time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
-                self._flush_quietly()
+            # A large DELIVER runs in slices of COMMIT_EVERY, so a slow handler still commits and returns credit
+            # as it goes (as when messages were handed over one by one).
+            every = self.COMMIT_EVERY
+            for start in range(0, len(item), every):
+                self._process_batch(item[start:start + every] if len(item) > every else item)
+                if inbox.empty() or self._since_commit >= every or \
+                        time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
+                    self._flush_quietly()
 
     def _process_batch(self, records: tuple[f.DeliveryRecord, ...]) -> None:
         """Run the handler on each message of one DELIVER, in order; then count them for credit and commits
