@@ -283,7 +283,35 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
     return frame
 
 
+_SEND_HEAD = struct.Struct(">iqqqqIH")  # queue_id, the message's fixed part, the topic's length
+_send_head_unpack = _SEND_HEAD.unpack_from
+_PLAIN_TAIL = struct.Struct(">QQI")  # subject/tag/group/msg_id lengths, keys + properties counts, body length
+_plain_tail_unpack = _PLAIN_TAIL.unpack_from
+
+
 def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    # The producer's shape (a topic and a body, nothing else) exactly filling the frame, in two unpacks and no
+    # nested call; anything else (or any doubt) takes the general path below, which reports errors.
+    if pos + 42 <= end:
+        queue_id, born_ts, deliver_at, expires_at, store_ts, message_flags, n = _send_head_unpack(view, pos)
+        start = pos + 42
+        stop = start + n
+        if stop + 20 <= end:
+            lengths, counts, size = _plain_tail_unpack(view, stop)
+            if not lengths and not counts and stop + 20 + size == end:
+                try:
+                    topic = str(view[start:stop], "utf-8")
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    frame = _new(Send)
+                    _set(frame, "request_id", request_id)
+                    _set(frame, "flags", flags)
+                    _set(frame, "queue_id", queue_id)
+                    # positional: core.model.Message field order
+                    _set(frame, "message", Message(topic, bytes(view[stop + 20:end]), "", "", (), {}, born_ts,
+                                                   deliver_at, expires_at, "", message_flags, "", store_ts))
+                    return frame
     if pos + 4 > end:
         raise Truncated(f"field needs 4 bytes, {end - pos} left")
     (queue_id,) = _I32_UNPACK(view, pos)

@@ -219,3 +219,21 @@ def test_push_consumer_commits_a_large_deliver_in_slices_of_commit_every() -> No
     commits = [fields["offsets"][0].offset for cls, fields in conn.sent if cls is f.Commit]  # type: ignore[index]
     assert commits == [2, 4]  # after each full slice; the last message waits for the next flush (or close)
     assert consumer.processed == 5
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.from_regex(r"[A-Za-zé0-9/_.-]{1,30}", fullmatch=True), st.binary(max_size=300), st.integers(0, 2**62),
+       st.integers(-1, 2**31 - 1))
+def test_plain_send_decodes_like_the_generic_decoder_whole_and_cut(topic: str, body: bytes, born_ts: int,
+                                                                   queue_id: int) -> None:
+    """The SEND decoder's shortcut for the producer's shape (topic and body only) gives the generic decoder's frame,
+    and for every cut the same error."""
+    data = encode_plain_send(5, 0, queue_id, topic, body, born_ts)
+    view = memoryview(data)
+    frame = decode_body(f.Send, view, HEADER_SIZE, len(data), 0, 5)
+    assert frame == f.Send(request_id=5, queue_id=queue_id, message=Message(topic, body, born_ts=born_ts))
+    assert generic_decode(f.Send, view, len(data)) == f.Send(request_id=0, queue_id=queue_id,
+                                                             message=frame.message)
+    for end in range(HEADER_SIZE, len(data)):
+        fast = outcome(decode_body, f.Send, view, HEADER_SIZE, end, 0, 0)
+        assert isinstance(fast, tuple) and fast == outcome(generic_decode, f.Send, view, end)
