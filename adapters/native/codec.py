@@ -30,6 +30,7 @@ from tidegate.adapters.native.frames import (
     SERVER,
     SUPPORTED_VERSIONS,
     Deliver,
+    DeliveryRecord,
     Error,
     Frame,
     Hello,
@@ -42,7 +43,7 @@ from tidegate.adapters.native.frames import (
     SendReceipt,
 )
 from tidegate.core.errors import TidegateError
-from tidegate.core.model import Message
+from tidegate.core.model import Message, MessageFlag
 
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
@@ -141,6 +142,7 @@ _u16_pack = struct.Struct(">H").pack
 _I32_U32_UNPACK = struct.Struct(">iI").unpack_from
 _u32_pack = struct.Struct(">I").pack
 _u32_unpack = struct.Struct(">I").unpack_from
+_u32_u32_unpack = struct.Struct(">II").unpack_from
 
 
 def encode_send(request_id: int, flags: int, queue_id: int, message: Message) -> bytes:
@@ -149,6 +151,32 @@ def encode_send(request_id: int, flags: int, queue_id: int, message: Message) ->
     data = message_bytes(message)
     try:
         return b"".join((_send_prefix_pack(len(data) + 10, SEND_TYPE, flags, request_id, queue_id), data))
+    except struct.error as exc:
+        raise FrameValueError(f"Send: value out of range for its wire type: {exc}") from None
+
+
+_plain_send_packs: dict[str, tuple[Callable[..., bytes], bytes]] = {}
+_PERSISTENT = int(MessageFlag.PERSISTENT)
+
+
+def encode_plain_send(request_id: int, flags: int, queue_id: int, topic: str, body: bytes, born_ts: int) -> bytes:
+    """The bytes of SEND for a message that is only a topic, a body and its born_ts (persistent, no tag, keys,
+    properties, delay or expiry): what `encode_send` gives for `Message(topic, body, born_ts=born_ts)`, from one
+    cached struct per topic and without the Message object (the SDK's `send_async` hot path)."""
+    entry = _plain_send_packs.get(topic)
+    if entry is None:
+        topic_wire = wire_name(topic)
+        # header, queue_id, the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all
+        # empty, the body's length
+        packer = struct.Struct(f">IBBIiqqqqI{len(topic_wire)}s16xI")
+        if len(_plain_send_packs) >= 4096:
+            _plain_send_packs.clear()
+        entry = _plain_send_packs[topic] = (packer.pack, topic_wire)
+    pack, topic_wire = entry
+    size = len(body)
+    try:
+        return pack(len(topic_wire) + size + 66, SEND_TYPE, flags, request_id, queue_id, born_ts, 0, 0, 0,
+                    _PERSISTENT, topic_wire, size) + body
     except struct.error as exc:
         raise FrameValueError(f"Send: value out of range for its wire type: {exc}") from None
 
@@ -255,7 +283,35 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
     return frame
 
 
+_SEND_HEAD = struct.Struct(">iqqqqIH")  # queue_id, the message's fixed part, the topic's length
+_send_head_unpack = _SEND_HEAD.unpack_from
+_PLAIN_TAIL = struct.Struct(">QQI")  # subject/tag/group/msg_id lengths, keys + properties counts, body length
+_plain_tail_unpack = _PLAIN_TAIL.unpack_from
+
+
 def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    # The producer's shape (a topic and a body, nothing else) exactly filling the frame, in two unpacks and no
+    # nested call; anything else (or any doubt) takes the general path below, which reports errors.
+    if pos + 42 <= end:
+        queue_id, born_ts, deliver_at, expires_at, store_ts, message_flags, n = _send_head_unpack(view, pos)
+        start = pos + 42
+        stop = start + n
+        if stop + 20 <= end:
+            lengths, counts, size = _plain_tail_unpack(view, stop)
+            if not lengths and not counts and stop + 20 + size == end:
+                try:
+                    topic = str(view[start:stop], "utf-8")
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    frame = _new(Send)
+                    _set(frame, "request_id", request_id)
+                    _set(frame, "flags", flags)
+                    _set(frame, "queue_id", queue_id)
+                    # positional: core.model.Message field order
+                    _set(frame, "message", Message(topic, bytes(view[stop + 20:end]), "", "", (), {}, born_ts,
+                                                   deliver_at, expires_at, "", message_flags, "", store_ts))
+                    return frame
     if pos + 4 > end:
         raise Truncated(f"field needs 4 bytes, {end - pos} left")
     (queue_id,) = _I32_UNPACK(view, pos)
@@ -288,13 +344,88 @@ def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id
     return frame
 
 
+def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    """DELIVER (the consumer's hot path): DeliveryRecords built without their per-field Kinds; the queue's topic
+    decoded once per run of records from the same topic."""
+    if pos + 8 > end:
+        raise Truncated(f"field needs 4 bytes, {end - pos if pos + 4 > end else end - pos - 4} left")
+    subscription_id, n = _u32_u32_unpack(view, pos)
+    pos += 8
+    records = []
+    append = records.append
+    last_topic_bytes = b""
+    last_topic = ""
+    for _ in range(n):
+        start = pos + 2
+        if start > end:
+            raise Truncated(f"string length needs 2 bytes, {end - pos} left")
+        stop = start + ((view[pos] << 8) | view[pos + 1])
+        if stop + 12 > end:  # the topic, queue_id and queue_offset
+            if stop > end:
+                raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
+            if stop + 4 > end:
+                raise Truncated(f"field needs 4 bytes, {end - stop} left")
+            raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
+        # Compared as bytes, never kept as a memoryview slice: a slice alive in a traceback would pin the codec's
+        # buffer (it could not be resized after an error).
+        topic_bytes = bytes(view[start:stop])
+        if topic_bytes != last_topic_bytes:
+            try:
+                last_topic = str(topic_bytes, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+            last_topic_bytes = topic_bytes
+        queue_id, queue_offset = _send_ok_tail_unpack(view, stop)
+        pos = stop + 12
+        if pos + 2 <= end and view[pos] == 0 and view[pos + 1] == 0:  # no receipt (offset mode)
+            receipt = ""
+            pos += 2
+        else:
+            receipt, pos = read_string(view, pos, end)
+        if pos + 2 > end:
+            raise Truncated(f"field needs 2 bytes, {end - pos} left")
+        attempt = (view[pos] << 8) | view[pos + 1]
+        message, pos = read_message(view, pos + 2, end)
+        record = _new(DeliveryRecord)
+        _set(record, "topic", last_topic)
+        _set(record, "queue_id", queue_id)
+        _set(record, "queue_offset", queue_offset)
+        _set(record, "receipt", receipt)
+        _set(record, "attempt", attempt)
+        _set(record, "message", message)
+        append(record)
+    if pos != end:
+        raise Truncated(f"{end - pos} trailing bytes after the last field")
+    frame = _new(Deliver)
+    _set(frame, "request_id", request_id)
+    _set(frame, "flags", flags)
+    _set(frame, "subscription_id", subscription_id)
+    _set(frame, "messages", tuple(records))
+    return frame
+
+
 # Hand-written decoders of the hot frames; every other frame decodes through its SPEC.
 FAST_DECODERS: dict[type[Frame], Callable[[memoryview, int, int, int, int], Frame]] = {
     Send: _decode_send,
     SendOk: _decode_send_ok,
     SendBatch: _decode_send_batch,
     SendBatchOk: _decode_send_batch_ok,
+    Deliver: _decode_deliver,
 }
+
+
+def _spec_decoder(cls: type[Frame]) -> Callable[[memoryview, int, int, int, int], Frame]:
+    fast = FAST_DECODERS.get(cls)
+    if fast is not None:
+        return fast
+    return lambda view, pos, end, flags, request_id: decode_body(cls, view, pos, end, flags, request_id)
+
+
+def _open_decoders(peer_sender: str) -> dict[int, Callable[[memoryview, int, int, int, int], Frame]]:
+    """type code -> decoder of every frame a peer may send once the connection is open: what `_transition` lets
+    through in State.OPEN without a change of state (HELLO and HELLO_OK are handshake-only)."""
+    return {code: _spec_decoder(cls) for code, cls in FRAME_TYPES.items()
+            if (cls.SENDER == peer_sender or cls.SENDER == BOTH) and cls is not Hello and cls is not HelloOk}
 
 
 def decode_body(cls: type[Frame], view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
@@ -319,6 +450,9 @@ def decode_body(cls: type[Frame], view: memoryview, pos: int, end: int, flags: i
     return frame
 
 
+OPEN_DECODERS = {role: _open_decoders(PEER_SENDS[role]) for role in Role}
+
+
 class NativeCodec:
     """One connection's codec. `receive_data` buffers at most one frame (bounded by `max_frame`)."""
 
@@ -331,6 +465,7 @@ class NativeCodec:
         self.peer_version = 0
         self._buffer = bytearray()
         self._peer_sender = PEER_SENDS[self.role]
+        self._open_decoders = OPEN_DECODERS[self.role]
 
     # ------------------------------------------------------------------------------------------- outbound
     def encode(self, frame: Frame) -> bytes:
@@ -363,9 +498,13 @@ class NativeCodec:
         pos = 0
         size = len(buf)
         error: ProtocolError | None = None
+        append = frames.append
+        open_decoders = self._open_decoders
+        open_state = State.OPEN
+        header_unpack = _header_unpack
         with memoryview(buf) as view:
             while size - pos >= LENGTH_SIZE:
-                length, = struct.unpack_from(">I", view, pos)
+                length, = _u32_unpack(view, pos)
                 if length > self.max_frame:
                     error = FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
                     break
@@ -376,11 +515,20 @@ class NativeCodec:
                 end = pos + LENGTH_SIZE + length
                 if end > size:
                     break
-                _, type_code, flags, request_id = HEADER.unpack_from(view, pos)
+                _, type_code, flags, request_id = header_unpack(view, pos)
                 start = pos + HEADER_SIZE
                 pos = end
+                # Open connection, a frame type the peer may send: straight to its decoder (no state transition).
+                decode = open_decoders.get(type_code) if self.state is open_state else None
                 try:
-                    frames.append(self._decode(type_code, view, start, end, flags, request_id))
+                    if decode is not None:
+                        try:
+                            append(decode(view, start, end, flags, request_id))
+                        except (Truncated, FrameValueError, struct.error) as exc:
+                            raise MalformedFrame(f"{FRAME_TYPES[type_code].__name__}: {exc}",
+                                                 request_id=request_id) from None
+                    else:
+                        append(self._decode(type_code, view, start, end, flags, request_id))
                 except ProtocolError as exc:
                     error = exc
                     break

@@ -121,11 +121,13 @@ _FIXED_TOPIC_LEN = struct.Struct(">qqqqIH")  # fixed part + the topic's length
 _fixed_topic_len_unpack = _FIXED_TOPIC_LEN.unpack_from
 _PLAIN_TAIL_READ = struct.Struct(">QQI")  # the 4 string lengths, keys count + properties count, body length
 _plain_tail_unpack = _PLAIN_TAIL_READ.unpack_from
+_id_tail_unpack = struct.Struct(">QI").unpack_from  # after a msg_id: keys count + properties count, body length
 
 
 def read_message(view: memoryview, pos: int, end: int) -> tuple[Message, int]:
     """A Message at view[pos:], not past `end`: (message, position after it). Same checks as `Reader`."""
-    # Fast path: only a topic and a body (no subject/tag/group/msg_id, keys or properties), all in bounds.
+    # Fast paths: only a topic and a body (what producers send), or a topic, a msg_id and a body (a stored message
+    # as DELIVER and PULL_OK carry it); no subject/tag/group, keys or properties; everything in bounds.
     if pos + 38 <= end:
         born_ts, deliver_at, expires_at, store_ts, flags, n = _fixed_topic_len_unpack(view, pos)
         start = pos + 38
@@ -133,15 +135,32 @@ def read_message(view: memoryview, pos: int, end: int) -> tuple[Message, int]:
         if stop + 20 <= end:
             lengths, counts, size = _plain_tail_unpack(view, stop)
             body_start = stop + 20
-            body_end = body_start + size
-            if not lengths and not counts and body_end <= end:
-                try:
-                    topic = str(view[start:stop], "utf-8")
-                except UnicodeDecodeError:
-                    pass  # the full path below reports it
-                else:
-                    return Message(topic, bytes(view[body_start:body_end]), "", "", (), {}, born_ts, deliver_at,
-                                   expires_at, "", flags, "", store_ts), body_end
+            if lengths and lengths <= 0xFFFF:  # only the msg_id's length is set (the stored shape); `counts` and
+                # `size` were read from inside the msg_id: the real ones follow it
+                id_end = stop + 8 + lengths
+                if id_end + 12 <= end:
+                    counts, size = _id_tail_unpack(view, id_end)
+                    body_start = id_end + 12
+                    body_end = body_start + size
+                    if not counts and body_end <= end:
+                        try:
+                            topic = str(view[start:stop], "utf-8")
+                            msg_id = str(view[id_end - lengths:id_end], "utf-8")
+                        except UnicodeDecodeError:
+                            pass  # the full path below reports it
+                        else:
+                            return Message(topic, bytes(view[body_start:body_end]), "", "", (), {}, born_ts,
+                                           deliver_at, expires_at, "", flags, msg_id, store_ts), body_end
+            elif not lengths and not counts:
+                body_end = body_start + size
+                if body_end <= end:
+                    try:
+                        topic = str(view[start:stop], "utf-8")
+                    except UnicodeDecodeError:
+                        pass  # the full path below reports it
+                    else:
+                        return Message(topic, bytes(view[body_start:body_end]), "", "", (), {}, born_ts,
+                                       deliver_at, expires_at, "", flags, "", store_ts), body_end
     return _read_message(view, pos, end)
 
 

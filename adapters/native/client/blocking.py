@@ -123,8 +123,6 @@ class Producer(_Client):
                    queue_id: int | None = None) -> None:
         """Send without waiting; `callback(SendResult or exception)` runs on the SDK's I/O thread, so keep it
         short. Pipelined: sends queued meanwhile leave together in one write."""
-        message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
-                                group=group, deliver_at=deliver_at, expires_at=expires_at)
 
         def done(answer: Any) -> None:
             try:
@@ -135,6 +133,13 @@ class Producer(_Client):
             except Exception:
                 logger.exception("send_async callback failed")
 
+        if not (tag or keys or properties or subject or group or deliver_at or expires_at):
+            # Only a topic and a body (the common case): encoded straight to the wire, no Message object.
+            self.conn.send_plain(topic, body if type(body) is bytes else bytes(body), int(_time() * 1000),
+                                 -1 if queue_id is None else queue_id, done)
+            return
+        message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
+                                group=group, deliver_at=deliver_at, expires_at=expires_at)
         self.conn.send_message(message, -1 if queue_id is None else queue_id, done)
 
     def send_oneway(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
@@ -266,6 +271,7 @@ class PushConsumer(_Client):
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._offsets: dict[QueueRef, int] = {}  # next offset to commit, per queue
+        self._queue_refs: dict[tuple[str, int], QueueRef] = {}  # one QueueRef per queue, shared by its messages
         self._receipts: list[str] = []
         self._uncredited = 0
         self._since_commit = 0
@@ -296,10 +302,10 @@ class PushConsumer(_Client):
         super().close()
 
     def _on_push(self, frame: f.Frame) -> None:
-        # Runs on the reader thread: hand off only.
+        # Runs on the reader thread: hand off only (a whole DELIVER at a time: one queue operation per frame).
         if isinstance(frame, f.Deliver):
-            for record in frame.messages:
-                self._inbox.put(record)
+            if frame.messages:
+                self._inbox.put(frame.messages)
         elif isinstance(frame, f.Assignment):
             self.assigned = [QueueRef(q.topic, q.queue_id) for q in frame.queues]
 
@@ -313,31 +319,47 @@ class PushConsumer(_Client):
                 continue
             if item is _STOP:
                 return
-            self._process(item)
-            if inbox.empty() or self._since_commit >= self.COMMIT_EVERY or \
-                    time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
-                self._flush_quietly()
+            # A large DELIVER runs in slices of COMMIT_EVERY, so a slow handler still commits and returns credit
+            # as it goes (as when messages were handed over one by one).
+            every = self.COMMIT_EVERY
+            for start in range(0, len(item), every):
+                self._process_batch(item[start:start + every] if len(item) > every else item)
+                if inbox.empty() or self._since_commit >= every or \
+                        time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
+                    self._flush_quietly()
 
-    def _process(self, record: f.DeliveryRecord) -> None:
-        view = delivered(record)
-        try:
-            self.handler(view)
-            failed = False
-        except Exception:
-            logger.exception("consumer handler failed for %s:%d@%d", record.topic, record.queue_id,
-                             record.queue_offset)
-            failed = True
-        self.processed += 1
-        self._uncredited += 1
-        self._since_commit += 1
-        if self.ack_mode is f.Ack.MESSAGE:
-            if failed:
-                self.conn.send_oneway(f.NackMessages, subscription_id=self.subscription_id,
-                                      receipts=[record.receipt], requeue=True)
+    def _process_batch(self, records: tuple[f.DeliveryRecord, ...]) -> None:
+        """Run the handler on each message of one DELIVER, in order; then count them for credit and commits
+        (acks, commits and credit go out after the batch, from `_flush`)."""
+        handler = self.handler
+        queues = self._queue_refs
+        by_message = self.ack_mode is f.Ack.MESSAGE
+        offsets = self._offsets
+        for record in records:
+            key = (record.topic, record.queue_id)
+            ref = queues.get(key)
+            if ref is None:
+                ref = queues[key] = QueueRef(record.topic, record.queue_id)
+            try:
+                # positional: message, queue, queue_offset, receipt, attempt
+                handler(Delivered(record.message, ref, record.queue_offset, record.receipt, record.attempt))
+                failed = False
+            except Exception:
+                logger.exception("consumer handler failed for %s:%d@%d", record.topic, record.queue_id,
+                                 record.queue_offset)
+                failed = True
+            if by_message:
+                if failed:
+                    self.conn.send_oneway(f.NackMessages, subscription_id=self.subscription_id,
+                                          receipts=[record.receipt], requeue=True)
+                else:
+                    self._receipts.append(record.receipt)
             else:
-                self._receipts.append(record.receipt)
-        else:
-            self._offsets[view.queue] = record.queue_offset + 1
+                offsets[ref] = record.queue_offset + 1
+        count = len(records)
+        self.processed += count
+        self._uncredited += count
+        self._since_commit += count
 
     def _flush_quietly(self) -> None:
         try:

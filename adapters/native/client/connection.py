@@ -26,6 +26,7 @@ from tidegate.adapters.native.codec import (
     NativeCodec,
     ProtocolError,
     Role,
+    encode_plain_send,
     encode_send,
     encode_send_batch,
 )
@@ -272,6 +273,20 @@ class Connection:
         request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
         data = encode_send(request_id, 1 if oneway else 0, queue_id, message)
         self._check_size(data, request_id, "Send")
+        self._queue_request(request_id, data, responder)
+
+    def send_plain(self, topic: str, body: bytes, born_ts: int, queue_id: int, responder: Responder) -> None:
+        """A pipelined SEND of a message that is only a topic and a body (persistent, no tag, keys, properties,
+        delay or expiry), encoded without a Message object: the same bytes as `send_message` sends for
+        `Message(topic, body, born_ts=born_ts)`. `responder` as for `send_message`."""
+        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        data = encode_plain_send(request_id, 0, queue_id, topic, body, born_ts)
+        self._check_size(data, request_id, "Send")
+        self._queue_request(request_id, data, responder)
+
+    def _queue_request(self, request_id: int, data: bytes, responder: Future[f.Frame] | Responder | None) -> None:
+        """Register `responder` (if any) and queue `data` for the writer thread under one lock acquisition,
+        waiting while too much is queued already."""
         cond = self._out_cond
         with cond:  # register and queue under one lock acquisition
             while self._out_bytes >= MAX_QUEUED_BYTES and not self._closed:
