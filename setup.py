@@ -19,7 +19,15 @@ NOTICE = ("tidegate: the optional compiled accelerator was not built ({reason});
 SOURCES = {"tidegate.core.storage._record_speedups": "core/storage/_record_speedups.pyx"}
 
 
+_noticed: list[str] = []
+
+
 def _notice(reason: str) -> None:
+    """Say once per build why there is no accelerator (not while pip only asks for metadata: it runs setup.py for
+    that too, and the build would repeat the notice)."""
+    if _noticed or {"egg_info", "dist_info"} & set(sys.argv):
+        return
+    _noticed.append(reason)
     print(NOTICE.format(reason=reason), file=sys.stderr)
 
 
