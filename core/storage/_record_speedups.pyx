@@ -56,7 +56,6 @@ cdef object TornRecord = CorruptRecord
 cdef object SealedRecord = CorruptRecord
 
 cdef object _tuple_new = tuple.__new__
-cdef dict _names = {}  # name -> UTF-8 bytes (topic names repeat on every record; bounded like record.py's cache)
 
 
 def bind(decoded_record, torn_record, sealed_record) -> None:
@@ -143,18 +142,37 @@ cdef inline uint64_t _get64(const unsigned char *p) noexcept:
 
 
 # --- encoding
-cdef bytes _name_bytes(str name):
-    cdef object data = _names.get(name)
-    if data is None:
-        if len(_names) >= 8192:
-            _names.clear()
-        data = name.encode("utf-8", "surrogatepass")
-        _names[name] = data
-    return <bytes>data
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
 
 
-cdef inline bytes _text(object value):
-    return value.encode("utf-8", "surrogatepass") if value else b""
+cdef struct Text:
+    const char *data
+    Py_ssize_t size
+
+
+cdef object _view(object value, Text *text):
+    """Point `text` at the UTF-8 bytes of `value` (a str; a false value reads as empty, as in record.py) and return
+    the object owning them, to be kept alive while `text` is used. An ASCII str is its own UTF-8: no copy."""
+    cdef object encoded
+    if type(value) is str and PyUnicode_IS_COMPACT_ASCII(value):
+        text.data = PyUnicode_AsUTF8AndSize(value, &text.size)
+        return value
+    if not value:
+        text.data = NULL
+        text.size = 0
+        return None
+    encoded = value.encode("utf-8", "surrogatepass")
+    text.data = PyBytes_AS_STRING(encoded)
+    text.size = len(<bytes>encoded)
+    return encoded
+
+
+cdef inline unsigned char *_put_text(unsigned char *p, Text *text) noexcept:
+    if text.size:
+        memcpy(p, text.data, text.size)
+    return p + text.size
 
 
 cdef inline void _too_large(str field, object value) except *:
@@ -182,9 +200,9 @@ cdef unsigned char *_put_strings(unsigned char *p, list encoded):
     return p
 
 
-cdef object _encode(object out, object message, object store_ts_obj, object destinations, bint whole):
-    """One record: appended to `out` as three pieces (out a list; returns the length) or returned as one bytes
-    object (`whole`)."""
+cdef object _encode(list out, object message, object store_ts_obj, object destinations, bint whole):
+    """One record: appended to `out` as three pieces (returns the length) or returned as one bytes object
+    (`whole`)."""
     cdef Py_buffer body_view
     cdef Py_ssize_t head_len, length, body_len, dest_count, i
     cdef uint32_t flags, crc
@@ -193,17 +211,18 @@ cdef object _encode(object out, object message, object store_ts_obj, object dest
     cdef uint64_t queue_offset
     cdef unsigned char *base
     cdef unsigned char *p
-    cdef bytes encoded, record
+    cdef bytes record
     cdef list keys = None
     cdef list props = None
-    cdef list dest_names
     cdef Py_ssize_t keys_len = 0, props_len = 0
     cdef bint copy_body
+    cdef Text topic, subject, tag, group, name
 
-    topic = _name_bytes(message.topic)
-    subject = _text(message.subject)
-    tag = _text(message.tag)
-    group = _text(message.group)
+    # the owners keep the views' bytes alive until the record is written
+    topic_owner = _view(message.topic, &topic)
+    subject_owner = _view(message.subject, &subject)
+    tag_owner = _view(message.tag, &tag)
+    group_owner = _view(message.group, &group)
     if message.keys:
         keys = _strings(message.keys)
         keys_len = _strings_len(keys)
@@ -214,8 +233,6 @@ cdef object _encode(object out, object message, object store_ts_obj, object dest
             props.append(k.encode("utf-8", "surrogatepass"))
             props.append(v.encode("utf-8", "surrogatepass"))
         props_len = _strings_len(props)
-    dest_count = len(destinations)
-    dest_names = [_name_bytes(d[0]) for d in destinations]
     try:
         flags = message.flags
         born_ts = message.born_ts
@@ -224,25 +241,27 @@ cdef object _encode(object out, object message, object store_ts_obj, object dest
         expires_at = message.expires_at
     except (OverflowError, TypeError) as exc:
         raise MessageTooLarge(f"a message field does not fit its length field in the record: {exc}") from None
-    if len(topic) > U16_MAX:
-        _too_large("topic", len(topic))
-    if len(subject) > U16_MAX:
-        _too_large("subject", len(subject))
-    if len(tag) > U16_MAX:
-        _too_large("tag", len(tag))
-    if len(group) > U16_MAX:
-        _too_large("group", len(group))
+    if topic.size > U16_MAX:
+        _too_large("topic", topic.size)
+    if subject.size > U16_MAX:
+        _too_large("subject", subject.size)
+    if tag.size > U16_MAX:
+        _too_large("tag", tag.size)
+    if group.size > U16_MAX:
+        _too_large("group", group.size)
     if keys_len > U32_MAX:
         _too_large("keys", keys_len)
     if props_len > U32_MAX:
         _too_large("properties", props_len)
+    dest_count = len(destinations)
     if dest_count > U16_MAX:
         _too_large("destinations", dest_count)
-    head_len = HEADER_SIZE + len(topic) + len(subject) + len(tag) + len(group) + keys_len + props_len
-    for encoded in dest_names:
-        if len(encoded) > U16_MAX:
-            _too_large("destination topic", len(encoded))
-        head_len += DEST_SIZE + len(encoded)
+    head_len = HEADER_SIZE + topic.size + subject.size + tag.size + group.size + keys_len + props_len
+    for destination in destinations:
+        _view(destination[0], &name)  # destinations outlive this call: a view of an ASCII name stays valid
+        if name.size > U16_MAX:
+            _too_large("destination topic", name.size)
+        head_len += DEST_SIZE + name.size
 
     body = message.body
     PyObject_GetBuffer(body, &body_view, PyBUF_SIMPLE)
@@ -264,35 +283,34 @@ cdef object _encode(object out, object message, object store_ts_obj, object dest
         p = _put64(p, <uint64_t>store_ts)
         p = _put64(p, <uint64_t>deliver_at)
         p = _put64(p, <uint64_t>expires_at)
-        p = _put16(p, <uint32_t>len(topic))
-        p = _put16(p, <uint32_t>len(subject))
-        p = _put16(p, <uint32_t>len(tag))
-        p = _put16(p, <uint32_t>len(group))
+        p = _put16(p, <uint32_t>topic.size)
+        p = _put16(p, <uint32_t>subject.size)
+        p = _put16(p, <uint32_t>tag.size)
+        p = _put16(p, <uint32_t>group.size)
         p = _put32(p, <uint32_t>keys_len)
         p = _put32(p, <uint32_t>props_len)
         p = _put16(p, <uint32_t>dest_count)
         p = _put32(p, <uint32_t>body_len)
-        p = _put_bytes(p, topic)
-        p = _put_bytes(p, subject)
-        p = _put_bytes(p, tag)
-        p = _put_bytes(p, group)
+        p = _put_text(p, &topic)
+        p = _put_text(p, &subject)
+        p = _put_text(p, &tag)
+        p = _put_text(p, &group)
         if keys is not None:
             p = _put_strings(p, keys)
         if props is not None:
             p = _put_strings(p, props)
-        for i in range(dest_count):
-            destination = destinations[i]
-            encoded = dest_names[i]
+        for destination in destinations:
+            name_owner = _view(destination[0], &name)
             try:
                 queue_id = destination[1]
                 queue_offset = destination[2]
             except (OverflowError, TypeError) as exc:
                 raise MessageTooLarge(
                     f"a message field does not fit its length field in the record: {exc}") from None
-            p = _put16(p, <uint32_t>len(encoded))
+            p = _put16(p, <uint32_t>name.size)
             p = _put32(p, queue_id)
             p = _put64(p, queue_offset)
-            p = _put_bytes(p, encoded)
+            p = _put_text(p, &name)
         if copy_body:
             if body_len:
                 memcpy(p, body_view.buf, body_len)
@@ -305,11 +323,10 @@ cdef object _encode(object out, object message, object store_ts_obj, object dest
         PyBuffer_Release(&body_view)
     if whole:
         return record
-    if copy_body:
-        out += (record, b"", b"")
-    else:
-        # a large body is not copied: the write joins it straight from the message
-        out += (record, body, b"")
+    out.append(record)
+    # a large body is not copied: the write joins it straight from the message
+    out.append(b"" if copy_body else body)
+    out.append(b"")
     return length
 
 
