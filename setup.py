@@ -56,7 +56,8 @@ def extensions() -> list[Extension]:
     except ImportError:
         _notice("Cython is not installed")
         return []
-    modules = [Extension(name, [source], include_dirs=["core/storage"]) for name, source in SOURCES.items()]
+    modules = [Extension(name, [source], include_dirs=["core/storage"], depends=["core/storage/_crc32c.h"])
+               for name, source in SOURCES.items()]
     return cythonize(modules, language_level=3, quiet=True)
 
 

@@ -323,10 +323,15 @@ cdef object _encode(list out, object message, object store_ts_obj, object destin
         PyBuffer_Release(&body_view)
     if whole:
         return record
-    out.append(record)
-    # a large body is not copied: the write joins it straight from the message
-    out.append(b"" if copy_body else body)
-    out.append(b"")
+    if copy_body:
+        out.append(record)
+        out.append(b"")
+        out.append(b"")
+    else:
+        # as record.py: prefix, head, and the body itself (not copied: the write joins it straight from the message)
+        out.append(record[:PREFIX_SIZE])
+        out.append(record[PREFIX_SIZE:])
+        out.append(body)
     return length
 
 
@@ -337,8 +342,8 @@ def encode_record(message, store_ts, destinations) -> bytes:
 
 def encode_record_parts(list out, message, store_ts, destinations) -> int:
     """record.encode_record_parts: append the record to `out` as three pieces whose concatenation is exactly
-    `encode_record`'s result (here: the whole record and two empty pieces, or prefix + head, the body itself and
-    an empty piece for a body over 4 KiB); return its length."""
+    `encode_record`'s result (here: the whole record and two empty pieces; for a body over 4 KiB prefix, head and
+    the body object itself, as record.py does); return its length."""
     return _encode(out, message, store_ts, destinations, False)
 
 

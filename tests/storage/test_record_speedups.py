@@ -234,3 +234,14 @@ def test_crc32c_matches_the_crc32c_package(data: bytes, value: int) -> None:
     """Both CRC32C paths (SSE4.2 where the CPU has it, tables elsewhere) equal crc32c(data, value)."""
     assert speedups.crc32c(data, value) == crc32c(data, value)
     assert speedups.crc32c_software(data, value) == crc32c(data, value)
+
+
+@needs_extension
+@pytest.mark.parametrize("body", [b"y" * 5000, bytearray(b"z" * 70000)])
+def test_large_body_is_handed_on_uncopied_in_both(body) -> None:
+    """Over 4 KiB the pieces are prefix, head and the body object itself (no copy) in both variants."""
+    message = Message(topic="t", body=body, subject="s")
+    for encode_parts in (speedups.encode_record_parts, record.py_encode_record_parts):
+        out: list = []
+        encode_parts(out, message, 1, [("t", 0, 0)])
+        assert out[2] is body and len(out[0]) == record.PREFIX_SIZE
