@@ -12,7 +12,8 @@ ENSURE_BUILD_DEPS = { $(BUILD_DEPS_CHECK); } || { [ "$$(id -u)" = 0 ] && command
 ACCELERATOR_SOURCES := setup.py core/storage/_record_speedups.pyx core/storage/_crc32c.h
 # The storage tests run a second time against the pure-Python twins of the accelerated functions.
 PURE_PYTHON_TESTS := tests/storage/test_storage_record.py tests/storage/test_append_fast.py \
-	tests/storage/test_storage_queueindex.py tests/storage/test_storage_recovery.py tests/storage/test_record_speedups.py
+	tests/storage/test_storage_queueindex.py tests/storage/test_storage_recovery.py tests/storage/test_large_records.py \
+	tests/storage/test_record_speedups.py
 
 .PHONY: run test lint bench clean
 
