@@ -62,6 +62,7 @@ from tidegate.core.security.limits import (
 )
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
+from tidegate.core.storage import accelerator
 from tidegate.core.storage.encryption import load_keyring
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
@@ -331,7 +332,8 @@ class TidegateProcess(Service):
         self._index_flush.clock = self.reactor
         self._index_flush.start(INDEX_FLUSH_S, now=False)
         self.reactor_lag.start()
-        log.info("tidegate is ready (data_dir=%s, flush=%s)", self.data_dir, self.config.storage.flush)
+        log.info("tidegate is ready (data_dir=%s, flush=%s, %s)", self.data_dir, self.config.storage.flush,
+                 accelerator.describe())
 
     async def _stop(self) -> None:
         if self.started is not None and not self.started.called:

@@ -183,7 +183,10 @@ def run_version(args: argparse.Namespace) -> int:
 
     import twisted
 
-    print(f"tidegate {package_version()} (Python {platform.python_version()}, Twisted {twisted.__version__})")
+    from tidegate.core.storage import accelerator
+
+    print(f"tidegate {package_version()} (Python {platform.python_version()}, Twisted {twisted.__version__}; "
+          f"{accelerator.describe()})")
     return EXIT_OK
 
 

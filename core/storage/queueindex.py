@@ -25,6 +25,7 @@ from crc32c import crc32c
 
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
+from tidegate.core.storage.accelerator import load_extension
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import (
     DATA_FILE_MODE,
@@ -42,6 +43,25 @@ ENTRY_SIZE = ENTRY.size
 entry_pack = ENTRY.pack
 HOLE = entry_pack(0, 0, 0)
 LOW_WATER = struct.Struct("<QI")  # first kept queue offset, crc32c of those 8 bytes
+
+
+def py_index_entries(raw: bytes, first_offset: int) -> list[IndexEntry]:
+    """An IndexEntry per packed entry of `raw` (queue offsets from `first_offset` on) that is not a hole."""
+    new = tuple.__new__  # IndexEntry(...) without NamedTuple's Python-level __new__ (delivery reads every entry)
+    return [
+        new(IndexEntry, (first_offset + i, commit, size, tag))
+        for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(raw))
+        if size
+    ]
+
+
+py_entry_pack = entry_pack
+index_entries = py_index_entries
+# Compiled twins (core/storage/_record_speedups.pyx) unless TIDEGATE_NO_EXTENSIONS is set or they were not built.
+_speedups = load_extension("tidegate.core.storage._record_speedups")
+if _speedups is not None:
+    entry_pack = _speedups.entry_pack
+    index_entries = _speedups.index_entries
 
 
 class IndexFiles:
@@ -263,12 +283,7 @@ class QueueIndex:
         end = min(self.max_offset, offset + max(0, max_entries))
         if end <= offset:
             return []
-        new = tuple.__new__  # IndexEntry(...) without NamedTuple's Python-level __new__ (delivery reads every entry)
-        return [
-            new(IndexEntry, (offset + i, commit, size, tag))
-            for i, (commit, size, tag) in enumerate(ENTRY.iter_unpack(self._raw(offset, end)))
-            if size
-        ]
+        return index_entries(self._raw(offset, end), offset)
 
     def _first_where(self, lo: int, hi: int, predicate: Callable[[tuple[int, int, int]], bool]) -> int:
         """First offset in [lo, hi) whose entry satisfies a monotone predicate (hi if none)."""

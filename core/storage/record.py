@@ -41,6 +41,7 @@ from crc32c import crc32c
 
 from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge
 from tidegate.core.model import Message
+from tidegate.core.storage.accelerator import load_extension
 
 MESSAGE_MAGIC = 0x314D4754  # b"TGM1"
 FILLER_MAGIC = 0x46464754  # b"TGFF"
@@ -286,7 +287,7 @@ def decode_record(buf: bytes, verify: bool = True) -> DecodedRecord:
     that delivers messages must verify (an encrypted record then raises SealedRecord).
     """
     if verify:
-        magic, length = check_record(buf)
+        magic, length = py_check_record(buf)
         if magic != MESSAGE_MAGIC:
             if magic == ENCRYPTED_MAGIC:
                 raise SealedRecord("the record is encrypted and the store has no encryption key")
@@ -367,3 +368,20 @@ def find_by_id(read_message: Callable[[int], Message], msg_id: str) -> Message:
     if (message.store_ts // 1000) & 0xFFFFFFFF != seconds:
         raise MessageNotFound(f"no message with id {msg_id}")
     return message
+
+
+# The pure-Python functions above stay importable under these names whichever variant is bound to the public ones.
+py_encode_record = encode_record
+py_encode_record_parts = encode_record_parts
+py_check_record = check_record
+py_decode_record = decode_record
+
+# The compiled twins (core/storage/_record_speedups.pyx, same bytes and exceptions) unless TIDEGATE_NO_EXTENSIONS
+# is set or the extension was not built: see core/storage/accelerator.py.
+_speedups = load_extension("tidegate.core.storage._record_speedups")
+if _speedups is not None:
+    _speedups.bind(DecodedRecord, TornRecord, SealedRecord)
+    encode_record = _speedups.encode_record  # noqa: F811
+    encode_record_parts = _speedups.encode_record_parts  # noqa: F811
+    check_record = _speedups.check_record  # noqa: F811
+    decode_record = _speedups.decode_record  # noqa: F811

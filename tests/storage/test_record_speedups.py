@@ -1,0 +1,247 @@
+"""The optional compiled accelerator (core/storage/_record_speedups.pyx) against its pure-Python twins in record.py and
+queueindex.py: same bytes, same results, same exception types, on random messages, records and damaged records.
+
+The comparisons skip when the extension was not built (no C compiler at install time), except under CI=true on a
+machine with a C compiler, where a missing extension fails. `make test` runs this file a second time with
+TIDEGATE_NO_EXTENSIONS=1, so every other storage test also runs against the pure-Python code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+from crc32c import crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tidegate.core.errors import CorruptRecord, MessageTooLarge
+from tidegate.core.model import Message
+from tidegate.core.storage import queueindex, record
+from tidegate.core.storage.accelerator import ENV_VAR, extensions_disabled
+
+EXTENSION = "tidegate.core.storage._record_speedups"
+
+
+def _load() -> ModuleType | None:
+    try:
+        module = importlib.import_module(EXTENSION)
+    except ImportError:
+        return None
+    module.bind(record.DecodedRecord, record.TornRecord, record.SealedRecord)  # record.py skips this when disabled
+    return module
+
+
+speedups = _load()
+# Under TIDEGATE_NO_EXTENSIONS the comparisons already ran in the run without it (make test runs both).
+needs_extension = pytest.mark.skipif(
+    speedups is None or extensions_disabled(),
+    reason="compiled accelerator not built (no C compiler?)" if speedups is None else f"{ENV_VAR} is set")
+
+
+def test_extension_is_built_in_ci_when_a_compiler_is_present() -> None:
+    """Under CI=true with a C compiler on PATH the install must have built the accelerator (no silent fallback)."""
+    if os.environ.get("CI") != "true" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("only enforced under CI=true with a C compiler")
+    assert speedups is not None, "CI has a C compiler but the accelerator was not built: see the pip install output"
+
+
+def test_public_names_follow_the_environment_switch() -> None:
+    """record.py and queueindex.py bind the compiled functions unless TIDEGATE_NO_EXTENSIONS is set."""
+    compiled = speedups is not None and not extensions_disabled()
+    assert (record.encode_record_parts is not record.py_encode_record_parts) == compiled
+    assert (record.decode_record is not record.py_decode_record) == compiled
+    assert (queueindex.index_entries is not queueindex.py_index_entries) == compiled
+
+
+@pytest.mark.skipif(speedups is None, reason="compiled accelerator not built (no C compiler?)")
+def test_environment_switch_selects_pure_python_in_a_fresh_interpreter() -> None:
+    """TIDEGATE_NO_EXTENSIONS=1 gives the pure functions and says so in the variant description."""
+    code = ("from tidegate.core.storage import record, accelerator; "
+            "print(record.encode_record is record.py_encode_record, accelerator.describe())")
+    for value, pure in (("1", True), ("0", False)):
+        env = {**os.environ, ENV_VAR: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split(" ", 1)[0] == str(pure)
+        assert ("pure Python" in out.stdout) == pure
+
+
+_text = st.text(max_size=12)  # includes lone surrogates: records carry them with surrogatepass
+_u32 = st.integers(0, 2**32 - 1)
+_i64 = st.integers(-(2**63), 2**63 - 1)
+_destinations = st.lists(st.tuples(_text, _u32, st.integers(0, 2**64 - 1)), max_size=4)
+
+
+def _random_bytes(min_size: int, max_size: int) -> st.SearchStrategy[bytes]:
+    """Large random payloads, cheaper to draw than st.binary of that size (the bytes themselves do not matter)."""
+    return st.tuples(st.integers(min_size, max_size), st.integers(0, 2**32)).map(
+        lambda size_seed: random.Random(size_seed[1]).randbytes(size_seed[0]))
+
+
+# small bodies (copied next to their head), around the 4 KiB switch, and large ones (not copied; a bytearray too)
+_bodies = st.one_of(st.binary(max_size=300), _random_bytes(4090, 4100), _random_bytes(5000, 70000).map(bytearray))
+_messages = st.builds(
+    Message, topic=_text, body=_bodies, subject=st.one_of(st.just(""), _text), tag=st.one_of(st.just(""), _text),
+    keys=st.lists(_text, max_size=3).map(tuple), properties=st.dictionaries(_text, _text, max_size=3),
+    born_ts=_i64, deliver_at=_i64, expires_at=_i64, group=st.one_of(st.just(""), _text), flags=_u32,
+)
+_plain_messages = st.builds(Message, topic=_text, body=_bodies, born_ts=_i64, flags=_u32,
+                            subject=st.one_of(st.just(""), _text))
+
+
+def _fields(decoded: record.DecodedRecord) -> tuple:
+    m = decoded.message
+    return (m.topic, bytes(m.body), m.subject, m.tag, m.keys, m.properties, m.born_ts, m.deliver_at, m.expires_at,
+            m.group, m.flags, m.store_ts, decoded.destinations, decoded.size)
+
+
+def _outcome(function, *args) -> tuple:
+    """('ok', result) or ('raised', exception type) — what both variants must agree on."""
+    try:
+        return ("ok", function(*args))
+    except (CorruptRecord, MessageTooLarge, ValueError) as exc:
+        return ("raised", type(exc))
+
+
+@needs_extension
+@settings(max_examples=300, deadline=None)
+@given(message=st.one_of(_messages, _plain_messages), store_ts=_i64, destinations=_destinations)
+def test_compiled_encoding_is_byte_identical(message: Message, store_ts: int, destinations: list) -> None:
+    """encode_record and encode_record_parts: the same record bytes and length as the pure-Python encoder."""
+    expected = record.py_encode_record(message, store_ts, destinations)
+    assert speedups.encode_record(message, store_ts, destinations) == expected
+    pure_out: list = [b"x"]
+    compiled_out: list = [b"x"]
+    pure_len = record.py_encode_record_parts(pure_out, message, store_ts, destinations)
+    compiled_len = speedups.encode_record_parts(compiled_out, message, store_ts, destinations)
+    assert len(compiled_out) == len(pure_out) == 4  # three pieces per record, as CommitLog.append_parts expects
+    assert b"".join(compiled_out[1:]) == b"".join(pure_out[1:]) == expected
+    assert compiled_len == pure_len == len(expected)
+
+
+@needs_extension
+@settings(max_examples=300, deadline=None)
+@given(message=_messages, store_ts=_i64, destinations=_destinations)
+def test_compiled_decoding_matches_pure(message: Message, store_ts: int, destinations: list) -> None:
+    """decode_record (verified and not) and check_record give the same message, destinations and size."""
+    data = record.py_encode_record(message, store_ts, destinations)
+    for verify in (True, False):
+        assert _fields(speedups.decode_record(data, verify)) == _fields(record.py_decode_record(data, verify))
+    framed = b"\0" * 7 + data + b"tail"
+    assert speedups.check_record(framed, 7) == record.py_check_record(framed, 7)
+
+
+@needs_extension
+@settings(max_examples=400, deadline=None)
+@given(message=st.builds(Message, topic=_text, body=st.binary(max_size=64), subject=_text, tag=_text,
+                         keys=st.lists(_text, max_size=3).map(tuple),
+                         properties=st.dictionaries(_text, _text, max_size=3)),
+       destinations=_destinations, data=st.data())
+def test_damaged_records_are_refused_alike(message: Message, destinations: list, data: st.DataObject) -> None:
+    """Flipped bytes, truncation and a CRC re-stamped over damage: both variants accept or raise the same type."""
+    good = bytearray(record.py_encode_record(message, 1, destinations))
+    damaged = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(damaged)))
+    damaged = damaged[:cut] if data.draw(st.booleans()) else damaged
+    if data.draw(st.booleans()) and len(damaged) >= record.PREFIX_SIZE:
+        # keep the CRC right so the decoder's own field checks are what is compared
+        struct.pack_into("<I", damaged, 8, crc32c(bytes(damaged[record.PREFIX_SIZE:])))
+    blob = bytes(damaged)
+    assert _outcome(speedups.check_record, blob) == _outcome(record.py_check_record, blob)
+    for verify in (True, False):
+        compiled = _outcome(speedups.decode_record, blob, verify)
+        pure = _outcome(record.py_decode_record, blob, verify)
+        if compiled[0] == "ok" and pure[0] == "ok":
+            assert _fields(compiled[1]) == _fields(pure[1])
+        else:
+            assert compiled[0] == pure[0] == "raised"
+            assert issubclass(compiled[1], CorruptRecord) and issubclass(pure[1], CorruptRecord)
+            assert compiled[1] is pure[1] or not verify  # verified: the very same class (torn, sealed, corrupt)
+
+
+@needs_extension
+@pytest.mark.parametrize("blob", [
+    record.encode_filler(4096, 123),
+    record.encode_filler(4096, 123)[:15],
+    record.encode_filler(10, 123),
+    b"\x10\0\0\0TGE1" + b"\0" * 60,
+    b"\0" * 11,
+])
+def test_fillers_and_odd_prefixes_are_checked_alike(blob: bytes) -> None:
+    """Fillers (whole, torn, too short a length), encrypted magics and short prefixes: same outcome."""
+    assert _outcome(speedups.check_record, blob) == _outcome(record.py_check_record, blob)
+
+
+@needs_extension
+def test_sealed_record_is_refused_with_sealed_record() -> None:
+    """An encrypted record reaching the compiled decoder raises SealedRecord as the pure one does."""
+    data = bytearray(record.py_encode_record(Message(topic="t", body=b"b"), 1, [("t", 0, 0)]))
+    struct.pack_into("<I", data, 4, record.ENCRYPTED_MAGIC)
+    with pytest.raises(record.SealedRecord):
+        speedups.decode_record(bytes(data))
+
+
+@needs_extension
+@pytest.mark.parametrize("message, destinations", [
+    (Message(topic="t", body=b"x", flags=2**32), (("t", 0, 0),)),
+    (Message(topic="t", body=b"x", flags=-1), (("t", 0, 0),)),
+    (Message(topic="t", body=b"x", born_ts=2**63), ()),
+    (Message(topic="t", body=b"x", subject="s" * 70000), (("t", 0, 0),)),
+    (Message(topic="t", body=b"x", tag="g" * 70000), ()),
+    (Message(topic="t", body=b"x"), (("d" * 70000, 0, 0),)),
+    (Message(topic="t", body=b"x"), (("t", 2**32, 0),)),
+    (Message(topic="t", body=b"x"), (("t", 0, -1),)),
+    (Message(topic="t", body=b"x"), [("t", 0, 0)] * 70000),
+])
+def test_oversized_fields_raise_message_too_large_in_both(message: Message, destinations) -> None:
+    """A field that does not fit its length field is MessageTooLarge in both variants, and nothing is appended."""
+    for encode_parts in (speedups.encode_record_parts, record.py_encode_record_parts):
+        out: list = []
+        with pytest.raises(MessageTooLarge):
+            encode_parts(out, message, 1, destinations)
+        assert out == []
+    with pytest.raises(MessageTooLarge):
+        speedups.encode_record(message, 1, destinations)
+
+
+@needs_extension
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, 2**64 - 1), _u32, st.integers(0, 2**64 - 1)), max_size=20),
+       first=st.integers(0, 2**40))
+def test_index_entries_pack_and_read_alike(entries: list, first: int) -> None:
+    """entry_pack gives ENTRY.pack's 20 bytes; index_entries gives QueueIndex.read's entries, holes left out."""
+    packed = b"".join(speedups.entry_pack(*entry) for entry in entries)
+    assert packed == b"".join(queueindex.py_entry_pack(*entry) for entry in entries)
+    assert speedups.index_entries(packed, first) == queueindex.py_index_entries(packed, first)
+    assert all(type(e) is type(p) for e, p in zip(speedups.index_entries(packed, first),
+                                                 queueindex.py_index_entries(packed, first), strict=True))
+
+
+@needs_extension
+@settings(max_examples=200, deadline=None)
+@given(data=st.one_of(st.binary(max_size=200), _random_bytes(4000, 70000)), value=_u32)
+def test_crc32c_matches_the_crc32c_package(data: bytes, value: int) -> None:
+    """Both CRC32C paths (SSE4.2 where the CPU has it, tables elsewhere) equal crc32c(data, value)."""
+    assert speedups.crc32c(data, value) == crc32c(data, value)
+    assert speedups.crc32c_software(data, value) == crc32c(data, value)
+
+
+@needs_extension
+@pytest.mark.parametrize("body", [b"y" * 5000, bytearray(b"z" * 70000)])
+def test_large_body_is_handed_on_uncopied_in_both(body) -> None:
+    """Over 4 KiB the pieces are prefix, head and the body object itself (no copy) in both variants."""
+    message = Message(topic="t", body=body, subject="s")
+    for encode_parts in (speedups.encode_record_parts, record.py_encode_record_parts):
+        out: list = []
+        encode_parts(out, message, 1, [("t", 0, 0)])
+        assert out[2] is body and len(out[0]) == record.PREFIX_SIZE
