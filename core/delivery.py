@@ -42,6 +42,10 @@ from tidegate.core.visibility import Visibility
 
 log = logging.getLogger("tidegate.broker")
 
+
+def _member_id(sub: Subscription) -> str:
+    return sub.member_id
+
 WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the network
 
 
@@ -77,19 +81,26 @@ class Delivery:
         sub = Subscription(self, state, topic, sink, client_id, f"{client_id}#{self._member_seq:08d}", tag_filter,
                            invisible_ms, max_attempts)
         offsets = self._offsets.of(sub.progress_key)
-        for q in self._topics.queues_of(topic):
+        queues = self._topics.queues_of(topic)
+        for q in queues:
             if q not in offsets:
                 self._offsets.init(sub.progress_key, q, self._visibility.position_for(q, start))
         self._offsets.schedule_flush()
         state.members.setdefault(topic, []).append(sub)
-        self.assign(state, topic)
+        self.assign(state, topic, queues)
         return sub
 
-    def assign(self, state: GroupState, topic: str) -> None:
-        """(Re)compute which queues each member of `state` on `topic` reads, and tell the members that changed."""
-        subs = sorted(state.members.get(topic, []), key=lambda s: s.member_id)
-        queues = self._topics.queues_of(topic)
-        if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
+    def assign(self, state: GroupState, topic: str, queues: list[QueueRef] | None = None) -> None:
+        """(Re)compute which queues each member of `state` on `topic` reads, and tell the members that changed;
+        `queues` are the topic's queues when the caller has them already."""
+        subs = state.members.get(topic, [])
+        if len(subs) > 1:
+            subs = sorted(subs, key=_member_id)
+        if queues is None:
+            queues = self._topics.queues_of(topic)
+        if len(subs) == 1:
+            plan = {subs[0].member_id: queues}  # a sole member reads every queue, whatever the mode
+        elif state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
             plan = allocate_averagely(queues, [s.member_id for s in subs])
         else:
             plan = {s.member_id: list(queues) for s in subs}
@@ -98,9 +109,13 @@ class Delivery:
             new = plan[sub.member_id]
             if new == sub.assigned:
                 continue
-            old = set(sub.assigned)
-            self._visibility.unwatch(sub, [q for q in sub.assigned if q not in new])
-            self._visibility.watch(sub, [q for q in new if q not in old])
+            if sub.assigned:
+                old = set(sub.assigned)
+                self._visibility.unwatch(sub, [q for q in sub.assigned if q not in new])
+                self._visibility.watch(sub, [q for q in new if q not in old])
+            else:  # a new member (every resumed session): nothing to unwatch
+                old = set()
+                self._visibility.watch(sub, new)
             if state.ack is AckMode.OFFSET:
                 committed = self._offsets.of(sub.progress_key)
                 sub.positions = {q: sub.positions[q] if q in old else committed.get(q, visible_max(q))
