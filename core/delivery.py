@@ -65,6 +65,9 @@ class Delivery:
         self.acks = MessageAcks(store, clock, config, metrics, topics, visibility, reader, offsets, groups, publish,
                                 self.wake_group)
         self._wake_pending: dict[Subscription, None] = {}
+        # MESSAGE-mode members not pumped yet: their first pump is skipped when nothing waits for them (every
+        # resumed session with an empty queue in a reconnect storm), see `_nothing_to_pop`
+        self._first_pump: dict[Subscription, None] = {}
         self._wake_call: IDelayedCall | None = None
         self._member_seq = 0
         self._closed = False
@@ -87,6 +90,8 @@ class Delivery:
                 self._offsets.init(sub.progress_key, q, self._visibility.position_for(q, start))
         self._offsets.schedule_flush()
         state.members.setdefault(topic, []).append(sub)
+        if state.ack is AckMode.MESSAGE:
+            self._first_pump[sub] = None
         self.assign(state, topic, queues)
         return sub
 
@@ -150,6 +155,7 @@ class Delivery:
             state.members.pop(sub.topic, None)
         self._visibility.unwatch(sub, sub.assigned)
         self._wake_pending.pop(sub, None)
+        self._first_pump.pop(sub, None)
         released = self.acks.release(sub)
         sub.assigned = []
         if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
@@ -199,6 +205,7 @@ class Delivery:
         # sinks) is pumped again in the same turn, a bounded number of times: otherwise it would get one credit's
         # worth per reactor turn while a publisher fills the queue much faster.
         self._wake_call = None
+        first_pump = self._first_pump
         for _ in range(WAKE_ROUNDS_PER_TURN):
             pending, self._wake_pending = self._wake_pending, {}
             if not pending:
@@ -208,7 +215,7 @@ class Delivery:
                     try:
                         if sub.state.ack is AckMode.OFFSET:
                             self._pump_offset(sub)
-                        else:
+                        elif not first_pump or sub not in first_pump or not self._nothing_to_pop(sub):
                             self._pump_pop(sub)
                     except TidegateError as exc:
                         log.warning("delivery to %s stopped: %s", sub, exc)
@@ -298,6 +305,20 @@ class Delivery:
                 return sub.credit  # not started yet: no estimate, take what credit allows
             waiting += len(pq.ready) + max(0, self._visibility.visible_max(q) - pq.next_fetch)
         return min(sub.credit, max(1, -(-waiting // rivals)))
+
+    def _nothing_to_pop(self, sub: Subscription) -> bool:
+        """The first wake-up of a new MESSAGE-mode member (taken off `_first_pump`): whether its pump would hand
+        out nothing and change nothing but its cursor, because no redelivery waits and every queue is consumed up
+        to its visible end. Then only the cursor moves, as the pump would move it."""
+        del self._first_pump[sub]
+        state, key = sub.state, sub.progress_key
+        pop_queue, visible_max = self.acks.pop_queue, self._visibility.visible_max
+        for q in sub.assigned:
+            pq = pop_queue(key, state, q)  # made here as the pump would make it (`_fair_share` reads it)
+            if pq.ready or pq.next_fetch < visible_max(q):
+                return False
+        sub.cursor = (sub.cursor + 1) % max(1, len(sub.assigned))
+        return True
 
     def _pump_pop(self, sub: Subscription) -> None:
         out: list[Delivered] = []
