@@ -42,6 +42,10 @@ from tidegate.core.visibility import Visibility
 
 log = logging.getLogger("tidegate.broker")
 
+
+def _member_id(sub: Subscription) -> str:
+    return sub.member_id
+
 WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the network
 
 
@@ -61,6 +65,9 @@ class Delivery:
         self.acks = MessageAcks(store, clock, config, metrics, topics, visibility, reader, offsets, groups, publish,
                                 self.wake_group)
         self._wake_pending: dict[Subscription, None] = {}
+        # MESSAGE-mode members not pumped yet: their first pump is skipped when nothing waits for them (every
+        # resumed session with an empty queue in a reconnect storm), see `_nothing_to_pop`
+        self._first_pump: dict[Subscription, None] = {}
         self._wake_call: IDelayedCall | None = None
         self._member_seq = 0
         self._closed = False
@@ -77,19 +84,28 @@ class Delivery:
         sub = Subscription(self, state, topic, sink, client_id, f"{client_id}#{self._member_seq:08d}", tag_filter,
                            invisible_ms, max_attempts)
         offsets = self._offsets.of(sub.progress_key)
-        for q in self._topics.queues_of(topic):
+        queues = self._topics.queues_of(topic)
+        for q in queues:
             if q not in offsets:
                 self._offsets.init(sub.progress_key, q, self._visibility.position_for(q, start))
         self._offsets.schedule_flush()
         state.members.setdefault(topic, []).append(sub)
-        self.assign(state, topic)
+        if state.ack is AckMode.MESSAGE:
+            self._first_pump[sub] = None
+        self.assign(state, topic, queues)
         return sub
 
-    def assign(self, state: GroupState, topic: str) -> None:
-        """(Re)compute which queues each member of `state` on `topic` reads, and tell the members that changed."""
-        subs = sorted(state.members.get(topic, []), key=lambda s: s.member_id)
-        queues = self._topics.queues_of(topic)
-        if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
+    def assign(self, state: GroupState, topic: str, queues: list[QueueRef] | None = None) -> None:
+        """(Re)compute which queues each member of `state` on `topic` reads, and tell the members that changed;
+        `queues` are the topic's queues when the caller has them already."""
+        subs = state.members.get(topic, [])
+        if len(subs) > 1:
+            subs = sorted(subs, key=_member_id)
+        if queues is None:
+            queues = self._topics.queues_of(topic)
+        if len(subs) == 1:
+            plan = {subs[0].member_id: queues}  # a sole member reads every queue, whatever the mode
+        elif state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
             plan = allocate_averagely(queues, [s.member_id for s in subs])
         else:
             plan = {s.member_id: list(queues) for s in subs}
@@ -98,9 +114,13 @@ class Delivery:
             new = plan[sub.member_id]
             if new == sub.assigned:
                 continue
-            old = set(sub.assigned)
-            self._visibility.unwatch(sub, [q for q in sub.assigned if q not in new])
-            self._visibility.watch(sub, [q for q in new if q not in old])
+            if sub.assigned:
+                old = set(sub.assigned)
+                self._visibility.unwatch(sub, [q for q in sub.assigned if q not in new])
+                self._visibility.watch(sub, [q for q in new if q not in old])
+            else:  # a new member (every resumed session): nothing to unwatch
+                old = set()
+                self._visibility.watch(sub, new)
             if state.ack is AckMode.OFFSET:
                 committed = self._offsets.of(sub.progress_key)
                 sub.positions = {q: sub.positions[q] if q in old else committed.get(q, visible_max(q))
@@ -135,6 +155,7 @@ class Delivery:
             state.members.pop(sub.topic, None)
         self._visibility.unwatch(sub, sub.assigned)
         self._wake_pending.pop(sub, None)
+        self._first_pump.pop(sub, None)
         released = self.acks.release(sub)
         sub.assigned = []
         if state.ack is AckMode.OFFSET and state.mode is ConsumeMode.CLUSTERING:
@@ -184,6 +205,7 @@ class Delivery:
         # sinks) is pumped again in the same turn, a bounded number of times: otherwise it would get one credit's
         # worth per reactor turn while a publisher fills the queue much faster.
         self._wake_call = None
+        first_pump = self._first_pump
         for _ in range(WAKE_ROUNDS_PER_TURN):
             pending, self._wake_pending = self._wake_pending, {}
             if not pending:
@@ -193,7 +215,7 @@ class Delivery:
                     try:
                         if sub.state.ack is AckMode.OFFSET:
                             self._pump_offset(sub)
-                        else:
+                        elif not first_pump or sub not in first_pump or not self._nothing_to_pop(sub):
                             self._pump_pop(sub)
                     except TidegateError as exc:
                         log.warning("delivery to %s stopped: %s", sub, exc)
@@ -283,6 +305,20 @@ class Delivery:
                 return sub.credit  # not started yet: no estimate, take what credit allows
             waiting += len(pq.ready) + max(0, self._visibility.visible_max(q) - pq.next_fetch)
         return min(sub.credit, max(1, -(-waiting // rivals)))
+
+    def _nothing_to_pop(self, sub: Subscription) -> bool:
+        """The first wake-up of a new MESSAGE-mode member (taken off `_first_pump`): whether its pump would hand
+        out nothing and change nothing but its cursor, because no redelivery waits and every queue is consumed up
+        to its visible end. Then only the cursor moves, as the pump would move it."""
+        del self._first_pump[sub]
+        state, key = sub.state, sub.progress_key
+        pop_queue, visible_max = self.acks.pop_queue, self._visibility.visible_max
+        for q in sub.assigned:
+            pq = pop_queue(key, state, q)  # made here as the pump would make it (`_fair_share` reads it)
+            if pq.ready or pq.next_fetch < visible_max(q):
+                return False
+        sub.cursor = (sub.cursor + 1) % max(1, len(sub.assigned))
+        return True
 
     def _pump_pop(self, sub: Subscription) -> None:
         out: list[Delivered] = []

@@ -71,6 +71,9 @@ log = logging.getLogger("tidegate.mqtt")
 __all__ = ["MqttProtocol", "MqttServerFactory", "MqttSettings"]
 
 # 3.1.1 CONNACK has return codes only for these; other faults just close (MQTT-3.2.2-6)
+# The CONNACK accepting a 3.1/3.1.1 connection: type 2, length 2, Session Present flag, return code 0.
+_V311_CONNACK_PRESENT = b"\x20\x02\x01\x00"
+_V311_CONNACK_NEW = b"\x20\x02\x00\x00"
 _V311_CONNACK_REFUSALS = frozenset({
     ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, ReasonCode.SERVER_UNAVAILABLE,
     ReasonCode.SERVER_SHUTTING_DOWN, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD,
@@ -407,7 +410,10 @@ class MqttProtocol(AdapterConnection):
                                             negotiated.client_maximum_packet_size,
                                             negotiated.client_topic_alias_maximum)
 
-        self.send(negotiated.connack(self.settings, session_present))
+        if level == MQTT_5:
+            self.send(negotiated.connack(self.settings, session_present))
+        else:  # 3.1/3.1.1: two fixed bytes, no properties (what the codec would encode, without the packet object)
+            self.write(_V311_CONNACK_PRESENT if session_present else _V311_CONNACK_NEW)
         self.state = "connected"
         if negotiated.will is None:
             self.negotiated = None  # `_end` needs it only for the will delay: an idle connection drops 144 bytes

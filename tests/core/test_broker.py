@@ -382,3 +382,27 @@ def test_a_topic_retention_trims_only_that_topics_queues(broker, clock):
     assert [d.message.body for d in broker.pull(QueueRef("short", 0), 2).messages] == [b"new"]
     assert broker.queue_offsets(QueueRef("short", 0)) == (2, 3)
     assert [d.message.body for d in broker.pull(QueueRef("long", 0), 0).messages] == [b"kept"]
+
+
+def test_message_mode_first_wake_up_with_nothing_waiting_delivers_later_and_waiting_messages_at_once(broker, clock):
+    """A new MESSAGE-mode member whose queues are consumed to their end skips its first pump (what every resumed
+    MQTT session with an empty queue does): it still gets what is published later, and a member that joins while
+    messages (or redeliveries) wait gets them on its first wake-up."""
+    broker.create_topic("t", queues=2)
+    idle = RecordingSink()
+    broker.subscribe("idle", "t", idle, client_id="c0", ack="message", start="latest").grant(10)
+    clock.advance(0)
+    assert idle.delivered == []
+    send(broker, clock, "t", b"a", b"b")
+    clock.advance(0)
+    assert sorted(idle.bodies) == [b"a", b"b"]
+    waiting = RecordingSink()
+    first = broker.subscribe("busy", "t", waiting, client_id="c1", ack="message", start="earliest")
+    first.grant(10)
+    clock.advance(0)
+    assert sorted(waiting.bodies) == [b"a", b"b"]
+    first.close()  # both come back for the group's next member
+    again = RecordingSink()
+    broker.subscribe("busy", "t", again, client_id="c2", ack="message", start="earliest").grant(10)
+    clock.advance(0)
+    assert sorted(again.bodies) == [b"a", b"b"]
