@@ -136,6 +136,14 @@ class AdapterFactory(Factory):
         return CoreSession(self.core, self.gate, principal, source=source, listener=self.listener,
                            client_id=client_id, quota=quota)
 
+    def limit_hit(self, cause: str, *, user: str = "", source: str = "", reason: str = "") -> None:
+        """An adapter-side limit refused something: counted in `tidegate_security_limit_hits` and (with a limiter)
+        audited like the core's own limits."""
+        if self.limiter is not None:
+            self.limiter.hit(self.listener, cause, user=user, source=source, reason=reason)
+        else:
+            self.metrics.security.limit_hit(self.listener, cause)
+
     def stop(self) -> None:
         """Broker shutdown: cancel timers the adapter owns (override, and call `super().stop()`)."""
         self.idle_timers.stop()

@@ -33,6 +33,7 @@ from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.ratelimit import ClientLog, clip
 from tidegate.core.security.gate import Action, Credentials, Gate, Principal, Resource
+from tidegate.core.security.limits import SESSIONS_PER_USER
 
 from .codec import (
     MQTT_5,
@@ -382,6 +383,8 @@ class MqttProtocol(AdapterConnection):
             factory.client_log.info("sessions-quota", "mqtt %s: refused: user %s has %d sessions "
                                     "(max_sessions_per_user)", self.who(), clip(user, 100),
                                     sessions.sessions_owned(user))
+            factory.limit_hit(SESSIONS_PER_USER, user=user, source=self.source,
+                              reason="too many sessions for this user (max_sessions_per_user)")
             self._refuse(ReasonCode.QUOTA_EXCEEDED if level == MQTT_5 else ReasonCode.SERVER_UNAVAILABLE, level,
                          "too many sessions for this user")
             return

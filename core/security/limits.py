@@ -50,6 +50,7 @@ SUBSCRIPTIONS = "subscriptions"
 NO_SUBSCRIPTIONS: frozenset[Any] = frozenset()
 SCHEMA = "schema"
 TOPICS_CREATED = "topics_created"
+SESSIONS_PER_USER = "sessions_per_user"  # MQTT's max_sessions_per_user (counted by the adapter)
 CAUSES = (MESSAGE_SIZE, PROPERTY_SIZE, CONNECTIONS_PER_USER, CONNECTIONS_PER_SOURCE, CONNECTION_RATE, PUBLISH_RATE,
           PUBLISH_BANDWIDTH, SUBSCRIPTIONS, SCHEMA, TOPICS_CREATED)
 

@@ -152,6 +152,8 @@ def test_sessions_per_user_are_limited_and_answered_the_protocols_way(level, cod
     third, connack = login(env, level, "s2", "alice", clean=False, properties=persistent)
     assert connack.reason_code == code and third.closed
     assert env.factory.sessions.get("s2") is None
+    assert sum(count for (_, cause), count in env.factory.metrics.security.limit_hits.items()
+               if cause == "sessions_per_user") == 1  # tidegate_security_limit_hits{cause="sessions_per_user"}
     again, connack = login(env, level, "s0", "alice", clean=False, properties=persistent)
     assert connack.reason_code == ReasonCode.SUCCESS  # resuming an own session is not a new one
     other, connack = login(env, level, "b0", "bob")
