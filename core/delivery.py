@@ -297,6 +297,9 @@ class Delivery:
         read_index, wanted, reader = self._store.read_index, self._reader.wanted, self._reader
         # No tag filter (the common case): the message cache is asked here, without two calls per entry.
         cache = reader.cache if tag_filter.tags is None and tag_filter.hashes is None else None
+        cache_get = cache.get if cache is not None else None
+        append = out.append
+        first: Inflight | None = None
         acks = self.acks
         take, ack_offset = acks.take, acks.ack_offset
         more = False
@@ -330,29 +333,40 @@ class Delivery:
                     acks.skip_holes(key, pq, q, pq.next_fetch + window)
                     scanned += window
                     continue
-                for e in entries:
-                    if e.queue_offset >= end or budget <= 0:
-                        break
-                    offset = e.queue_offset
-                    if offset != pq.next_fetch:
-                        acks.skip_holes(key, pq, q, offset)
-                    pq.next_fetch = offset + 1
-                    scanned += 1
-                    if cache is not None:
-                        msg = cache.get(e.commit_offset) or reader.read(e)
-                        if msg.expires_at and msg.expires_at <= now:
-                            msg = None
-                    else:
-                        msg = wanted(e, tag_filter, now)
-                    if msg is None:
-                        ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
-                        continue
-                    if deadline:
-                        take(sub, state.name, key, pq, q, offset, 1, deadline)
-                    else:
-                        inflight[offset] = Inflight(1, 0.0, sub)  # take() without a timer or a redelivery
-                    out.append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
-                    budget -= 1
+                next_fetch = pq.next_fetch  # kept in a local, written back before anything else reads it
+                try:
+                    for e in entries:
+                        offset = e.queue_offset
+                        if offset >= end or budget <= 0:
+                            break
+                        if offset != next_fetch:
+                            pq.next_fetch = next_fetch
+                            acks.skip_holes(key, pq, q, offset)
+                        next_fetch = offset + 1
+                        scanned += 1
+                        if cache is not None:
+                            msg = cache_get(e.commit_offset) or reader.read(e)
+                            if msg.expires_at and msg.expires_at <= now:
+                                msg = None
+                        else:
+                            msg = wanted(e, tag_filter, now)
+                        if msg is None:
+                            pq.next_fetch = next_fetch
+                            ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
+                            continue
+                        if deadline:
+                            pq.next_fetch = next_fetch
+                            take(sub, state.name, key, pq, q, offset, 1, deadline)
+                        else:
+                            # take() without a timer or a redelivery; an Inflight is never changed once stored,
+                            # so the first deliveries of one pump share one
+                            if first is None:
+                                first = Inflight(1, 0.0, sub)
+                            inflight[offset] = first
+                        append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
+                        budget -= 1
+                finally:  # also when a read fails: that offset counts as fetched, as before
+                    pq.next_fetch = next_fetch
         sub.cursor = (sub.cursor + 1) % max(1, n)
         self._deliver(sub, out)
         if more or (limited and out and sub.credit > 0):
