@@ -18,7 +18,7 @@ from tidegate.core.errors import NoPermission, QueueNotFound, TopicNotFound
 from tidegate.core.interfaces_storage import Durability
 from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import Message, QueueRef
-from tidegate.core.reader import QueueReader
+from tidegate.core.reader import CACHE_ENTRY_OVERHEAD, QueueReader
 from tidegate.core.schema import SchemaRegistry
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
@@ -36,7 +36,7 @@ class Producer:
         self._topics = topics
         self._router = bindings.trie
         self._visibility = visibility
-        self._remember = reader.remember  # the byte-bounded cache of recent messages
+        self._reader = reader  # its byte-bounded cache of recent messages gets every published one
         self._metrics = metrics
         self._config = config
         self._now_ms = now_ms
@@ -45,6 +45,7 @@ class Producer:
         self._validators: dict[str, Callable[[Message], None]] = schemas.validators if schemas is not None else {}
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+        self._alone: dict[str, list[tuple[QueueRef]]] = {}  # topic -> `(ref,)` of each of its QueueRefs
         # topic -> admission check of a length-limited destination (AMQP x-max-length with x-overflow
         # reject-publish): asked before a binding appends a message there; False = not appended to that queue.
         # The home queue is never asked (whoever publishes into a queue directly checks its limit first).
@@ -73,7 +74,8 @@ class Producer:
         # them (topic config, queues, the subject's validity, the router's match) is looked up once per run.
         prev_topic: str | None = None
         prev_subject: str | None = None
-        cfg = queues = extra = None  # of prev_topic / prev_subject
+        cfg = queues = extra = only = sole = None  # of prev_topic / prev_subject
+        alone = self._alone
         run_dests: list[tuple[QueueRef, ...] | None] = []  # destinations by home queue id, for `extra`
         admission = self.admission
         topic_runs = 0  # 1 at the end: every message has the same topic
@@ -96,6 +98,10 @@ class Producer:
                 queues = refs.get(topic)
                 if queues is None or len(queues) != cfg.queues:
                     queues = refs[topic] = [QueueRef(topic, i) for i in range(cfg.queues)]
+                    alone[topic] = [(q,) for q in queues]
+                only = alone[topic]  # the one-queue destination tuple of each queue, made once per topic
+                # a topic with one queue: every message goes there, whatever its group (round robin stays at 0)
+                sole = queues[0] if len(queues) == 1 and queue_id is None else None
                 prev_topic, prev_subject, extra = topic, m.subject, None
             else:
                 body = m.body
@@ -107,7 +113,9 @@ class Producer:
                     check = validators.get(topic)
                     if check is not None:
                         check(m)
-            if queue_id is not None:
+            if sole is not None:
+                home = sole
+            elif queue_id is not None:
                 if not 0 <= queue_id < cfg.queues:  # type: ignore[union-attr]
                     raise QueueNotFound(f"topic {topic!r} has no queue {queue_id} (it has {cfg.queues})")  # type: ignore[union-attr]
                 home = queues[queue_id]  # type: ignore[index]
@@ -123,7 +131,7 @@ class Producer:
                     extra = router.match(f"{topic}/{subject}" if subject else topic)  # Message.full_name
                     run_dests = [None] * len(queues)  # type: ignore[arg-type]
                 if not extra:
-                    dests = (home,)
+                    dests = only[home.queue_id]
                 elif admission:
                     kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
                     dests = (home, *sorted(d for d in kept if d != home))
@@ -132,7 +140,7 @@ class Producer:
                     if dests is None:
                         dests = run_dests[home.queue_id] = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
-                dests = (home,)
+                dests = only[home.queue_id]
             if not m.born_ts:
                 m.born_ts = now
             items.append((m, dests))
@@ -142,27 +150,43 @@ class Producer:
         started = perf_counter()
         results = store.append_batch(items) if len(items) > 1 else [store.append(*items[0])]
         self._metrics.append_latency.observe(perf_counter() - started)
-        # the new visible end of each destination queue: offsets grow within a batch, so the last one counts
+        # the new visible end of each destination queue: offsets grow within a batch, so the last one counts.
+        # Consecutive messages usually share their destination tuple (made once per run above): the visible
+        # starts are set when a run begins and its ends when it ends, not per message.
         ends: dict[QueueRef, int] = {}
         out: list[SendResult] = []
-        remember, visible = self._remember, self._visibility.visible
+        add = out.append
+        visible = self._visibility.visible
         new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
+        cached, cached_order = self._reader.remember_with()
+        largest_cached = self._reader.largest_cached
+        cached_bytes = 0
         body_bytes = 0
+        run: tuple[QueueRef, ...] = ()
+        run_offsets: tuple[int, ...] = ()
         for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
-            home = dests[0]
-            if len(dests) == 1:
-                if home not in visible:
-                    visible[home] = offsets[0]  # everything before this append is already visible
-                ends[home] = offsets[0] + 1
-            else:
+            if dests is not run:
+                for dest, qoff in zip(run, run_offsets, strict=True):
+                    ends[dest] = qoff + 1
                 for dest, qoff in zip(dests, offsets, strict=True):
                     if dest not in visible:
-                        visible[dest] = qoff
-                    ends[dest] = qoff + 1
-            remember(commit_offset, m, size)
-            body_bytes += len(m.body)
-            out.append(new_result(SendResult, (msg_id, m.topic, home.queue_id, offsets[0], commit_offset,
-                                               commit_offset + size, len(dests) - 1)))
+                        visible[dest] = qoff  # everything before this append is already visible
+                run = dests
+            run_offsets = offsets
+            # QueueReader.remember, inline: the cache is charged once for the batch below
+            charge = size + CACHE_ENTRY_OVERHEAD
+            if charge <= largest_cached:
+                cached[commit_offset] = m
+                cached_order((commit_offset, charge))
+                cached_bytes += charge
+            body = m.body
+            body_bytes += len(body)
+            add(new_result(SendResult, (msg_id, m.topic, dests[0].queue_id, offsets[0], commit_offset,
+                                        commit_offset + size, len(dests) - 1)))
+        for dest, qoff in zip(run, run_offsets, strict=True):
+            ends[dest] = qoff + 1
+        if cached_bytes:
+            self._reader.charge(cached_bytes)
         updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
@@ -183,6 +207,7 @@ class Producer:
     def forget_topic(self, topic: str) -> None:
         self._next_queue.pop(topic, None)
         self._queue_refs.pop(topic, None)
+        self._alone.pop(topic, None)
         self._fanouts.clear()
         if self._schemas is not None:
             self._schemas.clear(topic)  # a deleted topic's rule goes with it

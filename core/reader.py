@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from tidegate.core.api import Delivered, DeliverySink
 from tidegate.core.errors import OffsetOutOfRange
@@ -49,6 +50,24 @@ class QueueReader:
         self.cache[commit_offset] = msg
         self._cache_order.append((commit_offset, charge))
         self.cache_bytes += charge
+        if self.cache_bytes > self.cache_budget:
+            self._evict()
+
+    @property
+    def largest_cached(self) -> int:
+        """The largest charge a message may have and still be cached."""
+        return self._largest_cached
+
+    def remember_with(self) -> tuple[dict[int, Message], Callable[[tuple[int, int]], None]]:
+        """For a caller that caches a batch inline (the publish path, per message without a call): the cache
+        dict and the append of its eviction queue. The caller stores `cache[offset] = msg`, appends
+        `(offset, charge)` for each message whose charge is at most `largest_cached`, then calls `charge` once
+        with their sum. Between the two the cache may briefly be over budget by that one batch."""
+        return self.cache, self._cache_order.append
+
+    def charge(self, charged: int) -> None:
+        """Account for messages cached through `remember_with`, evicting the oldest past the budget."""
+        self.cache_bytes += charged
         if self.cache_bytes > self.cache_budget:
             self._evict()
 
