@@ -494,30 +494,43 @@ class FileMessageStore:
         sizes: list[int] = []
         plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
         encode = encode_record_parts
+        add_size, add_plan = sizes.append, plans.append
+        # Consecutive messages usually share their destination tuple (the producer makes one per run of a
+        # name): its queues are looked up once per run, not per message.
+        last: Sequence[QueueRef] | None = None
+        q = q0 = q1 = None
         for message, destinations in items:
             if len(destinations) == 1:
-                ref = destinations[0]
-                q = queues.get(ref) or self._new_queue(ref)
+                if destinations is not last:
+                    last = destinations
+                    ref = destinations[0]
+                    q = queues.get(ref) or self._new_queue(ref)
+                    topic0, id0 = ref
                 extra = claimed.get(q, 0)
                 claimed[q] = extra + 1
                 queue_offset = q.max_offset + extra
-                sizes.append(encode(parts, message, store_ts, ((ref.topic, ref.queue_id, queue_offset),)))
-                plans.append(((q,), (queue_offset,)))
+                add_size(encode(parts, message, store_ts, ((topic0, id0, queue_offset),)))
+                add_plan(((q,), (queue_offset,)))
                 continue
             if len(destinations) == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
-                r0, r1 = destinations
-                q0 = queues.get(r0) or self._new_queue(r0)
-                q1 = queues.get(r1) or self._new_queue(r1)
+                if destinations is not last:
+                    last = destinations
+                    r0, r1 = destinations
+                    q0 = queues.get(r0) or self._new_queue(r0)
+                    q1 = queues.get(r1) or self._new_queue(r1)
+                    topic0, id0 = r0
+                    topic1, id1 = r1
+                    pair = (q0, q1)
                 extra = claimed.get(q0, 0)
                 claimed[q0] = extra + 1
                 o0 = q0.max_offset + extra
                 extra = claimed.get(q1, 0)  # after q0's claim: the same queue twice gets consecutive offsets
                 claimed[q1] = extra + 1
                 o1 = q1.max_offset + extra
-                sizes.append(encode(parts, message, store_ts,
-                                    ((r0.topic, r0.queue_id, o0), (r1.topic, r1.queue_id, o1))))
-                plans.append(((q0, q1), (o0, o1)))
+                add_size(encode(parts, message, store_ts, ((topic0, id0, o0), (topic1, id1, o1))))
+                add_plan((pair, (o0, o1)))
                 continue
+            last = None
             targets, dests, queue_offsets = self._plan(destinations, claimed)
             sizes.append(encode(parts, message, store_ts, dests))
             plans.append((targets, queue_offsets))
@@ -564,14 +577,16 @@ class FileMessageStore:
             add_entry = entries.append
         else:
             per_queue: dict[QueueIndex, list[bytes]] = {q: [] for q in claimed}
-        for i, offset in enumerate(offsets):
-            message = items[i][0]
-            size = sizes[i]
+        last_tag: str | None = None
+        th = 0
+        add_result = results.append
+        for (message, _), offset, size, (targets, queue_offsets) in zip(items, offsets, sizes, plans, strict=True):
             tag = message.tag
-            th = tag_hashes.get(tag)
-            if th is None:
-                th = self._tag_hash(tag)
-            targets, queue_offsets = plans[i]
+            if tag != last_tag:  # a batch is mostly one tag (or none): hash it once per run
+                th = tag_hashes.get(tag)
+                if th is None:
+                    th = self._tag_hash(tag)
+                last_tag = tag
             entry = entry_pack(offset, size, th)
             if single:
                 for _ in targets:
@@ -586,7 +601,7 @@ class FileMessageStore:
             msg_id = f"{offset:016X}{suffix}"
             message.msg_id = msg_id
             message.store_ts = store_ts
-            results.append(new_result(AppendResult, (msg_id, offset, size, store_ts, queue_offsets)))
+            add_result(new_result(AppendResult, (msg_id, offset, size, store_ts, queue_offsets)))
         if single:
             for q in claimed:
                 q.add_block(b"".join(entries), len(entries))
