@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from crc32c import crc32c
 
@@ -495,32 +496,31 @@ class FileMessageStore:
         plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
         encode = encode_record_parts
         add_size, add_plan = sizes.append, plans.append
-        # Consecutive messages usually share their destination tuple (the producer makes one per run of a
-        # name): its queues are looked up once per run, not per message.
-        last: Sequence[QueueRef] | None = None
-        q = q0 = q1 = None
+        # A batch has few distinct destination tuples (the producer makes one per queue and name, and the batch
+        # holds them, so their ids are stable): each one's queues are looked up once per batch, not per message.
+        resolved: dict[int, tuple[Any, ...]] = {}
         for message, destinations in items:
-            if len(destinations) == 1:
-                if destinations is not last:
-                    last = destinations
+            n = len(destinations)
+            if n == 1:
+                known = resolved.get(id(destinations))
+                if known is None:
                     ref = destinations[0]
-                    q = queues.get(ref) or self._new_queue(ref)
-                    topic0, id0 = ref
+                    known = resolved[id(destinations)] = (queues.get(ref) or self._new_queue(ref), *ref)
+                q, topic0, id0 = known
                 extra = claimed.get(q, 0)
                 claimed[q] = extra + 1
                 queue_offset = q.max_offset + extra
                 add_size(encode(parts, message, store_ts, ((topic0, id0, queue_offset),)))
                 add_plan(((q,), (queue_offset,)))
                 continue
-            if len(destinations) == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
-                if destinations is not last:
-                    last = destinations
+            if n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                known = resolved.get(id(destinations))
+                if known is None:
                     r0, r1 = destinations
-                    q0 = queues.get(r0) or self._new_queue(r0)
-                    q1 = queues.get(r1) or self._new_queue(r1)
-                    topic0, id0 = r0
-                    topic1, id1 = r1
-                    pair = (q0, q1)
+                    pair = (queues.get(r0) or self._new_queue(r0), queues.get(r1) or self._new_queue(r1))
+                    known = resolved[id(destinations)] = (pair, *r0, *r1)
+                pair, topic0, id0, topic1, id1 = known
+                q0, q1 = pair
                 extra = claimed.get(q0, 0)
                 claimed[q0] = extra + 1
                 o0 = q0.max_offset + extra
@@ -530,7 +530,6 @@ class FileMessageStore:
                 add_size(encode(parts, message, store_ts, ((topic0, id0, o0), (topic1, id1, o1))))
                 add_plan((pair, (o0, o1)))
                 continue
-            last = None
             targets, dests, queue_offsets = self._plan(destinations, claimed)
             sizes.append(encode(parts, message, store_ts, dests))
             plans.append((targets, queue_offsets))
