@@ -201,8 +201,17 @@ class Delivery:
             self._wake_call.cancel()  # everything was handled in this turn
             self._wake_call = None
 
-    def _deliver(self, sub: Subscription, out: list[Delivered]) -> None:
+    def _deliver(self, sub: Subscription, out: list[Delivered], size: int = -1) -> None:
+        """Hand `out` to the sink and count it; `size`: the bodies' total when the caller added it up and every
+        delivery is of one topic's queues (-1: count here, per topic)."""
         if not out:
+            return
+        if size >= 0:
+            sub.credit -= len(out)
+            topic = out[0].queue.topic
+            self._metrics.messages_out[topic] += len(out)
+            self._metrics.bytes_out[topic] += size
+            sub.sink.deliver(out)
             return
         sub.credit -= len(out)
         metrics = self._metrics
@@ -300,6 +309,7 @@ class Delivery:
         cache_get = cache.get if cache is not None else None
         append = out.append
         first: Inflight | None = None
+        size = 0  # of the delivered bodies
         acks = self.acks
         take, ack_offset = acks.take, acks.ack_offset
         more = False
@@ -315,6 +325,7 @@ class Delivery:
                 msg, offset, attempt = again
                 take(sub, state.name, key, pq, q, offset, attempt, deadline)
                 out.append(Delivered(msg, q, offset, make_receipt(q, offset, attempt), attempt))
+                size += len(msg.body)
                 budget -= 1
             end = self._visibility.visible_max(q)
             inflight = pq.inflight
@@ -364,11 +375,12 @@ class Delivery:
                                 first = Inflight(1, 0.0, sub)
                             inflight[offset] = first
                         append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
+                        size += len(msg.body)
                         budget -= 1
                 finally:  # also when a read fails: that offset counts as fetched, as before
                     pq.next_fetch = next_fetch
         sub.cursor = (sub.cursor + 1) % max(1, n)
-        self._deliver(sub, out)
+        self._deliver(sub, out, size)  # `assigned` is always queues of sub.topic (assign)
         if more or (limited and out and sub.credit > 0):
             self.wake(sub)  # took only a share: come back for what the other members leave
 
