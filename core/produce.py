@@ -170,8 +170,14 @@ class Producer:
         cached_bytes = 0
         body_bytes = 0
         for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
-            if len(dests) == 1:
+            n = len(dests)
+            if n == 1:
                 ends[dests[0]] = offsets[0] + 1
+            elif n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                d0, d1 = dests
+                o0, o1 = offsets
+                ends[d0] = o0 + 1
+                ends[d1] = o1 + 1
             else:
                 for dest, qoff in zip(dests, offsets, strict=True):
                     ends[dest] = qoff + 1
@@ -183,7 +189,7 @@ class Producer:
                 cached_bytes += charge
             body_bytes += len(m.body)
             add(new_result(SendResult, (msg_id, m.topic, dests[0].queue_id, offsets[0], commit_offset,
-                                        commit_offset + size, len(dests) - 1)))
+                                        commit_offset + size, n - 1)))
         if cached_bytes:
             self._reader.charge(cached_bytes)
         visible = self._visibility.visible

@@ -576,6 +576,7 @@ class FileMessageStore:
             add_entry = entries.append
         else:
             per_queue: dict[QueueIndex, list[bytes]] = {q: [] for q in claimed}
+            add_to = {q: block.append for q, block in per_queue.items()}
         last_tag: str | None = None
         th = 0
         add_result = results.append
@@ -590,9 +591,13 @@ class FileMessageStore:
             if single:
                 for _ in targets:
                     add_entry(entry)
+            elif len(targets) == 2:
+                q0, q1 = targets
+                add_to[q0](entry)
+                add_to[q1](entry)
             else:
                 for q in targets:
-                    per_queue[q].append(entry)
+                    add_to[q](entry)
             if message.keys:
                 segment = self._log.segment_of(offset)
                 for key in message.keys:
