@@ -113,6 +113,7 @@ class QueueReader:
         looked at. Returns (deliveries, next position, entries looked at); raises OffsetOutOfRange when `pos` is
         below what retention kept."""
         out: list[Delivered] = []
+        add = out.append
         looked = 0
         read_index, wanted = self._store.read_index, self.wanted
         # No tag filter (the common case): the message cache is asked here, without two calls per entry.
@@ -124,20 +125,30 @@ class QueueReader:
                 pos += window
                 looked += window
                 continue
+            room = want - len(out)
+            if cache is not None:
+                cache_get = cache.get
+                for e in entries:
+                    offset = e.queue_offset
+                    if offset >= end or room <= 0:
+                        break
+                    pos = offset + 1
+                    looked += 1
+                    msg = cache_get(e.commit_offset) or self.read(e)
+                    if msg.expires_at and msg.expires_at <= now_ms:
+                        continue
+                    add(Delivered(msg, q, offset))
+                    room -= 1
+                continue
             for e in entries:
-                if e.queue_offset >= end or len(out) >= want:
+                if e.queue_offset >= end or room <= 0:
                     break
                 pos = e.queue_offset + 1
                 looked += 1
-                if cache is not None:
-                    msg = cache.get(e.commit_offset) or self.read(e)
-                    if msg.expires_at and msg.expires_at <= now_ms:
-                        continue
-                    out.append(Delivered(msg, q, e.queue_offset))
-                    continue
                 msg = wanted(e, tag_filter, now_ms)
                 if msg is not None:
-                    out.append(Delivered(msg, q, e.queue_offset))
+                    add(Delivered(msg, q, e.queue_offset))
+                    room -= 1
         return out, pos, looked
 
     def fell_behind(self, group: str, sink: DeliverySink | None, q: QueueRef, pos: int) -> int:
