@@ -224,27 +224,36 @@ class MessageAcks:
         settled = 0
         last_queue: QueueRef | None = None
         pq: PopQueue | None = None
+        inflight: dict[int, Inflight] = {}
+        committed = 0  # pq.committed, kept here while its deliveries are acked in order; written back below
         for delivered in deliveries:
             queue = delivered.queue
             if queue is not last_queue:
+                if pq is not None:
+                    pq.committed = committed
                 last_queue = queue
                 pq = pop.get((key, queue))
-                if pq is not None and queue not in moved:
-                    moved[queue] = (pq, pq.committed)
+                if pq is not None:
+                    if queue not in moved:
+                        moved[queue] = (pq, pq.committed)
+                    inflight, committed = pq.inflight, pq.committed
             if pq is None:
                 continue
             offset = delivered.queue_offset
-            inflight = pq.inflight
             item = inflight.get(offset)
             if item is None or item.attempt != delivered.attempt:
                 continue
             del inflight[offset]
             settled += 1
-            if offset == pq.committed and not pq.acked:
-                pq.committed = offset + 1  # acks in delivery order: no set round trip
+            if offset == committed and not pq.acked:
+                committed = offset + 1  # acks in delivery order: no set round trip
             else:
+                pq.committed = committed
                 pq.acked.add(offset)
                 pq.advance()
+                committed = pq.committed
+        if pq is not None:
+            pq.committed = committed
         offsets = self._offsets
         for queue, (pq, before) in moved.items():
             if pq.committed != before:

@@ -53,6 +53,9 @@ class SubscriptionOwner(Protocol):
 
 @dataclass(slots=True)
 class Inflight:
+    """One delivery in flight. Never changed once stored (a new one replaces it): the delivery pump shares one
+    first-attempt entry among the messages of a pump."""
+
     attempt: int
     deadline: float  # clock seconds; 0 = no timeout (released only by nack or consumer leaving)
     # the subscription holding it; None when taken by Broker.get or parked by a delayed nack (no consumer leaving

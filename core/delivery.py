@@ -223,8 +223,17 @@ class Delivery:
             self._wake_call.cancel()  # everything was handled in this turn
             self._wake_call = None
 
-    def _deliver(self, sub: Subscription, out: list[Delivered]) -> None:
+    def _deliver(self, sub: Subscription, out: list[Delivered], size: int = -1) -> None:
+        """Hand `out` to the sink and count it; `size`: the bodies' total when the caller added it up and every
+        delivery is of one topic's queues (-1: count here, per topic)."""
         if not out:
+            return
+        if size >= 0:
+            sub.credit -= len(out)
+            topic = out[0].queue.topic
+            self._metrics.messages_out[topic] += len(out)
+            self._metrics.bytes_out[topic] += size
+            sub.sink.deliver(out)
             return
         sub.credit -= len(out)
         metrics = self._metrics
@@ -333,6 +342,10 @@ class Delivery:
         read_index, wanted, reader = self._store.read_index, self._reader.wanted, self._reader
         # No tag filter (the common case): the message cache is asked here, without two calls per entry.
         cache = reader.cache if tag_filter.tags is None and tag_filter.hashes is None else None
+        cache_get = cache.get if cache is not None else None
+        append = out.append
+        first: Inflight | None = None
+        size = 0  # of the delivered bodies
         acks = self.acks
         take, ack_offset = acks.take, acks.ack_offset
         more = False
@@ -348,6 +361,7 @@ class Delivery:
                 msg, offset, attempt = again
                 take(sub, state.name, key, pq, q, offset, attempt, deadline)
                 out.append(Delivered(msg, q, offset, make_receipt(q, offset, attempt), attempt))
+                size += len(msg.body)
                 budget -= 1
             end = self._visibility.visible_max(q)
             inflight = pq.inflight
@@ -366,31 +380,43 @@ class Delivery:
                     acks.skip_holes(key, pq, q, pq.next_fetch + window)
                     scanned += window
                     continue
-                for e in entries:
-                    if e.queue_offset >= end or budget <= 0:
-                        break
-                    offset = e.queue_offset
-                    if offset != pq.next_fetch:
-                        acks.skip_holes(key, pq, q, offset)
-                    pq.next_fetch = offset + 1
-                    scanned += 1
-                    if cache is not None:
-                        msg = cache.get(e.commit_offset) or reader.read(e)
-                        if msg.expires_at and msg.expires_at <= now:
-                            msg = None
-                    else:
-                        msg = wanted(e, tag_filter, now)
-                    if msg is None:
-                        ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
-                        continue
-                    if deadline:
-                        take(sub, state.name, key, pq, q, offset, 1, deadline)
-                    else:
-                        inflight[offset] = Inflight(1, 0.0, sub)  # take() without a timer or a redelivery
-                    out.append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
-                    budget -= 1
+                next_fetch = pq.next_fetch  # kept in a local, written back before anything else reads it
+                try:
+                    for e in entries:
+                        offset = e.queue_offset
+                        if offset >= end or budget <= 0:
+                            break
+                        if offset != next_fetch:
+                            pq.next_fetch = next_fetch
+                            acks.skip_holes(key, pq, q, offset)
+                        next_fetch = offset + 1
+                        scanned += 1
+                        if cache is not None:
+                            msg = cache_get(e.commit_offset) or reader.read(e)
+                            if msg.expires_at and msg.expires_at <= now:
+                                msg = None
+                        else:
+                            msg = wanted(e, tag_filter, now)
+                        if msg is None:
+                            pq.next_fetch = next_fetch
+                            ack_offset(key, pq, q, offset)  # filtered or expired: done for this group
+                            continue
+                        if deadline:
+                            pq.next_fetch = next_fetch
+                            take(sub, state.name, key, pq, q, offset, 1, deadline)
+                        else:
+                            # take() without a timer or a redelivery; an Inflight is never changed once stored,
+                            # so the first deliveries of one pump share one
+                            if first is None:
+                                first = Inflight(1, 0.0, sub)
+                            inflight[offset] = first
+                        append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
+                        size += len(msg.body)
+                        budget -= 1
+                finally:  # also when a read fails: that offset counts as fetched, as before
+                    pq.next_fetch = next_fetch
         sub.cursor = (sub.cursor + 1) % max(1, n)
-        self._deliver(sub, out)
+        self._deliver(sub, out, size)  # `assigned` is always queues of sub.topic (assign)
         if more or (limited and out and sub.credit > 0):
             self.wake(sub)  # took only a share: come back for what the other members leave
 

@@ -17,8 +17,8 @@ from tidegate.core.config import BrokerConfig
 from tidegate.core.errors import NoPermission, QueueNotFound, TopicNotFound
 from tidegate.core.interfaces_storage import Durability
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import Message, QueueRef
-from tidegate.core.reader import QueueReader
+from tidegate.core.model import AppendResult, Message, QueueRef
+from tidegate.core.reader import CACHE_ENTRY_OVERHEAD, QueueReader
 from tidegate.core.schema import SchemaRegistry
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
@@ -36,7 +36,7 @@ class Producer:
         self._topics = topics
         self._router = bindings.trie
         self._visibility = visibility
-        self._remember = reader.remember  # the byte-bounded cache of recent messages
+        self._reader = reader  # its byte-bounded cache of recent messages gets every published one
         self._metrics = metrics
         self._config = config
         self._now_ms = now_ms
@@ -45,6 +45,7 @@ class Producer:
         self._validators: dict[str, Callable[[Message], None]] = schemas.validators if schemas is not None else {}
         self._next_queue: dict[str, int] = {}  # topic -> queue id the next round-robin publish goes to
         self._queue_refs: dict[str, list[QueueRef]] = {}  # topic -> its QueueRefs, built once per queue count
+        self._alone: dict[str, list[tuple[QueueRef]]] = {}  # topic -> `(ref,)` of each of its QueueRefs
         # topic -> admission check of a length-limited destination (AMQP x-max-length with x-overflow
         # reject-publish): asked before a binding appends a message there; False = not appended to that queue.
         # The home queue is never asked (whoever publishes into a queue directly checks its limit first).
@@ -65,6 +66,7 @@ class Producer:
         """See Broker.publish."""
         now = self._now_ms()
         items: list[tuple[Message, tuple[QueueRef, ...]]] = []
+        add_item = items.append
         fanouts = self._fanouts
         router = self._router if len(self._router) else None
         topics, refs, rr, max_body = self._topics.configs, self._queue_refs, self._next_queue, self._config.max_body
@@ -73,13 +75,18 @@ class Producer:
         # them (topic config, queues, the subject's validity, the router's match) is looked up once per run.
         prev_topic: str | None = None
         prev_subject: str | None = None
-        cfg = queues = extra = None  # of prev_topic / prev_subject
+        cfg = queues = extra = only = None  # of prev_topic / prev_subject
+        alone = self._alone
+        n_queues = 0
+        next_qid = -1  # round robin of prev_topic, kept here and written back to `rr` when the topic changes
         run_dests: list[tuple[QueueRef, ...] | None] = []  # destinations by home queue id, for `extra`
         admission = self.admission
         topic_runs = 0  # 1 at the end: every message has the same topic
         for m in messages:
             topic = m.topic
             if topic != prev_topic:
+                if next_qid >= 0:
+                    rr[prev_topic] = next_qid  # type: ignore[index]
                 topic_runs += 1
                 cfg = topics.get(topic)
                 m.validate(max_body, check_topic=cfg is None)
@@ -93,9 +100,15 @@ class Producer:
                     cfg = self._topics.create(topic, None, "rw", 0, False)
                 if "w" not in cfg.perm:
                     raise NoPermission(f"topic {topic!r} is not writable")
+                n_queues = cfg.queues
                 queues = refs.get(topic)
-                if queues is None or len(queues) != cfg.queues:
-                    queues = refs[topic] = [QueueRef(topic, i) for i in range(cfg.queues)]
+                if queues is None or len(queues) != n_queues:
+                    queues = refs[topic] = [QueueRef(topic, i) for i in range(n_queues)]
+                    alone[topic] = [(q,) for q in queues]
+                only = alone[topic]  # the one-queue destination tuple of each queue, made once per topic
+                next_qid = rr.get(topic, 0) if queue_id is None else -1
+                if next_qid >= n_queues:
+                    next_qid = 0
                 prev_topic, prev_subject, extra = topic, m.subject, None
             else:
                 body = m.body
@@ -108,34 +121,39 @@ class Producer:
                     if check is not None:
                         check(m)
             if queue_id is not None:
-                if not 0 <= queue_id < cfg.queues:  # type: ignore[union-attr]
-                    raise QueueNotFound(f"topic {topic!r} has no queue {queue_id} (it has {cfg.queues})")  # type: ignore[union-attr]
-                home = queues[queue_id]  # type: ignore[index]
+                if not 0 <= queue_id < n_queues:
+                    raise QueueNotFound(f"topic {topic!r} has no queue {queue_id} (it has {n_queues})")
+                qid = queue_id
             elif m.group:
-                home = queues[zlib.crc32(m.group.encode()) % cfg.queues]  # type: ignore[index, union-attr]
+                qid = zlib.crc32(m.group.encode()) % n_queues
             else:
-                qid = rr.get(topic, 0)
-                rr[topic] = (qid + 1) % cfg.queues  # type: ignore[union-attr]
-                home = queues[qid]  # type: ignore[index]
+                qid = next_qid
+                next_qid += 1
+                if next_qid == n_queues:
+                    next_qid = 0
             if router is not None:
                 if extra is None:  # the first message of this topic and subject
                     subject = m.subject
                     extra = router.match(f"{topic}/{subject}" if subject else topic)  # Message.full_name
-                    run_dests = [None] * len(queues)  # type: ignore[arg-type]
+                    run_dests = [None] * n_queues
                 if not extra:
-                    dests = (home,)
+                    dests = only[qid]  # type: ignore[index]
                 elif admission:
+                    home = queues[qid]  # type: ignore[index]
                     kept = [d for d in extra if d.topic not in admission or d == home or admission[d.topic](m)]
                     dests = (home, *sorted(d for d in kept if d != home))
                 else:
-                    dests = run_dests[home.queue_id]  # type: ignore[assignment]
+                    dests = run_dests[qid]  # type: ignore[assignment]
                     if dests is None:
-                        dests = run_dests[home.queue_id] = fanouts.get((home, extra)) or self._fanout(home, extra)
+                        home = queues[qid]  # type: ignore[index]
+                        dests = run_dests[qid] = fanouts.get((home, extra)) or self._fanout(home, extra)
             else:
-                dests = (home,)
+                dests = only[qid]  # type: ignore[index]
             if not m.born_ts:
                 m.born_ts = now
-            items.append((m, dests))
+            add_item((m, dests))
+        if next_qid >= 0:
+            rr[prev_topic] = next_qid  # type: ignore[index]
         if not items:
             return []
         store = self._store
@@ -145,24 +163,39 @@ class Producer:
         # the new visible end of each destination queue: offsets grow within a batch, so the last one counts
         ends: dict[QueueRef, int] = {}
         out: list[SendResult] = []
-        remember, visible = self._remember, self._visibility.visible
+        add = out.append
         new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
+        cached, cached_order = self._reader.remember_with()
+        largest_cached = self._reader.largest_cached
+        cached_bytes = 0
         body_bytes = 0
         for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
-            home = dests[0]
-            if len(dests) == 1:
-                if home not in visible:
-                    visible[home] = offsets[0]  # everything before this append is already visible
-                ends[home] = offsets[0] + 1
+            n = len(dests)
+            if n == 1:
+                ends[dests[0]] = offsets[0] + 1
+            elif n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                d0, d1 = dests
+                o0, o1 = offsets
+                ends[d0] = o0 + 1
+                ends[d1] = o1 + 1
             else:
                 for dest, qoff in zip(dests, offsets, strict=True):
-                    if dest not in visible:
-                        visible[dest] = qoff
                     ends[dest] = qoff + 1
-            remember(commit_offset, m, size)
+            # QueueReader.remember, inline: the cache is charged once for the batch below
+            charge = size + CACHE_ENTRY_OVERHEAD
+            if charge <= largest_cached:
+                cached[commit_offset] = m
+                cached_order((commit_offset, charge))
+                cached_bytes += charge
             body_bytes += len(m.body)
-            out.append(new_result(SendResult, (msg_id, m.topic, home.queue_id, offsets[0], commit_offset,
-                                               commit_offset + size, len(dests) - 1)))
+            add(new_result(SendResult, (msg_id, m.topic, dests[0].queue_id, offsets[0], commit_offset,
+                                        commit_offset + size, n - 1)))
+        if cached_bytes:
+            self._reader.charge(cached_bytes)
+        visible = self._visibility.visible
+        for dest in ends:
+            if dest not in visible:  # a queue's first message ever: everything before this append is visible
+                visible[dest] = self._first_offset(dest, items, results)
         updates = list(ends.items())
         messages_in, bytes_in = self._metrics.messages_in, self._metrics.bytes_in
         topic = items[0][0].topic
@@ -180,9 +213,20 @@ class Producer:
             self._durability.request_flush()
         return out
 
+    @staticmethod
+    def _first_offset(dest: QueueRef, items: list[tuple[Message, tuple[QueueRef, ...]]],
+                      results: Sequence[AppendResult]) -> int:
+        """`dest`'s offset of the first message of this append that went there."""
+        for (_, dests), result in zip(items, results, strict=True):
+            for each, qoff in zip(dests, result.queue_offsets, strict=True):
+                if each == dest:
+                    return qoff
+        raise AssertionError(f"{dest} received nothing in this append")
+
     def forget_topic(self, topic: str) -> None:
         self._next_queue.pop(topic, None)
         self._queue_refs.pop(topic, None)
+        self._alone.pop(topic, None)
         self._fanouts.clear()
         if self._schemas is not None:
             self._schemas.clear(topic)  # a deleted topic's rule goes with it

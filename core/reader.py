@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from tidegate.core.api import Delivered, DeliverySink
 from tidegate.core.errors import OffsetOutOfRange
@@ -52,6 +53,24 @@ class QueueReader:
         if self.cache_bytes > self.cache_budget:
             self._evict()
 
+    @property
+    def largest_cached(self) -> int:
+        """The largest charge a message may have and still be cached."""
+        return self._largest_cached
+
+    def remember_with(self) -> tuple[dict[int, Message], Callable[[tuple[int, int]], None]]:
+        """For a caller that caches a batch inline (the publish path, per message without a call): the cache
+        dict and the append of its eviction queue. The caller stores `cache[offset] = msg`, appends
+        `(offset, charge)` for each message whose charge is at most `largest_cached`, then calls `charge` once
+        with their sum. Between the two the cache may briefly be over budget by that one batch."""
+        return self.cache, self._cache_order.append
+
+    def charge(self, charged: int) -> None:
+        """Account for messages cached through `remember_with`, evicting the oldest past the budget."""
+        self.cache_bytes += charged
+        if self.cache_bytes > self.cache_budget:
+            self._evict()
+
     def _evict(self) -> None:
         # Down to 15/16 of the budget, so that a full cache evicts in small batches rather than on every add.
         cache, order = self.cache, self._cache_order
@@ -94,6 +113,7 @@ class QueueReader:
         looked at. Returns (deliveries, next position, entries looked at); raises OffsetOutOfRange when `pos` is
         below what retention kept."""
         out: list[Delivered] = []
+        add = out.append
         looked = 0
         read_index, wanted = self._store.read_index, self.wanted
         # No tag filter (the common case): the message cache is asked here, without two calls per entry.
@@ -105,20 +125,30 @@ class QueueReader:
                 pos += window
                 looked += window
                 continue
+            room = want - len(out)
+            if cache is not None:
+                cache_get = cache.get
+                for e in entries:
+                    offset = e.queue_offset
+                    if offset >= end or room <= 0:
+                        break
+                    pos = offset + 1
+                    looked += 1
+                    msg = cache_get(e.commit_offset) or self.read(e)
+                    if msg.expires_at and msg.expires_at <= now_ms:
+                        continue
+                    add(Delivered(msg, q, offset))
+                    room -= 1
+                continue
             for e in entries:
-                if e.queue_offset >= end or len(out) >= want:
+                if e.queue_offset >= end or room <= 0:
                     break
                 pos = e.queue_offset + 1
                 looked += 1
-                if cache is not None:
-                    msg = cache.get(e.commit_offset) or self.read(e)
-                    if msg.expires_at and msg.expires_at <= now_ms:
-                        continue
-                    out.append(Delivered(msg, q, e.queue_offset))
-                    continue
                 msg = wanted(e, tag_filter, now_ms)
                 if msg is not None:
-                    out.append(Delivered(msg, q, e.queue_offset))
+                    add(Delivered(msg, q, e.queue_offset))
+                    room -= 1
         return out, pos, looked
 
     def fell_behind(self, group: str, sink: DeliverySink | None, q: QueueRef, pos: int) -> int:

@@ -143,16 +143,20 @@ class CoreSession:
         """Authorize every message (Pub on its full name), then publish them all or none."""
         if not self._system:
             owned = self._owned
-            checked = ""  # a batch is usually one name: decide it once
+            # a batch is usually one name: decide it once (compared by topic and subject, without building the
+            # full name of every message)
+            checked_topic: str | None = None
+            checked_subject: str | None = None
             for m in messages:
-                name = m.full_name
-                if name == checked:
+                topic, subject = m.topic, m.subject
+                if topic == checked_topic and subject == checked_subject:
                     continue
-                if is_reserved_topic(m.topic) and m.topic not in owned:
-                    raise NotAuthorized(f"{m.topic!r} is in the broker's reserved namespace")
+                name = m.full_name
+                if is_reserved_topic(topic) and topic not in owned:
+                    raise NotAuthorized(f"{topic!r} is in the broker's reserved namespace")
                 if not self.may(Action.PUB, Resource.topic(name)):
                     raise NotAuthorized(f"{self.principal} may not publish to {name!r}")
-                checked = name
+                checked_topic, checked_subject = topic, subject
         quota = self.quota
         if quota is None:
             return self.core.publish(messages, queue_id)

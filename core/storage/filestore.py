@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from crc32c import crc32c
 
@@ -494,29 +495,40 @@ class FileMessageStore:
         sizes: list[int] = []
         plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
         encode = encode_record_parts
+        add_size, add_plan = sizes.append, plans.append
+        # A batch has few distinct destination tuples (the producer makes one per queue and name, and the batch
+        # holds them, so their ids are stable): each one's queues are looked up once per batch, not per message.
+        resolved: dict[int, tuple[Any, ...]] = {}
         for message, destinations in items:
-            if len(destinations) == 1:
-                ref = destinations[0]
-                q = queues.get(ref) or self._new_queue(ref)
+            n = len(destinations)
+            if n == 1:
+                known = resolved.get(id(destinations))
+                if known is None:
+                    ref = destinations[0]
+                    known = resolved[id(destinations)] = (queues.get(ref) or self._new_queue(ref), *ref)
+                q, topic0, id0 = known
                 extra = claimed.get(q, 0)
                 claimed[q] = extra + 1
                 queue_offset = q.max_offset + extra
-                sizes.append(encode(parts, message, store_ts, ((ref.topic, ref.queue_id, queue_offset),)))
-                plans.append(((q,), (queue_offset,)))
+                add_size(encode(parts, message, store_ts, ((topic0, id0, queue_offset),)))
+                add_plan(((q,), (queue_offset,)))
                 continue
-            if len(destinations) == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
-                r0, r1 = destinations
-                q0 = queues.get(r0) or self._new_queue(r0)
-                q1 = queues.get(r1) or self._new_queue(r1)
+            if n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+                known = resolved.get(id(destinations))
+                if known is None:
+                    r0, r1 = destinations
+                    pair = (queues.get(r0) or self._new_queue(r0), queues.get(r1) or self._new_queue(r1))
+                    known = resolved[id(destinations)] = (pair, *r0, *r1)
+                pair, topic0, id0, topic1, id1 = known
+                q0, q1 = pair
                 extra = claimed.get(q0, 0)
                 claimed[q0] = extra + 1
                 o0 = q0.max_offset + extra
                 extra = claimed.get(q1, 0)  # after q0's claim: the same queue twice gets consecutive offsets
                 claimed[q1] = extra + 1
                 o1 = q1.max_offset + extra
-                sizes.append(encode(parts, message, store_ts,
-                                    ((r0.topic, r0.queue_id, o0), (r1.topic, r1.queue_id, o1))))
-                plans.append(((q0, q1), (o0, o1)))
+                add_size(encode(parts, message, store_ts, ((topic0, id0, o0), (topic1, id1, o1))))
+                add_plan((pair, (o0, o1)))
                 continue
             targets, dests, queue_offsets = self._plan(destinations, claimed)
             sizes.append(encode(parts, message, store_ts, dests))
@@ -564,21 +576,28 @@ class FileMessageStore:
             add_entry = entries.append
         else:
             per_queue: dict[QueueIndex, list[bytes]] = {q: [] for q in claimed}
-        for i, offset in enumerate(offsets):
-            message = items[i][0]
-            size = sizes[i]
+            add_to = {q: block.append for q, block in per_queue.items()}
+        last_tag: str | None = None
+        th = 0
+        add_result = results.append
+        for (message, _), offset, size, (targets, queue_offsets) in zip(items, offsets, sizes, plans, strict=True):
             tag = message.tag
-            th = tag_hashes.get(tag)
-            if th is None:
-                th = self._tag_hash(tag)
-            targets, queue_offsets = plans[i]
+            if tag != last_tag:  # a batch is mostly one tag (or none): hash it once per run
+                th = tag_hashes.get(tag)
+                if th is None:
+                    th = self._tag_hash(tag)
+                last_tag = tag
             entry = entry_pack(offset, size, th)
             if single:
                 for _ in targets:
                     add_entry(entry)
+            elif len(targets) == 2:
+                q0, q1 = targets
+                add_to[q0](entry)
+                add_to[q1](entry)
             else:
                 for q in targets:
-                    per_queue[q].append(entry)
+                    add_to[q](entry)
             if message.keys:
                 segment = self._log.segment_of(offset)
                 for key in message.keys:
@@ -586,7 +605,7 @@ class FileMessageStore:
             msg_id = f"{offset:016X}{suffix}"
             message.msg_id = msg_id
             message.store_ts = store_ts
-            results.append(new_result(AppendResult, (msg_id, offset, size, store_ts, queue_offsets)))
+            add_result(new_result(AppendResult, (msg_id, offset, size, store_ts, queue_offsets)))
         if single:
             for q in claimed:
                 q.add_block(b"".join(entries), len(entries))
