@@ -190,12 +190,7 @@ class CommitLog:
         try:
             written = self._write(fd, data)
             if written < len(data):
-                view = memoryview(data)
-                while written < len(data):
-                    step = self._write(fd, view[written:])
-                    if step <= 0:
-                        raise OSError(errno.EIO, "write made no progress")
-                    written += step
+                self._finish_write(fd, memoryview(data), written)
         except OSError as exc:
             self._write_failed(fd, exc)
 
@@ -207,14 +202,17 @@ class CommitLog:
         try:
             written = self._writev(fd, pieces)
             if written < total:
-                view = memoryview(b"".join(pieces))
-                while written < total:
-                    step = self._write(fd, view[written:])
-                    if step <= 0:
-                        raise OSError(errno.EIO, "write made no progress")
-                    written += step
+                self._finish_write(fd, memoryview(b"".join(pieces)), written)
         except OSError as exc:
             self._write_failed(fd, exc)
+
+    def _finish_write(self, fd: int, view: memoryview, written: int) -> None:
+        """Write the rest of `view` after a short write of `written` bytes (raises OSError as a write does)."""
+        while written < len(view):
+            step = self._write(fd, view[written:])
+            if step <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            written += step
 
     def _write_failed(self, fd: int, exc: OSError) -> None:
         """Cut a failed append back to the last whole record and raise StoreFull or StoreError."""

@@ -52,6 +52,17 @@ class RateLimiter:
             self.sleep(ahead)
         self.next_at += units * self.interval
 
+    def answer_wait(self, *, room_left: bool, paced: bool, producing: bool, window_full: bool, poll_s: float,
+                    now: float) -> float:
+        """How long a sender's `select` may wait for answers: not at all while it has room to send, until the next
+        slot when paced (a full window waits for an answer instead), else one poll interval."""
+        if room_left:
+            return 0.0
+        if paced and producing:
+            wait = self.until_next_slot(now)
+            return min(poll_s, wait) if wait > 0.0 or not window_full else poll_s
+        return poll_s
+
     def until_next_slot(self, now: float) -> float:
         """Seconds until the next unit is due (0 when due or not started): a paced sender waits this long in
         `select` for answers instead of sleeping in `acquire`, so answers are read (and timed) when they arrive."""

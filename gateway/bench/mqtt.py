@@ -192,13 +192,8 @@ class MqttDriver(Driver):
                         room_left = True
                 if paced:
                     room_left = False  # only look for answers until the next slot
-            if room_left:
-                timeout = 0.0
-            elif paced and producing:
-                wait = limiter.until_next_slot(monotonic())
-                timeout = min(POLL_S, wait) if wait > 0.0 or not window_full else POLL_S  # full: wait for an ack
-            else:
-                timeout = POLL_S
+            timeout = limiter.answer_wait(room_left=room_left, paced=paced, producing=producing,
+                                          window_full=window_full, poll_s=POLL_S, now=monotonic())
             if not qos:
                 if not producing:
                     break
