@@ -97,7 +97,7 @@ def _packet_of(item: Staged) -> Publish:
 class Inbound:
     """The client-to-core half of one accepted connection."""
 
-    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic", "batch_properties")
+    __slots__ = ("conn", "settings", "window", "aliases", "batch", "batch_ids", "known_topic")
 
     def __init__(self, conn: MqttProtocol) -> None:
         self.conn = conn
@@ -110,7 +110,6 @@ class Inbound:
         self.known_topic = ""  # the core topic of the last publish that passed the topic creation quota
         # the adapter's properties of a plain publish while this batch lasts (the publisher when the session has a
         # No Local subscription): subscriptions change only through a SUBSCRIBE, which stores the batch first
-        self.batch_properties: dict[str, str] | None = None
 
     # ------------------------------------------------------------------------------------------ PUBLISH
     def on_publish(self, packet: Publish) -> None:
@@ -135,6 +134,8 @@ class Inbound:
         limit = window.limit if window.enforced else 0
         maximum_qos = self.settings.maximum_qos
         addresses = _ADDRESSES
+        # No Local needs the publisher on every message of this run, whichever path started the batch
+        properties = {PROP_PUBLISHER: conn.client_id} if conn.mqtt_session.has_no_local else None  # type: ignore[union-attr]
         for index in range(start, stop):
             topic, packet_id, payload = items[index]
             batch = self.batch
@@ -157,9 +158,6 @@ class Inbound:
                     if batch is None:
                         self.batch = batch = []
                         self.batch_ids = set()
-                        self.batch_properties = ({PROP_PUBLISHER: conn.client_id}
-                                                 if conn.mqtt_session.has_no_local else None)  # type: ignore[union-attr]
-                    properties = self.batch_properties
                     if packet_id is None:
                         batch.append((None, topic, Message(
                             topic=address[0], subject=address[1], body=payload,

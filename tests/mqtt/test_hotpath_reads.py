@@ -5,6 +5,7 @@ each packet on its own."""
 from tidegate.adapters.mqtt.codec import (
     Disconnect,
     MqttCodec,
+    Properties,
     Puback,
     Publish,
     ReasonCode,
@@ -170,3 +171,23 @@ def test_one_pass_deliveries_are_byte_for_byte_the_general_path(make_env, monkey
     monkeypatch.setattr(Outbound, "_deliver_v311", lambda self, key, deliveries: 0)
     general = _subscriber_bytes(make_env(), sizes)
     assert fast == general and len(fast) > sum(sizes)
+
+
+def test_no_local_holds_for_every_publish_of_a_read_whichever_path_staged_it(env):
+    """A v5 client with a No Local subscription never gets its own messages back (MQTT-3.8.3-3), also when the
+    read's batch was started by the general path: the first publish to a new name, or one with properties."""
+    me, watcher = env.client(5), env.client(5)
+    me.connect("me")
+    watcher.connect("watcher")
+    me.send(Subscribe(1, (TopicSubscription("nl/#", 1, no_local=True),)))
+    watcher.send(Subscribe(1, (TopicSubscription("nl/#", 1),)))
+    env.pump()
+    me.received(), watcher.received()
+    me.send(*(Publish("nl/new", f"m{i}".encode(), 1, packet_id=i + 1) for i in range(4)))  # a name not seen yet
+    env.pump()
+    me.send(Publish("nl/new", b"p", 1, packet_id=10, properties=Properties(content_type="text/plain")),
+            Publish("nl/new", b"q", 1, packet_id=11))  # a publish with properties starts the batch
+    env.pump()
+    seen = publishes(watcher.received())
+    assert [p.payload for p in seen] == [b"m0", b"m1", b"m2", b"m3", b"p", b"q"]
+    assert publishes(me.received()) == []
