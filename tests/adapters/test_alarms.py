@@ -253,7 +253,8 @@ def test_native_heartbeat_check_spares_a_producer_that_is_not_read():
 
 
 # ---------------------------------------------------------------------------------------------- AMQP
-def test_amqp_throttle_and_alarm_each_hold_the_reading_until_both_are_lifted():
+def throttled_and_alarmed_amqp_publisher():
+    """An AMQP client over its publish rate (10/s) that sent 30 publishes while a memory alarm was raised."""
     world = World()
     world.factory.limiter = Limiter(LimitSettings(publish_rate=10), world.clock)
     client = world.client(capabilities={"connection.blocked": True})
@@ -263,6 +264,11 @@ def test_amqp_throttle_and_alarm_each_hold_the_reading_until_both_are_lifted():
     client.raw(b"".join(client.codec.send_content(1, Basic.Publish(exchange="", routing_key="q"),
                                                   Basic.Properties(), b"m%d" % i) for i in range(30)))
     world.turn()
+    return world, client
+
+
+def test_amqp_throttle_and_alarm_each_hold_the_reading_until_both_are_lifted():
+    world, client = throttled_and_alarmed_amqp_publisher()
     assert [type(m) for m in client.methods()] == [Connection.Blocked]
     protocol = client.protocol
     assert protocol.reading_paused_for(ALARM) and protocol.reading_paused_for(THROTTLE)
@@ -275,15 +281,7 @@ def test_amqp_throttle_and_alarm_each_hold_the_reading_until_both_are_lifted():
 
 
 def test_amqp_an_alarm_cleared_during_a_throttle_leaves_the_reading_paused_for_the_throttle():
-    world = World()
-    world.factory.limiter = Limiter(LimitSettings(publish_rate=10), world.clock)
-    client = world.client(capabilities={"connection.blocked": True})
-    client.open_channel(1)
-    client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
-    world.broker.alarms.set("memory", True, "high")
-    client.raw(b"".join(client.codec.send_content(1, Basic.Publish(exchange="", routing_key="q"),
-                                                  Basic.Properties(), b"m%d" % i) for i in range(30)))
-    world.turn()
+    world, client = throttled_and_alarmed_amqp_publisher()
     world.broker.alarms.set("memory", False)
     assert client.transport.producerState == "paused"  # still over the publish rate
     world.clock.advance(5)

@@ -41,21 +41,27 @@ def test_a_buffered_tcp_transport_keeps_the_order_through_twisted():
     assert peer.recv(100) == b"first second"
 
 
-def test_what_a_full_socket_does_not_take_is_buffered_by_twisted():
-    transport, peer, reactor = tcp_pair()
-    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    data = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers hold
-    send_now(transport, [data])
-    assert transport._tempDataLen > 0 and transport in reactor.getWriters()
+def drain(transport, peer, size: int) -> bytes:
+    """Read `size` bytes at the peer, letting Twisted write what it buffered as the socket drains (bounded by the
+    peer's receive timeout: a stall ends the loop and the caller's comparison fails)."""
     received = bytearray()
-    while len(received) < len(data):
+    while len(received) < size:
         try:
             received += peer.recv(1 << 16)
         except TimeoutError:
             break
         if transport.dataBuffer or transport._tempDataBuffer:
             transport.doWrite()
-    assert bytes(received) == data
+    return bytes(received)
+
+
+def test_what_a_full_socket_does_not_take_is_buffered_by_twisted():
+    transport, peer, reactor = tcp_pair()
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers hold
+    send_now(transport, [data])
+    assert transport._tempDataLen > 0 and transport in reactor.getWriters()
+    assert drain(transport, peer, len(data)) == data
 
 
 def test_other_transports_get_one_write_call():
@@ -105,13 +111,4 @@ def test_what_the_socket_does_not_take_of_a_scattered_write_is_buffered_by_twist
     pieces = [bytes([n]) * 100_000 for n in range(12)]  # 1.2 MB: more than the socket buffers hold
     send_now(transport, pieces)
     assert transport in reactor.getWriters()
-    expected = b"".join(pieces)
-    received = bytearray()
-    while len(received) < len(expected):
-        try:
-            received += peer.recv(1 << 16)
-        except TimeoutError:
-            break
-        if transport.dataBuffer or transport._tempDataBuffer:
-            transport.doWrite()
-    assert bytes(received) == expected
+    assert drain(transport, peer, sum(map(len, pieces))) == b"".join(pieces)

@@ -1,27 +1,10 @@
 """`Subscription.ack_delivered`: many deliveries settled in one call, exactly as acking each receipt would."""
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.core.errors import InvalidReceipt
 from tidegate.core.model import Message, QueueRef
-from tidegate.core.testing import RecordingSink, make_broker
-
-T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def clock():
-    c = MemoryReactorClock()
-    c.advance(T0)
-    return c
-
-
-@pytest.fixture
-def broker(clock):
-    b = make_broker(clock)
-    yield b
-    b.close()
+from tidegate.core.testing import RecordingSink
 
 
 def send(broker, clock, topic, *bodies):

@@ -2,25 +2,10 @@
 commits exactly what the general path commits, and a batch's visibility and results are what one-by-one gives."""
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.core.api import AckMode
 from tidegate.core.model import Message, QueueRef
 from tidegate.core.testing import RecordingSink, make_broker
-
-
-@pytest.fixture
-def clock():
-    c = MemoryReactorClock()
-    c.advance(1_700_000_000.0)
-    return c
-
-
-@pytest.fixture
-def broker(clock):
-    b = make_broker(clock)
-    yield b
-    b.close()
 
 
 def bodies(broker, queue):

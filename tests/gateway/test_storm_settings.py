@@ -87,6 +87,15 @@ class _Counting(Factory):
         return Protocol()
 
 
+def close_eager_port(reactor: epollreactor.EPollReactor, port: listeners.EagerAcceptPort) -> None:
+    """Close what a test's own epoll reactor holds: accepted sockets, the listening socket, the poller."""
+    for reader in reactor.getReaders():
+        if isinstance(reader, listeners.tcp.Server):
+            reader.socket.close()
+    port.socket.close()
+    reactor._poller.close()
+
+
 @pytest.mark.parametrize("port_class, accepted", [(listeners.EagerAcceptPort, 30), (listeners.tcp.Port, 1)],
                          ids=["eager", "twisted-default"])
 def test_one_wake_up_accepts_every_queued_connection(port_class, accepted) -> None:
@@ -107,11 +116,7 @@ def test_one_wake_up_accepts_every_queued_connection(port_class, accepted) -> No
     finally:
         for client in clients:
             client.close()
-        for reader in reactor.getReaders():
-            if isinstance(reader, listeners.tcp.Server):
-                reader.socket.close()
-        port.socket.close()
-        reactor._poller.close()
+        close_eager_port(reactor, port)
 
 
 def test_accepted_connections_format_their_repr_only_when_asked() -> None:
@@ -127,11 +132,7 @@ def test_accepted_connections_format_their_repr_only_when_asked() -> None:
         assert repr(server) == f"<Protocol #{server.sessionno} on {port.getHost().port}>"
     finally:
         client.close()
-        for reader in reactor.getReaders():
-            if isinstance(reader, listeners.tcp.Server):
-                reader.socket.close()
-        port.socket.close()
-        reactor._poller.close()
+        close_eager_port(reactor, port)
 
 
 def test_listen_tcp_keeps_a_test_reactors_own_calls() -> None:
