@@ -13,6 +13,18 @@ shared, machine):
 - Mosquitto (`/usr/sbin/mosquitto -c <tmp>/mosquitto.conf`), settings written below in MOSQUITTO_CONF;
 - amqtt (`.venv/bin/amqtt -c <tmp>/amqtt.yaml`), settings in AMQTT_YAML.
 
+The throughput and latency scenarios run with one of two load generators (`--loadgen`):
+
+- `c` (the default when it builds): interop/loadgen/mqtt_loadgen.c, a single-threaded epoll client over raw
+  sockets, compiled with `cc -O2` into <tmp>/tidegate-loadgen (never committed); QoS 1 window 100 per publisher;
+- `python`: `tidegate bench mqtt` (gateway/bench/mqtt.py), worker processes, QoS 1 window 64. It can be the
+  bottleneck against Mosquitto, which is why the C one exists. Without a C compiler the script falls back to it with a
+  notice.
+
+Either way the load generator's own CPU time is measured from the outside (getrusage of the finished child and its
+waited-for workers) and shown per run next to its wall time, so the table tells whether the client kept up. The idle
+connection and storm scenarios always use `tidegate bench`.
+
 Besides the bench report it reads the broker's CPU time (utime + stime from /proc/<pid>/stat) before and after each
 run: broker CPU µs per delivered message is a broker-only figure even where the Python load generator, not the
 broker, limits the rate (which is the case against Mosquitto).
@@ -94,6 +106,7 @@ SCENARIOS: list[tuple[str, str, list[str], str, bool]] = [
     ("qos1_64k", "1→1 QoS 1, 64 KiB payloads", ["--qos", "1", "--size", "65536"], "receive_msgs_per_s", True),
     ("qos1_latency", "QoS 1 at 1,000 msg/s", ["--qos", "1", "--rate", "1000"], "latency", False),
 ]
+LOADGEN_BUILD = REPO / "interop" / "loadgen" / "build.py"
 DD_BLOCKS = 8000  # 8000 x 64 KiB = 500 MiB written with conv=fdatasync: the disk's sequential bandwidth
 
 
@@ -230,17 +243,70 @@ BROKERS = {"tidegate-sync": lambda: TidegateBroker("sync"), "tidegate-async": la
            "mosquitto": lambda: ExternalBroker("mosquitto"), "amqtt": lambda: ExternalBroker("amqtt")}
 
 
-def run_tidegate(args: list[str], timeout: float) -> dict[str, Any]:
-    command = [PYTHON, "-m", "tidegate.gateway", "bench", *args, "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def load_loadgen_builder() -> Any:
+    """interop/loadgen/build.py as a module (it is not in a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tidegate_loadgen_build", LOADGEN_BUILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def choose_loadgen(wanted: str) -> tuple[str, str | None]:
+    """("c", binary) when the C generator builds; ("python", None) when asked for, or as the default's fallback
+    (with a printed notice). `--loadgen c` that cannot build is an error."""
+    if wanted == "python":
+        return "python", None
+    builder = load_loadgen_builder()
     try:
-        return json.loads(done.stdout)
+        return "c", str(builder.build_loadgen())
+    except builder.LoadgenUnavailable as exc:
+        if wanted == "c":
+            raise SystemExit(f"error: --loadgen c: {exc}") from None
+        print(f"notice: the C load generator is not available ({exc}); using the Python one (tidegate bench mqtt), "
+              "which may limit the rate against fast brokers", flush=True)
+        return "python", None
+
+
+def children_cpu_seconds() -> float:
+    """user + system CPU of every finished, waited-for child (and their waited-for children): the difference around
+    one `subprocess.run` is that load generator's CPU, worker processes included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_client(command: list[str], timeout: float) -> dict[str, Any]:
+    """Run one load generator (a command printing one JSON report); add its CPU and wall time to the report."""
+    cpu_before, started = children_cpu_seconds(), time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    wall, cpu = time.monotonic() - started, children_cpu_seconds() - cpu_before
+    try:
+        report = json.loads(done.stdout)
     except json.JSONDecodeError:
         return {"errors": [f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or done.stdout[-300:]}"]}
+    report["loadgen_cpu_s"] = round(cpu, 3)
+    report["loadgen_wall_s"] = round(wall, 3)
+    return report
 
 
-def one_run(broker_name: str, bench_args: list[str], settle: float = 0.5, timeout: float = RUN_TIMEOUT_S
-            ) -> dict[str, Any]:
+def run_tidegate(args: list[str], timeout: float) -> dict[str, Any]:
+    report = run_client([PYTHON, "-m", "tidegate.gateway", "bench", *args, "--json"], timeout)
+    report.setdefault("loadgen", "python")
+    return report
+
+
+def run_c_loadgen(binary: str, bench_args: list[str], address: str, timeout: float) -> dict[str, Any]:
+    """The C generator with the scenario's `tidegate bench mqtt` options (it takes the same names: --duration,
+    --qos, --publishers, --subscribers, --size, --rate, --drain-timeout)."""
+    host, port = address.rsplit(":", 1)
+    return run_client([binary, "--host", host, "--port", port, *bench_args[1:]], timeout)
+
+
+def one_run(broker_name: str, bench_args: list[str], settle: float = 0.5, timeout: float = RUN_TIMEOUT_S,
+            loadgen: str | None = None) -> dict[str, Any]:
+    """One fresh broker, one load generator run against it. `loadgen` is the C generator's binary for `mqtt`
+    scenarios (None: `tidegate bench`)."""
     broker = BROKERS[broker_name]()
     try:
         address, pid = broker.start()
@@ -248,7 +314,10 @@ def one_run(broker_name: str, bench_args: list[str], settle: float = 0.5, timeou
         cpu_before = cpu_seconds(pid)
         loadavg = os.getloadavg()[0]
         extra = ["--broker-pid", str(pid)] if bench_args[0] == "mqtt-conns" else []
-        report = run_tidegate([*bench_args, "--server", address, *extra], timeout)
+        if loadgen and bench_args[0] == "mqtt":
+            report = run_c_loadgen(loadgen, bench_args, address, timeout)
+        else:
+            report = run_tidegate([*bench_args, "--server", address, *extra], timeout)
         report["broker_cpu_s"] = round(cpu_seconds(pid) - cpu_before, 3)
         report["loadavg_1m_before"] = round(loadavg, 2)
         delivered = report.get("received") or 0
@@ -348,6 +417,18 @@ def per_message(report: dict[str, Any], count: str) -> float | None:
     return round(cpu * 1e6 / n, 1) if n and cpu is not None else None
 
 
+def loadgen_cpu(report: dict[str, Any]) -> str | None:
+    """"0.42 s / 6.9 s (6 %)": the load generator's CPU time over its wall time in this run (all its processes)."""
+    cpu, wall = report.get("loadgen_cpu_s"), report.get("loadgen_wall_s")
+    if cpu is None or not wall:
+        return None
+    return f"{cpu:.2f} s / {wall:.1f} s ({cpu / wall:.0%})"
+
+
+LOADGEN_NAMES = {"c": "C (interop/loadgen/mqtt_loadgen.c, QoS 1 window 100)",
+                 "python": "Python (tidegate bench mqtt, QoS 1 window 64)"}
+
+
 def markdown(results: dict[str, Any], brokers: list[str]) -> str:
     names = {"tidegate-sync": "Tidegate sync", "tidegate-async": "Tidegate async", "mosquitto": "Mosquitto",
              "amqtt": "amqtt"}
@@ -355,6 +436,11 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
     head = "| scenario | metric | " + " | ".join(names[b] for b in brokers) + \
         " | TG sync / Mosquitto | TG sync / amqtt |"
     lines = [head, "|" + "---|" * (len(brokers) + 4)]
+    kind = results.get("loadgen")
+    if kind:
+        lines[:0] = [f"Load generator of the throughput and latency scenarios: {LOADGEN_NAMES.get(kind, kind)}; "
+                     "its CPU time per run (all its processes) over its wall time is the row \"load generator CPU\".",
+                     ""]
 
     def row(label: str, metric: str, values: dict[str, Any], higher: bool, digits: int = 0) -> None:
         cells = [fmt(values.get(b), digits) for b in brokers]
@@ -389,6 +475,9 @@ def markdown(results: dict[str, Any], brokers: list[str]) -> str:
             {b: per_message(runs[b], "received") for b in brokers}, False, 1)
         row(label, "lost / duplicated", {b: f"{runs[b].get('lost')} / {runs[b].get('duplicated')}"
                                          for b in brokers}, True)
+        if any(runs[b].get("loadgen_cpu_s") is not None for b in brokers):
+            row(label, f"load generator CPU ({runs[brokers[0]].get('loadgen', '?')}), CPU s / wall s",
+                {b: loadgen_cpu(runs[b]) for b in brokers}, False)
     conns = results["scenarios"].get("idle_connections")
     if conns:
         row("idle connections", "connections opened",
@@ -466,6 +555,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per broker and scenario, brokers interleaved; the table shows the median run "
                         "and every run's rate (1)")
+    parser.add_argument("--loadgen", choices=("auto", "c", "python"), default="auto",
+                        help="load generator of the throughput/latency scenarios: c (interop/loadgen/mqtt_loadgen.c, "
+                        "built with cc -O2), python (tidegate bench mqtt); default: c when it builds, else python")
     parser.add_argument("--from-json", metavar="FILE", default="",
                         help="do not run anything: print the table of an earlier results.json")
     args = parser.parse_args()
@@ -477,6 +569,9 @@ def main() -> int:
         return 0
     brokers = [b for b in args.brokers.split(",") if b]
     wanted = set(filter(None, args.scenarios.split(",")))
+    loadgen_kind, loadgen_binary = choose_loadgen(args.loadgen)
+    print(f"load generator: {LOADGEN_NAMES[loadgen_kind]}{f' at {loadgen_binary}' if loadgen_binary else ''}",
+          flush=True)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every broker and client we start
@@ -487,7 +582,7 @@ def main() -> int:
                     "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "nofile": hard},
         "duration_s": args.duration, "mosquitto_conf": MOSQUITTO_CONF, "amqtt_yaml": AMQTT_YAML,
         "mosquitto_version": subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.split("\n")[0],
-        "scenarios": {}, "repeat": args.repeat,
+        "scenarios": {}, "repeat": args.repeat, "loadgen": loadgen_kind,
     }
     if not wanted or "qos1_64k" in wanted:
         results["machine"]["disk_write_mb_s"] = disk_write_mb_s(tempfile.gettempdir())
@@ -500,14 +595,17 @@ def main() -> int:
         for _attempt in range(max(1, args.repeat)):
             for broker in brokers:
                 command = ["mqtt", "--duration", str(args.duration), *bench_args]
-                report = one_run(broker, command)
-                report["command"] = "tidegate bench " + " ".join(command) + " --server <broker> --json"
+                report = one_run(broker, command, loadgen=loadgen_binary)
+                report["command"] = (f"mqtt_loadgen {' '.join(command[1:])} --host <host> --port <port>"
+                                     if loadgen_binary else
+                                     "tidegate bench " + " ".join(command) + " --server <broker> --json")
                 every[broker].append(report)
                 print(f"{label:32} {broker:15} publish {report.get('publish_msgs_per_s')} msg/s  receive "
                       f"{report.get('receive_msgs_per_s')} msg/s  p50/p99 {report.get('latency_ms', {}).get('p50')}/"
                       f"{report.get('latency_ms', {}).get('p99')} ms  broker cpu "
                       f"{report.get('broker_cpu_us_per_delivery')} µs/msg  lost {report.get('lost')} dup "
-                      f"{report.get('duplicated')}  load {report.get('loadavg_1m_before')}  "
+                      f"{report.get('duplicated')}  load {report.get('loadavg_1m_before')}  client cpu "
+                      f"{report.get('loadgen_cpu_s')}/{report.get('loadgen_wall_s')} s  "
                       f"{'; '.join(report.get('errors', []))}", flush=True)
         for broker in brokers:
             runs[broker] = report = median_run(every[broker], metric, higher)

@@ -16,6 +16,8 @@ importable by name):
 * AMQP: `amqp_broker` (one broker per module with the native, MQTT and AMQP listeners), `amqp_broker_factory`
   (restart tests), `amqp_url(process)` (`amqp://guest:guest@127.0.0.1:<port>/%2F`) and `amqp_tools` (amqp-publish
   and amqp-consume from Debian's amqp-tools, under the same CI rule as mosquitto).
+* `mqtt_loadgen`: the C MQTT load generator (interop/loadgen/mqtt_loadgen.c) built into a temp dir (no compiler:
+  fail when CI=true, else skip).
 """
 
 from __future__ import annotations
@@ -605,3 +607,26 @@ def amqp_tools() -> None:
     """amqp-publish and amqp-consume (missing: fail when CI=true, skip otherwise)."""
     require_tool("amqp-publish")
     require_tool("amqp-consume")
+
+
+# ---------------------------------------------------------------------------------------------------- C load generator
+
+@pytest.fixture(scope="session")
+def mqtt_loadgen(tmp_path_factory) -> Path:
+    """The C MQTT load generator (interop/loadgen/mqtt_loadgen.c) compiled into a temp dir. No C compiler: fail when
+    CI=true, else skip (like the outside tools); a compile error always fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tidegate_loadgen_build",
+                                                  Path(__file__).with_name("loadgen") / "build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)  # type: ignore[union-attr]
+    if builder.compiler() is None:
+        reason = "no C compiler for the MQTT load generator (apt-get install gcc libc6-dev)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+        pytest.skip(reason)
+    try:
+        return builder.build_loadgen(tmp_path_factory.mktemp("loadgen"))
+    except builder.LoadgenUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
