@@ -15,7 +15,7 @@ PURE_PYTHON_TESTS := tests/storage/test_storage_record.py tests/storage/test_app
 	tests/storage/test_storage_queueindex.py tests/storage/test_storage_recovery.py tests/storage/test_large_records.py \
 	tests/storage/test_record_speedups.py
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean loadgen
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ test: $(VENV)/.test-installed
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check core adapters gateway tests interop
+
+# The C MQTT load generator that interop/bench_mqtt_compare.py runs (raw sockets: only a C compiler, no library);
+# the script and the interop test also build it themselves, into a temp dir. Never committed (build/ is ignored).
+loadgen: build/loadgen/mqtt_loadgen
+
+build/loadgen/mqtt_loadgen: interop/loadgen/mqtt_loadgen.c
+	@mkdir -p $(@D)
+	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache core/storage/_record_speedups.c core/storage/*.so
