@@ -54,3 +54,12 @@ def test_payloads_smaller_than_the_sequence_header_are_refused(broker, mqtt_load
                           timeout=RUN_TIMEOUT_S)
     assert done.returncode == 2
     assert "at least 24" in done.stderr
+
+
+def test_max_drain_cuts_the_wait_short_and_says_so(broker, mqtt_loadgen):
+    """--max-drain 0: the run stops right after publishing, with QoS 1 publishes still in flight (a window of 100 at
+    max rate against fsync'd PUBACKs), and reports that as an error (exit 1) instead of waiting for them."""
+    code, report = run_loadgen(mqtt_loadgen, broker, "--qos", "1", "--duration", "0.5", "--max-drain", "0")
+    assert code == 1
+    assert any("--max-drain" in error for error in report["errors"]), report["errors"]
+    assert report["options"]["max_drain"] == 0
