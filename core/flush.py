@@ -14,8 +14,9 @@ So when the flush starts and an idleness probe says no other event is waiting (t
 ready), the fsync runs on the reactor thread and the acknowledgements go out in the same turn, as Redis does with
 `appendfsync always`. Under load the probe sees ready events and the fsync goes to the thread as before, so group
 commit and throughput are unchanged. The stall guard: an inline fsync slower than `inline_stall_s` (a slow or busy
-disk) blocked every connection for that long, so inlining pauses for `inline_pause_s` and the thread takes over;
-no client action can stall the others for more than one slow fsync per pause. An inline fsync error is handled
+disk) blocked every connection for that long, so inlining pauses for `inline_pause_s` and the thread takes over
+(the pause doubles while inline fsyncs stay slow, up to `inline_max_pause_s`); no client action can stall the others
+for more than one slow fsync per pause. An inline fsync error is handled
 exactly like a thread's: fatal to the durability promise.
 
 `async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
@@ -36,9 +37,12 @@ from tidegate.core.storage.api import MessageStore
 
 log = logging.getLogger("tidegate.flush")
 
-# An inline fsync slower than this blocked every connection for that long: stop inlining for INLINE_PAUSE_S.
+# An inline fsync slower than this blocked every connection for that long: stop inlining for INLINE_PAUSE_S, twice
+# as long after each slow one that follows a pause (up to INLINE_MAX_PAUSE_S), back to INLINE_PAUSE_S after a fast
+# one. One hiccup (a preempted VM) costs a second of thread fsyncs; a slow disk stalls the reactor once a minute.
 INLINE_STALL_S = 0.002
-INLINE_PAUSE_S = 10.0
+INLINE_PAUSE_S = 1.0
+INLINE_MAX_PAUSE_S = 64.0
 
 
 class Durability:
@@ -55,6 +59,7 @@ class Durability:
         inline_when_idle: Callable[[], bool] | None = None,
         inline_stall_s: float = INLINE_STALL_S,
         inline_pause_s: float = INLINE_PAUSE_S,
+        inline_max_pause_s: float = INLINE_MAX_PAUSE_S,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`inline_when_idle`: a cheap probe, true when no other event waits for the reactor; with it (and a
@@ -74,6 +79,8 @@ class Durability:
         self._sync_inline: Callable[[], int] = getattr(store, "sync_log", store.sync)
         self.inline_stall_s = inline_stall_s
         self.inline_pause_s = inline_pause_s
+        self.inline_max_pause_s = inline_max_pause_s
+        self._next_pause_s = inline_pause_s
         self._timer = timer
         self._inline_paused_until = 0.0
         self.inline_syncs = 0  # fsyncs run on the reactor thread because it was idle
@@ -155,16 +162,21 @@ class Durability:
             self._flush_failed(exc)
             return
         took = self._timer() - started
-        if self._inline_when_idle is not None and took > self.inline_stall_s:
-            self._pause_inlining(took)
+        if self._inline_when_idle is not None and sync is not None:
+            if took > self.inline_stall_s:
+                self._pause_inlining(took)
+            else:
+                self._next_pause_s = self.inline_pause_s
         self._flush_done(durable, started)
 
     def _pause_inlining(self, took: float) -> None:
-        if self._inline_paused_until <= self.clock.seconds():  # once per pause: the log line is rate-limited too
-            self.inline_pauses += 1
+        pause = self._next_pause_s
+        self._next_pause_s = min(pause * 2, self.inline_max_pause_s)
+        self._inline_paused_until = self.clock.seconds() + pause
+        self.inline_pauses += 1
+        if pause >= self.inline_max_pause_s or self.inline_pauses == 1:  # a slow disk logs once a minute at most
             log.info("an fsync on the reactor thread took %.1f ms (limit %.1f ms): fsyncs run in the flush thread "
-                     "for the next %.0f s", took * 1000, self.inline_stall_s * 1000, self.inline_pause_s)
-        self._inline_paused_until = self.clock.seconds() + self.inline_pause_s
+                     "for the next %.0f s", took * 1000, self.inline_stall_s * 1000, pause)
 
     def idle(self) -> Any:
         """A Deferred that fires once no fsync is running in a thread (shutdown waits for it before close())."""
@@ -239,6 +251,9 @@ class Durability:
     def close(self) -> None:
         """Stop timers and fsync synchronously (shutdown path), releasing every waiter."""
         self._closed = True
+        if self._inline_when_idle is not None:
+            log.info("fsyncs since start: %d inline (idle reactor), %d in the flush thread, inlining paused %d times",
+                     self.inline_syncs, self.thread_syncs, self.inline_pauses)
         for call in (self._scheduled, self._periodic):
             if call is not None and call.active():
                 call.cancel()

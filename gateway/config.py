@@ -57,8 +57,9 @@ class StorageSection:
     flush: str = "sync"
     flush_interval_ms: int = 100
     # sync flush: run the fsync on the reactor thread when no other event waits (low rates: saves the thread
-    # hand-off, ~0.1-0.3 ms per message); an inline fsync slower than inline_sync_stall_ms switches inlining off
-    # for 10 s, so a slow disk cannot stall the other connections (core/flush.py).
+    # hand-off, ~0.1 ms per message); an inline fsync slower than inline_sync_stall_ms switches inlining off for
+    # 1 s, doubling up to 64 s while they stay slow, so a slow disk cannot keep stalling the other connections
+    # (core/flush.py).
     inline_sync_when_idle: bool = True
     inline_sync_stall_ms: float = 2.0
     segment_bytes: int = 128 * 1024 * 1024

@@ -191,3 +191,43 @@ def test_without_a_probe_every_fsync_goes_to_the_thread_as_before():
     durability.when_durable(append(store), lambda: None)
     clock.advance(0)
     assert thread.started == 1 and store.sync_log_calls == 0 and durability.inline_syncs == 0
+
+
+def test_the_pause_doubles_while_inline_fsyncs_stay_slow_and_resets_after_a_fast_one():
+    clock, timer = MemoryReactorClock(), FakeTimer()
+    store = TimedStore(timer, fsync_s=0.005)
+    thread = FakeFsyncThread(store)
+    durability = Durability(store, clock, run_in_thread=thread, inline_when_idle=Probe(True), inline_stall_s=0.002,
+                            inline_pause_s=1.0, inline_max_pause_s=4.0, timer=timer)
+
+    def one_message() -> str:
+        """Append, end the turn; 'inline' or 'thread' for where the fsync ran (a thread fsync is finished)."""
+        started = thread.started
+        durability.when_durable(append(store), lambda: None)
+        clock.advance(0)
+        if thread.started > started:
+            thread.finish()
+            return "thread"
+        return "inline"
+
+    assert one_message() == "inline"  # slow: 1 s pause
+    clock.advance(0.9)
+    assert one_message() == "thread"
+    clock.advance(0.1)
+    assert one_message() == "inline"  # slow again: 2 s
+    clock.advance(1.9)
+    assert one_message() == "thread"
+    clock.advance(0.1)
+    assert one_message() == "inline"  # slow again: 4 s, the maximum
+    clock.advance(4)
+    assert one_message() == "inline"  # slow again: still 4 s
+    clock.advance(3.9)
+    assert one_message() == "thread"
+    clock.advance(0.1)
+    store.fsync_s = 0.0001
+    assert one_message() == "inline"  # fast: the next slow one pauses for 1 s again
+    store.fsync_s = 0.005
+    assert one_message() == "inline"
+    clock.advance(1)
+    assert one_message() == "inline"
+    assert durability.inline_pauses == 6  # every slow inline fsync paused, the last one for 2 s
