@@ -71,7 +71,7 @@ def reactor_idle_probe(reactor: Any) -> Callable[[], bool] | None:
     def idle() -> bool:
         try:
             return not poll(0, 1)
-        except OSError:  # closed at shutdown: not idle, the thread path is always safe
+        except (OSError, ValueError):  # closed at shutdown (ValueError): not idle, the thread path is always safe
             return False
 
     return idle

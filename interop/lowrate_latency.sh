@@ -10,7 +10,7 @@ for i in $(seq 100); do [ -f $D/listeners.json ] && break; sleep 0.1; done
 sleep 1; ADDR=$(python3 -c "import json;print(json.load(open('$D/listeners.json'))['$MODE'])")
 t0=$(awk '{print $14+$15}' /proc/$PID/stat)
 if [ $MODE = mqtt ]; then OUT=$($V/bin/tidegate bench mqtt --qos 1 --rate $RATE --duration $DURATION --server $ADDR --json 2>/dev/null)
-else OUT=$($V/bin/tidegate bench amqp --persistent --rate $RATE --duration $DURATION --server $ADDR --json 2>/dev/null); fi
+else OUT=$($V/bin/tidegate bench amqp --persistent --confirm 256 --rate $RATE --duration $DURATION --server $ADDR --json 2>/dev/null); fi
 t1=$(awk '{print $14+$15}' /proc/$PID/stat)
 kill $PID; wait $PID 2>/dev/null
 echo "$OUT" > $D/out.json
