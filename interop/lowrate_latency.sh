@@ -22,4 +22,4 @@ flat = {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
 lat = {k: v for k, v in d.items() if isinstance(v, dict)}
 print(sys.argv[2], "broker CPU %.0f us/msg" % ((t1 - t0) * 10000 / n), json.dumps(lat))
 PY
-rm -rf $D
+grep -ho "fsyncs since start.*" $D/log; rm -rf $D
