@@ -9,15 +9,15 @@ being one fsync per message. The waiters an fsync covers (acknowledgements) and 
 which wakes deliveries) run in the turn that learns it finished.
 
 Inline fsync when the reactor is idle (`inline_when_idle`, on in the broker): at low rates the hand-off to the thread
-and back (a thread wake-up, the waker pipe, a second reactor wake-up, a Deferred) costs more than the fsync itself.
+and back (a thread wake-up, the waker pipe, a second reactor wake-up, a Deferred) costs about as much as the fsync.
 So when the flush starts and an idleness probe says no other event is waiting (the reactor's epoll has nothing
 ready), the fsync runs on the reactor thread and the acknowledgements go out in the same turn, as Redis does with
 `appendfsync always`. Under load the probe sees ready events and the fsync goes to the thread as before, so group
 commit and throughput are unchanged. The stall guard: an inline fsync slower than `inline_stall_s` (a slow or busy
 disk) blocked every connection for that long, so inlining pauses for `inline_pause_s` and the thread takes over
 (the pause doubles while inline fsyncs stay slow, up to `inline_max_pause_s`); no client action can stall the others
-for more than one slow fsync per pause. An inline fsync error is handled
-exactly like a thread's: fatal to the durability promise.
+for more than one slow fsync per pause. An inline fsync error is handled exactly like a thread's: fatal to the
+durability promise.
 
 `async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
 """
