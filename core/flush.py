@@ -8,6 +8,17 @@ previous one finished, covers all of them at once (group commit), so throughput 
 being one fsync per message. The waiters an fsync covers (acknowledgements) and the durable listeners (visibility,
 which wakes deliveries) run in the turn that learns it finished.
 
+Inline fsync when the reactor is idle (`inline_when_idle`, on in the broker): at low rates the hand-off to the thread
+and back (a thread wake-up, the waker pipe, a second reactor wake-up, a Deferred) costs about as much as the fsync.
+So when the flush starts and an idleness probe says no other event is waiting (the reactor's epoll has nothing
+ready), the fsync runs on the reactor thread and the acknowledgements go out in the same turn, as Redis does with
+`appendfsync always`. Under load the probe sees ready events and the fsync goes to the thread as before, so group
+commit and throughput are unchanged. The stall guard: an inline fsync slower than `inline_stall_s` (a slow or busy
+disk) blocked every connection for that long, so inlining pauses for `inline_pause_s` and the thread takes over
+(the pause doubles while inline fsyncs stay slow, up to `inline_max_pause_s`); no client action can stall the others
+for more than one slow fsync per pause. An inline fsync error is handled exactly like a thread's: fatal to the
+durability promise.
+
 `async` mode: acknowledgements are immediate and the log is fsynced every `interval_ms`.
 """
 
@@ -26,6 +37,13 @@ from tidegate.core.storage.api import MessageStore
 
 log = logging.getLogger("tidegate.flush")
 
+# An inline fsync slower than this blocked every connection for that long: stop inlining for INLINE_PAUSE_S, twice
+# as long after each slow one that follows a pause (up to INLINE_MAX_PAUSE_S), back to INLINE_PAUSE_S after a fast
+# one. One hiccup (a preempted VM) costs a second of thread fsyncs; a slow disk stalls the reactor once a minute.
+INLINE_STALL_S = 0.002
+INLINE_PAUSE_S = 1.0
+INLINE_MAX_PAUSE_S = 64.0
+
 
 class Durability:
     """Implements core/interfaces_storage.py `Durability` over a MessageStore."""
@@ -38,7 +56,15 @@ class Durability:
         mode: str = "sync",
         interval_ms: int = 100,
         metrics: CoreMetrics | None = None,
+        inline_when_idle: Callable[[], bool] | None = None,
+        inline_stall_s: float = INLINE_STALL_S,
+        inline_pause_s: float = INLINE_PAUSE_S,
+        inline_max_pause_s: float = INLINE_MAX_PAUSE_S,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`inline_when_idle`: a cheap probe, true when no other event waits for the reactor; with it (and a
+        `run_in_thread`) an fsync started while the reactor is idle runs inline. `timer` measures fsync durations
+        (injected by tests)."""
         if mode not in ("sync", "async"):
             raise ValueError(f"flush mode must be 'sync' or 'async', not {mode!r}")
         self.store = store
@@ -47,6 +73,19 @@ class Durability:
         self.interval_ms = interval_ms
         self.metrics = metrics or CoreMetrics()
         self._run_in_thread = run_in_thread
+        self._inline_when_idle = inline_when_idle
+        # The log fsync alone, when the store offers it: FileMessageStore.sync() on its owning thread also writes
+        # index entries and the checkpoint (~0.1 ms per call), which the broker's periodic index flush does anyway.
+        self._sync_inline: Callable[[], int] = getattr(store, "sync_log", store.sync)
+        self.inline_stall_s = inline_stall_s
+        self.inline_pause_s = inline_pause_s
+        self.inline_max_pause_s = inline_max_pause_s
+        self._next_pause_s = inline_pause_s
+        self._timer = timer
+        self._inline_paused_until = 0.0
+        self.inline_syncs = 0  # fsyncs run on the reactor thread because it was idle
+        self.thread_syncs = 0  # fsyncs handed to run_in_thread
+        self.inline_pauses = 0  # times the stall guard switched inlining off for inline_pause_s
         self._waiters: list[tuple[int, int, Callable[[], None]]] = []  # heap of (commit_end, seq, callback)
         self._seq = 0
         self._flushing = False
@@ -98,17 +137,46 @@ class Durability:
         if self._flushing or self.store.durable_offset >= self.store.end_offset:
             return
         self._flushing = True
-        started = time.perf_counter()
         if self._run_in_thread is None:
-            try:
-                durable = self.store.sync()
-            except BaseException as exc:  # noqa: BLE001 - reported to every waiter below
-                self._flush_failed(exc)
-                return
-            self._flush_done(durable, started)
+            self._sync_here()
+        elif self._may_inline():
+            self.inline_syncs += 1
+            self._sync_here(self._sync_inline)
+        else:
+            self.thread_syncs += 1
+            started = self._timer()
+            d = self._run_in_thread(self.store.sync)
+            d.addCallbacks(self._flush_done, self._flush_failed_failure, callbackArgs=(started,))
+
+    def _may_inline(self) -> bool:
+        if self._inline_when_idle is None or self.clock.seconds() < self._inline_paused_until:
+            return False
+        return self._inline_when_idle()
+
+    def _sync_here(self, sync: Callable[[], int] | None = None) -> None:
+        """fsync on the calling (reactor) thread; acknowledgements and listeners run before this returns."""
+        started = self._timer()
+        try:
+            durable = (sync or self.store.sync)()
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiter below
+            self._flush_failed(exc)
             return
-        d = self._run_in_thread(self.store.sync)
-        d.addCallbacks(self._flush_done, self._flush_failed_failure, callbackArgs=(started,))
+        took = self._timer() - started
+        if self._inline_when_idle is not None and sync is not None:
+            if took > self.inline_stall_s:
+                self._pause_inlining(took)
+            else:
+                self._next_pause_s = self.inline_pause_s
+        self._flush_done(durable, started)
+
+    def _pause_inlining(self, took: float) -> None:
+        pause = self._next_pause_s
+        self._next_pause_s = min(pause * 2, self.inline_max_pause_s)
+        self._inline_paused_until = self.clock.seconds() + pause
+        self.inline_pauses += 1
+        if pause >= self.inline_max_pause_s or self.inline_pauses == 1:  # a slow disk logs once a minute at most
+            log.info("an fsync on the reactor thread took %.1f ms (limit %.1f ms): fsyncs run in the flush thread "
+                     "for the next %.0f s", took * 1000, self.inline_stall_s * 1000, pause)
 
     def idle(self) -> Any:
         """A Deferred that fires once no fsync is running in a thread (shutdown waits for it before close())."""
@@ -127,7 +195,7 @@ class Durability:
             waiter.callback(None)
 
     def _flush_done(self, durable: int, started: float) -> None:
-        self.metrics.fsync_latency.observe(time.perf_counter() - started)
+        self.metrics.fsync_latency.observe(self._timer() - started)
         self._now_idle()
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:
@@ -163,7 +231,7 @@ class Durability:
         if self._closed or self.failed is not None:
             return
         if self.store.durable_offset < self.store.end_offset:
-            started = time.perf_counter()
+            started = self._timer()
             if self._run_in_thread is None:
                 try:
                     durable = self.store.sync()
@@ -183,6 +251,9 @@ class Durability:
     def close(self) -> None:
         """Stop timers and fsync synchronously (shutdown path), releasing every waiter."""
         self._closed = True
+        if self._inline_when_idle is not None:
+            log.info("fsyncs since start: %d inline (idle reactor), %d in the flush thread, inlining paused %d times",
+                     self.inline_syncs, self.thread_syncs, self.inline_pauses)
         for call in (self._scheduled, self._periodic):
             if call is not None and call.active():
                 call.cancel()

@@ -71,7 +71,7 @@ from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admi
 from tidegate.gateway.config import DEFAULT_BACKLOG, Config, ProcessSection
 from tidegate.gateway.listeners import ListenerBuilder, listen_tcp
 from tidegate.gateway.metrics import TidegateCollector, build_registry
-from tidegate.gateway.reactor_lag import ReactorLagProbe
+from tidegate.gateway.reactor_lag import ReactorLagProbe, reactor_idle_probe
 from tidegate.gateway.tls import TlsMetrics, TlsSettings, not_after_iso, server_tls_options
 
 log = logging.getLogger("tidegate.app")
@@ -299,6 +299,9 @@ class TidegateProcess(Service):
             mode=self.config.storage.flush,
             interval_ms=self.config.storage.flush_interval_ms,
             metrics=self.metrics,
+            inline_when_idle=(reactor_idle_probe(self.reactor) if self.config.storage.inline_sync_when_idle
+                              else None),
+            inline_stall_s=self.config.storage.inline_sync_stall_ms / 1000.0,
         )
         self.readiness.add_check("durability", self.durability.health)
         self.broker = Broker(self.store, self.metadata, self.reactor, self.durability, broker_config(self.config))

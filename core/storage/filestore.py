@@ -631,6 +631,13 @@ class FileMessageStore:
             self._flush_quietly()
         return durable
 
+    def sync_log(self) -> int:
+        """fsync the log only, on any thread: what `sync()` does off the owning thread. The buffered index entries
+        and the checkpoint wait for the periodic `flush_indexes` (the broker's inline fsync on the reactor thread
+        uses this, so a message at low rate does not pay for index and checkpoint file writes). Same failure rules
+        as `sync()`."""
+        return self._log.sync()
+
     def _flush_quietly(self) -> None:
         """flush_indexes from the append and sync paths: a failure is kept for health() and retried later (after
         another `index_flush_entries` entries, or the next sync), never raised into an append that succeeded."""
