@@ -251,3 +251,121 @@ def deliver_v311(self, key, list deliveries) -> int:
     if released_count and back is not None:
         back[key] = back.get(key, 0) + released_count
     return taken
+
+
+# inbound.py's helpers, handed over by bind_inbound()
+cdef dict _addresses = None  # inbound._ADDRESSES
+cdef object _prop_publisher = None  # mapping.PROP_PUBLISHER
+cdef object _Message = None  # core.model.Message
+cdef object _transient = None  # inbound._TRANSIENT
+cdef object _persistent = None  # inbound._PERSISTENT
+cdef object _Publish = None  # packets.Publish
+cdef object _window_exceeded = None  # inbound._window_exceeded() -> the exception to raise
+cdef object _TidegateError = None  # core.errors.TidegateError
+
+
+def bind_inbound(dict addresses, prop_publisher, message, transient, persistent, publish, window_exceeded,
+                 tidegate_error) -> None:
+    """Take inbound.py's and outbound.py's remaining helpers (called once)."""
+    global _addresses, _prop_publisher, _Message, _transient, _persistent, _Publish, _window_exceeded
+    global _TidegateError
+    _addresses = addresses
+    _prop_publisher = prop_publisher
+    _Message = message
+    _transient = transient
+    _persistent = persistent
+    _Publish = publish
+    _window_exceeded = window_exceeded
+    _TidegateError = tidegate_error
+
+
+def stage_plain(self, list items, Py_ssize_t start, Py_ssize_t stop) -> None:
+    """Inbound.stage_plain: stage the plain PUBLISHes `items[start:stop]` as `on_publish` would, without building
+    a `Publish` for the ones it can take; anything else goes through `on_publish` unchanged."""
+    cdef Py_ssize_t index, limit
+    cdef set open_ids
+    cdef dict properties
+    conn = self.conn
+    stats = conn.factory.stats
+    window = self.window
+    open_ids = window.open_ids()
+    limit = window.limit if window.enforced else 0
+    maximum_qos = self.settings.maximum_qos
+    cdef dict addresses = _addresses
+    Message = _Message
+    # No Local needs the publisher on every message of this run, whichever path started the batch
+    properties = {_prop_publisher: conn.client_id} if conn.mqtt_session.has_no_local else None
+    for index in range(start, stop):
+        topic, packet_id, payload = items[index]
+        batch = self.batch
+        address = addresses.get(topic)
+        try:
+            if address is None or address[0] != self.known_topic or (packet_id is not None and (
+                    maximum_qos == 0 or (batch is not None and (
+                        packet_id in self.batch_ids
+                        or (limit and packet_id not in open_ids and len(open_ids) >= limit))))):  # full_for
+                self.on_publish(_Publish(topic, payload, 0 if packet_id is None else 1, packet_id=packet_id))
+            else:
+                if packet_id is not None:
+                    open_ids.add(packet_id)  # ReceiveWindow.admit
+                    if limit and len(open_ids) > limit:
+                        if batch is not None:
+                            self.publish_batch()
+                        raise _window_exceeded()
+                stats.messages_received += 1
+                if batch is None:
+                    self.batch = batch = []
+                    self.batch_ids = set()
+                if packet_id is None:
+                    batch.append((None, topic, Message(
+                        topic=address[0], subject=address[1], body=payload,
+                        properties={} if properties is None else properties.copy(), flags=_transient), 0, None))
+                else:
+                    batch.append((None, topic, Message(
+                        topic=address[0], subject=address[1], body=payload,
+                        properties={} if properties is None else properties.copy(), flags=_persistent), 1,
+                        packet_id))
+                    self.batch_ids.add(packet_id)
+        except Exception as error:
+            conn.handle_error(error)
+        if conn.state == "closed":
+            return
+
+
+def on_pubacks(self, list packet_ids) -> None:
+    """Outbound.on_pubacks: the Success PUBACKs of one read, with one core ack, one credit grant per subscription
+    and one drain of `pending` for all of them."""
+    packets = self.conn.mqtt_session.packets
+    inflight = packets.inflight  # a read-only placeholder until the first delivery
+    sent = packets.sent
+    sent_ids = packets.sent_ids
+    cdef dict done = {}
+    cdef list group
+    for packet_id in packet_ids:
+        item = inflight.get(packet_id)
+        if item is None or item.qos != 1:
+            continue  # unknown or duplicate acknowledgement: nothing to do (PacketIds.acknowledged)
+        del inflight[packet_id]
+        if item.sent_key is not None:
+            sent.pop(item.sent_key, None)
+            sent_ids.discard(packet_id)
+        key = item.sub_key
+        if key is not None:
+            group = done.get(key)
+            if group is None:
+                done[key] = [item]
+            else:
+                group.append(item)
+    for key, group in done.items():
+        sub = self.subs.get(key)
+        if sub is not None and not sub.closed:
+            deliveries = [item.delivered for item in group if item.delivered is not None]
+            try:
+                sub.ack_delivered(deliveries)
+            except _TidegateError:
+                pass
+            for item in group:
+                if item.delivered is None:
+                    self._ack_core(item)
+        self._regrant(key, len(group))
+    self._drain_pending()

@@ -28,11 +28,8 @@ Flow control and memory (slow subscribers):
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from tidegate.core.api import Delivered
@@ -40,8 +37,7 @@ from tidegate.core.errors import TidegateError
 from tidegate.core.interfaces import Subscription
 from tidegate.core.model import Message, QueueRef
 
-from . import codec as _codec
-from .codec import MqttCodec, encode_publish_v311, publish_topic_header
+from .codec import encode_publish_v311, publish_topic_header
 from .mapping import (
     PROP_PUBLISHER,
     PROP_RETAIN,
@@ -688,31 +684,3 @@ class Outbound:
         for packet_id in sorted(session.packets.released):
             self.conn.send(Pubrel(packet_id))
 
-
-py_decode_fast = MqttCodec._decode_fast
-py_deliver_v311 = Outbound._deliver_v311
-SPEEDUPS = "tidegate.adapters.mqtt._mqtt_speedups"
-
-
-def _load_speedups() -> ModuleType | None:
-    """The compiled twins of the decoder's and this writer's hot loops (adapters/mqtt/_mqtt_speedups.pyx: the same
-    packets, bytes and state changes), or None: not built, or TIDEGATE_NO_EXTENSIONS set to anything but "" or "0"
-    (the switch of tidegate.core.storage.accelerator, which adapters may not import: tests/test_layering.py). They
-    are installed from here, not from codec.py, because the codec imports nothing of the core; every broker
-    connection goes through this module, a codec used on its own decodes in pure Python."""
-    if os.environ.get("TIDEGATE_NO_EXTENSIONS", "") not in ("", "0"):
-        return None
-    try:
-        return importlib.import_module(SPEEDUPS)
-    except ImportError as exc:
-        log.debug("compiled MQTT accelerator not available: %s", exc)
-        return None
-
-
-_speedups = _load_speedups()
-if _speedups is not None:
-    _speedups.bind_codec(_codec._remaining_length, _codec._packet_too_large, _codec._PLAIN_TOPICS,
-                         _codec._plain_topic)
-    _speedups.bind_outbound(_QOS_OF_FLAGS, _message_qos, Inflight, PROP_RETAIN)
-    MqttCodec._decode_fast = _speedups.decode_fast  # type: ignore[method-assign]
-    Outbound._deliver_v311 = _speedups.deliver_v311  # type: ignore[method-assign]

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidegate.adapters.mqtt import outbound
+from tidegate.adapters.mqtt import speedups as hot_path
 from tidegate.adapters.mqtt.codec import (
     Connect,
     MqttCodec,
@@ -29,11 +29,12 @@ from tidegate.adapters.mqtt.codec import (
     Subscribe,
     TopicSubscription,
 )
+from tidegate.adapters.mqtt.inbound import Inbound
 from tidegate.adapters.mqtt.outbound import Outbound
 
 ENV_VAR = "TIDEGATE_NO_EXTENSIONS"
-speedups = outbound._speedups
-disabled = os.environ.get(ENV_VAR, "") not in ("", "0")
+speedups = hot_path.compiled
+disabled = hot_path.extensions_disabled()
 needs_extension = pytest.mark.skipif(
     speedups is None, reason=f"{ENV_VAR} is set" if disabled else "compiled accelerator not built (no C compiler?)")
 
@@ -46,19 +47,22 @@ def test_extension_is_built_in_ci_when_a_compiler_is_present() -> None:
 
 
 def test_compiled_twins_are_installed_unless_switched_off() -> None:
-    """outbound.py installs the compiled decoder and writer when the extension loaded, else keeps the Python ones."""
+    """speedups.py installs the compiled decoder, stager, writer and settler when the extension loaded, else
+    keeps the Python ones."""
     compiled = speedups is not None
     assert not (compiled and disabled)
-    assert (MqttCodec._decode_fast is not outbound.py_decode_fast) == compiled
-    assert (Outbound._deliver_v311 is not outbound.py_deliver_v311) == compiled
+    assert (MqttCodec._decode_fast is not hot_path.py_decode_fast) == compiled
+    assert (Outbound._deliver_v311 is not hot_path.py_deliver_v311) == compiled
+    assert (Outbound.on_pubacks is not hot_path.py_on_pubacks) == compiled
+    assert (Inbound.stage_plain is not hot_path.py_stage_plain) == compiled
 
 
 @needs_extension
 def test_environment_switch_selects_pure_python_in_a_fresh_interpreter() -> None:
-    """TIDEGATE_NO_EXTENSIONS=1 leaves the pure-Python decoder and writer in place."""
-    code = ("from tidegate.adapters.mqtt import outbound; "
-            "print(outbound.MqttCodec._decode_fast is outbound.py_decode_fast, "
-            "outbound.Outbound._deliver_v311 is outbound.py_deliver_v311)")
+    """TIDEGATE_NO_EXTENSIONS=1 leaves the pure-Python hot path in place."""
+    code = ("from tidegate.adapters.mqtt import speedups as s; "
+            "print(s.codec.MqttCodec._decode_fast is s.py_decode_fast, "
+            "s.outbound.Outbound._deliver_v311 is s.py_deliver_v311)")
     for value, pure in (("1", "True True"), ("0", "False False")):
         env = {**os.environ, ENV_VAR: value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -157,7 +161,7 @@ def test_compiled_decoder_gives_the_same_items_and_faults(level, specs, cuts, ma
     points = sorted({min(c, len(data)) for c in cuts})
     chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert (_run(speedups.decode_fast, level, max_packet_size, chunks)
-            == _run(outbound.py_decode_fast, level, max_packet_size, chunks))
+            == _run(hot_path.py_decode_fast, level, max_packet_size, chunks))
 
 
 @needs_extension
@@ -204,16 +208,20 @@ def _subscriber_bytes(make_env, level: int) -> list[bytes]:
             again.send(Puback(packet.packet_id))
     env.pump()
     reads.append(again.transport.value())
+    reads.append(pub.transport.value())  # the publisher's PUBACKs
     return reads
 
 
 @needs_extension
 @pytest.mark.parametrize("level", [3, 4])
 def test_compiled_writer_sends_the_same_bytes(level, make_env, monkeypatch) -> None:
-    """A subscriber reads byte for byte the same through the compiled writer as through the Python one."""
+    """A subscriber reads byte for byte the same (and the publisher gets the same PUBACKs) through the compiled
+    hot path as through the Python one."""
     compiled = _subscriber_bytes(make_env, level)
-    monkeypatch.setattr(Outbound, "_deliver_v311", outbound.py_deliver_v311)
-    monkeypatch.setattr(MqttCodec, "_decode_fast", outbound.py_decode_fast)
+    monkeypatch.setattr(Outbound, "_deliver_v311", hot_path.py_deliver_v311)
+    monkeypatch.setattr(MqttCodec, "_decode_fast", hot_path.py_decode_fast)
+    monkeypatch.setattr(Outbound, "on_pubacks", hot_path.py_on_pubacks)
+    monkeypatch.setattr(Inbound, "stage_plain", hot_path.py_stage_plain)
     pure = _subscriber_bytes(make_env, level)
     assert compiled == pure
     assert b"\x3a" in b"".join(compiled[2:3]), "the redelivery carries DUP"
