@@ -683,4 +683,3 @@ class Outbound:
         assert session is not None
         for packet_id in sorted(session.packets.released):
             self.conn.send(Pubrel(packet_id))
-
