@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 # Debian they are installed here, elsewhere the install falls back to pure Python with one notice.
 BUILD_DEPS_CHECK = command -v cc >/dev/null && [ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]
 ENSURE_BUILD_DEPS = { $(BUILD_DEPS_CHECK); } || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev python3-dev >/dev/null; } || echo "no C compiler or Python headers: installing without the compiled accelerator (pure Python; apt-get install gcc python3-dev)"
-ACCELERATOR_SOURCES := setup.py core/storage/_record_speedups.pyx core/storage/_crc32c.h
-# The storage tests run a second time against the pure-Python twins of the accelerated functions.
+ACCELERATOR_SOURCES := setup.py core/storage/_record_speedups.pyx core/storage/_crc32c.h adapters/mqtt/_mqtt_speedups.pyx
+# The storage and MQTT hot-path tests run a second time against the pure-Python twins of the accelerated functions.
 PURE_PYTHON_TESTS := tests/storage/test_storage_record.py tests/storage/test_append_fast.py \
 	tests/storage/test_storage_queueindex.py tests/storage/test_storage_recovery.py tests/storage/test_large_records.py \
-	tests/storage/test_record_speedups.py
+	tests/storage/test_record_speedups.py tests/mqtt/test_mqtt_speedups.py tests/mqtt/test_receive_batch.py \
+	tests/mqtt/test_hotpath_mqtt.py tests/mqtt/test_hotpath_reads.py tests/mqtt/test_protocol.py
 
 .PHONY: run test lint bench clean loadgen
 
@@ -52,4 +53,5 @@ build/loadgen/mqtt_loadgen: interop/loadgen/mqtt_loadgen.c
 	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache core/storage/_record_speedups.c core/storage/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache core/storage/_record_speedups.c core/storage/*.so \
+	adapters/mqtt/_mqtt_speedups.c adapters/mqtt/*.so

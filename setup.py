@@ -16,7 +16,8 @@ from setuptools.command.build_ext import build_ext
 NOTICE = ("tidegate: the optional compiled accelerator was not built ({reason}); installing pure Python "
           "(same behaviour, slower record encoding). Install a C compiler and the Python headers "
           "(Debian: apt-get install gcc python3-dev) and reinstall to build it.")
-SOURCES = {"tidegate.core.storage._record_speedups": "core/storage/_record_speedups.pyx"}
+SOURCES = {"tidegate.core.storage._record_speedups": "core/storage/_record_speedups.pyx",
+           "tidegate.adapters.mqtt._mqtt_speedups": "adapters/mqtt/_mqtt_speedups.pyx"}
 
 
 _noticed: list[str] = []

@@ -683,6 +683,11 @@ _ENCODERS: dict[type, Callable[[int, Packet], bytes]] = {
 }  # type: ignore[dict-item]
 
 
+def _packet_too_large(packet_size: int, maximum: int) -> MqttProtocolError:
+    return MqttProtocolError(f"packet of {packet_size} bytes exceeds the maximum packet size {maximum}",
+                             ReasonCode.PACKET_TOO_LARGE)
+
+
 def _remaining_length(buffer: Buffer, position: int, available: int) -> tuple[int, int] | None:
     """(remaining length, fixed header length), or None if the length bytes have not all arrived yet."""
     value = 0
@@ -998,17 +1003,17 @@ class MqttCodec:
             if length_byte < 0x80:
                 remaining = length_byte
                 header_length = 2
+            elif position + 2 < available and 0 < buffer[position + 2] < 0x80:  # two length bytes (most payloads)
+                remaining = (length_byte & 0x7F) | (buffer[position + 2] << 7)
+                header_length = 3
             else:
-                parsed = _remaining_length(buffer, position + 1, available)
+                parsed = _remaining_length(buffer, position + 1, available)  # longer, incomplete or malformed
                 if parsed is None:
                     break
                 remaining, header_length = parsed
             packet_size = header_length + remaining
             if packet_size > max_packet_size:
-                raise MqttProtocolError(
-                    f"packet of {packet_size} bytes exceeds the maximum packet size {max_packet_size}",
-                    ReasonCode.PACKET_TOO_LARGE,
-                )
+                raise _packet_too_large(packet_size, max_packet_size)
             end = position + packet_size
             if end > available:
                 break
@@ -1062,3 +1067,4 @@ class MqttCodec:
             raise MqttEncodeError("a 3.1.1 server closes the connection instead of sending DISCONNECT",
                                   ReasonCode.PROTOCOL_ERROR)  # fmt: skip
         return _ENCODERS[type(packet)](level, packet)
+

@@ -88,6 +88,11 @@ def plain_message(topic_name: str, payload: bytes, qos: int, retain: bool, publi
                    flags=_FLAGS_FOR_QOS[qos])
 
 
+def _window_exceeded() -> MqttProtocolError:
+    return MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
+                             ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+
+
 def _packet_of(item: Staged) -> Publish:
     """The PUBLISH a staged item came from (built for a plain publish, which has none, only when refused)."""
     packet, topic, message, qos, packet_id = item
@@ -152,8 +157,7 @@ class Inbound:
                         if limit and len(open_ids) > limit:
                             if batch is not None:
                                 self.publish_batch()
-                            raise MqttProtocolError("more unacknowledged QoS 1/2 publishes than Receive Maximum",
-                                                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+                            raise _window_exceeded()
                     stats.messages_received += 1
                     if batch is None:
                         self.batch = batch = []

@@ -64,6 +64,7 @@ from .reason_codes import CONNACK_REASON_CODES, DISCONNECT_REASON_CODES
 from .retained import RETAINED_NAMESPACE, RetainedStore
 from .sessions import SESSIONS_NAMESPACE, SHARES_NAMESPACE, PendingWill, Session, SessionManager, SubscriptionEntry
 from .settings import MqttSettings
+from .speedups import compiled as _compiled_hot_path  # noqa: F401 - installs the compiled hot path if built
 from .state import Negotiated, Refusal, negotiate
 from .sys_topics import SysTopics
 
