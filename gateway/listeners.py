@@ -258,12 +258,16 @@ class EagerAcceptPort(tcp.Port):
         """Twisted's `Port.doRead` (same EMFILE recovery and error handling), accepting up to the backlog, with the
         peer address built once per connection."""
         accepted = 0
+        pause = self.collector_pause
+        pause_at = pause.threshold if pause is not None else 0  # held off as soon as a storm shows, not after it
         try:
             with tcp._BuffersLogs(self._logger.namespace, self._logger.observer) as buffering_logger:
                 clients = tcp._accept(buffering_logger, range(max(self.numberAccepts, self.backlog)), self.socket,
                                       tcp._reservedFD)
                 for skt, addr in clients:
                     accepted += 1
+                    if accepted == pause_at:
+                        pause.accepted(accepted, self.reactor)  # type: ignore[union-attr]
                     if len(addr) == 4:  # IPv6: with the scope id, as Twisted does
                         host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                         addr = (host[0], *addr[1:])
@@ -280,8 +284,8 @@ class EagerAcceptPort(tcp.Port):
             self.numberAccepts = max(1, accepted)
         except BaseException:
             log.exception("accepting connections on port %s failed", self._realPortNumber)
-        if self.collector_pause is not None and accepted:
-            self.collector_pause.accepted(accepted, self.reactor)
+        if pause is not None and accepted > pause_at:
+            pause.accepted(accepted, self.reactor)  # the quiet time counts from the end of this wake-up
 
 
 def listen_tcp(reactor: Any, port: int, factory: Any, *, backlog: int, interface: str,
