@@ -13,15 +13,19 @@ A row whose adapter module is not part of the build is skipped with one log line
 
 from __future__ import annotations
 
+import _socket
+import functools
+import gc
 import importlib
 import importlib.util
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import address, tcp
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.posixbase import PosixReactorBase
 
@@ -103,9 +107,86 @@ def effective_backlog(requested: int = DEFAULT_BACKLOG, somaxconn_path: Path = S
     return requested
 
 
+# A wake-up of the listener that accepts at least this many connections is a storm: the garbage collector is held
+# off until no such wake-up came for STORM_GC_QUIET_S (at most STORM_GC_MAX_PAUSE_S in a row, then it runs again for
+# at least STORM_GC_QUIET_S before it can be held off again, so a never-ending flood of connects still collects).
+STORM_GC_ACCEPTS = 64
+STORM_GC_QUIET_S = 1.0
+STORM_GC_MAX_PAUSE_S = 10.0
+
+_raw_family = _socket.socket.family.__get__  # the int, without `socket.socket.family`'s enum conversion
+_raw_type = _socket.socket.type.__get__
+
+
+class StormCollectorPause:
+    """Holds CPython's cyclic garbage collector off while a reconnect storm is being accepted.
+
+    Every accepted connection allocates a few dozen objects that live as long as it does, so a storm of 10,000
+    connections runs generation-0 collections that each walk tens of thousands of young objects, and
+    generation-1 collections that walk hundreds of thousands, all of which survive: about 5-10 % of the broker's
+    CPU in a storm, spent while clients wait for their CONNACK. Reference counting still frees everything that is
+    not in a cycle; the collections that were skipped run as one when the collector is back on, after the storm.
+    Only a collector that was on is paused (a process that turned it off keeps it off).
+    """
+
+    def __init__(self, threshold: int = STORM_GC_ACCEPTS, quiet_s: float = STORM_GC_QUIET_S,
+                 max_pause_s: float = STORM_GC_MAX_PAUSE_S) -> None:
+        self.threshold = threshold
+        self.quiet_s = quiet_s
+        self.max_pause_s = max_pause_s
+        self.paused_at: float | None = None  # when this pause began (None: the collector is not held off by us)
+        self.resume_at = 0.0
+        self.not_before = 0.0  # after a pause that hit `max_pause_s`, no new pause until then
+        self.pauses = 0  # how many storms paused it (for tests and the curious)
+        self._call: Any = None
+        self._clock: Any = None
+
+    def accepted(self, count: int, clock: Any) -> None:
+        """A wake-up of a listener accepted `count` connections; `clock` is its reactor."""
+        if count < self.threshold:
+            return
+        now = clock.seconds()
+        if self.paused_at is None:
+            if now < self.not_before or not gc.isenabled():
+                return
+            gc.disable()
+            self.paused_at = now
+            self.pauses += 1
+        self.resume_at = min(now + self.quiet_s, self.paused_at + self.max_pause_s)
+        if self._call is None:
+            self._clock = clock
+            self._call = clock.callLater(self.resume_at - now, self._check)
+
+    def _check(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        if now < self.resume_at:
+            self._call = self._clock.callLater(self.resume_at - now, self._check)
+            return
+        self.release(now)
+
+    def release(self, now: float | None = None) -> None:
+        """Turn the collector back on now (the end of a storm; also on shutdown)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self.paused_at is None:
+            return
+        if now is not None and now - self.paused_at >= self.max_pause_s:
+            self.not_before = now + self.quiet_s
+        self.paused_at = None
+        gc.enable()
+
+
+storm_collector_pause = StormCollectorPause()  # one per process: the collector is the process's
+
+
 class LeanServer(tcp.Server):
-    """Twisted's accepted TCP connection without the repr text it formats for every connection at accept (about 80
-    bytes each, read only by `repr()`): made when asked instead."""
+    """Twisted's accepted TCP connection without the texts it formats for every connection at accept (`repstr`,
+    `logstr`: about 150 bytes each; the log prefix is made at the first event instead, the repr when asked); `getPeer`
+    returns the address built at accept instead of a new one per call."""
+
+    peer: Any = None  # the IPv4Address/IPv6Address the port built for `buildProtocol`
 
     @property  # type: ignore[override]
     def repstr(self) -> str:
@@ -113,7 +194,43 @@ class LeanServer(tcp.Server):
 
     @repstr.setter
     def repstr(self, value: str) -> None:
-        pass  # tcp.Server.__init__ assigns it; the property above computes the same text
+        pass  # for code that assigns it as on tcp.Server; the property above computes the same text
+
+    def __init__(self, sock: socket.socket, protocol: Any, client: tuple[Any, ...], server: tcp.Port,
+                 sessionno: int, reactor: Any) -> None:
+        # tcp.Server.__init__ without the two texts (see the class docstring)
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
+
+    @functools.cached_property
+    def logstr(self) -> str:  # type: ignore[override]
+        """Twisted's log prefix of this connection: read by the reactor at every event, so kept once made."""
+        return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+
+    def getPeer(self) -> Any:  # noqa: N802 - Twisted's name
+        peer = self.peer
+        return peer if peer is not None else super().getPeer()
+
+
+class LeanListeningSocket(socket.socket):
+    """The listening socket: `accept` as Python's, without converting the family and type to enums for each
+    accepted socket (two `IntEnum` look-ups per connection, a visible share of a storm's accept loop)."""
+
+    __slots__ = ()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, address = self._accept()  # type: ignore[attr-defined]
+        accepted = socket.socket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            accepted.setblocking(True)  # what socket.accept does (a listener in Twisted is non-blocking)
+        return accepted, address
 
 
 class EagerAcceptPort(tcp.Port):
@@ -124,14 +241,51 @@ class EagerAcceptPort(tcp.Port):
     reconnect storm accept 1, 21, 41, ... connections while the kernel's accept queue overflows and drops SYNs that
     clients retry only after 1 s, 3 s, 7 s. Here each wake-up may accept up to the backlog (the accept queue's
     size): the loop still stops as soon as `accept()` says nothing is queued, so a quiet listener pays nothing.
-    Accepted connections are `LeanServer`s.
+    Accepted connections are `LeanServer`s; a wake-up that accepts a storm holds the garbage collector off
+    (`storm_collector_pause`).
     """
 
     transport = LeanServer
+    collector_pause: StormCollectorPause | None = storm_collector_pause
+
+    def createInternetSocket(self) -> socket.socket:  # noqa: N802 - Twisted's name
+        skt = super().createInternetSocket()
+        lean = LeanListeningSocket(_raw_family(skt), _raw_type(skt), skt.proto, fileno=skt.detach())
+        lean.setblocking(False)
+        return lean
 
     def doRead(self) -> None:
-        self.numberAccepts = max(self.numberAccepts, self.backlog)
-        super().doRead()
+        """Twisted's `Port.doRead` (same EMFILE recovery and error handling), accepting up to the backlog, with the
+        peer address built once per connection."""
+        accepted = 0
+        pause = self.collector_pause
+        pause_at = pause.threshold if pause is not None else 0  # held off as soon as a storm shows, not after it
+        try:
+            with tcp._BuffersLogs(self._logger.namespace, self._logger.observer) as buffering_logger:
+                clients = tcp._accept(buffering_logger, range(max(self.numberAccepts, self.backlog)), self.socket,
+                                      tcp._reservedFD)
+                for skt, addr in clients:
+                    accepted += 1
+                    if accepted == pause_at:
+                        pause.accepted(accepted, self.reactor)  # type: ignore[union-attr]
+                    if len(addr) == 4:  # IPv6: with the scope id, as Twisted does
+                        host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                        addr = (host[0], *addr[1:])
+                    peer = self._buildAddr(addr)
+                    protocol = self.factory.buildProtocol(peer)
+                    if protocol is None:
+                        skt.close()
+                        continue
+                    session_number = self.sessionno
+                    self.sessionno = session_number + 1
+                    transport = self.transport(skt, protocol, addr, self, session_number, self.reactor)
+                    transport.peer = peer
+                    protocol.makeConnection(transport)
+            self.numberAccepts = max(1, accepted)
+        except BaseException:
+            log.exception("accepting connections on port %s failed", self._realPortNumber)
+        if pause is not None and accepted > pause_at:
+            pause.accepted(accepted, self.reactor)  # the quiet time counts from the end of this wake-up
 
 
 def listen_tcp(reactor: Any, port: int, factory: Any, *, backlog: int, interface: str,

@@ -1,0 +1,142 @@
+"""The accept path in a reconnect storm: the garbage collector held off while a storm is accepted, and the lean
+listening socket and accepted connection (gateway/listeners.py)."""
+
+from __future__ import annotations
+
+import gc
+import socket
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import epollreactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+
+from tidegate.gateway import listeners
+
+
+@pytest.fixture
+def collector_on() -> Iterator[None]:
+    """Every test starts and ends with the collector on, whatever it did to it."""
+    was_enabled = gc.isenabled()
+    gc.enable()
+    yield
+    if was_enabled:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_a_small_wake_up_leaves_the_collector_alone(collector_on) -> None:
+    clock = Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0)
+    pause.accepted(9, clock)
+    assert gc.isenabled() and pause.pauses == 0 and not clock.getDelayedCalls()
+
+
+def test_a_storm_holds_the_collector_off_until_a_quiet_second(collector_on) -> None:
+    clock = Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0, max_pause_s=10.0)
+    pause.accepted(10, clock)
+    assert not gc.isenabled() and pause.pauses == 1
+    clock.advance(0.6)
+    pause.accepted(500, clock)  # the storm goes on: the quiet second starts again
+    clock.advance(0.6)
+    assert not gc.isenabled()
+    clock.advance(0.5)
+    assert gc.isenabled() and pause.paused_at is None
+    assert not clock.getDelayedCalls()
+
+
+def test_an_endless_storm_pauses_the_collector_for_max_pause_s_then_lets_it_run(collector_on) -> None:
+    clock = Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0, max_pause_s=3.0)
+    for _ in range(7):  # a big wake-up every half second for 3.5 s
+        pause.accepted(100, clock)
+        clock.advance(0.5)
+    assert gc.isenabled()  # back on at 3 s although the storm went on
+    pause.accepted(100, clock)
+    assert gc.isenabled()  # and not held off again within quiet_s of that
+    clock.advance(0.5)
+    pause.accepted(100, clock)
+    assert not gc.isenabled() and pause.pauses == 2
+    pause.release()
+    assert gc.isenabled()
+
+
+def test_a_collector_turned_off_by_the_process_stays_off(collector_on) -> None:
+    clock = Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0)
+    gc.disable()
+    pause.accepted(100, clock)
+    clock.advance(5)
+    assert not gc.isenabled() and pause.pauses == 0
+
+
+class _Recording(Factory):
+    def __init__(self) -> None:
+        self.built: list[Protocol] = []
+        self.addresses: list[object] = []
+
+    def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+        self.addresses.append(addr)
+        protocol = Protocol()
+        self.built.append(protocol)
+        return protocol
+
+
+def _close(reactor: epollreactor.EPollReactor, port: listeners.EagerAcceptPort) -> None:
+    for reader in reactor.getReaders():
+        if isinstance(reader, listeners.tcp.Server):
+            reader.socket.close()
+    for call in reactor.getDelayedCalls():
+        call.cancel()
+    port.socket.close()
+    reactor._poller.close()
+
+
+def test_a_wake_up_that_accepts_a_storm_pauses_the_collector(collector_on) -> None:
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.collector_pause = pause = listeners.StormCollectorPause(threshold=5, quiet_s=1.0)
+    port.startListening()
+    clients: list[socket.socket] = []
+    try:
+        address = port.getHost()
+        for _ in range(5):
+            clients.append(socket.create_connection((address.host, address.port), timeout=5))
+        port.doRead()
+        assert len(factory.built) == 5
+        assert not gc.isenabled() and pause.pauses == 1
+    finally:
+        pause.release()
+        for client in clients:
+            client.close()
+        _close(reactor, port)
+
+
+def test_accepted_connections_are_what_twisted_makes(collector_on) -> None:
+    """The lean accept gives each protocol a non-blocking socket of the listener's family, the peer address the
+    factory saw (`getPeer` returns it), and Twisted's log prefix and repr."""
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.startListening()
+    assert isinstance(port.socket, listeners.LeanListeningSocket)
+    client = socket.create_connection((port.getHost().host, port.getHost().port), timeout=5)
+    try:
+        port.doRead()
+        (protocol,) = factory.built
+        transport = protocol.transport
+        assert isinstance(transport, listeners.LeanServer)
+        assert transport.getPeer() is factory.addresses[0]
+        assert (transport.getPeer().host, transport.getPeer().port) == client.getsockname()
+        assert transport.socket.family is socket.AF_INET and transport.socket.getblocking() is False
+        assert transport.logPrefix() == f"Protocol,{transport.sessionno},127.0.0.1"
+        assert repr(transport) == f"<Protocol #{transport.sessionno} on {port.getHost().port}>"
+        client.sendall(b"x")
+        assert transport.socket.recv(1) == b"x"
+    finally:
+        client.close()
+        _close(reactor, port)
