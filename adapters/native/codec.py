@@ -22,7 +22,14 @@ from enum import StrEnum
 from typing import Any
 
 from tidegate.adapters.native.errors import ErrorCode, FrameValueError, Truncated
-from tidegate.adapters.native.fastpath import message_bytes, read_message, read_string, wire_name, wire_string
+from tidegate.adapters.native.fastpath import (
+    message_bytes,
+    read_message,
+    read_string,
+    slot_setter,
+    wire_name,
+    wire_string,
+)
 from tidegate.adapters.native.frames import (
     BOTH,
     CLIENT,
@@ -42,8 +49,9 @@ from tidegate.adapters.native.frames import (
     SendOk,
     SendReceipt,
 )
+from tidegate.core.api import Delivered
 from tidegate.core.errors import TidegateError
-from tidegate.core.model import Message, MessageFlag
+from tidegate.core.model import Message, MessageFlag, QueueRef
 
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
@@ -130,7 +138,39 @@ _SEND_OK_TAIL = struct.Struct(">Iq")  # queue_id, queue_offset
 _send_ok_tail_pack = _SEND_OK_TAIL.pack
 _send_ok_tail_unpack = _SEND_OK_TAIL.unpack_from
 _new = object.__new__
-_set = object.__setattr__
+# The hand-written decoders write the fields of frozen frames through their slot descriptors: cheaper than
+# object.__setattr__ (no attribute-name lookup per field), same effect.
+_set_Deliver_flags = slot_setter(Deliver, "flags")
+_set_Deliver_messages = slot_setter(Deliver, "messages")
+_set_Deliver_request_id = slot_setter(Deliver, "request_id")
+_set_Deliver_subscription_id = slot_setter(Deliver, "subscription_id")
+_set_DeliveryRecord_attempt = slot_setter(DeliveryRecord, "attempt")
+_set_DeliveryRecord_message = slot_setter(DeliveryRecord, "message")
+_set_DeliveryRecord_queue_id = slot_setter(DeliveryRecord, "queue_id")
+_set_DeliveryRecord_queue_offset = slot_setter(DeliveryRecord, "queue_offset")
+_set_DeliveryRecord_receipt = slot_setter(DeliveryRecord, "receipt")
+_set_DeliveryRecord_topic = slot_setter(DeliveryRecord, "topic")
+_set_Send_flags = slot_setter(Send, "flags")
+_set_Send_message = slot_setter(Send, "message")
+_set_Send_queue_id = slot_setter(Send, "queue_id")
+_set_Send_request_id = slot_setter(Send, "request_id")
+_set_SendBatch_flags = slot_setter(SendBatch, "flags")
+_set_SendBatch_messages = slot_setter(SendBatch, "messages")
+_set_SendBatch_queue_id = slot_setter(SendBatch, "queue_id")
+_set_SendBatch_request_id = slot_setter(SendBatch, "request_id")
+_set_SendBatchOk_flags = slot_setter(SendBatchOk, "flags")
+_set_SendBatchOk_request_id = slot_setter(SendBatchOk, "request_id")
+_set_SendBatchOk_results = slot_setter(SendBatchOk, "results")
+_set_SendOk_flags = slot_setter(SendOk, "flags")
+_set_SendOk_msg_id = slot_setter(SendOk, "msg_id")
+_set_SendOk_queue_id = slot_setter(SendOk, "queue_id")
+_set_SendOk_queue_offset = slot_setter(SendOk, "queue_offset")
+_set_SendOk_request_id = slot_setter(SendOk, "request_id")
+_set_SendOk_topic = slot_setter(SendOk, "topic")
+_set_SendReceipt_msg_id = slot_setter(SendReceipt, "msg_id")
+_set_SendReceipt_queue_id = slot_setter(SendReceipt, "queue_id")
+_set_SendReceipt_queue_offset = slot_setter(SendReceipt, "queue_offset")
+_set_SendReceipt_topic = slot_setter(SendReceipt, "topic")
 SEND_TYPE = Send.TYPE
 SEND_OK_TYPE = SendOk.TYPE
 SEND_BATCH_TYPE = SendBatch.TYPE
@@ -248,10 +288,10 @@ def _decode_send_batch(view: memoryview, pos: int, end: int, flags: int, request
     if pos != end:
         raise Truncated(f"{end - pos} trailing bytes after the last field")
     frame = _new(SendBatch)
-    _set(frame, "request_id", request_id)
-    _set(frame, "flags", flags)
-    _set(frame, "queue_id", queue_id)
-    _set(frame, "messages", tuple(messages))
+    _set_SendBatch_request_id(frame, request_id)
+    _set_SendBatch_flags(frame, flags)
+    _set_SendBatch_queue_id(frame, queue_id)
+    _set_SendBatch_messages(frame, tuple(messages))
     return frame
 
 
@@ -269,17 +309,17 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
         queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
         pos += 12
         receipt = _new(SendReceipt)
-        _set(receipt, "msg_id", msg_id)
-        _set(receipt, "topic", topic)
-        _set(receipt, "queue_id", queue_id)
-        _set(receipt, "queue_offset", queue_offset)
+        _set_SendReceipt_msg_id(receipt, msg_id)
+        _set_SendReceipt_topic(receipt, topic)
+        _set_SendReceipt_queue_id(receipt, queue_id)
+        _set_SendReceipt_queue_offset(receipt, queue_offset)
         receipts.append(receipt)
     if pos != end:
         raise Truncated(f"{end - pos} trailing bytes after the last field")
     frame = _new(SendBatchOk)
-    _set(frame, "request_id", request_id)
-    _set(frame, "flags", flags)
-    _set(frame, "results", tuple(receipts))
+    _set_SendBatchOk_request_id(frame, request_id)
+    _set_SendBatchOk_flags(frame, flags)
+    _set_SendBatchOk_results(frame, tuple(receipts))
     return frame
 
 
@@ -305,11 +345,11 @@ def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: i
                     pass
                 else:
                     frame = _new(Send)
-                    _set(frame, "request_id", request_id)
-                    _set(frame, "flags", flags)
-                    _set(frame, "queue_id", queue_id)
+                    _set_Send_request_id(frame, request_id)
+                    _set_Send_flags(frame, flags)
+                    _set_Send_queue_id(frame, queue_id)
                     # positional: core.model.Message field order
-                    _set(frame, "message", Message(topic, bytes(view[stop + 20:end]), "", "", (), {}, born_ts,
+                    _set_Send_message(frame, Message(topic, bytes(view[stop + 20:end]), "", "", (), {}, born_ts,
                                                    deliver_at, expires_at, "", message_flags, "", store_ts))
                     return frame
     if pos + 4 > end:
@@ -319,10 +359,10 @@ def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: i
     if pos != end:
         raise Truncated(f"{end - pos} trailing bytes after the last field")
     frame = _new(Send)
-    _set(frame, "request_id", request_id)
-    _set(frame, "flags", flags)
-    _set(frame, "queue_id", queue_id)
-    _set(frame, "message", message)
+    _set_Send_request_id(frame, request_id)
+    _set_Send_flags(frame, flags)
+    _set_Send_queue_id(frame, queue_id)
+    _set_Send_message(frame, message)
     return frame
 
 
@@ -335,12 +375,12 @@ def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id
     if pos + 12 != end:
         raise Truncated(f"{end - pos - 12} trailing bytes after the last field")
     frame = _new(SendOk)
-    _set(frame, "request_id", request_id)
-    _set(frame, "flags", flags)
-    _set(frame, "msg_id", msg_id)
-    _set(frame, "topic", topic)
-    _set(frame, "queue_id", queue_id)
-    _set(frame, "queue_offset", queue_offset)
+    _set_SendOk_request_id(frame, request_id)
+    _set_SendOk_flags(frame, flags)
+    _set_SendOk_msg_id(frame, msg_id)
+    _set_SendOk_topic(frame, topic)
+    _set_SendOk_queue_id(frame, queue_id)
+    _set_SendOk_queue_offset(frame, queue_offset)
     return frame
 
 
@@ -387,21 +427,146 @@ def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id
         attempt = (view[pos] << 8) | view[pos + 1]
         message, pos = read_message(view, pos + 2, end)
         record = _new(DeliveryRecord)
-        _set(record, "topic", last_topic)
-        _set(record, "queue_id", queue_id)
-        _set(record, "queue_offset", queue_offset)
-        _set(record, "receipt", receipt)
-        _set(record, "attempt", attempt)
-        _set(record, "message", message)
+        _set_DeliveryRecord_topic(record, last_topic)
+        _set_DeliveryRecord_queue_id(record, queue_id)
+        _set_DeliveryRecord_queue_offset(record, queue_offset)
+        _set_DeliveryRecord_receipt(record, receipt)
+        _set_DeliveryRecord_attempt(record, attempt)
+        _set_DeliveryRecord_message(record, message)
         append(record)
     if pos != end:
         raise Truncated(f"{end - pos} trailing bytes after the last field")
     frame = _new(Deliver)
-    _set(frame, "request_id", request_id)
-    _set(frame, "flags", flags)
-    _set(frame, "subscription_id", subscription_id)
-    _set(frame, "messages", tuple(records))
+    _set_Deliver_request_id(frame, request_id)
+    _set_Deliver_flags(frame, flags)
+    _set_Deliver_subscription_id(frame, subscription_id)
+    _set_Deliver_messages(frame, tuple(records))
     return frame
+
+
+class DeliveredBatch:
+    """A DELIVER as a client codec built with `core_deliveries=True` returns it: the subscription id and the
+    messages as core `Delivered` values (what consumers hand to their handlers), decoded straight from the bytes
+    without the intermediate `DeliveryRecord`s. Not a wire frame: the Deliver frame it stands for is
+    `to_frame()`."""
+
+    __slots__ = ("subscription_id", "deliveries")
+    request_id = 0
+    flags = 0
+
+    def __init__(self, subscription_id: int, deliveries: list[Delivered]) -> None:
+        self.subscription_id = subscription_id
+        self.deliveries = deliveries
+
+    def to_frame(self) -> Deliver:
+        return Deliver(subscription_id=self.subscription_id, messages=tuple(
+            DeliveryRecord(topic=d.queue.topic, queue_id=d.queue.queue_id, queue_offset=d.queue_offset,
+                           receipt=d.receipt, attempt=d.attempt, message=d.message) for d in self.deliveries))
+
+    def __repr__(self) -> str:
+        return f"DeliveredBatch(subscription_id={self.subscription_id}, {len(self.deliveries)} deliveries)"
+
+
+# After a record's queue topic, when it has no receipt (offset mode): queue_id, queue_offset, receipt length (0),
+# attempt, then the message's born_ts, deliver_at, expires_at, store_ts, flags and its topic's length.
+_RECORD_HEAD = struct.Struct(">IqHHqqqqIH")
+_record_head_unpack = _RECORD_HEAD.unpack_from
+_STORED_MIDDLE = struct.Struct(">Q")  # subject, tag, group lengths (all 0) and the msg_id's length
+_stored_middle_unpack = _STORED_MIDDLE.unpack_from
+_STORED_TAIL = struct.Struct(">QI")  # keys count + properties count (0), body length
+_stored_tail_unpack = _STORED_TAIL.unpack_from
+MAX_QUEUE_REFS = 4096
+
+
+def core_deliver_decoder(queue_refs: dict[tuple[str, int], QueueRef] | None = None
+                         ) -> Callable[[memoryview, int, int, int, int], DeliveredBatch]:
+    """A DELIVER decoder giving a `DeliveredBatch` of core `Delivered` values (one shared `QueueRef` per queue,
+    kept in `queue_refs`). Same values, same checks and same errors as `_decode_deliver` followed by a
+    conversion of each record; the stored shape (no receipt, a message with only topic, msg_id and body, whose
+    topic is the queue's) is read with three unpacks per message and its topic string reused."""
+    refs: dict[tuple[str, int], QueueRef] = {} if queue_refs is None else queue_refs
+
+    def decode(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> DeliveredBatch:
+        if pos + 8 > end:
+            raise Truncated(f"field needs 4 bytes, {end - pos if pos + 4 > end else end - pos - 4} left")
+        subscription_id, n = _u32_u32_unpack(view, pos)
+        pos += 8
+        out: list[Delivered] = []
+        append = out.append
+        last_topic_bytes = b""
+        last_topic = ""
+        for _ in range(n):
+            start = pos + 2
+            if start > end:
+                raise Truncated(f"string length needs 2 bytes, {end - pos} left")
+            topic_len = (view[pos] << 8) | view[pos + 1]
+            stop = start + topic_len
+            if stop + 12 > end:
+                if stop > end:
+                    raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
+                if stop + 4 > end:
+                    raise Truncated(f"field needs 4 bytes, {end - stop} left")
+                raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
+            topic_bytes = bytes(view[start:stop])
+            if topic_bytes != last_topic_bytes:
+                try:
+                    last_topic = str(topic_bytes, "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+                last_topic_bytes = topic_bytes
+            # The stored shape, every field in bounds; anything else takes the general path from `stop`.
+            if stop + 54 <= end:
+                (queue_id, queue_offset, receipt_len, attempt, born_ts, deliver_at, expires_at, store_ts,
+                 message_flags, message_topic_len) = _record_head_unpack(view, stop)
+                topic_at = stop + 54
+                middle = topic_at + message_topic_len
+                if not receipt_len and message_topic_len == topic_len and middle + 8 <= end \
+                        and view[topic_at:middle] == topic_bytes:
+                    (id_len,) = _stored_middle_unpack(view, middle)
+                    id_end = middle + 8 + id_len
+                    if id_len <= 0xFFFF and id_end + 12 <= end:
+                        counts, size = _stored_tail_unpack(view, id_end)
+                        body_end = id_end + 12 + size
+                        if not counts and body_end <= end:
+                            try:
+                                msg_id = str(view[middle + 8:id_end], "utf-8") if id_len else ""
+                            except UnicodeDecodeError:
+                                pass  # the general path reports it
+                            else:
+                                ref = refs.get((last_topic, queue_id))
+                                if ref is None:
+                                    if len(refs) >= MAX_QUEUE_REFS:
+                                        refs.clear()
+                                    ref = refs[last_topic, queue_id] = QueueRef(last_topic, queue_id)
+                                # positional: core.model.Message field order, then Delivered's
+                                append(Delivered(Message(last_topic, bytes(view[id_end + 12:body_end]), "", "",
+                                                         (), {}, born_ts, deliver_at, expires_at, "",
+                                                         message_flags, msg_id, store_ts),
+                                                 ref, queue_offset, "", attempt))
+                                pos = body_end
+                                continue
+            queue_id, queue_offset = _send_ok_tail_unpack(view, stop)
+            pos = stop + 12
+            if pos + 2 <= end and view[pos] == 0 and view[pos + 1] == 0:
+                receipt = ""
+                pos += 2
+            else:
+                receipt, pos = read_string(view, pos, end)
+            if pos + 2 > end:
+                raise Truncated(f"field needs 2 bytes, {end - pos} left")
+            attempt = (view[pos] << 8) | view[pos + 1]
+            message, pos = read_message(view, pos + 2, end)
+            ref = refs.get((last_topic, queue_id))
+            if ref is None:
+                if len(refs) >= MAX_QUEUE_REFS:
+                    refs.clear()
+                ref = refs[last_topic, queue_id] = QueueRef(last_topic, queue_id)
+            append(Delivered(message, ref, queue_offset, receipt, attempt))
+        if pos != end:
+            raise Truncated(f"{end - pos} trailing bytes after the last field")
+        return DeliveredBatch(subscription_id, out)
+
+    return decode
 
 
 # Hand-written decoders of the hot frames; every other frame decodes through its SPEC.
@@ -457,7 +622,7 @@ class NativeCodec:
     """One connection's codec. `receive_data` buffers at most one frame (bounded by `max_frame`)."""
 
     def __init__(self, role: Role | str = Role.SERVER, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 send_max_frame: int | None = None) -> None:
+                 send_max_frame: int | None = None, core_deliveries: bool = False) -> None:
         self.role = Role(role)
         self.max_frame = max_frame  # limit on frames we receive (checked before buffering their bodies)
         self.send_max_frame = send_max_frame  # limit the peer announced for what we send (None = no check)
@@ -466,6 +631,10 @@ class NativeCodec:
         self._buffer = bytearray()
         self._peer_sender = PEER_SENDS[self.role]
         self._open_decoders = OPEN_DECODERS[self.role]
+        if core_deliveries:  # DELIVER -> DeliveredBatch (a consumer's connection; see core_deliver_decoder)
+            if self.role is not Role.CLIENT:
+                raise ValueError("core_deliveries is for a client codec (DELIVER is a server push)")
+            self._open_decoders = {**self._open_decoders, DELIVER_TYPE: core_deliver_decoder()}
 
     # ------------------------------------------------------------------------------------------- outbound
     def encode(self, frame: Frame) -> bytes:
@@ -583,6 +752,7 @@ class NativeCodec:
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "DeliveredBatch",
     "HEADER",
     "FrameTooLarge",
     "MalformedFrame",
@@ -591,6 +761,7 @@ __all__ = [
     "Role",
     "State",
     "UnsupportedVersion",
+    "core_deliver_decoder",
     "decode_body",
     "encode_frame",
     "encode_send",

@@ -112,7 +112,7 @@ def run_consumer(messages: int) -> float:
 
     tally = ConsumerTally()
     consumer = PushConsumer("bench", "bench", lambda d: tally.record(d.message.body), credit=2048)
-    conn = consumer._conn = _open(Connection("127.0.0.1:1"))
+    conn = consumer._conn = _open(Connection("127.0.0.1:1", core_deliveries=True))
     consumer.subscription_id = 1
     conn._push_handlers[1] = consumer._on_push
     padding = b"\x00" * (BODY_SIZE - MIN_SIZE)

@@ -22,6 +22,7 @@ from typing import Any
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
     LENGTH_SIZE,
+    DeliveredBatch,
     FrameTooLarge,
     NativeCodec,
     ProtocolError,
@@ -49,6 +50,7 @@ PushHandler = Callable[[f.Frame], None]
 Responder = Callable[[Any], None]
 RECV_SIZE = 256 * 1024
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # pipelined sends wait while this much is queued and not yet written
+PUSHES = frozenset((f.Deliver, f.Assignment, DeliveredBatch))  # server pushes: to the subscription's handler
 
 
 class Connection:
@@ -56,7 +58,7 @@ class Connection:
 
     def __init__(self, address: str, *, client_id: str = "", client_name: str = "tidegate-python",
                  timeout: float = 10.0, username: str = "", password: str | bytes = "",
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, core_deliveries: bool = False) -> None:
         self.address = address
         self.tls = tls  # None: plain TCP; else TLS with the broker's certificate and name checked
         self.client_id = client_id
@@ -66,7 +68,9 @@ class Connection:
         self.timeout = timeout
         self.server_version = ""
         self.heartbeat_s = 0.0
-        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        # core_deliveries: DELIVERs reach push handlers as codec.DeliveredBatch (core `Delivered` values, decoded
+        # without DeliveryRecords) instead of Deliver frames; what consumers want, and cheaper.
+        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME, core_deliveries=core_deliveries)
         self._sock: socket.socket | None = None
         self._state_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -384,8 +388,7 @@ class Connection:
             pending = self._pending
             subscribing = self._pending_subscribe
             entries = [pending.pop(frame.request_id, None) if type(frame) is send_ok
-                       or (type(frame) is not f.Deliver and type(frame) is not f.Assignment
-                           and type(frame) is not f.Pong) else None for frame in frames]
+                       or (type(frame) not in PUSHES and type(frame) is not f.Pong) else None for frame in frames]
             on_pushes = [subscribing.pop(frame.request_id, None) for frame in frames] if subscribing else None
         fatal: TidegateError | None = None
         for i, frame in enumerate(frames):
@@ -399,7 +402,7 @@ class Connection:
                 else:
                     entry(frame)
                 continue
-            if cls is f.Deliver or cls is f.Assignment:
+            if cls in PUSHES:
                 handler = self._push_handlers.get(frame.subscription_id)
                 if handler is not None:
                     try:
