@@ -221,6 +221,36 @@ def encode_plain_send(request_id: int, flags: int, queue_id: int, topic: str, bo
         raise FrameValueError(f"Send: value out of range for its wire type: {exc}") from None
 
 
+_plain_message_packs: dict[str, tuple[Callable[..., bytes], bytes]] = {}
+
+
+def encode_plain_send_batch(request_id: int, flags: int, queue_id: int, topic: str, bodies: Sequence[bytes],
+                            born_ts: int) -> bytes:
+    """The bytes of SEND_BATCH for messages that are only a topic (the same for all), a body and `born_ts`
+    (persistent, nothing else): what `encode_send_batch` gives for `Message(topic, body, born_ts=born_ts)` of
+    each body, from one cached struct per topic and one `pack` per message, without Message objects."""
+    entry = _plain_message_packs.get(topic)
+    if entry is None:
+        topic_wire = wire_name(topic)
+        # the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all empty, body length
+        packer = struct.Struct(f">qqqqI{len(topic_wire)}s16xI")
+        if len(_plain_message_packs) >= 4096:
+            _plain_message_packs.clear()
+        entry = _plain_message_packs[topic] = (packer.pack, topic_wire)
+    pack, topic_wire = entry
+    parts = [b"", _u32_pack(len(bodies))]
+    append = parts.append
+    try:
+        for body in bodies:
+            append(pack(born_ts, 0, 0, 0, _PERSISTENT, topic_wire, len(body)))
+            append(body)
+        size = sum(map(len, parts))
+        parts[0] = _send_prefix_pack(size + 10, SEND_BATCH_TYPE, flags, request_id, queue_id)
+    except struct.error as exc:
+        raise FrameValueError(f"SendBatch: value out of range for its wire type: {exc}") from None
+    return b"".join(parts)
+
+
 def encode_send_ok(request_id: int, msg_id: str, topic: str, queue_id: int, queue_offset: int) -> bytes:
     """The bytes of SEND_OK without building the frame object (the broker's acknowledgement hot path)."""
     try:
@@ -230,36 +260,84 @@ def encode_send_ok(request_id: int, msg_id: str, topic: str, queue_id: int, queu
         raise FrameValueError(f"SendOk: value out of range for its wire type: {exc}") from None
 
 
+_batch_ok_packs: dict[tuple[int, str], tuple[Callable[..., bytes], bytes]] = {}
+
+
+def _batch_ok_pack(id_len: int, topic: str) -> tuple[Callable[..., bytes], bytes]:
+    """The packer of one SEND_BATCH_OK receipt (msg_id of `id_len` bytes, this topic), bounded cache."""
+    topic_wire = wire_name(topic)
+    packer = struct.Struct(f">H{id_len}s{len(topic_wire)}sIq")
+    if len(_batch_ok_packs) >= 4096:
+        _batch_ok_packs.clear()
+    entry = _batch_ok_packs[id_len, topic] = (packer.pack, topic_wire)
+    return entry
+
+
 def encode_send_batch_ok(request_id: int, results: Sequence[Any]) -> bytes:
-    """The bytes of SEND_BATCH_OK for objects with msg_id/topic/queue_id/queue_offset (core SendResults)."""
-    tail = _send_ok_tail_pack
+    """The bytes of SEND_BATCH_OK for objects with msg_id/topic/queue_id/queue_offset (core SendResults): one
+    cached struct `pack` per receipt."""
+    packs = _batch_ok_packs
     try:
-        parts = [_u32_pack(len(results))]
+        parts = [b"", _u32_pack(len(results))]
+        append = parts.append
         for r in results:
-            parts.append(wire_string(r.msg_id))
-            parts.append(wire_name(r.topic))
-            parts.append(tail(r.queue_id, r.queue_offset))
-        body = b"".join(parts)
-        return _header_pack(len(body) + 6, SEND_BATCH_OK_TYPE, 0, request_id) + body
+            msg_id = r.msg_id.encode("utf-8")
+            pack, topic_wire = packs.get((len(msg_id), r.topic)) or _batch_ok_pack(len(msg_id), r.topic)
+            append(pack(len(msg_id), msg_id, topic_wire, r.queue_id, r.queue_offset))
+        size = sum(map(len, parts))
+        parts[0] = _header_pack(size + 6, SEND_BATCH_OK_TYPE, 0, request_id)
+        return b"".join(parts)
     except struct.error as exc:
         raise FrameValueError(f"SendBatchOk: value out of range for its wire type: {exc}") from None
 
 
+_deliver_packs: dict[tuple[str, int], tuple[Callable[..., bytes], bytes]] = {}
+
+
+def _deliver_pack(topic: str, id_len: int) -> tuple[Callable[..., bytes], bytes]:
+    """The packer of one DELIVER record of the stored shape for this topic and a msg_id of `id_len` bytes:
+    queue topic, queue_id, queue_offset, no receipt, attempt, the message's fixed part, its topic (the queue's),
+    subject/tag/group empty, msg_id, no keys or properties, the body's length. Bounded cache."""
+    topic_wire = wire_name(topic)
+    n = len(topic_wire)
+    packer = struct.Struct(f">{n}sIq2xHqqqqI{n}s6xH{id_len}s8xI")
+    if len(_deliver_packs) >= 4096:
+        _deliver_packs.clear()
+    entry = _deliver_packs[topic, id_len] = (packer.pack, topic_wire)
+    return entry
+
+
 def encode_deliver(subscription_id: int, deliveries: Sequence[Any]) -> bytes:
     """The bytes of a DELIVER push for core `Delivered` values, without building DeliveryRecord objects (the
-    broker's delivery hot path). Same bytes as `encode_frame(Deliver(...))`."""
+    broker's delivery hot path). Same bytes as `encode_frame(Deliver(...))`. A stored message delivered from its
+    own queue in offset mode (no receipt; only topic, msg_id and body) is one cached struct `pack` plus its body."""
+    packs = _deliver_packs
     try:
-        parts = [_u32_pack(subscription_id), _u32_pack(len(deliveries))]
+        parts = [b"", _u32_pack(subscription_id), _u32_pack(len(deliveries))]
         append = parts.append
         for d in deliveries:
             queue = d.queue
-            append(wire_name(queue.topic))
+            m = d.message
+            topic = queue.topic
+            if not d.receipt and m.msg_id and m.topic == topic and not (m.subject or m.tag or m.group or m.keys
+                                                                        or m.properties):
+                msg_id = m.msg_id.encode("utf-8")
+                id_len = len(msg_id)
+                if id_len <= 0xFFFF:
+                    pack, topic_wire = packs.get((topic, id_len)) or _deliver_pack(topic, id_len)
+                    body = m.body
+                    append(pack(topic_wire, queue.queue_id, d.queue_offset, d.attempt, m.born_ts, m.deliver_at,
+                                m.expires_at, m.store_ts, m.flags, topic_wire, id_len, msg_id, len(body)))
+                    append(body)
+                    continue
+            append(wire_name(topic))
             append(_delivery_position_pack(queue.queue_id, d.queue_offset))
             append(wire_string(d.receipt) if d.receipt else b"\x00\x00")
             append(_u16_pack(d.attempt))
-            append(message_bytes(d.message))
-        body = b"".join(parts)
-        return _header_pack(len(body) + 6, DELIVER_TYPE, 0, 0) + body
+            append(message_bytes(m))
+        size = sum(map(len, parts))
+        parts[0] = _header_pack(size + 6, DELIVER_TYPE, 0, 0)
+        return b"".join(parts)
     except struct.error as exc:
         raise FrameValueError(f"Deliver: value out of range for its wire type: {exc}") from None
 
@@ -282,7 +360,34 @@ def _decode_send_batch(view: memoryview, pos: int, end: int, flags: int, request
     pos += 8
     messages = []
     append = messages.append
+    last_topic_bytes = b""
+    last_topic = ""
     for _ in range(n):
+        # The producer's shape (a topic and a body, nothing else; every field in bounds) inline, its topic decoded
+        # once per run of equal topics; anything else (or any doubt) through read_message, which reports errors.
+        if pos + 38 <= end:
+            born_ts, deliver_at, expires_at, store_ts, message_flags, topic_len = _fixed_topic_len_unpack(view, pos)
+            start = pos + 38
+            stop = start + topic_len
+            if stop + 20 <= end:
+                lengths, counts, size = _plain_tail_unpack(view, stop)
+                body_end = stop + 20 + size
+                if not lengths and not counts and body_end <= end:
+                    topic_bytes = bytes(view[start:stop])
+                    if topic_bytes != last_topic_bytes:
+                        try:
+                            last_topic = str(topic_bytes, "utf-8")
+                        except UnicodeDecodeError:
+                            last_topic_bytes = b""
+                            message, pos = read_message(view, pos, end)
+                            append(message)
+                            continue
+                        last_topic_bytes = topic_bytes
+                    # positional: core.model.Message field order
+                    append(Message(last_topic, bytes(view[stop + 20:body_end]), "", "", (), {}, born_ts, deliver_at,
+                                   expires_at, "", message_flags, "", store_ts))
+                    pos = body_end
+                    continue
         message, pos = read_message(view, pos, end)
         append(message)
     if pos != end:
@@ -301,11 +406,24 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
     (n,) = _u32_unpack(view, pos)
     pos += 4
     receipts = []
+    last_topic_bytes = b""
+    last_topic = ""
     for _ in range(n):
         msg_id, pos = read_string(view, pos, end)
-        topic, pos = read_string(view, pos, end)
-        if pos + 12 > end:
-            raise Truncated(f"field needs 12 bytes, {end - pos} left")
+        # The topic repeats on every receipt: decoded once per run of equal topics.
+        start = pos + 2
+        stop = start + ((view[pos] << 8) | view[pos + 1]) if start <= end else end + 1
+        if stop + 12 <= end:
+            topic_bytes = bytes(view[start:stop])
+            if topic_bytes != last_topic_bytes:
+                last_topic, _ = read_string(view, pos, stop)
+                last_topic_bytes = topic_bytes
+            topic = last_topic
+            pos = stop
+        else:
+            topic, pos = read_string(view, pos, end)
+            if pos + 12 > end:
+                raise Truncated(f"field needs 12 bytes, {end - pos} left")
         queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
         pos += 12
         receipt = _new(SendReceipt)
@@ -323,6 +441,7 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
     return frame
 
 
+_fixed_topic_len_unpack = struct.Struct(">qqqqIH").unpack_from  # a message's fixed part + its topic's length
 _SEND_HEAD = struct.Struct(">iqqqqIH")  # queue_id, the message's fixed part, the topic's length
 _send_head_unpack = _SEND_HEAD.unpack_from
 _PLAIN_TAIL = struct.Struct(">QQI")  # subject/tag/group/msg_id lengths, keys + properties counts, body length
@@ -765,6 +884,7 @@ __all__ = [
     "decode_body",
     "encode_frame",
     "encode_send",
+    "encode_plain_send_batch",
     "encode_send_batch",
     "encode_send_batch_ok",
     "encode_send_ok",

@@ -37,6 +37,7 @@ from tidegate.core.model import Message, MessageFlag, QueueRef
 logger = logging.getLogger("tidegate.client")
 
 SendCallback = Callable[[SendResult | BaseException], None]
+BatchCallback = Callable[[list[SendResult] | BaseException], None]
 _new_result = SendResult  # positional: msg_id, topic, queue_id, queue_offset
 _new = object.__new__
 _set_msg_id, _set_topic, _set_queue_id, _set_queue_offset = (
@@ -155,6 +156,32 @@ class Producer(_Client):
         message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
                                 group=group, deliver_at=deliver_at, expires_at=expires_at)
         self.conn.send_message(message, -1 if queue_id is None else queue_id, done)
+
+    def send_batch_async(self, topic: str, bodies: Iterable[bytes], callback: BatchCallback, *,
+                         queue_id: int | None = None) -> None:
+        """Send the bodies as messages of `topic` (persistent, no tag, keys or properties) in one SEND_BATCH frame
+        without waiting: `callback(list of SendResult, in order, or an exception)` runs on the SDK's I/O thread,
+        so keep it short. All are stored or none. Pipelined like `send_async`; encoded without Message objects."""
+
+        def done(answer: Any) -> None:
+            try:
+                if isinstance(answer, BaseException):
+                    callback(answer)
+                else:
+                    results = []
+                    for r in answer.results:
+                        result = _new(SendResult)  # through the slots: cheaper than the frozen __init__
+                        _set_msg_id(result, r.msg_id)
+                        _set_topic(result, r.topic)
+                        _set_queue_id(result, r.queue_id)
+                        _set_queue_offset(result, r.queue_offset)
+                        results.append(result)
+                    callback(results)
+            except Exception:
+                logger.exception("send_batch_async callback failed")
+
+        batch = [body if type(body) is bytes else bytes(body) for body in bodies]
+        self.conn.submit_plain_batch(topic, batch, int(_time() * 1000), -1 if queue_id is None else queue_id, done)
 
     def send_oneway(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
                     properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",

@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,6 +28,7 @@ from tidegate.adapters.native.codec import (
     ProtocolError,
     Role,
     encode_plain_send,
+    encode_plain_send_batch,
     encode_send,
     encode_send_batch,
 )
@@ -317,6 +318,17 @@ class Connection:
             raise
         self._write(data)
         return future
+
+    def submit_plain_batch(self, topic: str, bodies: Sequence[bytes], born_ts: int, queue_id: int,
+                           responder: Responder) -> None:
+        """A pipelined SEND_BATCH of messages that are only `topic` and a body each (persistent, nothing else),
+        encoded without Message objects: the same bytes as `submit_batch` sends for `Message(topic, body,
+        born_ts=born_ts)` of each body. `responder` (run on the reader thread) gets the SendBatchOk frame or the
+        exception."""
+        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        data = encode_plain_send_batch(request_id, 0, queue_id, topic, bodies, born_ts)
+        self._check_size(data, request_id, "SendBatch")
+        self._queue_request(request_id, data, responder)
 
     def submit(self, cls: type[f.Frame], *, on_push: PushHandler | None = None, **fields: Any) -> Future[f.Frame]:
         """Send a request; the future resolves to the response frame or fails with the server's error."""
