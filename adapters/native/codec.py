@@ -355,7 +355,7 @@ def encode_send_batch(request_id: int, flags: int, queue_id: int, messages: Sequ
 
 def _decode_send_batch(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
     if pos + 8 > end:
-        raise Truncated(f"field needs {4 if pos + 4 > end else 8} bytes, {end - pos} left")
+        raise Truncated(f"field needs 4 bytes, {end - pos if pos + 4 > end else end - pos - 4} left")
     queue_id, n = _I32_U32_UNPACK(view, pos)
     pos += 8
     messages = []
@@ -422,8 +422,10 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
             pos = stop
         else:
             topic, pos = read_string(view, pos, end)
-            if pos + 12 > end:
-                raise Truncated(f"field needs 12 bytes, {end - pos} left")
+            if pos + 12 > end:  # the generic decoder's words: queue_id (u32), then queue_offset (i64)
+                if pos + 4 > end:
+                    raise Truncated(f"field needs 4 bytes, {end - pos} left")
+                raise Truncated(f"field needs 8 bytes, {end - pos - 4} left")
         queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
         pos += 12
         receipt = _new(SendReceipt)
