@@ -360,34 +360,7 @@ def _decode_send_batch(view: memoryview, pos: int, end: int, flags: int, request
     pos += 8
     messages = []
     append = messages.append
-    last_topic_bytes = b""
-    last_topic = ""
     for _ in range(n):
-        # The producer's shape (a topic and a body, nothing else; every field in bounds) inline, its topic decoded
-        # once per run of equal topics; anything else (or any doubt) through read_message, which reports errors.
-        if pos + 38 <= end:
-            born_ts, deliver_at, expires_at, store_ts, message_flags, topic_len = _fixed_topic_len_unpack(view, pos)
-            start = pos + 38
-            stop = start + topic_len
-            if stop + 20 <= end:
-                lengths, counts, size = _plain_tail_unpack(view, stop)
-                body_end = stop + 20 + size
-                if not lengths and not counts and body_end <= end:
-                    topic_bytes = bytes(view[start:stop])
-                    if topic_bytes != last_topic_bytes:
-                        try:
-                            last_topic = str(topic_bytes, "utf-8")
-                        except UnicodeDecodeError:
-                            last_topic_bytes = b""
-                            message, pos = read_message(view, pos, end)
-                            append(message)
-                            continue
-                        last_topic_bytes = topic_bytes
-                    # positional: core.model.Message field order
-                    append(Message(last_topic, bytes(view[stop + 20:body_end]), "", "", (), {}, born_ts, deliver_at,
-                                   expires_at, "", message_flags, "", store_ts))
-                    pos = body_end
-                    continue
         message, pos = read_message(view, pos, end)
         append(message)
     if pos != end:
@@ -443,7 +416,6 @@ def _decode_send_batch_ok(view: memoryview, pos: int, end: int, flags: int, requ
     return frame
 
 
-_fixed_topic_len_unpack = struct.Struct(">qqqqIH").unpack_from  # a message's fixed part + its topic's length
 _SEND_HEAD = struct.Struct(">iqqqqIH")  # queue_id, the message's fixed part, the topic's length
 _send_head_unpack = _SEND_HEAD.unpack_from
 _PLAIN_TAIL = struct.Struct(">QQI")  # subject/tag/group/msg_id lengths, keys + properties counts, body length
