@@ -459,7 +459,40 @@ def _decode_send(view: memoryview, pos: int, end: int, flags: int, request_id: i
     return frame
 
 
+_topic_names: dict[bytes, str] = {}  # a topic's UTF-8 bytes -> the str, for answers that repeat it; bounded
+
+
 def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
+    # The usual frame, both strings in bounds and the 12-byte tail exactly at the end: inline, the topic's str
+    # reused from a cache; anything else (or any doubt) through the general path below, which reports errors.
+    id_start = pos + 2
+    if id_start <= end:
+        id_stop = id_start + ((view[pos] << 8) | view[pos + 1])
+        topic_start = id_stop + 2
+        if topic_start <= end:
+            topic_stop = topic_start + ((view[id_stop] << 8) | view[id_stop + 1])
+            if topic_stop + 12 == end:
+                topic_bytes = bytes(view[topic_start:topic_stop])
+                topic = _topic_names.get(topic_bytes)
+                try:
+                    msg_id = str(view[id_start:id_stop], "utf-8")
+                    if topic is None:
+                        topic = str(topic_bytes, "utf-8")
+                        if len(_topic_names) >= 4096:
+                            _topic_names.clear()
+                        _topic_names[topic_bytes] = topic
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    queue_id, queue_offset = _send_ok_tail_unpack(view, topic_stop)
+                    frame = _new(SendOk)
+                    _set_SendOk_request_id(frame, request_id)
+                    _set_SendOk_flags(frame, flags)
+                    _set_SendOk_msg_id(frame, msg_id)
+                    _set_SendOk_topic(frame, topic)
+                    _set_SendOk_queue_id(frame, queue_id)
+                    _set_SendOk_queue_offset(frame, queue_offset)
+                    return frame
     msg_id, pos = read_string(view, pos, end)
     topic, pos = read_string(view, pos, end)
     if pos + 12 > end:

@@ -205,3 +205,30 @@ def test_slot_setter_writes_a_frozen_field_and_refuses_what_is_not_a_slot() -> N
         slot_setter(SendResult, "nope")
     with pytest.raises(TypeError):
         slot_setter(f.Ping, "SPEC")
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.sampled_from(["", MSG_ID, "é"]), st.sampled_from(TOPICS + [""]), st.integers(0, 2**32 - 1),
+       st.integers(-(2**63), 2**63 - 1))
+def test_send_ok_decodes_like_the_generic_decoder_whole_and_cut(msg_id: str, topic: str, queue_id: int,
+                                                               offset: int) -> None:
+    """The inline SEND_OK decoder (topic names cached) gives the generic frame; every cut fails as a Truncated
+    error, never a misread."""
+    frame = f.SendOk(request_id=3, msg_id=msg_id, topic=topic, queue_id=queue_id, queue_offset=offset)
+    data = encode_frame(frame)
+    for _ in range(2):  # the second time the topic comes from the cache
+        assert open_codec(Role.CLIENT).receive_data(data) == [frame]
+    view = memoryview(data)
+    for end in range(HEADER_SIZE, len(data)):
+        fast = outcome(decode_body, f.SendOk, view, HEADER_SIZE, end, 0, 0)
+        assert isinstance(fast, tuple) and fast[0] == "Truncated"
+    assert outcome(decode_body, f.SendOk, memoryview(data + b"\x00"), HEADER_SIZE, len(data) + 1, 0, 0)[0] == \
+        "Truncated"
+
+
+def test_send_ok_with_a_bad_utf8_topic_is_malformed() -> None:
+    """A topic that is not UTF-8 is refused by the inline SEND_OK path too (and never cached)."""
+    data = bytearray(encode_frame(f.SendOk(request_id=3, msg_id="m", topic="ab", queue_id=0, queue_offset=0)))
+    data[HEADER_SIZE + 3 + 2] = 0xFF
+    with pytest.raises(codec_module.MalformedFrame, match="UTF-8"):
+        open_codec(Role.CLIENT).receive_data(bytes(data))
