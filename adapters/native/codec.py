@@ -17,7 +17,7 @@ code the peer must be told. No sockets, no reactor, no broker.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -49,9 +49,8 @@ from tidegate.adapters.native.frames import (
     SendOk,
     SendReceipt,
 )
-from tidegate.core.api import Delivered
 from tidegate.core.errors import TidegateError
-from tidegate.core.model import Message, MessageFlag, QueueRef
+from tidegate.core.model import Message, MessageFlag
 
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
@@ -570,131 +569,6 @@ def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id
     return frame
 
 
-class DeliveredBatch:
-    """A DELIVER as a client codec built with `core_deliveries=True` returns it: the subscription id and the
-    messages as core `Delivered` values (what consumers hand to their handlers), decoded straight from the bytes
-    without the intermediate `DeliveryRecord`s. Not a wire frame: the Deliver frame it stands for is
-    `to_frame()`."""
-
-    __slots__ = ("subscription_id", "deliveries")
-    request_id = 0
-    flags = 0
-
-    def __init__(self, subscription_id: int, deliveries: list[Delivered]) -> None:
-        self.subscription_id = subscription_id
-        self.deliveries = deliveries
-
-    def to_frame(self) -> Deliver:
-        return Deliver(subscription_id=self.subscription_id, messages=tuple(
-            DeliveryRecord(topic=d.queue.topic, queue_id=d.queue.queue_id, queue_offset=d.queue_offset,
-                           receipt=d.receipt, attempt=d.attempt, message=d.message) for d in self.deliveries))
-
-    def __repr__(self) -> str:
-        return f"DeliveredBatch(subscription_id={self.subscription_id}, {len(self.deliveries)} deliveries)"
-
-
-# After a record's queue topic, when it has no receipt (offset mode): queue_id, queue_offset, receipt length (0),
-# attempt, then the message's born_ts, deliver_at, expires_at, store_ts, flags and its topic's length.
-_RECORD_HEAD = struct.Struct(">IqHHqqqqIH")
-_record_head_unpack = _RECORD_HEAD.unpack_from
-_STORED_MIDDLE = struct.Struct(">Q")  # subject, tag, group lengths (all 0) and the msg_id's length
-_stored_middle_unpack = _STORED_MIDDLE.unpack_from
-_STORED_TAIL = struct.Struct(">QI")  # keys count + properties count (0), body length
-_stored_tail_unpack = _STORED_TAIL.unpack_from
-MAX_QUEUE_REFS = 4096
-
-
-def core_deliver_decoder(queue_refs: dict[tuple[str, int], QueueRef] | None = None
-                         ) -> Callable[[memoryview, int, int, int, int], DeliveredBatch]:
-    """A DELIVER decoder giving a `DeliveredBatch` of core `Delivered` values (one shared `QueueRef` per queue,
-    kept in `queue_refs`). Same values, same checks and same errors as `_decode_deliver` followed by a
-    conversion of each record; the stored shape (no receipt, a message with only topic, msg_id and body, whose
-    topic is the queue's) is read with three unpacks per message and its topic string reused."""
-    refs: dict[tuple[str, int], QueueRef] = {} if queue_refs is None else queue_refs
-
-    def decode(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> DeliveredBatch:
-        if pos + 8 > end:
-            raise Truncated(f"field needs 4 bytes, {end - pos if pos + 4 > end else end - pos - 4} left")
-        subscription_id, n = _u32_u32_unpack(view, pos)
-        pos += 8
-        out: list[Delivered] = []
-        append = out.append
-        last_topic_bytes = b""
-        last_topic = ""
-        for _ in range(n):
-            start = pos + 2
-            if start > end:
-                raise Truncated(f"string length needs 2 bytes, {end - pos} left")
-            topic_len = (view[pos] << 8) | view[pos + 1]
-            stop = start + topic_len
-            if stop + 12 > end:
-                if stop > end:
-                    raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
-                if stop + 4 > end:
-                    raise Truncated(f"field needs 4 bytes, {end - stop} left")
-                raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
-            topic_bytes = bytes(view[start:stop])
-            if topic_bytes != last_topic_bytes:
-                try:
-                    last_topic = str(topic_bytes, "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
-                last_topic_bytes = topic_bytes
-            # The stored shape, every field in bounds; anything else takes the general path from `stop`.
-            if stop + 54 <= end:
-                (queue_id, queue_offset, receipt_len, attempt, born_ts, deliver_at, expires_at, store_ts,
-                 message_flags, message_topic_len) = _record_head_unpack(view, stop)
-                topic_at = stop + 54
-                middle = topic_at + message_topic_len
-                if not receipt_len and message_topic_len == topic_len and middle + 8 <= end \
-                        and view[topic_at:middle] == topic_bytes:
-                    (id_len,) = _stored_middle_unpack(view, middle)
-                    id_end = middle + 8 + id_len
-                    if id_len <= 0xFFFF and id_end + 12 <= end:
-                        counts, size = _stored_tail_unpack(view, id_end)
-                        body_end = id_end + 12 + size
-                        if not counts and body_end <= end:
-                            try:
-                                msg_id = str(view[middle + 8:id_end], "utf-8") if id_len else ""
-                            except UnicodeDecodeError:
-                                pass  # the general path reports it
-                            else:
-                                ref = refs.get((last_topic, queue_id))
-                                if ref is None:
-                                    if len(refs) >= MAX_QUEUE_REFS:
-                                        refs.clear()
-                                    ref = refs[last_topic, queue_id] = QueueRef(last_topic, queue_id)
-                                # positional: core.model.Message field order, then Delivered's
-                                append(Delivered(Message(last_topic, bytes(view[id_end + 12:body_end]), "", "",
-                                                         (), {}, born_ts, deliver_at, expires_at, "",
-                                                         message_flags, msg_id, store_ts),
-                                                 ref, queue_offset, "", attempt))
-                                pos = body_end
-                                continue
-            queue_id, queue_offset = _send_ok_tail_unpack(view, stop)
-            pos = stop + 12
-            if pos + 2 <= end and view[pos] == 0 and view[pos + 1] == 0:
-                receipt = ""
-                pos += 2
-            else:
-                receipt, pos = read_string(view, pos, end)
-            if pos + 2 > end:
-                raise Truncated(f"field needs 2 bytes, {end - pos} left")
-            attempt = (view[pos] << 8) | view[pos + 1]
-            message, pos = read_message(view, pos + 2, end)
-            ref = refs.get((last_topic, queue_id))
-            if ref is None:
-                if len(refs) >= MAX_QUEUE_REFS:
-                    refs.clear()
-                ref = refs[last_topic, queue_id] = QueueRef(last_topic, queue_id)
-            append(Delivered(message, ref, queue_offset, receipt, attempt))
-        if pos != end:
-            raise Truncated(f"{end - pos} trailing bytes after the last field")
-        return DeliveredBatch(subscription_id, out)
-
-    return decode
-
-
 # Hand-written decoders of the hot frames; every other frame decodes through its SPEC.
 FAST_DECODERS: dict[type[Frame], Callable[[memoryview, int, int, int, int], Frame]] = {
     Send: _decode_send,
@@ -748,7 +622,9 @@ class NativeCodec:
     """One connection's codec. `receive_data` buffers at most one frame (bounded by `max_frame`)."""
 
     def __init__(self, role: Role | str = Role.SERVER, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 send_max_frame: int | None = None, core_deliveries: bool = False) -> None:
+                 send_max_frame: int | None = None,
+                 open_decoders: Mapping[int, Callable[[memoryview, int, int, int, int], Any]] | None = None
+                 ) -> None:
         self.role = Role(role)
         self.max_frame = max_frame  # limit on frames we receive (checked before buffering their bodies)
         self.send_max_frame = send_max_frame  # limit the peer announced for what we send (None = no check)
@@ -757,10 +633,15 @@ class NativeCodec:
         self._buffer = bytearray()
         self._peer_sender = PEER_SENDS[self.role]
         self._open_decoders = OPEN_DECODERS[self.role]
-        if core_deliveries:  # DELIVER -> DeliveredBatch (a consumer's connection; see core_deliver_decoder)
-            if self.role is not Role.CLIENT:
-                raise ValueError("core_deliveries is for a client codec (DELIVER is a server push)")
-            self._open_decoders = {**self._open_decoders, DELIVER_TYPE: core_deliver_decoder()}
+        if open_decoders:
+            # Decoders replacing the table's for frame types the peer may send once open (the SDK's consumers
+            # decode DELIVER straight into their own values); `decoder(view, start, end, flags, request_id)`
+            # raises Truncated/FrameValueError like the hand-written ones, which become MalformedFrame.
+            unknown = set(open_decoders) - set(self._open_decoders)
+            if unknown:
+                raise ValueError(f"frame types {sorted(unknown)} are not frames a {self._peer_sender} sends "
+                                 "once the connection is open")
+            self._open_decoders = {**self._open_decoders, **open_decoders}
 
     # ------------------------------------------------------------------------------------------- outbound
     def encode(self, frame: Frame) -> bytes:
@@ -878,7 +759,6 @@ class NativeCodec:
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
-    "DeliveredBatch",
     "HEADER",
     "FrameTooLarge",
     "MalformedFrame",
@@ -887,7 +767,6 @@ __all__ = [
     "Role",
     "State",
     "UnsupportedVersion",
-    "core_deliver_decoder",
     "decode_body",
     "encode_frame",
     "encode_send",

@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 from tidegate.adapters.native import codec as codec_module
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
+    DELIVER_TYPE,
     HEADER_SIZE,
-    DeliveredBatch,
     NativeCodec,
     Role,
     State,
-    core_deliver_decoder,
     decode_body,
     encode_deliver,
     encode_frame,
@@ -27,6 +26,7 @@ from tidegate.adapters.native.codec import (
 )
 from tidegate.adapters.native.fastpath import slot_setter
 from tidegate.client.common import SendResult, delivered
+from tidegate.client.deliveries import DeliveredBatch, core_deliver_decoder
 from tidegate.core.api import Delivered
 from tidegate.core.model import Message, QueueRef
 
@@ -63,8 +63,8 @@ def records(draw: st.DrawFn) -> f.DeliveryRecord:
                             attempt=draw(st.integers(0, 0xFFFF)), message=message)
 
 
-def open_codec(role: Role, **options: bool) -> NativeCodec:
-    codec = NativeCodec(role, **options)
+def open_codec(role: Role, core_deliveries: bool = False) -> NativeCodec:
+    codec = NativeCodec(role, open_decoders={DELIVER_TYPE: core_deliver_decoder()} if core_deliveries else None)
     codec.state = State.OPEN
     return codec
 
@@ -116,8 +116,8 @@ def test_core_deliveries_cut_anywhere_fail_exactly_like_the_generic_decoder(batc
 
 
 def test_core_deliveries_share_one_queue_ref_per_queue_and_only_clients_take_them() -> None:
-    """Messages of one queue carry the same QueueRef object (commits key on it); a server codec refuses the option
-    (DELIVER is a server push)."""
+    """Messages of one queue carry the same QueueRef object (commits key on it); a server codec refuses a DELIVER
+    decoder (DELIVER is a server push: open_decoders only replaces decoders of frames the peer may send)."""
     batch = [f.DeliveryRecord(topic="orders", queue_id=q, queue_offset=o, message=Message("orders", b"x",
                                                                                           msg_id=MSG_ID))
              for q, o in ((0, 1), (1, 1), (0, 2))]
@@ -125,8 +125,8 @@ def test_core_deliveries_share_one_queue_ref_per_queue_and_only_clients_take_the
         encode_frame(f.Deliver(subscription_id=1, messages=batch)))
     first, second, third = got.deliveries
     assert first.queue is third.queue and first.queue == QueueRef("orders", 0) and second.queue.queue_id == 1
-    with pytest.raises(ValueError, match="client"):
-        NativeCodec(Role.SERVER, core_deliveries=True)
+    with pytest.raises(ValueError, match="not frames a client sends"):
+        NativeCodec(Role.SERVER, open_decoders={DELIVER_TYPE: core_deliver_decoder()})
 
 
 @given(st.lists(records(), max_size=6), st.integers(0, 2**32 - 1))

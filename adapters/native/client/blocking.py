@@ -12,7 +12,6 @@ from concurrent.futures import Future
 from typing import Any
 
 from tidegate.adapters.native import frames as f
-from tidegate.adapters.native.codec import DeliveredBatch
 from tidegate.adapters.native.fastpath import slot_setter
 from tidegate.client.common import (
     DEFAULT_ADDRESS,
@@ -29,6 +28,7 @@ from tidegate.client.common import (
     send_result,
 )
 from tidegate.client.connection import Connection
+from tidegate.client.deliveries import DeliveredBatch
 from tidegate.client.tls import ClientTls
 from tidegate.core.api import Delivered, PullResult
 from tidegate.core.errors import TidegateError
@@ -80,7 +80,7 @@ class _Client:
         self.tls = tls  # None: plain TCP; ClientTls: TLS (see tidegate.client.tls)
         self._conn: Connection | None = None
 
-    # Consumers take DELIVERs as codec.DeliveredBatch (core Delivered values straight from the bytes).
+    # Consumers take DELIVERs as deliveries.DeliveredBatch (core Delivered values straight from the bytes).
     core_deliveries = False
 
     def start(self) -> Any:

@@ -22,7 +22,6 @@ from typing import Any
 from tidegate.adapters.native import frames as f
 from tidegate.adapters.native.codec import (
     LENGTH_SIZE,
-    DeliveredBatch,
     FrameTooLarge,
     NativeCodec,
     ProtocolError,
@@ -39,6 +38,7 @@ from tidegate.client.common import (
     error_from_frame,
     parse_address,
 )
+from tidegate.client.deliveries import DELIVER_TYPE, DeliveredBatch, core_deliver_decoder
 from tidegate.client.tls import ClientTls
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
@@ -69,9 +69,10 @@ class Connection:
         self.timeout = timeout
         self.server_version = ""
         self.heartbeat_s = 0.0
-        # core_deliveries: DELIVERs reach push handlers as codec.DeliveredBatch (core `Delivered` values, decoded
+        # core_deliveries: DELIVERs reach push handlers as deliveries.DeliveredBatch (core `Delivered` values, decoded
         # without DeliveryRecords) instead of Deliver frames; what consumers want, and cheaper.
-        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME, core_deliveries=core_deliveries)
+        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME, open_decoders={
+            DELIVER_TYPE: core_deliver_decoder()} if core_deliveries else None)
         self._sock: socket.socket | None = None
         self._state_lock = threading.Lock()
         self._ids = itertools.count(1)
