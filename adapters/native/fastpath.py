@@ -59,6 +59,19 @@ def wire_name(value: str) -> bytes:
     return data
 
 
+def slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
+    """The setter of field `name` of a slotted class (its slot descriptor's `__set__`), found along the MRO. The
+    hot decoders fill frozen frames with these: like `object.__setattr__` they bypass the frozen check, but
+    without looking the attribute name up on every call (about a third cheaper per field)."""
+    for klass in cls.__mro__:
+        descriptor = klass.__dict__.get(name)
+        if descriptor is not None:
+            if not hasattr(descriptor, "__set__") or type(descriptor).__name__ != "member_descriptor":
+                raise TypeError(f"{cls.__name__}.{name} is not a slot")
+            return descriptor.__set__
+    raise AttributeError(f"{cls.__name__} has no slot {name!r}")
+
+
 _PLAIN_TAIL = struct.Struct(">16xI")  # subject, tag, group, msg_id all "", no keys, no properties; body length
 _plain_tail_pack = _PLAIN_TAIL.pack
 _id_head_pack = struct.Struct(">6xH").pack  # subject, tag, group all ""; the msg_id's length

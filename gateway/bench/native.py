@@ -1,8 +1,8 @@
 """`tidegate bench native`: the native protocol through the Python SDK (`tidegate.client`).
 
-Producers send with `Producer.send_async` (or one SEND_BATCH frame per --batch messages) inside a window of
---inflight unanswered requests; consumers are `PushConsumer`s of one consumer group, so each message reaches one
-of them. The engine (`engine.py`) does the rest.
+Producers send with `Producer.send_async` (or `Producer.send_batch_async`: one SEND_BATCH frame per --batch
+messages) inside a window of --inflight unanswered requests; consumers are `PushConsumer`s of one consumer group,
+so each message reaches one of them. The engine (`engine.py`) does the rest.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class NativeDriver(Driver):
                     admin.update_topic(options.topic, queues=options.queues)
 
     def run_producer(self, ctx: WorkerContext) -> dict[str, Any]:
-        from tidegate.client import Producer, build_message
+        from tidegate.client import Producer
 
         options = ctx.options
         tally = ProducerTally()
@@ -123,12 +123,9 @@ class NativeDriver(Driver):
                         producer.send_async(topic, encode_payload(ctx.index, seq, padding),
                                             self._on_sent(tally, window, seq, 1, started))
                     else:
-                        messages = [build_message(topic, encode_payload(ctx.index, s, padding))
-                                    for s in range(seq, seq + batch)]
-                        # The SDK has no send_batch_async: submit the SEND_BATCH frame on its connection directly.
-                        future = producer.conn.submit_batch(messages, -1)
-                        callback = self._on_sent(tally, window, seq, batch, started)
-                        future.add_done_callback(lambda fut, cb=callback: cb(fut.exception() or fut.result()))
+                        producer.send_batch_async(topic, [encode_payload(ctx.index, s, padding)
+                                                          for s in range(seq, seq + batch)],
+                                                  self._on_sent(tally, window, seq, batch, started))
                     seq += batch
                     tally.sent = seq
                 for _ in range(window_size):

@@ -5,7 +5,7 @@
 
 - producer, one at a time: `Producer.send_async` (plus the bench's payload and send window), then the SEND_OK
   answers through the connection's codec and reader dispatch to the callbacks;
-- producer, batches of K: `Connection.submit_batch`, then the SEND_BATCH_OK answers;
+- producer, batches of K: `Producer.send_batch_async`, then the SEND_BATCH_OK answers;
 - consumer: DELIVER frames of 64 stored messages through the codec, the reader dispatch and a `PushConsumer`'s
   worker (handler = the bench's tally), with its commits and credit.
 
@@ -56,7 +56,7 @@ def run_producer(messages: int, batch: int) -> tuple[float, float]:
     """(send CPU, answer CPU) in seconds for `messages` sends, one at a time or in batches of `batch`."""
     from tidegate.adapters.native.codec import SEND_OK_TYPE, encode_send_batch_ok
     from tidegate.adapters.native.fastpath import encode_send_oks
-    from tidegate.client import Producer, build_message
+    from tidegate.client import Producer
     from tidegate.client.connection import Connection
     from tidegate.gateway.bench.delivery import MIN_SIZE, ProducerTally, encode_payload
     from tidegate.gateway.bench.native import NativeDriver, SendWindow
@@ -75,10 +75,8 @@ def run_producer(messages: int, batch: int) -> tuple[float, float]:
             producer.send_async("bench", encode_payload(0, seq, padding),
                                 NativeDriver._on_sent(tally, window, seq, 1, 0))
         else:
-            batch_messages = [build_message("bench", encode_payload(0, s, padding)) for s in range(seq, seq + batch)]
-            future = conn.submit_batch(batch_messages, -1)
-            callback = NativeDriver._on_sent(tally, window, seq, batch, 0)
-            future.add_done_callback(lambda fut, cb=callback: cb(fut.exception() or fut.result()))
+            producer.send_batch_async("bench", [encode_payload(0, s, padding) for s in range(seq, seq + batch)],
+                                      NativeDriver._on_sent(tally, window, seq, batch, 0))
         if len(conn._out) >= 256:  # what the writer thread takes away
             conn._out.clear()
             conn._out_bytes = 0
@@ -112,7 +110,7 @@ def run_consumer(messages: int) -> float:
 
     tally = ConsumerTally()
     consumer = PushConsumer("bench", "bench", lambda d: tally.record(d.message.body), credit=2048)
-    conn = consumer._conn = _open(Connection("127.0.0.1:1"))
+    conn = consumer._conn = _open(Connection("127.0.0.1:1", core_deliveries=True))
     consumer.subscription_id = 1
     conn._push_handlers[1] = consumer._on_push
     padding = b"\x00" * (BODY_SIZE - MIN_SIZE)

@@ -111,6 +111,31 @@ def test_send_async_oneway_and_batch(address: str) -> None:
         assert admin.describe_topic(topic).queues[0].max_offset == 4
 
 
+def test_send_batch_async_stores_all_and_calls_back_with_one_result_each(address: str) -> None:
+    """send_batch_async sends the bodies in one SEND_BATCH: the callback gets a SendResult per body, in order, and a
+    consumer reads them back as plain persistent messages of the topic."""
+    topic = unique("batchasync")
+    with Admin(address) as admin, Producer(address) as producer:
+        admin.create_topic(topic, queues=1)
+        got: list[object] = []
+        done = threading.Event()
+
+        def callback(results: object) -> None:
+            got.append(results)
+            done.set()
+
+        producer.send_batch_async(topic, [b"a", bytearray(b"b"), b"c"], callback, queue_id=0)
+        assert done.wait(WAIT_S)
+        [results] = got
+        assert [(r.topic, r.queue_id, r.queue_offset) for r in results] == [(topic, 0, 0), (topic, 0, 1),
+                                                                            (topic, 0, 2)]
+        assert all(isinstance(r, SendResult) and r.msg_id for r in results)
+        with PullConsumer("g", address) as consumer:
+            pulled = consumer.pull(topic, 0, 0, max=10)
+        assert [d.message.body for d in pulled.messages] == [b"a", b"b", b"c"]
+        assert all(d.message.born_ts and d.message.flags == 1 and not d.message.tag for d in pulled.messages)
+
+
 def test_errors_arrive_typed_and_the_connection_survives(address: str) -> None:
     """Server errors raise the matching TidegateError subclass with its code; the client keeps working."""
     with Admin(address) as admin, Producer(address) as producer:

@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from tidegate.adapters.native import frames as f
+from tidegate.adapters.native.fastpath import slot_setter
 from tidegate.client.common import (
     DEFAULT_ADDRESS,
     GroupDescription,
@@ -27,6 +28,7 @@ from tidegate.client.common import (
     send_result,
 )
 from tidegate.client.connection import Connection
+from tidegate.client.deliveries import DeliveredBatch
 from tidegate.client.tls import ClientTls
 from tidegate.core.api import Delivered, PullResult
 from tidegate.core.errors import TidegateError
@@ -35,7 +37,11 @@ from tidegate.core.model import Message, MessageFlag, QueueRef
 logger = logging.getLogger("tidegate.client")
 
 SendCallback = Callable[[SendResult | BaseException], None]
+BatchCallback = Callable[[list[SendResult] | BaseException], None]
 _new_result = SendResult  # positional: msg_id, topic, queue_id, queue_offset
+_new = object.__new__
+_set_msg_id, _set_topic, _set_queue_id, _set_queue_offset = (
+    slot_setter(SendResult, name) for name in ("msg_id", "topic", "queue_id", "queue_offset"))
 
 
 _time = time.time
@@ -74,10 +80,14 @@ class _Client:
         self.tls = tls  # None: plain TCP; ClientTls: TLS (see tidegate.client.tls)
         self._conn: Connection | None = None
 
+    # Consumers take DELIVERs as deliveries.DeliveredBatch (core Delivered values straight from the bytes).
+    core_deliveries = False
+
     def start(self) -> Any:
         if self._conn is None:
             self._conn = Connection(self.address, client_id=self.client_id, timeout=self.timeout,
-                                    username=self.username, password=self._password, tls=self.tls).open()
+                                    username=self.username, password=self._password, tls=self.tls,
+                                    core_deliveries=self.core_deliveries).open()
         return self
 
     def close(self) -> None:
@@ -129,7 +139,12 @@ class Producer(_Client):
                 if isinstance(answer, BaseException):
                     callback(answer)
                 else:
-                    callback(_new_result(answer.msg_id, answer.topic, answer.queue_id, answer.queue_offset))
+                    result = _new(SendResult)  # fields set through their slots: cheaper than the frozen __init__
+                    _set_msg_id(result, answer.msg_id)
+                    _set_topic(result, answer.topic)
+                    _set_queue_id(result, answer.queue_id)
+                    _set_queue_offset(result, answer.queue_offset)
+                    callback(result)
             except Exception:
                 logger.exception("send_async callback failed")
 
@@ -141,6 +156,32 @@ class Producer(_Client):
         message = build_message(topic, body, tag=tag, keys=keys, properties=properties, subject=subject,
                                 group=group, deliver_at=deliver_at, expires_at=expires_at)
         self.conn.send_message(message, -1 if queue_id is None else queue_id, done)
+
+    def send_batch_async(self, topic: str, bodies: Iterable[bytes], callback: BatchCallback, *,
+                         queue_id: int | None = None) -> None:
+        """Send the bodies as messages of `topic` (persistent, no tag, keys or properties) in one SEND_BATCH frame
+        without waiting: `callback(list of SendResult, in order, or an exception)` runs on the SDK's I/O thread,
+        so keep it short. All are stored or none. Pipelined like `send_async`; encoded without Message objects."""
+
+        def done(answer: Any) -> None:
+            try:
+                if isinstance(answer, BaseException):
+                    callback(answer)
+                else:
+                    results = []
+                    for r in answer.results:
+                        result = _new(SendResult)  # through the slots: cheaper than the frozen __init__
+                        _set_msg_id(result, r.msg_id)
+                        _set_topic(result, r.topic)
+                        _set_queue_id(result, r.queue_id)
+                        _set_queue_offset(result, r.queue_offset)
+                        results.append(result)
+                    callback(results)
+            except Exception:
+                logger.exception("send_batch_async callback failed")
+
+        batch = [body if type(body) is bytes else bytes(body) for body in bodies]
+        self.conn.submit_plain_batch(topic, batch, int(_time() * 1000), -1 if queue_id is None else queue_id, done)
 
     def send_oneway(self, topic: str, body: bytes, *, tag: str = "", keys: Iterable[str] = (),
                     properties: Mapping[str, str] | None = None, subject: str = "", group: str = "",
@@ -253,6 +294,7 @@ class PushConsumer(_Client):
 
     COMMIT_EVERY = 64  # messages between commits while the queue stays busy
     COMMIT_INTERVAL_S = 1.0
+    core_deliveries = True
 
     def __init__(self, group: str, topic: str, handler: Callable[[Delivered], Any], *,
                  address: str = DEFAULT_ADDRESS, mode: str = "clustering", ack: str = "offset",
@@ -303,9 +345,21 @@ class PushConsumer(_Client):
 
     def _on_push(self, frame: f.Frame) -> None:
         # Runs on the reader thread: hand off only (a whole DELIVER at a time: one queue operation per frame).
-        if isinstance(frame, f.Deliver):
+        if type(frame) is DeliveredBatch:
+            if frame.deliveries:
+                self._inbox.put(frame.deliveries)
+        elif isinstance(frame, f.Deliver):  # a connection without core_deliveries
             if frame.messages:
-                self._inbox.put(frame.messages)
+                queues = self._queue_refs
+                items = []
+                for record in frame.messages:
+                    key = (record.topic, record.queue_id)
+                    ref = queues.get(key)
+                    if ref is None:
+                        ref = queues[key] = QueueRef(record.topic, record.queue_id)
+                    items.append(Delivered(record.message, ref, record.queue_offset, record.receipt,
+                                           record.attempt))
+                self._inbox.put(items)
         elif isinstance(frame, f.Assignment):
             self.assigned = [QueueRef(q.topic, q.queue_id) for q in frame.queues]
 
@@ -328,35 +382,29 @@ class PushConsumer(_Client):
                         time.monotonic() - self._last_commit >= self.COMMIT_INTERVAL_S:
                     self._flush_quietly()
 
-    def _process_batch(self, records: tuple[f.DeliveryRecord, ...]) -> None:
+    def _process_batch(self, deliveries: list[Delivered]) -> None:
         """Run the handler on each message of one DELIVER, in order; then count them for credit and commits
         (acks, commits and credit go out after the batch, from `_flush`)."""
         handler = self.handler
-        queues = self._queue_refs
         by_message = self.ack_mode is f.Ack.MESSAGE
         offsets = self._offsets
-        for record in records:
-            key = (record.topic, record.queue_id)
-            ref = queues.get(key)
-            if ref is None:
-                ref = queues[key] = QueueRef(record.topic, record.queue_id)
+        for d in deliveries:
             try:
-                # positional: message, queue, queue_offset, receipt, attempt
-                handler(Delivered(record.message, ref, record.queue_offset, record.receipt, record.attempt))
+                handler(d)
                 failed = False
             except Exception:
-                logger.exception("consumer handler failed for %s:%d@%d", record.topic, record.queue_id,
-                                 record.queue_offset)
+                logger.exception("consumer handler failed for %s:%d@%d", d.queue.topic, d.queue.queue_id,
+                                 d.queue_offset)
                 failed = True
             if by_message:
                 if failed:
                     self.conn.send_oneway(f.NackMessages, subscription_id=self.subscription_id,
-                                          receipts=[record.receipt], requeue=True)
+                                          receipts=[d.receipt], requeue=True)
                 else:
-                    self._receipts.append(record.receipt)
+                    self._receipts.append(d.receipt)
             else:
-                offsets[ref] = record.queue_offset + 1
-        count = len(records)
+                offsets[d.queue] = d.queue_offset + 1
+        count = len(deliveries)
         self.processed += count
         self._uncredited += count
         self._since_commit += count
@@ -394,6 +442,8 @@ class SimpleConsumer(_Client):
     """Pop-style consumption: `receive` returns messages, each hidden from others for `invisible_ms` until it
     is acked (or becomes visible again for redelivery)."""
 
+    core_deliveries = True
+
     def __init__(self, group: str, topic: str, *, address: str = DEFAULT_ADDRESS, filter: str = "*",
                  invisible_ms: int = 30_000, client_id: str | None = None, start: str = "",
                  timeout: float = 10.0, username: str = "", password: str | bytes = "",
@@ -423,12 +473,17 @@ class SimpleConsumer(_Client):
                 logger.warning("closing simple consumer %s: %s", self.client_id, exc)
         super().close()
 
-    def _on_push(self, frame: f.Frame) -> None:
-        if isinstance(frame, f.Deliver):
-            with self._cond:
-                self._buffer.extend(delivered(r) for r in frame.messages)
-                self._outstanding = max(0, self._outstanding - len(frame.messages))
-                self._cond.notify_all()
+    def _on_push(self, frame: f.Frame | DeliveredBatch) -> None:
+        if type(frame) is DeliveredBatch:
+            items = frame.deliveries
+        elif isinstance(frame, f.Deliver):  # a connection without core_deliveries
+            items = [delivered(r) for r in frame.messages]
+        else:
+            return
+        with self._cond:
+            self._buffer.extend(items)
+            self._outstanding = max(0, self._outstanding - len(items))
+            self._cond.notify_all()
 
     def receive(self, max: int = 16, timeout: float = 5.0) -> list[Delivered]:
         """Up to `max` messages (at most RECEIVE_MAX: brokers cap a subscription's outstanding credit there);

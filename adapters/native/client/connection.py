@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +27,7 @@ from tidegate.adapters.native.codec import (
     ProtocolError,
     Role,
     encode_plain_send,
+    encode_plain_send_batch,
     encode_send,
     encode_send_batch,
 )
@@ -37,6 +38,7 @@ from tidegate.client.common import (
     error_from_frame,
     parse_address,
 )
+from tidegate.client.deliveries import DELIVER_TYPE, DeliveredBatch, core_deliver_decoder
 from tidegate.client.tls import ClientTls
 from tidegate.core.errors import TidegateError
 from tidegate.core.model import Message
@@ -49,6 +51,7 @@ PushHandler = Callable[[f.Frame], None]
 Responder = Callable[[Any], None]
 RECV_SIZE = 256 * 1024
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # pipelined sends wait while this much is queued and not yet written
+PUSHES = frozenset((f.Deliver, f.Assignment, DeliveredBatch))  # server pushes: to the subscription's handler
 
 
 class Connection:
@@ -56,7 +59,7 @@ class Connection:
 
     def __init__(self, address: str, *, client_id: str = "", client_name: str = "tidegate-python",
                  timeout: float = 10.0, username: str = "", password: str | bytes = "",
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, core_deliveries: bool = False) -> None:
         self.address = address
         self.tls = tls  # None: plain TCP; else TLS with the broker's certificate and name checked
         self.client_id = client_id
@@ -66,7 +69,10 @@ class Connection:
         self.timeout = timeout
         self.server_version = ""
         self.heartbeat_s = 0.0
-        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        # core_deliveries: DELIVERs reach push handlers as deliveries.DeliveredBatch (core `Delivered` values, decoded
+        # without DeliveryRecords) instead of Deliver frames; what consumers want, and cheaper.
+        self.codec = NativeCodec(Role.CLIENT, max_frame=CLIENT_MAX_FRAME, open_decoders={
+            DELIVER_TYPE: core_deliver_decoder()} if core_deliveries else None)
         self._sock: socket.socket | None = None
         self._state_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -314,6 +320,17 @@ class Connection:
         self._write(data)
         return future
 
+    def submit_plain_batch(self, topic: str, bodies: Sequence[bytes], born_ts: int, queue_id: int,
+                           responder: Responder) -> None:
+        """A pipelined SEND_BATCH of messages that are only `topic` and a body each (persistent, nothing else),
+        encoded without Message objects: the same bytes as `submit_batch` sends for `Message(topic, body,
+        born_ts=born_ts)` of each body. `responder` (run on the reader thread) gets the SendBatchOk frame or the
+        exception."""
+        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        data = encode_plain_send_batch(request_id, 0, queue_id, topic, bodies, born_ts)
+        self._check_size(data, request_id, "SendBatch")
+        self._queue_request(request_id, data, responder)
+
     def submit(self, cls: type[f.Frame], *, on_push: PushHandler | None = None, **fields: Any) -> Future[f.Frame]:
         """Send a request; the future resolves to the response frame or fails with the server's error."""
         future: Future[f.Frame] = Future()
@@ -384,8 +401,7 @@ class Connection:
             pending = self._pending
             subscribing = self._pending_subscribe
             entries = [pending.pop(frame.request_id, None) if type(frame) is send_ok
-                       or (type(frame) is not f.Deliver and type(frame) is not f.Assignment
-                           and type(frame) is not f.Pong) else None for frame in frames]
+                       or (type(frame) not in PUSHES and type(frame) is not f.Pong) else None for frame in frames]
             on_pushes = [subscribing.pop(frame.request_id, None) for frame in frames] if subscribing else None
         fatal: TidegateError | None = None
         for i, frame in enumerate(frames):
@@ -399,7 +415,7 @@ class Connection:
                 else:
                     entry(frame)
                 continue
-            if cls is f.Deliver or cls is f.Assignment:
+            if cls in PUSHES:
                 handler = self._push_handlers.get(frame.subscription_id)
                 if handler is not None:
                     try:
