@@ -62,11 +62,11 @@ from tidegate.core.security.limits import (
 )
 from tidegate.core.security.policy_gate import open_policy_gate
 from tidegate.core.security.users import ADMIN_PASSWORD_ENV
-from tidegate.core.storage import accelerator
 from tidegate.core.storage.encryption import load_keyring
 from tidegate.core.storage.filestore import FileMessageStore
 from tidegate.core.storage.layout import StoreLayout, secure_data_dir, write_atomically
 from tidegate.core.storage.metadata import SqliteMetadataStore
+from tidegate.gateway.accelerators import describe_accelerators
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import DEFAULT_BACKLOG, Config, ProcessSection
 from tidegate.gateway.listeners import ListenerBuilder, listen_tcp
@@ -336,7 +336,7 @@ class TidegateProcess(Service):
         self._index_flush.start(INDEX_FLUSH_S, now=False)
         self.reactor_lag.start()
         log.info("tidegate is ready (data_dir=%s, flush=%s, %s)", self.data_dir, self.config.storage.flush,
-                 accelerator.describe())
+                 describe_accelerators())
 
     async def _stop(self) -> None:
         if self.started is not None and not self.started.called:

@@ -183,10 +183,10 @@ def run_version(args: argparse.Namespace) -> int:
 
     import twisted
 
-    from tidegate.core.storage import accelerator
+    from tidegate.gateway.accelerators import describe_accelerators
 
     print(f"tidegate {package_version()} (Python {platform.python_version()}, Twisted {twisted.__version__}; "
-          f"{accelerator.describe()})")
+          f"{describe_accelerators()})")
     return EXIT_OK
 
 
