@@ -550,6 +550,14 @@ def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: b
                         packet_id: int | None) -> bytes:
     """The bytes `MqttCodec.encode(Publish(...))` gives at protocol level 3.1/3.1.1 (no properties), from a topic
     header made by `publish_topic_header`; the payload is joined once, never re-encoded."""
+    return publish_v311_head(topic_header, len(payload), qos, retain, dup, packet_id) + payload
+
+
+def publish_v311_head(topic_header: bytes, payload_size: int, qos: int, retain: bool, dup: bool,
+                      packet_id: int | None) -> bytes:
+    """Everything of a 3.1/3.1.1 PUBLISH before its payload (fixed header, topic, packet id): `encode_publish_v311`
+    is this + the payload. A large payload is written after it as a piece of its own (`write_chunks`, `sendmsg`),
+    so the stored body reaches the socket without being copied into a packet first."""
     first_byte = 0x30 | (qos << 1)
     if retain:
         first_byte |= 0x01
@@ -559,16 +567,16 @@ def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: b
         if packet_id.__class__ is not int or not 0 < packet_id <= 0xFFFF:  # type: ignore[operator]
             raise MqttEncodeError(f"PUBLISH packet identifier {packet_id!r} is not 1..65535",
                                   ReasonCode.PROTOCOL_ERROR)
-        remaining = len(topic_header) + 2 + len(payload)
+        remaining = len(topic_header) + 2 + payload_size
         variable = topic_header + UINT16.pack(packet_id)
     else:
-        remaining = len(topic_header) + len(payload)
+        remaining = len(topic_header) + payload_size
         variable = topic_header
     if remaining < 0x80:
-        return b"".join((_SINGLE_BYTE[first_byte], _SINGLE_BYTE[remaining], variable, payload))
+        return b"".join((_SINGLE_BYTE[first_byte], _SINGLE_BYTE[remaining], variable))
     if remaining > MAX_VARIABLE_BYTE_INTEGER:
         raise MqttEncodeError(f"PUBLISH of {remaining} bytes exceeds the MQTT maximum", ReasonCode.PACKET_TOO_LARGE)
-    return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable, payload))
+    return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable))
 
 
 _puback_id_pack = UINT16.pack
