@@ -68,8 +68,9 @@ def _message_qos(flags: int) -> int:
         _QOS_OF_FLAGS[int(flags)] = qos
     return qos
 _pack_packet_id = UINT16.pack
-# (first byte << 16 | remaining length) -> the PUBLISH fixed header, for remaining lengths below 16 KiB: a
-# subscriber's messages come in few sizes. At most 1,024 are kept.
+# (first byte << 28 | remaining length) -> the PUBLISH fixed header: a subscriber's messages come in few sizes.
+# At most 1,024 are kept. The shift is 28 because a remaining length has up to 28 bits: with a smaller one a large
+# delivery's length would overlap the first byte and find another packet's header.
 _FIXED_HEADERS: dict[int, bytes] = {}
 
 
@@ -81,7 +82,7 @@ def _fixed_header(first_byte: int, remaining: int) -> bytes:
     else:  # a large payload (its body goes out as a piece of its own)
         header = bytes((first_byte,)) + encode_variable_byte_integer(remaining)
     if len(_FIXED_HEADERS) < 1024:
-        _FIXED_HEADERS[(first_byte << 16) | remaining] = header
+        _FIXED_HEADERS[(first_byte << 28) | remaining] = header
     return header
 # A 3.1.1 delivery whose payload is at least this large is written as two pieces, PUBLISH head and stored body
 # (the socket gets them with one sendmsg): joining them would copy the payload once per delivery.
@@ -367,11 +368,11 @@ class Outbound:
                 inflight[packet_id] = Inflight(key, delivered.receipt, qos, sent_key, delivered)
                 sent[sent_key] = packet_id
                 sent_ids.add(packet_id)
-                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(fixed_headers.get((first_byte << 28) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 append(_pack_packet_id(packet_id))
             else:
-                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(fixed_headers.get((first_byte << 28) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 if settled is not None:
                     settled.append(delivered)

@@ -172,3 +172,25 @@ def test_a_large_delivery_to_a_3_1_1_client_writes_the_payload_as_a_piece_of_its
     assert (delivery.topic, delivery.payload, delivery.qos) == ("big/x", payload, 1)
     assert payload in writes  # the body itself, not a packet holding it
     assert max(map(len, writes)) == len(payload)
+
+
+def test_fixed_headers_of_large_and_small_deliveries_never_share_a_cache_entry(env):
+    """The 3.1.1 batch path caches fixed headers by (first byte, remaining length): a QoS 0 delivery whose remaining
+    length is 128 KiB + 20 must not get the cached header of a QoS 1 delivery of remaining length 20."""
+    sub, pub = env.client(4), env.client(4)
+    sub.connect("sub")
+    pub.connect("pub")
+    sub.send(Subscribe(1, (TopicSubscription("c/#", 1),)))
+    env.pump()
+    sub.received()
+    small = b"s" * 13  # topic header 5 + packet id 2 + 13 = remaining length 20
+    large = b"L" * (0x20014 - 5)  # QoS 0: topic header 5 + payload = 0x20014
+    pub.send(Publish("c/x", small, 1, packet_id=1))
+    env.pump()
+    (first,) = sub.received()
+    assert (first.qos, first.payload) == (1, small)
+    sub.send(Puback(first.packet_id))
+    pub.send(Publish("c/x", large, 0))
+    env.pump()
+    (second,) = sub.received()
+    assert (second.qos, second.payload) == (0, large)
