@@ -80,8 +80,11 @@ MAX_READ_BYTES = 1024 * 1024
 # A multi-chunk write this large is handed to the kernel as its pieces (`sendmsg`) instead of being joined first:
 # joining would copy every payload once more; below it the join is cheaper than the per-piece work.
 SCATTER_MIN_BYTES = 64 * 1024
-# Linux's IOV_MAX: more pieces than this are joined.
+# Linux's IOV_MAX: the most pieces one `sendmsg` takes. A write of more pieces is sent in groups of this many when
+# its pieces average SCATTER_MIN_AVERAGE_BYTES or more (a batch of large deliveries: head pieces and bodies), and
+# joined when they are small (a long batch of small packets, where one copy is cheaper than the extra calls).
 MAX_SCATTER_PIECES = 1024
+SCATTER_MIN_AVERAGE_BYTES = 1024
 # Why reading is paused (`AdapterConnection.pause_reading`): a resource alarm is raised and the connection publishes.
 ALARM = "alarm"
 # The reasons of a connection that is read (nearly all of them): shared, since an empty set costs 216 bytes.
@@ -181,9 +184,10 @@ def send_now(transport: Any, chunks: list[bytes]) -> None:
     if (isinstance(transport, TcpConnection) and transport.connected and not transport.disconnecting
             and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)
             and not transport._writeDisconnected):
-        if len(chunks) > 1 and len(chunks) <= MAX_SCATTER_PIECES:
+        if len(chunks) > 1:
             total = sum(map(len, chunks))
-            if total >= SCATTER_MIN_BYTES:
+            if total >= SCATTER_MIN_BYTES and (len(chunks) <= MAX_SCATTER_PIECES
+                                               or total >= SCATTER_MIN_AVERAGE_BYTES * len(chunks)):
                 _send_pieces(transport, chunks, total)
                 return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -200,12 +204,23 @@ def send_now(transport: Any, chunks: list[bytes]) -> None:
 
 
 def _send_pieces(transport: TcpConnection, chunks: list[bytes], total: int) -> None:
-    """`send_now` of a large multi-chunk write: the pieces go to the kernel as they are (one `sendmsg`, no join);
-    what it does not take is handed to Twisted as the remaining pieces (only a piece cut in two is copied)."""
+    """`send_now` of a large multi-chunk write: the pieces go to the kernel as they are (one `sendmsg` per
+    MAX_SCATTER_PIECES pieces, no join); what it does not take is handed to Twisted as the remaining pieces (only
+    a piece cut in two is copied)."""
+    send = transport.socket.sendmsg
+    sent = 0
     try:
-        sent = transport.socket.sendmsg(chunks)
+        if len(chunks) <= MAX_SCATTER_PIECES:
+            sent = send(chunks)
+        else:
+            for start in range(0, len(chunks), MAX_SCATTER_PIECES):
+                group = chunks[start:start + MAX_SCATTER_PIECES]
+                taken = send(group)
+                sent += taken
+                if taken < sum(map(len, group)):
+                    break  # the socket is full: the rest waits in Twisted's buffer
     except OSError:
-        sent = 0
+        pass  # EAGAIN: Twisted waits for the socket; other errors: Twisted meets them and closes its way
     if sent >= total:
         return
     index = 0

@@ -64,6 +64,7 @@ from .properties import (
     PropertyContext,
     PropertyId,
     decode_properties,
+    decode_variable_byte_integer,
     encode_properties,
     encode_variable_byte_integer,
 )
@@ -123,6 +124,9 @@ __all__ = [
 
 # Largest packet the wire format can express: 1 type byte + 4 length bytes + 268,435,455 bytes.
 MAX_PACKET_SIZE = MAX_VARIABLE_BYTE_INTEGER + 5
+# A PUBLISH at least this large that arrives over several reads has its payload joined straight from the received
+# chunks (one copy), instead of the whole packet being joined and the payload then sliced out of it (two copies).
+SPANNING_PUBLISH_MIN_BYTES = 4096
 
 Buffer = bytes | memoryview
 _Decoder = Callable[[int, int, Buffer, int, int], Packet]  # (level, flags, buffer, start, end)
@@ -550,6 +554,14 @@ def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: b
                         packet_id: int | None) -> bytes:
     """The bytes `MqttCodec.encode(Publish(...))` gives at protocol level 3.1/3.1.1 (no properties), from a topic
     header made by `publish_topic_header`; the payload is joined once, never re-encoded."""
+    return publish_v311_head(topic_header, len(payload), qos, retain, dup, packet_id) + payload
+
+
+def publish_v311_head(topic_header: bytes, payload_size: int, qos: int, retain: bool, dup: bool,
+                      packet_id: int | None) -> bytes:
+    """Everything of a 3.1/3.1.1 PUBLISH before its payload (fixed header, topic, packet id): `encode_publish_v311`
+    is this + the payload. A large payload is written after it as a piece of its own (`write_chunks`, `sendmsg`),
+    so the stored body reaches the socket without being copied into a packet first."""
     first_byte = 0x30 | (qos << 1)
     if retain:
         first_byte |= 0x01
@@ -559,16 +571,16 @@ def encode_publish_v311(topic_header: bytes, payload: bytes, qos: int, retain: b
         if packet_id.__class__ is not int or not 0 < packet_id <= 0xFFFF:  # type: ignore[operator]
             raise MqttEncodeError(f"PUBLISH packet identifier {packet_id!r} is not 1..65535",
                                   ReasonCode.PROTOCOL_ERROR)
-        remaining = len(topic_header) + 2 + len(payload)
+        remaining = len(topic_header) + 2 + payload_size
         variable = topic_header + UINT16.pack(packet_id)
     else:
-        remaining = len(topic_header) + len(payload)
+        remaining = len(topic_header) + payload_size
         variable = topic_header
     if remaining < 0x80:
-        return b"".join((_SINGLE_BYTE[first_byte], _SINGLE_BYTE[remaining], variable, payload))
+        return b"".join((_SINGLE_BYTE[first_byte], _SINGLE_BYTE[remaining], variable))
     if remaining > MAX_VARIABLE_BYTE_INTEGER:
         raise MqttEncodeError(f"PUBLISH of {remaining} bytes exceeds the MQTT maximum", ReasonCode.PACKET_TOO_LARGE)
-    return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable, payload))
+    return b"".join((_SINGLE_BYTE[first_byte], encode_variable_byte_integer(remaining), variable))
 
 
 _puback_id_pack = UINT16.pack
@@ -735,6 +747,72 @@ def _connect_placeholder(flags: int, buffer: Buffer, start: int, end: int) -> Pa
     raise AssertionError("the shared pre-CONNECT table is used only through a codec's copy")
 
 
+def _leading_bytes(chunks: list[Buffer], count: int) -> bytes:
+    """The first `count` bytes of `chunks` (fewer if they hold fewer), copying only those."""
+    head = b""
+    for chunk in chunks:
+        head += bytes(chunk[:count - len(head)])
+        if len(head) >= count:
+            break
+    return head
+
+
+def _pieces_from(chunks: list[Buffer], offset: int) -> list[Buffer]:
+    """The bytes of `chunks` from `offset` on, as the chunks themselves (views, no copies)."""
+    pieces: list[Buffer] = []
+    for chunk in chunks:
+        size = len(chunk)
+        if offset >= size:
+            offset -= size
+            continue
+        pieces.append(memoryview(chunk)[offset:] if offset else chunk)
+        offset = 0
+    return pieces
+
+
+def _decode_spanning_publish(chunks: list[Buffer], size: int, level: int | None, packets: list[Packet],
+                             decode: Callable[[Buffer, list[Packet]], int]) -> bool:
+    """Decode the complete packet held in `chunks` (`size` bytes, received over several reads) into `packets`
+    when it is a PUBLISH, with its payload joined once from the chunks; False (nothing done) for any other packet
+    or a PUBLISH whose header does not add up, which the caller then joins and decodes as always (and which
+    raises there exactly as it always did).
+
+    How: everything before the payload (fixed header, topic, packet id, MQTT 5 properties) is decoded by `decode`
+    as a PUBLISH with an empty payload (the same header bytes under a fixed header re-encoded for that length), so
+    every check and the fast path's choice are the ones the whole packet gets; the payload joined from the chunks
+    then takes the empty one's place."""
+    head = _leading_bytes(chunks, 7)  # fixed header (at most 5 bytes) and the topic length
+    first_byte = head[0]
+    if first_byte >> 4 != PacketType.PUBLISH or len(head) < 7:
+        return False
+    parsed = _remaining_length(head, 1, len(head))
+    if parsed is None:
+        return False
+    fixed_header = parsed[1]
+    payload_start = fixed_header + 2 + ((head[fixed_header] << 8) | head[fixed_header + 1])
+    if first_byte & 0x06:  # QoS 1 or 2: a packet identifier
+        payload_start += 2
+    if level == MQTT_5:
+        head = _leading_bytes(chunks, payload_start + 4)
+        try:
+            properties_length, after = decode_variable_byte_integer(head, payload_start, len(head))
+        except MqttProtocolError:
+            return False
+        payload_start = after + properties_length
+    if payload_start > size:
+        return False
+    variable_header = _leading_bytes(chunks, payload_start)[fixed_header:]
+    stand_in = _SINGLE_BYTE[first_byte] + encode_variable_byte_integer(len(variable_header)) + variable_header
+    decode(stand_in, packets)
+    payload = b"".join(_pieces_from(chunks, payload_start))
+    decoded = packets[-1]
+    if decoded.__class__ is tuple:  # a PlainPublish of `receive_batch`: (topic, packet id, payload)
+        packets[-1] = (decoded[0], decoded[1], payload)  # type: ignore[index]
+    else:  # a Publish, made with the empty payload a moment ago and seen by no one yet
+        object.__setattr__(decoded, "payload", payload)
+    return True
+
+
 class MqttCodec:
     """One connection's MQTT byte stream, as seen from the server (default) or the client side.
 
@@ -852,8 +930,9 @@ class MqttCodec:
         Cost is linear in the bytes received, however a packet is split: the chunks of a packet that spans reads
         are kept as they arrive (no re-concatenation per chunk) and joined once, when its last byte is here, into
         exactly that packet; the packets after it are decoded from the read in place. A payload is therefore copied
-        once when its packet arrived within one read (the slice the PUBLISH decoder takes) and twice when it
-        spanned reads (the join, then that slice).
+        once: when its packet arrived within one read, by the slice the PUBLISH decoder takes; when a PUBLISH of
+        at least SPANNING_PUBLISH_MIN_BYTES spanned reads, by joining its payload from the chunks (smaller or other
+        packets that spanned reads are joined whole, then decoded: a payload copied twice, at most 4 KiB).
         """
         return self._receive(data, self._decode_all)
 
@@ -916,10 +995,11 @@ class MqttCodec:
             self._pending_size += len(data)
             return -1
         pending.append(data if missing == len(data) else memoryview(data)[:missing])
-        packet = b"".join(pending)
+        if needed < SPANNING_PUBLISH_MIN_BYTES or not _decode_spanning_publish(pending, needed, self._protocol_level,
+                                                                                packets, decode):
+            decode(b"".join(pending), packets)  # exactly one packet: it consumes all of the joined bytes
         pending.clear()
         self._pending_size = self._pending_needed = 0
-        decode(packet, packets)  # exactly one packet: it consumes all of `packet`
         return missing
 
     def _pending_packet_size(self, data: bytes) -> int:

@@ -37,7 +37,7 @@ from tidegate.core.errors import TidegateError
 from tidegate.core.interfaces import Subscription
 from tidegate.core.model import Message, QueueRef
 
-from .codec import encode_publish_v311, publish_topic_header
+from .codec import encode_publish_v311, publish_topic_header, publish_v311_head
 from .mapping import (
     PROP_PUBLISHER,
     PROP_RETAIN,
@@ -47,7 +47,7 @@ from .mapping import (
     publish_fields,
 )
 from .packets import MQTT_5, Puback, Pubcomp, Publish, Pubrec, Pubrel, topic_matches
-from .properties import UINT16, Properties
+from .properties import MAX_VARIABLE_BYTE_INTEGER, UINT16, Properties, encode_variable_byte_integer
 from .reason_codes import MqttProtocolError, ReasonCode
 from .sessions import SubscriptionEntry
 from .state import Inflight, OutboundAliases
@@ -68,17 +68,25 @@ def _message_qos(flags: int) -> int:
         _QOS_OF_FLAGS[int(flags)] = qos
     return qos
 _pack_packet_id = UINT16.pack
-# (first byte << 16 | remaining length) -> the PUBLISH fixed header, for remaining lengths below 16 KiB: a
-# subscriber's messages come in few sizes. At most 1,024 are kept.
+# (first byte << 28 | remaining length) -> the PUBLISH fixed header: a subscriber's messages come in few sizes.
+# At most 1,024 are kept. The shift is 28 because a remaining length has up to 28 bits: with a smaller one a large
+# delivery's length would overlap the first byte and find another packet's header.
 _FIXED_HEADERS: dict[int, bytes] = {}
 
 
 def _fixed_header(first_byte: int, remaining: int) -> bytes:
-    header = (bytes((first_byte, remaining)) if remaining < 0x80
-              else bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7)))
+    if remaining < 0x80:
+        header = bytes((first_byte, remaining))
+    elif remaining < 0x4000:
+        header = bytes((first_byte, (remaining & 0x7F) | 0x80, remaining >> 7))
+    else:  # a large payload (its body goes out as a piece of its own)
+        header = bytes((first_byte,)) + encode_variable_byte_integer(remaining)
     if len(_FIXED_HEADERS) < 1024:
-        _FIXED_HEADERS[(first_byte << 16) | remaining] = header
+        _FIXED_HEADERS[(first_byte << 28) | remaining] = header
     return header
+# A 3.1.1 delivery whose payload is at least this large is written as two pieces, PUBLISH head and stored body
+# (the socket gets them with one sendmsg): joining them would copy the payload once per delivery.
+SEPARATE_PAYLOAD_BYTES = 16 * 1024
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
 
 
@@ -290,7 +298,7 @@ class Outbound:
 
     def _deliver_v311(self, key: str, deliveries: list[Delivered]) -> int:
         """Write the leading deliveries of a batch that need nothing but a cached 3.1.1 route (no No Local, no
-        expiry, the window open, a PUBLISH under 16 KiB of remaining length), as one write; returns how many it
+        expiry, the window open), as one write; returns how many it
         took. Byte for byte what `_decide` + `_transmit` + `encode_publish_v311` send for each, with the same
         packet ids, in-flight entries, credit and acks."""
         conn = self.conn
@@ -344,8 +352,8 @@ class Outbound:
                         end = queue_ends[queue] = conn.session.queue_offsets(queue)[1]  # type: ignore[union-attr]
                     if end - delivered.queue_offset - 1 > max_queued:
                         break  # dropped by the general path
-            if remaining >= 0x4000:
-                break
+            if remaining > MAX_VARIABLE_BYTE_INTEGER:
+                break  # the general path refuses it
             props = message.properties
             first_byte = 0x30 | (qos << 1)
             if route.retain_as_published and props and PROP_RETAIN in props:
@@ -360,11 +368,11 @@ class Outbound:
                 inflight[packet_id] = Inflight(key, delivered.receipt, qos, sent_key, delivered)
                 sent[sent_key] = packet_id
                 sent_ids.add(packet_id)
-                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(fixed_headers.get((first_byte << 28) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 append(_pack_packet_id(packet_id))
             else:
-                append(fixed_headers.get((first_byte << 16) | remaining) or _fixed_header(first_byte, remaining))
+                append(fixed_headers.get((first_byte << 28) | remaining) or _fixed_header(first_byte, remaining))
                 append(header)
                 if settled is not None:
                     settled.append(delivered)
@@ -509,16 +517,23 @@ class Outbound:
             if packet_id is None:
                 packet_id = packets.allocate()
         if header is not None:
-            data: bytes | None = encode_publish_v311(header, message.body, qos, outgoing.retain, dup, packet_id)
+            body = message.body
+            if len(body) >= SEPARATE_PAYLOAD_BYTES:
+                # the stored body goes out as a piece of its own behind its PUBLISH head: never copied into a packet
+                conn.write_chunks([publish_v311_head(header, len(body), qos, outgoing.retain, dup, packet_id), body])
+                data = None
+            else:
+                data = encode_publish_v311(header, body, qos, outgoing.retain, dup, packet_id)
         else:
             data = self._encode(outgoing, fields, packet_id, dup)  # type: ignore[arg-type]
-        if data is None:
+        if data is not None:
+            conn.write(data)
+        elif header is None:
             conn.factory.client_log.info(
                 "too-large-for-client", "mqtt %s: dropped a %d-byte message on %s: larger than the client's Maximum "
                 "Packet Size", conn.who(), len(outgoing.message.body), outgoing.topic_name)
             self._release(outgoing)
             return
-        conn.write(data)
         conn.factory.stats.messages_sent += 1
         if not qos:
             self._release(outgoing)

@@ -60,7 +60,7 @@ _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # write: joining would copy every large body once more in user space; below it, one join is cheaper than the
 # kernel's per-piece work.
 SCATTER_MIN_PIECE_BYTES = 4096
-# Linux's IOV_MAX: a batch of more pieces is joined.
+# Linux's IOV_MAX: a batch of more pieces is written with one writev per this many.
 MAX_SCATTER_PIECES = 1024
 _len_unpack = STR_LEN.unpack
 _MESSAGE_MAGIC_BYTES = MESSAGE_MAGIC.to_bytes(4, "little")
@@ -195,16 +195,25 @@ class CommitLog:
             self._write_failed(fd, exc)
 
     def _writev_fully(self, pieces: Sequence[bytes], total: int) -> None:
-        """`_write_fully` of the concatenation of `pieces` (`total` bytes), written with one writev and no join.
-        A short writev (rare: a signal, a nearly full disk) is finished from one joined buffer."""
+        """`_write_fully` of the concatenation of `pieces` (`total` bytes), written with one writev per
+        MAX_SCATTER_PIECES pieces (IOV_MAX) and no join. A short writev (rare: a signal, a nearly full disk) is
+        finished from its group joined into one buffer."""
         fd = self._active_fd
-        assert self._writev is not None
+        writev = self._writev
+        assert writev is not None
         try:
-            written = self._writev(fd, pieces)
-            if written < total:
-                self._finish_write(fd, memoryview(b"".join(pieces)), written)
+            if len(pieces) <= MAX_SCATTER_PIECES:
+                written = writev(fd, pieces)
+                if written < total:
+                    self._finish_write(fd, memoryview(b"".join(pieces)), written)
+                return
+            for start in range(0, len(pieces), MAX_SCATTER_PIECES):
+                group = pieces[start:start + MAX_SCATTER_PIECES]
+                written = writev(fd, group)
+                if written < sum(map(len, group)):
+                    self._finish_write(fd, memoryview(b"".join(group)), written)
         except OSError as exc:
-            self._write_failed(fd, exc)
+            self._write_failed(fd, exc)  # cuts back to before the batch, whichever group failed
 
     def _finish_write(self, fd: int, view: memoryview, written: int) -> None:
         """Write the rest of `view` after a short write of `written` bytes (raises OSError as a write does)."""
@@ -357,8 +366,7 @@ class CommitLog:
             return self.append_batch([b"".join(parts[i:i + 3]) for i in range(0, len(parts), 3)], store_ts)
         offsets = list(accumulate(sizes, initial=self._active_base + pos))
         # either way cut back by itself if it fails: nothing else changed yet
-        if (total >= SCATTER_MIN_PIECE_BYTES * len(parts) and len(parts) <= MAX_SCATTER_PIECES
-                and self._writev is not None):
+        if total >= SCATTER_MIN_PIECE_BYTES * len(parts) and self._writev is not None:
             self._writev_fully(parts, total)
         else:
             self._write_fully(b"".join(parts))

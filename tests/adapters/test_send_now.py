@@ -112,3 +112,69 @@ def test_what_the_socket_does_not_take_of_a_scattered_write_is_buffered_by_twist
     send_now(transport, pieces)
     assert transport in reactor.getWriters()
     assert drain(transport, peer, sum(map(len, pieces))) == b"".join(pieces)
+
+
+class RecordingSocket:
+    """The transport's socket, recording what each sendmsg/send call was given."""
+
+    def __init__(self, real_socket: socket.socket) -> None:
+        self.real_socket = real_socket
+        self.sendmsg_calls: list[list[bytes]] = []
+        self.send_calls: list[bytes] = []
+
+    def sendmsg(self, buffers):
+        self.sendmsg_calls.append(list(buffers))
+        return self.real_socket.sendmsg(buffers)
+
+    def send(self, data):
+        self.send_calls.append(data)
+        return self.real_socket.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real_socket, name)
+
+
+def receive_all(transport, peer, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        received += peer.recv(1 << 20)
+        if transport.dataBuffer or transport._tempDataBuffer:
+            transport.doWrite()
+    return bytes(received)
+
+
+def test_a_write_of_more_pieces_than_one_sendmsg_takes_goes_out_in_groups_without_a_join():
+    """A batch of 600 large deliveries (head piece + body each: 1,200 pieces, over IOV_MAX) reaches the kernel as
+    its pieces in groups of at most MAX_SCATTER_PIECES, each body the object itself."""
+    from tidegate.adapters.base import MAX_SCATTER_PIECES
+
+    transport, peer, reactor = tcp_pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    recording = transport.socket = RecordingSocket(transport.socket)
+    bodies = [bytes([n % 256]) * 4096 for n in range(600)]
+    pieces = [piece for n, body in enumerate(bodies) for piece in (b"head%d" % n, body)]
+    send_now(transport, pieces)
+    assert recording.send_calls == []
+    assert all(len(call) <= MAX_SCATTER_PIECES for call in recording.sendmsg_calls)
+    given = [piece for call in recording.sendmsg_calls for piece in call]
+    assert given[1] is bodies[0]
+    assert receive_all(transport, peer, sum(map(len, pieces))) == b"".join(pieces)
+
+
+def test_a_write_of_many_small_pieces_is_joined_into_one_send():
+    transport, peer, reactor = tcp_pair()
+    recording = transport.socket = RecordingSocket(transport.socket)
+    pieces = [b"%05d" % n * 20 for n in range(2000)]  # 2,000 pieces of 100 bytes: 200 KB
+    send_now(transport, pieces)
+    assert recording.sendmsg_calls == [] and len(recording.send_calls) == 1
+    assert receive_all(transport, peer, sum(map(len, pieces))) == b"".join(pieces)
+
+
+def test_what_the_socket_does_not_take_of_a_grouped_write_is_buffered_by_twisted_in_order():
+    transport, peer, reactor = tcp_pair()
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pieces = [piece for n in range(700) for piece in (b"h%d" % n, bytes([n % 256]) * 3000)]  # 1,400 pieces, 2 MB
+    send_now(transport, pieces)
+    assert transport in reactor.getWriters()
+    assert drain(transport, peer, sum(map(len, pieces))) == b"".join(pieces)

@@ -115,3 +115,43 @@ def test_a_store_appending_one_large_message_writes_its_body_uncopied_and_recove
         assert reopened.end_offset == result.commit_offset + result.size
     finally:
         reopened.close()
+
+
+def test_a_batch_of_more_pieces_than_one_writev_takes_is_written_in_groups_without_a_join(tmp_path):
+    """400 records of 16 KiB (1,200 pieces, over IOV_MAX): several writevs of at most MAX_SCATTER_PIECES pieces, the
+    bodies themselves, and the bytes on disk are the reference encoding."""
+    from tidegate.core.storage.commitlog import MAX_SCATTER_PIECES
+
+    log = make_log(tmp_path)
+    calls = recording_writev(log)
+    messages = [Message("t", bytes([n % 256]) * 16384) for n in range(400)]
+    parts, sizes = pieces_of(messages)
+    offsets = log.append_parts(parts, sizes, sum(sizes), 1000)
+    assert len(calls) == 2 and all(len(call) <= MAX_SCATTER_PIECES for call in calls)
+    written = [piece for call in calls for piece in call]
+    assert all(any(piece is m.body for piece in written[3 * n:3 * n + 3]) for n, m in enumerate(messages))
+    for n, offset in enumerate(offsets):
+        assert log.read(offset) == encode_record(messages[n], 1000 + n, [("t", 0, n)])
+
+
+def test_a_failing_group_of_a_grouped_writev_cuts_the_whole_batch_back(tmp_path):
+    log = make_log(tmp_path)
+    before = log.append(encode_record(Message("t", b"first"), 1, [("t", 0, 0)]), 1)
+    calls = []
+
+    def second_group_fails(fd, pieces) -> int:
+        calls.append(len(pieces))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.writev(fd, pieces)
+
+    log._writev = second_group_fails
+    parts, sizes = pieces_of([Message("t", b"y" * 16384) for _ in range(400)])
+    with pytest.raises(StoreFull):
+        log.append_parts(parts, sizes, sum(sizes), 2)
+    assert os.path.getsize(tmp_path / "data" / "commitlog" / f"{0:020d}.log") == log._pos
+    log._writev = os.writev
+    after = log.append_parts(parts, sizes, sum(sizes), 2)[0]
+    assert decode_record(log.read(before)).message.body == b"first"
+    assert decode_record(log.read(after)).message.body == b"y" * 16384
+    assert os.path.getsize(tmp_path / "data" / "commitlog" / f"{0:020d}.log") == after + sum(sizes)
