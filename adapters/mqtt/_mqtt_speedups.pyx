@@ -139,19 +139,24 @@ def decode_fast(codec, buffer, list packets) -> int:
 
 cdef bytes _publish_head(unsigned int first_byte, Py_ssize_t remaining, bytes topic_header, long packet_id):
     """Fixed header, topic header and (packet_id >= 0) packet id of a PUBLISH in one bytes object; `remaining`
-    is below 16 KiB (one or two length bytes)."""
+    is at most MAX_VARIABLE_BYTE_INTEGER (one to four length bytes)."""
     cdef Py_ssize_t topic_size = len(topic_header)
-    cdef Py_ssize_t size = (2 if remaining < 0x80 else 3) + topic_size + (2 if packet_id >= 0 else 0)
+    cdef Py_ssize_t length_bytes = 1 if remaining < 0x80 else 2 if remaining < 0x4000 else (
+        3 if remaining < 0x200000 else 4)
+    cdef Py_ssize_t size = 1 + length_bytes + topic_size + (2 if packet_id >= 0 else 0)
     cdef bytes head = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(head)
+    cdef Py_ssize_t left = remaining
     p[0] = first_byte
-    if remaining < 0x80:
-        p[1] = remaining
-        p += 2
-    else:
-        p[1] = (remaining & 0x7F) | 0x80
-        p[2] = remaining >> 7
-        p += 3
+    p += 1
+    while True:
+        if left < 0x80:
+            p[0] = left
+            p += 1
+            break
+        p[0] = (left & 0x7F) | 0x80
+        left >>= 7
+        p += 1
     memcpy(p, PyBytes_AS_STRING(topic_header), topic_size)
     p += topic_size
     if packet_id >= 0:
@@ -221,8 +226,8 @@ def deliver_v311(self, key, list deliveries) -> int:
                 end = queue_ends[queue] = conn.session.queue_offsets(queue)[1]
             if end - delivered.queue_offset - 1 > max_queued:
                 break  # dropped by the general path
-        if remaining >= 0x4000:
-            break
+        if remaining > 268435455:  # MAX_VARIABLE_BYTE_INTEGER
+            break  # the general path refuses it
         props = message.properties
         first_byte = 0x30 | (qos << 1)
         if route.retain_as_published and props and prop_retain in props:

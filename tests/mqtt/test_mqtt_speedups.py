@@ -179,8 +179,8 @@ def test_compiled_decoder_reuses_the_topic_of_the_previous_publish_only_when_equ
 
 def _subscriber_bytes(make_env, level: int) -> list[bytes]:
     """What a subscriber reads, read by read, through deliveries that take the one-pass writer (QoS 0 and 1, one
-    and two remaining-length bytes, several topics, messages past 16 KiB, a full window, redelivery with DUP after
-    a reconnect) and ones that leave it."""
+    to three remaining-length bytes, several topics, messages past 16 and 64 KiB, a full window, redelivery with
+    DUP after a reconnect) and ones that leave it."""
     env = make_env()
     sub, pub = env.client(level), env.client(level)
     sub.connect("sub", clean=False)
@@ -192,7 +192,7 @@ def _subscriber_bytes(make_env, level: int) -> list[bytes]:
     messages = [Publish(topic, bytes([i % 256]) * size, qos, packet_id=i + 1 if qos else None)
                 for i, (topic, size, qos) in enumerate(
                     [("d/x", 10, 1), ("d/x", 200, 1), ("q/y", 5, 0), ("d/z", 20_000, 1), ("q/y", 300, 1),
-                     ("d/x", 16_370, 1), ("q/z", 1, 0)] * 4)]
+                     ("d/x", 16_370, 1), ("q/z", 1, 0), ("d/big", 70_000, 1), ("q/big", 70_000, 0)] * 4)]
     pub.send(*messages)
     env.pump()
     reads.append(sub.transport.value())
