@@ -620,3 +620,34 @@ def index_batch(items, list offsets, list sizes, list plans, list counts, dict t
     finally:
         PyMem_Free(heads)
     return blocks, results, keyed
+
+
+# --- the publish path's results (core/produce.py's _send_results)
+def send_results(items, list results, dict ends, dict cached, cached_order, Py_ssize_t largest_cached,
+                 Py_ssize_t entry_overhead, result_type) -> tuple:
+    """produce._send_results: after a batch is appended, each destination's new end in `ends`, the messages the
+    cache may hold put in `cached` (their `(offset, charge)` handed to `cached_order`), a `result_type`
+    (SendResult) per message; returns the results, the cache charge and the bodies' total size."""
+    cdef list out = []
+    cdef Py_ssize_t i, k, n_dests, charge, size, cached_bytes = 0, body_bytes = 0
+    cdef Py_ssize_t n = len(results)
+    for i in range(n):
+        item = items[i]
+        message = item[0]
+        dests = item[1]
+        result = results[i]
+        commit_offset = result[1]
+        size = result[2]
+        offsets = result[4]
+        n_dests = len(dests)
+        for k in range(n_dests):
+            ends[dests[k]] = offsets[k] + 1
+        charge = size + entry_overhead
+        if charge <= largest_cached:
+            cached[commit_offset] = message
+            cached_order((commit_offset, charge))
+            cached_bytes += charge
+        body_bytes += len(message.body)
+        out.append(_tuple_new(result_type, (result[0], message.topic, dests[0].queue_id, offsets[0], commit_offset,
+                                            commit_offset + size, n_dests - 1)))
+    return out, cached_bytes, body_bytes

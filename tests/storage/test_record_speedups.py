@@ -305,3 +305,43 @@ def test_compiled_batch_encoding_and_index_blocks_are_identical(messages: list[M
         assert msg_id == stamped_id == record.make_msg_id(offset, store_ts) and ts == stamped_ts == store_ts
     assert [len(block) for block in blocks] == [count * queueindex.ENTRY_SIZE for count in counts]
     assert keyed == [i for i, m in enumerate(messages) if m.keys]
+
+
+def _publish_results(send_results, batch: list[tuple[int, int, int]], largest_cached: int) -> tuple:
+    """Producer.publish's step after the append, on `batch` = (destination count, record size, body size) per
+    message: destination tuples of 1, 2 and 3 queues, queue offsets growing per queue."""
+    from tidegate.core.api import SendResult
+    from tidegate.core.model import AppendResult, QueueRef
+
+    queues = [QueueRef("t", i) for i in range(3)]
+    next_offset = [0, 10, 20]
+    items, results = [], []
+    for i, (n_dests, size, body_size) in enumerate(batch):
+        dests = tuple(queues[:n_dests])
+        offsets = []
+        for q in dests:
+            offsets.append(next_offset[q.queue_id])
+            next_offset[q.queue_id] += 1
+        items.append((Message(topic="t", body=b"b" * body_size), dests))
+        results.append(AppendResult(f"id{i}", 1000 * i, size, 7, tuple(offsets)))
+    ends: dict = {}
+    cached: dict = {}
+    order: list = []
+    out, cached_bytes, body_bytes = send_results(items, results, ends, cached, order.append, largest_cached, 256,
+                                                 SendResult)
+    assert all(type(result) is SendResult for result in out)
+    return out, cached_bytes, body_bytes, ends, sorted(cached), order
+
+
+@needs_extension
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(st.tuples(st.integers(1, 3), st.integers(70, 5000), st.integers(0, 300)), min_size=1,
+                      max_size=8),
+       largest_cached=st.integers(-1, 3000))
+def test_compiled_send_results_match_pure(batch: list[tuple[int, int, int]], largest_cached: int) -> None:
+    """produce.send_results (the publish path after the append): the same SendResults, visible ends, cached
+    messages and charges as the pure-Python twin."""
+    from tidegate.core import produce
+
+    assert _publish_results(speedups.send_results, batch, largest_cached) == _publish_results(
+        produce.py_send_results, batch, largest_cached)
