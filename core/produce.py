@@ -20,11 +20,54 @@ from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import AppendResult, Message, QueueRef
 from tidegate.core.reader import CACHE_ENTRY_OVERHEAD, QueueReader
 from tidegate.core.schema import SchemaRegistry
+from tidegate.core.storage.accelerator import load_extension
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
 
 MAX_CACHED_FANOUTS = 4096
+
+
+def _send_results(items: Sequence[tuple[Message, tuple[QueueRef, ...]]], results: Sequence[AppendResult],
+                  ends: dict[QueueRef, int], cached: dict[int, Message],
+                  cached_order: Callable[[tuple[int, int]], None], largest_cached: int, entry_overhead: int,
+                  result_type: type) -> tuple[list[SendResult], int, int]:
+    """After a batch is appended: each destination queue's new end into `ends` (offsets grow within a batch, so
+    the last one counts), every message the cache may hold into `cached` with its `(offset, charge)` handed to
+    `cached_order` (QueueReader.remember, inline: the caller charges the sum once), and a `result_type`
+    (SendResult) per message. Returns the results, the cache charge and the bodies' total size. A compiled twin
+    (core/storage/_record_speedups.pyx `send_results`) replaces it unless TIDEGATE_NO_EXTENSIONS is set."""
+    out: list[SendResult] = []
+    add = out.append
+    new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
+    cached_bytes = 0
+    body_bytes = 0
+    for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
+        n = len(dests)
+        if n == 1:
+            ends[dests[0]] = offsets[0] + 1
+        elif n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
+            d0, d1 = dests
+            o0, o1 = offsets
+            ends[d0] = o0 + 1
+            ends[d1] = o1 + 1
+        else:
+            for dest, qoff in zip(dests, offsets, strict=True):
+                ends[dest] = qoff + 1
+        charge = size + entry_overhead
+        if charge <= largest_cached:
+            cached[commit_offset] = m
+            cached_order((commit_offset, charge))
+            cached_bytes += charge
+        body_bytes += len(m.body)
+        add(new_result(result_type, (msg_id, m.topic, dests[0].queue_id, offsets[0], commit_offset,
+                                     commit_offset + size, n - 1)))
+    return out, cached_bytes, body_bytes
+
+
+py_send_results = _send_results
+_speedups = load_extension("tidegate.core.storage._record_speedups")
+send_results = _speedups.send_results if _speedups is not None else _send_results
 
 
 class Producer:
@@ -162,34 +205,9 @@ class Producer:
         self._metrics.append_latency.observe(perf_counter() - started)
         # the new visible end of each destination queue: offsets grow within a batch, so the last one counts
         ends: dict[QueueRef, int] = {}
-        out: list[SendResult] = []
-        add = out.append
-        new_result = tuple.__new__  # SendResult(...) without NamedTuple's Python-level __new__
         cached, cached_order = self._reader.remember_with()
-        largest_cached = self._reader.largest_cached
-        cached_bytes = 0
-        body_bytes = 0
-        for (m, dests), (msg_id, commit_offset, size, _, offsets) in zip(items, results, strict=True):
-            n = len(dests)
-            if n == 1:
-                ends[dests[0]] = offsets[0] + 1
-            elif n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
-                d0, d1 = dests
-                o0, o1 = offsets
-                ends[d0] = o0 + 1
-                ends[d1] = o1 + 1
-            else:
-                for dest, qoff in zip(dests, offsets, strict=True):
-                    ends[dest] = qoff + 1
-            # QueueReader.remember, inline: the cache is charged once for the batch below
-            charge = size + CACHE_ENTRY_OVERHEAD
-            if charge <= largest_cached:
-                cached[commit_offset] = m
-                cached_order((commit_offset, charge))
-                cached_bytes += charge
-            body_bytes += len(m.body)
-            add(new_result(SendResult, (msg_id, m.topic, dests[0].queue_id, offsets[0], commit_offset,
-                                        commit_offset + size, n - 1)))
+        out, cached_bytes, body_bytes = send_results(items, results, ends, cached, cached_order,
+                                                     self._reader.largest_cached, CACHE_ENTRY_OVERHEAD, SendResult)
         if cached_bytes:
             self._reader.charge(cached_bytes)
         visible = self._visibility.visible

@@ -14,7 +14,8 @@ CRC32C (docs/performance.md, "Accelerator").
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -527,3 +528,126 @@ def index_entries(raw, Py_ssize_t first_offset) -> list:
     finally:
         PyBuffer_Release(&view)
     return out
+
+
+# --- whole batches (FileMessageStore.append_batch): record.py's encode_batch and index_batch
+def encode_batch(list parts, list sizes, items, store_ts, resolve, list bases, list counts) -> list:
+    """record.encode_batch: plan and encode every record of a batch in one call."""
+    cdef dict resolved = {}
+    cdef list plans = []
+    cdef list dests
+    cdef list queue_offsets
+    cdef Py_ssize_t slot
+    for item in items:
+        message = item[0]
+        destinations = item[1]
+        key = id(destinations)
+        plan = resolved.get(key)
+        if plan is None:
+            plan = resolved[key] = resolve(destinations)
+        dests = []
+        queue_offsets = []
+        for triple in plan:
+            slot = triple[0]
+            claimed = counts[slot]
+            queue_offset = bases[slot] + claimed
+            counts[slot] = claimed + 1
+            dests.append((triple[1], triple[2], queue_offset))
+            queue_offsets.append(queue_offset)
+        sizes.append(_encode(parts, message, store_ts, dests, False))
+        plans.append((plan, tuple(queue_offsets)))
+    return plans
+
+
+cdef char *_HEX = b"0123456789ABCDEF"
+
+
+def index_batch(items, list offsets, list sizes, list plans, list counts, dict tag_hashes, tag_hash, str suffix,
+                store_ts, result_type) -> tuple:
+    """record.index_batch: the index entries of a written batch as one bytes block per slot, the messages' ids
+    and store timestamps stamped, an AppendResult per message, and the positions of the messages with keys."""
+    cdef Py_ssize_t n_slots = len(counts)
+    cdef Py_ssize_t i, j, n = len(offsets)
+    cdef list blocks = []
+    cdef list results = []
+    cdef list keyed = []
+    cdef bytes block
+    cdef bytes suffix_bytes = suffix.encode("ascii")
+    cdef char id_chars[64]
+    cdef uint64_t offset, th = 0
+    cdef uint32_t size
+    cdef unsigned char *p
+    cdef list cursors = []
+    cdef object last_tag = None
+    cdef bint first = True
+    cdef Py_ssize_t suffix_len = len(suffix_bytes)
+    if suffix_len > 40:
+        raise ValueError("message id suffix too long")
+    memcpy(id_chars + 16, PyBytes_AS_STRING(suffix_bytes), suffix_len)
+    for j in range(n_slots):
+        block = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>counts[j] * ENTRY_SIZE)
+        blocks.append(block)
+    cdef unsigned char **heads = <unsigned char **>PyMem_Malloc(sizeof(unsigned char *) * (n_slots + 1))
+    if heads == NULL:
+        raise MemoryError()
+    try:
+        for j in range(n_slots):
+            heads[j] = <unsigned char *>PyBytes_AS_STRING(<bytes>blocks[j])
+        for i in range(n):
+            message = items[i][0]
+            tag = message.tag
+            if first or tag != last_tag:  # a batch is mostly one tag (or none): hash it once per run
+                known = tag_hashes.get(tag)
+                th = tag_hash(tag) if known is None else known
+                last_tag = tag
+                first = False
+            offset = offsets[i]
+            size = sizes[i]
+            plan = plans[i]
+            for triple in plan[0]:
+                j = triple[0]
+                p = heads[j]
+                _put64(_put32(_put64(p, offset), size), th)
+                heads[j] = p + ENTRY_SIZE
+            if message.keys:
+                keyed.append(i)
+            for j in range(16):
+                id_chars[15 - j] = _HEX[(offset >> (4 * j)) & 0xF]
+            msg_id = PyUnicode_DecodeASCII(id_chars, 16 + suffix_len, NULL)
+            message.msg_id = msg_id
+            message.store_ts = store_ts
+            results.append(_tuple_new(result_type, (msg_id, offsets[i], sizes[i], store_ts, plan[1])))
+    finally:
+        PyMem_Free(heads)
+    return blocks, results, keyed
+
+
+# --- the publish path's results (core/produce.py's _send_results)
+def send_results(items, list results, dict ends, dict cached, cached_order, Py_ssize_t largest_cached,
+                 Py_ssize_t entry_overhead, result_type) -> tuple:
+    """produce._send_results: after a batch is appended, each destination's new end in `ends`, the messages the
+    cache may hold put in `cached` (their `(offset, charge)` handed to `cached_order`), a `result_type`
+    (SendResult) per message; returns the results, the cache charge and the bodies' total size."""
+    cdef list out = []
+    cdef Py_ssize_t i, k, n_dests, charge, size, cached_bytes = 0, body_bytes = 0
+    cdef Py_ssize_t n = len(results)
+    for i in range(n):
+        item = items[i]
+        message = item[0]
+        dests = item[1]
+        result = results[i]
+        commit_offset = result[1]
+        size = result[2]
+        offsets = result[4]
+        n_dests = len(dests)
+        for k in range(n_dests):
+            ends[dests[k]] = offsets[k] + 1
+        charge = size + entry_overhead
+        if charge <= largest_cached:
+            cached[commit_offset] = message
+            cached_order((commit_offset, charge))
+            cached_bytes += charge
+        body_bytes += len(message.body)
+        out.append(_tuple_new(result_type, (result[0], message.topic, dests[0].queue_id, offsets[0], commit_offset,
+                                            commit_offset + size, n_dests - 1)))
+    return out, cached_bytes, body_bytes

@@ -29,7 +29,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from crc32c import crc32c
 
@@ -61,8 +60,10 @@ from tidegate.core.storage.queueindex import IndexFiles, QueueIndex, entry_pack
 from tidegate.core.storage.record import (
     SealedRecord,
     decode_record,
+    encode_batch,
     encode_record_parts,
     find_by_id,
+    index_batch,
     make_msg_id,
     msg_id_suffix,
 )
@@ -481,64 +482,60 @@ class FileMessageStore:
         return AppendResult(msg_id, offset, size, store_ts, queue_offsets)
 
     def append_batch(self, items: Sequence[tuple[Message, Sequence[QueueRef]]]) -> list[AppendResult]:
-        """Append a batch: its records are encoded as pieces into one list and written with one join and one
-        write (`CommitLog.append_parts`); `_commit_batch` then adds their index entries as one block per queue.
-        `_append_batch_sealed` is its twin for encrypted stores: keep the two in step."""
+        """Append a batch: `record.encode_batch` plans the queue offsets and encodes the records as pieces of one
+        list, written with one join and one write (`CommitLog.append_parts`); `record.index_batch` then builds
+        the index entries as one bytes block per queue, stamps the messages and builds the results (both are one
+        compiled call each with the accelerator). `_append_batch_sealed` is the twin for encrypted stores."""
         self._check_open()
         if not items:
             return []
         now = self._clock()
         store_ts = now if now > self._last_ts else self._last_ts
         queues = self._queues
-        claimed: dict[QueueIndex, int] = {}
+        slots: list[QueueIndex] = []  # the queues of this batch, in first-seen order
+        slot_of: dict[QueueIndex, int] = {}
+        bases: list[int] = []
+        counts: list[int] = []
+
+        def resolve(destinations: Sequence[QueueRef]) -> tuple[tuple[int, str, int], ...]:
+            # once per distinct destinations object of the batch (the producer shares them), not per message
+            plan = []
+            for ref in destinations:
+                q = queues.get(ref) or self._new_queue(ref)
+                slot = slot_of.get(q)
+                if slot is None:
+                    slot = slot_of[q] = len(slots)
+                    slots.append(q)
+                    bases.append(q.max_offset)
+                    counts.append(0)
+                plan.append((slot, ref.topic, ref.queue_id))
+            return tuple(plan)
+
         parts: list[bytes] = []
         sizes: list[int] = []
-        plans: list[tuple[tuple[QueueIndex, ...], tuple[int, ...]]] = []
-        encode = encode_record_parts
-        add_size, add_plan = sizes.append, plans.append
-        # A batch has few distinct destination tuples (the producer makes one per queue and name, and the batch
-        # holds them, so their ids are stable): each one's queues are looked up once per batch, not per message.
-        resolved: dict[int, tuple[Any, ...]] = {}
-        for message, destinations in items:
-            n = len(destinations)
-            if n == 1:
-                known = resolved.get(id(destinations))
-                if known is None:
-                    ref = destinations[0]
-                    known = resolved[id(destinations)] = (queues.get(ref) or self._new_queue(ref), *ref)
-                q, topic0, id0 = known
-                extra = claimed.get(q, 0)
-                claimed[q] = extra + 1
-                queue_offset = q.max_offset + extra
-                add_size(encode(parts, message, store_ts, ((topic0, id0, queue_offset),)))
-                add_plan(((q,), (queue_offset,)))
-                continue
-            if n == 2:  # a home queue and one bound queue (an MQTT subscriber's, say)
-                known = resolved.get(id(destinations))
-                if known is None:
-                    r0, r1 = destinations
-                    pair = (queues.get(r0) or self._new_queue(r0), queues.get(r1) or self._new_queue(r1))
-                    known = resolved[id(destinations)] = (pair, *r0, *r1)
-                pair, topic0, id0, topic1, id1 = known
-                q0, q1 = pair
-                extra = claimed.get(q0, 0)
-                claimed[q0] = extra + 1
-                o0 = q0.max_offset + extra
-                extra = claimed.get(q1, 0)  # after q0's claim: the same queue twice gets consecutive offsets
-                claimed[q1] = extra + 1
-                o1 = q1.max_offset + extra
-                add_size(encode(parts, message, store_ts, ((topic0, id0, o0), (topic1, id1, o1))))
-                add_plan((pair, (o0, o1)))
-                continue
-            targets, dests, queue_offsets = self._plan(destinations, claimed)
-            sizes.append(encode(parts, message, store_ts, dests))
-            plans.append((targets, queue_offsets))
+        plans = encode_batch(parts, sizes, items, store_ts, resolve, bases, counts)
         try:
             offsets = self._log.append_parts(parts, sizes, sum(sizes), store_ts)
         except (StoreFull, StoreError) as exc:
             self._append_failed(exc)
             raise
-        return self._commit_batch(items, plans, claimed, offsets, sizes, store_ts)
+        if self._write_error is not None:
+            self._write_error = None
+        self._last_ts = store_ts
+        blocks, results, keyed = index_batch(items, offsets, sizes, plans, counts, self._tag_hashes,
+                                             self._tag_hash, msg_id_suffix(store_ts), store_ts, AppendResult)
+        for q, block, count in zip(slots, blocks, counts, strict=True):
+            q.add_block(block, count)
+        for i in keyed:
+            message, offset = items[i][0], offsets[i]
+            segment = self._log.segment_of(offset)
+            for key in message.keys:
+                self._keys.add(segment, key_hash(message.topic, key), offset)
+        self._dirty.update(slots)
+        self._pending_entries += sum(counts)
+        if self._pending_entries >= self._flush_threshold:
+            self._flush_quietly()
+        return results
 
     def _plan(self, destinations: Sequence[QueueRef], claimed: dict[QueueIndex, int]
               ) -> tuple[tuple[QueueIndex, ...], list[tuple[str, int, int]], tuple[int, ...]]:

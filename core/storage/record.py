@@ -36,6 +36,7 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from crc32c import crc32c
 
@@ -66,6 +67,7 @@ _prefix_pack = PREFIX.pack
 _header_pack = HEADER.pack
 _dest_pack = DESTINATION.pack
 _len_pack = STR_LEN.pack
+_entry_pack = struct.Struct("<QIQ").pack  # queueindex.ENTRY (that module imports this one)
 
 
 class TornRecord(CorruptRecord):
@@ -370,11 +372,78 @@ def find_by_id(read_message: Callable[[int], Message], msg_id: str) -> Message:
     return message
 
 
+def encode_batch(parts: list, sizes: list[int], items: Sequence[tuple[Message, Sequence[Any]]], store_ts: int,
+                 resolve: Callable[[Sequence[Any]], tuple[tuple[int, str, int], ...]], bases: list[int],
+                 counts: list[int]) -> list[tuple[tuple[tuple[int, str, int], ...], tuple[int, ...]]]:
+    """Plan and encode every record of a batch (FileMessageStore.append_batch) in one call.
+
+    `resolve(destinations)` gives a message's destinations as `(slot, topic, queue_id)` triples, called once per
+    distinct destinations object of the batch (the producer shares them between messages): a slot is one queue of
+    the batch, whose next queue offset is `bases[slot] + counts[slot]` (`counts` is updated here: a queue named
+    twice gets consecutive offsets). Each record is appended to `parts` as encode_record_parts does and its length
+    to `sizes`; the result holds per message its triples and its queue offsets, for `index_batch`."""
+    resolved: dict[int, tuple[tuple[int, str, int], ...]] = {}
+    plans = []
+    add_plan, add_size = plans.append, sizes.append
+    encode = encode_record_parts
+    for message, destinations in items:
+        plan = resolved.get(id(destinations))
+        if plan is None:
+            plan = resolved[id(destinations)] = resolve(destinations)
+        dests = []
+        queue_offsets = []
+        for slot, topic, queue_id in plan:
+            claimed = counts[slot]
+            counts[slot] = claimed + 1
+            dests.append((topic, queue_id, bases[slot] + claimed))
+            queue_offsets.append(bases[slot] + claimed)
+        add_size(encode(parts, message, store_ts, dests))
+        add_plan((plan, tuple(queue_offsets)))
+    return plans
+
+
+def index_batch(items: Sequence[tuple[Message, Sequence[Any]]], offsets: list[int], sizes: list[int],
+                plans: list[tuple[tuple[tuple[int, str, int], ...], tuple[int, ...]]], counts: list[int],
+                tag_hashes: dict[str, int], tag_hash: Callable[[str], int], suffix: str, store_ts: int,
+                result_type: type) -> tuple[list[bytes], list[Any], list[int]]:
+    """After a batch planned by `encode_batch` is written at `offsets`: its index entries as one bytes block per
+    slot (in queue-offset order), each message's msg_id (`f"{offset:016X}{suffix}"`) and store_ts stamped, a
+    `result_type(msg_id, offset, size, store_ts, queue_offsets)` per message, and the positions of the messages
+    that have keys (the caller indexes those). `tag_hashes` caches `tag_hash`."""
+    blocks: list[list[bytes]] = [[] for _ in counts]
+    adders = [block.append for block in blocks]
+    results = []
+    add_result = results.append
+    keyed = []
+    new_result = tuple.__new__
+    last_tag: str | None = None
+    th = 0
+    for i, ((message, _), offset, size, (plan, queue_offsets)) in enumerate(zip(items, offsets, sizes, plans,
+                                                                                 strict=True)):
+        tag = message.tag
+        if i == 0 or tag != last_tag:  # a batch is mostly one tag (or none): hash it once per run
+            known = tag_hashes.get(tag)
+            th = tag_hash(tag) if known is None else known
+            last_tag = tag
+        entry = _entry_pack(offset, size, th)
+        for slot, _, _ in plan:
+            adders[slot](entry)
+        if message.keys:
+            keyed.append(i)
+        msg_id = f"{offset:016X}{suffix}"
+        message.msg_id = msg_id
+        message.store_ts = store_ts
+        add_result(new_result(result_type, (msg_id, offset, size, store_ts, queue_offsets)))
+    return [b"".join(block) for block in blocks], results, keyed
+
+
 # The pure-Python functions above stay importable under these names whichever variant is bound to the public ones.
 py_encode_record = encode_record
 py_encode_record_parts = encode_record_parts
 py_check_record = check_record
 py_decode_record = decode_record
+py_encode_batch = encode_batch
+py_index_batch = index_batch
 
 # The compiled twins (core/storage/_record_speedups.pyx, same bytes and exceptions) unless TIDEGATE_NO_EXTENSIONS
 # is set or the extension was not built: see core/storage/accelerator.py.
@@ -385,3 +454,5 @@ if _speedups is not None:
     encode_record_parts = _speedups.encode_record_parts  # noqa: F811
     check_record = _speedups.check_record  # noqa: F811
     decode_record = _speedups.decode_record  # noqa: F811
+    encode_batch = _speedups.encode_batch  # noqa: F811
+    index_batch = _speedups.index_batch  # noqa: F811

@@ -8,6 +8,7 @@ TIDEGATE_NO_EXTENSIONS=1, so every other storage test also runs against the pure
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import random
@@ -245,3 +246,102 @@ def test_large_body_is_handed_on_uncopied_in_both(body) -> None:
         out: list = []
         encode_parts(out, message, 1, [("t", 0, 0)])
         assert out[2] is body and len(out[0]) == record.PREFIX_SIZE
+
+
+def _run_batch(encode_batch, index_batch, messages: list[Message], dest_choice: list[int], store_ts: int,
+               offsets_from: int) -> tuple:
+    """Plan, encode and index one batch as FileMessageStore.append_batch does, with three shared destination
+    tuples (one names a queue twice); returns everything the store would use, and the stamped messages."""
+    messages = [copy.copy(m) for m in messages]
+    shared = [("q0",), ("q1", "q0"), ("q2", "q2", "q1")]
+    slot_names = ["q0", "q1", "q2"]
+    bases = [5, 0, 2**40]
+    used: list[str] = []
+    counts: list[int] = []
+    slot_bases: list[int] = []
+
+    def resolve(destinations: tuple[str, ...]) -> tuple[tuple[int, str, int], ...]:
+        plan = []
+        for name in destinations:
+            if name not in used:
+                used.append(name)
+                counts.append(0)
+                slot_bases.append(bases[slot_names.index(name)])
+            plan.append((used.index(name), f"topic-{name}", slot_names.index(name)))
+        return tuple(plan)
+
+    items = [(m, shared[choice]) for m, choice in zip(messages, dest_choice, strict=False)]
+    parts: list = []
+    sizes: list[int] = []
+    plans = encode_batch(parts, sizes, items, store_ts, resolve, slot_bases, counts)
+    offsets = []
+    at = offsets_from
+    for size in sizes:
+        offsets.append(at)
+        at += size + 7  # as if a filler sat between records
+    tag_hashes: dict[str, int] = {"": 0}
+    blocks, results, keyed = index_batch(items, offsets, sizes, plans, counts, tag_hashes,
+                                         lambda tag: len(tag) * 2**50 + 3, record.msg_id_suffix(store_ts), store_ts,
+                                         tuple)
+    stamped = [(m.msg_id, m.store_ts) for m in messages]
+    return b"".join(parts), sizes, plans, counts, used, blocks, results, keyed, stamped
+
+
+@needs_extension
+@settings(max_examples=100, deadline=None)
+@given(messages=st.lists(st.one_of(_messages, _plain_messages), min_size=1, max_size=6),
+       data=st.data(), store_ts=st.integers(0, 2**62), offsets_from=st.integers(0, 2**63))
+def test_compiled_batch_encoding_and_index_blocks_are_identical(messages: list[Message], data: st.DataObject,
+                                                                 store_ts: int, offsets_from: int) -> None:
+    """encode_batch and index_batch (FileMessageStore.append_batch's two calls): the same record bytes, queue
+    offsets, index entry blocks per queue, results, msg ids and key positions as the pure-Python twins."""
+    dest_choice = data.draw(st.lists(st.integers(0, 2), min_size=len(messages), max_size=len(messages)))
+    pure = _run_batch(record.py_encode_batch, record.py_index_batch, messages, dest_choice, store_ts, offsets_from)
+    compiled = _run_batch(speedups.encode_batch, speedups.index_batch, messages, dest_choice, store_ts, offsets_from)
+    assert compiled == pure
+    joined, sizes, plans, counts, used, blocks, results, keyed, stamped = pure
+    # and both agree with the one-message functions they replace
+    for (msg_id, offset, _size, ts, _), (stamped_id, stamped_ts) in zip(results, stamped, strict=True):
+        assert msg_id == stamped_id == record.make_msg_id(offset, store_ts) and ts == stamped_ts == store_ts
+    assert [len(block) for block in blocks] == [count * queueindex.ENTRY_SIZE for count in counts]
+    assert keyed == [i for i, m in enumerate(messages) if m.keys]
+
+
+def _publish_results(send_results, batch: list[tuple[int, int, int]], largest_cached: int) -> tuple:
+    """Producer.publish's step after the append, on `batch` = (destination count, record size, body size) per
+    message: destination tuples of 1, 2 and 3 queues, queue offsets growing per queue."""
+    from tidegate.core.api import SendResult
+    from tidegate.core.model import AppendResult, QueueRef
+
+    queues = [QueueRef("t", i) for i in range(3)]
+    next_offset = [0, 10, 20]
+    items, results = [], []
+    for i, (n_dests, size, body_size) in enumerate(batch):
+        dests = tuple(queues[:n_dests])
+        offsets = []
+        for q in dests:
+            offsets.append(next_offset[q.queue_id])
+            next_offset[q.queue_id] += 1
+        items.append((Message(topic="t", body=b"b" * body_size), dests))
+        results.append(AppendResult(f"id{i}", 1000 * i, size, 7, tuple(offsets)))
+    ends: dict = {}
+    cached: dict = {}
+    order: list = []
+    out, cached_bytes, body_bytes = send_results(items, results, ends, cached, order.append, largest_cached, 256,
+                                                 SendResult)
+    assert all(type(result) is SendResult for result in out)
+    return out, cached_bytes, body_bytes, ends, sorted(cached), order
+
+
+@needs_extension
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(st.tuples(st.integers(1, 3), st.integers(70, 5000), st.integers(0, 300)), min_size=1,
+                      max_size=8),
+       largest_cached=st.integers(-1, 3000))
+def test_compiled_send_results_match_pure(batch: list[tuple[int, int, int]], largest_cached: int) -> None:
+    """produce.send_results (the publish path after the append): the same SendResults, visible ends, cached
+    messages and charges as the pure-Python twin."""
+    from tidegate.core import produce
+
+    assert _publish_results(speedups.send_results, batch, largest_cached) == _publish_results(
+        produce.py_send_results, batch, largest_cached)
