@@ -69,7 +69,7 @@ from tidegate.core.storage.metadata import SqliteMetadataStore
 from tidegate.gateway.accelerators import describe_accelerators
 from tidegate.gateway.admin import AdminRoot, Readiness, SecurityApi, build_admin_site
 from tidegate.gateway.config import DEFAULT_BACKLOG, Config, ProcessSection
-from tidegate.gateway.listeners import ListenerBuilder, listen_tcp
+from tidegate.gateway.listeners import ListenerBuilder, listen_tcp, storm_collector_pause
 from tidegate.gateway.metrics import TidegateCollector, build_registry
 from tidegate.gateway.reactor_lag import ReactorLagProbe, reactor_idle_probe
 from tidegate.gateway.tls import TlsMetrics, TlsSettings, not_after_iso, server_tls_options
@@ -351,6 +351,7 @@ class TidegateProcess(Service):
             self._resource_monitor.stop()
         await DeferredList([maybeDeferred(port.stopListening) for port in self._protocol_ports.values()])
         self._protocol_ports.clear()
+        storm_collector_pause.release()  # no more accepts: a storm's collector pause must not outlive the listeners
         if self._index_flush is not None and self._index_flush.running:
             self._index_flush.stop()
         for stoppable in self._stoppables:

@@ -140,3 +140,23 @@ def test_accepted_connections_are_what_twisted_makes(collector_on) -> None:
     finally:
         client.close()
         _close(reactor, port)
+
+
+def test_a_pause_begun_on_an_abandoned_reactor_is_released_on_the_one_accepting_now(collector_on) -> None:
+    """A broker restarted in one process (tests, embedding): the first reactor's release timer never runs, so the
+    next storm schedules the release on its own clock instead of leaving the collector off for good."""
+    abandoned, current = Clock(), Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0, max_pause_s=10.0)
+    pause.accepted(64, abandoned)
+    pause.accepted(64, current)
+    assert not gc.isenabled() and not abandoned.getDelayedCalls()
+    current.advance(1.0)
+    assert gc.isenabled() and not current.getDelayedCalls()
+
+
+def test_release_on_shutdown_turns_the_collector_back_on(collector_on) -> None:
+    clock = Clock()
+    pause = listeners.StormCollectorPause(threshold=10, quiet_s=1.0)
+    pause.accepted(64, clock)
+    pause.release()
+    assert gc.isenabled() and not clock.getDelayedCalls()
