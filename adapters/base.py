@@ -601,6 +601,12 @@ class AdapterConnection(Protocol):
                 or not due()):
             return
         self.pause_reading(DELIVERY)
+        if self._reads_grown:
+            # A grown read (up to MAX_READ_BYTES: thousands of small publishes) is ingested whole in one turn,
+            # however many deliveries are due; back to the default size, so that what is read between two
+            # delivery rounds stays in proportion to what the pumps hand out.
+            self.transport.bufferSize = MIN_READ_BYTES
+            self._reads_grown = False
         factory.when_deliveries_drained(self._deliveries_drained)
 
     def _deliveries_drained(self) -> None:

@@ -50,8 +50,8 @@ WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the
 # Delivery before ingest (`when_drained`): a publisher that stopped reading while deliveries were due is let go
 # once no woken subscription with credit is left, and at the latest after this many turns of wake rounds or this
 # many seconds, so a pump that keeps waking itself (a consumer that never catches up) cannot starve publishers.
-MAX_YIELD_TURNS = 8
-MAX_YIELD_SECONDS = 0.02
+MAX_YIELD_TURNS = 32
+MAX_YIELD_SECONDS = 0.05
 
 
 class Delivery:

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pamqp import commands
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tidegate.adapters.base import ALARM, DELIVERY, AdapterConnection, AdapterFactory
+from tidegate.adapters.base import (
+    ALARM,
+    DELIVERY,
+    MAX_READ_BYTES,
+    MIN_READ_BYTES,
+    AdapterConnection,
+    AdapterFactory,
+)
 from tidegate.adapters.mqtt.codec import Publish
 from tidegate.adapters.mqtt.properties import Properties
 from tidegate.adapters.native import frames as f
@@ -75,6 +82,17 @@ def test_a_publisher_is_not_read_while_a_subscriber_with_credit_waits_and_is_rea
     assert transport.producerState == "producing" and not publisher.reading_paused
 
 
+def test_a_held_publisher_reads_the_default_size_again():
+    """A grown read (up to MAX_READ_BYTES of small publishes) is ingested whole: a held publisher goes back to
+    MIN_READ_BYTES so what it adds between two delivery rounds stays small."""
+    publisher, transport, clock, broker, sink, _ = _world()
+    transport.bufferSize = MAX_READ_BYTES  # as `_adapt_read_size` grows a plain TCP transport's reads
+    publisher._reads_grown = True
+    publisher.dataReceived(b"PUB a\n")
+    assert transport.producerState == "paused"
+    assert transport.bufferSize == MIN_READ_BYTES and not publisher._reads_grown
+
+
 def test_a_subscriber_without_credit_does_not_hold_publishers():
     publisher, transport, clock, broker, sink, _ = _world(credit=0)
     publisher.dataReceived(b"PUB a\n")
@@ -139,8 +157,8 @@ def test_the_pause_ends_after_max_yield_seconds_when_a_pump_keeps_waking_itself(
     publisher.dataReceived(b"PUB a\n")
     clock.advance(0)
     first_read_again = reading_at_pump.index("producing")
-    # released at the end of the turn (16 pumps) in which 20 ms had passed: the second turn
-    assert delivery.max_yield_seconds == 0.02 and first_read_again == 32
+    # released at the end of the turn (16 pumps) in which 50 ms had passed: the fourth turn
+    assert delivery.max_yield_seconds == 0.05 and first_read_again == 64
 
 
 def test_a_connection_lost_while_held_is_let_go_without_errors():
