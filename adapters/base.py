@@ -45,8 +45,10 @@ Delivery before ingest (internal flow control, as RabbitMQ's credit flow between
 fast publisher (up to MAX_READ_BYTES, thousands of small publishes) is ingested in one reactor turn, while the
 core delivers in credit-sized pumps; left alone the publisher runs far ahead of its subscribers, the recent-message
 cache evicts what they have not received, and every delivery then reads the log. So a connection whose read held a
-publish (adapters set `published_this_read`) is not read again while the core has due deliveries (a woken
-subscription with credit: `Core.deliveries_due()`), and is read again once those pumps have run
+publish (adapters set `published_this_read`) and was a full one (at least MIN_READ_BYTES: more was waiting; a
+windowed publisher, QoS 1 with a bounded inflight, never gets there and pays nothing) is not read again while the
+core has due deliveries (a woken subscription with credit: `Core.deliveries_due()`), and is read again once those
+pumps have run
 (`Core.when_deliveries_drained`, bounded: at most `MAX_YIELD_TURNS` turns of wake rounds or `MAX_YIELD_SECONDS`,
 core/delivery.py). A subscriber without credit (its client does not keep up, its transport is paused) is never
 due, so slow consumers do not throttle publishers; reason `DELIVERY`.
@@ -340,7 +342,8 @@ class AdapterConnection(Protocol):
         self._run_batched(self.bytes_received, data)
         if self.published_this_read:
             self.published_this_read = False
-            self._yield_to_delivery()
+            if len(data) >= MIN_READ_BYTES:  # a full read: the client sends faster than it is read (see above)
+                self._yield_to_delivery()
 
     def _adapt_read_size(self, received: int) -> None:
         """Double a plain TCP transport's read size after a full read (up to MAX_READ_BYTES), halve it after a

@@ -52,6 +52,10 @@ class PublishingLinesFactory(AdapterFactory):
     protocol_label = "lines"
 
 
+# A full read (at least MIN_READ_BYTES): only those are held, the client sends faster than it is read
+FILLER = b"#" * MIN_READ_BYTES + b"\n"
+
+
 def _world(credit: int = 100):
     """A publisher connection and a subscription on "t" with `credit` (async flush: a publish is visible, and its
     subscribers woken, in the read that made it, as a sync flush's fsync completion does in its turn)."""
@@ -72,8 +76,8 @@ def _world(credit: int = 100):
 
 def test_a_publisher_is_not_read_while_a_subscriber_with_credit_waits_and_is_read_once_the_pump_ran():
     publisher, transport, clock, broker, sink, _ = _world()
-    publisher.dataReceived(b"PUB a\nPUB b\n")
-    assert transport.value() == b"ok PUB a\nok PUB b\n"  # what the read held is handled whole
+    publisher.dataReceived(b"PUB a\nPUB b\n" + FILLER)
+    assert transport.value().startswith(b"ok PUB a\nok PUB b\n")  # what the read held is handled whole
     assert broker.deliveries_due() and sink.bodies == []
     assert transport.producerState == "paused" and publisher.reading_paused_for(DELIVERY)
     clock.advance(0)  # the wake round: the subscriber gets both, then the publisher is read again
@@ -88,14 +92,14 @@ def test_a_held_publisher_reads_the_default_size_again():
     publisher, transport, clock, broker, sink, _ = _world()
     transport.bufferSize = MAX_READ_BYTES  # as `_adapt_read_size` grows a plain TCP transport's reads
     publisher._reads_grown = True
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     assert transport.producerState == "paused"
     assert transport.bufferSize == MIN_READ_BYTES and not publisher._reads_grown
 
 
 def test_a_subscriber_without_credit_does_not_hold_publishers():
     publisher, transport, clock, broker, sink, _ = _world(credit=0)
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     assert not broker.deliveries_due()
     assert transport.producerState == "producing"
 
@@ -103,20 +107,28 @@ def test_a_subscriber_without_credit_does_not_hold_publishers():
 def test_a_subscriber_that_used_up_its_credit_no_longer_holds_publishers():
     """Its client does not keep up (an MQTT subscriber whose transport is paused holds its credit back, too)."""
     publisher, transport, clock, broker, sink, _ = _world(credit=1)
-    publisher.dataReceived(b"PUB a\nPUB b\n")
+    publisher.dataReceived(b"PUB a\nPUB b\n" + FILLER)
     assert transport.producerState == "paused"
     clock.advance(0)
     assert sink.bodies == [b"a"] and transport.producerState == "producing"
-    publisher.dataReceived(b"PUB c\n")  # the subscriber has no credit left: nothing is due
+    publisher.dataReceived(b"PUB c\n" + FILLER)  # the subscriber has no credit left: nothing is due
     assert transport.producerState == "producing"
+
+
+def test_a_read_that_is_not_full_is_not_held():
+    """A windowed publisher (QoS 1 with a bounded inflight) never fills a read: it is not held, and does not pay
+    the extra reactor turn."""
+    publisher, transport, clock, broker, sink, _ = _world()
+    publisher.dataReceived(b"PUB a\n")
+    assert broker.deliveries_due() and transport.producerState == "producing"
 
 
 def test_a_read_without_a_publish_is_not_held():
     publisher, transport, clock, broker, sink, _ = _world()
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     clock.advance(0)
     broker.publish([Message(topic="t", body=b"from elsewhere")])  # a delivery is due now
-    publisher.dataReceived(b"GET\n")  # a consumer's request (ack, pull, ...) of the same connection
+    publisher.dataReceived(b"GET\n" + FILLER)  # a consumer's request (ack, pull, ...) of the same connection
     assert transport.producerState == "producing"
 
 
@@ -132,7 +144,7 @@ def test_the_pause_ends_after_a_bounded_number_of_turns_when_a_pump_keeps_waking
             delivery.wake(woken)
 
     delivery._pump_offset = pump_that_wakes_itself
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     assert transport.producerState == "paused"
     clock.advance(0)
     assert len(reading_at_pump) == 100
@@ -154,7 +166,7 @@ def test_the_pause_ends_after_max_yield_seconds_when_a_pump_keeps_waking_itself(
             delivery.wake(woken)
 
     delivery._pump_offset = slow_pump_that_wakes_itself
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     clock.advance(0)
     first_read_again = reading_at_pump.index("producing")
     # released at the end of the turn (16 pumps) in which 50 ms had passed: the fourth turn
@@ -163,7 +175,7 @@ def test_the_pause_ends_after_max_yield_seconds_when_a_pump_keeps_waking_itself(
 
 def test_a_connection_lost_while_held_is_let_go_without_errors():
     publisher, transport, clock, broker, sink, _ = _world()
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     publisher.connectionLost()
     clock.advance(0)
     assert sink.bodies == [b"a"] and not publisher.reading_paused
@@ -171,14 +183,14 @@ def test_a_connection_lost_while_held_is_let_go_without_errors():
 
 def test_closing_the_broker_lets_held_publishers_go():
     publisher, transport, clock, broker, sink, _ = _world()
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     broker.close()
     assert transport.producerState == "producing"
 
 
 def test_the_delivery_reason_and_an_alarm_each_hold_the_reading():
     publisher, transport, clock, broker, sink, _ = _world()
-    publisher.dataReceived(b"PUB a\n")
+    publisher.dataReceived(b"PUB a\n" + FILLER)
     broker.alarms.set("memory", True, "high")
     clock.advance(0)  # the deliveries ran: only the alarm holds the reading now
     assert publisher.reading_paused_for(ALARM) and not publisher.reading_paused_for(DELIVERY)
@@ -208,11 +220,11 @@ def test_mqtt_publish_holds_the_reading_while_deliveries_are_due():
     client = env.client()
     client.connect("pub")
     waiting = _hold_deliveries(env.factory)
-    client.send(Publish("t/a", b"x", 0, False, False, None, Properties()))
+    client.send(Publish("t/a", FILLER, 0, False, False, None, Properties()))
     assert client.transport.producerState == "paused" and len(waiting) == 1
     waiting.pop()()
     assert client.transport.producerState == "producing"
-    client.send(Publish("t/a", b"y", 1, False, False, 7, Properties()))  # QoS 1: the other publish path
+    client.send(Publish("t/a", FILLER, 1, False, False, 7, Properties()))  # QoS 1: the other publish path
     assert client.transport.producerState == "paused"
 
 
@@ -225,7 +237,7 @@ def test_native_send_holds_the_reading_while_deliveries_are_due():
     waiting = _hold_deliveries(factory)
     producer.request(f.TopicDescribe, name="t")  # not a publish: read on
     assert producer.transport.producerState == "producing"
-    producer.request(f.Send, message=Message(topic="t", body=b"x"))
+    producer.request(f.Send, message=Message(topic="t", body=FILLER))
     assert producer.transport.producerState == "paused" and len(waiting) == 1
     waiting.pop()()
     assert producer.transport.producerState == "producing"
@@ -237,7 +249,7 @@ def test_amqp_publish_holds_the_reading_while_deliveries_are_due():
     client.open_channel(1)
     client.call(1, Queue.Declare(queue="q"), Queue.DeclareOk)
     waiting = _hold_deliveries(world.factory)
-    client.raw(client.codec.send_content(1, Basic.Publish(exchange="", routing_key="q"), Basic.Properties(), b"m"))
+    client.raw(client.codec.send_content(1, Basic.Publish(exchange="", routing_key="q"), Basic.Properties(), FILLER))
     assert client.transport.producerState == "paused" and len(waiting) == 1
     waiting.pop()()
     assert client.transport.producerState == "producing"
