@@ -40,6 +40,18 @@ that read held is still handled), as RabbitMQ does; connections that only consum
 When the alarm clears, reading resumes. Protocol hooks: `on_alarm_changed` (AMQP: connection.blocked/unblocked)
 and `on_alarm_block`; `block_at_alarm` says whether a connection that published before the alarm stops being read
 at once (MQTT, native, as RabbitMQ's MQTT plugin) or only at its next publish (AMQP, as RabbitMQ's AMQP reader).
+
+Delivery before ingest (internal flow control, as RabbitMQ's credit flow between reader and queue): a read of a
+fast publisher (up to MAX_READ_BYTES, thousands of small publishes) is ingested in one reactor turn, while the
+core delivers in credit-sized pumps; left alone the publisher runs far ahead of its subscribers, the recent-message
+cache evicts what they have not received, and every delivery then reads the log. So a connection whose read held a
+publish (adapters set `published_this_read`) and was a full one (at least MIN_READ_BYTES: more was waiting; a
+windowed publisher, QoS 1 with a bounded inflight, never gets there and pays nothing) is not read again while the
+core has due deliveries (a woken subscription with credit: `Core.deliveries_due()`), and is read again once those
+pumps have run
+(`Core.when_deliveries_drained`, bounded: at most `MAX_YIELD_TURNS` turns of wake rounds or `MAX_YIELD_SECONDS`,
+core/delivery.py). A subscriber without credit (its client does not keep up, its transport is paused) is never
+due, so slow consumers do not throttle publishers; reason `DELIVERY`.
 """
 
 from __future__ import annotations
@@ -87,6 +99,8 @@ MAX_SCATTER_PIECES = 1024
 SCATTER_MIN_AVERAGE_BYTES = 1024
 # Why reading is paused (`AdapterConnection.pause_reading`): a resource alarm is raised and the connection publishes.
 ALARM = "alarm"
+# ... or deliveries are due and go first (delivery before ingest, see above).
+DELIVERY = "delivery"
 # The reasons of a connection that is read (nearly all of them): shared, since an empty set costs 216 bytes.
 NOT_PAUSED: frozenset[str] = frozenset()
 # What a connection holds while its login is decided, when it holds nothing (every connection, nearly always).
@@ -128,6 +142,9 @@ class AdapterFactory(Factory):
         self.alarmed = bool(alarms is not None and alarms.alarmed)
         self.alarm_reason = alarms.reason if alarms is not None else ""
         self.publishers: set[AdapterConnection] = set()
+        # Delivery before ingest (see above); absent on a core without it (the feature is then off)
+        self.deliveries_due: Any = getattr(core, "deliveries_due", None)
+        self.when_deliveries_drained: Any = getattr(core, "when_deliveries_drained", None)
         # every connection's idle (keepalive/heartbeat) deadline, behind one reactor timer
         self.idle_timers = IdleTimers(clock)
         self._unsubscribe_alarms = alarms.subscribe(self.alarm_changed) if alarms is not None else None
@@ -246,7 +263,8 @@ class AdapterConnection(Protocol):
     # many attributes of their own (MQTT) declare slots too.
     __slots__ = ("session", "source", "connected_", "closing", "paused", "authenticating", "_batch", "_held_frames",
                  "_held_bytes", "_held_size", "_idle_timer", "_idle_limit", "_written_while_paused", "last_seen",
-                 "_source_ticket", "_user_ticket", "_admission_refused", "has_published", "_reading_paused_for")
+                 "_source_ticket", "_user_ticket", "_admission_refused", "has_published", "_reading_paused_for",
+                 "published_this_read")
 
     def __init__(self) -> None:
         self.session: CoreSession | None = None
@@ -269,6 +287,7 @@ class AdapterConnection(Protocol):
         self._admission_refused: QuotaExceeded | None = None
         self.has_published = False  # set by `publish_seen`: the connection is one the resource alarms block
         self._reading_paused_for: frozenset[str] = NOT_PAUSED  # why the transport is not read (`pause_reading`)
+        self.published_this_read = False  # set by the adapter's publish path; read after each read (DELIVERY)
 
     # ------------------------------------------------------------------ transport events
     def connectionMade(self) -> None:
@@ -321,6 +340,10 @@ class AdapterConnection(Protocol):
             self._hold_bytes(data)
             return
         self._run_batched(self.bytes_received, data)
+        if self.published_this_read:
+            self.published_this_read = False
+            if len(data) >= MIN_READ_BYTES:  # a full read: the client sends faster than it is read (see above)
+                self._yield_to_delivery()
 
     def _adapt_read_size(self, received: int) -> None:
         """Double a plain TCP transport's read size after a full read (up to MAX_READ_BYTES), halve it after a
@@ -571,6 +594,27 @@ class AdapterConnection(Protocol):
         resume = _reading_control(self.transport, "resumeProducing")
         if resume is not None:
             resume()
+
+    # ------------------------------------------------------------------ delivery before ingest
+    def _yield_to_delivery(self) -> None:
+        """This read published: if deliveries are due, stop reading until the core has run them (bounded)."""
+        factory = self.factory
+        due = factory.deliveries_due
+        if (due is None or not self.connected_ or self.closing or DELIVERY in self._reading_paused_for
+                or not due()):
+            return
+        self.pause_reading(DELIVERY)
+        if self._reads_grown:
+            # A grown read (up to MAX_READ_BYTES: thousands of small publishes) is ingested whole in one turn,
+            # however many deliveries are due; back to the default size, so that what is read between two
+            # delivery rounds stays in proportion to what the pumps hand out.
+            self.transport.bufferSize = MIN_READ_BYTES
+            self._reads_grown = False
+        factory.when_deliveries_drained(self._deliveries_drained)
+
+    def _deliveries_drained(self) -> None:
+        # also after the connection was lost meanwhile: resume_reading then only forgets the reason
+        self.resume_reading(DELIVERY)
 
     # ------------------------------------------------------------------ resource alarms
     # Whether a connection that published before the alarm was raised stops being read at once (MQTT, native) or

@@ -366,6 +366,15 @@ class Broker:
                                  queue.queue_id)
         return deleted
 
+    # ------------------------------------------------------------------ delivery before ingest (adapters/base.py)
+    def deliveries_due(self) -> bool:
+        """Whether woken subscriptions with credit wait for their pump (core/delivery.py `wakes_pending`)."""
+        return self._delivery.wakes_pending()
+
+    def when_deliveries_drained(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the due pumps have run, bounded in turns and time (`Delivery.when_drained`)."""
+        self._delivery.when_drained(callback)
+
     def close(self) -> None:
         """Flush offsets and the log, then close the stores (writes the clean-shutdown marker)."""
         if self._closed:

@@ -47,6 +47,11 @@ def _member_id(sub: Subscription) -> str:
     return sub.member_id
 
 WAKE_ROUNDS_PER_TURN = 16  # pump rounds per reactor turn before yielding to the network
+# Delivery before ingest (`when_drained`): a publisher that stopped reading while deliveries were due is let go
+# once no woken subscription with credit is left, and at the latest after this many turns of wake rounds or this
+# many seconds, so a pump that keeps waking itself (a consumer that never catches up) cannot starve publishers.
+MAX_YIELD_TURNS = 32
+MAX_YIELD_SECONDS = 0.05
 
 
 class Delivery:
@@ -69,6 +74,12 @@ class Delivery:
         # resumed session with an empty queue in a reconnect storm), see `_nothing_to_pop`
         self._first_pump: dict[Subscription, None] = {}
         self._wake_call: IDelayedCall | None = None
+        # Who waits for the wake set to drain (`when_drained`), since when, and for how many turns of wake rounds
+        self._drain_waiters: list[Callable[[], None]] = []
+        self._drain_since = 0.0
+        self._drain_turns = 0
+        self.max_yield_turns = MAX_YIELD_TURNS
+        self.max_yield_seconds = MAX_YIELD_SECONDS
         self._member_seq = 0
         self._closed = False
         visibility.set_waker(self.wake)
@@ -206,22 +217,59 @@ class Delivery:
         # worth per reactor turn while a publisher fills the queue much faster.
         self._wake_call = None
         first_pump = self._first_pump
-        for _ in range(WAKE_ROUNDS_PER_TURN):
-            pending, self._wake_pending = self._wake_pending, {}
-            if not pending:
-                break
-            for sub in pending:
-                if not sub.closed and sub.credit > 0:
-                    try:
-                        if sub.state.ack is AckMode.OFFSET:
-                            self._pump_offset(sub)
-                        elif not first_pump or sub not in first_pump or not self._nothing_to_pop(sub):
-                            self._pump_pop(sub)
-                    except TidegateError as exc:
-                        log.warning("delivery to %s stopped: %s", sub, exc)
-        if not self._wake_pending and self._wake_call is not None and self._wake_call.active():
-            self._wake_call.cancel()  # everything was handled in this turn
-            self._wake_call = None
+        try:
+            for _ in range(WAKE_ROUNDS_PER_TURN):
+                pending, self._wake_pending = self._wake_pending, {}
+                if not pending:
+                    break
+                for sub in pending:
+                    if not sub.closed and sub.credit > 0:
+                        try:
+                            if sub.state.ack is AckMode.OFFSET:
+                                self._pump_offset(sub)
+                            elif not first_pump or sub not in first_pump or not self._nothing_to_pop(sub):
+                                self._pump_pop(sub)
+                        except TidegateError as exc:
+                            log.warning("delivery to %s stopped: %s", sub, exc)
+            if not self._wake_pending and self._wake_call is not None and self._wake_call.active():
+                self._wake_call.cancel()  # everything was handled in this turn
+                self._wake_call = None
+        finally:
+            if self._drain_waiters:
+                self._drain_turns += 1
+                # no next turn scheduled (drained, or a pump failed unexpectedly), a due pump's bound reached
+                if (self._wake_call is None or not self.wakes_pending() or self._drain_turns >= self.max_yield_turns
+                        or self._clock.seconds() - self._drain_since >= self.max_yield_seconds):
+                    self._release_drain_waiters()
+
+    def wakes_pending(self) -> bool:
+        """Whether a pump that will hand out messages is due: a woken subscription that has credit. (One without
+        credit, e.g. whose transport is paused, is skipped by the wake rounds, so it does not count.)"""
+        for sub in self._wake_pending:
+            if sub.credit > 0 and not sub.closed:
+                return True
+        return False
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the wake rounds have left no due pump (`wakes_pending` is false), and at the latest
+        after `max_yield_turns` turns of wake rounds or `max_yield_seconds` since the first waiter; at once when
+        nothing is due or delivery is closed. Publishers stop reading until then (adapters/base.py), so ingest does
+        not outrun what live subscribers take from the recent-message cache."""
+        if self._closed or self._wake_call is None or not self.wakes_pending():
+            callback()
+            return
+        if not self._drain_waiters:
+            self._drain_since = self._clock.seconds()
+            self._drain_turns = 0
+        self._drain_waiters.append(callback)
+
+    def _release_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for callback in waiters:
+            try:
+                callback()
+            except Exception:  # one waiter's failure must not keep the others paused
+                log.exception("delivery drain callback failed")
 
     def _deliver(self, sub: Subscription, out: list[Delivered], size: int = -1) -> None:
         """Hand `out` to the sink and count it; `size`: the bodies' total when the caller added it up and every
@@ -440,4 +488,5 @@ class Delivery:
         self._closed = True
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
+        self._release_drain_waiters()
         self.acks.close()

@@ -390,6 +390,7 @@ class AmqpConnection(AdapterConnection):
         if isinstance(event, ContentEvent):
             if not isinstance(event.method, commands.Basic.Publish):
                 raise ConnectionError_(ReplyCode.COMMAND_INVALID, f"method {event.method.name} is not allowed here")
+            self.published_this_read = True  # delivery before ingest (adapters/base.py)
             if not self.has_published or self.factory.alarmed:
                 self.publish_seen()  # during a resource alarm: the reading stops after this read
             channel.basic_publish(event.method, event.properties, event.raw_properties, event.body)

@@ -166,6 +166,7 @@ class MqttProtocol(AdapterConnection):
                 if self.state != "connected" or inbound is None:
                     packet = kind = _as_packet(packet)
                 elif kind is tuple:
+                    self.published_this_read = True  # delivery before ingest (adapters/base.py)
                     if not self.has_published or self.factory.alarmed:
                         self.publish_seen()  # as _on_publish (once for the run: it only marks and blocks)
                     stop = index + 1
@@ -550,6 +551,7 @@ def _on_auth(conn: MqttProtocol, packet: Auth) -> None:
 
 
 def _on_publish(conn: MqttProtocol, packet: Publish) -> None:
+    conn.published_this_read = True  # delivery before ingest: not read on while deliveries are due (adapters/base.py)
     if not conn.has_published or conn.factory.alarmed:
         conn.publish_seen()  # during a resource alarm the connection is not read after this read (adapters/base.py)
     (conn.inbound or conn.open_inbound()).on_publish(packet)

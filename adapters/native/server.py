@@ -415,6 +415,7 @@ class NativeProtocol(AdapterConnection):
     def _client_messages(self, messages: list[Message]) -> list[Message]:
         """What every publish path does first: note the publish (during a resource alarm the connection is not read
         after this read, base.py) and strip adapter bookkeeping (mqtt-publisher, ...), never a client's to set."""
+        self.published_this_read = True  # delivery before ingest: see adapters/base.py
         if not self.has_published or self.factory.alarmed:
             self.publish_seen()
         strip_reserved_properties(messages)
