@@ -15,7 +15,8 @@ CRC32C (docs/performance.md, "Accelerator").
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8, PyUnicode_FromFormat
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -684,7 +685,7 @@ def pop_run(list out, entries, Py_ssize_t i, dict cache, end, Py_ssize_t budget,
         delivered.message = msg
         delivered.queue = queue
         delivered.queue_offset = offset_obj
-        delivered.receipt = receipt_head + str(offset) + "|1"
+        delivered.receipt = PyUnicode_FromFormat("%U%lld|1", <PyObject *>receipt_head, <long long>offset)
         delivered.attempt = 1
         out.append(delivered)
         size += len(msg.body)
@@ -730,3 +731,16 @@ def settle_run(dict pop, key, deliveries, dict moved) -> int:
     if pq is not None:
         pq.committed = committed
     return settled
+
+
+def make_msg_id(commit_offset, store_ts) -> str:
+    """record.make_msg_id: 24 uppercase hex chars, commit offset (16) + store seconds, low 32 bits (8)."""
+    cdef uint64_t offset = commit_offset  # OverflowError below 0 or from 2**64, as int.to_bytes(12) raises
+    cdef uint64_t seconds = (store_ts // 1000) & 0xFFFFFFFF
+    cdef char chars[24]
+    cdef int j
+    for j in range(16):
+        chars[15 - j] = _HEX[(offset >> (4 * j)) & 0xF]
+    for j in range(8):
+        chars[23 - j] = _HEX[(seconds >> (4 * j)) & 0xF]
+    return PyUnicode_DecodeASCII(chars, 24, NULL)

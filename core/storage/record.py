@@ -62,6 +62,7 @@ _STORE_TS_AT = PREFIX_SIZE + 4 + 8  # after flags and born_ts
 _ENCODING = "utf-8"
 _MSG_ID = re.compile(r"[0-9A-Fa-f]{24}")
 _ERRORS = "surrogatepass"
+_OFFSET_LIMIT = 1 << 64  # a message id holds the commit offset in 16 hex digits
 
 _prefix_pack = PREFIX.pack
 _header_pack = HEADER.pack
@@ -343,7 +344,11 @@ def record_store_ts(buf: bytes | memoryview) -> int:
 
 def make_msg_id(commit_offset: int, store_ts: int) -> str:
     """24 uppercase hex chars: commit offset (16) + store time in seconds, low 32 bits (8)."""
-    return ((commit_offset << 32) | ((store_ts // 1000) & 0xFFFFFFFF)).to_bytes(12, "big").hex().upper()
+    # one format operation (the read-back path makes one per message read from the log); the range check keeps
+    # the OverflowError the 12-byte packing it replaces raised
+    if not 0 <= commit_offset < _OFFSET_LIMIT:
+        raise OverflowError(f"commit offset {commit_offset} does not fit 16 hex digits")
+    return f"{commit_offset:016X}{(store_ts // 1000) & 0xFFFFFFFF:08X}"
 
 
 def msg_id_suffix(store_ts: int) -> str:
@@ -444,6 +449,7 @@ py_check_record = check_record
 py_decode_record = decode_record
 py_encode_batch = encode_batch
 py_index_batch = index_batch
+py_make_msg_id = make_msg_id
 
 # The compiled twins (core/storage/_record_speedups.pyx, same bytes and exceptions) unless TIDEGATE_NO_EXTENSIONS
 # is set or the extension was not built: see core/storage/accelerator.py.
@@ -456,3 +462,4 @@ if _speedups is not None:
     decode_record = _speedups.decode_record  # noqa: F811
     encode_batch = _speedups.encode_batch  # noqa: F811
     index_batch = _speedups.index_batch  # noqa: F811
+    make_msg_id = _speedups.make_msg_id  # noqa: F811
