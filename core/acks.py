@@ -26,7 +26,6 @@ from tidegate.core.consumers import (
     make_receipt,
     parse_receipt,
 )
-from tidegate.core.delivery_loops import settle_run
 from tidegate.core.errors import InvalidReceipt, OffsetOutOfRange
 from tidegate.core.filters import parse_tag_filter
 from tidegate.core.metrics import CoreMetrics
@@ -220,8 +219,41 @@ class MessageAcks:
         written once at the end. Returns how many were settled."""
         if state.ack is not AckMode.MESSAGE:
             raise InvalidReceipt(f"group {state.name!r} commits offsets; it does not ack messages")
+        pop = state.pop
         moved: dict[QueueRef, tuple[PopQueue, int]] = {}  # queue -> (its progress, committed before the batch)
-        settled = settle_run(state.pop, key, deliveries, moved)
+        settled = 0
+        last_queue: QueueRef | None = None
+        pq: PopQueue | None = None
+        inflight: dict[int, Inflight] = {}
+        committed = 0  # pq.committed, kept here while its deliveries are acked in order; written back below
+        for delivered in deliveries:
+            queue = delivered.queue
+            if queue is not last_queue:
+                if pq is not None:
+                    pq.committed = committed
+                last_queue = queue
+                pq = pop.get((key, queue))
+                if pq is not None:
+                    if queue not in moved:
+                        moved[queue] = (pq, pq.committed)
+                    inflight, committed = pq.inflight, pq.committed
+            if pq is None:
+                continue
+            offset = delivered.queue_offset
+            item = inflight.get(offset)
+            if item is None or item.attempt != delivered.attempt:
+                continue
+            del inflight[offset]
+            settled += 1
+            if offset == committed and not pq.acked:
+                committed = offset + 1  # acks in delivery order: no set round trip
+            else:
+                pq.committed = committed
+                pq.acked.add(offset)
+                pq.advance()
+                committed = pq.committed
+        if pq is not None:
+            pq.committed = committed
         offsets = self._offsets
         for queue, (pq, before) in moved.items():
             if pq.committed != before:

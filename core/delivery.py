@@ -30,7 +30,6 @@ from tidegate.core.consumers import (
     allocate_averagely,
     make_receipt,
 )
-from tidegate.core.delivery_loops import pop_run
 from tidegate.core.errors import OffsetOutOfRange, TidegateError
 from tidegate.core.filters import TagFilter
 from tidegate.core.metrics import CoreMetrics
@@ -345,10 +344,7 @@ class Delivery:
         cache = reader.cache if tag_filter.tags is None and tag_filter.hashes is None else None
         cache_get = cache.get if cache is not None else None
         append = out.append
-        # take() without a timer or a redelivery; an Inflight is never changed once stored, so the first
-        # deliveries of one pump share one
-        first = Inflight(1, 0.0, sub)
-        fast = cache is not None and not deadline  # pop_run applies
+        first: Inflight | None = None
         size = 0  # of the delivered bodies
         acks = self.acks
         take, ack_offset = acks.take, acks.ack_offset
@@ -385,21 +381,8 @@ class Delivery:
                     scanned += window
                     continue
                 next_fetch = pq.next_fetch  # kept in a local, written back before anything else reads it
-                i, count = 0, len(entries)
                 try:
-                    while i < count:
-                        if fast:
-                            # the common run (next offset, cached, unexpired) in one call; it stops at anything
-                            # else, which the code below handles for that one entry
-                            start = i
-                            i, next_fetch, budget, got = pop_run(out, entries, i, cache, end, budget, next_fetch,
-                                                                 now, inflight, first, q, receipt_head, Delivered)
-                            scanned += i - start
-                            size += got
-                            if i >= count:
-                                break
-                        e = entries[i]
-                        i += 1
+                    for e in entries:
                         offset = e.queue_offset
                         if offset >= end or budget <= 0:
                             break
@@ -422,6 +405,10 @@ class Delivery:
                             pq.next_fetch = next_fetch
                             take(sub, state.name, key, pq, q, offset, 1, deadline)
                         else:
+                            # take() without a timer or a redelivery; an Inflight is never changed once stored,
+                            # so the first deliveries of one pump share one
+                            if first is None:
+                                first = Inflight(1, 0.0, sub)
                             inflight[offset] = first
                         append(Delivered(msg, q, offset, f"{receipt_head}{offset}|1", 1))
                         size += len(msg.body)

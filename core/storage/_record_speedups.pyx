@@ -15,8 +15,7 @@ CRC32C (docs/performance.md, "Accelerator").
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.object cimport PyObject
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8, PyUnicode_FromFormat
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -654,85 +653,7 @@ def send_results(items, list results, dict ends, dict cached, cached_order, Py_s
     return out, cached_bytes, body_bytes
 
 
-# --- MESSAGE-mode delivery and acking (core/delivery_loops.py: pop_run, settle_run)
-cdef object _object_new = object.__new__
-
-
-def pop_run(list out, entries, Py_ssize_t i, dict cache, end, Py_ssize_t budget, next_fetch, now_ms,
-            dict inflight, first, queue, str receipt_head, delivered_type) -> tuple:
-    """delivery_loops.pop_run: consecutive cached, unexpired entries delivered under `first`; returns
-    (index of the first entry not taken, next_fetch, budget left, bodies' total size)."""
-    cdef Py_ssize_t count = len(entries)
-    cdef Py_ssize_t size = 0
-    cdef int64_t c_end = end, c_next = next_fetch, offset
-    cdef object entry, msg, delivered, offset_obj, expires
-    while i < count and budget > 0:
-        entry = entries[i]
-        offset_obj = entry[0]  # IndexEntry: queue_offset, commit_offset, size, tag_hash
-        offset = offset_obj
-        if offset >= c_end or offset != c_next:
-            break
-        msg = cache.get(entry[1])
-        if msg is None:
-            break
-        expires = msg.expires_at
-        if expires and expires <= now_ms:
-            break
-        c_next = offset + 1
-        inflight[offset_obj] = first
-        # the dataclass's fields set directly: its generated __init__ is an interpreted call per message
-        delivered = _object_new(delivered_type)
-        delivered.message = msg
-        delivered.queue = queue
-        delivered.queue_offset = offset_obj
-        delivered.receipt = PyUnicode_FromFormat("%U%lld|1", <PyObject *>receipt_head, <long long>offset)
-        delivered.attempt = 1
-        out.append(delivered)
-        size += len(msg.body)
-        budget -= 1
-        i += 1
-    return i, c_next, budget, size
-
-
-def settle_run(dict pop, key, deliveries, dict moved) -> int:
-    """delivery_loops.settle_run: ack each delivery still in flight under its attempt; returns how many."""
-    cdef Py_ssize_t settled = 0
-    cdef object last_queue = None, pq = None, queue, offset_obj, item
-    cdef dict inflight = {}
-    cdef int64_t committed = 0, offset
-    for delivered in deliveries:
-        queue = delivered.queue
-        if queue is not last_queue:
-            if pq is not None:
-                pq.committed = committed
-            last_queue = queue
-            pq = pop.get((key, queue))
-            if pq is not None:
-                if queue not in moved:
-                    moved[queue] = (pq, pq.committed)
-                inflight = pq.inflight
-                committed = pq.committed
-        if pq is None:
-            continue
-        offset_obj = delivered.queue_offset
-        item = inflight.get(offset_obj)
-        if item is None or item.attempt != delivered.attempt:
-            continue
-        del inflight[offset_obj]
-        settled += 1
-        offset = offset_obj
-        if offset == committed and not pq.acked:
-            committed = offset + 1  # acks in delivery order: no set round trip
-        else:
-            pq.committed = committed
-            pq.acked.add(offset_obj)
-            pq.advance()
-            committed = pq.committed
-    if pq is not None:
-        pq.committed = committed
-    return settled
-
-
+# --- message ids (record.make_msg_id): the read-back path makes one per message read from the log
 def make_msg_id(commit_offset, store_ts) -> str:
     """record.make_msg_id: 24 uppercase hex chars, commit offset (16) + store seconds, low 32 bits (8)."""
     cdef uint64_t offset = commit_offset  # OverflowError below 0 or from 2**64, as int.to_bytes(12) raises
