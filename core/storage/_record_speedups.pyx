@@ -651,3 +651,17 @@ def send_results(items, list results, dict ends, dict cached, cached_order, Py_s
         out.append(_tuple_new(result_type, (result[0], message.topic, dests[0].queue_id, offsets[0], commit_offset,
                                             commit_offset + size, n_dests - 1)))
     return out, cached_bytes, body_bytes
+
+
+# --- message ids (record.make_msg_id): the read-back path makes one per message read from the log
+def make_msg_id(commit_offset, store_ts) -> str:
+    """record.make_msg_id: 24 uppercase hex chars, commit offset (16) + store seconds, low 32 bits (8)."""
+    cdef uint64_t offset = commit_offset  # OverflowError below 0 or from 2**64, as int.to_bytes(12) raises
+    cdef uint64_t seconds = (store_ts // 1000) & 0xFFFFFFFF
+    cdef char chars[24]
+    cdef int j
+    for j in range(16):
+        chars[15 - j] = _HEX[(offset >> (4 * j)) & 0xF]
+    for j in range(8):
+        chars[23 - j] = _HEX[(seconds >> (4 * j)) & 0xF]
+    return PyUnicode_DecodeASCII(chars, 24, NULL)
