@@ -20,7 +20,7 @@ from tidegate.core.metrics import CoreMetrics
 from tidegate.core.model import AppendResult, Message, QueueRef
 from tidegate.core.reader import CACHE_ENTRY_OVERHEAD, QueueReader
 from tidegate.core.schema import SchemaRegistry
-from tidegate.core.storage.accelerator import load_extension
+from tidegate.core.storage.accelerator import RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES, load_extension
 from tidegate.core.storage.api import MessageStore
 from tidegate.core.topics import TopicRegistry
 from tidegate.core.visibility import Visibility
@@ -66,7 +66,7 @@ def _send_results(items: Sequence[tuple[Message, tuple[QueueRef, ...]]], results
 
 
 py_send_results = _send_results
-_speedups = load_extension("tidegate.core.storage._record_speedups")
+_speedups = load_extension(RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES)
 send_results = _speedups.send_results if _speedups is not None else _send_results
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger("tidegate.mqtt")
 
 EXTENSION = "tidegate.adapters.mqtt._mqtt_speedups"
 ENV_VAR = "TIDEGATE_NO_EXTENSIONS"
+REQUIRED = ("bind_codec", "bind_outbound", "bind_inbound", "decode_fast", "stage_plain", "deliver_v311", "on_pubacks")
 
 py_decode_fast = codec.MqttCodec._decode_fast
 py_stage_plain = inbound.Inbound.stage_plain
@@ -44,10 +45,16 @@ def _load() -> ModuleType | None:
     if extensions_disabled():
         return None
     try:
-        return importlib.import_module(EXTENSION)
+        module = importlib.import_module(EXTENSION)
     except ImportError as exc:
         log.debug("compiled MQTT accelerator not available: %s", exc)
         return None
+    missing = [name for name in REQUIRED if not hasattr(module, name)]
+    if missing:  # built from older sources (an editable install not rebuilt after a pull): not used at all
+        log.warning("compiled MQTT accelerator is stale (no %s): running pure Python; reinstall to rebuild it",
+                    ", ".join(missing))
+        return None
+    return module
 
 
 compiled = _load()

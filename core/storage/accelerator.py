@@ -20,6 +20,7 @@ ENV_VAR = "TIDEGATE_NO_EXTENSIONS"
 
 _loaded: dict[str, bool] = {}  # extension module name -> in use
 _failures: dict[str, str] = {}  # extension module name -> why it did not import
+_warned_stale: dict[str, bool] = {}
 
 
 def extensions_disabled() -> bool:
@@ -27,8 +28,16 @@ def extensions_disabled() -> bool:
     return os.environ.get(ENV_VAR, "") not in ("", "0")
 
 
-def load_extension(name: str) -> ModuleType | None:
-    """The compiled module `name`, or None (disabled by the environment, or not built for this interpreter)."""
+RECORD_SPEEDUPS = "tidegate.core.storage._record_speedups"
+# What every user of the record accelerator takes from it: a build older than the sources (an editable install not
+# rebuilt after a pull) lacks some, and is then not used at all rather than failing at import or half used.
+RECORD_SPEEDUPS_NAMES = ("bind", "encode_record", "encode_record_parts", "check_record", "decode_record",
+                         "encode_batch", "index_batch", "make_msg_id", "entry_pack", "index_entries", "send_results")
+
+
+def load_extension(name: str, required: tuple[str, ...] = ()) -> ModuleType | None:
+    """The compiled module `name`, or None (disabled by the environment, not built for this interpreter, or built
+    from older sources that lack one of the `required` names)."""
     if extensions_disabled():
         _loaded[name] = False
         return None
@@ -38,6 +47,14 @@ def load_extension(name: str) -> ModuleType | None:
         _loaded[name] = False
         _failures[name] = str(exc)
         logger.debug("compiled accelerator %s not available: %s", name, exc)
+        return None
+    missing = [attribute for attribute in required if not hasattr(module, attribute)]
+    if missing:
+        _loaded[name] = False
+        _failures[name] = f"built from older sources (no {', '.join(missing)}): reinstall to rebuild it"
+        if not _warned_stale.get(name):
+            _warned_stale[name] = True
+            logger.warning("compiled accelerator %s is stale (%s); running pure Python", name, _failures[name])
         return None
     _loaded[name] = True
     return module
@@ -56,4 +73,6 @@ def describe() -> str:
         return "compiled accelerator (Cython) in use"
     if extensions_disabled():
         return f"pure Python ({ENV_VAR} is set)"
+    if _warned_stale:
+        return "pure Python (compiled accelerator built from older sources: reinstall to rebuild it)"
     return "pure Python (compiled accelerator not built)"

@@ -25,7 +25,7 @@ from crc32c import crc32c
 
 from tidegate.core.errors import OffsetOutOfRange, StoreError
 from tidegate.core.model import IndexEntry, QueueRef
-from tidegate.core.storage.accelerator import load_extension
+from tidegate.core.storage.accelerator import RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES, load_extension
 from tidegate.core.storage.fileio import OS_IO, FileIO, pwrite_all
 from tidegate.core.storage.layout import (
     DATA_FILE_MODE,
@@ -58,7 +58,7 @@ def py_index_entries(raw: bytes, first_offset: int) -> list[IndexEntry]:
 py_entry_pack = entry_pack
 index_entries = py_index_entries
 # Compiled twins (core/storage/_record_speedups.pyx) unless TIDEGATE_NO_EXTENSIONS is set or they were not built.
-_speedups = load_extension("tidegate.core.storage._record_speedups")
+_speedups = load_extension(RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES)
 if _speedups is not None:
     entry_pack = _speedups.entry_pack
     index_entries = _speedups.index_entries

@@ -42,7 +42,7 @@ from crc32c import crc32c
 
 from tidegate.core.errors import CorruptRecord, MessageNotFound, MessageTooLarge
 from tidegate.core.model import Message
-from tidegate.core.storage.accelerator import load_extension
+from tidegate.core.storage.accelerator import RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES, load_extension
 
 MESSAGE_MAGIC = 0x314D4754  # b"TGM1"
 FILLER_MAGIC = 0x46464754  # b"TGFF"
@@ -450,7 +450,7 @@ py_make_msg_id = make_msg_id
 
 # The compiled twins (core/storage/_record_speedups.pyx, same bytes and exceptions) unless TIDEGATE_NO_EXTENSIONS
 # is set or the extension was not built: see core/storage/accelerator.py.
-_speedups = load_extension("tidegate.core.storage._record_speedups")
+_speedups = load_extension(RECORD_SPEEDUPS, RECORD_SPEEDUPS_NAMES)
 if _speedups is not None:
     _speedups.bind(DecodedRecord, TornRecord, SealedRecord)
     encode_record = _speedups.encode_record  # noqa: F811

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tidegate.core.errors import CorruptRecord, MessageTooLarge
 from tidegate.core.model import Message
-from tidegate.core.storage import queueindex, record
+from tidegate.core.storage import accelerator, queueindex, record
 from tidegate.core.storage.accelerator import ENV_VAR, extensions_disabled
 
 EXTENSION = "tidegate.core.storage._record_speedups"
@@ -345,3 +345,21 @@ def test_compiled_send_results_match_pure(batch: list[tuple[int, int, int]], lar
 
     assert _publish_results(speedups.send_results, batch, largest_cached) == _publish_results(
         produce.py_send_results, batch, largest_cached)
+
+
+def test_a_stale_build_is_not_used_at_all(monkeypatch) -> None:
+    """An extension built from older sources (an editable install not rebuilt after a pull) lacks names the code
+    needs: it is treated as not built, with the reason in `tidegate version`, instead of failing at import."""
+    import types
+
+    stale = types.ModuleType("stale_speedups")
+    stale.encode_record = lambda *args: b""  # what an older build had; the newer names are missing
+    monkeypatch.setattr(accelerator.importlib, "import_module", lambda name: stale)
+    monkeypatch.setattr(accelerator, "_loaded", {})
+    monkeypatch.setattr(accelerator, "_failures", {})
+    monkeypatch.setattr(accelerator, "_warned_stale", {})
+    monkeypatch.delenv(accelerator.ENV_VAR, raising=False)
+    assert accelerator.load_extension("stale_speedups", accelerator.RECORD_SPEEDUPS_NAMES) is None
+    assert "reinstall" in accelerator._failures["stale_speedups"]
+    assert accelerator.describe() == ("pure Python (compiled accelerator built from older sources: reinstall to "
+                                      "rebuild it)")
