@@ -198,20 +198,24 @@ _plain_send_packs: dict[str, tuple[Callable[..., bytes], bytes]] = {}
 _PERSISTENT = int(MessageFlag.PERSISTENT)
 
 
+def _topic_packer(cache: dict[str, tuple[Callable[..., bytes], bytes]], topic: str,
+                  layout: str) -> tuple[Callable[..., bytes], bytes]:
+    """The `pack` of `layout` (a struct format with `{}` where the topic's length goes) for `topic`, and the topic's
+    wire bytes, cached per topic in `cache` (at most 4,096 topics: a client cycling names only refills it)."""
+    topic_wire = wire_name(topic)
+    if len(cache) >= 4096:
+        cache.clear()
+    entry = cache[topic] = (struct.Struct(layout.format(len(topic_wire))).pack, topic_wire)
+    return entry
+
+
 def encode_plain_send(request_id: int, flags: int, queue_id: int, topic: str, body: bytes, born_ts: int) -> bytes:
     """The bytes of SEND for a message that is only a topic, a body and its born_ts (persistent, no tag, keys,
     properties, delay or expiry): what `encode_send` gives for `Message(topic, body, born_ts=born_ts)`, from one
     cached struct per topic and without the Message object (the SDK's `send_async` hot path)."""
-    entry = _plain_send_packs.get(topic)
-    if entry is None:
-        topic_wire = wire_name(topic)
-        # header, queue_id, the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all
-        # empty, the body's length
-        packer = struct.Struct(f">IBBIiqqqqI{len(topic_wire)}s16xI")
-        if len(_plain_send_packs) >= 4096:
-            _plain_send_packs.clear()
-        entry = _plain_send_packs[topic] = (packer.pack, topic_wire)
-    pack, topic_wire = entry
+    # header, queue_id, the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all empty,
+    # the body's length
+    pack, topic_wire = _plain_send_packs.get(topic) or _topic_packer(_plain_send_packs, topic, ">IBBIiqqqqI{}s16xI")
     size = len(body)
     try:
         return pack(len(topic_wire) + size + 66, SEND_TYPE, flags, request_id, queue_id, born_ts, 0, 0, 0,
@@ -228,15 +232,9 @@ def encode_plain_send_batch(request_id: int, flags: int, queue_id: int, topic: s
     """The bytes of SEND_BATCH for messages that are only a topic (the same for all), a body and `born_ts`
     (persistent, nothing else): what `encode_send_batch` gives for `Message(topic, body, born_ts=born_ts)` of
     each body, from one cached struct per topic and one `pack` per message, without Message objects."""
-    entry = _plain_message_packs.get(topic)
-    if entry is None:
-        topic_wire = wire_name(topic)
-        # the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all empty, body length
-        packer = struct.Struct(f">qqqqI{len(topic_wire)}s16xI")
-        if len(_plain_message_packs) >= 4096:
-            _plain_message_packs.clear()
-        entry = _plain_message_packs[topic] = (packer.pack, topic_wire)
-    pack, topic_wire = entry
+    # the message's fixed part, the topic, subject/tag/group/msg_id/keys/properties all empty, body length
+    pack, topic_wire = _plain_message_packs.get(topic) or _topic_packer(_plain_message_packs, topic,
+                                                                        ">qqqqI{}s16xI")
     parts = [b"", _u32_pack(len(bodies))]
     append = parts.append
     try:
