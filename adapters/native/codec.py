@@ -462,6 +462,7 @@ _topic_names: dict[bytes, str] = {}  # a topic's UTF-8 bytes -> the str, for ans
 def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
     # The usual frame, both strings in bounds and the 12-byte tail exactly at the end: inline, the topic's str
     # reused from a cache; anything else (or any doubt) through the general path below, which reports errors.
+    topic: str | None = None
     id_start = pos + 2
     if id_start <= end:
         id_stop = id_start + ((view[pos] << 8) | view[pos + 1])
@@ -470,33 +471,26 @@ def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id
             topic_stop = topic_start + ((view[id_stop] << 8) | view[id_stop + 1])
             if topic_stop + 12 == end:
                 topic_bytes = bytes(view[topic_start:topic_stop])
-                topic = _topic_names.get(topic_bytes)
                 try:
                     msg_id = str(view[id_start:id_stop], "utf-8")
+                    topic = _topic_names.get(topic_bytes)
                     if topic is None:
                         topic = str(topic_bytes, "utf-8")
                         if len(_topic_names) >= 4096:
                             _topic_names.clear()
                         _topic_names[topic_bytes] = topic
+                    tail = topic_stop
                 except UnicodeDecodeError:
-                    pass
-                else:
-                    queue_id, queue_offset = _send_ok_tail_unpack(view, topic_stop)
-                    frame = _new(SendOk)
-                    _set_SendOk_request_id(frame, request_id)
-                    _set_SendOk_flags(frame, flags)
-                    _set_SendOk_msg_id(frame, msg_id)
-                    _set_SendOk_topic(frame, topic)
-                    _set_SendOk_queue_id(frame, queue_id)
-                    _set_SendOk_queue_offset(frame, queue_offset)
-                    return frame
-    msg_id, pos = read_string(view, pos, end)
-    topic, pos = read_string(view, pos, end)
-    if pos + 12 > end:
-        raise Truncated(f"field needs 12 bytes, {end - pos} left")
-    queue_id, queue_offset = _send_ok_tail_unpack(view, pos)
-    if pos + 12 != end:
-        raise Truncated(f"{end - pos - 12} trailing bytes after the last field")
+                    topic = None
+    if topic is None:
+        msg_id, pos = read_string(view, pos, end)
+        topic, pos = read_string(view, pos, end)
+        if pos + 12 > end:
+            raise Truncated(f"field needs 12 bytes, {end - pos} left")
+        if pos + 12 != end:
+            raise Truncated(f"{end - pos - 12} trailing bytes after the last field")
+        tail = pos
+    queue_id, queue_offset = _send_ok_tail_unpack(view, tail)
     frame = _new(SendOk)
     _set_SendOk_request_id(frame, request_id)
     _set_SendOk_flags(frame, flags)
@@ -505,6 +499,24 @@ def _decode_send_ok(view: memoryview, pos: int, end: int, flags: int, request_id
     _set_SendOk_queue_id(frame, queue_id)
     _set_SendOk_queue_offset(frame, queue_offset)
     return frame
+
+
+def record_head_truncated(start: int, stop: int, end: int) -> Truncated:
+    """The error of a DELIVER record whose topic (`start`:`stop`), queue_id or queue_offset runs past `end`: the
+    words of the general decoder, for the inline decoders (`_decode_deliver`, the SDK's `core_deliver_decoder`)."""
+    if stop > end:
+        return Truncated(f"string needs {stop - start} bytes, {end - start} left")
+    if stop + 4 > end:
+        return Truncated(f"field needs 4 bytes, {end - stop} left")
+    return Truncated(f"field needs 8 bytes, {end - stop - 4} left")
+
+
+def record_topic_text(topic_bytes: bytes) -> str:
+    """A DELIVER record's topic as text, or the general decoder's error (decoded once per run of one topic)."""
+    try:
+        return str(topic_bytes, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
 
 
 def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id: int) -> Frame:
@@ -524,19 +536,12 @@ def _decode_deliver(view: memoryview, pos: int, end: int, flags: int, request_id
             raise Truncated(f"string length needs 2 bytes, {end - pos} left")
         stop = start + ((view[pos] << 8) | view[pos + 1])
         if stop + 12 > end:  # the topic, queue_id and queue_offset
-            if stop > end:
-                raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
-            if stop + 4 > end:
-                raise Truncated(f"field needs 4 bytes, {end - stop} left")
-            raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
+            raise record_head_truncated(start, stop, end)
         # Compared as bytes, never kept as a memoryview slice: a slice alive in a traceback would pin the codec's
         # buffer (it could not be resized after an error).
         topic_bytes = bytes(view[start:stop])
         if topic_bytes != last_topic_bytes:
-            try:
-                last_topic = str(topic_bytes, "utf-8")
-            except UnicodeDecodeError as exc:
-                raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+            last_topic = record_topic_text(topic_bytes)
             last_topic_bytes = topic_bytes
         queue_id, queue_offset = _send_ok_tail_unpack(view, stop)
         pos = stop + 12

@@ -1,7 +1,6 @@
 """The core broker over the in-memory stores, driven by a MemoryReactorClock (no sockets, no sleeps)."""
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
 from tidegate.core.api import AckMode, ConsumeMode, PullStatus
 from tidegate.core.broker import BrokerConfig
@@ -18,22 +17,6 @@ from tidegate.core.errors import (
 )
 from tidegate.core.model import Message, QueueRef
 from tidegate.core.testing import RecordingSink, make_broker
-
-T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def clock():
-    c = MemoryReactorClock()
-    c.advance(T0)
-    return c
-
-
-@pytest.fixture
-def broker(clock):
-    b = make_broker(clock)
-    yield b
-    b.close()
 
 
 def send(broker, clock, topic, *bodies, **fields):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from tidegate.adapters.native.codec import DELIVER_TYPE
-from tidegate.adapters.native.errors import FrameValueError, Truncated
+from tidegate.adapters.native.codec import DELIVER_TYPE, record_head_truncated, record_topic_text
+from tidegate.adapters.native.errors import Truncated
 from tidegate.adapters.native.fastpath import read_message, read_string
 from tidegate.adapters.native.frames import Deliver, DeliveryRecord
 from tidegate.core.api import Delivered
@@ -85,17 +85,10 @@ def core_deliver_decoder(queue_refs: dict[tuple[str, int], QueueRef] | None = No
             topic_len = (view[pos] << 8) | view[pos + 1]
             stop = start + topic_len
             if stop + 12 > end:
-                if stop > end:
-                    raise Truncated(f"string needs {stop - start} bytes, {end - start} left")
-                if stop + 4 > end:
-                    raise Truncated(f"field needs 4 bytes, {end - stop} left")
-                raise Truncated(f"field needs 8 bytes, {end - stop - 4} left")
+                raise record_head_truncated(start, stop, end)
             topic_bytes = bytes(view[start:stop])
             if topic_bytes != last_topic_bytes:
-                try:
-                    last_topic = str(topic_bytes, "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise FrameValueError(f"string is not valid UTF-8: {exc.reason}") from None
+                last_topic = record_topic_text(topic_bytes)
                 last_topic_bytes = topic_bytes
             # The stored shape, every field in bounds; anything else takes the general path from `stop`.
             if stop + 54 <= end:
