@@ -141,7 +141,7 @@ class Durability:
             self._sync_here()
         elif self._may_inline():
             self.inline_syncs += 1
-            self._sync_here(self._sync_inline)
+            self._sync_here(inline=True)
         else:
             self.thread_syncs += 1
             started = self._timer()
@@ -153,16 +153,17 @@ class Durability:
             return False
         return self._inline_when_idle()
 
-    def _sync_here(self, sync: Callable[[], int] | None = None) -> None:
-        """fsync on the calling (reactor) thread; acknowledgements and listeners run before this returns."""
+    def _sync_here(self, inline: bool = False) -> None:
+        """fsync on the calling (reactor) thread; acknowledgements and listeners run before this returns. `inline`:
+        the reactor was idle (the log only, watched by the stall guard)."""
         started = self._timer()
         try:
-            durable = (sync or self.store.sync)()
+            durable = self._sync_inline() if inline else self.store.sync()
         except BaseException as exc:  # noqa: BLE001 - reported to every waiter below
             self._flush_failed(exc)
             return
-        took = self._timer() - started
-        if self._inline_when_idle is not None and sync is not None:
+        if inline:
+            took = self._timer() - started
             if took > self.inline_stall_s:
                 self._pause_inlining(took)
             else:
