@@ -478,8 +478,9 @@ class CommitLog:
                 return self._durable
 
     def _cache_drops(self, target: int) -> list[tuple[int, int, int]]:
-        """(segment base, file start, file end) of every page to drop once `target` is durable: from where the
-        last drop stopped up to `page_cache_bytes` behind `target`, whole pages only. Call with _lock held."""
+        """(segment base, file start, file end) of the pages to drop once `target` is durable: the whole pages from
+        where the last drop stopped up to `page_cache_bytes` behind `target`, each page once. Call with _lock
+        held."""
         limit = target - self._page_cache_bytes
         start = self._uncached_below
         if limit - start < _PAGE:
@@ -493,7 +494,8 @@ class CommitLog:
                 break
             end = bases[i + 1] if i + 1 < len(bases) else limit
             low, high = max(start, base) - base, min(end, limit) - base
-            low, high = (low + _PAGE - 1) & ~(_PAGE - 1), high & ~(_PAGE - 1)
+            # whole pages below the limit: the page holding the last stop was left out then and is taken now
+            low, high = low & ~(_PAGE - 1), high & ~(_PAGE - 1)
             if high > low:
                 drops.append((base, low, high))
         return drops
@@ -508,11 +510,11 @@ class CommitLog:
                 if base == fd_base:
                     _fadvise_dontneed(fd, low, high - low)
                     continue
-                fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+                sealed_fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
                 try:
-                    _fadvise_dontneed(fd, low, high - low)
+                    _fadvise_dontneed(sealed_fd, low, high - low)
                 finally:
-                    os.close(fd)
+                    os.close(sealed_fd)
             except OSError:
                 continue
 
