@@ -65,11 +65,12 @@ class StorageSection:
     inline_sync_when_idle: bool = True
     inline_sync_stall_ms: float = 2.0
     segment_bytes: int = 128 * 1024 * 1024
-    # Commit-log pages kept in the OS page cache behind the durable end: older synced pages are dropped after each
+    # > 0: commit-log pages further than this behind the durable end are dropped from the OS page cache after each
     # fsync (posix_fadvise DONTNEED; Linux/BSD), so a growing log reuses the pages it just released instead of
-    # taking fresh ones (measured: ~40-65 us less kernel time per 64 KiB written; docs/performance.md). Readers
-    # further behind than this (and than the message cache) read the disk. 0 = leave the cache to the OS.
-    log_page_cache_bytes: int = 256 * 1024 * 1024
+    # taking never-used ones (which cost 3-4x more kernel time per byte written on a VM whose host reclaims free
+    # memory; docs/performance.md "Third pass"). Readers further behind than this (and than the message cache)
+    # then read the disk. 0 (default) = leave the cache to the OS.
+    log_page_cache_bytes: int = 0
     index_entries_per_file: int = 300_000
     retention_hours: int = 72  # 0 = no age limit
     retention_bytes: int = 0  # 0 = no size limit

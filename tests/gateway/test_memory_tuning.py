@@ -94,10 +94,10 @@ def test_the_configuration_has_defaults_and_refuses_negative_or_oversized_values
             load_config(environ={}, overrides=[parse_set_option(f"process.malloc_trim_threshold_bytes={bad}")])
 
 
-def test_the_log_page_cache_setting_has_a_default_and_refuses_negative_values() -> None:
-    assert load_config(environ={}).config.storage.log_page_cache_bytes == 256 * 1024 * 1024
-    assert load_config(environ={}, overrides=[parse_set_option("storage.log_page_cache_bytes=0")]
-                       ).config.storage.log_page_cache_bytes == 0
+def test_the_log_page_cache_setting_is_off_by_default_and_refuses_negative_values() -> None:
+    assert load_config(environ={}).config.storage.log_page_cache_bytes == 0  # the OS decides unless asked
+    assert load_config(environ={}, overrides=[parse_set_option("storage.log_page_cache_bytes=268435456")]
+                       ).config.storage.log_page_cache_bytes == 256 * 1024 * 1024
     with pytest.raises(ConfigError, match="storage.log_page_cache_bytes"):
         load_config(environ={}, overrides=[parse_set_option("storage.log_page_cache_bytes=-1")])
 
