@@ -173,6 +173,7 @@ def open_message_store(config: Config, data_dir: Path) -> Any:
         data_dir,
         segment_bytes=config.storage.segment_bytes,
         index_entries_per_file=config.storage.index_entries_per_file,
+        page_cache_bytes=config.storage.log_page_cache_bytes,
         keyring=load_keyring(config.storage.encryption_key_file, config.storage.encryption_key_env),
     )
 

@@ -124,11 +124,13 @@ def serve(loaded: LoadedConfig) -> int:
     from twisted.internet import reactor
 
     from tidegate.gateway.app import TidegateProcess, freeze_startup_objects, tune_garbage_collector
+    from tidegate.gateway.memory_tuning import tune_malloc
 
     log = logging.getLogger("tidegate.serve")
     if loaded.config_file is not None:
         log.info("config file %s", loaded.config_file)
     thresholds = tune_garbage_collector(loaded.config.process)
+    tune_malloc(loaded.config.process)  # before the first large buffer: glibc settings (gateway/memory_tuning.py)
     process = TidegateProcess(loaded.config, reactor)
     start_failure: list[str] = []
 

@@ -31,6 +31,8 @@ ENV_CONFIG_FILE = "TIDEGATE_CONFIG"
 FLUSH_MODES = ("sync", "async")
 GROUP_START_POSITIONS = ("earliest", "latest")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# mallopt takes a C int: the largest process.malloc_* value
+MAX_MALLOPT_BYTES = 2**31 - 1
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 
@@ -63,6 +65,12 @@ class StorageSection:
     inline_sync_when_idle: bool = True
     inline_sync_stall_ms: float = 2.0
     segment_bytes: int = 128 * 1024 * 1024
+    # > 0: commit-log pages further than this behind the durable end are dropped from the OS page cache after each
+    # fsync (posix_fadvise DONTNEED; Linux/BSD), so a growing log reuses the pages it just released instead of
+    # taking never-used ones (which cost 3-4x more kernel time per byte written on a VM whose host reclaims free
+    # memory; docs/performance.md "Third pass"). Readers further behind than this (and than the message cache)
+    # then read the disk. 0 (default) = leave the cache to the OS.
+    log_page_cache_bytes: int = 0
     index_entries_per_file: int = 300_000
     retention_hours: int = 72  # 0 = no age limit
     retention_bytes: int = 0  # 0 = no size limit
@@ -316,6 +324,13 @@ class ProcessSection:
     # (modules, config, recovered state) out of the collector's reach for good.
     gc_threshold: int = 50_000
     gc_freeze: bool = True
+    # glibc malloc (gateway/memory_tuning.py; Linux with glibc only, ignored elsewhere; 0 keeps glibc's dynamic
+    # default): keep up to malloc_trim_threshold_bytes of freed heap instead of handing it back to the kernel and
+    # faulting it in again for the next large message, grow the heap malloc_top_pad_bytes at a time, and serve
+    # buffers below malloc_mmap_threshold_bytes (socket reads, payloads up to the largest message) from the heap.
+    malloc_trim_threshold_bytes: int = 64 * 1024 * 1024
+    malloc_top_pad_bytes: int = 16 * 1024 * 1024
+    malloc_mmap_threshold_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -565,6 +580,7 @@ def _validate(merger: _Merger) -> None:
         ("storage.retention_hours", 0),
         ("storage.retention_bytes", 0),
         ("storage.retention_check_s", 1),
+        ("storage.log_page_cache_bytes", 0),
     ):
         _check_min(values, sources, key, minimum)
     if values["broker.max_message_bytes"] >= values["storage.segment_bytes"]:
@@ -580,6 +596,11 @@ def _validate(merger: _Merger) -> None:
     if values["process.gc_threshold"] < 0:
         raise ConfigError(f"process.gc_threshold must be 0 (Python's default) or more, got "
                           f"{values['process.gc_threshold']} (from {sources['process.gc_threshold']})")
+    for key in ("process.malloc_trim_threshold_bytes", "process.malloc_top_pad_bytes",
+                "process.malloc_mmap_threshold_bytes"):
+        if not 0 <= values[key] <= MAX_MALLOPT_BYTES:
+            raise ConfigError(f"{key} must be 0 (glibc's default) to {MAX_MALLOPT_BYTES}, got {values[key]} "
+                              f"(from {sources[key]})")
     if values["alarms.check_interval_s"] <= 0:
         raise ConfigError(f"alarms.check_interval_s must be above 0, got {values['alarms.check_interval_s']} "
                           f"(from {sources['alarms.check_interval_s']})")

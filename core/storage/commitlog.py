@@ -62,6 +62,12 @@ _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 SCATTER_MIN_PIECE_BYTES = 4096
 # Linux's IOV_MAX: a batch of more pieces is written with one writev per this many.
 MAX_SCATTER_PIECES = 1024
+# Page-cache advice (`page_cache_bytes`): only where the OS has it (Linux, the BSDs); elsewhere nothing is dropped.
+_fadvise_dontneed: Callable[[int, int, int], None] | None = None
+if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
+    def _fadvise_dontneed(fd: int, start: int, length: int) -> None:
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+_PAGE = 4096
 _len_unpack = STR_LEN.unpack
 _MESSAGE_MAGIC_BYTES = MESSAGE_MAGIC.to_bytes(4, "little")
 _ENCRYPTED_MAGIC_BYTES = ENCRYPTED_MAGIC.to_bytes(4, "little")
@@ -97,7 +103,12 @@ def _count_records_best_effort(data: bytes | mmap.mmap, pos: int, end: int | Non
 
 
 class CommitLog:
-    def __init__(self, layout: StoreLayout, segment_bytes: int, read_fd_cache: int = 64, io: FileIO = OS_IO) -> None:
+    def __init__(self, layout: StoreLayout, segment_bytes: int, read_fd_cache: int = 64, io: FileIO = OS_IO,
+                 page_cache_bytes: int = 0) -> None:
+        """`page_cache_bytes` > 0: after each fsync, ask the OS to drop the cached pages of the log that lie more
+        than this many bytes behind the durable end (they are on disk: a reader of them reads the disk). A log
+        that only grows otherwise keeps taking never-used pages for its cache, which costs far more per byte
+        written than reusing the ones it just released (docs/performance.md, "Third pass"). 0: the OS decides."""
         if segment_bytes < 4 * (MIN_RECORD_SIZE + FILLER_SIZE):
             raise ValueError(f"segment_bytes {segment_bytes} is too small")
         self.layout = layout
@@ -119,6 +130,7 @@ class CommitLog:
         self._dir_dirty = False
         self._last_ts: dict[int, int] = {}
         self._sizes: dict[int, int] = {}  # file sizes of sealed segments
+        self._page_cache_bytes = page_cache_bytes if _fadvise_dontneed is not None else 0
 
         self._bases = layout.segment_bases()
         if not self._bases:
@@ -133,6 +145,7 @@ class CommitLog:
         self._active_last_ts = 0
         self._end = self._active_base + self._pos
         self._durable = self._end
+        self._uncached_below = self._end  # pages of the log below this offset were dropped (or never written here)
 
     # --- properties
     @property
@@ -402,6 +415,7 @@ class CommitLog:
             io.ftruncate(self._active_fd, pos)
             self._pos = pos
             self._active_last_ts = last_ts
+            self._uncached_below = min(self._uncached_below, base + pos)  # rewritten pages get dropped later too
             self._dir_dirty = True
 
     def _forget_segment(self, base: int) -> None:
@@ -432,6 +446,8 @@ class CommitLog:
                 sealed = sorted(self._dirty_sealed)
                 fd = self._busy_fd = self._active_fd
                 dir_dirty, self._dir_dirty = self._dir_dirty, False
+                fd_base = self._active_base
+                drops = self._cache_drops(target) if self._page_cache_bytes else ()
             try:
                 for base in sealed:
                     try:
@@ -452,12 +468,55 @@ class CommitLog:
                 # Never retried: after a failed fsync the kernel may have dropped the dirty pages and marked them
                 # clean, so a second fsync could succeed and vouch for records that are not on disk.
                 raise self._fail(f"fsync of the commit log failed ({exc})") from None
+            if drops:
+                self._drop_cached(drops, fd, fd_base)  # while `fd` is still busy: the appender cannot close it under us
             with self._lock:
                 self._finish_sync()
                 self._dirty_sealed.difference_update(sealed)
                 if generation == self._generation and target > self._durable:
                     self._durable = target
                 return self._durable
+
+    def _cache_drops(self, target: int) -> list[tuple[int, int, int]]:
+        """(segment base, file start, file end) of the pages to drop once `target` is durable: the whole pages from
+        where the last drop stopped up to `page_cache_bytes` behind `target`, each page once. Call with _lock
+        held."""
+        limit = target - self._page_cache_bytes
+        start = self._uncached_below
+        if limit - start < _PAGE:
+            return []
+        self._uncached_below = limit
+        drops = []
+        bases = self._bases
+        for i in range(max(bisect_right(bases, start) - 1, 0), len(bases)):
+            base = bases[i]
+            if base >= limit:
+                break
+            end = bases[i + 1] if i + 1 < len(bases) else limit
+            low, high = max(start, base) - base, min(end, limit) - base
+            # whole pages below the limit: the page holding the last stop was left out then and is taken now
+            low, high = low & ~(_PAGE - 1), high & ~(_PAGE - 1)
+            if high > low:
+                drops.append((base, low, high))
+        return drops
+
+    def _drop_cached(self, drops: list[tuple[int, int, int]], fd: int, fd_base: int) -> None:
+        """posix_fadvise(DONTNEED) each range (synced pages: the kernel drops them, no I/O); `fd` is open on the
+        segment at `fd_base`, the others are opened for the call. Advice only: a segment deleted meanwhile or a
+        refused call changes nothing but the cache."""
+        assert _fadvise_dontneed is not None
+        for base, low, high in drops:
+            try:
+                if base == fd_base:
+                    _fadvise_dontneed(fd, low, high - low)
+                    continue
+                sealed_fd = os.open(self.layout.segment_path(base), os.O_RDONLY)
+                try:
+                    _fadvise_dontneed(sealed_fd, low, high - low)
+                finally:
+                    os.close(sealed_fd)
+            except OSError:
+                continue
 
     def _finish_sync(self) -> None:
         self._busy_fd = -1
@@ -653,7 +712,7 @@ class CommitLog:
                 io.close(fd)
         fsync_dir(self.layout.commitlog_dir, io)
         self._dir_dirty = False
-        self._durable = self._end
+        self._durable = self._uncached_below = self._end
         result.end_offset = self._end
         return result
 

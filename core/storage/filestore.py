@@ -98,9 +98,12 @@ class FileMessageStore:
         max_open_index_files: int = 256,
         io: FileIO | None = None,
         keyring: Keyring | None = None,
+        page_cache_bytes: int = 0,
     ) -> None:
         """`keyring` turns on encryption at rest (core/storage/encryption.py): new records are sealed with its
-        current key. Raises EncryptionKeyError when the log holds sealed records the keyring cannot open."""
+        current key. Raises EncryptionKeyError when the log holds sealed records the keyring cannot open.
+        `page_cache_bytes` > 0: synced commit-log pages further than that behind the end are dropped from the OS
+        page cache after each fsync (`CommitLog`); 0 leaves the cache to the OS."""
         self.layout = StoreLayout(data_dir)
         fresh = not self.layout.commitlog_dir.exists()
         self.layout.create_dirs()
@@ -111,7 +114,7 @@ class FileMessageStore:
         self._write_error: str | None = None  # the last append failed (disk full, EIO); cleared by the next success
         self._full = False  # ... because the disk was full: health() also clears it once space is back
         self._background_errors: dict[str, str] = {}  # task -> why its last run failed; cleared by its next success
-        self._log = CommitLog(self.layout, segment_bytes, io=io)
+        self._log = CommitLog(self.layout, segment_bytes, io=io, page_cache_bytes=page_cache_bytes)
         self._files = IndexFiles(self.layout, index_entries_per_file, max_open_index_files, io=io)
         self._keys = KeyIndex(self.layout, io=io)
         self._queues: dict[QueueRef, QueueIndex] = {
