@@ -35,6 +35,7 @@ from tidegate.adapters.native.codec import (
     ProtocolError,
     Role,
     encode_deliver,
+    encode_deliver_runs,
     encode_frame,
     encode_send_batch_ok,
     encode_send_ok,
@@ -42,7 +43,7 @@ from tidegate.adapters.native.codec import (
 from tidegate.adapters.native.errors import ErrorCode, wire_code
 from tidegate.adapters.native.fastpath import encode_send_oks
 from tidegate.adapters.reserved_properties import strip_reserved_properties
-from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliveryRun, GroupInfo, PullStatus, delivered_of
 from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
@@ -110,7 +111,20 @@ class SubscriptionSink:
         self.held_credit = 0
 
     def deliver(self, deliveries: list[Delivered]) -> None:
-        chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame)
+        self._push(split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame))
+
+    def deliver_runs(self, runs: list[DeliveryRun]) -> None:
+        """Offset-mode deliveries as runs of one queue (core/api.py `DeliveryRun`): the same DELIVER bytes as
+        `deliver` of the same messages, encoded without a `Delivered` per message."""
+        count = sum([len(run.offsets) for run in runs])
+        data = encode_deliver_runs(self.subscription_id, runs, count)
+        max_frame = self.protocol.factory.settings.max_frame
+        if len(data) - LENGTH_SIZE > max_frame and count > 1:  # rare: split as `deliver` splits
+            self._push(split_deliver(self.subscription_id, delivered_of(runs), max_frame))
+        else:
+            self._push([data])
+
+    def _push(self, chunks: list[bytes]) -> None:
         if self._held is not None:
             self._held.extend(chunks)
         else:
