@@ -30,10 +30,13 @@ from tidegate.adapters.native.codec import (
     DEFAULT_MAX_FRAME,
     LENGTH_SIZE,
     SEND_OK_TYPE,
+    SEND_TYPE,
     FrameTooLarge,
     NativeCodec,
     ProtocolError,
     Role,
+    SendRequest,
+    decode_send_request,
     encode_deliver,
     encode_deliver_runs,
     encode_frame,
@@ -162,7 +165,9 @@ class NativeProtocol(AdapterConnection):
     # ------------------------------------------------------------------------------------------ lifecycle
     def connection_started(self) -> None:
         settings = self.factory.settings
-        self.codec = NativeCodec(Role.SERVER, max_frame=settings.max_frame)
+        # SENDs come as `SendRequest` tuples (same fields as the Send frame, cheaper to make)
+        self.codec = NativeCodec(Role.SERVER, max_frame=settings.max_frame,
+                                 open_decoders={SEND_TYPE: decode_send_request})
         if settings.heartbeat_s > 0:
             self.start_idle_timer(IDLE_INTERVALS * settings.heartbeat_s)
 
@@ -279,7 +284,7 @@ class NativeProtocol(AdapterConnection):
         if self.authenticating:  # decoded after a HELLO whose login is pending (e.g. past a bad frame): wait too
             self.hold_frames(frames)
             return
-        send = f.Send
+        send = SendRequest
         count = len(frames)
         i = 0
         while i < count:
@@ -307,22 +312,22 @@ class NativeProtocol(AdapterConnection):
                 self.hold_frames(frames[i:])
                 return
 
-    def _dispatch(self, frame: f.Frame) -> None:
+    def _dispatch(self, frame: f.Frame | SendRequest) -> None:
         handler = HANDLERS.get(type(frame))
+        name = "Send" if type(frame) is SendRequest else type(frame).__name__  # a SendRequest is a SEND
         try:
             if handler is None:
-                raise ProtocolError(f"{type(frame).__name__} is not a request", request_id=frame.request_id)
+                raise ProtocolError(f"{name} is not a request", request_id=frame.request_id)
             if self.session is None and handler is not NativeProtocol.on_hello:
-                raise NotAuthenticated(f"{type(frame).__name__} before a successful HELLO")
+                raise NotAuthenticated(f"{name} before a successful HELLO")
             handler(self, frame)
         except TidegateError as exc:
             self._error(frame.request_id, wire_code(exc), exc.message)
         except Exception as exc:
-            log.error("native: {frame} from {client} failed: {exc!r}", frame=type(frame).__name__,
-                      client=self.client_id, exc=exc)
-            self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {type(frame).__name__}")
+            log.error("native: {frame} from {client} failed: {exc!r}", frame=name, client=self.client_id, exc=exc)
+            self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {name}")
 
-    def _send_run(self, run: list[f.Send]) -> None:
+    def _send_run(self, run: list[SendRequest]) -> None:
         """Publish consecutive SENDs (same topic, same queue choice) as one batch. If the batch is refused,
         nothing of it was stored: publish them one by one so each bad message gets its own ERROR."""
         session = self.session
@@ -435,7 +440,7 @@ class NativeProtocol(AdapterConnection):
         strip_reserved_properties(messages)
         return messages
 
-    def on_send(self, frame: f.Send) -> None:
+    def on_send(self, frame: f.Send | SendRequest) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
         messages = self._client_messages([frame.message])
@@ -456,7 +461,8 @@ class NativeProtocol(AdapterConnection):
         if not results:
             self.write(data)
             return
-        session.when_durable(max(r.commit_end for r in results), lambda: self.write(data))
+        # one append: commit offsets grow through the batch, so the last result's end is the largest
+        session.when_durable(results[-1].commit_end, lambda: self.write(data))
 
     # --- consume
     def on_subscribe(self, frame: f.Subscribe) -> None:
@@ -579,7 +585,7 @@ class NativeProtocol(AdapterConnection):
         self._reply(frame, f.Messages(request_id=frame.request_id, messages=list(found)))
 
 
-HANDLERS: dict[type[f.Frame], Callable[[NativeProtocol, Any], None]] = {
+HANDLERS: dict[type, Callable[[NativeProtocol, Any], None]] = {
     f.Hello: NativeProtocol.on_hello,
     f.Ping: NativeProtocol.on_ping,
     f.Pong: NativeProtocol.on_pong,
@@ -590,6 +596,7 @@ HANDLERS: dict[type[f.Frame], Callable[[NativeProtocol, Any], None]] = {
     f.TopicList: NativeProtocol.on_topic_list,
     f.TopicDescribe: NativeProtocol.on_topic_describe,
     f.Send: NativeProtocol.on_send,
+    SendRequest: NativeProtocol.on_send,  # what the connection's codec makes of a SEND
     f.SendBatch: NativeProtocol.on_send_batch,
     f.Subscribe: NativeProtocol.on_subscribe,
     f.Credit: NativeProtocol.on_credit,
