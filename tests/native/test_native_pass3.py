@@ -1,24 +1,34 @@
 """Native pass 3 of issue 10: offset-mode delivery as runs of one queue (core `DeliveryRun`, the optional
-`DeliverySink.deliver_runs`) and the DELIVER encoded from them. A sink that takes runs gets the same messages,
-in the same order, with the same credit and metrics as one that takes `Delivered` values, and the native
-adapter writes the same bytes either way."""
+`DeliverySink.deliver_runs`) and the DELIVER encoded from them; SENDs decoded by the broker into `SendRequest`
+tuples. A sink that takes runs gets the same messages, in the same order, with the same credit and metrics as one
+that takes `Delivered` values, the native adapter writes the same bytes either way, and a SendRequest carries what
+the Send frame carries (same errors when cut)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidegate.adapters.native import frames as f
-from tidegate.adapters.native.codec import encode_deliver, encode_deliver_runs, encode_frame
+from tidegate.adapters.native.codec import (
+    HEADER_SIZE,
+    SendRequest,
+    decode_body,
+    decode_send_request,
+    encode_deliver,
+    encode_deliver_runs,
+    encode_frame,
+    encode_send,
+)
 from tidegate.adapters.native.server import SubscriptionSink
 from tidegate.core.api import Delivered, DeliveryRun, delivered_of
 from tidegate.core.model import Message, QueueRef
 from tidegate.core.testing import RecordingSink, make_broker
 
 from .test_native_fastpath import messages
-from .test_native_pass2 import TOPICS, stored_messages
+from .test_native_pass2 import TOPICS, generic_decode, outcome, stored_messages
 
 
 @st.composite
@@ -144,3 +154,60 @@ def test_native_sink_writes_the_same_deliver_frames_for_runs_as_for_delivered_va
         values_sink.deliver(delivered_of(batch[1:]))
         assert by_runs.written == by_values.written
         assert (len(by_runs.written) > 2) == (max_frame < 1 << 20)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.one_of(messages, stored_messages.map(lambda m: Message(m.topic, m.body, born_ts=m.born_ts))),
+       st.integers(-1, 2**31 - 1), st.sampled_from([0, 1]))
+def test_send_request_decodes_to_the_send_frames_fields_whole_and_cut(message: Message, queue_id: int,
+                                                                      flags: int) -> None:
+    """decode_send_request (the broker's SEND decoder) gives the generic decoder's request id, flags, queue id
+    and message for every message shape, and for every cut the same error class and text."""
+    data = encode_send(7, flags, queue_id, message)
+    view = memoryview(data)
+    got = decode_send_request(view, HEADER_SIZE, len(data), flags, 7)
+    frame = generic_decode(f.Send, view, len(data))
+    assert type(got) is SendRequest
+    assert got == SendRequest(7, flags, frame.queue_id, frame.message) and frame.queue_id == queue_id
+    assert decode_body(f.Send, view, HEADER_SIZE, len(data), flags, 7) == f.Send(
+        request_id=7, flags=flags, queue_id=queue_id, message=got.message)
+    for end in range(HEADER_SIZE, len(data)):
+        fast = outcome(decode_send_request, view, HEADER_SIZE, end, 0, 0)
+        assert isinstance(fast, tuple) and fast == outcome(generic_decode, f.Send, view, end)
+
+
+def test_the_broker_answers_pipelined_and_refused_sends_as_before() -> None:
+    """Through a real NativeProtocol (whose codec gives SendRequests): a run of SENDs is answered with one
+    SEND_OK each (none for ONEWAY), and a SEND the core refuses gets its ERROR naming it as before."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from tidegate.adapters.native.codec import NativeCodec, Role
+    from tidegate.adapters.native.server import NativeServerFactory
+    from tidegate.core.security import AllowAllGate
+
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000.0)
+    broker = make_broker(clock)
+    try:
+        protocol = NativeServerFactory(broker, AllowAllGate(), clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        client = NativeCodec(Role.CLIENT)
+        protocol.dataReceived(encode_frame(f.Hello(request_id=1, client_id="p")))
+        clock.advance(0)
+        client.receive_data(transport.value())
+        transport.clear()
+        broker.create_topic("t", queues=2)
+        sends = [encode_send(10 + i, 1 if i == 2 else 0, -1, Message("t", b"x%d" % i)) for i in range(4)]
+        sends.append(encode_send(20, 0, -1, Message("no-such", b"y", subject="a+b")))
+        protocol.dataReceived(b"".join(sends))
+        clock.advance(0)
+        answers = client.receive_data(transport.value())
+        assert [type(a).__name__ for a in answers] == ["Error", "SendOk", "SendOk", "SendOk"]
+        assert answers[0].request_id == 20 and "a+b" in answers[0].message
+        assert [a.request_id for a in answers[1:]] == [10, 11, 13]
+        assert [a.queue_offset for a in answers[1:]] == [0, 0, 1]
+    finally:
+        broker.close()
