@@ -5,6 +5,7 @@ The entry point is `tidegate.core.broker.Broker`; this module holds only the val
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, Protocol
@@ -49,6 +50,22 @@ class Delivered:
     attempt: int = 1  # 1 on first delivery, +1 on each redelivery
 
 
+class DeliveryRun(NamedTuple):
+    """Messages of one queue handed out in offset mode, in offset order: first attempt, no receipt. A sink with
+    `deliver_runs` gets a pump's messages as such runs (two list appends per message in the core, no `Delivered`
+    object); `delivered_of` turns runs into the `Delivered` values `deliver` would have been given."""
+
+    queue: QueueRef
+    offsets: list[int]
+    messages: list[Message]
+
+
+def delivered_of(runs: Sequence[DeliveryRun]) -> list[Delivered]:
+    """The `Delivered` values that `runs` stand for, in order (what `DeliverySink.deliver` gets)."""
+    return [Delivered(message, run.queue, offset)
+            for run in runs for offset, message in zip(run.offsets, run.messages, strict=True)]
+
+
 @dataclass(slots=True)
 class PullResult:
     status: PullStatus
@@ -91,6 +108,10 @@ class DeliverySink(Protocol):
 
     def deliver(self, deliveries: list[Delivered]) -> None:
         """Messages for this consumer; never more than the credit it was granted."""
+
+    # Optional: `deliver_runs(runs: list[DeliveryRun]) -> None`. A sink that has it gets offset-mode pumps as
+    # runs of (queue, offsets, messages) instead of `deliver` with one `Delivered` per message: the same messages
+    # in the same order, credit and metrics counted the same way. Message mode always calls `deliver`.
 
     def assignment_changed(self, queues: list[QueueRef]) -> None:
         """Offset mode: the queues this member owns after a rebalance."""

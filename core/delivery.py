@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from tidegate.core.acks import MessageAcks
-from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliverySink
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliveryRun, DeliverySink
 from tidegate.core.config import BrokerConfig
 from tidegate.core.consumers import (
     GroupState,
@@ -33,7 +33,7 @@ from tidegate.core.consumers import (
 from tidegate.core.errors import OffsetOutOfRange, TidegateError
 from tidegate.core.filters import TagFilter
 from tidegate.core.metrics import CoreMetrics
-from tidegate.core.model import QueueRef
+from tidegate.core.model import Message, QueueRef
 from tidegate.core.offsets import OffsetBook
 from tidegate.core.reader import MAX_SCAN_PER_PUMP, READ_BATCH, QueueReader
 from tidegate.core.storage.api import MessageStore
@@ -299,6 +299,50 @@ class Delivery:
             metrics.bytes_out[topic] += size
         sub.sink.deliver(out)
 
+    def _deliver_runs(self, sub: Subscription, runs: list[DeliveryRun], count: int, sizes: list[int]) -> None:
+        """`_deliver` for a sink that takes runs: `count` messages in `runs`, `sizes[i]` the bodies' total of
+        `runs[i]`; credit and metrics counted as `_deliver` counts them."""
+        sub.credit -= count
+        messages_out, bytes_out = self._metrics.messages_out, self._metrics.bytes_out
+        for run, size in zip(runs, sizes, strict=True):
+            topic = run.queue.topic
+            messages_out[topic] += len(run.offsets)
+            bytes_out[topic] += size
+        sub.sink.deliver_runs(runs)  # type: ignore[attr-defined]  # optional DeliverySink method (core/api.py)
+
+    def _collect_plain(self, q: QueueRef, pos: int, end: int, want: int, now_ms: int, scan_limit: int,
+                       offsets: list[int], messages: list[Message]) -> tuple[int, int, int]:
+        """`QueueReader.collect` for a subscription without a tag filter, appending each message's offset and
+        message to `offsets` and `messages` instead of building a `Delivered`. Returns (next position, entries
+        looked at, the bodies' total size); raises OffsetOutOfRange when `pos` is below what retention kept."""
+        read_index = self._store.read_index
+        reader = self._reader
+        cache_get, read = reader.cache.get, reader.read
+        add_offset, add_message = offsets.append, messages.append
+        looked = size = 0
+        room = want
+        while pos < end and room > 0 and looked < scan_limit:
+            window = min(READ_BATCH, end - pos)
+            entries = read_index(q, pos, window)
+            if not entries:  # only holes here (records lost in a crash recovery): step over them
+                pos += window
+                looked += window
+                continue
+            for e in entries:
+                offset = e.queue_offset
+                if offset >= end or room <= 0:
+                    break
+                pos = offset + 1
+                looked += 1
+                msg = cache_get(e.commit_offset) or read(e)
+                if msg.expires_at and msg.expires_at <= now_ms:
+                    continue
+                add_offset(offset)
+                add_message(msg)
+                size += len(msg.body)
+                room -= 1
+        return pos, looked, size
+
     def _pump_offset(self, sub: Subscription) -> None:
         out: list[Delivered] = []
         budget, scanned = sub.credit, 0
@@ -307,6 +351,11 @@ class Delivery:
         now = self._now_ms()
         tag_filter = sub.filter
         collect, visible_max = self._reader.collect, self._visibility.visible_max
+        # A sink that takes runs (the native adapter) and no tag filter: no `Delivered` per message.
+        deliver_runs = getattr(sub.sink, "deliver_runs", None)
+        plain = deliver_runs is not None and tag_filter.tags is None and tag_filter.hashes is None
+        runs: list[DeliveryRun] = []
+        run_sizes: list[int] = []
         more = False
         for i in range(n):
             if budget <= 0 or scanned >= MAX_SCAN_PER_PUMP:
@@ -317,12 +366,24 @@ class Delivery:
             end = visible_max(q)
             while True:
                 try:
-                    got, pos, looked = collect(q, pos, end, budget, tag_filter, now, MAX_SCAN_PER_PUMP - scanned)
+                    if plain:
+                        offsets: list[int] = []
+                        messages: list[Message] = []
+                        pos, looked, size = self._collect_plain(q, pos, end, budget, now,
+                                                                MAX_SCAN_PER_PUMP - scanned, offsets, messages)
+                    else:
+                        got, pos, looked = collect(q, pos, end, budget, tag_filter, now, MAX_SCAN_PER_PUMP - scanned)
                 except OffsetOutOfRange:
                     pos = self._reader.fell_behind(sub.group, sub.sink, q, pos)
                     continue
                 break
-            if got:
+            if plain:
+                if offsets:
+                    runs.append(DeliveryRun(q, offsets, messages))
+                    run_sizes.append(size)
+                    budget -= len(offsets)
+                    sub.last_delivered[q] = offsets[-1]
+            elif got:
                 out.extend(got)
                 budget -= len(got)
                 sub.last_delivered[q] = got[-1].queue_offset
@@ -330,13 +391,16 @@ class Delivery:
             sub.positions[q] = pos
         more = more or (budget > 0 and scanned >= MAX_SCAN_PER_PUMP)
         sub.cursor = (sub.cursor + 1) % max(1, n)
-        if not out and not more:
+        if not out and not runs and not more:
             # everything scanned was filtered out: let the committed offset follow so lag does not grow forever
             committed = self._offsets.of(sub.progress_key)
             for q in queues:
                 if committed.get(q, 0) < sub.positions.get(q, 0) and not self._has_undelivered_commit(sub, q):
                     self._offsets.set(sub.progress_key, q, sub.positions[q])
-        self._deliver(sub, out)
+        if runs:
+            self._deliver_runs(sub, runs, sum([len(run.offsets) for run in runs]), run_sizes)
+        else:
+            self._deliver(sub, out)
         if more:
             self.wake(sub)
 

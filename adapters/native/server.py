@@ -30,11 +30,15 @@ from tidegate.adapters.native.codec import (
     DEFAULT_MAX_FRAME,
     LENGTH_SIZE,
     SEND_OK_TYPE,
+    SEND_TYPE,
     FrameTooLarge,
     NativeCodec,
     ProtocolError,
     Role,
+    SendRequest,
+    decode_send_request,
     encode_deliver,
+    encode_deliver_runs,
     encode_frame,
     encode_send_batch_ok,
     encode_send_ok,
@@ -42,7 +46,7 @@ from tidegate.adapters.native.codec import (
 from tidegate.adapters.native.errors import ErrorCode, wire_code
 from tidegate.adapters.native.fastpath import encode_send_oks
 from tidegate.adapters.reserved_properties import strip_reserved_properties
-from tidegate.core.api import AckMode, ConsumeMode, Delivered, GroupInfo, PullStatus
+from tidegate.core.api import AckMode, ConsumeMode, Delivered, DeliveryRun, GroupInfo, PullStatus, delivered_of
 from tidegate.core.errors import BadRequest, NotAuthenticated, QuotaExceeded, TidegateError
 from tidegate.core.interfaces import Core
 from tidegate.core.metrics import CoreMetrics
@@ -110,7 +114,20 @@ class SubscriptionSink:
         self.held_credit = 0
 
     def deliver(self, deliveries: list[Delivered]) -> None:
-        chunks = split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame)
+        self._push(split_deliver(self.subscription_id, deliveries, self.protocol.factory.settings.max_frame))
+
+    def deliver_runs(self, runs: list[DeliveryRun]) -> None:
+        """Offset-mode deliveries as runs of one queue (core/api.py `DeliveryRun`): the same DELIVER bytes as
+        `deliver` of the same messages, encoded without a `Delivered` per message."""
+        count = sum([len(run.offsets) for run in runs])
+        data = encode_deliver_runs(self.subscription_id, runs, count)
+        max_frame = self.protocol.factory.settings.max_frame
+        if len(data) - LENGTH_SIZE > max_frame and count > 1:  # rare: split as `deliver` splits
+            self._push(split_deliver(self.subscription_id, delivered_of(runs), max_frame))
+        else:
+            self._push([data])
+
+    def _push(self, chunks: list[bytes]) -> None:
         if self._held is not None:
             self._held.extend(chunks)
         else:
@@ -148,7 +165,9 @@ class NativeProtocol(AdapterConnection):
     # ------------------------------------------------------------------------------------------ lifecycle
     def connection_started(self) -> None:
         settings = self.factory.settings
-        self.codec = NativeCodec(Role.SERVER, max_frame=settings.max_frame)
+        # SENDs come as `SendRequest` tuples (same fields as the Send frame, cheaper to make)
+        self.codec = NativeCodec(Role.SERVER, max_frame=settings.max_frame,
+                                 open_decoders={SEND_TYPE: decode_send_request})
         if settings.heartbeat_s > 0:
             self.start_idle_timer(IDLE_INTERVALS * settings.heartbeat_s)
 
@@ -265,7 +284,7 @@ class NativeProtocol(AdapterConnection):
         if self.authenticating:  # decoded after a HELLO whose login is pending (e.g. past a bad frame): wait too
             self.hold_frames(frames)
             return
-        send = f.Send
+        send = SendRequest
         count = len(frames)
         i = 0
         while i < count:
@@ -293,22 +312,22 @@ class NativeProtocol(AdapterConnection):
                 self.hold_frames(frames[i:])
                 return
 
-    def _dispatch(self, frame: f.Frame) -> None:
+    def _dispatch(self, frame: f.Frame | SendRequest) -> None:
         handler = HANDLERS.get(type(frame))
+        name = "Send" if type(frame) is SendRequest else type(frame).__name__  # a SendRequest is a SEND
         try:
             if handler is None:
-                raise ProtocolError(f"{type(frame).__name__} is not a request", request_id=frame.request_id)
+                raise ProtocolError(f"{name} is not a request", request_id=frame.request_id)
             if self.session is None and handler is not NativeProtocol.on_hello:
-                raise NotAuthenticated(f"{type(frame).__name__} before a successful HELLO")
+                raise NotAuthenticated(f"{name} before a successful HELLO")
             handler(self, frame)
         except TidegateError as exc:
             self._error(frame.request_id, wire_code(exc), exc.message)
         except Exception as exc:
-            log.error("native: {frame} from {client} failed: {exc!r}", frame=type(frame).__name__,
-                      client=self.client_id, exc=exc)
-            self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {type(frame).__name__}")
+            log.error("native: {frame} from {client} failed: {exc!r}", frame=name, client=self.client_id, exc=exc)
+            self._error(frame.request_id, ErrorCode.INTERNAL, f"internal error handling {name}")
 
-    def _send_run(self, run: list[f.Send]) -> None:
+    def _send_run(self, run: list[SendRequest]) -> None:
         """Publish consecutive SENDs (same topic, same queue choice) as one batch. If the batch is refused,
         nothing of it was stored: publish them one by one so each bad message gets its own ERROR."""
         session = self.session
@@ -421,7 +440,7 @@ class NativeProtocol(AdapterConnection):
         strip_reserved_properties(messages)
         return messages
 
-    def on_send(self, frame: f.Send) -> None:
+    def on_send(self, frame: f.Send | SendRequest) -> None:
         queue_id = None if frame.queue_id < 0 else frame.queue_id
         session = self.session
         messages = self._client_messages([frame.message])
@@ -442,7 +461,8 @@ class NativeProtocol(AdapterConnection):
         if not results:
             self.write(data)
             return
-        session.when_durable(max(r.commit_end for r in results), lambda: self.write(data))
+        # one append: commit offsets grow through the batch, so the last result's end is the largest
+        session.when_durable(results[-1].commit_end, lambda: self.write(data))
 
     # --- consume
     def on_subscribe(self, frame: f.Subscribe) -> None:
@@ -565,7 +585,7 @@ class NativeProtocol(AdapterConnection):
         self._reply(frame, f.Messages(request_id=frame.request_id, messages=list(found)))
 
 
-HANDLERS: dict[type[f.Frame], Callable[[NativeProtocol, Any], None]] = {
+HANDLERS: dict[type, Callable[[NativeProtocol, Any], None]] = {
     f.Hello: NativeProtocol.on_hello,
     f.Ping: NativeProtocol.on_ping,
     f.Pong: NativeProtocol.on_pong,
@@ -576,6 +596,7 @@ HANDLERS: dict[type[f.Frame], Callable[[NativeProtocol, Any], None]] = {
     f.TopicList: NativeProtocol.on_topic_list,
     f.TopicDescribe: NativeProtocol.on_topic_describe,
     f.Send: NativeProtocol.on_send,
+    SendRequest: NativeProtocol.on_send,  # what the connection's codec makes of a SEND
     f.SendBatch: NativeProtocol.on_send_batch,
     f.Subscribe: NativeProtocol.on_subscribe,
     f.Credit: NativeProtocol.on_credit,

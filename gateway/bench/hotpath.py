@@ -13,7 +13,8 @@ and it runs under `valgrind --tool=callgrind` (small N) for instruction counts. 
 kernel and the thread hop of the group commit, which `tidegate bench` includes.
 
 Scenarios: `mqtt1` (QoS 1 1→1, PUBACK after the fsync, subscriber PUBACKs), `mqtt0` (QoS 0 1→1), `native`
-(pipelined SENDs, one subscriber in offset mode that returns credit per DELIVER).
+(pipelined SENDs, one subscriber in offset mode that returns credit per DELIVER), `native-batch` (the same with
+each read one SEND_BATCH of K messages). `--serve-gc` collects garbage with `tidegate serve`'s thresholds.
 """
 
 from __future__ import annotations
@@ -196,13 +197,14 @@ def run_mqtt(messages: int, batch: int, qos: int, data_dir: str, lean: bool = Tr
     return timer.cpu
 
 
-def run_native(messages: int, batch: int, data_dir: str) -> float:
-    """Broker CPU seconds for `messages` native SENDs (K per read), one consumer returning credit per DELIVER."""
+def run_native(messages: int, batch: int, data_dir: str, send_batch: bool = False) -> float:
+    """Broker CPU seconds for `messages` native SENDs (K per read), one consumer returning credit per DELIVER;
+    `send_batch`: each read is one SEND_BATCH of K messages instead of K pipelined SENDs."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
     from tidegate.adapters.native import frames as f
-    from tidegate.adapters.native.codec import NativeCodec, Role, encode_frame, encode_send
+    from tidegate.adapters.native.codec import NativeCodec, Role, encode_frame, encode_send, encode_send_batch
     from tidegate.adapters.native.server import NativeServerFactory
     from tidegate.core.model import Message
     from tidegate.core.security import AllowAllGate
@@ -239,8 +241,13 @@ def run_native(messages: int, batch: int, data_dir: str) -> float:
     request_id = 10
     message = Message(topic="hot", body=PAYLOAD)
     for start in range(0, messages, batch):
+        count = min(batch, messages - start)
+        if send_batch:
+            request_id += 1
+            reads.append(encode_send_batch(request_id, 0, -1, [message] * count))
+            continue
         chunk = []
-        for _ in range(min(batch, messages - start)):
+        for _ in range(count):
             request_id += 1
             chunk.append(encode_send(request_id, 0, -1, message))
         reads.append(b"".join(chunk))
@@ -274,20 +281,29 @@ def run_native(messages: int, batch: int, data_dir: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tidegate.gateway.bench.hotpath",
                                      description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("scenario", choices=("mqtt1", "mqtt0", "native"))
+    parser.add_argument("scenario", choices=("mqtt1", "mqtt0", "native", "native-batch"))
     parser.add_argument("--messages", type=at_least(1), default=20_000)
     parser.add_argument("--batch", type=at_least(1), default=64, help="messages per publisher read (64)")
+    parser.add_argument("--serve-gc", action="store_true",
+                        help="collect garbage as `tidegate serve` does (process.gc_threshold 50000, older "
+                             "generations 20 and 100); default: this interpreter's thresholds, as earlier passes "
+                             "measured")
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the report gives min and median (3)")
     parser.add_argument("--codec-clients", action="store_true",
                         help="MQTT clients build and decode every packet with the full codec (as the first passes "
                              "measured); default: lean clients, so callgrind counts mostly the broker")
     args = parser.parse_args(argv)
+    if args.serve_gc:
+        from tidegate.gateway.app import tune_garbage_collector
+        from tidegate.gateway.config import ProcessSection
+
+        tune_garbage_collector(ProcessSection())
     results = []
     for _ in range(args.repeat):
         data_dir = tempfile.mkdtemp(prefix="tidegate-hotpath-")
         try:
-            if args.scenario == "native":
-                cpu = run_native(args.messages, args.batch, data_dir)
+            if args.scenario.startswith("native"):
+                cpu = run_native(args.messages, args.batch, data_dir, send_batch=args.scenario == "native-batch")
             else:
                 cpu = run_mqtt(args.messages, args.batch, int(args.scenario[-1]), data_dir,
                                lean=not args.codec_clients)
