@@ -310,39 +310,6 @@ class Delivery:
             bytes_out[topic] += size
         sub.sink.deliver_runs(runs)  # type: ignore[attr-defined]  # optional DeliverySink method (core/api.py)
 
-    def _collect_plain(self, q: QueueRef, pos: int, end: int, want: int, now_ms: int, scan_limit: int,
-                       offsets: list[int], messages: list[Message]) -> tuple[int, int, int]:
-        """`QueueReader.collect` for a subscription without a tag filter, appending each message's offset and
-        message to `offsets` and `messages` instead of building a `Delivered`. Returns (next position, entries
-        looked at, the bodies' total size); raises OffsetOutOfRange when `pos` is below what retention kept."""
-        read_index = self._store.read_index
-        reader = self._reader
-        cache_get, read = reader.cache.get, reader.read
-        add_offset, add_message = offsets.append, messages.append
-        looked = size = 0
-        room = want
-        while pos < end and room > 0 and looked < scan_limit:
-            window = min(READ_BATCH, end - pos)
-            entries = read_index(q, pos, window)
-            if not entries:  # only holes here (records lost in a crash recovery): step over them
-                pos += window
-                looked += window
-                continue
-            for e in entries:
-                offset = e.queue_offset
-                if offset >= end or room <= 0:
-                    break
-                pos = offset + 1
-                looked += 1
-                msg = cache_get(e.commit_offset) or read(e)
-                if msg.expires_at and msg.expires_at <= now_ms:
-                    continue
-                add_offset(offset)
-                add_message(msg)
-                size += len(msg.body)
-                room -= 1
-        return pos, looked, size
-
     def _pump_offset(self, sub: Subscription) -> None:
         out: list[Delivered] = []
         budget, scanned = sub.credit, 0
@@ -369,8 +336,8 @@ class Delivery:
                     if plain:
                         offsets: list[int] = []
                         messages: list[Message] = []
-                        pos, looked, size = self._collect_plain(q, pos, end, budget, now,
-                                                                MAX_SCAN_PER_PUMP - scanned, offsets, messages)
+                        pos, looked, size = self._reader.collect_plain(q, pos, end, budget, now,
+                                                                       MAX_SCAN_PER_PUMP - scanned, offsets, messages)
                     else:
                         got, pos, looked = collect(q, pos, end, budget, tag_filter, now, MAX_SCAN_PER_PUMP - scanned)
                 except OffsetOutOfRange:

@@ -24,6 +24,9 @@ class DeliverySink(Protocol):
     def deliver(self, deliveries: list[Delivered]) -> None:
         """Messages for this consumer; never more than the credit it was granted."""
 
+    # Optional: `deliver_runs(runs: list[DeliveryRun]) -> None` (core/api.py): offset-mode pumps as runs of
+    # (queue, offsets, messages) instead of one `Delivered` per message.
+
     def assignment_changed(self, queues: list[QueueRef]) -> None:
         """Offset mode: the queues this member owns after a rebalance."""
 

@@ -112,12 +112,15 @@ class QueueReader:
         """Read `q` from `pos` up to `end` until `want` messages pass the filter or `scan_limit` index entries were
         looked at. Returns (deliveries, next position, entries looked at); raises OffsetOutOfRange when `pos` is
         below what retention kept."""
+        if tag_filter.tags is None and tag_filter.hashes is None:  # the common case: one loop, no call per entry
+            offsets: list[int] = []
+            messages: list[Message] = []
+            pos, looked, _ = self.collect_plain(q, pos, end, want, now_ms, scan_limit, offsets, messages)
+            return [Delivered(msg, q, offset) for offset, msg in zip(offsets, messages, strict=True)], pos, looked
         out: list[Delivered] = []
         add = out.append
         looked = 0
         read_index, wanted = self._store.read_index, self.wanted
-        # No tag filter (the common case): the message cache is asked here, without two calls per entry.
-        cache = self.cache if tag_filter.tags is None and tag_filter.hashes is None else None
         while pos < end and len(out) < want and looked < scan_limit:
             window = min(READ_BATCH, end - pos)
             entries = read_index(q, pos, window)
@@ -126,20 +129,6 @@ class QueueReader:
                 looked += window
                 continue
             room = want - len(out)
-            if cache is not None:
-                cache_get = cache.get
-                for e in entries:
-                    offset = e.queue_offset
-                    if offset >= end or room <= 0:
-                        break
-                    pos = offset + 1
-                    looked += 1
-                    msg = cache_get(e.commit_offset) or self.read(e)
-                    if msg.expires_at and msg.expires_at <= now_ms:
-                        continue
-                    add(Delivered(msg, q, offset))
-                    room -= 1
-                continue
             for e in entries:
                 if e.queue_offset >= end or room <= 0:
                     break
@@ -150,6 +139,39 @@ class QueueReader:
                     add(Delivered(msg, q, e.queue_offset))
                     room -= 1
         return out, pos, looked
+
+    def collect_plain(self, q: QueueRef, pos: int, end: int, want: int, now_ms: int, scan_limit: int,
+                      offsets: list[int], messages: list[Message]) -> tuple[int, int, int]:
+        """`collect` without a tag filter, appending each message's offset and message to `offsets` and `messages`
+        instead of building a `Delivered` (the message cache is asked here, without two calls per entry). Returns
+        (next position, entries looked at, the bodies' total size); raises OffsetOutOfRange when `pos` is below
+        what retention kept."""
+        read_index, read = self._store.read_index, self.read
+        cache_get = self.cache.get
+        add_offset, add_message = offsets.append, messages.append
+        looked = size = 0
+        room = want
+        while pos < end and room > 0 and looked < scan_limit:
+            window = min(READ_BATCH, end - pos)
+            entries = read_index(q, pos, window)
+            if not entries:  # only holes here (records lost in a crash recovery): step over them
+                pos += window
+                looked += window
+                continue
+            for e in entries:
+                offset = e.queue_offset
+                if offset >= end or room <= 0:
+                    break
+                pos = offset + 1
+                looked += 1
+                msg = cache_get(e.commit_offset) or read(e)
+                if msg.expires_at and msg.expires_at <= now_ms:
+                    continue
+                add_offset(offset)
+                add_message(msg)
+                size += len(msg.body)
+                room -= 1
+        return pos, looked, size
 
     def fell_behind(self, group: str, sink: DeliverySink | None, q: QueueRef, pos: int) -> int:
         """Retention removed offsets `group` had not read from `pos` on: say so (log, and the sink if it has
