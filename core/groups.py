@@ -71,7 +71,8 @@ class GroupRegistry:
 
     def _persist(self, group: str, mode: ConsumeMode, ack: AckMode, topics: set[str]) -> None:
         old = self._rows.get(group)
-        if old is not None and old["mode"] == mode.value and old["ack"] == ack.value:
+        # the modes are StrEnums: compared with the stored strings as they are, without `.value` (a descriptor)
+        if old is not None and old["mode"] == mode and old["ack"] == ack:
             stored = (old.get("extra") or {}).get("topics")
             if stored is not None and len(stored) == len(topics) and topics.issuperset(stored):
                 return  # unchanged: members coming and going (and every get) cost no metadata write
@@ -133,7 +134,11 @@ class GroupRegistry:
 
 def _check_dead_letter_name(group: str) -> None:
     """A consuming group may dead-letter: refuse it up front if its dead-letter topic could not be created (a name
-    dense in `%` escapes past the file system's limit), rather than failing at the first dead letter."""
+    dense in `%` escapes past the file system's limit), rather than failing at the first dead letter. Without a `%`
+    in the group's name the check cannot fail (the dead-letter name is at most 127 characters, its prefix's escapes
+    add 4 bytes), so the common name costs one scan, not an escaped copy."""
+    if "%" not in group:
+        return
     try:
         check_encoded_topic(dead_letter_topic(group))
     except InvalidName:

@@ -160,3 +160,65 @@ def test_release_on_shutdown_turns_the_collector_back_on(collector_on) -> None:
     pause.accepted(64, clock)
     pause.release()
     assert gc.isenabled() and not clock.getDelayedCalls()
+
+
+def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener(collector_on) -> None:
+    """The listener sets TCP_NODELAY once; on Linux each accepted socket inherits it (read here with getsockopt),
+    so `setTcpNoDelay(True)` at connect makes no syscall. Turning it off and on again still works."""
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.startListening()
+    clients = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    try:
+        assert port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        port.doRead()
+        first, second = (protocol.transport for protocol in factory.built)
+        for transport in (first, second):  # as accepted, before any setTcpNoDelay
+            assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        first.setTcpNoDelay(True)
+        assert port.accepted_no_delay is True  # checked once, on the first accepted socket
+        calls: list[bool] = []
+        real_setsockopt = listeners.tcp.Server.setTcpNoDelay
+
+        def counting(self, enabled):  # noqa: ANN001 - Twisted's signature
+            calls.append(enabled)
+            real_setsockopt(self, enabled)
+
+        listeners.tcp.Server.setTcpNoDelay = counting
+        try:
+            second.setTcpNoDelay(True)
+            assert calls == []  # inherited: no setsockopt
+            assert second.getTcpNoDelay()
+            second.setTcpNoDelay(False)
+            assert not second.getTcpNoDelay()
+            second.setTcpNoDelay(True)  # once turned off, set again for real
+            assert second.getTcpNoDelay()
+            assert calls == [False, True]
+        finally:
+            listeners.tcp.Server.setTcpNoDelay = real_setsockopt
+    finally:
+        for client in clients:
+            client.close()
+        _close(reactor, port)
+
+
+def test_without_an_inherited_tcp_nodelay_each_connection_sets_it(collector_on) -> None:
+    """Where the first accepted socket does not come with TCP_NODELAY, every connection sets it itself."""
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.startListening()
+    port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # as a kernel that does not inherit it
+    client = socket.create_connection((port.getHost().host, port.getHost().port), timeout=5)
+    try:
+        port.doRead()
+        (protocol,) = factory.built
+        transport = protocol.transport
+        assert not transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        transport.setTcpNoDelay(True)
+        assert port.accepted_no_delay is False
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        _close(reactor, port)
