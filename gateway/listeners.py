@@ -113,6 +113,10 @@ STORM_GC_ACCEPTS = 64
 STORM_GC_QUIET_S = 1.0
 STORM_GC_MAX_PAUSE_S = 10.0
 
+# While a wake-up sets up accepted connections, the accept queue is drained again after this many (see
+# `EagerAcceptPort.doRead`)
+ACCEPT_DRAIN_EVERY = 256
+
 _raw_family = _socket.socket.family.__get__  # the int, without `socket.socket.family`'s enum conversion
 _raw_type = _socket.socket.type.__get__
 
@@ -282,6 +286,7 @@ class EagerAcceptPort(tcp.Port):
 
     transport = LeanServer
     collector_pause: StormCollectorPause | None = storm_collector_pause
+    drain_every = ACCEPT_DRAIN_EVERY
     # whether accepted sockets come with TCP_NODELAY from the listener (Linux: yes); None until the first accept
     accepted_no_delay: bool | None = None
 
@@ -297,15 +302,31 @@ class EagerAcceptPort(tcp.Port):
 
     def doRead(self) -> None:
         """Twisted's `Port.doRead` (same EMFILE recovery and error handling), accepting up to the backlog, with the
-        peer address built once per connection."""
+        peer address built once per connection.
+
+        The accept queue is drained before connections are set up, and again after every `drain_every` set-ups (up
+        to twice the backlog per wake-up): setting a connection up costs several times its `accept`, and while a
+        wake-up sets up thousands, SYNs of the same storm keep arriving; each one the full queue drops waits a
+        second for its retransmission. Accepted sockets wait in a list instead, where nothing is dropped."""
         accepted = 0
         pause = self.collector_pause
         pause_at = pause.threshold if pause is not None else 0  # held off as soon as a storm shows, not after it
+        queued: list[Any] = []
         try:
             with tcp._BuffersLogs(self._logger.namespace, self._logger.observer) as buffering_logger:
-                clients = tcp._accept(buffering_logger, range(max(self.numberAccepts, self.backlog)), self.socket,
-                                      tcp._reservedFD)
-                for skt, addr in clients:
+                limit = max(self.numberAccepts, self.backlog)
+                most = max(limit, 2 * self.backlog)
+                queued += tcp._accept(buffering_logger, range(limit), self.socket, tcp._reservedFD)
+                drain_every, drained_at = self.drain_every, 0
+                while True:
+                    if accepted - drained_at >= drain_every and len(queued) < most:
+                        drained_at = accepted
+                        queued += tcp._accept(buffering_logger, range(most - len(queued)), self.socket,
+                                              tcp._reservedFD)
+                    if accepted == len(queued):
+                        break
+                    skt, addr = queued[accepted]
+                    queued[accepted] = None  # the list no longer keeps it alive
                     accepted += 1
                     if accepted == pause_at:
                         pause.accepted(accepted, self.reactor)  # type: ignore[union-attr]
@@ -325,6 +346,8 @@ class EagerAcceptPort(tcp.Port):
             self.numberAccepts = max(1, accepted)
         except BaseException:
             log.exception("accepting connections on port %s failed", self._realPortNumber)
+            for entry in queued[accepted:]:  # accepted, never set up: closed now, not whenever collected
+                entry[0].close()
         if pause is not None and accepted > pause_at:
             pause.accepted(accepted, self.reactor)  # the quiet time counts from the end of this wake-up
 
