@@ -14,11 +14,13 @@ from typing import Any
 from tidegate.core.api import AckMode, ConsumeMode, GroupInfo, QueueProgress
 from tidegate.core.consumers import GroupState
 from tidegate.core.errors import GroupNotFound, InvalidName, TidegateError
-from tidegate.core.model import QueueRef
+from tidegate.core.model import DLQ_PREFIX, QueueRef
 from tidegate.core.offsets import OffsetBook
 from tidegate.core.storage.api import MessageStore, MetadataStore
-from tidegate.core.topics import TopicRegistry, check_encoded_topic, dead_letter_topic
+from tidegate.core.topics import MAX_ENCODED_TOPIC_BYTES, TopicRegistry, check_encoded_topic, dead_letter_topic
 from tidegate.core.visibility import Visibility
+
+_DLQ_PREFIX_ESCAPES = DLQ_PREFIX.count("%")
 
 
 class GroupRegistry:
@@ -71,7 +73,8 @@ class GroupRegistry:
 
     def _persist(self, group: str, mode: ConsumeMode, ack: AckMode, topics: set[str]) -> None:
         old = self._rows.get(group)
-        if old is not None and old["mode"] == mode.value and old["ack"] == ack.value:
+        # the modes are StrEnums: compared with the stored strings as they are, without `.value` (a descriptor)
+        if old is not None and old["mode"] == mode and old["ack"] == ack:
             stored = (old.get("extra") or {}).get("topics")
             if stored is not None and len(stored) == len(topics) and topics.issuperset(stored):
                 return  # unchanged: members coming and going (and every get) cost no metadata write
@@ -133,7 +136,11 @@ class GroupRegistry:
 
 def _check_dead_letter_name(group: str) -> None:
     """A consuming group may dead-letter: refuse it up front if its dead-letter topic could not be created (a name
-    dense in `%` escapes past the file system's limit), rather than failing at the first dead letter."""
+    dense in `%` escapes past the file system's limit), rather than failing at the first dead letter. A name whose
+    dead-letter topic fits even untruncated (prefix, name, 2 bytes more per `%`) passes without building that topic:
+    every group a resumed MQTT session joins (`%MQTT%<client id>`) is checked with one count."""
+    if len(DLQ_PREFIX) + len(group) + 2 * (_DLQ_PREFIX_ESCAPES + group.count("%")) <= MAX_ENCODED_TOPIC_BYTES:
+        return
     try:
         check_encoded_topic(dead_letter_topic(group))
     except InvalidName:

@@ -26,7 +26,7 @@ class OffsetBook:
         self._member_keys: dict[str, set[str]] = {}  # group -> loaded `group@client` keys (broadcasting)
         self._dirty: set[tuple[str, QueueRef]] = set()
         # every stored offset not asked for yet, read in one query at the first miss (None: not read yet)
-        self._stored: dict[str, dict[tuple[str, int], int]] | None = None
+        self._stored: dict[str, dict[QueueRef, int]] | None = None
         self._flush_call: IDelayedCall | None = None
         self._closed = False
 
@@ -35,18 +35,18 @@ class OffsetBook:
         `set` or `init`."""
         offsets = self._offsets.get(key)
         if offsets is None:
-            offsets = self._offsets[key] = {QueueRef(t, q): o for (t, q), o in self._load(key).items()}
-            group, at, _ = key.partition("@")
-            if at:
-                self._member_keys.setdefault(group, set()).add(key)
+            offsets = self._offsets[key] = self._load(key)
+            if "@" in key:
+                self._member_keys.setdefault(key.partition("@")[0], set()).add(key)
         return offsets
 
-    def _load(self, key: str) -> dict[tuple[str, int], int]:
+    def _load(self, key: str) -> dict[QueueRef, int]:
         stored = self._stored
         if stored is None:
             all_offsets = getattr(self._meta, "all_offsets", None)
             if all_offsets is None:
-                return self._meta.get_offsets(key)
+                return {QueueRef(t, q): o for (t, q), o in self._meta.get_offsets(key).items()}
+            # its queues are QueueRefs already (made while the rows are read): a key's offsets are taken as they are
             stored = self._stored = all_offsets()
         return stored.pop(key, None) or {}
 

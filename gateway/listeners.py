@@ -14,7 +14,6 @@ A row whose adapter module is not part of the build is skipped with one log line
 from __future__ import annotations
 
 import _socket
-import functools
 import gc
 import importlib
 import importlib.util
@@ -114,6 +113,10 @@ STORM_GC_ACCEPTS = 64
 STORM_GC_QUIET_S = 1.0
 STORM_GC_MAX_PAUSE_S = 10.0
 
+# While a wake-up sets up accepted connections, the accept queue is drained again after this many (see
+# `EagerAcceptPort.doRead`)
+ACCEPT_DRAIN_EVERY = 256
+
 _raw_family = _socket.socket.family.__get__  # the int, without `socket.socket.family`'s enum conversion
 _raw_type = _socket.socket.type.__get__
 
@@ -193,6 +196,8 @@ class LeanServer(tcp.Server):
     returns the address built at accept instead of a new one per call."""
 
     peer: Any = None  # the IPv4Address/IPv6Address the port built for `buildProtocol`
+    _log_prefix: str | None = None  # `logstr`, made at the first event
+    no_delay_changed = False  # True once `setTcpNoDelay(False)` ran: the inherited TCP_NODELAY no longer holds
 
     @property  # type: ignore[override]
     def repstr(self) -> str:
@@ -215,14 +220,42 @@ class LeanServer(tcp.Server):
         self.startReading()
         self.connected = 1
 
-    @functools.cached_property
-    def logstr(self) -> str:  # type: ignore[override]
-        """Twisted's log prefix of this connection: read by the reactor at every event, so kept once made."""
-        return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        """Twisted's log prefix of this connection (`logstr`): asked by the reactor at every event of the connection,
+        so made once, at the first. Kept in a plain attribute: Python 3.11's `functools.cached_property` takes a lock
+        on every read, a visible cost per connection in a storm."""
+        prefix = self._log_prefix
+        if prefix is None:
+            prefix = self._log_prefix = f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+        return prefix
+
+    @property  # type: ignore[override]
+    def logstr(self) -> str:
+        return self.logPrefix()
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        self._log_prefix = value  # for code that assigns it as on tcp.Server
 
     def getPeer(self) -> Any:  # noqa: N802 - Twisted's name
         peer = self.peer
         return peer if peer is not None else super().getPeer()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 - Twisted's name
+        """Every adapter turns Nagle off at connect (adapters/transport.py `disable_nagle`): a `setsockopt` per
+        connection, which a socket accepted from a listener with TCP_NODELAY does not need on Linux (it inherits
+        the option). Whether it does is read once per listener from its first accepted socket (`getsockopt`);
+        where it does not, or once this connection turned it off, the option is set as Twisted sets it."""
+        if enabled and not self.no_delay_changed:
+            inherited = self.server.accepted_no_delay
+            if inherited is None:
+                inherited = self.server.accepted_no_delay = bool(
+                    self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            if inherited:
+                return
+        elif not enabled:
+            self.no_delay_changed = True
+        super().setTcpNoDelay(enabled)
 
 
 class LeanListeningSocket(socket.socket):
@@ -253,24 +286,47 @@ class EagerAcceptPort(tcp.Port):
 
     transport = LeanServer
     collector_pause: StormCollectorPause | None = storm_collector_pause
+    drain_every = ACCEPT_DRAIN_EVERY
+    # whether accepted sockets come with TCP_NODELAY from the listener (Linux: yes); None until the first accept
+    accepted_no_delay: bool | None = None
 
     def createInternetSocket(self) -> socket.socket:  # noqa: N802 - Twisted's name
         skt = super().createInternetSocket()
         lean = LeanListeningSocket(_raw_family(skt), _raw_type(skt), skt.proto, fileno=skt.detach())
         lean.setblocking(False)
+        try:
+            lean.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets (Linux)
+        except OSError:
+            self.accepted_no_delay = False  # every connection sets it itself, as with Twisted's port
         return lean
 
     def doRead(self) -> None:
         """Twisted's `Port.doRead` (same EMFILE recovery and error handling), accepting up to the backlog, with the
-        peer address built once per connection."""
+        peer address built once per connection.
+
+        The accept queue is drained before connections are set up, and again after every `drain_every` set-ups (up
+        to twice the backlog per wake-up): setting a connection up costs several times its `accept`, and while a
+        wake-up sets up thousands, SYNs of the same storm keep arriving; each one the full queue drops waits a
+        second for its retransmission. Accepted sockets wait in a list instead, where nothing is dropped."""
         accepted = 0
         pause = self.collector_pause
         pause_at = pause.threshold if pause is not None else 0  # held off as soon as a storm shows, not after it
+        queued: list[Any] = []
         try:
             with tcp._BuffersLogs(self._logger.namespace, self._logger.observer) as buffering_logger:
-                clients = tcp._accept(buffering_logger, range(max(self.numberAccepts, self.backlog)), self.socket,
-                                      tcp._reservedFD)
-                for skt, addr in clients:
+                limit = max(self.numberAccepts, self.backlog)
+                most = max(limit, 2 * self.backlog)
+                queued += tcp._accept(buffering_logger, range(limit), self.socket, tcp._reservedFD)
+                drain_every, drained_at = self.drain_every, 0
+                while True:
+                    if accepted - drained_at >= drain_every and len(queued) < most:
+                        drained_at = accepted
+                        queued += tcp._accept(buffering_logger, range(most - len(queued)), self.socket,
+                                              tcp._reservedFD)
+                    if accepted == len(queued):
+                        break
+                    skt, addr = queued[accepted]
+                    queued[accepted] = None  # the list no longer keeps it alive
                     accepted += 1
                     if accepted == pause_at:
                         pause.accepted(accepted, self.reactor)  # type: ignore[union-attr]
@@ -290,6 +346,8 @@ class EagerAcceptPort(tcp.Port):
             self.numberAccepts = max(1, accepted)
         except BaseException:
             log.exception("accepting connections on port %s failed", self._realPortNumber)
+            for entry in queued[accepted:]:  # accepted, never set up: closed now, not whenever collected
+                entry[0].close()
         if pause is not None and accepted > pause_at:
             pause.accepted(accepted, self.reactor)  # the quiet time counts from the end of this wake-up
 

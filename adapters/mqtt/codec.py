@@ -251,16 +251,35 @@ def _decode_connect_body(
     if has_password:
         password, position = _read_binary(buffer, position, end, "password")
     _expect_end(position, end, "CONNECT")
-    return Connect(
-        client_id=client_id,
-        protocol_level=level,
-        clean_start=bool(connect_flags & 0x02),
-        keep_alive=keep_alive,
-        will=will,
-        username=username,
-        password=password,
-        properties=properties,
-    )
+    if properties.authentication_data is not None and properties.authentication_method is None:
+        raise protocol_error("authentication data without an authentication method")  # 3.1.2.11.10
+    return _decoded_connect(client_id, level, bool(connect_flags & 0x02), keep_alive, will, username, password,
+                            properties)
+
+
+_set_field = object.__setattr__  # how a frozen dataclass's own __init__ sets its fields
+
+
+def _decoded_connect(client_id: str, level: int, clean_start: bool, keep_alive: int, will: Will | None,
+                     username: str | None, password: bytes | None, properties: Properties) -> Connect:
+    """The `Connect` of decoded fields, without `Connect.__post_init__`: every rule it checks the decoder has
+    checked on the wire already (the level against the protocol name; client id and user name decoded as UTF-8
+    without U+0000 from a 16-bit length, hence no surrogates and at most 65,535 bytes; keep alive from two bytes;
+    the password from a 16-bit length and never without a user name before 5.0; properties only at 5.0, decoded
+    for the CONNECT and will contexts; authentication data only with a method, just above). Re-checking them cost
+    about as much as the rest of the CONNECT decode, once per connection of a reconnect storm. The result equals
+    what `Connect(...)` builds from the same fields (tests/mqtt/test_connect_decode_fast.py)."""
+    connect = object.__new__(Connect)
+    _set_field(connect, "client_id", client_id)
+    _set_field(connect, "protocol_level", level)
+    _set_field(connect, "clean_start", clean_start)
+    _set_field(connect, "keep_alive", keep_alive)
+    _set_field(connect, "will", will)
+    _set_field(connect, "username", username)
+    _set_field(connect, "password", password)
+    _set_field(connect, "properties", properties)
+    _set_field(connect, "protocol_name", PROTOCOL_NAMES[level])
+    return connect
 
 
 def _decode_connack(level: int, flags: int, buffer: Buffer, start: int, end: int) -> Connack:

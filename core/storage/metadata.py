@@ -16,6 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from tidegate.core.errors import BadRequest, StoreError
+from tidegate.core.model import QueueRef
 
 TOPIC_DEFAULTS: dict[str, Any] = {"queues": 4, "perm": "rw", "retention_ms": 0, "internal": False, "created_ts": 0}
 GROUP_DEFAULTS: dict[str, Any] = {"mode": "clustering", "ack": "offset", "created_ts": 0, "extra": None}
@@ -266,11 +267,15 @@ class SqliteMetadataStore:
         rows = self._run('SELECT topic, queue_id, "offset" FROM offsets WHERE "group" = ?', (group,))
         return {(t, q): o for t, q, o in rows}
 
-    def all_offsets(self) -> dict[str, dict[tuple[str, int], int]]:
-        """Every committed offset, by group: one query instead of one per group (bulk load after a restart)."""
-        out: dict[str, dict[tuple[str, int], int]] = {}
+    def all_offsets(self) -> dict[str, dict[QueueRef, int]]:
+        """Every committed offset, by group: one query instead of one per group (bulk load after a restart). The
+        queues are `QueueRef`s (tuples of topic and queue id), so the OffsetBook takes each group's dict as it is."""
+        out: dict[str, dict[QueueRef, int]] = {}
         for group, topic, queue_id, offset in self._run('SELECT "group", topic, queue_id, "offset" FROM offsets'):
-            out.setdefault(group, {})[(topic, queue_id)] = offset
+            offsets = out.get(group)
+            if offsets is None:
+                offsets = out[group] = {}
+            offsets[QueueRef(topic, queue_id)] = offset
         return out
 
     def put_offsets(self, rows: Iterable[tuple[str, str, int, int]]) -> None:

@@ -53,3 +53,26 @@ def test_kv_apply_writes_puts_and_deletes_all_or_nothing(tmp_path) -> None:
     with pytest.raises(BadRequest):
         meta.kv_apply("ns", {"c": {"v": 3}, "bad": {1, 2}, "a": None})  # a set is not JSON: nothing is written
     assert meta.kv_items("ns") == [("a", {"v": 1}), ("b", [2])]
+
+
+def test_the_bulk_read_gives_queue_refs_the_book_keeps_as_they_are(tmp_path) -> None:
+    """`all_offsets` keys each offset by a QueueRef (still a (topic, queue id) tuple for other callers), so a key's
+    first lookup takes its dict without rebuilding it; the per-key path (`get_offsets`) gives QueueRefs too."""
+    meta = SqliteMetadataStore(tmp_path / "meta.db")
+    meta.put_offsets([("g", "t", 0, 5), ("g", "t", 1, 6), ("h@client", "u", 0, 1)])
+    stored = meta.all_offsets()
+    assert stored == {"g": {("t", 0): 5, ("t", 1): 6}, "h@client": {("u", 0): 1}}
+    assert all(type(queue) is QueueRef for offsets in stored.values() for queue in offsets)
+    book = OffsetBook(meta, MemoryReactorClock())
+    assert book.of("g") == {QueueRef("t", 0): 5, QueueRef("t", 1): 6}
+    assert all(type(queue) is QueueRef for queue in book.of("g"))
+    assert book.of("h@client") == {QueueRef("u", 0): 1}
+    assert book.member_keys("h") == ["h@client"]
+
+    class PerKeyOnly:  # a metadata store without the bulk read
+        def get_offsets(self, key):
+            return meta.get_offsets(key)
+
+    per_key = OffsetBook(PerKeyOnly(), MemoryReactorClock())
+    assert per_key.of("g") == {QueueRef("t", 0): 5, QueueRef("t", 1): 6}
+    assert all(type(queue) is QueueRef for queue in per_key.of("g"))

@@ -160,3 +160,125 @@ def test_release_on_shutdown_turns_the_collector_back_on(collector_on) -> None:
     pause.accepted(64, clock)
     pause.release()
     assert gc.isenabled() and not clock.getDelayedCalls()
+
+
+def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener(collector_on) -> None:
+    """The listener sets TCP_NODELAY once; on Linux each accepted socket inherits it (read here with getsockopt),
+    so `setTcpNoDelay(True)` at connect makes no syscall. Turning it off and on again still works."""
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.startListening()
+    clients = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    try:
+        assert port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        port.doRead()
+        first, second = (protocol.transport for protocol in factory.built)
+        for transport in (first, second):  # as accepted, before any setTcpNoDelay
+            assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        first.setTcpNoDelay(True)
+        assert port.accepted_no_delay is True  # checked once, on the first accepted socket
+        calls: list[bool] = []
+        real_setsockopt = listeners.tcp.Server.setTcpNoDelay
+
+        def counting(self, enabled):  # noqa: ANN001 - Twisted's signature
+            calls.append(enabled)
+            real_setsockopt(self, enabled)
+
+        listeners.tcp.Server.setTcpNoDelay = counting
+        try:
+            second.setTcpNoDelay(True)
+            assert calls == []  # inherited: no setsockopt
+            assert second.getTcpNoDelay()
+            second.setTcpNoDelay(False)
+            assert not second.getTcpNoDelay()
+            second.setTcpNoDelay(True)  # once turned off, set again for real
+            assert second.getTcpNoDelay()
+            assert calls == [False, True]
+        finally:
+            listeners.tcp.Server.setTcpNoDelay = real_setsockopt
+    finally:
+        for client in clients:
+            client.close()
+        _close(reactor, port)
+
+
+def test_without_an_inherited_tcp_nodelay_each_connection_sets_it(collector_on) -> None:
+    """Where the first accepted socket does not come with TCP_NODELAY, every connection sets it itself."""
+    reactor = epollreactor.EPollReactor()
+    factory = _Recording()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.startListening()
+    port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # as a kernel that does not inherit it
+    client = socket.create_connection((port.getHost().host, port.getHost().port), timeout=5)
+    try:
+        port.doRead()
+        (protocol,) = factory.built
+        transport = protocol.transport
+        assert not transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        transport.setTcpNoDelay(True)
+        assert port.accepted_no_delay is False
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        _close(reactor, port)
+
+
+class _ConnectingMore(_Recording):
+    """Opens `more` new client connections while the first accepted ones are being set up (as the rest of a storm
+    arriving during a long wake-up)."""
+
+    def __init__(self, address, more: int) -> None:
+        super().__init__()
+        self.address = address
+        self.more = more
+        self.clients: list[socket.socket] = []
+
+    def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+        if self.more:
+            self.more -= 1
+            self.clients.append(socket.create_connection((self.address.host, self.address.port), timeout=5))
+        return super().buildProtocol(addr)
+
+
+def test_connections_queued_while_a_wake_up_sets_up_others_are_accepted_in_it(collector_on) -> None:
+    """The accept queue is drained again after every `drain_every` set-ups, so what arrives meanwhile is taken in
+    the same wake-up (the kernel's queue does not fill and drop SYNs while the broker is busy setting up
+    connections)."""
+    reactor = epollreactor.EPollReactor()
+    port = listeners.EagerAcceptPort(0, _Recording(), 64, "127.0.0.1", reactor)
+    port.collector_pause = None
+    port.drain_every = 1
+    port.startListening()
+    factory = port.factory = _ConnectingMore(port.getHost(), more=6)
+    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    try:
+        port.doRead()
+        assert len(factory.built) == 8  # the 2 queued at the wake-up and the 6 that connected during it
+        assert port.numberAccepts == 8
+        assert all(isinstance(protocol.transport, listeners.LeanServer) for protocol in factory.built)
+    finally:
+        for client in first + factory.clients:
+            client.close()
+        _close(reactor, port)
+
+
+def test_a_wake_up_accepts_at_most_twice_the_backlog(collector_on) -> None:
+    """However fast connections keep coming, one wake-up ends: the reactor gets its turn between batches."""
+    reactor = epollreactor.EPollReactor()
+    port = listeners.EagerAcceptPort(0, _Recording(), 3, "127.0.0.1", reactor)
+    port.collector_pause = None
+    port.drain_every = 1
+    port.startListening()
+    port.numberAccepts = 1  # as after a quiet spell (Twisted's startListening sets it to 100)
+    factory = port.factory = _ConnectingMore(port.getHost(), more=10)
+    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(3)]
+    try:
+        port.doRead()
+        assert len(factory.built) == 6  # 2 x backlog 3; the rest waits for the next wake-up
+        port.doRead()
+        assert len(factory.built) > 6
+    finally:
+        for client in first + factory.clients:
+            client.close()
+        _close(reactor, port)
