@@ -88,6 +88,13 @@ def _fixed_header(first_byte: int, remaining: int) -> bytes:
 # (the socket gets them with one sendmsg): joining them would copy the payload once per delivery.
 SEPARATE_PAYLOAD_BYTES = 16 * 1024
 MAX_CACHED_ROUTES = 64  # per connection: (queue key, core topic, subject) -> how this client's subscriptions take it
+# QoS 0 credit bonus: core credit a subscription gets on top of the receive maximum while its deliveries are all
+# written at QoS 0 (their credit comes back at the write, so the window bounds only memory while the transport is
+# paused). Larger batches per pump: the core's and this adapter's per-batch work (pump, index read, one write, one
+# batch ack) is shared by up to receive maximum + bonus messages instead of 32. Bounded by count and by the payload
+# bytes it may add to `pending` while paused.
+QOS0_CREDIT_BONUS = 224
+QOS0_CREDIT_BONUS_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -154,7 +161,7 @@ class Outbound:
 
     __slots__ = ("conn", "settings", "subs", "pending", "held_credit", "aliases", "receive_maximum",
                  "maximum_packet_size", "sys_filters", "queued_retained_bytes", "routes", "routes_session",
-                 "routes_count", "credit_back", "acks_back")
+                 "routes_count", "credit_back", "acks_back", "credit_bonus")
 
     def __init__(self, conn: MqttProtocol, receive_maximum: int, maximum_packet_size: int,
                  topic_alias_maximum: int) -> None:
@@ -177,6 +184,8 @@ class Outbound:
         self.credit_back: dict[str, int] | None = None
         # ... and the deliveries of its key done with at once (QoS 0 writes, drops): acked to the core in one call
         self.acks_back: list[Delivered] | None = None
+        # QoS 0 credit bonus granted per key (QOS0_CREDIT_BONUS); None until the first one (idle connections)
+        self.credit_bonus: dict[str, int] | None = None
 
     def subscriptions_changed(self) -> None:
         """The session's subscriptions changed (SUBSCRIBE, UNSUBSCRIBE): forget the cached routes."""
@@ -212,6 +221,8 @@ class Outbound:
             sub.grant(credit)
 
     def close_subscription(self, key: str) -> None:
+        if self.credit_bonus is not None:
+            self.credit_bonus.pop(key, None)
         sub = self.subs.pop(key, None)
         if sub is not None:
             sub.close()
@@ -224,6 +235,7 @@ class Outbound:
             sub.close()
         self.pending.clear()
         self.queued_retained_bytes = 0
+        self.credit_bonus = None
 
     def resume(self) -> None:
         """The transport drained: send what waited, then return the credit held while it was paused."""
@@ -280,8 +292,39 @@ class Outbound:
         finally:
             self.credit_back = None
             self._settle_acks_back()
+            if back.get(key) == len(deliveries) or self.credit_bonus:
+                self._adjust_credit_bonus(key, deliveries, back)
             for back_key, credit in back.items():
                 self._regrant(back_key, credit)
+
+    def _adjust_credit_bonus(self, key: str, deliveries: list[Delivered], back: dict[str, int]) -> None:
+        """After a batch of `key`: while every delivery of it left the connection at once (QoS 0 writes, drops)
+        and the transport takes more, raise the subscription's core credit to receive maximum + QOS0_CREDIT_BONUS
+        (fewer payload bytes for large messages); otherwise (a QoS 1/2 delivery in flight, paused, larger messages)
+        take the bonus back out of the credit this batch returns. The credit outstanding is never more than receive
+        maximum + bonus, so `pending` stays bounded by it."""
+        returned = back.get(key, 0)
+        bonuses = self.credit_bonus
+        bonus = bonuses.get(key, 0) if bonuses is not None else 0
+        target = 0
+        if returned == len(deliveries) and not self.conn.paused:
+            size = 0
+            for delivered in deliveries:
+                size += len(delivered.message.body)
+            target = min(QOS0_CREDIT_BONUS, QOS0_CREDIT_BONUS_BYTES * len(deliveries) // max(1, size))
+        if target > bonus:
+            back[key] = returned + target - bonus
+        elif target < bonus:
+            taken = min(bonus - target, returned)
+            if not taken:
+                return
+            back[key] = returned - taken
+            target = bonus - taken
+        else:
+            return
+        if bonuses is None:
+            bonuses = self.credit_bonus = {}
+        bonuses[key] = target
 
     def _settle_acks_back(self) -> None:
         """Ack the deliveries a batch was done with (one core call for all of them)."""
