@@ -295,7 +295,8 @@ class Outbound:
             if back.get(key) == len(deliveries) or self.credit_bonus:
                 self._adjust_credit_bonus(key, deliveries, back)
             for back_key, credit in back.items():
-                self._regrant(back_key, credit)
+                if credit:
+                    self._grant(back_key, credit)
 
     def _adjust_credit_bonus(self, key: str, deliveries: list[Delivered], back: dict[str, int]) -> None:
         """After a batch of `key`: while every delivery of it left the connection at once (QoS 0 writes, drops)
@@ -631,13 +632,27 @@ class Outbound:
     def _regrant(self, key: str | None, credit: int = 1) -> None:
         """Messages of subscription `key` left the connection's hands: their credit goes back to the core, or is
         held while the transport is paused (returned by `resume`; never more than was granted). Inside a batch of
-        deliveries (QoS 0 writes, drops) it is summed and returned once at the end of the batch."""
+        deliveries (QoS 0 writes, drops) it is summed and returned once at the end of the batch; outside one it
+        first pays back a QoS 0 credit bonus (`_adjust_credit_bonus`)."""
         if key is None:
             return
         back = self.credit_back
         if back is not None:
             back[key] = back.get(key, 0) + credit
             return
+        bonuses = self.credit_bonus
+        if bonuses:  # credit outside a batch of QoS 0 writes (a PUBACK, a drained `pending`) pays the bonus back
+            bonus = bonuses.get(key)
+            if bonus:
+                taken = min(bonus, credit)
+                bonuses[key] = bonus - taken
+                credit -= taken
+                if not credit:
+                    return
+        self._grant(key, credit)
+
+    def _grant(self, key: str, credit: int) -> None:
+        """Return `credit` to subscription `key` now, or hold it while the transport is paused."""
         sub = self.subs.get(key)
         if sub is None or sub.closed:
             return
