@@ -14,7 +14,8 @@ ACCELERATOR_SOURCES := setup.py core/storage/_record_speedups.pyx core/storage/_
 PURE_PYTHON_TESTS := tests/storage/test_storage_record.py tests/storage/test_append_fast.py \
 	tests/storage/test_storage_queueindex.py tests/storage/test_storage_recovery.py tests/storage/test_large_records.py \
 	tests/storage/test_record_speedups.py tests/storage/test_msg_id_speedup.py tests/mqtt/test_mqtt_speedups.py tests/mqtt/test_receive_batch.py \
-	tests/mqtt/test_hotpath_mqtt.py tests/mqtt/test_hotpath_reads.py tests/mqtt/test_protocol.py
+	tests/mqtt/test_hotpath_mqtt.py tests/mqtt/test_hotpath_reads.py tests/mqtt/test_protocol.py \
+	tests/mqtt/test_qos0_credit_bonus.py
 
 .PHONY: run test lint bench clean loadgen
 
