@@ -76,7 +76,7 @@ class Delivery:
         self._first_pump: dict[Subscription, None] = {}
         self._wake_call: IDelayedCall | None = None
         self._holding_wakes = False  # inside run_woken: wakes are pumped at its end, no zero-delay call
-        # MESSAGE-mode members whose last pump ended with credit left: everything visible was handed out and no
+        # MESSAGE-mode members whose last pump ended with budget left: everything visible was handed out and no
         # redelivery was ready, so credit coming back (a PUBACK, a basic.ack) finds nothing to do; their wake-ups
         # by credit alone are skipped until new work (`new_work`) arrives for them
         self._drained: dict[Subscription, None] = {}
@@ -212,8 +212,8 @@ class Delivery:
 
     # ------------------------------------------------------------------ wake-ups and pumps
     def wake(self, sub: Subscription) -> None:
-        """Pump `sub` at the end of this turn (SubscriptionOwner: its credit grew). A MESSAGE-mode member that
-        had credit left after handing out everything it could is not pumped for credit alone: at low rates that
+        """Pump `sub` at the end of this turn (SubscriptionOwner: its credit grew). A MESSAGE-mode member whose
+        last pump handed out everything it could with budget to spare is not pumped for credit alone: at low rates that
         was one empty pump and one more reactor iteration per acknowledged message."""
         if sub in self._drained:
             return
@@ -422,6 +422,7 @@ class Delivery:
         return True
 
     def _pump_pop(self, sub: Subscription) -> None:
+        self._drained.pop(sub, None)  # while it pumps, credit handed back inside `deliver` wakes it again
         out: list[Delivered] = []
         budget, scanned = self._fair_share(sub), 0
         limited = budget < sub.credit
@@ -510,12 +511,11 @@ class Delivery:
         sub.cursor = (sub.cursor + 1) % max(1, n)
         self._deliver(sub, out, size)  # `assigned` is always queues of sub.topic (assign)
         if more or (limited and out and sub.credit > 0):
-            self._drained.pop(sub, None)
             self.wake(sub)  # took only a share: come back for what the other members leave
-        elif sub.credit > 0 and not limited:
-            self._drained[sub] = None  # every queue read to its visible end, no redelivery ready
-        else:
-            self._drained.pop(sub, None)
+        elif budget > 0 and not limited:
+            # budget to spare at the end: every queue was read to its visible end and no redelivery was ready
+            # (the budget, not `sub.credit`, which a sink may have topped up inside `deliver`)
+            self._drained[sub] = None
 
     # ------------------------------------------------------------------ settling (core/acks.py does the work)
     def ack(self, sub: Subscription, receipt: str) -> None:

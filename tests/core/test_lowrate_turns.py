@@ -159,3 +159,25 @@ def test_new_work_pumps_only_members_with_credit(broker, clock, credit):
     clock.advance(0)
     assert sink.bodies == ([b"a"] if credit else [])
     assert sub.credit == max(0, credit - 1)
+
+
+def test_a_sink_that_hands_credit_back_inside_deliver_gets_a_backlog_larger_than_its_credit(broker, clock):
+    """Like MQTT QoS 0: the credit comes back inside `deliver`, so the credit left after a pump says nothing about
+    whether the queue was read to its end; a member that spent its whole budget is not "drained"."""
+
+    class AutoAckSink(RecordingSink):
+        sub = None
+
+        def deliver(self, deliveries):
+            super().deliver(deliveries)
+            self.sub.ack_delivered(deliveries)
+            self.sub.grant(len(deliveries))
+
+    sink = AutoAckSink()
+    sink.sub = subscribe(broker, sink, credit=4)
+    clock.advance(0)  # the first pump finds nothing
+    bodies = [str(i).encode() for i in range(40)]
+    broker.publish([Message(topic="t", body=b) for b in bodies])
+    for _ in range(20):
+        clock.advance(0)
+    assert sink.bodies == bodies
