@@ -198,12 +198,15 @@ class Durability:
     def _flush_done(self, durable: int, started: float) -> None:
         self.metrics.fsync_latency.observe(self._timer() - started)
         self._now_idle()
+        # Listeners first: visibility pumps the deliveries the fsync released (core/delivery.py `run_woken`), so
+        # a subscriber's copy leaves before the publishers' acknowledgements, whose writes wake the publishers
+        # (end-to-end latency is the delivery's; an acknowledgement waits only for the pumps of this turn)
+        for listener in self._listeners:
+            listener(durable)
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:
             _, _, callback = heapq.heappop(waiters)
             callback()
-        for listener in self._listeners:
-            listener(durable)
         if self.store.durable_offset < self.store.end_offset and not self._closed:
             self.request_flush()  # what piled up during this fsync: the next one starts in this same turn
 
