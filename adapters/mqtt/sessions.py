@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_string  # a str as the generic encoder writes it
 from typing import TYPE_CHECKING, Any
 
 from tidegate.core.errors import TidegateError
@@ -47,6 +48,7 @@ from tidegate.core.ratelimit import ClientLog
 from tidegate.core.routing import SubscriptionTrie
 from tidegate.core.security.gate import Action, Resource
 from tidegate.core.session import CoreSession
+from tidegate.core.storage.metadata import EncodedRow, to_json
 
 from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
 from .mapping import share_topic as make_share_topic
@@ -130,6 +132,7 @@ class Session:
     # The subscriptions as their row stores them, kept until they change: a resume rewrites the session's row
     # (its disconnect time) but never its subscriptions.
     subs_row: list[list[Any]] | None = field(default=None, repr=False, compare=False)
+    subs_text: str | None = field(default=None, repr=False, compare=False)  # `subs_row` as JSON, once written
 
     @property
     def queue(self) -> QueueRef:
@@ -143,7 +146,7 @@ class Session:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
         trie = self._trie()
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
         self.subscriptions[entry.topic_filter] = entry
         trie.add(entry.match_filter, entry.topic_filter)
         return existed
@@ -152,7 +155,7 @@ class Session:
         if topic_filter not in self.subscriptions:
             return None
         trie = self._trie()
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
         entry = self.subscriptions.pop(topic_filter)
         trie.remove(entry.match_filter, topic_filter)
         return entry
@@ -160,7 +163,7 @@ class Session:
     def clear_subscriptions(self) -> None:
         self.subscriptions.clear()
         self.filter_trie = None
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
@@ -179,17 +182,37 @@ class Session:
                 trie.add(entry.match_filter, key)
         return trie
 
-    def to_row(self) -> dict[str, Any]:
+    def to_row(self) -> EncodedRow:
+        """The session's row, carrying its JSON text: the text is put together from the session's fields, with the
+        subscriptions' part encoded once until they change (the generic encoder took about half of a session-row
+        write, and a reconnect storm writes one row per resumed session)."""
         subs = self.subs_row
+        subs_text = self.subs_text
         if subs is None:
             subs = self.subs_row = [s.to_row() for s in self.subscriptions.values()]
+            subs_text = None
+        if subs_text is None:
+            subs_text = self.subs_text = to_json(subs)
         packets = self.packets
-        return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
-                "expiry": self.expiry_interval, "subs": subs,
-                "inbound_qos2": sorted(packets.inbound_qos2) if packets.inbound_qos2 else [],
-                "released": [[pid, topic] for pid, topic in sorted(packets.released.items())]
-                if packets.released else [],
-                "disconnected_at": self.disconnected_at, "owner": self.owner}
+        if packets.inbound_qos2:
+            inbound_qos2 = sorted(packets.inbound_qos2)
+            inbound_text = to_json(inbound_qos2)
+        else:
+            inbound_qos2, inbound_text = [], "[]"
+        if packets.released:
+            released = [[pid, topic] for pid, topic in sorted(packets.released.items())]
+            released_text = to_json(released)
+        else:
+            released, released_text = [], "[]"
+        # plain ints (not an IntEnum's text): the text is what the generic encoder makes of the same dict
+        level, expiry, disconnected_at = int(self.protocol_level), int(self.expiry_interval), int(self.disconnected_at)
+        text = (f'{{"client_id":{_json_string(self.client_id)},"topic":{_json_string(self.topic)},'
+                f'"level":{level},"expiry":{expiry},"subs":{subs_text},"inbound_qos2":{inbound_text},'
+                f'"released":{released_text},"disconnected_at":{disconnected_at},'
+                f'"owner":{_json_string(self.owner)}}}')
+        return EncodedRow({"client_id": self.client_id, "topic": self.topic, "level": level, "expiry": expiry,
+                           "subs": subs, "inbound_qos2": inbound_qos2, "released": released,
+                           "disconnected_at": disconnected_at, "owner": self.owner}, text)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:

@@ -138,7 +138,22 @@ def normalize_policy_row(row: dict[str, Any]) -> dict[str, Any]:
 _ENCODE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
+class EncodedRow(dict):  # type: ignore[type-arg]
+    """A row that carries its own JSON text (`json_text`), made by a writer that encodes its rows faster than the
+    generic encoder can (MQTT session rows: a reconnect storm writes one per resumed session). It is the row's dict
+    all the same, for every reader that is not a store; `to_json` stores `json_text` as it is. The writer
+    guarantees that the text is the compact JSON of the dict (what `to_json` would make of it)."""
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, row: dict[str, Any], json_text: str) -> None:
+        super().__init__(row)
+        self.json_text = json_text
+
+
 def to_json(value: Any) -> str:
+    if type(value) is EncodedRow:
+        return value.json_text
     try:
         return _ENCODE_JSON(value)
     except (TypeError, ValueError) as exc:
