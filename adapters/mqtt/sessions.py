@@ -206,13 +206,35 @@ class Session:
             released, released_text = [], "[]"
         # plain ints (not an IntEnum's text): the text is what the generic encoder makes of the same dict
         level, expiry, disconnected_at = int(self.protocol_level), int(self.expiry_interval), int(self.disconnected_at)
-        text = (f'{{"client_id":{_json_string(self.client_id)},"topic":{_json_string(self.topic)},'
-                f'"level":{level},"expiry":{expiry},"subs":{subs_text},"inbound_qos2":{inbound_text},'
-                f'"released":{released_text},"disconnected_at":{disconnected_at},'
-                f'"owner":{_json_string(self.owner)}}}')
+        text = self._row_text(level, expiry, subs_text, inbound_text, released_text, disconnected_at)
         return EncodedRow({"client_id": self.client_id, "topic": self.topic, "level": level, "expiry": expiry,
                            "subs": subs, "inbound_qos2": inbound_qos2, "released": released,
                            "disconnected_at": disconnected_at, "owner": self.owner}, text)
+
+    def _row_text(self, level: int, expiry: int, subs_text: str, inbound_text: str, released_text: str,
+                  disconnected_at: int) -> str:
+        return (f'{{"client_id":{_json_string(self.client_id)},"topic":{_json_string(self.topic)},'
+                f'"level":{level},"expiry":{expiry},"subs":{subs_text},"inbound_qos2":{inbound_text},'
+                f'"released":{released_text},"disconnected_at":{disconnected_at},'
+                f'"owner":{_json_string(self.owner)}}}')
+
+    def _take_stored_subs_text(self, stored_text: str) -> None:
+        """Keep the subscriptions' part of the text the row was stored as (`subs_text`), so the first write after
+        a restart does not encode them again. Taken only when the whole stored text is what `to_row` would write
+        with it (the row was written by this writer, nothing in it differs): then that part is the subscriptions'
+        JSON. Anything else (an older writer's row, odd spacing) leaves them to be encoded at the first write."""
+        start = stored_text.find(',"subs":')
+        end = stored_text.find(',"inbound_qos2":', start)
+        if start < 0 or end < 0:
+            return
+        subs_text = stored_text[start + 8:end]
+        packets = self.packets
+        inbound_text = to_json(sorted(packets.inbound_qos2)) if packets.inbound_qos2 else "[]"
+        released_text = to_json([[pid, topic] for pid, topic in sorted(packets.released.items())]) \
+            if packets.released else "[]"
+        if self._row_text(self.protocol_level, self.expiry_interval, subs_text, inbound_text, released_text,
+                          self.disconnected_at) == stored_text:
+            self.subs_text = subs_text
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:
@@ -227,6 +249,9 @@ class Session:
         session.disconnected_at = int(row.get("disconnected_at") or 0)
         session.owner = str(row.get("owner") or "")
         session.persisted = True
+        stored_text = getattr(row, "stored_text", None)  # a `StoredRow` read from the metadata store
+        if stored_text is not None and session.subs_row is not None:
+            session._take_stored_subs_text(stored_text)
         return session
 
 

@@ -151,6 +151,24 @@ class EncodedRow(dict):  # type: ignore[type-arg]
         self.json_text = json_text
 
 
+class StoredRow(dict):  # type: ignore[type-arg]
+    """A dict row as `kv_items` read it, with the text it was stored as (`stored_text`), so that a reader that
+    writes its rows back can reuse parts of it instead of encoding them again (MQTT session rows after a restart).
+    A plain dict to everyone else; changing it does not change `stored_text`, and `to_json` encodes it as any
+    dict."""
+
+    __slots__ = ("stored_text",)
+
+    def __init__(self, row: dict[str, Any], stored_text: str) -> None:
+        super().__init__(row)
+        self.stored_text = stored_text
+
+
+def _stored_value(text: str) -> Any:
+    value = json.loads(text)
+    return StoredRow(value, text) if type(value) is dict else value
+
+
 def to_json(value: Any) -> str:
     if type(value) is EncodedRow:
         return value.json_text
@@ -354,8 +372,9 @@ class SqliteMetadataStore:
             raise StoreError(f"storing {namespace} rows failed: {exc}") from None
 
     def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
+        """The namespace's rows; dict values are `StoredRow`s carrying the text they were stored as."""
         rows = self._run("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))
-        return [(k, json.loads(v)) for k, v in rows]
+        return [(k, _stored_value(v)) for k, v in rows]
 
     # --- users, roles and policy entries (the gate's; core/security/users.py gives them meaning)
     def get_users(self) -> list[dict[str, Any]]:
