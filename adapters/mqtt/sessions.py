@@ -35,6 +35,7 @@ What touches the metadata store (SQLite), so that a reconnect storm is not a sto
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,6 @@ from tidegate.core.ratelimit import ClientLog
 from tidegate.core.routing import SubscriptionTrie
 from tidegate.core.security.gate import Action, Resource
 from tidegate.core.session import CoreSession
-from tidegate.core.storage.metadata import EncodedRow, to_json
 
 from .mapping import SESSION_TOPIC_PREFIX, SHARE_TOPIC_PREFIX, core_pattern, is_sys_name, session_topic, share_group
 from .mapping import share_topic as make_share_topic
@@ -60,6 +60,20 @@ if TYPE_CHECKING:
     from .codec import Will
 
 log = logging.getLogger("tidegate.mqtt")
+# compact JSON as the metadata store's encoder writes it (one encoder: `json.dumps` with options builds one per call)
+to_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class EncodedRow(dict):  # type: ignore[type-arg]
+    """A session row that carries its own JSON text (`json_text`): the metadata store stores that text instead of
+    encoding the dict (see core/storage/metadata.py `to_json`). The dict all the same for every other reader; the
+    text is the compact JSON of the dict, and the row is not changed after it is made."""
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, row: dict[str, Any], json_text: str) -> None:
+        super().__init__(row)
+        self.json_text = json_text
 
 SESSIONS_NAMESPACE = "mqtt.sessions"
 ROW_RETRY_FIRST_S = 0.5  # backoff of a failed session-row commit: 0.5 s, doubling up to 30 s

@@ -138,19 +138,6 @@ def normalize_policy_row(row: dict[str, Any]) -> dict[str, Any]:
 _ENCODE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
-class EncodedRow(dict):  # type: ignore[type-arg]
-    """A row that carries its own JSON text (`json_text`), made by a writer that encodes its rows faster than the
-    generic encoder can (MQTT session rows: a reconnect storm writes one per resumed session). It is the row's dict
-    all the same, for every reader that is not a store; `to_json` stores `json_text` as it is. The writer
-    guarantees that the text is the compact JSON of the dict (what `to_json` would make of it)."""
-
-    __slots__ = ("json_text",)
-
-    def __init__(self, row: dict[str, Any], json_text: str) -> None:
-        super().__init__(row)
-        self.json_text = json_text
-
-
 class StoredRow(dict):  # type: ignore[type-arg]
     """A dict row as `kv_items` read it, with the text it was stored as (`stored_text`), so that a reader that
     writes its rows back can reuse parts of it instead of encoding them again (MQTT session rows after a restart).
@@ -170,8 +157,13 @@ def _stored_value(text: str) -> Any:
 
 
 def to_json(value: Any) -> str:
-    if type(value) is EncodedRow:
-        return value.json_text
+    """`value` as compact JSON. A dict that carries its own text (`json_text`, a str: MQTT session rows, whose
+    writer encodes them faster than the generic encoder and guarantees the text is the dict's JSON) is stored as
+    that text."""
+    if isinstance(value, dict):
+        text = getattr(value, "json_text", None)
+        if type(text) is str:
+            return text
     try:
         return _ENCODE_JSON(value)
     except (TypeError, ValueError) as exc:

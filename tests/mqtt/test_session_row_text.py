@@ -8,11 +8,12 @@ import enum
 
 import pytest
 
-from tidegate.adapters.mqtt.sessions import Session, SubscriptionEntry
+from tidegate.adapters.mqtt import sessions as sessions_module
+from tidegate.adapters.mqtt.sessions import EncodedRow, Session, SubscriptionEntry
 from tidegate.adapters.mqtt.state import PacketIds
 from tidegate.core.storage import metadata
 from tidegate.core.storage.memory import MemoryMetadataStore
-from tidegate.core.storage.metadata import EncodedRow, SqliteMetadataStore, to_json
+from tidegate.core.storage.metadata import SqliteMetadataStore, to_json
 
 
 def generic_json(row: dict) -> str:
@@ -55,7 +56,7 @@ def test_the_subscriptions_text_is_encoded_once_until_they_change(monkeypatch: p
     session.put_subscription(SubscriptionEntry("a", 1))
     encoded = []
     real = metadata._ENCODE_JSON
-    monkeypatch.setattr(metadata, "_ENCODE_JSON", lambda value: encoded.append(value) or real(value))
+    monkeypatch.setattr(sessions_module, "to_json", lambda value: encoded.append(value) or real(value))
     first = session.to_row()
     session.disconnected_at = 5
     second = session.to_row()
@@ -100,7 +101,7 @@ def test_a_session_read_from_the_store_reuses_its_stored_subscriptions_text(tmp_
     loaded = dict(store.kv_items("mqtt.sessions"))
     encoded = []
     real = metadata._ENCODE_JSON
-    monkeypatch.setattr(metadata, "_ENCODE_JSON", lambda value: encoded.append(value) or real(value))
+    monkeypatch.setattr(sessions_module, "to_json", lambda value: encoded.append(value) or real(value))
     for client_id, row in loaded.items():
         session = Session.from_row(row)
         assert session.subs_text is not None
