@@ -35,9 +35,11 @@ What touches the metadata store (SQLite), so that a reconnect storm is not a sto
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_string  # a str as the generic encoder writes it
 from typing import TYPE_CHECKING, Any
 
 from tidegate.core.errors import TidegateError
@@ -58,6 +60,20 @@ if TYPE_CHECKING:
     from .codec import Will
 
 log = logging.getLogger("tidegate.mqtt")
+# compact JSON as the metadata store's encoder writes it (one encoder: `json.dumps` with options builds one per call)
+to_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class EncodedRow(dict):  # type: ignore[type-arg]
+    """A session row that carries its own JSON text (`json_text`): the metadata store stores that text instead of
+    encoding the dict (see core/storage/metadata.py `to_json`). The dict all the same for every other reader; the
+    text is the compact JSON of the dict, and the row is not changed after it is made."""
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, row: dict[str, Any], json_text: str) -> None:
+        super().__init__(row)
+        self.json_text = json_text
 
 SESSIONS_NAMESPACE = "mqtt.sessions"
 ROW_RETRY_FIRST_S = 0.5  # backoff of a failed session-row commit: 0.5 s, doubling up to 30 s
@@ -130,6 +146,7 @@ class Session:
     # The subscriptions as their row stores them, kept until they change: a resume rewrites the session's row
     # (its disconnect time) but never its subscriptions.
     subs_row: list[list[Any]] | None = field(default=None, repr=False, compare=False)
+    subs_text: str | None = field(default=None, repr=False, compare=False)  # `subs_row` as JSON, once written
 
     @property
     def queue(self) -> QueueRef:
@@ -143,7 +160,7 @@ class Session:
         """Record a subscription (replacing one with the same filter); returns whether one existed."""
         existed = entry.topic_filter in self.subscriptions
         trie = self._trie()
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
         self.subscriptions[entry.topic_filter] = entry
         trie.add(entry.match_filter, entry.topic_filter)
         return existed
@@ -152,7 +169,7 @@ class Session:
         if topic_filter not in self.subscriptions:
             return None
         trie = self._trie()
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
         entry = self.subscriptions.pop(topic_filter)
         trie.remove(entry.match_filter, topic_filter)
         return entry
@@ -160,7 +177,7 @@ class Session:
     def clear_subscriptions(self) -> None:
         self.subscriptions.clear()
         self.filter_trie = None
-        self.subs_row = None
+        self.subs_row = self.subs_text = None
 
     def matching_subscriptions(self, topic_name: str) -> list[SubscriptionEntry]:
         """The subscriptions whose filter matches an MQTT topic name (the core trie plus MQTT's `$` rule)."""
@@ -179,17 +196,59 @@ class Session:
                 trie.add(entry.match_filter, key)
         return trie
 
-    def to_row(self) -> dict[str, Any]:
+    def to_row(self) -> EncodedRow:
+        """The session's row, carrying its JSON text: the text is put together from the session's fields, with the
+        subscriptions' part encoded once until they change (the generic encoder took about half of a session-row
+        write, and a reconnect storm writes one row per resumed session)."""
         subs = self.subs_row
+        subs_text = self.subs_text
         if subs is None:
             subs = self.subs_row = [s.to_row() for s in self.subscriptions.values()]
+            subs_text = None
+        if subs_text is None:
+            subs_text = self.subs_text = to_json(subs)
         packets = self.packets
-        return {"client_id": self.client_id, "topic": self.topic, "level": self.protocol_level,
-                "expiry": self.expiry_interval, "subs": subs,
-                "inbound_qos2": sorted(packets.inbound_qos2) if packets.inbound_qos2 else [],
-                "released": [[pid, topic] for pid, topic in sorted(packets.released.items())]
-                if packets.released else [],
-                "disconnected_at": self.disconnected_at, "owner": self.owner}
+        if packets.inbound_qos2:
+            inbound_qos2 = sorted(packets.inbound_qos2)
+            inbound_text = to_json(inbound_qos2)
+        else:
+            inbound_qos2, inbound_text = [], "[]"
+        if packets.released:
+            released = [[pid, topic] for pid, topic in sorted(packets.released.items())]
+            released_text = to_json(released)
+        else:
+            released, released_text = [], "[]"
+        # plain ints (not an IntEnum's text): the text is what the generic encoder makes of the same dict
+        level, expiry, disconnected_at = int(self.protocol_level), int(self.expiry_interval), int(self.disconnected_at)
+        text = self._row_text(level, expiry, subs_text, inbound_text, released_text, disconnected_at)
+        return EncodedRow({"client_id": self.client_id, "topic": self.topic, "level": level, "expiry": expiry,
+                           "subs": subs, "inbound_qos2": inbound_qos2, "released": released,
+                           "disconnected_at": disconnected_at, "owner": self.owner}, text)
+
+    def _row_text(self, level: int, expiry: int, subs_text: str, inbound_text: str, released_text: str,
+                  disconnected_at: int) -> str:
+        return (f'{{"client_id":{_json_string(self.client_id)},"topic":{_json_string(self.topic)},'
+                f'"level":{level},"expiry":{expiry},"subs":{subs_text},"inbound_qos2":{inbound_text},'
+                f'"released":{released_text},"disconnected_at":{disconnected_at},'
+                f'"owner":{_json_string(self.owner)}}}')
+
+    def _take_stored_subs_text(self, stored_text: str) -> None:
+        """Keep the subscriptions' part of the text the row was stored as (`subs_text`), so the first write after
+        a restart does not encode them again. Taken only when the whole stored text is what `to_row` would write
+        with it (the row was written by this writer, nothing in it differs): then that part is the subscriptions'
+        JSON. Anything else (an older writer's row, odd spacing) leaves them to be encoded at the first write."""
+        start = stored_text.find(',"subs":')
+        end = stored_text.find(',"inbound_qos2":', start)
+        if start < 0 or end < 0:
+            return
+        subs_text = stored_text[start + 8:end]
+        packets = self.packets
+        inbound_text = to_json(sorted(packets.inbound_qos2)) if packets.inbound_qos2 else "[]"
+        released_text = to_json([[pid, topic] for pid, topic in sorted(packets.released.items())]) \
+            if packets.released else "[]"
+        if self._row_text(self.protocol_level, self.expiry_interval, subs_text, inbound_text, released_text,
+                          self.disconnected_at) == stored_text:
+            self.subs_text = subs_text
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:
@@ -204,6 +263,9 @@ class Session:
         session.disconnected_at = int(row.get("disconnected_at") or 0)
         session.owner = str(row.get("owner") or "")
         session.persisted = True
+        stored_text = getattr(row, "stored_text", None)  # a `StoredRow` read from the metadata store
+        if stored_text is not None and session.subs_row is not None:
+            session._take_stored_subs_text(stored_text)
         return session
 
 

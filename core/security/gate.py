@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -80,9 +80,12 @@ SYSTEM = Principal("%system%", system=True)
 ANONYMOUS = Principal("anonymous", anonymous=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What a client presented at CONNECT/HELLO/connection.start-ok."""
+class Credentials(NamedTuple):
+    """What a client presented at CONNECT/HELLO/connection.start-ok.
+
+    A NamedTuple, not a frozen dataclass: one is made per login (every CONNECT of a reconnect storm), and a frozen
+    dataclass sets each of its 7 fields through `object.__setattr__`, several times the cost of building a tuple.
+    Immutable all the same; callers pass the mechanism first and the rest by keyword."""
 
     mechanism: str  # "anonymous", "password", "certificate", "token"
     username: str = ""

@@ -138,7 +138,32 @@ def normalize_policy_row(row: dict[str, Any]) -> dict[str, Any]:
 _ENCODE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
+class StoredRow(dict):  # type: ignore[type-arg]
+    """A dict row as `kv_items` read it, with the text it was stored as (`stored_text`), so that a reader that
+    writes its rows back can reuse parts of it instead of encoding them again (MQTT session rows after a restart).
+    A plain dict to everyone else; changing it does not change `stored_text`, and `to_json` encodes it as any
+    dict."""
+
+    __slots__ = ("stored_text",)
+
+    def __init__(self, row: dict[str, Any], stored_text: str) -> None:
+        super().__init__(row)
+        self.stored_text = stored_text
+
+
+def _stored_value(text: str) -> Any:
+    value = json.loads(text)
+    return StoredRow(value, text) if type(value) is dict else value
+
+
 def to_json(value: Any) -> str:
+    """`value` as compact JSON. A dict that carries its own text (`json_text`, a str: MQTT session rows, whose
+    writer encodes them faster than the generic encoder and guarantees the text is the dict's JSON) is stored as
+    that text."""
+    if isinstance(value, dict):
+        text = getattr(value, "json_text", None)
+        if type(text) is str:
+            return text
     try:
         return _ENCODE_JSON(value)
     except (TypeError, ValueError) as exc:
@@ -339,8 +364,9 @@ class SqliteMetadataStore:
             raise StoreError(f"storing {namespace} rows failed: {exc}") from None
 
     def kv_items(self, namespace: str) -> list[tuple[str, Any]]:
+        """The namespace's rows; dict values are `StoredRow`s carrying the text they were stored as."""
         rows = self._run("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))
-        return [(k, json.loads(v)) for k, v in rows]
+        return [(k, _stored_value(v)) for k, v in rows]
 
     # --- users, roles and policy entries (the gate's; core/security/users.py gives them meaning)
     def get_users(self) -> list[dict[str, Any]]:
