@@ -14,7 +14,8 @@ Flow control and memory (slow subscribers):
   disk in the session queue. While a subscription's deliveries all leave at once (QoS 0 writes) its credit grows by
   `QOS0_CREDIT_BONUS` (224; fewer when payloads average over 1,170 bytes: `QOS0_CREDIT_BONUS_BYTES`), so the core hands
   out batches of up to 256 instead of 32; the bonus is paid back out of the next credit returned otherwise (PUBACKs,
-  a paused transport, larger payloads), so QoS 1/2 windows are unchanged on the wire.
+  a paused transport, larger payloads), so QoS 1/2 windows are unchanged on the wire. When the transport pauses, the
+  part of the bonus the core has not used yet is taken back at once.
 - While the transport is paused (its write buffer is full: the client does not read) nothing is written: deliveries
   and retained messages wait in `pending`, and every credit that would go back to the core (a PUBACK, a PUBCOMP, a
   QoS 0 write, a drop) is held in `held_credit` instead, so a slow reader stops the core instead of growing the
@@ -239,6 +240,22 @@ class Outbound:
         self.pending.clear()
         self.queued_retained_bytes = 0
         self.credit_bonus = None
+
+    def pause(self) -> None:
+        """The transport's buffer is full: take the unused QoS 0 credit bonus back from the core at once, so a
+        client that stops reading can get at most its receive maximum more into `pending`, whatever the size of the
+        messages that come next (the bonus was sized for the payloads of the batch that earned it)."""
+        bonuses = self.credit_bonus
+        if not bonuses:
+            return
+        for key, bonus in bonuses.items():
+            sub = self.subs.get(key)
+            if sub is None or not bonus:
+                continue
+            taken = min(bonus, sub.credit)
+            if taken > 0:
+                sub.credit -= taken
+                bonuses[key] = bonus - taken
 
     def resume(self) -> None:
         """The transport drained: send what waited, then return the credit held while it was paused."""

@@ -211,6 +211,11 @@ class MqttProtocol(AdapterConnection):
             return self.state == "closed"
         return False
 
+    def on_pause(self) -> None:
+        outbound = self.outbound
+        if outbound is not None:
+            outbound.pause()
+
     def on_resume(self) -> None:
         outbound = self.outbound
         if outbound is not None and self.state == "connected":

@@ -109,3 +109,27 @@ def test_no_bonus_while_the_transport_is_paused_and_pending_stays_bounded(env):
     sub.protocol.resumeProducing()
     got = _receive_all(env, sub, 4 * maximum)
     assert [p.payload for p in got] == [b"%d" % i for i in range(4 * maximum)]
+
+
+def test_a_client_that_stops_reading_gets_no_more_than_its_receive_maximum_of_large_messages(env):
+    """The bonus was sized for the small messages that earned it: when the transport pauses, what the core has not
+    used of it is taken back, so large messages that follow cannot fill `pending` beyond the receive maximum."""
+    sub, pub = _subscriber(env, TopicSubscription("q/#", 0))
+    outbound, core_sub = _core_subscription(sub)
+    maximum = env.settings.receive_maximum
+    pub.send(*(Publish("q/small", b"s", 0) for _ in range(2 * maximum)))
+    assert len(_receive_all(env, sub, 2 * maximum)) == 2 * maximum
+    assert core_sub.credit == maximum + QOS0_CREDIT_BONUS
+
+    sub.protocol.pauseProducing()  # the client stopped reading
+    assert core_sub.credit == maximum
+    size = 256 * 1024
+    for i in range(maximum + QOS0_CREDIT_BONUS):
+        pub.send(Publish("q/big", bytes([i % 256]) * size, 0))
+        env.pump(1)
+    env.pump(20)
+    assert sum(len(waiting.message.body) for waiting in outbound.pending) <= maximum * size
+
+    sub.protocol.resumeProducing()  # reading again: everything arrives, in order
+    got = _receive_all(env, sub, maximum + QOS0_CREDIT_BONUS)
+    assert [p.payload[0] for p in got] == [i % 256 for i in range(maximum + QOS0_CREDIT_BONUS)]
