@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,9 @@ STORM_GC_MAX_PAUSE_S = 10.0
 # While a wake-up sets up accepted connections, the accept queue is drained again after this many (see
 # `EagerAcceptPort.doRead`)
 ACCEPT_DRAIN_EVERY = 256
+# ... but no further drain once a wake-up has spent this long setting connections up: with a large somaxconn a
+# drain could otherwise hold fsync completions, acknowledgements and keepalives for a very long turn.
+MAX_DRAIN_SECONDS = 0.05
 
 _raw_family = _socket.socket.family.__get__  # the int, without `socket.socket.family`'s enum conversion
 _raw_type = _socket.socket.type.__get__
@@ -305,9 +309,10 @@ class EagerAcceptPort(tcp.Port):
         peer address built once per connection.
 
         The accept queue is drained before connections are set up, and again after every `drain_every` set-ups (up
-        to twice the backlog per wake-up): setting a connection up costs several times its `accept`, and while a
-        wake-up sets up thousands, SYNs of the same storm keep arriving; each one the full queue drops waits a
-        second for its retransmission. Accepted sockets wait in a list instead, where nothing is dropped."""
+        to twice the backlog per wake-up, none after MAX_DRAIN_SECONDS): setting a connection up costs several
+        times its `accept`, and while a wake-up sets up thousands, SYNs of the same storm keep arriving; each one
+        the full queue drops waits a second for its retransmission. Accepted sockets wait in a list instead, where
+        nothing is dropped. A connection whose set-up fails is closed alone; the others are set up as usual."""
         accepted = 0
         pause = self.collector_pause
         pause_at = pause.threshold if pause is not None else 0  # held off as soon as a storm shows, not after it
@@ -318,8 +323,10 @@ class EagerAcceptPort(tcp.Port):
                 most = max(limit, 2 * self.backlog)
                 queued += tcp._accept(buffering_logger, range(limit), self.socket, tcp._reservedFD)
                 drain_every, drained_at = self.drain_every, 0
+                drain_until = time.monotonic() + MAX_DRAIN_SECONDS
                 while True:
-                    if accepted - drained_at >= drain_every and len(queued) < most:
+                    if (accepted - drained_at >= drain_every and len(queued) < most
+                            and time.monotonic() < drain_until):
                         drained_at = accepted
                         queued += tcp._accept(buffering_logger, range(most - len(queued)), self.socket,
                                               tcp._reservedFD)
@@ -330,19 +337,11 @@ class EagerAcceptPort(tcp.Port):
                     accepted += 1
                     if accepted == pause_at:
                         pause.accepted(accepted, self.reactor)  # type: ignore[union-attr]
-                    if len(addr) == 4:  # IPv6: with the scope id, as Twisted does
-                        host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                        addr = (host[0], *addr[1:])
-                    peer = self._buildAddr(addr)
-                    protocol = self.factory.buildProtocol(peer)
-                    if protocol is None:
+                    try:
+                        self._set_up(skt, addr)
+                    except Exception:  # this connection only: the others accepted with it are set up as usual
+                        log.exception("setting up a connection on port %s failed", self._realPortNumber)
                         skt.close()
-                        continue
-                    session_number = self.sessionno
-                    self.sessionno = session_number + 1
-                    transport = self.transport(skt, protocol, addr, self, session_number, self.reactor)
-                    transport.peer = peer
-                    protocol.makeConnection(transport)
             self.numberAccepts = max(1, accepted)
         except BaseException:
             log.exception("accepting connections on port %s failed", self._realPortNumber)
@@ -350,6 +349,22 @@ class EagerAcceptPort(tcp.Port):
                 entry[0].close()
         if pause is not None and accepted > pause_at:
             pause.accepted(accepted, self.reactor)  # the quiet time counts from the end of this wake-up
+
+    def _set_up(self, skt: Any, addr: Any) -> None:
+        """One accepted socket: its protocol and transport (closed when the factory refuses it)."""
+        if len(addr) == 4:  # IPv6: with the scope id, as Twisted does
+            host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+            addr = (host[0], *addr[1:])
+        peer = self._buildAddr(addr)
+        protocol = self.factory.buildProtocol(peer)
+        if protocol is None:
+            skt.close()
+            return
+        session_number = self.sessionno
+        self.sessionno = session_number + 1
+        transport = self.transport(skt, protocol, addr, self, session_number, self.reactor)
+        transport.peer = peer
+        protocol.makeConnection(transport)
 
 
 def listen_tcp(reactor: Any, port: int, factory: Any, *, backlog: int, interface: str,

@@ -282,3 +282,61 @@ def test_a_wake_up_accepts_at_most_twice_the_backlog(collector_on) -> None:
         for client in first + factory.clients:
             client.close()
         _close(reactor, port)
+
+
+def test_no_further_drain_once_the_wake_up_has_spent_its_time(collector_on, monkeypatch) -> None:
+    """With a large backlog, a drain bounded only by count could hold the reactor for a very long turn: after
+    MAX_DRAIN_SECONDS of set-ups the wake-up finishes what it accepted and takes no more."""
+    monkeypatch.setattr(listeners, "MAX_DRAIN_SECONDS", 0.0)
+    reactor = epollreactor.EPollReactor()
+    port = listeners.EagerAcceptPort(0, _Recording(), 64, "127.0.0.1", reactor)
+    port.collector_pause = None
+    port.drain_every = 1
+    port.startListening()
+    factory = port.factory = _ConnectingMore(port.getHost(), more=6)
+    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    try:
+        port.doRead()
+        assert len(factory.built) == 2  # the two queued at the wake-up; those that came during it wait
+        for _ in range(10):  # each later wake-up takes what was queued when it began
+            port.doRead()
+            if len(factory.built) == 8:
+                break
+        assert len(factory.built) == 8
+    finally:
+        for client in first + factory.clients:
+            client.close()
+        _close(reactor, port)
+
+
+class _FailingSecond(_Recording):
+    def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+        if len(self.addresses) == 1:
+            self.addresses.append(addr)
+            raise RuntimeError("set-up of this one connection fails")
+        return super().buildProtocol(addr)
+
+
+def test_a_failed_set_up_closes_that_connection_alone(collector_on) -> None:
+    """Sockets accepted in the same wake-up as one whose set-up raises are set up as usual, not closed with it."""
+    reactor = epollreactor.EPollReactor()
+    factory = _FailingSecond()
+    port = listeners.EagerAcceptPort(0, factory, 64, "127.0.0.1", reactor)
+    port.collector_pause = None
+    port.startListening()
+    host = port.getHost()
+    clients = [socket.create_connection((host.host, host.port), timeout=5) for _ in range(6)]
+    try:
+        for _ in range(3):  # until every client is seen (a SYN may land after the first wake-up)
+            port.doRead()
+            if len(factory.addresses) == 6:
+                break
+        assert len(factory.addresses) == 6
+        assert len(factory.built) == 5
+        assert sum(protocol.transport is not None and protocol.transport.connected for protocol in factory.built) == 5
+        clients[1].settimeout(5)
+        assert clients[1].recv(1) == b""  # the failed one was closed
+    finally:
+        for client in clients:
+            client.close()
+        _close(reactor, port)
