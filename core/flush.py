@@ -202,7 +202,10 @@ class Durability:
         # a subscriber's copy leaves before the publishers' acknowledgements, whose writes wake the publishers
         # (end-to-end latency is the delivery's; an acknowledgement waits only for the pumps of this turn)
         for listener in self._listeners:
-            listener(durable)
+            try:
+                listener(durable)
+            except Exception:  # a failing listener must not withhold the acknowledgements of durable records
+                log.exception("a durability listener failed")
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:
             _, _, callback = heapq.heappop(waiters)

@@ -231,3 +231,19 @@ def test_the_pause_doubles_while_inline_fsyncs_stay_slow_and_resets_after_a_fast
     clock.advance(1)
     assert one_message() == "inline"
     assert durability.inline_pauses == 6  # every slow inline fsync paused, the last one for 2 s
+
+
+def test_a_failing_durability_listener_does_not_withhold_the_acknowledgements(caplog):
+    """Listeners (visibility, deliveries) run before the acknowledgements: one that raises is logged, and the
+    records it was told about are acknowledged all the same."""
+    clock, store, thread, probe, durability = setup(idle=True)
+    acked: list[int] = []
+
+    def broken_listener(durable: int) -> None:
+        raise RuntimeError("listener bug")
+
+    durability.on_durable(broken_listener)
+    durability.when_durable(append(store), lambda: acked.append(1))
+    clock.advance(0)
+    assert acked == [1]
+    assert "a durability listener failed" in caplog.text
