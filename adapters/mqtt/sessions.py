@@ -207,23 +207,21 @@ class Session:
             subs_text = None
         if subs_text is None:
             subs_text = self.subs_text = to_json(subs)
-        packets = self.packets
-        if packets.inbound_qos2:
-            inbound_qos2 = sorted(packets.inbound_qos2)
-            inbound_text = to_json(inbound_qos2)
-        else:
-            inbound_qos2, inbound_text = [], "[]"
-        if packets.released:
-            released = [[pid, topic] for pid, topic in sorted(packets.released.items())]
-            released_text = to_json(released)
-        else:
-            released, released_text = [], "[]"
+        inbound_qos2, inbound_text, released, released_text = self._packet_ids_json()
         # plain ints (not an IntEnum's text): the text is what the generic encoder makes of the same dict
         level, expiry, disconnected_at = int(self.protocol_level), int(self.expiry_interval), int(self.disconnected_at)
         text = self._row_text(level, expiry, subs_text, inbound_text, released_text, disconnected_at)
         return EncodedRow({"client_id": self.client_id, "topic": self.topic, "level": level, "expiry": expiry,
                            "subs": subs, "inbound_qos2": inbound_qos2, "released": released,
                            "disconnected_at": disconnected_at, "owner": self.owner}, text)
+
+    def _packet_ids_json(self) -> tuple[list[int], str, list[list[Any]], str]:
+        """The row's `inbound_qos2` and `released` values and their JSON text."""
+        packets = self.packets
+        inbound_qos2: list[int] = sorted(packets.inbound_qos2)
+        released: list[list[Any]] = [[pid, topic] for pid, topic in sorted(packets.released.items())]
+        return (inbound_qos2, to_json(inbound_qos2) if inbound_qos2 else "[]",
+                released, to_json(released) if released else "[]")
 
     def _row_text(self, level: int, expiry: int, subs_text: str, inbound_text: str, released_text: str,
                   disconnected_at: int) -> str:
@@ -242,10 +240,7 @@ class Session:
         if start < 0 or end < 0:
             return
         subs_text = stored_text[start + 8:end]
-        packets = self.packets
-        inbound_text = to_json(sorted(packets.inbound_qos2)) if packets.inbound_qos2 else "[]"
-        released_text = to_json([[pid, topic] for pid, topic in sorted(packets.released.items())]) \
-            if packets.released else "[]"
+        _, inbound_text, _, released_text = self._packet_ids_json()
         if self._row_text(self.protocol_level, self.expiry_interval, subs_text, inbound_text, released_text,
                           self.disconnected_at) == stored_text:
             self.subs_text = subs_text

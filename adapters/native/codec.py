@@ -17,7 +17,7 @@ code the peer must be told. No sockets, no reactor, no broker.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -307,68 +307,47 @@ def _deliver_pack(topic: str, id_len: int) -> tuple[Callable[..., bytes], bytes]
 
 def encode_deliver(subscription_id: int, deliveries: Sequence[Any]) -> bytes:
     """The bytes of a DELIVER push for core `Delivered` values, without building DeliveryRecord objects (the
-    broker's delivery hot path). Same bytes as `encode_frame(Deliver(...))`. A stored message delivered from its
-    own queue in offset mode (no receipt; only topic, msg_id and body) is one cached struct `pack` plus its body."""
-    packs = _deliver_packs
-    try:
-        parts = [b"", _u32_pack(subscription_id), _u32_pack(len(deliveries))]
-        append = parts.append
-        for d in deliveries:
-            queue = d.queue
-            m = d.message
-            topic = queue.topic
-            if not d.receipt and m.msg_id and m.topic == topic and not (m.subject or m.tag or m.group or m.keys
-                                                                        or m.properties):
-                msg_id = m.msg_id.encode("utf-8")
-                id_len = len(msg_id)
-                if id_len <= 0xFFFF:
-                    pack, topic_wire = packs.get((topic, id_len)) or _deliver_pack(topic, id_len)
-                    body = m.body
-                    append(pack(topic_wire, queue.queue_id, d.queue_offset, d.attempt, m.born_ts, m.deliver_at,
-                                m.expires_at, m.store_ts, m.flags, topic_wire, id_len, msg_id, len(body)))
-                    append(body)
-                    continue
-            append(wire_name(topic))
-            append(_delivery_position_pack(queue.queue_id, d.queue_offset))
-            append(wire_string(d.receipt) if d.receipt else b"\x00\x00")
-            append(_u16_pack(d.attempt))
-            append(message_bytes(m))
-        size = sum(map(len, parts))
-        parts[0] = _header_pack(size + 6, DELIVER_TYPE, 0, 0)
-        return b"".join(parts)
-    except struct.error as exc:
-        raise FrameValueError(f"Deliver: value out of range for its wire type: {exc}") from None
+    broker's delivery hot path). Same bytes as `encode_frame(Deliver(...))`."""
+    return _encode_deliver_records(subscription_id, len(deliveries), (
+        (d.queue, d.queue_offset, d.attempt, d.receipt, d.message) for d in deliveries))
 
 
 def encode_deliver_runs(subscription_id: int, runs: Sequence[Any], count: int) -> bytes:
     """`encode_deliver` for core `DeliveryRun`s (queue, offsets, messages: offset mode, first attempt, no
     receipt) holding `count` messages: byte for byte the DELIVER of the same messages as `Delivered` values,
-    without them. A message of the stored shape (only topic = the queue's, msg_id and body) is one cached struct
-    `pack` plus its body."""
+    without them."""
+    return _encode_deliver_records(subscription_id, count, (
+        (queue, offset, 1, None, m) for queue, offsets, messages in runs
+        for offset, m in zip(offsets, messages, strict=True)))
+
+
+def _encode_deliver_records(subscription_id: int, count: int, records: Iterable[tuple[Any, int, int, Any, Any]]
+                            ) -> bytes:
+    """DELIVER of `count` records (queue, queue offset, attempt, receipt, message). A stored message delivered from
+    its own queue in offset mode (no receipt; only topic, msg_id and body) is one cached struct `pack` plus its
+    body; anything else is encoded field by field."""
     packs = _deliver_packs
     try:
         parts = [b"", _u32_pack(subscription_id), _u32_pack(count)]
         append = parts.append
-        for queue, offsets, messages in runs:
-            topic, queue_id = queue
-            generic_head = None
-            for offset, m in zip(offsets, messages, strict=True):
-                if m.msg_id and m.topic == topic and not (m.subject or m.tag or m.group or m.keys or m.properties):
-                    msg_id = m.msg_id.encode("utf-8")
-                    id_len = len(msg_id)
-                    if id_len <= 0xFFFF:
-                        pack, topic_wire = packs.get((topic, id_len)) or _deliver_pack(topic, id_len)
-                        body = m.body
-                        append(pack(topic_wire, queue_id, offset, 1, m.born_ts, m.deliver_at, m.expires_at,
-                                    m.store_ts, m.flags, topic_wire, id_len, msg_id, len(body)))
-                        append(body)
-                        continue
-                if generic_head is None:
-                    generic_head = wire_name(topic)
-                append(generic_head)
-                append(_delivery_position_pack(queue_id, offset))
-                append(b"\x00\x00\x00\x01")  # no receipt, attempt 1
-                append(message_bytes(m))
+        for queue, offset, attempt, receipt, m in records:
+            topic = queue.topic
+            if not receipt and m.msg_id and m.topic == topic and not (m.subject or m.tag or m.group or m.keys
+                                                                      or m.properties):
+                msg_id = m.msg_id.encode("utf-8")
+                id_len = len(msg_id)
+                if id_len <= 0xFFFF:
+                    pack, topic_wire = packs.get((topic, id_len)) or _deliver_pack(topic, id_len)
+                    body = m.body
+                    append(pack(topic_wire, queue.queue_id, offset, attempt, m.born_ts, m.deliver_at,
+                                m.expires_at, m.store_ts, m.flags, topic_wire, id_len, msg_id, len(body)))
+                    append(body)
+                    continue
+            append(wire_name(topic))
+            append(_delivery_position_pack(queue.queue_id, offset))
+            append(wire_string(receipt) if receipt else b"\x00\x00")
+            append(_u16_pack(attempt))
+            append(message_bytes(m))
         size = sum(map(len, parts))
         parts[0] = _header_pack(size + 6, DELIVER_TYPE, 0, 0)
         return b"".join(parts)
