@@ -241,17 +241,24 @@ class _ConnectingMore(_Recording):
         return super().buildProtocol(addr)
 
 
+def _storm_port(backlog: int, more: int, first: int):
+    """A port that drains after every set-up, whose factory opens `more` connections while the first accepted ones
+    are set up, and `first` clients already queued."""
+    reactor = epollreactor.EPollReactor()
+    port = listeners.EagerAcceptPort(0, _Recording(), backlog, "127.0.0.1", reactor)
+    port.collector_pause = None
+    port.drain_every = 1
+    port.startListening()
+    factory = port.factory = _ConnectingMore(port.getHost(), more=more)
+    clients = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(first)]
+    return reactor, port, factory, clients
+
+
 def test_connections_queued_while_a_wake_up_sets_up_others_are_accepted_in_it(collector_on) -> None:
     """The accept queue is drained again after every `drain_every` set-ups, so what arrives meanwhile is taken in
     the same wake-up (the kernel's queue does not fill and drop SYNs while the broker is busy setting up
     connections)."""
-    reactor = epollreactor.EPollReactor()
-    port = listeners.EagerAcceptPort(0, _Recording(), 64, "127.0.0.1", reactor)
-    port.collector_pause = None
-    port.drain_every = 1
-    port.startListening()
-    factory = port.factory = _ConnectingMore(port.getHost(), more=6)
-    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    reactor, port, factory, first = _storm_port(64, more=6, first=2)
     try:
         port.doRead()
         assert len(factory.built) == 8  # the 2 queued at the wake-up and the 6 that connected during it
@@ -265,14 +272,8 @@ def test_connections_queued_while_a_wake_up_sets_up_others_are_accepted_in_it(co
 
 def test_a_wake_up_accepts_at_most_twice_the_backlog(collector_on) -> None:
     """However fast connections keep coming, one wake-up ends: the reactor gets its turn between batches."""
-    reactor = epollreactor.EPollReactor()
-    port = listeners.EagerAcceptPort(0, _Recording(), 3, "127.0.0.1", reactor)
-    port.collector_pause = None
-    port.drain_every = 1
-    port.startListening()
+    reactor, port, factory, first = _storm_port(3, more=10, first=3)
     port.numberAccepts = 1  # as after a quiet spell (Twisted's startListening sets it to 100)
-    factory = port.factory = _ConnectingMore(port.getHost(), more=10)
-    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(3)]
     try:
         port.doRead()
         assert len(factory.built) == 6  # 2 x backlog 3; the rest waits for the next wake-up
@@ -288,13 +289,7 @@ def test_no_further_drain_once_the_wake_up_has_spent_its_time(collector_on, monk
     """With a large backlog, a drain bounded only by count could hold the reactor for a very long turn: after
     MAX_DRAIN_SECONDS of set-ups the wake-up finishes what it accepted and takes no more."""
     monkeypatch.setattr(listeners, "MAX_DRAIN_SECONDS", 0.0)
-    reactor = epollreactor.EPollReactor()
-    port = listeners.EagerAcceptPort(0, _Recording(), 64, "127.0.0.1", reactor)
-    port.collector_pause = None
-    port.drain_every = 1
-    port.startListening()
-    factory = port.factory = _ConnectingMore(port.getHost(), more=6)
-    first = [socket.create_connection((port.getHost().host, port.getHost().port), timeout=5) for _ in range(2)]
+    reactor, port, factory, first = _storm_port(64, more=6, first=2)
     try:
         port.doRead()
         assert len(factory.built) == 2  # the two queued at the wake-up; those that came during it wait
