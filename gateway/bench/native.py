@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .arguments import (
@@ -78,6 +79,15 @@ class SendWindow:
             self._wake.set()
 
 
+def _sent_done(tally: ProducerTally, window: SendWindow, seq: int, count: int, started: int, result: Any) -> None:
+    """The answer to one send (or batch) of the bench producer; runs on the SDK reader thread."""
+    if isinstance(result, BaseException):
+        tally.on_failed(count, result)
+    else:
+        tally.on_acked(seq, count, started)
+    window.release()
+
+
 class NativeDriver(Driver):
     name = "native"
 
@@ -138,15 +148,10 @@ class NativeDriver(Driver):
     @staticmethod
     def _on_sent(tally: ProducerTally, window: SendWindow, seq: int, count: int,
                  started: int) -> Callable[[Any], None]:
-        def done(result: Any) -> None:
-            # Runs on the SDK reader thread.
-            if isinstance(result, BaseException):
-                tally.on_failed(count, result)
-            else:
-                tally.on_acked(seq, count, started)
-            window.release()
-
-        return done
+        # A partial, not a closure: one object (and its argument tuple) per send instead of a function and five
+        # cells. It lives until the answer comes, so with a window of 512 it is what the garbage collector of the
+        # producer process keeps scanning and promoting; fewer objects per send, fewer and shorter collections.
+        return partial(_sent_done, tally, window, seq, count, started)
 
     def run_consumer(self, ctx: WorkerContext) -> dict[str, Any]:
         from tidegate.client import PushConsumer
