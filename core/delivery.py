@@ -363,8 +363,7 @@ class Delivery:
         tag_filter = sub.filter
         collect, visible_max = self._reader.collect, self._visibility.visible_max
         # A sink that takes runs (the native adapter) and no tag filter: no `Delivered` per message.
-        deliver_runs = getattr(sub.sink, "deliver_runs", None)
-        plain = deliver_runs is not None and tag_filter.tags is None and tag_filter.hashes is None
+        plain = hasattr(sub.sink, "deliver_runs") and tag_filter.tags is None and tag_filter.hashes is None
         runs: list[DeliveryRun] = []
         run_sizes: list[int] = []
         more = False
