@@ -31,6 +31,7 @@ from tidegate.adapters.mqtt.codec import (
 )
 from tidegate.adapters.mqtt.inbound import Inbound
 from tidegate.adapters.mqtt.outbound import Outbound
+from tidegate.adapters.mqtt.properties import encode_variable_byte_integer
 
 ENV_VAR = "TIDEGATE_NO_EXTENSIONS"
 speedups = hot_path.compiled
@@ -71,15 +72,6 @@ def test_environment_switch_selects_pure_python_in_a_fresh_interpreter() -> None
 
 # --- the decoder --------------------------------------------------------------------------------------------------
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
 
 def _publish_bytes(level: int, topic: bytes, qos: int, packet_id: int, flags: int, payload: bytes,
                    properties: bytes) -> bytes:
@@ -88,7 +80,7 @@ def _publish_bytes(level: int, topic: bytes, qos: int, packet_id: int, flags: in
     if level == 5:
         variable += properties
     body = variable + payload
-    return bytes([0x30 | qos << 1 | flags]) + _varint(len(body)) + body
+    return bytes([0x30 | qos << 1 | flags]) + encode_variable_byte_integer(len(body)) + body
 
 
 _topics = st.sampled_from([b"a", b"a/b", b"sensors/x/temp", "é/ü".encode(), b"a/+", b"#", b"", b"t" * 300,

@@ -18,6 +18,7 @@ from tidegate.adapters.mqtt.codec import (
     Subscribe,
     TopicSubscription,
 )
+from tidegate.adapters.mqtt.properties import encode_variable_byte_integer
 
 
 def as_packets(items):
@@ -74,7 +75,7 @@ def _encode_packet(client, spec):
             if client.protocol_level == 5:
                 variable += b"\x00"
             body = variable + payload
-            return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+            return bytes([0x30 | qos << 1]) + encode_variable_byte_integer(len(body)) + body
         return client.encode(Publish(topic, payload, qos, retain, dup and qos > 0, packet_id if qos else None))
     if kind == "puback":
         return client.encode(Puback(spec[1]))
@@ -88,15 +89,6 @@ def _encode_packet(client, spec):
         return client.encode(Subscribe(spec[1], (TopicSubscription("a/#", 1),)))
     return spec[1]  # raw bytes
 
-
-def _varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 _raw_faults = st.sampled_from([
