@@ -260,6 +260,17 @@ static int read_packet_blocking(int fd, char *body, size_t cap, size_t *body_len
     return (unsigned char)first;
 }
 
+/* Sends one packet of type `type` with `body` (n bytes, n <= 512), then reads the answer into `body` (cap bytes):
+ * returns the answer's first byte and sets *answer_len. The CONNECT/SUBSCRIBE exchanges before the load starts. */
+static int exchange_blocking(int fd, int type, char *body, size_t n, size_t cap, size_t *answer_len) {
+    char packet[520];
+    packet[0] = (char)type;
+    size_t h = 1 + put_varint(packet + 1, n);
+    memcpy(packet + h, body, n);
+    send_all_blocking(fd, packet, h + n);
+    return read_packet_blocking(fd, body, cap, answer_len);
+}
+
 static int open_mqtt(const char *client_id) {
     struct addrinfo hints = {0}, *res;
     char port[16];
@@ -277,37 +288,29 @@ static int open_mqtt(const char *client_id) {
     if (connect(fd, res->ai_addr, res->ai_addrlen) < 0) die("connect %s:%d: %s", opt.host, opt.port, strerror(errno));
     freeaddrinfo(res);
 
-    char body[512], packet[520];
+    char body[512];
     size_t n = put_str(body, "MQTT");
     body[n++] = 4;    /* MQTT 3.1.1 */
     body[n++] = 0x02; /* clean session */
     body[n++] = 0;
     body[n++] = KEEP_ALIVE_S;
     n += put_str(body + n, client_id);
-    packet[0] = 0x10;
-    size_t h = 1 + put_varint(packet + 1, n);
-    memcpy(packet + h, body, n);
-    send_all_blocking(fd, packet, h + n);
     size_t len;
-    int first = read_packet_blocking(fd, body, sizeof body, &len);
+    int first = exchange_blocking(fd, 0x10, body, n, sizeof body, &len);
     if (first != 0x20 || len < 2) die("expected CONNACK, got packet type %#x", first);
     if (body[1] != 0) die("CONNECT refused with return code %d", body[1]);
     return fd;
 }
 
 static void subscribe_blocking(int fd, const char *filter, int qos) {
-    char body[300], packet[310];
+    char body[300];
     size_t n = 0;
     body[n++] = 0;
     body[n++] = 1; /* packet id 1 */
     n += put_str(body + n, filter);
     body[n++] = (char)qos;
-    packet[0] = (char)0x82;
-    size_t h = 1 + put_varint(packet + 1, n);
-    memcpy(packet + h, body, n);
-    send_all_blocking(fd, packet, h + n);
     size_t len;
-    int first = read_packet_blocking(fd, body, sizeof body, &len);
+    int first = exchange_blocking(fd, 0x82, body, n, sizeof body, &len);
     if (first != 0x90 || len < 3) die("expected SUBACK, got packet type %#x", first);
     if ((unsigned char)body[2] == 0x80) die("subscription to %s refused", filter);
 }
